@@ -1,0 +1,111 @@
+"""Tokenizers behind one small interface: encode(text) -> ids, decode(ids) -> text, special ids.
+
+Kinds: `byte` (UTF-8 bytes after four special ids; needs no file), `sentencepiece` (a .model file)
+and `hf` (a Hugging Face tokenizer.json, through the `tokenizers` library).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import DataError
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+@dataclass
+class ByteTokenizer:
+    """Bytes 0..255 map to ids 4..259; ids 0..3 are pad, bos, eos, unk."""
+
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    unk_id: int = 3
+    offset: int = 4
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + self.offset
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        data = bytes(i - self.offset for i in ids if self.offset <= i < self.vocab_size)
+        return data.decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: str | Path):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"{path}: not a loadable SentencePiece model ({str(e).splitlines()[0]})") from None
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (
+            self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+
+class HFTokenizer:
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        self.path = Path(path)
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise DataError(f"{path}: not a loadable Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+        vocab = self.tok.get_vocab()
+
+        def special(*names: str) -> int | None:
+            return next((vocab[n] for n in names if n in vocab), None)
+
+        self.pad_id = special("<pad>", "<|padding|>", "[PAD]")
+        self.bos_id = special("<s>", "<|endoftext|>", "[CLS]")
+        self.eos_id = special("</s>", "<|endoftext|>", "[SEP]")
+        self.unk_id = special("<unk>", "[UNK]")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+def load_tokenizer(kind: str, path: str | Path | None = None):
+    """A tokenizer of `kind` (byte | sentencepiece | hf) from `path` where the kind needs a file."""
+    if kind == "byte":
+        return ByteTokenizer()
+    if path is None:
+        raise DataError(f"tokenizer kind {kind!r} needs a file path")
+    if not Path(path).is_file():
+        raise DataError(f"{path}: tokenizer file not found")
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(path)
+    if kind == "hf":
+        return HFTokenizer(path)
+    raise DataError(f"unknown tokenizer kind {kind!r}: expected byte, sentencepiece or hf")
+
+
+def find_tokenizer(model_dir: str | Path):
+    """The tokenizer saved beside a model (tokenizer.model or tokenizer.json), or None."""
+    for name, kind in zip(TOKENIZER_FILES, ("sentencepiece", "hf")):
+        if (Path(model_dir) / name).is_file():
+            return load_tokenizer(kind, Path(model_dir) / name)
+    return None

@@ -1,0 +1,16 @@
+"""Sequence-mixing kernels: the selective scan and causal depthwise conv1d, with reference oracles."""
+from .ref import causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref, selective_state_update_ref
+from .conv1d import CONV1D_BACKENDS, causal_conv1d
+from .selective_scan import BACKENDS, default_backend, selective_scan
+
+__all__ = [
+    "BACKENDS",
+    "CONV1D_BACKENDS",
+    "causal_conv1d",
+    "causal_conv1d_ref",
+    "causal_conv1d_update_ref",
+    "default_backend",
+    "selective_scan",
+    "selective_scan_ref",
+    "selective_state_update_ref",
+]

@@ -1,0 +1,79 @@
+"""Compile the C scan (`scan_source.C_SOURCE`) once per machine and load it with ctypes.
+
+No torch headers are involved, so the build takes about a second with the system C compiler (the
+README's set-up installs one: build-essential). The shared library is cached under
+$SSMFORGE_CACHE_DIR (default ~/.cache/ssmforge), keyed by the source, the flags and the CPU model,
+since -march=native code must not move to another processor.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .scan_source import C_SOURCE
+
+log = logging.getLogger(__name__)
+
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+
+
+class ScanArgs(ctypes.Structure):
+    """Mirror of the C `scan_args` struct."""
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "dim", "L", "n", "groups", "chunk", "n_chunks")] + [
+        (name, ctypes.c_void_p) for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    ] + [(name, ctypes.c_int) for name in ("B_fixed", "C_fixed", "softplus")]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SSMFORGE_CACHE_DIR", Path.home() / ".cache" / "ssmforge"))
+
+
+def _compile(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (install build-essential)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "scan.c"
+        src.write_text(C_SOURCE)
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, str(src), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
+        os.replace(built, target)  # atomic: concurrent ranks never load a half-written file
+
+
+@functools.lru_cache(maxsize=None)
+def load_library() -> ctypes.CDLL | None:
+    """The compiled scan library, or None (with a warning) when it cannot be built here."""
+    key = hashlib.sha256("\n".join([C_SOURCE, *FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_scan_{key}.so"
+    try:
+        if not target.exists():
+            _compile(target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        log.warning("fused CPU scan unavailable, falling back to the chunked PyTorch scan: %s", detail)
+        return None
+    ptr = ctypes.c_void_p
+    lib.scan_fwd.argtypes = [ctypes.POINTER(ScanArgs), ptr, ptr, ptr, ctypes.c_int]
+    lib.scan_bwd.argtypes = [ctypes.POINTER(ScanArgs)] + [ptr] * 11 + [ctypes.c_int]
+    lib.scan_fwd.restype = lib.scan_bwd.restype = None
+    return lib

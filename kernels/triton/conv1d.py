@@ -1,0 +1,131 @@
+"""Triton causal depthwise conv1d (width 2..4, optional SiLU), forward and backward.
+
+out[b, c, t] = act(bias[c] + sum_k weight[c, k] * x[b, c, t - (width - 1) + k]), zeros before t = 0.
+One program covers (one batch row, BLOCK_D channels, BLOCK_L steps); the width taps are unrolled.
+The backward first forms g = dout * act'(pre) (recomputing pre), with per-block partial sums for
+dweight and dbias, then dx[t] = sum_k weight[k] g[t + (width - 1) - k].
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_D, BLOCK_L = 16, 64
+
+
+@triton.jit
+def _preact(x_ptr, w_ptr, b_ptr, rows, offs_d, offs_l, d_mask, L, HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Pre-activation (BLOCK_D, BLOCK_L) fp32."""
+    acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        t = offs_l - (WIDTH - 1) + k
+        xv = tl.load(x_ptr + rows[:, None] * L + t[None, :], mask=d_mask[:, None] & (t[None, :] >= 0) & (t[None, :] < L),
+                     other=0.0).to(tl.float32)
+        wk = tl.load(w_ptr + offs_d * WIDTH + k, mask=d_mask, other=0.0).to(tl.float32)
+        acc += wk[:, None] * xv
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
+def conv1d_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, L, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                      WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    pid_b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    d_mask = offs_d < dim
+    rows = pid_b * dim + offs_d
+    pre = _preact(x_ptr, w_ptr, b_ptr, rows, offs_d, offs_l, d_mask, L, HAS_BIAS, WIDTH, BLOCK_D, BLOCK_L)
+    out = pre * tl.sigmoid(pre) if SILU else pre
+    tl.store(out_ptr + rows[:, None] * L + offs_l[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=d_mask[:, None] & (offs_l[None, :] < L))
+
+
+@triton.jit
+def conv1d_grad_pre_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, g_ptr, dw_part_ptr, db_part_ptr, dim, L, n_lblocks,
+                           HAS_BIAS: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """g = dout * act'(pre) (batch, d, L) fp32; dw/db partials (batch, n_lblocks, d, WIDTH) / (batch, n_lblocks, d)."""
+    pid_b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    d_mask = offs_d < dim
+    mask = d_mask[:, None] & (offs_l[None, :] < L)
+    rows = pid_b * dim + offs_d
+    g = tl.load(dout_ptr + rows[:, None] * L + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        pre = _preact(x_ptr, w_ptr, b_ptr, rows, offs_d, offs_l, d_mask, L, HAS_BIAS, WIDTH, BLOCK_D, BLOCK_L)
+        s = tl.sigmoid(pre)
+        g = g * s * (1.0 + pre * (1.0 - s))
+    tl.store(g_ptr + rows[:, None] * L + offs_l[None, :], g, mask=mask)
+    part = (pid_b * n_lblocks + pid_l) * dim + offs_d
+    for k in tl.static_range(WIDTH):
+        t = offs_l - (WIDTH - 1) + k
+        xv = tl.load(x_ptr + rows[:, None] * L + t[None, :], mask=d_mask[:, None] & (t[None, :] >= 0) & (t[None, :] < L),
+                     other=0.0).to(tl.float32)
+        tl.store(dw_part_ptr + part * WIDTH + k, tl.sum(g * xv, axis=1), mask=d_mask)
+    tl.store(db_part_ptr + part, tl.sum(g, axis=1), mask=d_mask)
+
+
+@triton.jit
+def conv1d_grad_x_kernel(g_ptr, w_ptr, dx_ptr, dim, L, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_L: tl.constexpr):
+    pid_b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    d_mask = offs_d < dim
+    rows = pid_b * dim + offs_d
+    acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        t = offs_l + (WIDTH - 1) - k  # the outputs that read x[offs_l] through tap k
+        gv = tl.load(g_ptr + rows[:, None] * L + t[None, :], mask=d_mask[:, None] & (t[None, :] < L), other=0.0)
+        wk = tl.load(w_ptr + offs_d * WIDTH + k, mask=d_mask, other=0.0).to(tl.float32)
+        acc += wk[:, None] * gv
+    tl.store(dx_ptr + rows[:, None] * L + offs_l[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=d_mask[:, None] & (offs_l[None, :] < L))
+
+
+class _TritonConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu):
+        x, weight = x.contiguous(), weight.contiguous()
+        batch, dim, L = x.shape
+        out = torch.empty_like(x)
+        grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(L, BLOCK_L))
+        conv1d_fwd_kernel[grid](x, weight, bias if bias is not None else weight, out, dim, L,
+                                HAS_BIAS=bias is not None, SILU=silu, WIDTH=weight.shape[1],
+                                BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu = silu
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        batch, dim, L = x.shape
+        width = weight.shape[1]
+        n_lblocks = triton.cdiv(L, BLOCK_L)
+        grid = (batch, triton.cdiv(dim, BLOCK_D), n_lblocks)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        g = torch.empty(batch, dim, L, **f32)
+        dw_part = torch.empty(batch, n_lblocks, dim, width, **f32)
+        db_part = torch.empty(batch, n_lblocks, dim, **f32)
+        conv1d_grad_pre_kernel[grid](x, weight, bias if bias is not None else weight, dout.contiguous(), g,
+                                     dw_part, db_part, dim, L, n_lblocks, HAS_BIAS=bias is not None,
+                                     SILU=ctx.silu, WIDTH=width, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
+        dx = torch.empty_like(x)
+        conv1d_grad_x_kernel[grid](g, weight, dx, dim, L, WIDTH=width, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
+        dbias = None if bias is None else db_part.sum((0, 1)).to(bias.dtype)
+        return dx, dw_part.sum((0, 1)).to(weight.dtype), dbias, None
+
+
+def causal_conv1d_triton(x, weight, bias=None, activation=None):
+    """Same signature and semantics as `kernels.ref.causal_conv1d_ref`."""
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"the Triton conv1d supports widths 2..4, got {weight.shape[1]}")
+    return _TritonConv1d.apply(x, weight, bias, activation == "silu")

@@ -1,0 +1,24 @@
+"""Language models built from registered sequence-mixer families (Mamba first)."""
+from . import mamba  # noqa: F401  (registers the "mamba" family)
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError, DataError, SsmforgeError
+from .generation import generate, sample_next
+from .hf import load_pretrained, save_pretrained
+from .lm import InferenceState, LanguageModel
+from .registry import FAMILIES, register_family
+
+__all__ = [
+    "FAMILIES",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "InferenceState",
+    "LanguageModel",
+    "ModelConfig",
+    "SsmforgeError",
+    "generate",
+    "load_pretrained",
+    "register_family",
+    "sample_next",
+    "save_pretrained",
+]

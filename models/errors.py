@@ -1,0 +1,17 @@
+"""The exception types a user can cause. The CLI prints them as one line and exits with code 2."""
+
+
+class SsmforgeError(Exception):
+    """Base of every user-facing error; its message is one line naming the file, key or value."""
+
+
+class ConfigError(SsmforgeError):
+    """A config key is unknown, of the wrong type, or holds an impossible value."""
+
+
+class DataError(SsmforgeError):
+    """Input data (shards, manifests, tokenizers, text files) is missing or malformed."""
+
+
+class CheckpointError(SsmforgeError):
+    """A checkpoint or model directory is missing, malformed, or does not match the model."""

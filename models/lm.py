@@ -1,0 +1,98 @@
+"""The causal language model shared by every family: embedding, residual blocks of
+(RMSNorm -> mixer), final RMSNorm and a (tied) LM head, plus the recurrent decoding state."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .registry import FAMILIES
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, returned in the input dtype."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.weight._no_weight_decay = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), with the residual stream optionally kept in fp32."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.mixer = FAMILIES[config.family](config, layer_idx)
+
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() if self.residual_in_fp32 else x
+
+    def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        return self._residual(x) + self.mixer(self.norm(x.to(self.norm.weight.dtype)), state)
+
+    def step(self, x: torch.Tensor, state) -> torch.Tensor:
+        return self._residual(x) + self.mixer.step(self.norm(x.to(self.norm.weight.dtype)), state)
+
+
+class InferenceState:
+    """Per-layer decoding caches for a batch, filled by a prefill `forward` and advanced by `step`."""
+
+    def __init__(self, model: "LanguageModel", batch: int, device: torch.device, dtype: torch.dtype):
+        self.layers = [block.mixer.allocate_state(batch, device, dtype) for block in model.layers]
+        self.seqlen = 0
+
+
+class LanguageModel(nn.Module):
+    """Causal LM over `config.padded_vocab_size` tokens; logits come back in fp32."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.embedding.weight._no_weight_decay = True
+        nn.init.normal_(self.embedding.weight, std=config.initializer_range)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+
+    def forward(self, input_ids: torch.Tensor, state: InferenceState | None = None) -> torch.Tensor:
+        """input_ids (batch, L) -> logits (batch, L, padded_vocab). With `state` (fresh), it is filled
+        for decoding to continue after the last position."""
+        hidden = self.embedding(input_ids)
+        for i, block in enumerate(self.layers):
+            hidden = block(hidden, None if state is None else state.layers[i])
+        if state is not None:
+            state.seqlen += input_ids.shape[1]
+        return self._logits(hidden)
+
+    def allocate_state(self, batch: int) -> InferenceState:
+        param = self.embedding.weight
+        return InferenceState(self, batch, param.device, param.dtype)
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, state: InferenceState) -> torch.Tensor:
+        """One token per sequence: input_ids (batch,) -> logits (batch, padded_vocab), O(1) in length."""
+        hidden = self.embedding(input_ids)
+        for block, layer_state in zip(self.layers, state.layers):
+            hidden = block.step(hidden, layer_state)
+        state.seqlen += 1
+        return self._logits(hidden)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,125 @@
+"""Mamba (selective SSM) mixer, as in Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective
+State Spaces" (2023): in_proj -> causal depthwise conv + SiLU -> input-dependent (dt, B, C) ->
+selective scan gated by SiLU(z) -> out_proj. Parameter names match Hugging Face's MambaMixer so that
+weights move between the two without renaming inside the block.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .registry import register_family
+
+
+@dataclass
+class MambaState:
+    """Decoding cache of one Mamba layer: O(1) in the sequence length."""
+
+    conv: torch.Tensor  # (batch, d_inner, d_conv) last conv inputs, oldest first
+    ssm: torch.Tensor  # (batch, d_inner, d_state) fp32
+
+
+def keep_fp32(param: nn.Parameter) -> nn.Parameter:
+    """Mark a parameter that must stay float32 whatever the training precision (see pretrain.engine)."""
+    param._ssmforge_fp32 = True
+    param._no_weight_decay = True
+    return param
+
+
+@register_family("mamba")
+class MambaMixer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.d_inner = d_inner = config.d_inner
+        self.d_state = config.d_state
+        self.d_conv = config.d_conv
+        self.dt_rank = dt_rank = config.resolved_dt_rank
+
+        self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.bias)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, config.d_conv, groups=d_inner, padding=config.d_conv - 1,
+                                bias=config.conv_bias)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * config.d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        keep_fp32(self.dt_proj.bias)
+        self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
+        # S4D-real initialisation: A = -(1, 2, ..., n) for every channel; stored as log(-A).
+        A = torch.arange(1, config.d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
+        self.A_log = keep_fp32(nn.Parameter(torch.log(A)))
+        self.D = keep_fp32(nn.Parameter(torch.ones(d_inner)))
+        self._init_dt(config)
+        if config.rescale_out_proj:
+            with torch.no_grad():
+                self.out_proj.weight /= math.sqrt(config.n_layer)
+        if config.bias:
+            nn.init.zeros_(self.in_proj.bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    def _init_dt(self, config: ModelConfig) -> None:
+        """dt_proj weights uniform in +-dt_rank^-0.5 * dt_scale; its bias set so that softplus(bias)
+        is log-uniform in [dt_min, dt_max] (paper, section 3.6)."""
+        std = self.dt_rank ** -0.5 * config.dt_scale
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        log_lo, log_hi = math.log(config.dt_min), math.log(config.dt_max)
+        dt = torch.exp(torch.rand(self.d_inner) * (log_hi - log_lo) + log_lo).clamp(min=config.dt_init_floor)
+        inverse_softplus = dt + torch.log(-torch.expm1(-dt))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inverse_softplus)
+
+    @classmethod
+    def validate(cls, config: ModelConfig, prefix: str) -> None:
+        if config.resolved_dt_rank > config.d_inner:
+            raise ConfigError(f"{prefix}.dt_rank={config.resolved_dt_rank} is invalid: must be <= "
+                              f"expand * d_model ({config.d_inner})")
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """x (..., d_inner) after the conv -> dt (..., d_inner) before bias/softplus, B, C (..., d_state)."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt, self.dt_proj.weight), B, C
+
+    def forward(self, hidden: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model). With `state`, also leaves in it the conv
+        inputs and SSM state after the last position, so decoding can continue with `step`."""
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
+        if state is not None:
+            tail = x[..., -self.d_conv:]
+            state.conv.zero_()
+            state.conv[..., self.d_conv - tail.shape[-1]:] = tail
+        x = kernels.causal_conv1d_ref(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        dt, B, C = self._ssm_inputs(x.transpose(1, 2))
+        A = -torch.exp(self.A_log.float())
+        y = kernels.selective_scan(
+            x, dt.transpose(1, 2), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
+            D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            return_last_state=state is not None,
+        )
+        if state is not None:
+            y, last_state = y
+            state.ssm.copy_(last_state)
+        return self.out_proj(y.transpose(1, 2))
+
+    def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MambaState:
+        return MambaState(
+            conv=torch.zeros(batch, self.d_inner, self.d_conv, device=device, dtype=dtype),
+            ssm=torch.zeros(batch, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def step(self, hidden: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, d_inner)
+        x = kernels.causal_conv1d_update_ref(state.conv, x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                             activation="silu")
+        dt, B, C = self._ssm_inputs(x)
+        y = kernels.selective_state_update_ref(
+            state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+        )
+        return self.out_proj(y)
