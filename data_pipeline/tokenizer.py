@@ -5,8 +5,13 @@ and `hf` (a Hugging Face tokenizer.json, through the `tokenizers` library).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
+
+import numpy as np
 
 from models.errors import DataError
 
@@ -34,6 +39,12 @@ class ByteTokenizer:
         data = bytes(i - self.offset for i in ids if self.offset <= i < self.vocab_size)
         return data.decode("utf-8", errors="replace")
 
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int32) + self.offset for t in texts]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"byte:offset={self.offset}".encode()).hexdigest()
+
 
 class SentencePieceTokenizer:
     def __init__(self, path: str | Path):
@@ -56,6 +67,12 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(texts)]
+
+    def fingerprint(self) -> str:
+        return file_sha256(self.path)
 
 
 class HFTokenizer:
@@ -86,6 +103,51 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def fingerprint(self) -> str:
+        return file_sha256(self.path)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def train_sentencepiece(texts: Iterable[str], out_path: str | Path, vocab_size: int, model_type: str = "bpe",
+                        num_threads: int = 0) -> SentencePieceTokenizer:
+    """Train a SentencePiece model with byte fallback and the ids pad 0, bos 1, eos 2, unk 3 (the byte
+    tokenizer's layout), write it to out_path atomically and load it."""
+    import os
+
+    import sentencepiece as spm
+
+    def lines():
+        for text in texts:
+            yield from (line for line in text.split("\n") if line.strip())
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=0.9995,
+            num_threads=num_threads or os.cpu_count() or 1, max_sentence_length=1 << 16,
+            hard_vocab_limit=True, minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise DataError(f"training the SentencePiece tokenizer failed: {str(e).splitlines()[0]} "
+                        f"(tokenizer.vocab_size={vocab_size} may be too large for the sample)") from None
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, out_path)
+    return SentencePieceTokenizer(out_path)
 
 
 def load_tokenizer(kind: str, path: str | Path | None = None):

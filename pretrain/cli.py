@@ -97,6 +97,21 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from data_pipeline.pack import prepare
+
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides)
+    manifest = prepare(config)
+    for name, split in manifest.splits.items():
+        floor = split.entropy_floor_nats_per_token
+        print(f"{name}: {split.samples} samples of {manifest.seq_len + 1} tokens, {split.documents} documents"
+              + (f", entropy floor {floor:.4f} nats/token" if floor is not None else ""))
+    print(f"shards and manifest in {config.data.shard_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssmforge",
@@ -117,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", help="'byte' or a tokenizer.model / tokenizer.json path")
     gen.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS id to the prompt")
     gen.set_defaults(handler=cmd_generate)
+
+    prep = sub.add_parser("prepare", help="tokenize and pack the config's sources into MDS shards")
+    prep.add_argument("config", help="run config (YAML)")
+    prep.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    prep.set_defaults(handler=cmd_prepare)
 
     conv = sub.add_parser("convert", help="convert model folders to and from Hugging Face's Mamba format")
     conv.add_argument("source", nargs="?", help="model folder to export (with --to-hf)")

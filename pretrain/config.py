@@ -35,21 +35,30 @@ class SourceConfig:
     paths: list[str] = field(default_factory=list)  # local files or globs (jsonl, parquet, txt)
     text_field: str = "text"
     weight: float = 1.0  # mixing weight relative to the other sources
+    max_documents: int | None = None  # stop this source after so many documents (None: all of it)
+    streaming: bool = True  # hub sources: stream instead of downloading the whole dataset first
 
     def validate(self, key: str) -> None:
         _need(self.kind in ("synthetic", "hub", "local"), f"{key}.kind", self.kind, "one of synthetic, hub, local")
         _need(self.weight > 0, f"{key}.weight", self.weight, "must be > 0")
         _need(self.kind != "hub" or bool(self.name), f"{key}.name", self.name, "a hub source needs a dataset name")
         _need(self.kind != "local" or bool(self.paths), f"{key}.paths", self.paths, "a local source needs paths")
+        _need(self.kind != "synthetic" or self.max_documents is not None, f"{key}.max_documents",
+              self.max_documents, "a synthetic source needs a document count")
+        _need(self.max_documents is None or self.max_documents >= 1, f"{key}.max_documents", self.max_documents,
+              "must be a positive integer or null")
 
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
-    shard_dir: str = "${run_dir}/data"  # MDS shards and manifest (local path or remote URL)
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(max_documents=20000)])
+    shard_dir: str = "${run_dir}/data"  # MDS shards and manifest: a local folder, or a remote URL (s3://...)
+    cache_dir: str = "${run_dir}/data_cache"  # local copy of remote shards
     seq_len: int = 512
-    val_fraction: float = 0.01
-    num_workers: int = 2
+    val_fraction: float = 0.01  # share of documents held out for validation
+    invalid_utf8: str = "fail"  # fail | skip (skipped documents are counted in the manifest)
+    num_workers: int = 2  # loader worker processes per rank
+    tokenize_workers: int = 0  # processes for tokenizing in prepare; 0: one per core
 
     def validate(self) -> None:
         _need(len(self.sources) > 0, "data.sources", self.sources, "needs at least one source")
@@ -57,6 +66,8 @@ class DataConfig:
             source.validate(f"data.sources.{i}")
         _need(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be a positive integer")
         _need(0 <= self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must be in [0, 1)")
+        _need(self.invalid_utf8 in ("fail", "skip"), "data.invalid_utf8", self.invalid_utf8, "one of fail, skip")
+        _need(self.tokenize_workers >= 0, "data.tokenize_workers", self.tokenize_workers, "must be >= 0")
         _need(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
 
 
@@ -66,6 +77,7 @@ class TokenizerConfig:
     path: str | None = None  # an existing tokenizer file; sentencepiece without a path is trained
     vocab_size: int = 8192  # for training a sentencepiece model
     model_type: str = "bpe"  # bpe | unigram
+    train_documents: int = 20000  # documents from the start of the mixture used to train it
 
     def validate(self) -> None:
         _need(self.kind in ("byte", "sentencepiece", "hf"), "tokenizer.kind", self.kind,
@@ -73,6 +85,7 @@ class TokenizerConfig:
         _need(self.kind != "hf" or bool(self.path), "tokenizer.path", self.path, "kind hf needs a tokenizer.json path")
         _need(self.vocab_size >= 16, "tokenizer.vocab_size", self.vocab_size, "must be >= 16")
         _need(self.model_type in ("bpe", "unigram"), "tokenizer.model_type", self.model_type, "one of bpe, unigram")
+        _need(self.train_documents >= 1, "tokenizer.train_documents", self.train_documents, "must be >= 1")
 
 
 @dataclass

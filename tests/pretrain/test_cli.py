@@ -31,7 +31,7 @@ def assert_one_line_error(proc, *fragments):
 
 def test_help_lists_the_subcommands():
     out = run("--help").stdout
-    for command in ("generate", "convert"):
+    for command in ("prepare", "generate", "convert"):
         assert command in out
 
 
@@ -71,6 +71,15 @@ def test_convert_round_trip_through_hf(tmp_path):
                                    atol=1e-4)
 
 
+def test_prepare_reports_the_splits_and_is_idempotent(tmp_path):
+    args = ("prepare", "configs/tiny.yaml", f"run_dir={tmp_path}", "data.sources=[{kind: synthetic, max_documents: 200}]")
+    out = run(*args).stdout
+    assert "train:" in out and "val:" in out and "entropy floor" in out
+    assert run(*args).stdout == out
+    proc = run(*args[:-1], "data.sources=[{kind: synthetic, max_documents: 300}]", check_code=2)
+    assert_one_line_error(proc, "already holds data prepared from a different config")
+
+
 @pytest.mark.parametrize("args, fragments", [
     (("generate", "no/such/dir", "--prompt", "x"), ["no/such/dir: not a directory"]),
     (("generate", "--random-init", "configs/tiny.yaml", "--prompt", "x", "--top-p", "2"), ["top_p"]),
@@ -79,6 +88,9 @@ def test_convert_round_trip_through_hf(tmp_path):
     (("generate", "--random-init", "configs/tiny.yaml", "--prompt", "x", "--max-new-tokens", "-1"),
      ["--max-new-tokens=-1"]),
     (("convert", "--from-hf", "configs"), ["--out"]),
+    (("prepare", "configs/tiny.yaml", "data.sources=[{kind: local, paths: [missing/*.jsonl]}]", "run_dir=/tmp/x"),
+     ["missing/*.jsonl: no such file"]),
+    (("prepare", "configs/tiny.yaml", "data.seq_len=zero"), ["data.seq_len"]),
     (("convert", "configs", "--to-hf", "/tmp/x"), ["configs/config.json: file not found"]),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(args, fragments):

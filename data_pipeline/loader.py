@@ -1,0 +1,108 @@
+"""Streaming loader over prepared MDS shards: deterministic shuffle, per-rank partition, exact resume.
+
+Each rank reads its part of the samples through mosaicml-streaming's StreamingDataset; the position
+(epoch, samples seen) is in `loader.state_dict()` and restored with `load_state_dict`, so a resumed
+run sees exactly the batches an uninterrupted run would have seen. Shards are checked against the
+sizes and xxh64 hashes of their index before the first batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.errors import DataError
+
+from .manifest import Manifest, read_manifest
+from .pack import is_remote
+
+
+def export_rank_env() -> None:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from SLURM's variables when a launcher
+    other than srun has not set them; streaming and torch.distributed both read these names."""
+    slurm = {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "LOCAL_RANK": "SLURM_LOCALID"}
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    for ours, theirs in slurm.items():
+        if theirs in os.environ:
+            os.environ[ours] = os.environ[theirs]
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    if per_node.isdigit():
+        os.environ["LOCAL_WORLD_SIZE"] = per_node
+
+
+def verify_shards(split_dir: Path) -> int:
+    """Check every shard of a local split against its index (size and xxh64); return the sample count."""
+    import xxhash
+
+    index_path = split_dir / "index.json"
+    try:
+        index = json.loads(index_path.read_text())
+        shards = index["shards"]
+    except FileNotFoundError:
+        raise DataError(f"{index_path}: missing; run `ssmforge prepare` for this config first") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{index_path}: not a valid MDS index ({e})") from None
+    for shard in shards:
+        for kind in ("zip_data", "raw_data"):
+            info = shard.get(kind)
+            if not info:
+                continue
+            path = split_dir / info["basename"]
+            if not path.exists():
+                if kind == "raw_data" and shard.get("zip_data"):
+                    continue  # decompressed on first use
+                raise DataError(f"{path}: shard missing")
+            data = path.read_bytes()
+            if len(data) != info["bytes"]:
+                raise DataError(f"{path}: shard is truncated or damaged ({len(data)} bytes, index says "
+                                f"{info['bytes']})")
+            want = info.get("hashes", {}).get("xxh64")
+            if want and xxhash.xxh64(data).hexdigest() != want:
+                raise DataError(f"{path}: shard content does not match its xxh64 hash (corrupted)")
+    return sum(shard["samples"] for shard in shards)
+
+
+def _collate(samples: list[dict]) -> torch.Tensor:
+    """(batch, seq_len + 1) int64 token ids."""
+    return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+
+
+def open_manifest(shard_dir: str, cache_dir: str) -> Manifest:
+    """The manifest of prepared shards (downloaded first for a remote shard_dir)."""
+    if is_remote(shard_dir):
+        from .pack import _remote_manifest
+
+        local = Path(cache_dir) / "manifest"
+        local.mkdir(parents=True, exist_ok=True)
+        manifest = _remote_manifest(shard_dir, local)
+    else:
+        manifest = read_manifest(shard_dir)
+    if manifest is None:
+        raise DataError(f"{shard_dir}: no manifest.json; run `ssmforge prepare CONFIG` first")
+    return manifest
+
+
+def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_dir: str, num_workers: int = 0,
+                 shuffle: bool = True):
+    """A StreamingDataLoader yielding (batch, seq_len + 1) int64 tensors for this rank.
+
+    batch_size is per rank. Remote shards are cached under cache_dir/split.
+    """
+    from streaming import StreamingDataLoader, StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    export_rank_env()
+    clean_stale_shared_memory()  # a killed run leaves shared memory that would block this one
+    if is_remote(shard_dir):
+        remote, local = f"{shard_dir.rstrip('/')}/{split}", str(Path(cache_dir) / split)
+    else:
+        remote, local = None, str(Path(shard_dir) / split)
+        verify_shards(Path(local))
+    dataset = StreamingDataset(remote=remote, local=local, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
+                               validate_hash="xxh64" if remote else None, num_canonical_nodes=1)
+    return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                               drop_last=True, persistent_workers=False)

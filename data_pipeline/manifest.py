@@ -1,0 +1,100 @@
+"""The manifest written beside the shards: what the data is, where it came from, and what it needs.
+
+Its `fingerprint` hashes every config value that changes the shards, so `prepare` can tell "already
+done" from "a different dataset in the same folder", and a training run can refuse shards made with
+another tokenizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.errors import ConfigError, DataError
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SplitStats:
+    samples: int = 0
+    tokens: int = 0  # tokens written into samples
+    documents: int = 0
+    dropped_tail_tokens: int = 0  # the last incomplete sample, shorter than seq_len + 1
+    surprisal_nats: float | None = None  # sum of -ln P(document) when every source knows it (synthetic)
+
+    @property
+    def entropy_floor_nats_per_token(self) -> float | None:
+        """Best achievable mean loss per token under the generating source (synthetic data only); an
+        estimate within about 1/seq_len, since the first token of each sample is context only."""
+        from .synthetic import entropy_floor_nats_per_token
+
+        total = self.tokens + self.dropped_tail_tokens
+        if self.surprisal_nats is None or total == 0:
+            return None
+        return entropy_floor_nats_per_token(self.surprisal_nats, total)
+
+
+@dataclass
+class Manifest:
+    fingerprint: str
+    seq_len: int
+    token_dtype: str
+    tokenizer: dict  # kind, file (inside the shard folder, or None), sha256, vocab_size, special ids
+    sources: list[dict]  # each source's config plus the documents it gave
+    seed: int
+    splits: dict[str, SplitStats] = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        for name, split in self.splits.items():
+            data["splits"][name]["entropy_floor_nats_per_token"] = split.entropy_floor_nats_per_token
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "Manifest":
+        try:
+            data = json.loads(text)
+            if data.get("version") != FORMAT_VERSION:
+                raise DataError(f"{where}: manifest version {data.get('version')!r}; this ssmforge reads "
+                                f"version {FORMAT_VERSION}")
+            splits = {}
+            for name, stats in data.pop("splits").items():
+                stats.pop("entropy_floor_nats_per_token", None)
+                splits[name] = SplitStats(**stats)
+            return cls(splits=splits, **data)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"{where}: not a valid ssmforge manifest ({type(e).__name__}: {e})") from None
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / MANIFEST_FILE
+        tmp = path.with_name(MANIFEST_FILE + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    def check_model_vocab(self, vocab_size: int, where: str = "model.vocab_size") -> None:
+        """A model must have an embedding row for every token id the shards can hold."""
+        need = self.tokenizer["vocab_size"]
+        if vocab_size < need:
+            raise ConfigError(f"{where}={vocab_size} is smaller than the tokenizer of these shards "
+                              f"({self.tokenizer['kind']}, {need} ids, sha256 {self.tokenizer['sha256'][:12]}); "
+                              f"set {where}={need}")
+
+
+def read_manifest(directory: str | Path) -> Manifest | None:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    return Manifest.from_json(path.read_text(), str(path))
+
+
+def fingerprint(values: dict) -> str:
+    """sha256 of a JSON-able dict with sorted keys."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,119 @@
+"""The streaming loader: exact resumption, a disjoint per-rank partition, damaged shards named."""
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline.loader import build_loader, export_rank_env
+from data_pipeline.pack import prepare
+from models import DataError
+
+from .conftest import run_config
+from .test_pack import read_split
+
+
+@pytest.fixture
+def shards(tmp_path, corpus):
+    path, _ = corpus
+    config = run_config(tmp_path, [path])
+    prepare(config)
+    return config
+
+
+def take(loader, n):
+    batches = iter(loader)
+    return [next(batches) for _ in range(n)]
+
+
+def loader(config, split="train", workers=0, seed=5):
+    return build_loader(config.data.shard_dir, split, 4, seed, config.data.cache_dir, num_workers=workers)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_sees_exactly_the_remaining_batches(shards, workers):
+    full = take(loader(shards, workers=workers), 12)
+    interrupted = loader(shards, workers=workers)
+    first = take(interrupted, 5)
+    state = interrupted.state_dict()
+    del interrupted
+    resumed = loader(shards, workers=workers)
+    resumed.load_state_dict(state)
+    rest = take(resumed, 7)
+    assert all(torch.equal(a, b) for a, b in zip(full, first + rest))
+    assert full[0].shape == (4, 33) and full[0].dtype == torch.int64
+
+
+def test_shuffle_is_deterministic_by_seed(shards):
+    a, b, c = take(loader(shards, seed=1), 3), take(loader(shards, seed=1), 3), take(loader(shards, seed=2), 3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_an_epoch_covers_every_sample_once(shards):
+    from data_pipeline.manifest import read_manifest
+
+    n = read_manifest(shards.data.shard_dir).splits["train"].samples
+    rows = torch.cat(list(loader(shards)))
+    assert len(rows) == n // 4 * 4
+    assert len({tuple(r.tolist()) for r in rows}) == len(rows)
+
+
+def _rank_samples(config, rank, port, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo")
+    rows = torch.cat(list(loader(config)))
+    queue.put((rank, [tuple(r.tolist()) for r in rows]))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_read_disjoint_halves(shards):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_rank_samples, args=(shards, rank, port, queue)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    every = {tuple(r) for r in read_split(Path(shards.data.shard_dir) / "train").tolist()}
+    a, b = set(results[0]), set(results[1])
+    assert not a & b
+    assert len(a) == len(b) > 0
+    assert a | b <= every and len(a | b) > len(every) - 8  # each rank drops at most a partial batch of 4
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-10]), r"shard\.00000\.mds\.zstd: shard is truncated"),
+    (lambda p: p.write_bytes(b"\x00" + p.read_bytes()[1:]), r"shard\.00000\.mds\.zstd: shard content does not match"),
+    (lambda p: p.unlink(), r"shard\.00000\.mds\.zstd: shard missing"),
+])
+def test_damaged_shards_are_named_before_any_batch(shards, damage, message):
+    damage(Path(shards.data.shard_dir) / "train" / "shard.00000.mds.zstd")
+    with pytest.raises(DataError, match=message):
+        loader(shards)
+
+
+def test_unprepared_folder(tmp_path):
+    with pytest.raises(DataError, match=r"index\.json: missing; run `ssmforge prepare`"):
+        build_loader(str(tmp_path), "train", 4, 0, str(tmp_path / "cache"))
+
+
+def test_slurm_variables_become_rank_variables(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")
+    export_rank_env()
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")] == ["5", "16", "1", "8"]

@@ -1,0 +1,145 @@
+"""prepare: the shards hold exactly the EOS-joined tokenization of the documents, split by a seeded
+draw; re-runs are no-ops, other configs are refused, parallelism does not change a byte."""
+import json
+
+import numpy as np
+import pytest
+from streaming.base.compression import decompress
+from streaming.base.format import reader_from_json
+
+from data_pipeline.manifest import read_manifest
+from data_pipeline.pack import prepare
+from data_pipeline.tokenizer import ByteTokenizer, file_sha256
+from models import DataError
+
+from .conftest import run_config, write_jsonl
+
+
+def read_split(split_dir):
+    """All samples of a split in file order, read with streaming's own shard reader."""
+    index = json.loads((split_dir / "index.json").read_text())
+    rows = []
+    for info in index["shards"]:
+        reader = reader_from_json(str(split_dir), None, info)
+        zip_path = split_dir / info["zip_data"]["basename"]
+        raw_path = split_dir / info["raw_data"]["basename"]
+        if not raw_path.exists():
+            raw_path.write_bytes(decompress(info["compression"], zip_path.read_bytes()))
+        rows += [reader.decode_sample(reader.get_sample_data(i))["tokens"] for i in range(info["samples"])]
+    return np.stack(rows)
+
+
+def expected_streams(docs, seed, val_fraction):
+    """The independent computation: route each document with the same seeded draw, byte-tokenize, join."""
+    rng = np.random.default_rng(seed)
+    tok = ByteTokenizer()
+    streams = {"train": [], "val": []}
+    for doc in docs:
+        split = "val" if rng.random() < val_fraction else "train"
+        streams[split] += tok.encode(doc) + [tok.eos_id]
+    return streams
+
+
+def test_shards_hold_exactly_the_tokenized_documents(tmp_path, corpus):
+    path, docs = corpus
+    config = run_config(tmp_path, [path])
+    manifest = prepare(config)
+    want = expected_streams(docs, config.seed, 0.1)
+    for split in ("train", "val"):
+        samples = read_split(tmp_path / "run" / "data" / split)
+        assert samples.shape[1] == 33 and samples.dtype == np.uint16
+        stats = manifest.splits[split]
+        assert stats.samples == len(samples) and stats.tokens == samples.size
+        stream = want[split]
+        assert samples.reshape(-1).tolist() == stream[: samples.size]  # nothing skipped, repeated or reordered
+        assert stats.dropped_tail_tokens == len(stream) - samples.size < 33
+    assert manifest.splits["train"].documents + manifest.splits["val"].documents == 400
+    assert manifest.sources[0]["documents"] == 400
+    assert manifest.tokenizer["sha256"] == ByteTokenizer().fingerprint()
+
+
+def test_rerun_is_a_no_op_and_another_config_is_refused(tmp_path, corpus):
+    path, _ = corpus
+    first = prepare(run_config(tmp_path, [path]))
+    shard = tmp_path / "run" / "data" / "train" / "shard.00000.mds.zstd"
+    mtime = shard.stat().st_mtime_ns
+    assert prepare(run_config(tmp_path, [path])) == first and shard.stat().st_mtime_ns == mtime
+    with pytest.raises(DataError, match=r"already holds data prepared from a different config"):
+        prepare(run_config(tmp_path, [path], "data.seq_len=16"))
+
+
+def test_worker_count_does_not_change_the_output(tmp_path, corpus):
+    path, _ = corpus
+    one = prepare(run_config(tmp_path / "a", [path], "data.tokenize_workers=1"))
+    two = prepare(run_config(tmp_path / "b", [path], "data.tokenize_workers=2"))
+    assert one == two
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(tmp_path / "a" / "run" / "data" / split),
+                              read_split(tmp_path / "b" / "run" / "data" / split))
+
+
+def test_trained_sentencepiece_goes_into_the_manifest(tmp_path, corpus):
+    path, docs = corpus
+    config = run_config(tmp_path, [path], "tokenizer.kind=sentencepiece", "tokenizer.vocab_size=300",
+                        "model.vocab_size=300", "tokenizer.train_documents=200")
+    manifest = prepare(config)
+    model_file = tmp_path / "run" / "data" / "tokenizer.model"
+    assert manifest.tokenizer == {"kind": "sentencepiece", "file": "tokenizer.model", "sha256": file_sha256(model_file),
+                                  "vocab_size": 300, "eos_id": 2, "pad_id": 0, "bos_id": 1}
+    assert read_manifest(tmp_path / "run" / "data") == manifest
+    manifest.check_model_vocab(300)
+    from models import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.vocab_size=260 is smaller than the tokenizer of these shards"):
+        manifest.check_model_vocab(260)
+
+
+def test_model_vocab_smaller_than_tokenizer_is_refused(tmp_path, corpus):
+    path, _ = corpus
+    with pytest.raises(DataError, match=r"the tokenizer has 260 ids but model.vocab_size is 100"):
+        prepare(run_config(tmp_path, [path], "model.vocab_size=100"))
+
+
+def test_skipped_invalid_utf8_is_counted(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "good one"}\n{"text": "bad \xff"}\n' * 50)
+    manifest = prepare(run_config(tmp_path, [tmp_path / "a.jsonl"], "data.invalid_utf8=skip", "data.seq_len=8"))
+    assert manifest.skipped["invalid_utf8"] == 50
+    assert manifest.splits["train"].documents + manifest.splits["val"].documents == 50
+
+
+def test_leftovers_of_a_crashed_run_are_replaced_but_foreign_files_refused(tmp_path, corpus):
+    path, _ = corpus
+    data = tmp_path / "run" / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "shard.00000.mds.zstd").write_bytes(b"half written")
+    manifest = prepare(run_config(tmp_path, [path]))
+    assert manifest.splits["train"].samples > 0
+    other = tmp_path / "other" / "run" / "data"
+    other.mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"folder is not empty and holds no ssmforge manifest"):
+        prepare(run_config(tmp_path / "other", [path]))
+
+
+def test_too_little_data(tmp_path):
+    write_jsonl(tmp_path / "tiny.jsonl", 1)
+    with pytest.raises(DataError, match=r"fewer than one training sample"):
+        prepare(run_config(tmp_path, [tmp_path / "tiny.jsonl"], "data.seq_len=4096"))
+
+
+def test_synthetic_source_records_its_entropy_floor(tmp_path):
+    from data_pipeline.synthetic import SyntheticCorpus
+    from pretrain.config import load_config
+
+    config = load_config(None, [f"run_dir={tmp_path}", "data.sources=[{kind: synthetic, max_documents: 300}]",
+                                "data.seq_len=64", "data.val_fraction=0.2", "model.vocab_size=260"])
+    manifest = prepare(config)
+    docs = list(SyntheticCorpus(seed=config.seed).documents(300))
+    rng = np.random.default_rng(config.seed)
+    val = [d for d in docs if rng.random() < 0.2]
+    val_tokens = sum(len(d.text.encode()) + 1 for d in val)
+    stats = manifest.splits["val"]
+    assert stats.documents == len(val)
+    assert stats.surprisal_nats == pytest.approx(sum(d.surprisal_nats for d in val), rel=1e-9)
+    assert stats.entropy_floor_nats_per_token == pytest.approx(stats.surprisal_nats / val_tokens, rel=1e-9)
+    assert 0.3 < stats.entropy_floor_nats_per_token < 0.8

@@ -1,0 +1,68 @@
+"""Tokenizers: SentencePiece training with our special ids, Hugging Face files, the byte tokenizer."""
+import pytest
+
+from data_pipeline.tokenizer import ByteTokenizer, file_sha256, load_tokenizer, train_sentencepiece
+from models import DataError
+
+from .conftest import WORDS
+
+
+def sample_texts(n=300):
+    import random
+
+    rng = random.Random(0)
+    return [" ".join(rng.choice(WORDS) for _ in range(50)) for _ in range(n)]
+
+
+def test_sentencepiece_training_layout_and_byte_fallback(tmp_path):
+    tok = train_sentencepiece(sample_texts(), tmp_path / "tok.model", vocab_size=400, model_type="bpe")
+    assert tok.vocab_size == 400
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (0, 1, 2, 3)
+    text = "the lazy fox — naïve 漢字 🙂"  # characters never seen in training come back through byte pieces
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.unk_id not in tok.encode(text)
+    assert len(tok.encode("the quick brown fox")) < len("the quick brown fox")  # merges were learned
+    assert tok.fingerprint() == file_sha256(tmp_path / "tok.model")
+    again = load_tokenizer("sentencepiece", tmp_path / "tok.model")
+    assert [list(a) for a in again.encode_batch(["jumps over", "a dog"])] == [again.encode("jumps over"),
+                                                                            again.encode("a dog")]
+
+
+def test_unigram_and_too_large_vocab(tmp_path):
+    assert train_sentencepiece(sample_texts(), tmp_path / "u.model", 300, "unigram").vocab_size == 300
+    with pytest.raises(DataError, match="tokenizer.vocab_size=100000 may be too large"):
+        train_sentencepiece(sample_texts(20), tmp_path / "big.model", 100000)
+
+
+def test_hugging_face_tokenizer_file(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.train_from_iterator(sample_texts(), trainers.BpeTrainer(vocab_size=120, special_tokens=["<pad>", "<s>", "</s>",
+                                                                                                "<unk>"]))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer("hf", tmp_path / "tokenizer.json")
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (0, 1, 2, 3)
+    assert tok.encode("the lazy dog") == hf.encode("the lazy dog").ids
+    assert [list(a) for a in tok.encode_batch(["a dog"])] == [hf.encode("a dog").ids]
+
+
+def test_byte_tokenizer_round_trip_and_batch():
+    tok = ByteTokenizer()
+    text = "état 🙂"
+    assert tok.decode(tok.encode(text)) == text
+    assert [list(a) for a in tok.encode_batch([text, ""])] == [tok.encode(text), []]
+    assert min(tok.encode(text)) >= 4 and tok.vocab_size == 260
+
+
+@pytest.mark.parametrize("kind, content, message", [
+    ("sentencepiece", b"garbage", r"bad: not a loadable SentencePiece model"),
+    ("hf", b"{}", r"bad: not a loadable Hugging Face tokenizer.json"),
+])
+def test_bad_tokenizer_files(tmp_path, kind, content, message):
+    (tmp_path / "bad").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_tokenizer(kind, tmp_path / "bad")
+    with pytest.raises(DataError, match=r"missing: tokenizer file not found"):
+        load_tokenizer(kind, tmp_path / "missing")
