@@ -45,21 +45,25 @@ def fused_bytes(batch, d, L, n, elt=4, backward=False):
     return fwd + 4 * rows + 2 * bc + 3 * rows + 2 * bc  # reread u, delta, z, dout, B, C; write du, ddelta, dz, dB, dC
 
 
-def timed(fn, repeats, device):
-    fn()  # warm-up: compilation, allocation
-    best = float("inf")
-    for _ in range(repeats):
+def timed(fn, repeats, device, warmup=True, min_total_s=1.0):
+    """Best of at least `repeats` runs, and of more while they add up to under min_total_s: on a
+    shared machine the minimum is the figure that other processes disturb least."""
+    if warmup:
+        fn()  # compilation, allocation
+    best, total, runs = float("inf"), 0.0, 0
+    while runs < repeats or total < min_total_s:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        best, total, runs = min(best, elapsed), total + elapsed, runs + 1
     return best
 
 
-def measure(backend, batch, d, L, n, device, repeats):
+def measure(backend, batch, d, L, n, device, repeats, warmup=True):
     inputs = make_inputs(batch, d, L, n, device)
     scan = lambda: kernels.selective_scan(**inputs, delta_softplus=True, backend=backend)  # noqa: E731
 
@@ -70,7 +74,8 @@ def measure(backend, batch, d, L, n, device, repeats):
     def fwd_bwd():
         scan().sum().backward()
 
-    t_f, t_fb = timed(fwd, repeats, device), timed(fwd_bwd, repeats, device)
+    budget = 1.0 if warmup else 0.0  # the oracle: a single run
+    t_f, t_fb = timed(fwd, repeats, device, warmup, budget), timed(fwd_bwd, repeats, device, warmup, budget)
     return dict(backend=backend, batch=batch, d=d, L=L, n=n, fwd_ms=t_f * 1e3, fwd_bwd_ms=t_fb * 1e3,
                 fwd_tokens_per_s=batch * L / t_f, fwd_bwd_tokens_per_s=batch * L / t_fb,
                 fwd_GBps=fused_bytes(batch, d, L, n) / t_f / 1e9,
@@ -125,22 +130,31 @@ def copy_bandwidth_GBps() -> float:
 
 def print_table(rows, extra_cols=()):
     head = f"{'backend':8} {'batch':>5} {'d':>5} {'L':>6} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd+bwd tok/s':>14} " \
-           f"{'fwd GB/s':>9} {'f+b GB/s':>9} {'us/token/row':>12}"
+           f"{'fwd GB/s':>9} {'f+b GB/s':>9} {'ns/row-step':>11}"
     print(head + "".join(f" {c:>10}" for c in extra_cols))
     for r in rows:
-        per_token = r["fwd_bwd_ms"] * 1e3 / (r["batch"] * r["L"] * r["d"]) * 1e3
+        per_step = r["fwd_bwd_ms"] * 1e6 / (r["batch"] * r["L"] * r["d"])  # fwd+bwd ns per (batch, d) row and step
         line = f"{r['backend']:8} {r['batch']:5d} {r['d']:5d} {r['L']:6d} {r['fwd_ms']:9.2f} {r['fwd_bwd_ms']:11.2f} " \
-               f"{r['fwd_bwd_tokens_per_s']:14.0f} {r['fwd_GBps']:9.2f} {r['fwd_bwd_GBps']:9.2f} {per_token:12.3f}"
+               f"{r['fwd_bwd_tokens_per_s']:14.0f} {r['fwd_GBps']:9.2f} {r['fwd_bwd_GBps']:9.2f} {per_step:11.2f}"
         print(line + "".join(f" {r.get(c, float('nan')):10.3f}" for c in extra_cols))
 
 
 def linearity(rows):
-    """Per d: fwd+bwd time divided by L, relative to the shortest L (1.0 = exactly linear)."""
+    """Per d: fwd+bwd time per step relative to the shortest L (1.0 everywhere = exactly linear), and a
+    least-squares fit ms = intercept + slope * L with its R^2."""
     result = {}
     for d in sorted({r["d"] for r in rows}):
         sweep = sorted((r for r in rows if r["d"] == d), key=lambda r: r["L"])
         base = sweep[0]["fwd_bwd_ms"] / sweep[0]["L"]
-        result[d] = {r["L"]: round(r["fwd_bwd_ms"] / r["L"] / base, 3) for r in sweep}
+        Ls = torch.tensor([float(r["L"]) for r in sweep], dtype=torch.float64)
+        ms = torch.tensor([r["fwd_bwd_ms"] for r in sweep], dtype=torch.float64)
+        design = torch.stack([torch.ones_like(Ls), Ls], dim=1)
+        intercept, slope = torch.linalg.lstsq(design, ms[:, None]).solution[:, 0].tolist()
+        residual = ms - (intercept + slope * Ls)
+        r2 = 1.0 - float((residual**2).sum() / ((ms - ms.mean()) ** 2).sum()) if len(sweep) > 2 else 1.0
+        result[d] = dict(per_step_vs_shortest={r["L"]: round(r["fwd_bwd_ms"] / r["L"] / base, 3) for r in sweep},
+                         fit_ms_per_1k_steps=round(slope * 1e3, 3), fit_intercept_ms=round(intercept, 3),
+                         fit_r2=round(r2, 4))
     return result
 
 
@@ -151,12 +165,16 @@ def main(argv=None):
     p.add_argument("--d", type=int, nargs="+", default=[256, 512])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--n", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/scan_{cpu,gpu}.json)")
+    p.add_argument("--repeats", type=int, default=5, help="best of this many runs (the machine may be shared)")
+    p.add_argument("--threads", type=int, default=None, help="torch (and CPU kernel) threads; default torch's")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default benchmarks/results/scan_{cpu,gpu}[_quick].json)")
     args = p.parse_args(argv)
     if args.quick:
         args.L, args.d, args.repeats = [512, 1024, 2048], [256], 2
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = "triton" if device == "cuda" else "cpu"
     info = machine()
@@ -177,14 +195,16 @@ def main(argv=None):
         print(report["gpu"])
 
     print("\nlinearity (fwd+bwd ms per step, relative to the shortest L; 1.0 = linear):")
-    for d, ratios in report["linearity"].items():
-        print(f"  d={d}: " + "  ".join(f"L={L}: {v:.2f}" for L, v in ratios.items()))
+    for d, fit in report["linearity"].items():
+        ratios = "  ".join(f"L={L}: {v:.2f}" for L, v in fit["per_step_vs_shortest"].items())
+        print(f"  d={d}: {ratios}   fit: {fit['fit_ms_per_1k_steps']:.1f} ms per 1k steps "
+              f"+ {fit['fit_intercept_ms']:.1f} ms, R^2 {fit['fit_r2']:.4f}")
 
     if device == "cpu" and not args.quick:
         # the issue's target shape: fast path vs the sequential oracle, time and peak extra memory
         shape = dict(batch=4, d=512, L=512, n=16)
         fast = measure("cpu", **shape, device="cpu", repeats=args.repeats)
-        ref = measure("ref", **shape, device="cpu", repeats=1)
+        ref = measure("ref", **shape, device="cpu", repeats=1, warmup=False)  # ~30 s: once is enough
         full_state_bytes = 4 * shape["batch"] * shape["d"] * shape["L"] * shape["n"]
         target = dict(shape=shape, cpu=fast, ref=ref, speedup_fwd=ref["fwd_ms"] / fast["fwd_ms"],
                       speedup_fwd_bwd=ref["fwd_bwd_ms"] / fast["fwd_bwd_ms"],
@@ -198,7 +218,8 @@ def main(argv=None):
         print(f"peak extra memory of one fwd+bwd: cpu {mib(target['peak_extra_bytes_cpu'])}, "
               f"oracle {mib(target['peak_extra_bytes_ref'])}; one (batch, d, L, n) fp32 tensor is {mib(full_state_bytes)}")
 
-    out = args.out or ROOT / "benchmarks" / "results" / f"scan_{'gpu' if device == 'cuda' else 'cpu'}.json"
+    name = f"scan_{'gpu' if device == 'cuda' else 'cpu'}{'_quick' if args.quick else ''}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {out}")

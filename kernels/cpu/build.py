@@ -2,7 +2,7 @@
 
 No torch headers are involved, so the build takes about a second with the system C compiler (the
 README's set-up installs one: build-essential). The shared library is cached under
-$SSMFORGE_CACHE_DIR (default ~/.cache/ssmforge), keyed by the source, the flags and the CPU model,
+`cache_dir()`, keyed by the source, the flags and the CPU model,
 since -march=native code must not move to another processor.
 """
 from __future__ import annotations
@@ -33,17 +33,26 @@ class ScanArgs(ctypes.Structure):
 
 
 def _cpu_model() -> str:
+    """Model name and instruction-set flags: what -march=native depends on."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor()
+        return platform.machine() + platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU part")  # x86 and ARM spellings
+    first = {}
+    for line in lines:
+        key = line.split(":", 1)[0].strip()
+        if key in wanted:
+            first.setdefault(key, line)
+    return platform.machine() + "\n".join(first.values())
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SSMFORGE_CACHE_DIR", Path.home() / ".cache" / "ssmforge"))
+def cache_dir() -> Path:
+    """Where ssmforge keeps per-machine caches: $SSMFORGE_CACHE_DIR, else $XDG_CACHE_HOME/ssmforge,
+    else ~/.cache/ssmforge."""
+    if os.environ.get("SSMFORGE_CACHE_DIR"):
+        return Path(os.environ["SSMFORGE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssmforge"
 
 
 def _compile(target: Path) -> None:
@@ -63,7 +72,7 @@ def _compile(target: Path) -> None:
 def load_library() -> ctypes.CDLL | None:
     """The compiled scan library, or None (with a warning) when it cannot be built here."""
     key = hashlib.sha256("\n".join([C_SOURCE, *FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_scan_{key}.so"
+    target = cache_dir() / f"cpu_scan_{key}.so"
     try:
         if not target.exists():
             _compile(target)

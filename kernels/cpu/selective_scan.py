@@ -18,12 +18,21 @@ from .chunked import selective_scan_chunked
 CHUNK = 64  # steps between saved states: backward recomputes at most this many per row at a time
 
 
-def _bc_layout(X: torch.Tensor, batch: int) -> tuple[torch.Tensor, bool]:
-    """(d, n) fixed stays; (batch, n, L) and (batch, groups, n, L) become (batch, groups, L, n) fp32."""
+def num_groups(B: torch.Tensor, C: torch.Tensor) -> int:
+    """Groups of the grouped (4-D) B/C, 1 if neither is grouped."""
+    groups = {X.shape[1] for X in (B, C) if X.dim() == 4}
+    if len(groups) > 1:
+        raise ValueError(f"B and C must have the same number of groups, got {sorted(groups)}")
+    return groups.pop() if groups else 1
+
+
+def _bc_layout(X: torch.Tensor, groups: int) -> tuple[torch.Tensor, bool]:
+    """(d, n) fixed stays; (batch, n, L) (shared by every group) and (batch, groups, n, L) become
+    (batch, groups, L, n) fp32."""
     if X.dim() == 2:
         return X.float().contiguous(), True
     if X.dim() == 3:
-        X = X.unsqueeze(1)
+        X = X.unsqueeze(1).expand(-1, groups, -1, -1)
     return X.float().transpose(-1, -2).contiguous(), False
 
 
@@ -33,7 +42,7 @@ def _grad_bc(grad: torch.Tensor, like: tuple[torch.dtype, int], fixed: bool) -> 
     if fixed:
         return grad.sum(0).to(dtype)
     grad = grad.transpose(-1, -2)
-    return (grad.squeeze(1) if ndim == 3 else grad).to(dtype)
+    return (grad.sum(1) if ndim == 3 else grad).to(dtype)
 
 
 def _ptr(t: torch.Tensor | None):
@@ -51,18 +60,19 @@ class _FusedScan(torch.autograd.Function):
         batch, dim, L = u.shape
         n = A.shape[1]
         uf, deltaf, Af, Df, zf, biasf = (_f32(t) for t in (u, delta, A, D, z, delta_bias))
-        Bf, B_fixed = _bc_layout(B, batch)
-        Cf, C_fixed = _bc_layout(C, batch)
-        groups = 1 if B_fixed and C_fixed else (Bf if not B_fixed else Cf).shape[1]
+        groups = num_groups(B, C)
+        Bf, B_fixed = _bc_layout(B, groups)
+        Cf, C_fixed = _bc_layout(C, groups)
         n_chunks = (L + chunk - 1) // chunk
         args = ScanArgs(batch, dim, L, n, groups, chunk, n_chunks, *(
             _ptr(t) for t in (uf, deltaf, Af, Bf, Cf, Df, zf, biasf)), int(B_fixed), int(C_fixed), int(delta_softplus))
-        out = torch.empty(batch, dim, L)
-        chunk_states = torch.empty(batch, dim, n_chunks, n)
-        last_state = torch.empty(batch, dim, n)
+        f32 = dict(dtype=torch.float32)
+        out = torch.empty(batch, dim, L, **f32)
+        chunk_states = torch.empty(batch, dim, n_chunks, n, **f32)
+        last_state = torch.empty(batch, dim, n, **f32)
         lib.scan_fwd(ctypes.byref(args), _ptr(out), _ptr(chunk_states), _ptr(last_state), torch.get_num_threads())
         ctx.save_for_backward(uf, deltaf, Af, Bf, Cf, Df, zf, biasf, chunk_states)
-        ctx.meta = (args, B_fixed, C_fixed, groups, delta_softplus)
+        ctx.meta = (args, B_fixed, C_fixed)
         ctx.like = [None if t is None else (t.dtype, t.dim()) for t in (u, delta, A, B, C, D, z, delta_bias)]
         ctx.set_materialize_grads(False)
         return out.to(u.dtype), last_state
@@ -71,20 +81,21 @@ class _FusedScan(torch.autograd.Function):
     def backward(ctx, dout, dlast):
         lib = load_library()
         uf, deltaf, Af, Bf, Cf, Df, zf, biasf, chunk_states = ctx.saved_tensors
-        args, B_fixed, C_fixed, groups, _ = ctx.meta
+        args, B_fixed, C_fixed = ctx.meta
         # the struct holds raw pointers: refresh them from the saved tensors
         for name, t in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), (uf, deltaf, Af, Bf, Cf, Df, zf, biasf)):
             setattr(args, name, None if t is None else t.data_ptr())
         batch, dim, L = uf.shape
         n = Af.shape[1]
-        dout = torch.zeros(batch, dim, L) if dout is None else dout.float().contiguous()
+        f32 = dict(dtype=torch.float32)
+        dout = torch.zeros(batch, dim, L, **f32) if dout is None else dout.float().contiguous()
         dlast = None if dlast is None else dlast.float().contiguous()
-        du, ddelta = torch.empty(batch, dim, L), torch.empty(batch, dim, L)
-        dz = torch.empty(batch, dim, L) if zf is not None else None
-        dA_rows = torch.empty(batch, dim, n)
-        dB = torch.empty(batch, dim, n) if B_fixed else torch.zeros_like(Bf)
-        dC = torch.empty(batch, dim, n) if C_fixed else torch.zeros_like(Cf)
-        dD_rows, dbias_rows = torch.empty(batch, dim), torch.empty(batch, dim)
+        du, ddelta = torch.empty(batch, dim, L, **f32), torch.empty(batch, dim, L, **f32)
+        dz = torch.empty(batch, dim, L, **f32) if zf is not None else None
+        dA_rows = torch.empty(batch, dim, n, **f32)
+        dB = torch.empty(batch, dim, n, **f32) if B_fixed else torch.zeros_like(Bf)
+        dC = torch.empty(batch, dim, n, **f32) if C_fixed else torch.zeros_like(Cf)
+        dD_rows, dbias_rows = torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
         lib.scan_bwd(ctypes.byref(args), _ptr(chunk_states), _ptr(dout), _ptr(dlast), _ptr(du), _ptr(ddelta),
                      _ptr(dz), _ptr(dA_rows), _ptr(dB), _ptr(dC), _ptr(dD_rows), _ptr(dbias_rows),
                      torch.get_num_threads())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..cpu.selective_scan import num_groups
 from .scan_kernels import scan_bwd_kernel, scan_fwd_kernel
 
 CHUNK = 16  # steps per associative-scan tile; states are checkpointed once per chunk
@@ -18,20 +19,20 @@ def _block_d(dims_per_group: int) -> int:
     return block
 
 
-def _bc_view(X: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int], bool]:
-    """B or C with the strides the kernel reads: fixed (d, n) -> (s_d, 0, s_n, 0); (batch, n, L) and
-    (batch, groups, n, L) -> (s_batch, s_group, s_n, s_L)."""
+def _bc_view(X: torch.Tensor, groups: int) -> tuple[torch.Tensor, tuple[int, int, int, int], bool]:
+    """B or C with the strides the kernel reads: fixed (d, n) -> (s_d, 0, s_n, 0); (batch, n, L)
+    (shared by every group: group stride 0) and (batch, groups, n, L) -> (s_batch, s_group, s_n, s_L)."""
     if X.dim() == 2:
         return X, (X.stride(0), 0, X.stride(1), 0), True
     if X.dim() == 3:
-        X = X.unsqueeze(1)
+        X = X.unsqueeze(1).expand(-1, groups, -1, -1)
     return X, tuple(X.stride()), False
 
 
 def _config(u, A, B, C, chunk):
     batch, dim, L = u.shape
     n = A.shape[1]
-    groups = next((X.shape[1] for X in (B, C) if X.dim() == 4), 1)
+    groups = num_groups(B, C)
     dims_per_group = dim // groups
     block_d = _block_d(dims_per_group)
     meta = dict(BLOCK_D=block_d, CHUNK=chunk, N=max(triton.next_power_of_2(n), 2))
@@ -45,8 +46,8 @@ class _TritonScan(torch.autograd.Function):
         z = None if z is None else z.contiguous()
         A = A.contiguous()
         batch, dim, L, n, groups, dims_per_group, n_chunks, meta = _config(u, A, B, C, chunk)
-        Bv, sB, B_fixed = _bc_view(B)
-        Cv, sC, C_fixed = _bc_view(C)
+        Bv, sB, B_fixed = _bc_view(B, groups)
+        Cv, sC, C_fixed = _bc_view(C, groups)
         out = torch.empty_like(u)
         chunk_states = torch.empty(batch, dim, n_chunks, n, device=u.device, dtype=torch.float32)
         last_state = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
@@ -68,8 +69,8 @@ class _TritonScan(torch.autograd.Function):
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
         batch, dim, L, n, groups, dims_per_group, n_chunks, meta = _config(u, A, B, C, ctx.chunk)
-        Bv, sB, B_fixed = _bc_view(B)
-        Cv, sC, C_fixed = _bc_view(C)
+        Bv, sB, B_fixed = _bc_view(B, groups)
+        Cv, sC, C_fixed = _bc_view(C, groups)
         f32 = dict(device=u.device, dtype=torch.float32)
         dout = torch.zeros(batch, dim, L, **f32) if dout is None else dout.contiguous()
         du, ddelta = torch.empty(batch, dim, L, **f32), torch.empty(batch, dim, L, **f32)
@@ -94,7 +95,7 @@ class _TritonScan(torch.autograd.Function):
             if fixed:
                 return grad.sum(0).to(like.dtype)
             grad = grad.transpose(-1, -2)  # (batch, groups, n, L)
-            return (grad.squeeze(1) if like.dim() == 3 else grad).to(like.dtype)
+            return (grad.sum(1) if like.dim() == 3 else grad).to(like.dtype)
 
         return (
             du.to(u.dtype), ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype),
