@@ -14,8 +14,9 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED)
 
 quickstart: $(INSTALLED)
-	$(VENV)/bin/ssmforge generate --random-init configs/quickstart.yaml \
-		--prompt "The state space model" --max-new-tokens 64 --temperature 0.8 --top-k 40
+	$(VENV)/bin/ssmforge pretrain configs/quickstart.yaml
+	$(VENV)/bin/ssmforge export runs/quickstart runs/quickstart/export
+	$(VENV)/bin/ssmforge generate runs/quickstart/export --prompt "The" --max-new-tokens 120 --temperature 0.7
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q

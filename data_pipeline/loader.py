@@ -20,18 +20,18 @@ from .manifest import Manifest, read_manifest
 from .pack import is_remote
 
 
-def export_rank_env() -> None:
-    """Fill RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from SLURM's variables when a launcher
-    other than srun has not set them; streaming and torch.distributed both read these names."""
-    slurm = {"RANK": "SLURM_PROCID", "WORLD_SIZE": "SLURM_NTASKS", "LOCAL_RANK": "SLURM_LOCALID"}
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+def export_rank_env(env: dict | None = None) -> None:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from SLURM's variables when srun started
+    the process and no other launcher set them; streaming and torch.distributed both read these names."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env:
         return
-    for ours, theirs in slurm.items():
-        if theirs in os.environ:
-            os.environ[ours] = os.environ[theirs]
-    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
     if per_node.isdigit():
-        os.environ["LOCAL_WORLD_SIZE"] = per_node
+        env["LOCAL_WORLD_SIZE"] = per_node
 
 
 def verify_shards(split_dir: Path) -> int:

@@ -202,7 +202,8 @@ def prepare(config, workers: int | None = None) -> Manifest:
     kind = "byte" if isinstance(tokenizer, ByteTokenizer) else config.tokenizer.kind
     start, total_tokens = time.perf_counter(), 0
     progress = _progress()
-    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (kind, tokenizer_path, dtype.name)) as pool:
+    # forkserver: workers come from a clean process, never forked from one that runs gloo/NCCL threads
+    with multiprocessing.get_context("forkserver").Pool(workers, _init_worker, (kind, tokenizer_path, dtype.name)) as pool:
         for batch, tokens_of_batch in _tokenized(pool, documents, window=2 * workers):
             # one seeded draw per document, in order: the same stream as drawing them one at a time
             to_val = split_rng.random(len(batch)) < config.data.val_fraction

@@ -25,6 +25,7 @@ from .lm import LanguageModel
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 OUR_CONFIG_KEY = "ssmforge_model"
+BYTE_TOKENIZER_KEY = "ssmforge_byte_tokenizer"
 
 
 def _read_json(path: Path) -> dict:
@@ -239,13 +240,16 @@ def cast_model(model: LanguageModel, dtype: torch.dtype | None) -> LanguageModel
 
 
 def save_pretrained(model: LanguageModel, out_dir: str | os.PathLike, token_ids: dict | None = None,
-                    extra_files: dict[str, Path] | None = None) -> Path:
+                    extra_files: dict[str, Path] | None = None, byte_tokenizer: bool = False) -> Path:
     """Write `model` as a transformers-loadable MambaForCausalLM directory, atomically.
 
-    extra_files maps names in the output directory to files copied in (a tokenizer, say).
+    extra_files maps names in the output directory to files copied in (a tokenizer, say);
+    byte_tokenizer records that the model reads UTF-8 bytes (a tokenizer with no file).
     """
     out = Path(out_dir)
     config = config_to_hf(model.config, token_ids)
+    if byte_tokenizer:
+        config[BYTE_TOKENIZER_KEY] = True
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

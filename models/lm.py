@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .registry import FAMILIES
@@ -66,6 +67,7 @@ class LanguageModel(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
+        self.checkpoint_blocks = False  # recompute each block's activations in backward (saves memory)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
@@ -76,7 +78,10 @@ class LanguageModel(nn.Module):
         for decoding to continue after the last position."""
         hidden = self.embedding(input_ids)
         for i, block in enumerate(self.layers):
-            hidden = block(hidden, None if state is None else state.layers[i])
+            if state is None and self.checkpoint_blocks and self.training:
+                hidden = checkpoint(block, hidden, use_reentrant=False)
+            else:
+                hidden = block(hidden, None if state is None else state.layers[i])
         if state is not None:
             state.seqlen += input_ids.shape[1]
         return self._logits(hidden)
@@ -96,3 +101,8 @@ class LanguageModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def forward_flops_per_token(self) -> int:
+        """Forward FLOPs per token: every block's mixer plus the LM head (training costs about 3x)."""
+        head = 2 * self.config.d_model * self.config.padded_vocab_size
+        return head + sum(block.mixer.forward_flops_per_token() for block in self.layers)

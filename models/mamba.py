@@ -80,6 +80,20 @@ class MambaMixer(nn.Module):
             raise ConfigError(f"{prefix}.dt_rank={config.resolved_dt_rank} is invalid: must be <= "
                               f"expand * d_model ({config.d_inner})")
 
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters of child modules that forward reads directly (not through the child's forward):
+        ZeRO-3 must gather them together with this module."""
+        params = [self.conv1d.weight, self.dt_proj.weight, self.dt_proj.bias]
+        return params + ([self.conv1d.bias] if self.conv1d.bias is not None else [])
+
+    def forward_flops_per_token(self) -> int:
+        """Forward FLOPs per token: the four projections, the conv, and the scan (about 9 per state
+        element: discretise A and B, update the state, contract with C)."""
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        d_model = self.in_proj.in_features
+        matmuls = d_model * 2 * d + d * (r + 2 * n) + r * d + d * d_model
+        return 2 * matmuls + 2 * d * self.d_conv + 9 * d * n
+
     def _ssm_inputs(self, x: torch.Tensor):
         """x (..., d_inner) after the conv -> dt (..., d_inner) before bias/softplus, B, C (..., d_state)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -93,7 +107,7 @@ class MambaMixer(nn.Module):
             tail = x[..., -self.d_conv:]
             state.conv.zero_()
             state.conv[..., self.d_conv - tail.shape[-1]:] = tail
-        x = kernels.causal_conv1d_ref(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         y = kernels.selective_scan(

@@ -112,12 +112,34 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .config import load_config
+    from .trainer import TrainingError, train
+
+    config = load_config(args.config, args.overrides)
+    try:
+        return train(config)
+    except TrainingError as e:
+        print(f"ssmforge: training stopped: {e}", file=sys.stderr)
+        return 3
+
+
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    out = export_run(args.run_dir, args.out, tag=args.tag)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssmforge",
         description="Pretrain, convert, evaluate and sample state space language models.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # the deepspeed launcher passes --local_rank; ranks are read from the environment (pretrain.launch)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     gen = sub.add_parser("generate", help="sample text from a model folder or a freshly initialised model")
@@ -137,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("config", help="run config (YAML)")
     prep.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     prep.set_defaults(handler=cmd_prepare)
+
+    pre = sub.add_parser("pretrain", help="train a model on prepared shards (resumes from the latest checkpoint)")
+    pre.add_argument("config", help="run config (YAML)")
+    pre.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    pre.set_defaults(handler=cmd_pretrain)
+
+    exp = sub.add_parser("export", help="consolidate a run's checkpoint into one model folder (HF format for Mamba)")
+    exp.add_argument("run_dir", help="the run folder (holds checkpoints/)")
+    exp.add_argument("out", help="output model folder")
+    exp.add_argument("--tag", help="checkpoint to export (default: latest)")
+    exp.set_defaults(handler=cmd_export)
 
     conv = sub.add_parser("convert", help="convert model folders to and from Hugging Face's Mamba format")
     conv.add_argument("source", nargs="?", help="model folder to export (with --to-hf)")

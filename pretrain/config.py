@@ -101,6 +101,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     activation_checkpointing: bool = False
+    nonfinite_loss: str = "stop"  # stop (name the step and the last good checkpoint) | skip (drop that batch)
+    eval_batches: int = 0  # validation batches per rank per evaluation; 0: the whole validation split
+    stop_at_step: int | None = None  # checkpoint and exit with the requeue code at this step (chunked jobs)
     log_every: int = 10
     eval_every: int = 200
     save_every: int = 200
@@ -120,6 +123,10 @@ class TrainConfig:
         _need(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
         _need(self.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision", self.precision,
               "one of auto, bf16, fp16, fp32")
+        _need(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", self.nonfinite_loss, "one of stop, skip")
+        _need(self.eval_batches >= 0, "train.eval_batches", self.eval_batches, "must be >= 0")
+        _need(self.stop_at_step is None or self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step,
+              "must be a positive integer or null")
 
 
 @dataclass

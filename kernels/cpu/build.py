@@ -22,7 +22,10 @@ from .scan_source import C_SOURCE
 
 log = logging.getLogger(__name__)
 
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11"]
+# Linking is a separate step without -ffast-math: linked with it, gcc adds crtfastmath.o, whose
+# constructor turns on flush-to-zero for the whole process when the library loads.
+LINK_FLAGS = ["-shared", "-fopenmp"]
 
 
 class ScanArgs(ctypes.Structure):
@@ -63,15 +66,17 @@ def _compile(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "scan.c"
         src.write_text(C_SOURCE)
-        built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(src), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
+        obj, built = Path(tmp) / "scan.o", Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, "-c", str(src), "-o", str(obj)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *LINK_FLAGS, str(obj), "-o", str(built), "-lm"], check=True, capture_output=True,
+                       text=True)
         os.replace(built, target)  # atomic: concurrent ranks never load a half-written file
 
 
 @functools.lru_cache(maxsize=None)
 def load_library() -> ctypes.CDLL | None:
     """The compiled scan library, or None (with a warning) when it cannot be built here."""
-    key = hashlib.sha256("\n".join([C_SOURCE, *FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([C_SOURCE, *FLAGS, *LINK_FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_scan_{key}.so"
     try:
         if not target.exists():

@@ -1,0 +1,117 @@
+"""The DeepSpeed engine built from the run config: ZeRO stage, offload, accumulation, clipping, AdamW
+with the usual no-decay groups, warmup + cosine schedule, and the precision policy.
+
+Precision: parameters stay float32 and the forward runs under torch.autocast (bf16/fp16) on GPUs, the
+mixed-precision recipe the Mamba authors trained with. So A_log, D and the dt bias, which the mixers
+read with `.float()`, are float32 in every forward whatever the precision. On CPUs `auto` is fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+
+from models.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of a run (float32 means no autocast)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: off for biases, norms, embeddings, A_log and D (parameters marked
+    `_no_weight_decay`, or of fewer than 2 dimensions)."""
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():
+        if id(param) in seen or not param.requires_grad:
+            continue  # a tied weight appears once
+        seen.add(id(param))
+        if param.ndim < 2 or getattr(param, "_no_weight_decay", False):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(train) -> callable:
+    """Multiplier of train.lr at optimizer step s: linear warmup over warmup_steps, then cosine decay to
+    min_lr_ratio at max_steps."""
+    warmup, total, floor = train.warmup_steps, train.max_steps, train.min_lr_ratio
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def deepspeed_config(config, world_size: int) -> dict:
+    train, ds = config.train, config.deepspeed
+    zero = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        if ds.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # our torch AdamW also when the optimizer state is offloaded
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def register_external_parameters(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters around its forward; mixers that read child modules'
+    weights directly list them in `external_parameters()` so they are gathered too."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for module in model.modules():
+        for param in getattr(module, "external_parameters", lambda: [])():
+            register_external_parameter(module, param)
+
+
+def build_engine(model: torch.nn.Module, config, world_size: int):
+    """(engine, optimizer, scheduler) from deepspeed.initialize."""
+    import deepspeed
+
+    train = config.train
+    model.checkpoint_blocks = train.activation_checkpointing
+    if config.deepspeed.zero_stage == 3:
+        register_external_parameters(model)
+    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.betas),
+                                  eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size))
+    return engine, optimizer, scheduler
+
+
+def unclipped_grad_norm(engine) -> float | None:
+    """The global gradient norm before clipping, for ZeRO-0 (call after the step's last backward, before
+    engine.step()); DeepSpeed reports it itself for ZeRO 1-3 through get_global_grad_norm()."""
+    if engine.zero_optimization_stage() != 0:
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0

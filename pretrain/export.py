@@ -1,0 +1,63 @@
+"""`ssmforge export RUN_DIR OUT`: a checkpoint of any ZeRO stage -> one model folder
+(config.json + model.safetensors, Hugging Face's format for Mamba) that models.load_pretrained reads,
+with the run's tokenizer copied beside it."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from data_pipeline.loader import open_manifest
+from data_pipeline.pack import is_remote
+from models import LanguageModel, save_pretrained
+from models.errors import CheckpointError
+
+from .checkpoint import latest_tag
+from .config import load_config
+
+log = logging.getLogger(__name__)
+
+
+def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of one checkpoint, gathered from ZeRO partitions where there are any."""
+    folder = checkpoint_dir / tag
+    if any(folder.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    path = folder / "mp_rank_00_model_states.pt"
+    if not path.exists():
+        raise CheckpointError(f"{folder}: no model states (expected mp_rank_00_model_states.pt or ZeRO files)")
+    return torch.load(path, map_location="cpu", weights_only=True)["module"]
+
+
+def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
+    run_dir = Path(run_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    config_path = run_dir / "config.yaml"
+    if not config_path.exists():
+        raise CheckpointError(f"{config_path}: not found; {run_dir} is not a run folder")
+    tag = tag or latest_tag(checkpoint_dir)
+    if tag is None or not (checkpoint_dir / tag).is_dir():
+        raise CheckpointError(f"{checkpoint_dir}: no checkpoint{f' named {tag}' if tag else ''} to export")
+    config = load_config(config_path)
+    model = LanguageModel(config.model)
+    state = consolidated_state_dict(checkpoint_dir, tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (config.model.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{checkpoint_dir / tag}: weights do not match {config_path} (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    extra, token_ids, byte_tokenizer = {}, None, False
+    if not is_remote(config.data.shard_dir):
+        manifest = open_manifest(config.data.shard_dir, config.data.cache_dir)
+        tok = manifest.tokenizer
+        byte_tokenizer = tok["kind"] == "byte"
+        token_ids = {f"{name}_token_id": tok[f"{name}_id"] for name in ("pad", "bos", "eos")
+                     if tok.get(f"{name}_id") is not None and tok[f"{name}_id"] >= 0}
+        if tok.get("file"):
+            extra["tokenizer.model" if tok["kind"] == "sentencepiece" else "tokenizer.json"] = \
+                Path(config.data.shard_dir) / tok["file"]
+    log.info("exporting %s/%s to %s", checkpoint_dir, tag, out)
+    return save_pretrained(model, out, token_ids=token_ids, extra_files=extra, byte_tokenizer=byte_tokenizer)

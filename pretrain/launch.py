@@ -1,0 +1,128 @@
+"""Distributed set-up from whichever launcher started the process: torchrun / the deepspeed launcher
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or srun (SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_JOB_ID). A single process with none of them is rank 0 of 1.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from data_pipeline.loader import export_rank_env
+from models.errors import ConfigError
+
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a dead rank ends the others instead of hanging forever
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int(env: dict, name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[003-005,007],cpu01' -> 'gpu003' (scontrol when present)."""
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               timeout=30, check=True).stdout.split()
+        if hosts:
+            return hosts[0]
+    except (OSError, subprocess.SubprocessError):
+        pass  # no scontrol on this host: read the first entry ourselves
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not match:
+        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} is not a node list")
+    prefix, ranges = match.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def world_from_env(env: dict | None = None) -> World:
+    """Read the rank variables (exporting them from SLURM's under srun); raise ConfigError when they
+    disagree. A process with none of them is rank 0 of 1."""
+    env = os.environ if env is None else env
+    from_slurm = "RANK" not in env and "SLURM_PROCID" in env
+    export_rank_env(env)
+    if from_slurm:
+        if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
+            env["MASTER_ADDR"] = first_host(env["SLURM_JOB_NODELIST"])
+        if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
+            env["MASTER_PORT"] = str(20000 + _int(env, "SLURM_JOB_ID") % 20000)
+    if "RANK" not in env:
+        return World(0, 1, 0, 1)
+    rank = _int(env, "RANK")
+    world_size = _int(env, "WORLD_SIZE") if "WORLD_SIZE" in env else -1
+    local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
+    local_world_size = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world_size
+    if world_size < 1:
+        raise ConfigError("RANK is set but WORLD_SIZE is missing or < 1: start with torchrun, deepspeed or srun")
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+    if not 0 <= local_rank < local_world_size <= world_size:
+        raise ConfigError(f"LOCAL_RANK={local_rank} / LOCAL_WORLD_SIZE={local_world_size} disagree with "
+                          f"WORLD_SIZE={world_size}")
+    if env.get("SLURM_NTASKS") == env["WORLD_SIZE"] and env.get("SLURM_PROCID", env["RANK"]) != env["RANK"]:
+        raise ConfigError(f"RANK={rank} disagrees with SLURM_PROCID={env['SLURM_PROCID']} in the same world")
+    if world_size > 1:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in env:
+                raise ConfigError(f"{name} is not set for a {world_size}-rank run")
+    env.setdefault("LOCAL_WORLD_SIZE", str(local_world_size))
+    return World(rank, world_size, local_rank, local_world_size)
+
+
+def device_for(world: World) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> tuple[World, torch.device]:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) through DeepSpeed. A single process with no
+    launcher becomes a group of one on a free loopback port, since DeepSpeed always needs a group."""
+    world = world_from_env()
+    device = device_for(world)
+    if not world.distributed:
+        for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1"),
+                            ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(name, value)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if not torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   timeout=COLLECTIVE_TIMEOUT, verbose=False)
+    return world, device
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,39 @@
+"""Graceful stop: SIGUSR1 (SLURM's warning before the time limit) or SIGTERM on any rank sets a flag;
+the ranks agree on it at the next step boundary (an all-reduce), save together and exit with
+REQUEUE_EXIT_CODE, which the job script turns into a requeue."""
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StopRequest:
+    """Installed once per process; `agreed()` is collective and must be called by every rank."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+
+    def close(self) -> None:
+        """Give the signals back to the handlers that were there before."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            log.warning("received %s: will checkpoint and stop at the next step boundary", signal.Signals(signum).name)
+        self.signum = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank has been signalled."""
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())

@@ -1,0 +1,219 @@
+"""The pretraining loop. The distributed machinery lives behind small functions in launch, engine,
+checkpoint, signals and metrics; what is left here reads top to bottom."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.loader import build_loader, open_manifest
+from data_pipeline.pack import is_remote, prepare
+from models import LanguageModel
+from models.errors import ConfigError, SsmforgeError
+
+from . import checkpoint
+from .config import to_yaml
+from .engine import autocast, build_engine, resolve_precision, unclipped_grad_norm
+from .launch import World, init_distributed, shutdown
+from .metrics import MetricsLogger, mfu, peak_flops, peak_memory_bytes
+from .signals import REQUEUE_EXIT_CODE, StopRequest
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(SsmforgeError):
+    """Training cannot go on (a non-finite loss under nonfinite_loss=stop)."""
+
+
+def _all_reduce(values: list[float], device: torch.device, op=None) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def ensure_prepared(config, world: World):
+    """Prepare the shards on rank 0 when a local shard folder has none yet; every rank reads the manifest."""
+    if world.is_main and not is_remote(config.data.shard_dir):
+        prepare(config)
+    _barrier()
+    manifest = open_manifest(config.data.shard_dir, config.data.cache_dir)
+    manifest.check_model_vocab(config.model.vocab_size)
+    if manifest.seq_len != config.data.seq_len:
+        raise ConfigError(f"data.seq_len={config.data.seq_len} but the shards in {config.data.shard_dir} were "
+                          f"prepared with seq_len {manifest.seq_len}")
+    return manifest
+
+
+def endless(loader):
+    """Batches across epochs; streaming starts each epoch's shuffle from the seed and the epoch number."""
+    while True:
+        yield from loader
+
+
+def lm_loss(engine, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype, reduction="mean"):
+    """Next-token cross-entropy of tokens (batch, seq_len + 1), computed in fp32."""
+    tokens = tokens.to(device, non_blocking=True)
+    with autocast(device, dtype):
+        logits = engine(tokens[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(engine, loader, device, dtype, max_batches: int) -> float | None:
+    """Mean validation loss per token over the split (or max_batches per rank), reduced over ranks."""
+    engine.eval()
+    total, count = 0.0, 0
+    for i, tokens in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        total += lm_loss(engine, tokens, device, dtype, reduction="sum").item()
+        count += tokens[:, 1:].numel()
+    engine.train()
+    total, count = _all_reduce([total, count], device)
+    return total / count if count else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(config) -> int:
+    """Train until train.max_steps (resuming from the latest checkpoint); return the exit code:
+    0 when done, REQUEUE_EXIT_CODE after a signalled stop."""
+    world, device = init_distributed()
+    stop = StopRequest()
+    try:
+        return _train(config, world, device, stop)
+    finally:
+        stop.close()
+        shutdown()
+
+
+def _train(config, world: World, device: torch.device, stop: StopRequest) -> int:
+    train_cfg = config.train
+    run_dir = Path(config.run_dir)
+    manifest = ensure_prepared(config, world)
+    seed_everything(config.seed)
+    model = LanguageModel(config.model).to(device)
+    engine, _, scheduler = build_engine(model, config, world.world_size)
+    checkpoints = run_dir / "checkpoints"
+    state = checkpoint.load(engine, checkpoints, world.rank) or checkpoint.TrainerState()
+    state.config_yaml = to_yaml(config)
+    if world.is_main:
+        (run_dir / "config.yaml").write_text(state.config_yaml)
+
+    shard_dir, cache_dir = config.data.shard_dir, config.data.cache_dir
+    train_loader = build_loader(shard_dir, "train", train_cfg.micro_batch_size, config.seed, cache_dir,
+                                config.data.num_workers)
+    if state.loader:
+        train_loader.load_state_dict(state.loader)
+    val_loader = None
+    if manifest.splits["val"].samples >= train_cfg.micro_batch_size * world.world_size:
+        val_loader = build_loader(shard_dir, "val", train_cfg.micro_batch_size, config.seed, cache_dir, 0,
+                                  shuffle=False)
+    else:
+        log.warning("validation split has too few samples for one batch per rank: no validation loss")
+
+    metrics = MetricsLogger(run_dir, config.wandb, {"config": state.config_yaml}, world.is_main,
+                            state.wandb_run_id, train_cfg.max_steps)
+    state.wandb_run_id = metrics.wandb_run_id
+    dtype = resolve_precision(train_cfg.precision, device)
+    train_flops_per_token = 3 * model.forward_flops_per_token()
+    peak, peak_source = peak_flops(device, dtype)
+    tokens_per_step = train_cfg.micro_batch_size * train_cfg.grad_accum_steps * world.world_size * manifest.seq_len
+    floor = manifest.splits["val"].entropy_floor_nats_per_token
+    log.info("training %s: %.2fM parameters, %d steps of %d tokens, %s, ZeRO-%d, peak %.3g FLOP/s (%s)",
+             config.model.family, model.num_parameters() / 1e6, train_cfg.max_steps, tokens_per_step,
+             dtype, config.deepspeed.zero_stage, peak, peak_source)
+
+    def save() -> None:
+        state.loader = train_loader.state_dict()
+        checkpoint.save(engine, checkpoints, state, world.rank, train_cfg.keep_checkpoints)
+
+    def validate() -> float | None:
+        if val_loader is None:
+            return None
+        loss = evaluate(engine, val_loader, device, dtype, train_cfg.eval_batches)
+        metrics.log(state.step, {"loss": loss, "perplexity": float(np.exp(loss)),
+                                 **({"entropy_floor": floor} if floor is not None else {})}, kind="val")
+        return loss
+
+    batches = endless(train_loader)
+    window_start, window_tokens, val_loss = time.perf_counter(), 0, None
+    while state.step < train_cfg.max_steps:
+        losses, grad_norm = [], None
+        for micro in range(train_cfg.grad_accum_steps):
+            loss = lm_loss(engine, next(batches), device, dtype)
+            bad = _all_reduce([0.0 if torch.isfinite(loss) else 1.0], device, torch.distributed.ReduceOp.MAX)[0]
+            if bad:
+                if train_cfg.nonfinite_loss == "stop":
+                    last = checkpoint.latest_tag(checkpoints)
+                    raise TrainingError(f"non-finite loss at step {state.step + 1}; last good checkpoint: "
+                                        f"{checkpoints / last if last else 'none'} (train.nonfinite_loss=skip "
+                                        f"drops such batches instead)")
+                log.warning("non-finite loss at step %d: batch skipped", state.step + 1)
+                continue
+            engine.backward(loss)
+            if micro == train_cfg.grad_accum_steps - 1:
+                grad_norm = unclipped_grad_norm(engine)
+            engine.step()
+            losses.append(loss.item())
+        state.step += 1
+        state.tokens += tokens_per_step
+        window_tokens += tokens_per_step
+
+        if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / elapsed
+            loss_sum, loss_count = _all_reduce([sum(losses), len(losses)], device)
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
+            metrics.log(state.step, {
+                "loss": loss_sum / loss_count if loss_count else float("nan"), "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                "tokens": state.tokens, "tokens_per_s": tokens_per_s,
+                "mfu": mfu(tokens_per_s / world.world_size, train_flops_per_token, peak),
+                "peak_memory_gb": peak_memory_bytes(device) / 2**30})
+            window_start, window_tokens = time.perf_counter(), 0
+        if state.step % train_cfg.eval_every == 0:
+            val_loss = validate()
+        if stop.agreed(device) or state.step == train_cfg.stop_at_step:
+            save()
+            metrics.close()
+            log.info("stopped at step %d; exit code %d asks for a requeue", state.step, REQUEUE_EXIT_CODE)
+            return REQUEUE_EXIT_CODE
+        if state.step % train_cfg.save_every == 0:
+            save()
+
+    if state.step % train_cfg.eval_every != 0 or val_loss is None:
+        val_loss = validate()
+    if checkpoint.latest_tag(checkpoints) != checkpoint.tag_for(state.step):
+        save()
+    plot = metrics.close()
+    if world.is_main:
+        report(state, val_loss, floor, plot, checkpoints)
+    return 0
+
+
+def report(state, val_loss, floor, plot, checkpoints) -> None:
+    line = f"done: step {state.step}, {state.tokens:,} tokens"
+    if val_loss is not None:
+        line += f"; validation loss {val_loss:.4f} nats/token (perplexity {np.exp(val_loss):.3f})"
+        if floor is not None:
+            line += (f" vs entropy floor {floor:.4f} (perplexity {np.exp(floor):.3f}): "
+                     f"{val_loss - floor:.4f} nats above the best possible")
+    print(line)
+    print(f"checkpoint: {checkpoints / checkpoint.tag_for(state.step)}" + (f"; plot: {plot}" if plot else ""))

@@ -1,0 +1,44 @@
+"""Rank discovery from torchrun/deepspeed and srun environments, and its errors."""
+import pytest
+
+from models import ConfigError
+from pretrain.launch import World, first_host, world_from_env
+
+
+def test_no_launcher_is_one_process():
+    assert world_from_env({}) == World(0, 1, 0, 1)
+
+
+def test_torchrun_variables():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
+           "MASTER_PORT": "1"}
+    assert world_from_env(env) == World(3, 8, 1, 2)
+
+
+def test_srun_variables_become_torch_variables():
+    env = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8(x2)",
+           "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456"}
+    assert world_from_env(env) == World(9, 16, 1, 8)
+    assert env["RANK"] == "9" and env["WORLD_SIZE"] == "16" and env["LOCAL_RANK"] == "1"
+    assert env["MASTER_ADDR"] == "gpu007" and env["MASTER_PORT"] == str(20000 + 123456 % 20000)
+
+
+@pytest.mark.parametrize("nodelist, first", [("gpu[003-005,007],cpu01", "gpu003"), ("node1,node2", "node1"),
+                                             ("a[10,2]", "a10"), ("solo", "solo")])
+def test_first_host(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, r"RANK=2 is outside WORLD_SIZE=2"),
+    ({"RANK": "0"}, r"WORLD_SIZE is missing"),
+    ({"RANK": "x", "WORLD_SIZE": "2"}, r"RANK='x' is not an integer"),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h",
+      "MASTER_PORT": "1"}, r"LOCAL_RANK=3 / LOCAL_WORLD_SIZE=2 disagree"),
+    ({"RANK": "1", "WORLD_SIZE": "2"}, r"MASTER_ADDR is not set for a 2-rank run"),
+    ({"RANK": "1", "WORLD_SIZE": "4", "SLURM_PROCID": "2", "SLURM_NTASKS": "4", "MASTER_ADDR": "h",
+      "MASTER_PORT": "1"}, r"RANK=1 disagrees with SLURM_PROCID=2"),
+])
+def test_disagreeing_variables(env, message):
+    with pytest.raises(ConfigError, match=message):
+        world_from_env(env)

@@ -1,0 +1,149 @@
+"""Pretraining under DeepSpeed on CPU: exact resume across ZeRO stages and ranks, graceful stop,
+non-finite losses, export, and the precision policy."""
+import json
+import signal
+import time
+
+import pytest
+import torch
+
+from models import LanguageModel, ModelConfig, load_pretrained
+from pretrain.engine import autocast, lr_lambda, param_groups
+from pretrain.export import consolidated_state_dict
+from pretrain.config import TrainConfig
+
+from .conftest import pretrain_command, run_pretrain, start_ranks, train_losses
+
+STEPS = ("train.max_steps=8", "train.log_every=1", "train.warmup_steps=2", "train.eval_every=100",
+         "train.save_every=100")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, stage):
+    zero = f"deepspeed.zero_stage={stage}"
+    run_pretrain(tmp_path / "straight", *STEPS, zero, ranks=2)
+    run_pretrain(tmp_path / "resumed", *STEPS, zero, "train.stop_at_step=4", ranks=2, expect=75)
+    assert sorted(train_losses(tmp_path / "resumed")) == [1, 2, 3, 4]
+    run_pretrain(tmp_path / "resumed", *STEPS, zero, ranks=2)
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 9))
+    for step in straight:
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+    assert straight[8] < straight[1]
+    a = consolidated_state_dict(tmp_path / "straight" / "checkpoints", "step_00000008")
+    b = consolidated_state_dict(tmp_path / "resumed" / "checkpoints", "step_00000008")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_single_process_run_exports_a_loadable_model(tmp_path):
+    proc = run_pretrain(tmp_path, "train.max_steps=20", "train.log_every=5", "train.eval_every=10")
+    assert "validation loss" in proc.stdout and "entropy floor" in proc.stdout
+    losses = train_losses(tmp_path)
+    assert losses[20] < losses[5]
+    assert (tmp_path / "plots" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["tokens_per_s"] > 0
+    from pretrain.cli import main
+
+    assert main(["export", str(tmp_path), str(tmp_path / "export")]) == 0
+    model = load_pretrained(tmp_path / "export")
+    from data_pipeline.tokenizer import ByteTokenizer, find_tokenizer
+
+    assert isinstance(find_tokenizer(tmp_path / "export"), ByteTokenizer)  # the run's tokenizer travels along
+    state = consolidated_state_dict(tmp_path / "checkpoints", "step_00000020")
+    torch.testing.assert_close(model.state_dict()["layers.0.mixer.A_log"], state["layers.0.mixer.A_log"])
+    # running the finished command again resumes at the end and changes nothing
+    again = run_pretrain(tmp_path, "train.max_steps=20", "train.log_every=5", "train.eval_every=10")
+    assert "done: step 20" in again.stdout
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000010", "step_00000020"]
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_both_with_the_requeue_code(tmp_path):
+    procs = start_ranks(pretrain_command(tmp_path, "train.max_steps=100000", "train.log_every=1",
+                                         "train.save_every=100000", "train.eval_every=100000"), 2)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGUSR1)
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 75, out[-3000:] + err[-3000:]
+    latest = (tmp_path / "checkpoints" / "latest").read_text()
+    stopped_at = int(latest.split("_")[1])
+    assert stopped_at == max(train_losses(tmp_path))
+    state = json.loads((tmp_path / "checkpoints" / latest / "trainer_state.json").read_text())
+    assert state["step"] == stopped_at and state["loader"]["sample_in_epoch"] == stopped_at * 4 * 2
+
+
+def test_nonfinite_loss_stop_names_the_step(tmp_path, monkeypatch):
+    proc = run_pretrain(tmp_path, "train.max_steps=6", "train.save_every=2", "train.lr=1e30", "train.warmup_steps=0",
+                        expect=3)
+    assert "non-finite loss at step" in proc.stderr and "last good checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_fp32_ssm_parameters_under_bf16_autocast(tiny_config, monkeypatch):
+    import kernels
+
+    seen = {}
+    real = kernels.selective_scan
+
+    def spy(u, delta, A, B, C, D=None, z=None, delta_bias=None, **kwargs):
+        seen.update(u=u.dtype, A=A.dtype, D=D.dtype, delta_bias=delta_bias.dtype)
+        return real(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, **kwargs)
+
+    monkeypatch.setattr(kernels, "selective_scan", spy)
+    model = LanguageModel(tiny_config)
+    with autocast(torch.device("cpu"), torch.bfloat16):
+        model(torch.randint(0, 101, (2, 8))).sum().backward()
+    assert seen["u"] == torch.bfloat16  # autocast is really on for the projections
+    assert seen["A"] == seen["D"] == seen["delta_bias"] == torch.float32
+    mixer = model.layers[0].mixer
+    assert mixer.A_log.dtype == mixer.D.dtype == mixer.dt_proj.bias.dtype == torch.float32
+    assert mixer.A_log.grad.dtype == torch.float32
+
+
+def test_weight_decay_groups(tiny_config):
+    model = LanguageModel(tiny_config)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {"embedding.weight", "norm_f.weight", "layers.0.mixer.A_log", "layers.0.mixer.D",
+            "layers.0.mixer.dt_proj.bias", "layers.0.mixer.conv1d.bias", "layers.0.norm.weight"} <= no_decay_names
+    assert {"layers.0.mixer.in_proj.weight", "layers.0.mixer.out_proj.weight",
+            "layers.0.mixer.x_proj.weight"} <= decay_names
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied head once
+
+
+def test_warmup_then_cosine_to_the_floor():
+    f = lr_lambda(TrainConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert f(500) == pytest.approx(0.1)
+
+
+def test_nonfinite_loss_skip_goes_on_without_touching_the_weights(tmp_path):
+    proc = run_pretrain(tmp_path, "train.max_steps=3", "train.lr=1e30", "train.warmup_steps=0",
+                        "train.nonfinite_loss=skip", "train.log_every=1", "train.eval_every=100")
+    assert "batch skipped" in proc.stderr
+    losses = train_losses(tmp_path)
+    assert losses[1] == losses[1]  # the first step is finite, and its update makes the rest diverge
+    state = consolidated_state_dict(tmp_path / "checkpoints", "step_00000003")
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_offload_and_activation_checkpointing_do_not_change_the_numbers(tmp_path):
+    common = ("train.max_steps=4", "train.log_every=1", "train.grad_accum_steps=2", "deepspeed.zero_stage=2",
+              "train.eval_every=100")
+    run_pretrain(tmp_path / "plain", *common)
+    run_pretrain(tmp_path / "lean", *common, "deepspeed.offload_optimizer=true", "train.activation_checkpointing=true")
+    plain, lean = train_losses(tmp_path / "plain"), train_losses(tmp_path / "lean")
+    assert sorted(plain) == [1, 2, 3, 4]
+    for step in plain:
+        assert lean[step] == pytest.approx(plain[step], abs=1e-6)
