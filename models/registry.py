@@ -5,7 +5,9 @@ A family registers the class of its sequence mixer. The language model (`models.
 provide:
   - `__init__(config, layer_idx)` and `forward(hidden (batch, L, d_model), state=None)`;
   - `allocate_state(batch, device, dtype)` and `step(hidden (batch, d_model), state)` for O(1) decoding;
-  - a classmethod `validate(config, prefix)` raising ConfigError for impossible shapes.
+  - a classmethod `validate(config, prefix)` raising ConfigError for impossible shapes;
+  - `forward_flops_per_token()` (for MFU) and `external_parameters()`: child-module weights that
+    forward reads directly, which ZeRO-3 must gather with the mixer.
 """
 from __future__ import annotations
 
