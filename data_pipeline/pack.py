@@ -149,16 +149,23 @@ def _check_destination(out: str, local: Path, expected: str) -> Manifest | None:
 
 
 def _remote_manifest(out: str, local: Path) -> Manifest | None:
-    from streaming.base.storage import download_file
+    from streaming.base.storage import CloudDownloader
 
     target = local / f".{MANIFEST_FILE}.remote"
+    target.unlink(missing_ok=True)  # the downloader keeps an existing file
     try:
-        download_file(f"{out.rstrip('/')}/{MANIFEST_FILE}", str(target), timeout=60)
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # unreachable endpoint, credentials, unsupported scheme
+        CloudDownloader.direct_download(f"{out.rstrip('/')}/{MANIFEST_FILE}", str(target), timeout=60)
+    except Exception as e:  # unreachable endpoint, credentials, unsupported scheme, or simply no manifest yet
+        if _is_missing_object(e):
+            return None
         raise DataError(f"{out}: remote is not reachable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return Manifest.from_json(target.read_text(), f"{out}/{MANIFEST_FILE}")
+
+
+def _is_missing_object(error: Exception) -> bool:
+    """A remote that answered "no such object" (boto's ClientError 404, or FileNotFoundError)."""
+    code = getattr(error, "response", {}).get("Error", {}).get("Code")
+    return isinstance(error, FileNotFoundError) or code in ("404", "NoSuchKey")
 
 
 def prepare(config, workers: int | None = None) -> Manifest:
