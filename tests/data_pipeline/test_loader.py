@@ -108,12 +108,10 @@ def test_unprepared_folder(tmp_path):
         build_loader(str(tmp_path), "train", 4, 0, str(tmp_path / "cache"))
 
 
-def test_slurm_variables_become_rank_variables(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "16")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")
-    export_rank_env()
-    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")] == ["5", "16", "1", "8"]
+def test_slurm_variables_become_rank_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8(x2)"}
+    export_rank_env(env)
+    assert [env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")] == ["5", "16", "1", "8"]
+    launched = {"RANK": "2", "SLURM_PROCID": "5"}
+    export_rank_env(launched)  # a launcher's own variables win
+    assert launched == {"RANK": "2", "SLURM_PROCID": "5"}
