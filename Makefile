@@ -19,6 +19,7 @@ quickstart: $(INSTALLED)
 	$(VENV)/bin/ssmforge generate runs/quickstart/export --prompt "The" --max-new-tokens 120 --temperature 0.7
 
 test: $(INSTALLED)
+	-bash slurm/start_local_cluster.sh
 	$(PY) -m pytest -q
 
 clean:

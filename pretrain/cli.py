@@ -132,6 +132,29 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from .config import load_config
+    from .submit import SubmitOptions, format_status, run_status, submit
+
+    if args.status:
+        print(format_status([run_status(run) for run in args.status]))
+        return 0
+    if args.config is None:
+        raise SsmforgeError("submit needs CONFIG (or --status RUN_DIR)")
+    config = load_config(args.config, args.overrides)
+    options = SubmitOptions.from_config(
+        config.slurm, nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
+        qos=args.qos, signal_seconds_before_end=args.signal_seconds, max_requeues=args.max_requeues,
+        job_name=args.job_name)
+    result = submit(args.config, args.overrides, options, dry_run=args.dry_run)
+    if args.dry_run:
+        print(result, end="")
+    else:
+        print(f"submitted job {result}; follow it with: ssmforge submit --status {Path(config.run_dir).resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssmforge",
@@ -177,6 +200,27 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--from-hf", metavar="DIR", help="import a transformers MambaForCausalLM folder")
     conv.add_argument("--out", metavar="OUT", help="output folder for --from-hf")
     conv.set_defaults(handler=cmd_convert)
+
+    sbm = sub.add_parser("submit", help="submit a pretraining job to SLURM (requeues and resumes itself)")
+    sbm.add_argument("config", nargs="?", help="run config (YAML)")
+    sbm.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    sbm.add_argument("--nodes", type=int, help="default: slurm.nodes")
+    sbm.add_argument("--gpus-per-node", type=int,
+                     help="one task per GPU; 0 for a CPU job (default: slurm.gpus_per_node)")
+    sbm.add_argument("--tasks-per-node", type=int, help="tasks per node of a CPU job (--gpus-per-node 0)")
+    sbm.add_argument("--cpus-per-task", type=int, help="default: slurm.cpus_per_task")
+    sbm.add_argument("--time", help="time limit, HH:MM:SS or D-HH:MM:SS (default: slurm.time)")
+    sbm.add_argument("--partition")
+    sbm.add_argument("--account")
+    sbm.add_argument("--qos")
+    sbm.add_argument("--job-name", help="default: ssmforge-<run folder name>")
+    sbm.add_argument("--signal-seconds", type=int,
+                     help="USR1 this many seconds before the time limit (default: slurm.signal_seconds_before_end)")
+    sbm.add_argument("--max-requeues", type=int, help="default: slurm.max_requeues")
+    sbm.add_argument("--dry-run", action="store_true", help="print the job script instead of submitting it")
+    sbm.add_argument("--status", nargs="+", metavar="RUN_DIR",
+                     help="show job id, state, restarts, last step and checkpoint of run folders")
+    sbm.set_defaults(handler=cmd_submit)
     return parser
 
 

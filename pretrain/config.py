@@ -181,14 +181,20 @@ class SlurmConfig:
     qos: str | None = None
     time: str = "24:00:00"
     nodes: int = 1
-    gpus_per_node: int = 8
+    gpus_per_node: int = 8  # 0: a CPU job (no GPU request)
+    tasks_per_node: int | None = None  # default: one task per GPU (1 without GPUs)
     cpus_per_task: int = 8
     signal_seconds_before_end: int = 120
     max_requeues: int = 20
 
     def validate(self) -> None:
-        for key in ("nodes", "gpus_per_node", "cpus_per_task"):
+        for key in ("nodes", "cpus_per_task"):
             _need(getattr(self, key) >= 1, f"slurm.{key}", getattr(self, key), "must be a positive integer")
+        _need(self.gpus_per_node >= 0, "slurm.gpus_per_node", self.gpus_per_node, "must be >= 0 (0: a CPU job)")
+        _need(self.tasks_per_node is None or self.tasks_per_node >= 1, "slurm.tasks_per_node", self.tasks_per_node,
+              "must be a positive integer or null")
+        _need(self.gpus_per_node == 0 or self.tasks_per_node in (None, self.gpus_per_node), "slurm.tasks_per_node",
+              self.tasks_per_node, "must equal gpus_per_node (one task per GPU)")
         _need(self.signal_seconds_before_end >= 0, "slurm.signal_seconds_before_end",
               self.signal_seconds_before_end, "must be >= 0")
         _need(self.max_requeues >= 0, "slurm.max_requeues", self.max_requeues, "must be >= 0")

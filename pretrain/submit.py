@@ -1,0 +1,256 @@
+"""SLURM submission: render slurm/job.sbatch for a run, submit it with sbatch, and report on runs.
+
+At submit time the config (with its overrides) is resolved and frozen into `run_dir/slurm/config.yaml`
+and the job script into `run_dir/slurm/job-<n>.sbatch`; every later requeue of the job trains from that
+frozen config and resumes from `run_dir/checkpoints/latest`. Values that reach the script's shell body
+are quoted with shlex.quote; values that reach `#SBATCH` lines (which no shell reads) must be plain
+tokens, anything else is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.errors import ConfigError
+
+from .signals import REQUEUE_EXIT_CODE
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
+# what may appear in a #SBATCH line: sbatch splits these itself and no shell quoting applies
+_DIRECTIVE_VALUE = re.compile(r"^[A-Za-z0-9_.,:/@+=%-]+$")
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+@dataclass
+class SubmitOptions:
+    """The job's shape and limits: SlurmConfig's values, overridden by the command line."""
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0: a CPU job, no GPU request; tasks_per_node tasks per node
+    tasks_per_node: int | None = None  # default: one task per GPU (1 without GPUs)
+    cpus_per_task: int = 8
+    time: str = "24:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    signal_seconds_before_end: int = 120
+    max_requeues: int = 20
+    job_name: str | None = None
+
+    @classmethod
+    def from_config(cls, slurm, **overrides) -> "SubmitOptions":
+        values = dataclasses.asdict(slurm)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def ntasks_per_node(self) -> int:
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    def validate(self) -> None:
+        for key in ("nodes", "cpus_per_task", "ntasks_per_node"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-').replace('ntasks', 'tasks')}={getattr(self, key)} "
+                                  f"is invalid: must be a positive integer")
+        if self.gpus_per_node < 0:
+            raise ConfigError(f"--gpus-per-node={self.gpus_per_node} is invalid: must be >= 0 (0: a CPU job)")
+        if self.gpus_per_node > 0 and self.tasks_per_node not in (None, self.gpus_per_node):
+            raise ConfigError(f"--tasks-per-node={self.tasks_per_node} disagrees with --gpus-per-node="
+                              f"{self.gpus_per_node}: GPU jobs run one task per GPU")
+        if self.signal_seconds_before_end < 0 or self.signal_seconds_before_end > 65535:
+            raise ConfigError(f"--signal-seconds={self.signal_seconds_before_end} is invalid: must be in [0, 65535]")
+        if self.max_requeues < 0:
+            raise ConfigError(f"--max-requeues={self.max_requeues} is invalid: must be >= 0")
+        seconds = time_limit_seconds(self.time)
+        if self.signal_seconds_before_end >= seconds:
+            raise ConfigError(f"the signal {self.signal_seconds_before_end} s before the end does not fit in "
+                              f"--time={self.time}")
+        for key in ("partition", "account", "qos", "job_name"):
+            value = getattr(self, key)
+            if value is not None and not _DIRECTIVE_VALUE.match(value):
+                raise ConfigError(f"--{key.replace('_', '-')}={value!r} is invalid: only letters, digits and "
+                                  f"_ . , : / @ + = % - may go into an #SBATCH line")
+
+
+def time_limit_seconds(value: str) -> int:
+    """SLURM's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS -> seconds."""
+    match = _TIME.match(value.strip()) if isinstance(value, str) else None
+    if not match:
+        raise ConfigError(f"--time={value!r} is invalid: use MM, HH:MM:SS or D-HH:MM:SS (e.g. 24:00:00)")
+    days, a, b, c = match.groups()
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:  # D-HH[:MM[:SS]]
+        h, m, s = (parts + [0, 0])[:3]
+        seconds = int(days) * 86400 + h * 3600 + m * 60 + s
+    elif len(parts) == 1:
+        seconds = parts[0] * 60
+    elif len(parts) == 2:
+        seconds = parts[0] * 60 + parts[1]
+    else:
+        seconds = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if seconds <= 0:
+        raise ConfigError(f"--time={value!r} is invalid: must be longer than zero")
+    return seconds
+
+
+def _directive_path(path: Path, what: str) -> str:
+    text = str(path)
+    if not _DIRECTIVE_VALUE.match(text):
+        raise ConfigError(f"{what} {text!r} cannot go into an #SBATCH line (spaces or shell characters): "
+                          f"choose a run_dir of letters, digits and _ . / - only")
+    return text
+
+
+def fill(template: str, **values) -> str:
+    """Replace each @@name@@ of the template; a placeholder left without a value is a bug, so it raises."""
+    text = re.sub(r"@@(\w+)@@", lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0),
+                  template)
+    missing = re.findall(r"@@(\w+)@@", text)
+    if missing:
+        raise KeyError(f"{TEMPLATE}: no value for {', '.join(missing)}")
+    return text
+
+
+def render(run_dir: Path, config_path: Path, options: SubmitOptions, workdir: Path | None = None,
+           python: str | None = None) -> str:
+    """The job script for a run whose frozen config is config_path."""
+    options.validate()
+    run_dir, config_path = Path(run_dir).resolve(), Path(config_path).resolve()
+    workdir = Path(workdir or Path.cwd()).resolve()
+    job_name = options.job_name or f"ssmforge-{run_dir.name}"
+    if not _DIRECTIVE_VALUE.match(job_name):
+        job_name = "ssmforge-" + re.sub(r"[^A-Za-z0-9_.-]", "_", run_dir.name)
+    extra = []
+    if options.gpus_per_node > 0:
+        extra.append(f"#SBATCH --gpus-per-node={options.gpus_per_node}")
+    for key in ("partition", "account", "qos"):
+        if getattr(options, key):
+            extra.append(f"#SBATCH --{key}={getattr(options, key)}")
+    command = [python or sys.executable, "-m", "pretrain.cli", "pretrain"]
+    command_line = "COMMAND=(" + " ".join(shlex.quote(c) for c in command) + ' "$CONFIG")'
+    return fill(TEMPLATE.read_text(),
+        job_name=job_name, nodes=options.nodes, tasks_per_node=options.ntasks_per_node,
+        cpus_per_task=options.cpus_per_task, time=options.time.strip(),
+        log_dir=_directive_path(run_dir / "logs", "the log folder"),
+        signal_seconds=options.signal_seconds_before_end, requeue_code=REQUEUE_EXIT_CODE,
+        extra_directives="\n".join(extra), run_dir=shlex.quote(str(run_dir)), config=shlex.quote(str(config_path)),
+        workdir=shlex.quote(str(workdir)), max_requeues=options.max_requeues, command_line=command_line)
+
+
+def prepare_job(config_path: str, overrides: list[str], options: SubmitOptions) -> tuple[Path, Path, str]:
+    """Resolve the config (run_dir made absolute), freeze it into run_dir/slurm/config.yaml and render the
+    script. Returns (run_dir, frozen config path, script text). Writes nothing but the frozen config."""
+    from .config import load_config, to_yaml
+
+    config = load_config(config_path, overrides)
+    run_dir = Path(config.run_dir).resolve()
+    # interpolations such as data.shard_dir: ${run_dir}/data follow the absolute run_dir
+    config = load_config(config_path, [*overrides, f"run_dir={run_dir}"])
+    frozen = run_dir / "slurm" / "config.yaml"
+    script = render(run_dir, frozen, options)
+    frozen.parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    frozen.write_text(to_yaml(config))
+    return run_dir, frozen, script
+
+
+def submit(config_path: str, overrides: list[str], options: SubmitOptions, dry_run: bool = False) -> str:
+    """Render and submit (or, with dry_run, only render) the job; return the script (dry run) or job id."""
+    if dry_run:
+        from .config import load_config
+
+        config = load_config(config_path, overrides)
+        run_dir = Path(config.run_dir).resolve()
+        return render(run_dir, run_dir / "slurm" / "config.yaml", options)
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise ConfigError("sbatch not found on PATH: submit from a SLURM login node, or use --dry-run to print "
+                          "the job script")
+    run_dir, frozen, script = prepare_job(config_path, overrides, options)
+    jobs_dir = run_dir / "slurm"
+    n = len(list(jobs_dir.glob("job-*.sbatch"))) + 1
+    script_path = jobs_dir / f"job-{n}.sbatch"
+    script_path.write_text(script)
+    proc = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True,
+                          cwd=Path.cwd())
+    if proc.returncode != 0:
+        message = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[-1]
+        raise ConfigError(f"sbatch refused the job: {message}")
+    job_id = proc.stdout.strip().split(";")[0]
+    with open(jobs_dir / "jobs.jsonl", "a") as f:
+        f.write(json.dumps({"job_id": job_id, "script": str(script_path), "submitted": time.time()}) + "\n")
+    return job_id
+
+
+@dataclass
+class RunStatus:
+    run_dir: Path
+    job_id: str | None
+    state: str
+    restarts: int | None
+    last_step: int | None
+    last_checkpoint: str | None
+
+
+def _job_state(job_id: str) -> tuple[str, int | None]:
+    """(state, restarts) from scontrol, then sacct; ('UNKNOWN', None) when SLURM no longer knows the job."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                             timeout=30).stdout
+        fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+        if "JobState" in fields:
+            return fields["JobState"], int(fields.get("Restarts", "0"))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    try:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                             text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0], None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "UNKNOWN", None
+
+
+def run_status(run_dir: str | Path) -> RunStatus:
+    """Job id, SLURM state, requeue count, last logged step and last checkpoint of a run folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such run folder")
+    jobs = run_dir / "slurm" / "jobs.jsonl"
+    job_id = None
+    if jobs.is_file():
+        lines = [json.loads(line) for line in jobs.read_text().splitlines() if line.strip()]
+        job_id = lines[-1]["job_id"] if lines else None
+    state, restarts = _job_state(job_id) if job_id else ("NOT SUBMITTED", None)
+    last_step = None
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if record.get("kind") == "train":
+                last_step = record.get("step")
+    latest = run_dir / "checkpoints" / "latest"
+    last_checkpoint = latest.read_text().strip() if latest.is_file() else None
+    return RunStatus(run_dir, job_id, state, restarts, last_step, last_checkpoint)
+
+
+def format_status(statuses: list[RunStatus]) -> str:
+    rows = [("RUN", "JOB", "STATE", "RESTARTS", "STEP", "CHECKPOINT")]
+    for s in statuses:
+        rows.append((str(s.run_dir), s.job_id or "-", s.state, "-" if s.restarts is None else str(s.restarts),
+                     "-" if s.last_step is None else str(s.last_step), s.last_checkpoint or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

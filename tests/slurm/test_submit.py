@@ -1,0 +1,206 @@
+"""The rendered job script, run under stand-ins for srun and scontrol: ranks of a 2-node x 8-GPU job,
+requeue on the requeue code only and within the limit, quoting of hostile values, CLI errors, status."""
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from models.errors import ConfigError
+from pretrain.cli import main
+from pretrain.launch import world_from_env
+from pretrain.submit import SubmitOptions, render, run_status, time_limit_seconds
+
+from .conftest import ROOT, TINY
+
+# srun's stand-in: starts nodes x tasks-per-node copies of the command with the variables srun sets
+FAKE_SRUN = r"""#!/usr/bin/env python3
+import os, subprocess, sys
+args = sys.argv[1:]
+opts = {}
+while args and args[0].startswith("--"):
+    key, _, value = args.pop(0)[2:].partition("=")
+    opts[key] = value
+nodes, per_node = int(opts["nodes"]), int(opts["ntasks-per-node"])
+assert int(opts["ntasks"]) == nodes * per_node, opts
+procs = []
+for node in range(nodes):
+    for local in range(per_node):
+        env = dict(os.environ, SLURM_PROCID=str(node * per_node + local), SLURM_LOCALID=str(local),
+                   SLURM_NODEID=str(node), SLURM_NTASKS=str(nodes * per_node), SLURM_STEP_ID="0")
+        procs.append(subprocess.Popen(args, env=env))
+sys.exit(max(p.wait() for p in procs))
+"""
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_LOG/scontrol.calls"
+if [ "$1 $2" = "show hostnames" ]; then echo node01; echo node02; exit 0; fi
+exit 0
+"""
+# the training command's stand-in: records the rank variables it sees, exits with $FAKE_EXIT
+FAKE_PYTHON = r"""#!/usr/bin/env python3
+import json, os, sys
+keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+        "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+with open(os.path.join(os.environ["FAKE_LOG"], "ranks.jsonl"), "a") as f:
+    f.write(json.dumps({**{k: os.environ.get(k) for k in keys}, "argv": sys.argv[1:], "cwd": os.getcwd()}) + "\n")
+sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
+"""
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """PATH with stand-ins for srun and scontrol; returns run(script, **env) -> (returncode, ranks, scontrol calls)."""
+    bin_dir = tmp_path / "fakebin"
+    _executable(bin_dir / "srun", FAKE_SRUN)
+    _executable(bin_dir / "scontrol", FAKE_SCONTROL)
+    log = tmp_path / "fakelog"
+    log.mkdir()
+
+    def run(script: str, **env):
+        path = tmp_path / "job.sbatch"
+        path.write_text(script)
+        base = {k: v for k, v in os.environ.items()
+                if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
+        base.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), SLURM_JOB_ID="4242",
+                    SLURM_JOB_NODELIST="node[01-02]", SLURM_JOB_NUM_NODES="2", SLURM_CPUS_PER_TASK="8")
+        base.update({k: str(v) for k, v in env.items()})
+        proc = subprocess.run(["bash", str(path)], env=base, capture_output=True, text=True, timeout=60)
+        ranks_file, calls_file = log / "ranks.jsonl", log / "scontrol.calls"
+        ranks = [json.loads(line) for line in ranks_file.read_text().splitlines()] if ranks_file.exists() else []
+        calls = calls_file.read_text().splitlines() if calls_file.exists() else []
+        for f in (ranks_file, calls_file):
+            f.unlink(missing_ok=True)
+        return proc, ranks, calls
+
+    return run
+
+
+def _script(tmp_path, python: Path, **options) -> str:
+    options = {"nodes": 2, "gpus_per_node": 8, "cpus_per_task": 8, "time": "1-00:00:00", **options}
+    run_dir = tmp_path / "run"
+    return render(run_dir, run_dir / "slurm" / "config.yaml", SubmitOptions(**options), workdir=tmp_path,
+                  python=str(python))
+
+
+def test_two_nodes_of_eight_gpus_start_sixteen_ranks(tmp_path, fake_slurm):
+    python = _executable(tmp_path / "py" / "python", FAKE_PYTHON)
+    script = _script(tmp_path, python, partition="gpu", account="proj1", qos="high")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --requeue", "#SBATCH --signal=USR1@120", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=proj1", "#SBATCH --qos=high", "#SBATCH --time=1-00:00:00",
+                 f"#SBATCH --output={tmp_path / 'run' / 'logs'}/%x-%j.out"):
+        assert line in script.splitlines(), line
+    proc, ranks, calls = fake_slurm(script)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(int(r["RANK"]) for r in ranks) == list(range(16))
+    for r in ranks:
+        rank = int(r["RANK"])
+        assert (int(r["LOCAL_RANK"]), int(r["NODE_RANK"])) == (rank % 8, rank // 8)
+        assert r["WORLD_SIZE"] == "16" and r["LOCAL_WORLD_SIZE"] == "8"
+        assert r["MASTER_ADDR"] == "node01" and r["MASTER_PORT"] == str(20000 + 4242 % 20000)
+        assert r["argv"] == ["-m", "pretrain.cli", "pretrain", str(tmp_path / "run" / "slurm" / "config.yaml")]
+        assert r["cwd"] == str(tmp_path)
+        world = world_from_env({k: v for k, v in r.items() if v is not None and k != "argv" and k != "cwd"})
+        assert (world.rank, world.world_size, world.local_rank, world.local_world_size) == (rank, 16, rank % 8, 8)
+    assert not any(c.startswith("requeue") for c in calls)  # finished: no requeue
+
+
+def test_requeue_code_requeues_and_other_failures_do_not(tmp_path, fake_slurm):
+    python = _executable(tmp_path / "py" / "python", FAKE_PYTHON)
+    script = _script(tmp_path, python, nodes=1, gpus_per_node=0, tasks_per_node=2, max_requeues=3)
+    assert "--gpus-per-node" not in script and "#SBATCH --ntasks-per-node=2" in script.splitlines()
+    env = {"SLURM_JOB_NUM_NODES": 1, "SLURM_JOB_NODELIST": "node01"}
+
+    proc, ranks, calls = fake_slurm(script, FAKE_EXIT=75, SLURM_RESTART_COUNT=1, **env)
+    assert proc.returncode == 0 and len(ranks) == 2
+    assert "requeue 4242" in calls
+
+    proc, ranks, calls = fake_slurm(script, FAKE_EXIT=1, **env)  # a crash is not retried
+    assert proc.returncode == 1 and len(ranks) == 2 and not any(c.startswith("requeue") for c in calls)
+
+    proc, ranks, calls = fake_slurm(script, FAKE_EXIT=75, SLURM_RESTART_COUNT=3, **env)  # limit reached
+    assert proc.returncode == 75 and not any(c.startswith("requeue") for c in calls)
+    assert "limit of 3 requeues is reached" in proc.stderr
+
+    proc, ranks, calls = fake_slurm(script, SLURM_RESTART_COUNT=4, **env)  # requeued past it (node failures)
+    assert proc.returncode == 1 and ranks == [] and "giving up" in proc.stderr
+
+
+def test_hostile_paths_are_quoted_and_hostile_directives_refused(tmp_path, fake_slurm):
+    evil = tmp_path / "x $(touch PWNED1) `touch PWNED2`; touch PWNED3 'q\" y"
+    python = _executable(evil / "python", FAKE_PYTHON)
+    workdir = evil / "work"
+    workdir.mkdir()
+    run_dir = tmp_path / "run"
+    script = render(run_dir, run_dir / "slurm" / "config.yaml",
+                    SubmitOptions(nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1, time="10:00"),
+                    workdir=workdir, python=str(python))
+    proc, ranks, _ = fake_slurm(script, SLURM_JOB_NUM_NODES=1, SLURM_JOB_NODELIST="node01")
+    assert proc.returncode == 0, proc.stderr
+    assert len(ranks) == 1 and ranks[0]["cwd"] == str(workdir)
+    assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
+    for bad in ({"job_name": "x\n#SBATCH --wrap=rm"}, {"partition": "gpu;rm -rf /"}, {"account": "a b"},
+                {"qos": "$(id)"}):
+        with pytest.raises(ConfigError, match="#SBATCH line"):
+            render(run_dir, run_dir / "c.yaml", SubmitOptions(time="10:00", **bad))
+    with pytest.raises(ConfigError, match="cannot go into an #SBATCH line"):
+        render(tmp_path / "a b", tmp_path / "c.yaml", SubmitOptions(time="10:00"))
+
+
+@pytest.mark.parametrize("value, seconds", [("30", 1800), ("10:30", 630), ("24:00:00", 86400), ("2-00", 172800),
+                                            ("1-02:03:04", 93784)])
+def test_time_limits(value, seconds):
+    assert time_limit_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "1h", "1:2:3:4", "0", "-5", "10:00; rm"])
+def test_bad_time_limits_are_one_line_errors(value):
+    with pytest.raises(ConfigError, match="--time"):
+        time_limit_seconds(value)
+
+
+def test_cli_dry_run_and_errors(tmp_path, capsys, monkeypatch):
+    config = str(ROOT / "configs" / "tiny.yaml")
+    assert main(["submit", config, f"run_dir={tmp_path / 'r'}", *TINY, "--nodes", "2", "--gpus-per-node", "8",
+                 "--time", "2:00:00", "--signal-seconds", "300", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("#!/bin/bash") and "#SBATCH --signal=USR1@300" in out and "#SBATCH --nodes=2" in out
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    assert main(["submit", config, "--time", "forever", "--dry-run"]) == 2
+    assert main(["submit", config, "--gpus-per-node", "0", "--tasks-per-node", "0", "--dry-run"]) == 2
+    assert main(["submit", config, "--time", "1:00", "--signal-seconds", "120", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("ssmforge: error: ") for line in err)
+    assert "--time='forever'" in err[0] and "--tasks-per-node=0" in err[1] and "does not fit" in err[2]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert main(["submit", config, f"run_dir={tmp_path / 'r'}", *TINY]) == 2
+    assert "sbatch not found" in capsys.readouterr().err
+
+
+def test_status_of_a_run_folder(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    (run / "slurm").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step_00000020")
+    (run / "slurm" / "jobs.jsonl").write_text(json.dumps({"job_id": "17"}) + "\n")
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 10, "kind": "train", "loss": 3.0}, {"step": 20, "kind": "train", "loss": 2.5},
+        {"step": 20, "kind": "val", "loss": 2.6})) + "\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no scontrol, no sacct: state unknown
+    status = run_status(run)
+    assert (status.job_id, status.state, status.last_step, status.last_checkpoint) == ("17", "UNKNOWN", 20,
+                                                                                        "step_00000020")
+    assert main(["submit", "--status", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["RUN", "JOB", "STATE", "RESTARTS", "STEP", "CHECKPOINT"]
+    assert lines[1].split() == [str(run), "17", "UNKNOWN", "-", "20", "step_00000020"]
+    assert main(["submit", "--status", str(tmp_path / "nope")]) == 2
