@@ -23,7 +23,43 @@ CPUS=$(nproc) || fail "nproc failed"
 STATE=/var/spool/ssmforge-slurm
 CONF=/etc/slurm/slurm.conf
 
-if command -v sinfo >/dev/null 2>&1 && scontrol ping >/dev/null 2>&1 && node_ready; then
+NEW_CONF=$(cat <<EOF
+# written by ssmforge slurm/start_local_cluster.sh: a one-node test cluster in a container
+ClusterName=ssmforge
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+# credentials live 10 s (default 120): a requeued job waits cred_expire + 1 s before it may start again
+AuthInfo=cred_expire=10
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1
+ReturnToService=2
+JobRequeue=1
+MinJobAge=3600
+KillWait=10
+InactiveLimit=0
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/d
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+EOF
+)
+
+if command -v sinfo >/dev/null 2>&1 && scontrol ping >/dev/null 2>&1 && node_ready \
+        && [ "$(cat "$CONF" 2>/dev/null)" = "$NEW_CONF" ]; then
     say "SLURM already running on $HOST"
     exit 0
 fi
@@ -63,38 +99,6 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 mkdir -p /etc/slurm "$STATE/ctld" "$STATE/d" /var/log/slurm
-NEW_CONF=$(cat <<EOF
-# written by ssmforge slurm/start_local_cluster.sh: a one-node test cluster in a container
-ClusterName=ssmforge
-SlurmctldHost=$HOST(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
-ReturnToService=2
-JobRequeue=1
-MinJobAge=3600
-KillWait=10
-InactiveLimit=0
-StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
-SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
-SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
-EOF
-)
 if [ "$(cat "$CONF" 2>/dev/null)" != "$NEW_CONF" ]; then
     printf '%s\n' "$NEW_CONF" > "$CONF" || fail "cannot write $CONF"
     # a changed config needs fresh daemons

@@ -46,8 +46,8 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_c
         stopped_at = _logged_steps(run_dir)
         assert 10 <= stopped_at < 60
         assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
-        # SLURM holds a requeued job for ~2 minutes (BeginTime) before it may start again: release it now
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+        # SLURM holds a requeued job for cred_expire + 1 s (11 s on the test cluster) before it starts again;
+        # releasing it sooner races the revocation of the old job's credential
         job = wait_for(lambda: (j := _job(job_id)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
                                                                         "TIMEOUT", "NODE_FAIL") and j,
                        900, "the requeued job to finish")
