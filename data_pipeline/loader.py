@@ -16,8 +16,7 @@ import torch
 
 from models.errors import DataError
 
-from .manifest import Manifest, read_manifest
-from .pack import is_remote
+from .manifest import Manifest, find_manifest, is_remote
 
 
 def export_rank_env(env: dict | None = None) -> None:
@@ -73,14 +72,7 @@ def _collate(samples: list[dict]) -> torch.Tensor:
 
 def open_manifest(shard_dir: str, cache_dir: str) -> Manifest:
     """The manifest of prepared shards (downloaded first for a remote shard_dir)."""
-    if is_remote(shard_dir):
-        from .pack import _remote_manifest
-
-        local = Path(cache_dir) / "manifest"
-        local.mkdir(parents=True, exist_ok=True)
-        manifest = _remote_manifest(shard_dir, local)
-    else:
-        manifest = read_manifest(shard_dir)
+    manifest = find_manifest(shard_dir, Path(cache_dir) / "manifest")
     if manifest is None:
         raise DataError(f"{shard_dir}: no manifest.json; run `ssmforge prepare CONFIG` first")
     return manifest

@@ -98,3 +98,37 @@ def read_manifest(directory: str | Path) -> Manifest | None:
 def fingerprint(values: dict) -> str:
     """sha256 of a JSON-able dict with sorted keys."""
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def find_manifest(shard_dir: str, download_dir: str | Path) -> Manifest | None:
+    """The manifest of a local or remote shard folder (a remote one is downloaded into download_dir),
+    or None when there is none yet."""
+    if not is_remote(shard_dir):
+        return read_manifest(shard_dir)
+    Path(download_dir).mkdir(parents=True, exist_ok=True)
+    return _remote_manifest(shard_dir, Path(download_dir))
+
+
+def _remote_manifest(out: str, local: Path) -> Manifest | None:
+    """Download out/manifest.json into local; None when the remote holds none yet."""
+    from streaming.base.storage import CloudDownloader
+
+    target = local / f".{MANIFEST_FILE}.remote"
+    target.unlink(missing_ok=True)  # the downloader keeps an existing file
+    try:
+        CloudDownloader.direct_download(f"{out.rstrip('/')}/{MANIFEST_FILE}", str(target), timeout=60)
+    except Exception as e:  # unreachable endpoint, credentials, unsupported scheme, or simply no manifest yet
+        if _is_missing_object(e):
+            return None
+        raise DataError(f"{out}: remote is not reachable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return Manifest.from_json(target.read_text(), f"{out}/{MANIFEST_FILE}")
+
+
+def _is_missing_object(error: Exception) -> bool:
+    """A remote that answered "no such object" (boto's ClientError 404, or FileNotFoundError)."""
+    code = getattr(error, "response", {}).get("Error", {}).get("Code")
+    return isinstance(error, FileNotFoundError) or code in ("404", "NoSuchKey")

@@ -23,7 +23,7 @@ import numpy as np
 
 from models.errors import DataError
 
-from .manifest import MANIFEST_FILE, Manifest, SplitStats, fingerprint, read_manifest
+from .manifest import MANIFEST_FILE, Manifest, SplitStats, find_manifest, fingerprint, is_remote
 from .sources import SkipCounter, mixed_documents
 from .tokenizer import ByteTokenizer, load_tokenizer, train_sentencepiece
 
@@ -33,10 +33,6 @@ SPLITS = ("train", "val")
 TOKENIZER_FILE = "tokenizer.model"
 BATCH_DOCUMENTS = 256  # documents per task sent to a tokenizer process
 SHARD_BYTES = 1 << 26
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 def data_fingerprint(config) -> str:
@@ -132,10 +128,7 @@ def _resolve_tokenizer(config, work_dir: Path, skipped: SkipCounter):
 
 def _check_destination(out: str, local: Path, expected: str) -> Manifest | None:
     """The existing manifest if this exact dataset is already there; refuse a different one."""
-    if is_remote(out):
-        existing = _remote_manifest(out, local)
-    else:
-        existing = read_manifest(local)
+    existing = find_manifest(out, local)
     if existing is not None:
         if existing.fingerprint != expected:
             raise DataError(f"{out}: already holds data prepared from a different config (fingerprint "
@@ -146,26 +139,6 @@ def _check_destination(out: str, local: Path, expected: str) -> Manifest | None:
     if any(name not in (*SPLITS, TOKENIZER_FILE, ".preparing") for name in leftovers):
         raise DataError(f"{out}: folder is not empty and holds no ssmforge manifest; refusing to write into it")
     return None
-
-
-def _remote_manifest(out: str, local: Path) -> Manifest | None:
-    from streaming.base.storage import CloudDownloader
-
-    target = local / f".{MANIFEST_FILE}.remote"
-    target.unlink(missing_ok=True)  # the downloader keeps an existing file
-    try:
-        CloudDownloader.direct_download(f"{out.rstrip('/')}/{MANIFEST_FILE}", str(target), timeout=60)
-    except Exception as e:  # unreachable endpoint, credentials, unsupported scheme, or simply no manifest yet
-        if _is_missing_object(e):
-            return None
-        raise DataError(f"{out}: remote is not reachable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return Manifest.from_json(target.read_text(), f"{out}/{MANIFEST_FILE}")
-
-
-def _is_missing_object(error: Exception) -> bool:
-    """A remote that answered "no such object" (boto's ClientError 404, or FileNotFoundError)."""
-    code = getattr(error, "response", {}).get("Error", {}).get("Code")
-    return isinstance(error, FileNotFoundError) or code in ("404", "NoSuchKey")
 
 
 def prepare(config, workers: int | None = None) -> Manifest:

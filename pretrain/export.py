@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.loader import open_manifest
-from data_pipeline.pack import is_remote
+from data_pipeline.manifest import is_remote
 from models import LanguageModel, save_pretrained
 from models.errors import CheckpointError
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.loader import build_loader, open_manifest
-from data_pipeline.pack import is_remote, prepare
+from data_pipeline.manifest import is_remote
+from data_pipeline.pack import prepare
 from models import LanguageModel
 from models.errors import ConfigError, SsmforgeError
 
