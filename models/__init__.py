@@ -5,7 +5,7 @@ from .errors import CheckpointError, ConfigError, DataError, SsmforgeError
 from .generation import generate, sample_next
 from .hf import load_pretrained, save_pretrained
 from .lm import InferenceState, LanguageModel
-from .registry import FAMILIES, register_family
+from .registry import FAMILIES, MIXERS, SYMBOLS, register_mixer
 
 __all__ = [
     "FAMILIES",
@@ -18,7 +18,9 @@ __all__ = [
     "SsmforgeError",
     "generate",
     "load_pretrained",
-    "register_family",
+    "MIXERS",
+    "SYMBOLS",
+    "register_mixer",
     "sample_next",
     "save_pretrained",
 ]

@@ -7,32 +7,18 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .registry import FAMILIES
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in fp32, returned in the input dtype."""
-
-    def __init__(self, d: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-        self.weight._no_weight_decay = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+from .layers import RMSNorm
+from .registry import MIXERS
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), with the residual stream optionally kept in fp32."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, kind: str):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.mixer = FAMILIES[config.family](config, layer_idx)
+        self.mixer = MIXERS[kind](config, layer_idx)
 
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() if self.residual_in_fp32 else x
@@ -62,7 +48,7 @@ class LanguageModel(nn.Module):
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
         self.embedding.weight._no_weight_decay = True
         nn.init.normal_(self.embedding.weight, std=config.initializer_range)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, i, kind) for i, kind in enumerate(config.layer_kinds))
         self.norm_f = RMSNorm(config.d_model, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
@@ -102,7 +88,8 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward_flops_per_token(self) -> int:
-        """Forward FLOPs per token: every block's mixer plus the LM head (training costs about 3x)."""
+    def forward_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token at context `seq_len`: every block's mixer plus the LM head
+        (training costs about 3x)."""
         head = 2 * self.config.d_model * self.config.padded_vocab_size
-        return head + sum(block.mixer.forward_flops_per_token() for block in self.layers)
+        return head + sum(block.mixer.forward_flops_per_token(seq_len) for block in self.layers)

@@ -16,7 +16,8 @@ import kernels
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .registry import register_family
+from .layers import keep_fp32
+from .registry import register_mixer
 
 
 @dataclass
@@ -27,14 +28,7 @@ class MambaState:
     ssm: torch.Tensor  # (batch, d_inner, d_state) fp32
 
 
-def keep_fp32(param: nn.Parameter) -> nn.Parameter:
-    """Mark a parameter that must stay float32 whatever the training precision (see pretrain.engine)."""
-    param._ssmforge_fp32 = True
-    param._no_weight_decay = True
-    return param
-
-
-@register_family("mamba")
+@register_mixer("mamba", "M")
 class MambaMixer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -86,7 +80,7 @@ class MambaMixer(nn.Module):
         params = [self.conv1d.weight, self.dt_proj.weight, self.dt_proj.bias]
         return params + ([self.conv1d.bias] if self.conv1d.bias is not None else [])
 
-    def forward_flops_per_token(self) -> int:
+    def forward_flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: the four projections, the conv, and the scan (about 9 per state
         element: discretise A and B, update the state, contract with C)."""
         d, n, r = self.d_inner, self.d_state, self.dt_rank

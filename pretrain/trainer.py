@@ -132,7 +132,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
                             state.wandb_run_id, train_cfg.max_steps)
     state.wandb_run_id = metrics.wandb_run_id
     dtype = resolve_precision(train_cfg.precision, device)
-    train_flops_per_token = 3 * model.forward_flops_per_token()
+    train_flops_per_token = 3 * model.forward_flops_per_token(manifest.seq_len)
     peak, peak_source = peak_flops(device, dtype)
     tokens_per_step = train_cfg.micro_batch_size * train_cfg.grad_accum_steps * world.world_size * manifest.seq_len
     floor = manifest.splits["val"].entropy_floor_nats_per_token
