@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -18,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.machine import describe  # noqa: E402
 
 
 def write_corpus(path: Path, megabytes: int) -> tuple[int, int]:
@@ -45,14 +44,6 @@ def single_thread_tokens_per_s(tokenizer, path: Path, limit_bytes: int = 20_000_
     start = time.perf_counter()
     tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
     return tokens / (time.perf_counter() - start)
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
 
 
 def main() -> None:
@@ -94,7 +85,7 @@ def main() -> None:
               f"{r['single_thread_tokenizer_tokens_per_s'] / 1e6:>15.2f}M{r['text_mb_per_s']:>8.1f}")
     out = ROOT / "benchmarks" / "results" / "data.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "prepare", "machine": machine(), "results": rows}, indent=2))
+    out.write_text(json.dumps({"benchmark": "prepare", "machine": describe(), "results": rows}, indent=2))
     print(f"\nwrote {out}")
 
 

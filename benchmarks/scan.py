@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import kernels  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
 
 
 def make_inputs(batch, d, L, n, device, dtype=torch.float32, grad=True):
@@ -108,18 +107,6 @@ def peak_extra_bytes(backend, batch, d, L, n):
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), platform=platform.platform())
-    info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return info
-
-
 def copy_bandwidth_GBps() -> float:
     """Achievable device memory bandwidth: a large device-to-device copy (read + write)."""
     x = torch.empty(2**28, device="cuda", dtype=torch.float32)
@@ -177,7 +164,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = "triton" if device == "cuda" else "cpu"
-    info = machine()
+    info = describe()
     print(f"machine: {info['cpu']} ({info['cores']} cores, torch {info['torch']}, {info['torch_threads']} threads); "
           f"GPU: {info['gpu'] or 'none'}")
     rows = [measure(backend, args.batch, d, L, args.n, device, args.repeats) for d in args.d for L in args.L]

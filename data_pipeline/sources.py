@@ -39,8 +39,9 @@ def _decode(raw: bytes, where: str, policy: str, skipped: SkipCounter) -> str | 
                         f"documents)") from None
 
 
-def expand_paths(patterns: list[str]) -> list[Path]:
-    """Globs -> sorted existing files; a pattern matching nothing is an error, not an empty source."""
+def expand_paths(patterns: list[str], formats: tuple[str, ...] | None = LOCAL_FORMATS) -> list[Path]:
+    """Globs -> sorted existing files; a pattern matching nothing is an error, not an empty source.
+    Files must end in one of `formats` (None: any)."""
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True))
@@ -48,8 +49,8 @@ def expand_paths(patterns: list[str]) -> list[Path]:
             raise DataError(f"{pattern}: no such file (or the glob matches nothing)")
         for match in matches:
             path = Path(match)
-            if path.suffix not in LOCAL_FORMATS:
-                raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {LOCAL_FORMATS}")
+            if formats is not None and path.suffix not in formats:
+                raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {formats}")
             files.append(path)
     return files
 

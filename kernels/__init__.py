@@ -1,11 +1,21 @@
-"""Sequence-mixing kernels: the selective scan and causal depthwise conv1d, with reference oracles."""
-from .ref import causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref, selective_state_update_ref
+"""Sequence-mixing kernels: the selective scan (Mamba), the SSD (Mamba-2) and causal depthwise conv1d,
+with reference oracles."""
+from .ref import (
+    causal_conv1d_ref,
+    causal_conv1d_update_ref,
+    selective_scan_ref,
+    selective_state_update_ref,
+    ssd_scan_ref,
+    ssd_state_update_ref,
+)
 from .conv1d import CONV1D_BACKENDS, causal_conv1d
 from .selective_scan import BACKENDS, default_backend, selective_scan
+from .ssd import SSD_BACKENDS, ssd_default_backend, ssd_scan
 
 __all__ = [
     "BACKENDS",
     "CONV1D_BACKENDS",
+    "SSD_BACKENDS",
     "causal_conv1d",
     "causal_conv1d_ref",
     "causal_conv1d_update_ref",
@@ -13,4 +23,8 @@ __all__ = [
     "selective_scan",
     "selective_scan_ref",
     "selective_state_update_ref",
+    "ssd_default_backend",
+    "ssd_scan",
+    "ssd_scan_ref",
+    "ssd_state_update_ref",
 ]

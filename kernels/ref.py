@@ -10,6 +10,14 @@ import torch
 import torch.nn.functional as F
 
 
+
+def discretize_dt(dt: torch.Tensor, bias: torch.Tensor | None, softplus: bool) -> torch.Tensor:
+    """fp32 softplus(dt + bias), each step optional; `bias` must broadcast against dt."""
+    dt = dt.float()
+    if bias is not None:
+        dt = dt + bias.float()
+    return F.softplus(dt) if softplus else dt
+
 def _expand_groups(BC: torch.Tensor, d: int) -> torch.Tensor:
     """(batch, groups, n, L) -> (batch, d, n, L): channel c uses group c // (d // groups)."""
     groups = BC.shape[1]
@@ -36,11 +44,7 @@ def selective_scan_ref(
     """
     dtype_in = u.dtype
     u = u.float()
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None].float()
-    if delta_softplus:
-        delta = F.softplus(delta)
+    delta = discretize_dt(delta, None if delta_bias is None else delta_bias[..., None], delta_softplus)
     batch, d, L = u.shape
     A = A.float()
     B = B.float()
@@ -95,11 +99,7 @@ def selective_state_update_ref(
     u, delta, z: (batch, d); B, C: (batch, n); A: (d, n); D, delta_bias: (d,). Returns y (batch, d)
     in u's dtype. Equal to one column of `selective_scan_ref` given the previous state.
     """
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()
-    if delta_softplus:
-        delta = F.softplus(delta)
+    delta = discretize_dt(delta, delta_bias, delta_softplus)
     uf = u.float()
     dA = torch.exp(delta[:, :, None] * A.float())
     dBu = (delta * uf)[:, :, None] * B.float()[:, None, :]
@@ -138,3 +138,79 @@ def causal_conv1d_update_ref(
     if bias is not None:
         out = out + bias
     return F.silu(out) if activation == "silu" else out
+
+
+def _heads_from_groups(BC: torch.Tensor, nheads: int) -> torch.Tensor:
+    """(..., groups, n) -> (..., nheads, n): head h reads group h // (nheads // groups)."""
+    return BC.repeat_interleave(nheads // BC.shape[-2], dim=-2)
+
+
+def ssd_scan_ref(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """The SSD layer of Mamba-2 (Dao & Gu, 2024) as its recurrence, one step at a time:
+
+        h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,   y_t = h_t C_t + D x_t   (per head; A, D scalars)
+
+    x: (batch, L, nheads, headdim); dt: (batch, L, nheads), before dt_bias and softplus; A, D, dt_bias:
+    (nheads,); B, C: (batch, L, ngroups, dstate), head h reads group h // (nheads // ngroups);
+    initial_state: (batch, nheads, headdim, dstate) or None (zeros). Returns y (batch, L, nheads,
+    headdim) in x's dtype, and with return_final_state also h_L (batch, nheads, headdim, dstate) fp32.
+    """
+    batch, L, nheads, headdim = x.shape
+    xf = x.float()
+    dt = discretize_dt(dt, dt_bias, dt_softplus)
+    B = _heads_from_groups(B.float(), nheads)
+    C = _heads_from_groups(C.float(), nheads)
+    decay = torch.exp(dt * A.float())  # (batch, L, nheads)
+    if initial_state is None:
+        h = xf.new_zeros(batch, nheads, headdim, B.shape[-1])
+    else:
+        h = initial_state.float()
+    ys = []
+    for t in range(L):
+        h = decay[:, t, :, None, None] * h + (dt[:, t, :, None] * xf[:, t])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    y = torch.stack(ys, dim=1) if ys else xf.clone()
+    if D is not None:
+        y = y + xf * D.float()[:, None]
+    y = y.to(x.dtype)
+    return (y, h) if return_final_state else y
+
+
+def ssd_state_update_ref(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+) -> torch.Tensor:
+    """One step of `ssd_scan_ref`, updating `state` (batch, nheads, headdim, dstate; fp32) in place.
+
+    x: (batch, nheads, headdim); dt: (batch, nheads); B, C: (batch, ngroups, dstate); A, D, dt_bias:
+    (nheads,). Returns y (batch, nheads, headdim) in x's dtype.
+    """
+    nheads = x.shape[1]
+    xf = x.float()
+    dt = discretize_dt(dt, dt_bias, dt_softplus)
+    B = _heads_from_groups(B.float(), nheads)
+    C = _heads_from_groups(C.float(), nheads)
+    state.mul_(torch.exp(dt * A.float())[:, :, None, None])
+    state.add_((dt[:, :, None] * xf)[..., None] * B[:, :, None, :])
+    y = torch.einsum("bhpn,bhn->bhp", state, C)
+    if D is not None:
+        y = y + xf * D.float()[:, None]
+    return y.to(x.dtype)

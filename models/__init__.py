@@ -1,5 +1,9 @@
 """Language models built from registered sequence-mixer families (Mamba first)."""
 from . import mamba  # noqa: F401  (registers the "mamba" family)
+from . import mamba2  # noqa: F401  (registers the "mamba2" mixer, 2)
+from . import attention  # noqa: F401  (registers the "attention" mixer, *)
+from . import mlp  # noqa: F401  (registers the "mlp" mixer, -)
+from . import gss  # noqa: F401  (registers the "gss" mixer, G)
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, DataError, SsmforgeError
 from .generation import generate, sample_next

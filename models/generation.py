@@ -1,4 +1,5 @@
-"""Autoregressive sampling with the recurrent state: one parallel prefill, then O(1) steps."""
+"""Autoregressive sampling with the decoding state: one parallel prefill, then one step per token
+(O(1) for SSM layers, over the KV cache for attention layers)."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,7 @@
-"""Weight interop with Hugging Face transformers' MambaForCausalLM directories.
+"""Weight interop with Hugging Face transformers' MambaForCausalLM and Mamba2ForCausalLM directories.
 
-A model directory holds `config.json` (Hugging Face's MambaConfig fields, plus our own ModelConfig
-under the key `ssmforge_model`, which transformers keeps as an ignored attribute) and
+A model directory holds `config.json` (Hugging Face's MambaConfig or Mamba2Config fields, plus our own
+ModelConfig under the key `ssmforge_model`, which transformers keeps as an ignored attribute) and
 `model.safetensors`. Directories written by transformers (safetensors or pytorch_model.bin, single
 or sharded) load too. Nothing is unpickled: .bin files go through torch.load(weights_only=True).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -57,7 +58,7 @@ def _field(hf: dict, key: str, kind: type, path: Path, default=None):
 
 
 def config_from_hf(hf: dict, path: Path) -> ModelConfig:
-    """Hugging Face MambaConfig dict -> ModelConfig (our own copy wins where present)."""
+    """Hugging Face MambaConfig or Mamba2Config dict -> ModelConfig (our own copy wins where present)."""
     if OUR_CONFIG_KEY in hf:
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         ours = hf[OUR_CONFIG_KEY]
@@ -66,37 +67,68 @@ def config_from_hf(hf: dict, path: Path) -> ModelConfig:
             raise CheckpointError(f"{path}: field '{OUR_CONFIG_KEY}' has unknown keys {unknown}")
         return _validated(ModelConfig(**ours), path)
     model_type = hf.get("model_type")
-    if model_type != "mamba":
-        raise CheckpointError(f"{path}: field 'model_type' is {model_type!r}; only 'mamba' "
-                              f"(MambaForCausalLM) checkpoints can be imported")
+    if model_type not in _FROM_HF:
+        raise CheckpointError(f"{path}: field 'model_type' is {model_type!r}; only 'mamba' (MambaForCausalLM) and "
+                              f"'mamba2' (Mamba2ForCausalLM) checkpoints can be imported")
     act = _field(hf, "hidden_act", str, path, "silu")
     if act != "silu":
         raise CheckpointError(f"{path}: field 'hidden_act' is {act!r}; only 'silu' is supported")
-    rank = hf.get("time_step_rank", "auto")
-    if rank != "auto" and not isinstance(rank, int):
-        raise CheckpointError(f"{path}: field 'time_step_rank' should be 'auto' or an int, got {rank!r}")
     vocab = _field(hf, "vocab_size", int, path)
-    config = ModelConfig(
-        family="mamba",
+    shared = dict(
         d_model=_field(hf, "hidden_size", int, path),
         n_layer=_field(hf, "num_hidden_layers", int, path),
         vocab_size=vocab,
         pad_vocab_size_multiple=8 if vocab % 8 == 0 else 1,  # keep the checkpoint's embedding shape
-        d_state=_field(hf, "state_size", int, path),
         d_conv=_field(hf, "conv_kernel", int, path),
         expand=_field(hf, "expand", int, path),
-        dt_rank=None if rank == "auto" else rank,
         dt_min=_field(hf, "time_step_min", float, path, 0.001),
         dt_max=_field(hf, "time_step_max", float, path, 0.1),
         dt_init_floor=_field(hf, "time_step_floor", float, path, 1e-4),
-        dt_scale=_field(hf, "time_step_scale", float, path, 1.0),
         conv_bias=_field(hf, "use_conv_bias", bool, path, True),
         bias=_field(hf, "use_bias", bool, path, False),
         rms_norm_eps=_field(hf, "layer_norm_epsilon", float, path, 1e-5),
         residual_in_fp32=_field(hf, "residual_in_fp32", bool, path, True),
-        tie_embeddings=_field(hf, "tie_word_embeddings", bool, path, True),
     )
-    return _validated(config, path)
+    return _validated(_FROM_HF[model_type](hf, path, shared), path)
+
+
+def _mamba_from_hf(hf: dict, path: Path, shared: dict) -> ModelConfig:
+    rank = hf.get("time_step_rank", "auto")
+    if rank != "auto" and not isinstance(rank, int):
+        raise CheckpointError(f"{path}: field 'time_step_rank' should be 'auto' or an int, got {rank!r}")
+    return ModelConfig(
+        family="mamba",
+        d_state=_field(hf, "state_size", int, path),
+        dt_rank=None if rank == "auto" else rank,
+        dt_scale=_field(hf, "time_step_scale", float, path, 1.0),
+        tie_embeddings=_field(hf, "tie_word_embeddings", bool, path, True),
+        **shared,
+    )
+
+
+def _mamba2_from_hf(hf: dict, path: Path, shared: dict) -> ModelConfig:
+    headdim = _field(hf, "head_dim", int, path)
+    heads = _field(hf, "num_heads", int, path)
+    if heads * headdim != shared["expand"] * shared["d_model"]:
+        raise CheckpointError(f"{path}: field 'num_heads' is {heads}; num_heads * head_dim must equal "
+                              f"expand * hidden_size ({shared['expand'] * shared['d_model']})")
+    limit = hf.get("time_step_limit", [0.0, math.inf])
+    if not isinstance(limit, list) or limit != [0.0, math.inf]:
+        raise CheckpointError(f"{path}: field 'time_step_limit' is {limit!r}; only [0.0, inf] (no clamp) is supported")
+    if not _field(hf, "rms_norm", bool, path, True):
+        raise CheckpointError(f"{path}: field 'rms_norm' is false; only the gated RMSNorm variant is supported")
+    return ModelConfig(
+        family="mamba2",
+        mamba2_d_state=_field(hf, "state_size", int, path),
+        mamba2_headdim=headdim,
+        mamba2_ngroups=_field(hf, "n_groups", int, path),
+        mamba2_chunk_size=_field(hf, "chunk_size", int, path, 256),
+        tie_embeddings=_field(hf, "tie_word_embeddings", bool, path, False),  # Mamba2Config's default
+        **shared,
+    )
+
+
+_FROM_HF = {"mamba": _mamba_from_hf, "mamba2": _mamba2_from_hf}
 
 
 def _validated(config: ModelConfig, path: Path) -> ModelConfig:
@@ -106,27 +138,27 @@ def _validated(config: ModelConfig, path: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+HF_FAMILIES = ("mamba", "mamba2")  # families with a transformers model class of the same weights
+NATIVE_MODEL_TYPE = "ssmforge"  # config.json of the other families: our ModelConfig alone
+
+
 def config_to_hf(config: ModelConfig, token_ids: dict | None = None) -> dict:
-    """ModelConfig -> a config.json that transformers' MambaForCausalLM loads unchanged."""
-    if config.family != "mamba":
-        raise CheckpointError(f"model.family={config.family!r} has no Hugging Face equivalent to export to")
+    """ModelConfig -> a config.json that transformers' MambaForCausalLM or Mamba2ForCausalLM loads unchanged.
+    Families without a transformers equivalent (GSS, hybrids, the Transformer baseline) get model_type
+    'ssmforge': the same folder layout, loadable by `load_pretrained` only."""
     ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(token_ids or {})}
-    return {
-        "architectures": ["MambaForCausalLM"],
-        "model_type": "mamba",
+    if config.family not in HF_FAMILIES:
+        return {"model_type": NATIVE_MODEL_TYPE, "vocab_size": config.padded_vocab_size, "torch_dtype": "float32",
+                **ids, OUR_CONFIG_KEY: dataclasses.asdict(config)}
+    shared = {
         "vocab_size": config.padded_vocab_size,
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layer,
-        "state_size": config.d_state,
         "expand": config.expand,
-        "intermediate_size": config.d_inner,
         "conv_kernel": config.d_conv,
-        "time_step_rank": config.resolved_dt_rank,
         "time_step_min": config.dt_min,
         "time_step_max": config.dt_max,
         "time_step_floor": config.dt_init_floor,
-        "time_step_scale": config.dt_scale,
-        "time_step_init_scheme": "random",
         "use_bias": config.bias,
         "use_conv_bias": config.conv_bias,
         "hidden_act": "silu",
@@ -137,9 +169,30 @@ def config_to_hf(config: ModelConfig, token_ids: dict | None = None) -> dict:
         "rescale_prenorm_residual": False,
         "use_cache": True,
         "torch_dtype": "float32",
-        **ids,
-        OUR_CONFIG_KEY: dataclasses.asdict(config),
     }
+    if config.family == "mamba":
+        specific = {
+            "architectures": ["MambaForCausalLM"],
+            "model_type": "mamba",
+            "state_size": config.d_state,
+            "intermediate_size": config.d_inner,
+            "time_step_rank": config.resolved_dt_rank,
+            "time_step_scale": config.dt_scale,
+            "time_step_init_scheme": "random",
+        }
+    else:
+        specific = {
+            "architectures": ["Mamba2ForCausalLM"],
+            "model_type": "mamba2",
+            "state_size": config.mamba2_d_state,
+            "head_dim": config.mamba2_headdim,
+            "num_heads": config.d_inner // config.mamba2_headdim,
+            "n_groups": config.mamba2_ngroups,
+            "chunk_size": config.mamba2_chunk_size,
+            "time_step_limit": [0.0, math.inf],
+            "rms_norm": True,
+        }
+    return {**specific, **shared, **ids, OUR_CONFIG_KEY: dataclasses.asdict(config)}
 
 
 def _hf_key(ours: str) -> str:
@@ -192,7 +245,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> LanguageModel:
-    """Load a model directory (ours or transformers' MambaForCausalLM) into a LanguageModel.
+    """Load a model directory (ours, or transformers' MambaForCausalLM or Mamba2ForCausalLM) into a LanguageModel.
 
     The returned model maps input_ids (batch, L) to logits (batch, L, vocab). dtype None keeps the
     float32 construction dtype; the SSM parameters (A_log, D, dt bias) always stay float32.
@@ -241,7 +294,7 @@ def cast_model(model: LanguageModel, dtype: torch.dtype | None) -> LanguageModel
 
 def save_pretrained(model: LanguageModel, out_dir: str | os.PathLike, token_ids: dict | None = None,
                     extra_files: dict[str, Path] | None = None, byte_tokenizer: bool = False) -> Path:
-    """Write `model` as a transformers-loadable MambaForCausalLM directory, atomically.
+    """Write `model` as a transformers-loadable MambaForCausalLM or Mamba2ForCausalLM directory, atomically.
 
     extra_files maps names in the output directory to files copied in (a tokenizer, say);
     byte_tokenizer records that the model reads UTF-8 bytes (a tokenizer with no file).

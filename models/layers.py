@@ -1,6 +1,8 @@
 """Building blocks shared by the mixers and the stack."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -10,6 +12,13 @@ def keep_fp32(param: nn.Parameter) -> nn.Parameter:
     param._ssmforge_fp32 = True
     param._no_weight_decay = True
     return param
+
+
+def dt_bias_init(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
+    """n biases b with softplus(b) log-uniform in [dt_min, dt_max], floored at `floor` (Mamba paper,
+    section 3.6): the step sizes a selective SSM starts from."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))  # the inverse of softplus
 
 
 class RMSNorm(nn.Module):

@@ -1,5 +1,5 @@
 """The causal language model shared by every family: embedding, residual blocks of
-(RMSNorm -> mixer), final RMSNorm and a (tied) LM head, plus the recurrent decoding state."""
+(RMSNorm -> mixer), final RMSNorm and a (tied) LM head, plus the decoding state of a mixed stack."""
 from __future__ import annotations
 
 import torch
@@ -31,7 +31,8 @@ class Block(nn.Module):
 
 
 class InferenceState:
-    """Per-layer decoding caches for a batch, filled by a prefill `forward` and advanced by `step`."""
+    """Per-layer decoding caches for a batch, filled by a prefill `forward` and advanced by `step`: an SSM
+    state, an attention KV cache, or None for a stateless mixer (MLP)."""
 
     def __init__(self, model: "LanguageModel", batch: int, device: torch.device, dtype: torch.dtype):
         self.layers = [block.mixer.allocate_state(batch, device, dtype) for block in model.layers]
@@ -56,12 +57,19 @@ class LanguageModel(nn.Module):
         self.checkpoint_blocks = False  # recompute each block's activations in backward (saves memory)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        return self.lm_head(self.norm_f(hidden.to(self.norm_f.weight.dtype))).float()
 
     def forward(self, input_ids: torch.Tensor, state: InferenceState | None = None) -> torch.Tensor:
         """input_ids (batch, L) -> logits (batch, L, padded_vocab). With `state` (fresh), it is filled
         for decoding to continue after the last position."""
+        return self._logits(self.hidden_states(input_ids, state))
+
+    def features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (batch, L) -> the final normed hidden states (batch, L, d_model) that the LM head
+        reads: what task heads (e.g. GLUE classifiers) pool."""
+        return self.norm_f(self.hidden_states(input_ids).to(self.norm_f.weight.dtype))
+
+    def hidden_states(self, input_ids: torch.Tensor, state: InferenceState | None = None) -> torch.Tensor:
         hidden = self.embedding(input_ids)
         for i, block in enumerate(self.layers):
             if state is None and self.checkpoint_blocks and self.training:
@@ -70,7 +78,7 @@ class LanguageModel(nn.Module):
                 hidden = block(hidden, None if state is None else state.layers[i])
         if state is not None:
             state.seqlen += input_ids.shape[1]
-        return self._logits(hidden)
+        return hidden
 
     def allocate_state(self, batch: int) -> InferenceState:
         param = self.embedding.weight
@@ -78,7 +86,8 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, state: InferenceState) -> torch.Tensor:
-        """One token per sequence: input_ids (batch,) -> logits (batch, padded_vocab), O(1) in length."""
+        """One token per sequence: input_ids (batch,) -> logits (batch, padded_vocab). O(1) in the length
+        for SSM layers; an attention layer attends over its KV cache (at most attn_window tokens)."""
         hidden = self.embedding(input_ids)
         for block, layer_state in zip(self.layers, state.layers):
             hidden = block.step(hidden, layer_state)

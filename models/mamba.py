@@ -16,7 +16,7 @@ import kernels
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .layers import keep_fp32
+from .layers import dt_bias_init, keep_fp32
 from .registry import register_mixer
 
 
@@ -58,15 +58,11 @@ class MambaMixer(nn.Module):
             nn.init.zeros_(self.out_proj.bias)
 
     def _init_dt(self, config: ModelConfig) -> None:
-        """dt_proj weights uniform in +-dt_rank^-0.5 * dt_scale; its bias set so that softplus(bias)
-        is log-uniform in [dt_min, dt_max] (paper, section 3.6)."""
+        """dt_proj weights uniform in +-dt_rank^-0.5 * dt_scale; its bias from `dt_bias_init`."""
         std = self.dt_rank ** -0.5 * config.dt_scale
         nn.init.uniform_(self.dt_proj.weight, -std, std)
-        log_lo, log_hi = math.log(config.dt_min), math.log(config.dt_max)
-        dt = torch.exp(torch.rand(self.d_inner) * (log_hi - log_lo) + log_lo).clamp(min=config.dt_init_floor)
-        inverse_softplus = dt + torch.log(-torch.expm1(-dt))
         with torch.no_grad():
-            self.dt_proj.bias.copy_(inverse_softplus)
+            self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, config.dt_min, config.dt_max, config.dt_init_floor))
 
     @classmethod
     def validate(cls, config: ModelConfig, prefix: str) -> None:

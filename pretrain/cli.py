@@ -17,12 +17,14 @@ log = logging.getLogger("ssmforge")
 def _load_model_and_tokenizer(args):
     import torch
 
-    from data_pipeline.tokenizer import find_tokenizer, load_tokenizer
-    from models import LanguageModel, load_pretrained
+    from data_pipeline.tokenizer import load_tokenizer
+    from models import LanguageModel
 
     from .config import load_config
+    from .export import load_model_and_tokenizer
 
-    if args.random_init:
+    config = None
+    if getattr(args, "random_init", None):
         config = load_config(args.random_init)
         torch.manual_seed(config.seed)
         model = LanguageModel(config.model)
@@ -30,17 +32,16 @@ def _load_model_and_tokenizer(args):
                  model.num_parameters() / 1e6)
         tokenizer = load_tokenizer(config.tokenizer.kind, config.tokenizer.path)
     else:
-        model = load_pretrained(args.checkpoint)
-        tokenizer = find_tokenizer(args.checkpoint)
+        model, tokenizer, config = load_model_and_tokenizer(args.checkpoint)
     if args.tokenizer:
         tokenizer = load_tokenizer("byte") if args.tokenizer == "byte" else _tokenizer_from_path(args.tokenizer)
     if tokenizer is None:
-        raise DataError(f"{args.checkpoint}: no tokenizer.model or tokenizer.json in the model folder; "
-                        f"pass --tokenizer PATH (or --tokenizer byte)")
+        raise DataError(f"{args.checkpoint}: no tokenizer found (no tokenizer.model or tokenizer.json in a model "
+                        f"folder, or a run whose shards are remote); pass --tokenizer PATH (or --tokenizer byte)")
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary holds "
                               f"{model.config.padded_vocab_size} (model.vocab_size)")
-    return model.eval(), tokenizer
+    return model.eval(), tokenizer, config
 
 
 def _tokenizer_from_path(path: str):
@@ -61,7 +62,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 0:
         raise SsmforgeError(f"--max-new-tokens={args.max_new_tokens} is invalid: must be >= 0")
     check_sampling(args.temperature, args.top_k, args.top_p)
-    model, tokenizer = _load_model_and_tokenizer(args)
+    model, tokenizer, _ = _load_model_and_tokenizer(args)
     prompt = tokenizer.encode(args.prompt)
     if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 and args.bos:
         prompt = [tokenizer.bos_id] + prompt
@@ -78,6 +79,7 @@ def cmd_generate(args) -> int:
 def cmd_convert(args) -> int:
     from data_pipeline.tokenizer import TOKENIZER_FILES
     from models import load_pretrained, save_pretrained
+    from models.hf import HF_FAMILIES
 
     if args.from_hf:
         source, out = args.from_hf, args.out
@@ -89,11 +91,108 @@ def cmd_convert(args) -> int:
             raise SsmforgeError("convert needs SOURCE --to-hf OUT, or --from-hf DIR --out OUT")
     source = Path(source)
     model = load_pretrained(source)
+    if model.config.family not in HF_FAMILIES:
+        raise SsmforgeError(f"{source}: model.family={model.config.family!r} has no Hugging Face equivalent "
+                            f"(only {', '.join(HF_FAMILIES)}); the folder already is ssmforge's own format")
     extra = {name: source / name for name in TOKENIZER_FILES if (source / name).is_file()}
     save_pretrained(model, out, extra_files=extra)
     cfg = model.config
     print(f"wrote {out}: {cfg.family}, {cfg.n_layer} layers, d_model {cfg.d_model}, vocab {cfg.padded_vocab_size}, "
           f"{model.num_parameters() / 1e6:.2f}M parameters" + (f", tokenizer {', '.join(extra)}" if extra else ""))
+    return 0
+
+
+def _default_out(checkpoint: str, out: str | None, name: str) -> Path:
+    return Path(out) if out else Path(checkpoint) / "eval" / name
+
+
+def _dataset_name(dataset: list[str]) -> str:
+    import re
+
+    name = dataset[0] if len(dataset) == 1 else "files"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name.split("*")[0].rstrip(".") or "files")
+
+
+def _first_set(*values):
+    """The first value that is not None (a flag given as 0 is kept, so that it is refused, not replaced)."""
+    return next((v for v in values if v is not None), None)
+
+
+def cmd_eval_ppl(args) -> int:
+    import json
+
+    from evaluation.perplexity import WIKITEXT, evaluate_perplexity, load_documents
+
+    from .launch import init_distributed, shutdown, world_from_env
+
+    args.random_init = None
+    model, tokenizer, config = _load_model_and_tokenizer(args)
+    eval_cfg = config.eval if config is not None else None
+    dataset = args.dataset or [eval_cfg.dataset if eval_cfg else "wikitext-103"]
+    max_length = _first_set(args.max_length, eval_cfg and (eval_cfg.max_length or config.data.seq_len), 2048)
+    stride = _first_set(args.stride, eval_cfg.stride if eval_cfg else None)
+    batch_size = _first_set(args.batch_size, eval_cfg.batch_size if eval_cfg else None, 8)
+    for flag, value in (("--max-length", max_length), ("--stride", stride or 1), ("--batch-size", batch_size)):
+        if value < 1:
+            raise SsmforgeError(f"{flag}={value} is invalid: must be >= 1")
+    if stride is not None and stride > max_length:
+        raise SsmforgeError(f"--stride={stride} is invalid: must be <= the window --max-length ({max_length})")
+    hub = len(dataset) == 1 and dataset[0] in WIKITEXT
+    documents = load_documents(dataset[0]) if hub else \
+        [doc for pattern in dataset for doc in load_documents(pattern)]
+    world = world_from_env()
+    device = None
+    if world.distributed:
+        world, device = init_distributed()
+        model.to(device)
+    try:
+        result = evaluate_perplexity(
+            model, tokenizer, documents, " ".join(dataset), max_length, stride, batch_size,
+            detokenize=hub or args.wikitext_detokenize, rank=world.rank, world_size=world.world_size,
+            progress=world.is_main and sys.stderr.isatty())
+    finally:
+        shutdown()
+    if world.is_main:
+        out = _default_out(args.checkpoint, args.out, "")
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"ppl-{_dataset_name(dataset)}-L{max_length}-S{result.stride}"
+        (out / f"{stem}.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), **result.to_dict()},
+                                                     indent=2) + "\n")
+        (out / f"{stem}.md").write_text(result.table())
+        print(result.table())
+        print(f"results in {out / stem}.json and .md")
+    return 0
+
+
+def cmd_finetune_glue(args) -> int:
+    import copy
+
+    from evaluation.glue import GlueRunner, results_table, write_results
+    from evaluation.glue_tasks import TASKS, get_task
+
+    from .config import GLUE_TASKS, load_config
+    from .export import is_run_folder
+    from .launch import init_distributed, shutdown
+
+    args.random_init = None
+    backbone, tokenizer, run_config = _load_model_and_tokenizer(args)
+    config_path = Path(args.checkpoint) / "config.yaml" if is_run_folder(args.checkpoint) else args.config
+    overrides = list(args.overrides) + ([f"glue.data_dir={args.data_dir}"] if args.data_dir else [])
+    config = load_config(config_path, overrides)
+    names = list(GLUE_TASKS) if args.task == "all" else [args.task] if args.task else list(config.glue.tasks)
+    tasks = {name: get_task(name) for name in names}
+    world, device = init_distributed()
+    try:
+        runner = GlueRunner(lambda: copy.deepcopy(backbone), tokenizer, config, world.world_size, world.rank, device,
+                            progress=world.is_main and sys.stderr.isatty())
+        results = [runner.run_task(task) for task in tasks.values()]
+    finally:
+        shutdown()
+    if world.is_main:
+        out = _default_out(args.checkpoint, args.out, "glue")
+        summary = write_results(results, TASKS, out, str(args.checkpoint))
+        print(results_table(summary), end="")
+        print(f"results in {out}/results.json, submission files in {out}/submission/")
     return 0
 
 
@@ -155,15 +254,22 @@ def cmd_submit(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (with the command's name) and exit code 2, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"ssmforge: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="ssmforge",
         description="Pretrain, convert, evaluate and sample state space language models.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # the deepspeed launcher passes --local_rank; ranks are read from the environment (pretrain.launch)
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
 
     gen = sub.add_parser("generate", help="sample text from a model folder or a freshly initialised model")
     gen.add_argument("checkpoint", nargs="?", help="model folder (ssmforge export or Hugging Face Mamba)")
@@ -201,6 +307,30 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--out", metavar="OUT", help="output folder for --from-hf")
     conv.set_defaults(handler=cmd_convert)
 
+    ppl = sub.add_parser("eval-ppl", help="document-level perplexity (WikiText or local text) of a checkpoint")
+    ppl.add_argument("checkpoint", help="run folder, exported model folder or Hugging Face Mamba folder")
+    ppl.add_argument("--dataset", nargs="+", metavar="NAME_OR_FILES",
+                     help="wikitext-103, wikitext-2, or local .txt/.jsonl/.parquet files and globs "
+                          "(default: eval.dataset of the run, else wikitext-103)")
+    ppl.add_argument("--max-length", type=int, help="window in tokens (default: eval.max_length, data.seq_len or 2048)")
+    ppl.add_argument("--stride", type=int, help="score this many tokens per window (default: the window: no overlap)")
+    ppl.add_argument("--batch-size", type=int, help="windows per forward (default: eval.batch_size or 8)")
+    ppl.add_argument("--wikitext-detokenize", action="store_true",
+                     help="apply the WikiText detokenisation to local files too (always on for wikitext-*)")
+    ppl.add_argument("--tokenizer", help="'byte' or a tokenizer.model / tokenizer.json path (default: the checkpoint's)")
+    ppl.add_argument("--out", help="results folder (default: CHECKPOINT/eval)")
+    ppl.set_defaults(handler=cmd_eval_ppl)
+
+    ft = sub.add_parser("finetune-glue", help="fine-tune and evaluate a checkpoint on GLUE tasks")
+    ft.add_argument("checkpoint", help="run folder, exported model folder or Hugging Face Mamba folder")
+    ft.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. glue.lr=5e-5 glue.epochs=3")
+    ft.add_argument("--task", help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli or all (default: glue.tasks)")
+    ft.add_argument("--data-dir", help="GLUE TSV folder (default: glue.data_dir, else the hub)")
+    ft.add_argument("--config", help="run config supplying glue/train/deepspeed settings for a model folder")
+    ft.add_argument("--tokenizer", help="'byte' or a tokenizer.model / tokenizer.json path (default: the checkpoint's)")
+    ft.add_argument("--out", help="results folder (default: CHECKPOINT/eval/glue)")
+    ft.set_defaults(handler=cmd_finetune_glue)
+
     sbm = sub.add_parser("submit", help="submit a pretraining job to SLURM (requeues and resumes itself)")
     sbm.add_argument("config", nargs="?", help="run config (YAML)")
     sbm.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -226,7 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come after the options too
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -133,9 +133,14 @@ class TrainConfig:
 class DeepSpeedConfig:
     zero_stage: int = 1
     offload_optimizer: bool = False
+    # ZeRO-3 keeps parameters of at most this many elements whole on every rank (DeepSpeed's
+    # stage3_param_persistence_threshold); 0 partitions every parameter
+    param_persistence_threshold: int = 100_000
 
     def validate(self) -> None:
         _need(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        _need(self.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
+              self.param_persistence_threshold, "must be >= 0")
 
 
 @dataclass
@@ -163,6 +168,7 @@ class GlueConfig:
     batch_size: int = 32
     epochs: int = 3
     warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
     seed: int = 42
 
     def validate(self) -> None:
@@ -172,6 +178,7 @@ class GlueConfig:
             _need(getattr(self, key) >= 1, f"glue.{key}", getattr(self, key), "must be a positive integer")
         _need(self.lr > 0, "glue.lr", self.lr, "must be > 0")
         _need(0 <= self.warmup_ratio < 1, "glue.warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        _need(self.weight_decay >= 0, "glue.weight_decay", self.weight_decay, "must be >= 0")
 
 
 @dataclass

@@ -69,6 +69,7 @@ def deepspeed_config(config, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,

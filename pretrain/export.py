@@ -10,7 +10,7 @@ import torch
 
 from data_pipeline.loader import open_manifest
 from data_pipeline.manifest import is_remote
-from models import LanguageModel, save_pretrained
+from models import LanguageModel, load_pretrained, save_pretrained
 from models.errors import CheckpointError
 
 from .checkpoint import latest_tag
@@ -32,7 +32,12 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.T
     return torch.load(path, map_location="cpu", weights_only=True)["module"]
 
 
-def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
+def is_run_folder(path: str | Path) -> bool:
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir()
+
+
+def load_run_model(run_dir: str | Path, tag: str | None = None):
+    """(model, run config, tag) with the weights of a run's checkpoint (default: the latest)."""
     run_dir = Path(run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     config_path = run_dir / "config.yaml"
@@ -40,7 +45,7 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
         raise CheckpointError(f"{config_path}: not found; {run_dir} is not a run folder")
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None or not (checkpoint_dir / tag).is_dir():
-        raise CheckpointError(f"{checkpoint_dir}: no checkpoint{f' named {tag}' if tag else ''} to export")
+        raise CheckpointError(f"{checkpoint_dir}: no checkpoint{f' named {tag}' if tag else ''} to load")
     config = load_config(config_path)
     model = LanguageModel(config.model)
     state = consolidated_state_dict(checkpoint_dir, tag)
@@ -49,15 +54,43 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
     if missing or unexpected:
         raise CheckpointError(f"{checkpoint_dir / tag}: weights do not match {config_path} (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
+    return model, config, tag
+
+
+def run_tokenizer_info(config) -> dict | None:
+    """The tokenizer record of a run's manifest (kind, file, special ids), or None for remote shards."""
+    if is_remote(config.data.shard_dir):
+        return None
+    return open_manifest(config.data.shard_dir, config.data.cache_dir).tokenizer
+
+
+def load_model_and_tokenizer(path: str | Path):
+    """(model, tokenizer or None, run config or None) from a run folder (latest checkpoint, the tokenizer of
+    its manifest) or a model folder (ssmforge export or Hugging Face Mamba, tokenizer saved beside it)."""
+    from data_pipeline.tokenizer import find_tokenizer, load_tokenizer
+
+    if not is_run_folder(path):
+        if not Path(path).is_dir():
+            raise CheckpointError(f"{path}: not found (expected a run folder or a model folder)")
+        return load_pretrained(path), find_tokenizer(path), None
+    model, config, _ = load_run_model(path)
+    tok = run_tokenizer_info(config)
+    if tok is None:
+        return model, None, config
+    file = Path(config.data.shard_dir) / tok["file"] if tok.get("file") else None
+    return model, load_tokenizer(tok["kind"], file), config
+
+
+def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
+    model, config, tag = load_run_model(run_dir, tag)
     extra, token_ids, byte_tokenizer = {}, None, False
-    if not is_remote(config.data.shard_dir):
-        manifest = open_manifest(config.data.shard_dir, config.data.cache_dir)
-        tok = manifest.tokenizer
+    tok = run_tokenizer_info(config)
+    if tok is not None:
         byte_tokenizer = tok["kind"] == "byte"
         token_ids = {f"{name}_token_id": tok[f"{name}_id"] for name in ("pad", "bos", "eos")
                      if tok.get(f"{name}_id") is not None and tok[f"{name}_id"] >= 0}
         if tok.get("file"):
             extra["tokenizer.model" if tok["kind"] == "sentencepiece" else "tokenizer.json"] = \
                 Path(config.data.shard_dir) / tok["file"]
-    log.info("exporting %s/%s to %s", checkpoint_dir, tag, out)
+    log.info("exporting %s/checkpoints/%s to %s", run_dir, tag, out)
     return save_pretrained(model, out, token_ids=token_ids, extra_files=extra, byte_tokenizer=byte_tokenizer)

@@ -1,4 +1,5 @@
-"""Compile the C scan (`scan_source.C_SOURCE`) once per machine and load it with ctypes.
+"""Compile the C kernels (the scan of `scan_source` and the conv of `conv_source`, one library) once
+per machine and load it with ctypes.
 
 No torch headers are involved, so the build takes about a second with the system C compiler (the
 README's set-up installs one: build-essential). The shared library is cached under
@@ -18,9 +19,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .scan_source import C_SOURCE
+from .conv_source import CONV_SOURCE
+from .scan_source import C_SOURCE as SCAN_SOURCE
 
 log = logging.getLogger(__name__)
+
+C_SOURCE = SCAN_SOURCE + CONV_SOURCE  # the scan's part holds the #includes
 
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11"]
 # Linking is a separate step without -ffast-math: linked with it, gcc adds crtfastmath.o, whose
@@ -33,6 +37,12 @@ class ScanArgs(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("batch", "dim", "L", "n", "groups", "chunk", "n_chunks")] + [
         (name, ctypes.c_void_p) for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     ] + [(name, ctypes.c_int) for name in ("B_fixed", "C_fixed", "softplus")]
+
+
+class ConvArgs(ctypes.Structure):
+    """Mirror of the C `conv_args` struct."""
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "L", "dim", "width", "x_sb", "x_sl")] + [
+        (name, ctypes.c_void_p) for name in ("x", "w", "bias")] + [("silu", ctypes.c_int)]
 
 
 def _cpu_model() -> str:
@@ -84,10 +94,12 @@ def load_library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
-        log.warning("fused CPU scan unavailable, falling back to the chunked PyTorch scan: %s", detail)
+        log.warning("fused CPU kernels unavailable, falling back to PyTorch (chunked scan, torch conv): %s", detail)
         return None
     ptr = ctypes.c_void_p
     lib.scan_fwd.argtypes = [ctypes.POINTER(ScanArgs), ptr, ptr, ptr, ctypes.c_int]
     lib.scan_bwd.argtypes = [ctypes.POINTER(ScanArgs)] + [ptr] * 11 + [ctypes.c_int]
-    lib.scan_fwd.restype = lib.scan_bwd.restype = None
+    lib.conv_fwd.argtypes = [ctypes.POINTER(ConvArgs), ptr, ctypes.c_int]
+    lib.conv_bwd.argtypes = [ctypes.POINTER(ConvArgs)] + [ptr] * 5 + [ctypes.c_int]
+    lib.scan_fwd.restype = lib.scan_bwd.restype = lib.conv_fwd.restype = lib.conv_bwd.restype = None
     return lib

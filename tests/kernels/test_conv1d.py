@@ -10,14 +10,9 @@ import kernels
 from kernels import causal_conv1d, causal_conv1d_ref
 from kernels.selective_scan import triton_available
 
+from .oracle import assert_matches, conv_grads
+
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-
-
-def _grads(fn, x, weight, bias, activation):
-    out = fn(x, weight, bias, activation=activation)
-    loss = (out.float() * torch.cos(torch.arange(out.numel(), dtype=torch.float32)).view_as(out)).sum()
-    params = [t for t in (x, weight, bias) if t is not None]
-    return [out, *torch.autograd.grad(loss, params)]
 
 
 @pytest.mark.parametrize("width", [2, 3, 4])
@@ -29,17 +24,15 @@ def test_triton_conv1d_matches_torch(width, activation, with_bias, dtype, tol):
     x = torch.randn(2, 20, 70, generator=g).to(dtype).requires_grad_()  # d and L not multiples of the blocks
     weight = torch.randn(20, width, generator=g).to(dtype).requires_grad_()
     bias = torch.randn(20, generator=g).to(dtype).requires_grad_() if with_bias else None
-    want = _grads(causal_conv1d_ref, x, weight, bias, activation)
-    got = _grads(lambda *a, **k: causal_conv1d(*a, backend="triton", **k), x, weight, bias, activation)
-    for name, w, gt in zip(["out", "dx", "dweight", "dbias"], want, got):
-        assert gt.dtype == w.dtype and gt.shape == w.shape, name
-        err = (gt.float() - w.float()).abs().max().item()
-        assert err <= tol * (w.float().abs().max().item() + 1e-6), f"{name}: {err}"
+    want = conv_grads(causal_conv1d_ref, x, weight, bias, activation)
+    got = conv_grads(lambda *a, **k: causal_conv1d(*a, backend="triton", **k), x, weight, bias, activation)
+    assert_matches(got, want, tol, same_dtype=True)
 
 
-def test_dispatch_defaults_to_torch_on_cpu(monkeypatch):
+def test_dispatch_defaults_to_the_fused_kernel_on_cpu(monkeypatch):
     calls = []
-    monkeypatch.setitem(kernels.CONV1D_BACKENDS, "ref", lambda *a, **k: calls.append(1) or causal_conv1d_ref(*a, **k))
+    fused = kernels.CONV1D_BACKENDS["cpu"]
+    monkeypatch.setitem(kernels.CONV1D_BACKENDS, "cpu", lambda *a, **k: calls.append(1) or fused(*a, **k))
     x, weight = torch.randn(1, 4, 9), torch.randn(4, 3)
     torch.testing.assert_close(causal_conv1d(x, weight, activation="silu"), causal_conv1d_ref(x, weight, activation="silu"))
     assert calls == [1]

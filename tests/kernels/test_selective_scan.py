@@ -10,6 +10,9 @@ from kernels import selective_scan_ref
 from kernels.cpu import selective_scan_chunked, selective_scan_cpu
 from kernels.selective_scan import triton_available
 
+from .oracle import assert_matches, values_and_grads
+
+
 def make_inputs(batch=2, d=8, L=37, n=5, bc="var", groups=2, dtype=torch.float32, with_z=True, with_D=True,
                 with_bias=True, seed=0):
     """Random scan inputs, all requiring grad. bc: "fixed" (d, n), "var" (batch, n, L) or "grouped"
@@ -31,30 +34,9 @@ def make_inputs(batch=2, d=8, L=37, n=5, bc="var", groups=2, dtype=torch.float32
 
 
 def run_with_grads(fn, inputs, delta_softplus, return_last_state, **kwargs):
-    """Forward, then gradients of a loss that weighs every output (and the last state) differently."""
     result = fn(**inputs, delta_softplus=delta_softplus, return_last_state=return_last_state, **kwargs)
     out, last = result if return_last_state else (result, None)
-    weights = torch.cos(torch.arange(out.numel(), dtype=torch.float32)).view_as(out)
-    loss = (out.float() * weights).sum()
-    if last is not None:
-        loss = loss + (last * torch.sin(torch.arange(last.numel(), dtype=torch.float32)).view_as(last)).sum()
-    names = [k for k, v in inputs.items() if v is not None]
-    grads = torch.autograd.grad(loss, [inputs[k] for k in names])
-    values = {"out": out, **({"last_state": last} if last is not None else {})}
-    values.update({f"d{k}": gr for k, gr in zip(names, grads)})
-    return values
-
-
-def assert_matches(got: dict, want: dict, tol: float):
-    """Every tensor within tol of the oracle, relative to the oracle's largest magnitude."""
-    assert got.keys() == want.keys()
-    for name in want:
-        g, w = got[name].float(), want[name].float()
-        assert g.shape == w.shape, name
-        assert torch.isfinite(g).all(), name
-        scale = w.abs().max().item() + 1e-6
-        err = (g - w).abs().max().item()
-        assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol} x {scale:.3g}"
+    return values_and_grads({"out": out, "last_state": last}, inputs)
 
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")

@@ -6,6 +6,8 @@ import torch
 
 from models import CheckpointError, LanguageModel, ModelConfig, load_pretrained, save_pretrained
 
+from .contracts import randomize_hf_weights
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -14,14 +16,7 @@ def hf_model(seed=0, **overrides):
                   time_step_rank="auto", use_bias=False, use_conv_bias=True, residual_in_fp32=True)
     kwargs.update(overrides)
     torch.manual_seed(seed)
-    model = transformers.MambaForCausalLM(transformers.MambaConfig(**kwargs)).eval()
-    # random, non-default values everywhere so that a wrongly mapped tensor cannot go unnoticed
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-        for layer in model.backbone.layers:
-            layer.mixer.A_log.copy_(torch.rand_like(layer.mixer.A_log))
-    return model
+    return randomize_hf_weights(transformers.MambaForCausalLM(transformers.MambaConfig(**kwargs)).eval())
 
 
 def tokens(vocab, seed=1, shape=(2, 13)):

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from models import LanguageModel, ModelConfig, generate
 from models.hf import cast_model
 
+from .contracts import assert_causal, assert_steps_match_forward
+
 
 def build(config: ModelConfig, seed: int = 0) -> LanguageModel:
     torch.manual_seed(seed)
@@ -38,26 +40,13 @@ def test_paper_initialisation(tiny_config):
 
 
 def test_causal(tiny_config):
-    model = build(tiny_config)
-    ids = torch.randint(0, 101, (1, 12))
-    changed = ids.clone()
-    changed[0, 7] = (ids[0, 7] + 1) % 101
-    a, b = model(ids), model(changed)
-    torch.testing.assert_close(a[:, :7], b[:, :7])
-    assert not torch.allclose(a[:, 7:], b[:, 7:])
+    assert_causal(build(tiny_config), length=12, position=7)
 
 
 @pytest.mark.parametrize("prefill", [0, 5])
 def test_step_decoding_equals_parallel_forward(tiny_config, prefill):
-    model = build(tiny_config)
     ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(3))
-    full = model(ids)
-    state = model.allocate_state(2)
-    if prefill:
-        torch.testing.assert_close(model(ids[:, :prefill], state=state), full[:, :prefill], rtol=1e-4, atol=1e-4)
-    steps = [model.step(ids[:, t], state) for t in range(prefill, ids.shape[1])]
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, prefill:], rtol=1e-4, atol=1e-4)
-    assert state.seqlen == 16
+    assert_steps_match_forward(build(tiny_config), ids, prefill)
 
 
 def test_generate_greedy_is_argmax_of_the_parallel_forward(tiny_config):

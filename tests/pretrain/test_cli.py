@@ -81,7 +81,7 @@ def test_prepare_reports_the_splits_and_is_idempotent(tmp_path):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (("generate", "no/such/dir", "--prompt", "x"), ["no/such/dir: not a directory"]),
+    (("generate", "no/such/dir", "--prompt", "x"), ["no/such/dir: not found (expected a run folder or a model folder)"]),
     (("generate", "--random-init", "configs/tiny.yaml", "--prompt", "x", "--top-p", "2"), ["top_p"]),
     (("generate", "--random-init", "configs/none.yaml", "--prompt", "x"), ["configs/none.yaml: cannot read config"]),
     (("generate", "--prompt", "x"), ["exactly one of CHECKPOINT or --random-init"]),

@@ -1,0 +1,248 @@
+"""GLUE fine-tuning: a classification (or STS-B regression) head on the pretrained backbone, pooled on
+the last real token of each sequence (the only position that has read the whole input of a causal
+model), trained through the same DeepSpeed engine as pretraining, evaluated on dev every epoch; the
+best epoch's dev metrics and test predictions are kept and written as the benchmark's submission files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.errors import DataError
+
+from .glue_metrics import glue_score, split_metrics, task_score
+from .glue_tasks import Example, Task, load_split
+
+log = logging.getLogger(__name__)
+
+
+class SequenceClassifier(nn.Module):
+    """backbone features (batch, L, d_model) -> the last real token's -> head -> (batch, num_labels)."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, seed: int):
+        super().__init__()
+        backbone.lm_head = nn.Identity()  # not used; a head without gradients would trouble ZeRO
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.d_model, num_labels)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.head.weight.normal_(0.0, backbone.config.initializer_range, generator=generator)
+            self.head.bias.zero_()
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone.features(input_ids)  # right padding: pads come after the pooled token
+        pooled = hidden[torch.arange(len(lengths), device=hidden.device), lengths - 1]
+        return self.head(pooled.to(self.head.weight.dtype)).float()
+
+
+def special_ids(tokenizer) -> tuple[int, int]:
+    """(start id, separator id): BOS and EOS where the tokenizer has them, else whichever exists."""
+    bos = tokenizer.bos_id if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else None
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else None
+    if bos is None and eos is None:
+        raise DataError("the tokenizer has neither a BOS nor an EOS id to frame GLUE sentences with")
+    return (bos if bos is not None else eos), (eos if eos is not None else bos)
+
+
+def encode_example(tokenizer, example: Example, max_length: int) -> list[int]:
+    """[start] a [sep] (b [sep]), cut to max_length by trimming the longer sentence first."""
+    start, sep = special_ids(tokenizer)
+    a = tokenizer.encode(example.text_a)
+    b = tokenizer.encode(example.text_b) if example.text_b is not None else None
+    budget = max_length - (3 if b is not None else 2)
+    if budget < 2:
+        raise DataError(f"glue.max_length={max_length} leaves no room for the sentences")
+    while len(a) + (len(b) if b is not None else 0) > budget:
+        if b is not None and len(b) > len(a):
+            b.pop()
+        else:
+            a.pop()
+    return [start] + a + [sep] + (b + [sep] if b is not None else [])
+
+
+def collate(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(s) for s in sequences])
+    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq)
+    return ids, lengths
+
+
+def rank_indices(n: int, rank: int, world_size: int, order: list[int] | None = None) -> list[int]:
+    """This rank's share of n items; wrapped around so that every rank gets the same count (ranks must
+    take the same number of steps), as torch's DistributedSampler does."""
+    order = order if order is not None else list(range(n))
+    per_rank = math.ceil(n / world_size)
+    padded = order + order[:per_rank * world_size - n]
+    return padded[rank::world_size]
+
+
+@dataclass
+class TaskResult:
+    task: str
+    best_epoch: int
+    dev: dict[str, float]  # the best epoch's metrics
+    score: float
+    epochs: list[dict] = field(default_factory=list)
+    test_predictions: dict[str, list[tuple[str, object]]] = field(default_factory=dict)
+
+
+class GlueRunner:
+    """Fine-tunes one fresh copy of the backbone per task. `make_backbone()` returns the pretrained LM."""
+
+    def __init__(self, make_backbone, tokenizer, run_config, world_size: int, rank: int, device: torch.device,
+                 progress: bool = False):
+        self.make_backbone, self.tokenizer, self.config = make_backbone, tokenizer, run_config
+        self.glue = run_config.glue
+        self.world_size, self.rank, self.device, self.progress = world_size, rank, device, progress
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else special_ids(tokenizer)[1]
+        self.pad_id = pad
+
+    def _engine(self, model: nn.Module, total_steps: int):
+        from pretrain.engine import build_engine
+
+        glue = self.glue
+        if glue.batch_size % self.world_size:
+            raise DataError(f"glue.batch_size={glue.batch_size} must be a multiple of the number of ranks "
+                            f"({self.world_size})")
+        train = dataclasses.replace(
+            self.config.train, lr=glue.lr, micro_batch_size=glue.batch_size // self.world_size, grad_accum_steps=1,
+            weight_decay=glue.weight_decay, warmup_steps=max(1, round(glue.warmup_ratio * total_steps)),
+            max_steps=total_steps, min_lr_ratio=0.0, activation_checkpointing=False)
+        return build_engine(model, dataclasses.replace(self.config, train=train), self.world_size)
+
+    def _predict(self, engine, examples: list[Example], task: Task) -> list:
+        """Predictions for every example (each rank scores its share; results are gathered)."""
+        from pretrain.engine import autocast, resolve_precision
+
+        dtype = resolve_precision(self.config.train.precision, self.device)
+        mine = rank_indices(len(examples), self.rank, self.world_size)
+        batch = self.glue.batch_size // self.world_size
+        out = []
+        engine.eval()
+        with torch.no_grad():
+            for b in range(0, len(mine), batch):
+                idx = mine[b:b + batch]
+                ids, lengths = collate([encode_example(self.tokenizer, examples[i], self.glue.max_length)
+                                        for i in idx], self.pad_id)
+                with autocast(self.device, dtype):
+                    logits = engine(ids.to(self.device), lengths.to(self.device))
+                values = logits[:, 0] if task.is_regression else logits.argmax(-1)
+                out.extend(zip(idx, values.cpu().tolist()))
+        engine.train()
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, out)
+            out = [pair for part in gathered for pair in part]
+        by_index = dict(out)
+        return [by_index[i] for i in range(len(examples))]
+
+    def _evaluate(self, engine, task: Task, dev: dict[str, list[Example]]) -> dict[str, float]:
+        metrics = {}
+        for split, examples in dev.items():
+            m = split_metrics(task.name, self._predict(engine, examples, task), [e.label for e in examples])
+            if task.name == "mnli":
+                m = {f"accuracy_{split.split('_')[1]}": m["accuracy"]}
+            metrics.update(m)
+        return metrics
+
+    def run_task(self, task: Task) -> TaskResult:
+        from pretrain.engine import autocast, resolve_precision
+
+        glue = self.glue
+        train = load_split(task, "train", glue.data_dir)
+        dev = {split: load_split(task, split, glue.data_dir) for split in task.dev_splits}
+        test = {}
+        for split in task.test_splits:
+            try:
+                test[split] = load_split(task, split, glue.data_dir)
+            except DataError as e:
+                log.warning("%s: no submission file for this split", e)
+        encoded = [encode_example(self.tokenizer, e, glue.max_length) for e in train]
+        torch.manual_seed(glue.seed)
+        model = SequenceClassifier(self.make_backbone(), task.num_labels, glue.seed).to(self.device)
+        steps_per_epoch = math.ceil(len(train) / glue.batch_size)
+        engine, _, _ = self._engine(model, steps_per_epoch * glue.epochs)
+        dtype = resolve_precision(self.config.train.precision, self.device)
+        result = TaskResult(task.name, -1, {}, -math.inf)
+        for epoch in range(glue.epochs):
+            order = list(range(len(train)))
+            random.Random(glue.seed * 1000 + epoch).shuffle(order)
+            mine = rank_indices(len(train), self.rank, self.world_size, order)
+            micro = glue.batch_size // self.world_size
+            losses = []
+            steps = range(0, len(mine), micro)
+            if self.progress:
+                from tqdm import tqdm
+
+                steps = tqdm(steps, desc=f"{task.name} epoch {epoch + 1}/{glue.epochs}", unit="step")
+            for b in steps:
+                idx = mine[b:b + micro]
+                ids, lengths = collate([encoded[i] for i in idx], self.pad_id)
+                labels = torch.tensor([train[i].label for i in idx], device=self.device)
+                with autocast(self.device, dtype):
+                    logits = engine(ids.to(self.device), lengths.to(self.device))
+                loss = F.mse_loss(logits[:, 0], labels.float()) if task.is_regression else \
+                    F.cross_entropy(logits, labels.long())
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+            metrics = self._evaluate(engine, task, dev)
+            score = task_score(task.name, metrics)
+            result.epochs.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), **metrics,
+                                  "score": score})
+            log.info("%s epoch %d: train loss %.4f, dev %s", task.name, epoch + 1, result.epochs[-1]["train_loss"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if score > result.score:  # keep the best epoch: its dev metrics and its test predictions
+                result.best_epoch, result.dev, result.score = epoch + 1, metrics, score
+                result.test_predictions = {split: list(zip((e.index for e in ex), self._predict(engine, ex, task)))
+                                           for split, ex in test.items()}
+        engine.destroy()
+        return result
+
+
+def format_prediction(task: Task, value) -> str:
+    if task.is_regression:
+        return f"{min(5.0, max(0.0, value)):.3f}"
+    return task.labels[int(value)]
+
+
+def write_results(results: list[TaskResult], tasks: dict[str, Task], out_dir: str | Path, source: str) -> dict:
+    """results.json, results.md and submission/<Task>.tsv under out_dir; returns the summary."""
+    out_dir = Path(out_dir)
+    (out_dir / "submission").mkdir(parents=True, exist_ok=True)
+    scores = {r.task: r.score for r in results}
+    summary = {"checkpoint": source, "score": glue_score(scores),
+               "tasks": {r.task: {"score": r.score, "best_epoch": r.best_epoch, "dev": r.dev, "epochs": r.epochs}
+                         for r in results}}
+    for r in results:
+        task = tasks[r.task]
+        (out_dir / f"{r.task}.json").write_text(json.dumps(summary["tasks"][r.task], indent=2) + "\n")
+        for stem, split in zip(task.submission, task.test_splits):
+            if split in r.test_predictions:
+                rows = "".join(f"{index}\t{format_prediction(task, value)}\n" for index, value in r.test_predictions[split])
+                (out_dir / "submission" / f"{stem}.tsv").write_text("index\tprediction\n" + rows)
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "results.md").write_text(results_table(summary))
+    return summary
+
+
+def results_table(summary: dict) -> str:
+    lines = [f"GLUE dev results of {summary['checkpoint']}", "", "| task | metrics | score | best epoch |",
+             "|---|---|---|---|"]
+    for task, r in summary["tasks"].items():
+        metrics = ", ".join(f"{k} {100 * v:.2f}" for k, v in r["dev"].items())
+        lines.append(f"| {task} | {metrics} | {r['score']:.2f} | {r['best_epoch']} |")
+    score = summary["score"]
+    lines.append(f"| **GLUE score** | | {score:.2f} | |" if score is not None else
+                 "| GLUE score | needs all nine tasks | | |")
+    return "\n".join(lines) + "\n"

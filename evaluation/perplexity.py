@@ -1,0 +1,234 @@
+"""Document-level perplexity the way the literature reports WikiText: every document scored as a whole
+with rolling windows of the model's context, after the standard WikiText detokenisation; token, word
+and byte perplexity and bits per byte, with words and bytes counted on the original text.
+
+`scoring_windows` is the one place that decides which tokens a window reads and which it scores:
+with stride = max_length (the default) windows do not overlap and the last one reaches back for a full
+context (the evaluation harness's rolling log-likelihood); with a smaller stride every scored token
+has at least max_length - stride tokens of context.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from models.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+WIKITEXT = {  # --dataset name -> (hub dataset, subset); one page per row, in the field "page"
+    "wikitext-103": ("EleutherAI/wikitext_document_level", "wikitext-103-raw-v1"),
+    "wikitext-2": ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1"),
+}
+
+# The WikiText detokenisation used by the evaluation harness (originally Megatron-LM's): undo the
+# dataset's spaced-out punctuation and number separators before tokenizing.
+_PLAIN = [("s '", "s'"), (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "),
+          (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", ")]
+_BRACKETS = [(r"\(\s*([^\)]*?)\s*\)", r"(\1)"), (r"\[\s*([^\]]*?)\s*\]", r"[\1]"), (r"{\s*([^}]*?)\s*}", r"{\1}"),
+             (r"\"\s*([^\"]*?)\s*\"", r'"\1"'), (r"'\s*([^']*?)\s*'", r"'\1'")]
+_TAIL = [("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
+         (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")]
+
+
+def wikitext_detokenize(text: str) -> str:
+    for old, new in _PLAIN:
+        text = text.replace(old, new)
+    text = re.sub(r"/' [0-9]/", r"/'[0-9]/", text)
+    for pattern, repl in _BRACKETS:
+        text = re.sub(pattern, repl, text)
+    for old, new in _TAIL:
+        text = text.replace(old, new)
+    return text
+
+
+def count_words(text: str) -> int:
+    """Words as the harness counts them: pieces between runs of whitespace, on the original text."""
+    return len(re.split(r"\s+", text))
+
+
+_HEADING = re.compile(r"^ = [^=].* = $")  # a WikiText article title line: " = Title = "
+
+
+def split_wikitext_pages(text: str) -> list[str]:
+    """Raw WikiText (one file) -> articles, each starting at its level-1 heading. A text with no such
+    heading is one document."""
+    pages, current = [], []
+    for line in text.splitlines(keepends=True):
+        if _HEADING.match(line.rstrip("\n")) and any(s.strip() for s in current):
+            pages.append("".join(current))
+            current = []
+        current.append(line)
+    if any(s.strip() for s in current):
+        pages.append("".join(current))
+    return pages
+
+
+def load_documents(dataset: str, split: str = "test") -> list[str]:
+    """The documents of `dataset`: wikitext-103 / wikitext-2 from the hub (document-level pages), or
+    local files and globs: text (.txt, WikiText's .raw, ...) split into WikiText articles, .jsonl/.parquet one document per row
+    (field `page`, else `text`)."""
+    if dataset in WIKITEXT:
+        import datasets
+
+        name, subset = WIKITEXT[dataset]
+        try:
+            rows = datasets.load_dataset(name, subset, split=split)
+        except Exception as e:  # offline, or the hub is unreachable: say what to do instead
+            raise DataError(f"--dataset {dataset}: cannot load {name}/{subset} from the hub "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            f"pass local files instead (e.g. --dataset wiki.test.raw)") from None
+        return [row["page"] for row in rows]
+    from data_pipeline.sources import SkipCounter, expand_paths, local_documents
+
+    paths = expand_paths([dataset], formats=None)
+    docs: list[str] = []
+    for path in paths:
+        if path.suffix in (".jsonl", ".json", ".parquet"):
+            field = "page" if _has_field(path, "page") else "text"
+            docs.extend(local_documents([str(path)], field, "fail", SkipCounter()))
+        else:
+            docs.extend(split_wikitext_pages(path.read_text(encoding="utf-8")))
+    if not docs:
+        raise DataError(f"--dataset {dataset}: no documents in {', '.join(map(str, paths))}")
+    return docs
+
+
+def _has_field(path: Path, field: str) -> bool:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return field in pq.read_schema(path).names
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "{}")
+    try:
+        return field in json.loads(first)
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Window:
+    """Inputs seq[start:end] of a document's sequence seq = [prefix] + tokens; the logits at positions
+    score_from - start .. end - start - 1 predict seq[score_from + 1 .. end]."""
+
+    doc: int
+    start: int
+    end: int
+    score_from: int
+
+
+def scoring_windows(doc: int, n_tokens: int, max_length: int, stride: int) -> Iterator[Window]:
+    """Windows that score each of a document's n_tokens exactly once (targets seq[1..n])."""
+    if not 1 <= stride <= max_length:
+        raise ConfigError(f"eval.stride={stride} is invalid: must be between 1 and eval.max_length ({max_length})")
+    first = 1
+    while first <= n_tokens:
+        last = min(first + stride, n_tokens + 1)  # targets seq[first:last]
+        end = last - 1
+        start = max(0, end - max_length)
+        yield Window(doc, start, end, first - 1)
+        first = last
+
+
+@dataclass
+class PerplexityResult:
+    dataset: str
+    documents: int
+    tokens: int
+    words: int
+    bytes: int
+    nll: float  # total negative log-likelihood in nats
+    max_length: int
+    stride: int
+
+    @property
+    def token_perplexity(self) -> float:
+        return math.exp(self.nll / self.tokens)
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(self.nll / self.words)
+
+    @property
+    def byte_perplexity(self) -> float:
+        return math.exp(self.nll / self.bytes)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / self.bytes / math.log(2)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "token_perplexity": self.token_perplexity, "word_perplexity": self.word_perplexity,
+                "byte_perplexity": self.byte_perplexity, "bits_per_byte": self.bits_per_byte}
+
+    def table(self) -> str:
+        rows = [("documents", f"{self.documents}"), ("tokens", f"{self.tokens}"), ("words", f"{self.words}"),
+                ("bytes", f"{self.bytes}"), ("token perplexity", f"{self.token_perplexity:.4f}"),
+                ("word perplexity", f"{self.word_perplexity:.4f}"),
+                ("byte perplexity", f"{self.byte_perplexity:.4f}"), ("bits per byte", f"{self.bits_per_byte:.4f}")]
+        head = f"Perplexity on {self.dataset} (window {self.max_length}, stride {self.stride})\n\n"
+        return head + "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+@torch.no_grad()
+def evaluate_perplexity(model, tokenizer, documents: list[str], dataset: str, max_length: int,
+                        stride: int | None = None, batch_size: int = 8, detokenize: bool = True,
+                        rank: int = 0, world_size: int = 1, progress: bool = False) -> PerplexityResult:
+    """Score `documents` (rank r takes every world_size-th one; sums are all-reduced when a process group
+    is up). Each document is prefixed with the tokenizer's BOS (else EOS) id, so its first token is scored."""
+    stride = stride or max_length
+    if max_length < 1:
+        raise ConfigError(f"eval.max_length={max_length} is invalid: must be >= 1")
+    prefix = next((i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None and i >= 0), None)
+    if prefix is None:
+        raise DataError("the tokenizer has neither a BOS nor an EOS id to start documents with")
+    device = next(model.parameters()).device
+    mine = list(range(rank, len(documents), world_size))
+    sequences, windows = {}, []
+    totals = torch.zeros(5, dtype=torch.float64)  # nll, tokens, words, bytes, documents
+    for i in mine:
+        original = documents[i]
+        ids = tokenizer.encode(wikitext_detokenize(original) if detokenize else original)
+        sequences[i] = torch.tensor([prefix] + list(ids), dtype=torch.long)
+        windows.extend(scoring_windows(i, len(ids), max_length, stride))
+        totals[1:] += torch.tensor([len(ids), count_words(original), len(original.encode("utf-8")), 1],
+                                   dtype=torch.float64)
+    windows.sort(key=lambda w: w.end - w.start, reverse=True)  # similar lengths share a batch: little padding
+    batches = range(0, len(windows), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="perplexity", unit="batch")
+    for b in batches:
+        group = windows[b:b + batch_size]
+        width = group[0].end - group[0].start
+        inputs = torch.zeros(len(group), width, dtype=torch.long)
+        targets = torch.full((len(group), width), -100, dtype=torch.long)  # -100: not scored
+        for row, w in enumerate(group):
+            seq = sequences[w.doc]
+            inputs[row, :w.end - w.start] = seq[w.start:w.end]
+            scored = slice(w.score_from - w.start, w.end - w.start)
+            targets[row, scored] = seq[w.score_from + 1:w.end + 1]
+        logits = model(inputs.to(device))
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
+                              reduction="sum")
+        totals[0] += nll.double().cpu()
+    if world_size > 1 and torch.distributed.is_initialized():
+        reduced = totals.to(device)
+        torch.distributed.all_reduce(reduced)
+        totals = reduced.cpu()
+    nll, tokens, words, n_bytes, docs = totals.tolist()
+    if tokens == 0:
+        raise DataError(f"{dataset}: the documents hold no tokens to score")
+    return PerplexityResult(dataset=dataset, documents=int(docs), tokens=int(tokens), words=int(words),
+                            bytes=int(n_bytes), nll=nll, max_length=max_length, stride=stride)

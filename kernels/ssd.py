@@ -1,0 +1,153 @@
+"""The SSD layer of Mamba-2 (Dao & Gu, 2024): the chunked algorithm in plain PyTorch, and the public
+entry point `ssd_scan` that dispatches between backends.
+
+The chunked algorithm computes exactly the recurrence of `kernels.ref.ssd_scan_ref` with matmuls:
+split the sequence into chunks of Q steps; inside a chunk the output is a masked, decayed
+"attention" C_l . B_s exp(a_l - a_s) dt_s x_s over s <= l (quadratic in Q, linear in L); between
+chunks only the (headdim, dstate) state of each head is carried. a is the cumulative sum of dt * A
+within the chunk. All arithmetic is fp32 (autocast is switched off inside) and autograd
+differentiates it.
+
+Backends: "torch" (this file, the default on CPU), "triton" (`kernels.triton.ssd`, the default on
+CUDA; CPU tensors under TRITON_INTERPRET=1) and "ref" (the sequential oracle).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .ref import discretize_dt, ssd_scan_ref
+from .selective_scan import triton_available
+
+
+def segment_sums(a: torch.Tensor) -> torch.Tensor:
+    """a (..., Q) -> (..., Q, Q) with [l, s] = a[s+1] + ... + a[l] for s <= l and -inf above the diagonal.
+
+    Summed from masked copies rather than as cumsum[l] - cumsum[s], which loses precision when the
+    cumulative sums are large and close."""
+    Q = a.shape[-1]
+    ones = torch.ones(Q, Q, dtype=torch.bool, device=a.device)
+    sums = a[..., :, None].expand(*a.shape, Q).masked_fill(~ones.tril(-1), 0.0).cumsum(dim=-2)
+    return sums.masked_fill(~ones.tril(0), -math.inf)
+
+
+def _chunked_scan(x, dt, A, B, C, chunk_size, initial_state):
+    """fp32 core of `ssd_chunked` without D: returns y (batch, L, nheads, headdim), h_L."""
+    batch, L, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    per_group = nheads // ngroups
+    Q = max(1, min(chunk_size, L))  # a sequence shorter than a chunk is one chunk of its own length
+    n_chunks = max(1, -(-L // Q))
+    pad = n_chunks * Q - L  # padded steps have dt = 0: they neither decay nor feed the state
+
+    def chunks(t, *head_dims):  # (batch, L, ...) -> (batch, n_chunks, Q, ...)
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(batch, n_chunks, Q, *head_dims)
+
+    x = chunks(x, ngroups, per_group, headdim)  # (b, c, Q, g, r, p)
+    B, C = chunks(B, ngroups, dstate), chunks(C, ngroups, dstate)  # (b, c, Q, g, n)
+    dt = chunks(dt, ngroups, per_group).permute(0, 1, 3, 4, 2)  # (b, c, g, r, Q)
+    dA = dt * A.view(ngroups, per_group, 1)
+    a = dA.cumsum(dim=-1)
+
+    # inside each chunk: y_l = sum_{s <= l} (C_l . B_s) exp(a_l - a_s) dt_s x_s
+    scores = torch.einsum("bclgn,bcsgn->bcgls", C, B)[:, :, :, None]  # (b, c, g, 1, Q, Q)
+    weights = scores * torch.exp(segment_sums(dA)) * dt[..., None, :]
+    y = torch.einsum("bcgrls,bcsgrp->bclgrp", weights, x)
+
+    # the state each chunk leaves behind from its own inputs: sum_s exp(a_end - a_s) dt_s x_s B_s^T
+    to_end = torch.exp(a[..., -1:] - a) * dt  # (b, c, g, r, Q)
+    chunk_states = torch.einsum("bcsgn,bcsgrp->bcgrpn", B, x * to_end.permute(0, 1, 4, 2, 3)[..., None])
+
+    # between chunks: carry the state, decayed by each chunk's total exp(a_end)
+    if initial_state is None:
+        h = x.new_zeros(batch, ngroups, per_group, headdim, dstate)
+    else:
+        h = initial_state.float().reshape(batch, ngroups, per_group, headdim, dstate)
+    entering = []
+    for c in range(n_chunks):
+        entering.append(h)
+        h = torch.exp(a[:, c, :, :, -1])[..., None, None] * h + chunk_states[:, c]
+    entering = torch.stack(entering, dim=1)  # (b, c, g, r, p, n)
+
+    # contribution of the state entering the chunk: exp(a_l) h C_l
+    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", C, entering) * torch.exp(a).permute(0, 1, 4, 2, 3)[..., None]
+    y = y.reshape(batch, n_chunks * Q, nheads, headdim)[:, :L]
+    return y, h.reshape(batch, nheads, headdim, dstate)
+
+
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 256,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+):
+    """The chunked SSD in PyTorch; shapes and semantics of `kernels.ref.ssd_scan_ref`.
+
+    chunk_size: steps per chunk (any positive int; L need not be a multiple)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xf = x.float()
+        y, last = _chunked_scan(xf, discretize_dt(dt, dt_bias, dt_softplus), A.float(), B.float(), C.float(),
+                                chunk_size, initial_state)
+        if D is not None:
+            y = y + xf * D.float()[:, None]
+    y = y.to(x.dtype)
+    return (y, last) if return_final_state else y
+
+
+def _ssd_ref(x, dt, A, B, C, chunk_size=None, **kwargs):
+    return ssd_scan_ref(x, dt, A, B, C, **kwargs)  # the recurrence has no chunks
+
+
+def _ssd_triton(*args, **kwargs):
+    from .triton.ssd import ssd_triton  # lazy: `import kernels` must work without triton
+
+    return ssd_triton(*args, **kwargs)
+
+
+SSD_BACKENDS: dict[str, Callable] = {"ref": _ssd_ref, "torch": ssd_chunked}
+if triton_available():
+    SSD_BACKENDS["triton"] = _ssd_triton
+
+
+def ssd_default_backend(device: torch.device) -> str:
+    """"triton" for CUDA tensors where triton is installed, else the PyTorch chunked "torch"."""
+    return "triton" if device.type == "cuda" and "triton" in SSD_BACKENDS else "torch"
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int = 256,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    backend: str | None = None,
+):
+    """SSD with the shapes and semantics of `kernels.ref.ssd_scan_ref`, computed in chunks of
+    `chunk_size` steps (a power of two >= 16 for "triton").
+
+    backend: None picks by device (see `ssd_default_backend`); "ref", "torch" or "triton" forces one.
+    """
+    name = backend or ssd_default_backend(x.device)
+    if name not in SSD_BACKENDS:
+        raise ValueError(f"unknown SSD backend {name!r}; available: {sorted(SSD_BACKENDS)}")
+    return SSD_BACKENDS[name](x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                              initial_state=initial_state, return_final_state=return_final_state)

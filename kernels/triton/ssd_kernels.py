@@ -1,0 +1,245 @@
+"""Triton kernels of the chunked SSD (Mamba-2), forward and backward.
+
+Notation, per (batch b, chunk c, head h of group g): steps l, s of the chunk; a = cumsum(dt * A) within
+the chunk (a_end its last value); h0 the state entering the chunk; dS the gradient of the state
+leaving it. The forward is three kernels, as in the paper's algorithm:
+  chunk_state   S = sum_s exp(a_end - a_s) dt_s x_s B_s^T          (the state a chunk builds alone)
+  state_passing h0[c+1] = exp(a_end[c]) h0[c] + S[c]                (sequential over chunks)
+  chunk_scan    y_l = sum_{s<=l} (C_l.B_s) exp(a_l - a_s) dt_s x_s + exp(a_l) h0 C_l
+The backward reuses the first two (the adjoint of state passing is the same recurrence run backwards,
+fed by U = sum_l exp(a_l) dy_l C_l^T) and adds two kernels: one per block of steps s (what flows back
+to x_s, dt_s, B_s) and one per block of outputs l (what flows back to C_l). The gradient with respect
+to a is returned per step; the launcher turns it into gradients of dt and A with a reverse cumsum.
+
+Layouts (all contiguous): x, y, dy, dx (batch, L, nheads, headdim); B, C, dB, dC (batch, L, ngroups,
+dstate); per-step chunk quantities dt, a, ddt, da (batch, nheads, n_chunks, CHUNK) fp32, zero-padded
+past L (dt = 0 there, so padded steps change nothing); states (batch, n_chunks, nheads, headdim,
+dstate) fp32. All arithmetic is fp32.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_steps(ptr, b, t, L, width, stride_head, head, BLOCK_W: tl.constexpr):
+    """Rows t (BLOCK,) of a (batch, L, heads, width) tensor for one head, as fp32 (BLOCK, BLOCK_W)."""
+    offs_w = tl.arange(0, BLOCK_W)
+    offs = ((b * L + t[:, None]) * stride_head + head) * width + offs_w[None, :]
+    return tl.load(ptr + offs, mask=(t[:, None] < L) & (offs_w[None, :] < width), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_steps(ptr, value, b, t, L, width, stride_head, head, BLOCK_W: tl.constexpr, ATOMIC: tl.constexpr):
+    offs_w = tl.arange(0, BLOCK_W)
+    offs = ((b * L + t[:, None]) * stride_head + head) * width + offs_w[None, :]
+    mask = (t[:, None] < L) & (offs_w[None, :] < width)
+    if ATOMIC:  # several heads share a group of B/C
+        tl.atomic_add(ptr + offs, value, mask=mask)
+    else:
+        tl.store(ptr + offs, value, mask=mask)
+
+
+@triton.jit
+def _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets and mask of one (headdim, dstate) state in a (batch, n_chunks, nheads, headdim, dstate) tensor."""
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs = (((b * n_chunks + c) * nheads + head) * headdim + offs_p[:, None]) * dstate + offs_n[None, :]
+    return offs, (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
+
+
+@triton.jit
+def _decay(a_l, a_s, offs_l, offs_s):
+    """exp(a_l - a_s) where l >= s, else 0 (BLOCK_L, BLOCK_S); never exponentiates a positive number."""
+    return tl.exp(tl.where(offs_l[:, None] >= offs_s[None, :], a_l[:, None] - a_s[None, :], float("-inf")))
+
+
+@triton.jit
+def chunk_state_kernel(
+    X_ptr, Y_ptr, dt_ptr, a_ptr, out_ptr,
+    L, nheads, headdim, dstate, ngroups, n_chunks,
+    FROM_START: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """out[b, c, h] = sum_s X_s^T w_s Y_s over the steps of chunk c, with w_s = exp(a_end - a_s) dt_s
+    (forward: X = x, Y = B) or, FROM_START, w_s = exp(a_s) (backward: X = dy, Y = C).
+    Grid (batch * n_chunks, nheads)."""
+    b = (tl.program_id(0) // n_chunks).to(tl.int64)
+    c = tl.program_id(0) % n_chunks
+    head = tl.program_id(1)
+    group = head // (nheads // ngroups)
+    row = ((b * nheads + head) * n_chunks + c) * CHUNK  # start of (b, h, c) in dt and a
+    a_end = tl.load(a_ptr + row + CHUNK - 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k in range(0, CHUNK, BLOCK_K):
+        offs_s = k + tl.arange(0, BLOCK_K)
+        t = c * CHUNK + offs_s
+        xs = _load_steps(X_ptr, b, t, L, headdim, nheads, head, BLOCK_P)
+        ys = _load_steps(Y_ptr, b, t, L, dstate, ngroups, group, BLOCK_N)
+        a_s = tl.load(a_ptr + row + offs_s)
+        if FROM_START:
+            w = tl.exp(a_s)
+        else:
+            w = tl.exp(a_end - a_s) * tl.load(dt_ptr + row + offs_s)
+        acc += tl.dot(tl.trans(xs), ys * w[:, None], input_precision=PRECISION)
+    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, BLOCK_P, BLOCK_N)
+    tl.store(out_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
+def state_passing_kernel(
+    inputs_ptr, a_ptr, start_ptr, carried_ptr, last_ptr,
+    nheads, n_chunks, size,
+    HAS_START: tl.constexpr, REVERSE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """h <- start (or 0); for each chunk c in order (REVERSE: last to first): carried[c] = h, then
+    h <- exp(a_end[c]) h + inputs[c]; last = h. Forward: inputs are the chunk states and carried[c] the
+    state entering chunk c. Backward (REVERSE, start = d final state): inputs are U and carried[c] the
+    gradient of the state leaving chunk c; last is the gradient of the initial state.
+    States flattened to `size` = headdim * dstate. Grid (batch, nheads, cdiv(size, BLOCK))."""
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    if HAS_START:
+        h = tl.load(start_ptr + (b * nheads + head) * size + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(0, n_chunks):
+        if REVERSE:
+            c = n_chunks - 1 - k
+        else:
+            c = k
+        state = ((b * n_chunks + c) * nheads + head) * size + offs
+        tl.store(carried_ptr + state, h, mask=mask)
+        a_end = tl.load(a_ptr + ((b * nheads + head) * n_chunks + c) * CHUNK + CHUNK - 1)
+        h = tl.exp(a_end) * h + tl.load(inputs_ptr + state, mask=mask, other=0.0)
+    tl.store(last_ptr + (b * nheads + head) * size + offs, h, mask=mask)
+
+
+@triton.jit
+def chunk_scan_fwd_kernel(
+    x_ptr, B_ptr, C_ptr, dt_ptr, a_ptr, entering_ptr, y_ptr,
+    L, nheads, headdim, dstate, ngroups, n_chunks,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """y (fp32, without D) for BLOCK_M steps of one chunk and head. Grid (batch * n_chunks, nheads,
+    CHUNK / BLOCK_M)."""
+    b = (tl.program_id(0) // n_chunks).to(tl.int64)
+    c = tl.program_id(0) % n_chunks
+    head = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    group = head // (nheads // ngroups)
+    row = ((b * nheads + head) * n_chunks + c) * CHUNK
+    offs_l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t_l = c * CHUNK + offs_l
+    C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, BLOCK_N)
+    a_l = tl.load(a_ptr + row + offs_l)
+    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, BLOCK_P, BLOCK_N)
+    h0 = tl.load(entering_ptr + offs, mask=mask, other=0.0)
+    acc = tl.dot(C_l, tl.trans(h0), input_precision=PRECISION) * tl.exp(a_l)[:, None]
+    for k in range(0, (pid_m + 1) * BLOCK_M, BLOCK_M):  # causal: source blocks up to the diagonal
+        offs_s = k + tl.arange(0, BLOCK_M)
+        t_s = c * CHUNK + offs_s
+        B_s = _load_steps(B_ptr, b, t_s, L, dstate, ngroups, group, BLOCK_N)
+        x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, BLOCK_P)
+        dt_s = tl.load(dt_ptr + row + offs_s)
+        a_s = tl.load(a_ptr + row + offs_s)
+        w = tl.dot(C_l, tl.trans(B_s), input_precision=PRECISION) * _decay(a_l, a_s, offs_l, offs_s) * dt_s[None, :]
+        acc += tl.dot(w, x_s, input_precision=PRECISION)
+    _store_steps(y_ptr, acc, b, t_l, L, headdim, nheads, head, BLOCK_P, False)
+
+
+@triton.jit
+def chunk_scan_bwd_sources_kernel(
+    x_ptr, B_ptr, C_ptr, dt_ptr, a_ptr, dy_ptr, dleaving_ptr,
+    dx_ptr, ddt_ptr, dB_ptr, da_ptr, da_end_ptr,
+    L, nheads, headdim, dstate, ngroups, n_chunks,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Gradients at BLOCK source steps s of one chunk and head, from the outputs l >= s and from the
+    leaving state's gradient dS: dx, ddt (through dt as a factor only), dB (accumulated over the heads of
+    a group), da_s (the terms where a_s enters with a minus sign) and da_end_s (the term of a_end).
+    Grid (batch * n_chunks, nheads, CHUNK / BLOCK)."""
+    b = (tl.program_id(0) // n_chunks).to(tl.int64)
+    c = tl.program_id(0) % n_chunks
+    head = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    group = head // (nheads // ngroups)
+    row = ((b * nheads + head) * n_chunks + c) * CHUNK
+    offs_s = pid_s * BLOCK + tl.arange(0, BLOCK)
+    t_s = c * CHUNK + offs_s
+    x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, BLOCK_P)
+    B_s = _load_steps(B_ptr, b, t_s, L, dstate, ngroups, group, BLOCK_N)
+    dt_s = tl.load(dt_ptr + row + offs_s)
+    a_s = tl.load(a_ptr + row + offs_s)
+    g = tl.zeros((BLOCK, BLOCK_P), dtype=tl.float32)  # d y / d (dt_s x_s), summed over outputs
+    dB = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+    m_cols = tl.zeros((BLOCK,), dtype=tl.float32)  # sum_l of the score terms, for da_s
+    for k in range(pid_s * BLOCK, CHUNK, BLOCK):
+        offs_l = k + tl.arange(0, BLOCK)
+        t_l = c * CHUNK + offs_l
+        C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, BLOCK_N)
+        dy_l = _load_steps(dy_ptr, b, t_l, L, headdim, nheads, head, BLOCK_P)
+        decay = _decay(tl.load(a_ptr + row + offs_l), a_s, offs_l, offs_s)  # (l, s)
+        w = tl.dot(C_l, tl.trans(B_s), input_precision=PRECISION) * decay
+        xdy = tl.dot(dy_l, tl.trans(x_s), input_precision=PRECISION)
+        g += tl.dot(tl.trans(w), dy_l, input_precision=PRECISION)
+        dB += tl.dot(tl.trans(decay * xdy), C_l, input_precision=PRECISION)
+        m_cols += tl.sum(w * xdy, axis=0)
+    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, BLOCK_P, BLOCK_N)
+    dS = tl.load(dleaving_ptr + offs, mask=mask, other=0.0)
+    to_end = tl.exp(tl.load(a_ptr + row + CHUNK - 1) - a_s)
+    g += to_end[:, None] * tl.dot(B_s, tl.trans(dS), input_precision=PRECISION)
+    x_dS = tl.dot(x_s, dS, input_precision=PRECISION)  # (s, dstate)
+    dB = dt_s[:, None] * (dB + to_end[:, None] * x_dS)
+    end_term = to_end * dt_s * tl.sum(B_s * x_dS, axis=1)
+    _store_steps(dx_ptr, g * dt_s[:, None], b, t_s, L, headdim, nheads, head, BLOCK_P, False)
+    _store_steps(dB_ptr, dB, b, t_s, L, dstate, ngroups, group, BLOCK_N, True)
+    tl.store(ddt_ptr + row + offs_s, tl.sum(x_s * g, axis=1))
+    tl.store(da_ptr + row + offs_s, -dt_s * m_cols - end_term)
+    tl.store(da_end_ptr + row + offs_s, end_term)
+
+
+@triton.jit
+def chunk_scan_bwd_outputs_kernel(
+    x_ptr, B_ptr, C_ptr, dt_ptr, a_ptr, dy_ptr, entering_ptr,
+    dC_ptr, da_ptr,
+    L, nheads, headdim, dstate, ngroups, n_chunks,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Gradients at BLOCK output steps l of one chunk and head: dC (accumulated over the heads of a
+    group) and da_l (the terms where a_l enters with a plus sign), from the sources s <= l and the
+    entering state h0. Grid (batch * n_chunks, nheads, CHUNK / BLOCK)."""
+    b = (tl.program_id(0) // n_chunks).to(tl.int64)
+    c = tl.program_id(0) % n_chunks
+    head = tl.program_id(1)
+    pid_l = tl.program_id(2)
+    group = head // (nheads // ngroups)
+    row = ((b * nheads + head) * n_chunks + c) * CHUNK
+    offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
+    t_l = c * CHUNK + offs_l
+    C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, BLOCK_N)
+    dy_l = _load_steps(dy_ptr, b, t_l, L, headdim, nheads, head, BLOCK_P)
+    a_l = tl.load(a_ptr + row + offs_l)
+    dC = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+    m_rows = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(0, (pid_l + 1) * BLOCK, BLOCK):
+        offs_s = k + tl.arange(0, BLOCK)
+        t_s = c * CHUNK + offs_s
+        B_s = _load_steps(B_ptr, b, t_s, L, dstate, ngroups, group, BLOCK_N)
+        x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, BLOCK_P)
+        dt_s = tl.load(dt_ptr + row + offs_s)
+        decay = _decay(a_l, tl.load(a_ptr + row + offs_s), offs_l, offs_s)
+        v = decay * tl.dot(dy_l, tl.trans(x_s), input_precision=PRECISION) * dt_s[None, :]
+        dC += tl.dot(v, B_s, input_precision=PRECISION)
+        m_rows += tl.sum(v * tl.dot(C_l, tl.trans(B_s), input_precision=PRECISION), axis=1)
+    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, BLOCK_P, BLOCK_N)
+    h0 = tl.load(entering_ptr + offs, mask=mask, other=0.0)
+    dy_h0 = tl.dot(dy_l, h0, input_precision=PRECISION)  # (l, dstate)
+    from_start = tl.exp(a_l)
+    _store_steps(dC_ptr, dC + from_start[:, None] * dy_h0, b, t_l, L, dstate, ngroups, group, BLOCK_N, True)
+    tl.store(da_ptr + row + offs_l, m_rows + from_start * tl.sum(C_l * dy_h0, axis=1))

@@ -1,0 +1,176 @@
+"""Causal self-attention mixer: rotary position embeddings (Su et al. 2021), grouped-query heads
+(Ainslie et al. 2023) and an optional sliding window, on torch's scaled_dot_product_attention.
+Parameter names (q_proj, k_proj, v_proj, o_proj) follow Hugging Face's Llama attention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .registry import register_mixer
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (L,) -> cos, sin (L, head_dim // 2) in fp32: channel pair i turns by
+    position * theta^(-2i / head_dim). Computed on the fly (no buffer a bf16 cast could round)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (batch, heads, L, head_dim) rotated pairwise: channel i pairs with i + head_dim/2 (the
+    "rotate half" layout of GPT-NeoX and Llama). Computed in fp32, returned in x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Decoding cache of one attention layer: rotated keys and values of past tokens. With a sliding
+    window it is a ring buffer of at most `window` slots (token p in slot p % window), so memory stays
+    O(window); without one it grows by doubling."""
+
+    k: torch.Tensor  # (batch, kv_heads, capacity, head_dim)
+    v: torch.Tensor  # (batch, kv_heads, capacity, head_dim)
+    length: int = 0  # tokens seen so far: the position of the next token
+
+
+@register_mixer("attention", "*")
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.attn_heads
+        self.n_kv_heads = config.attn_kv_heads or config.attn_heads
+        self.head_dim = config.d_model // config.attn_heads
+        self.window = config.attn_window
+        self.rope_theta = config.attn_rope_theta
+        d, hd = config.d_model, self.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=config.bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=config.bias)
+        if config.rescale_out_proj:
+            # every residual block adds to the stream: scale by the number of blocks (GPT-2, mamba_ssm)
+            with torch.no_grad():
+                self.o_proj.weight /= math.sqrt(len(config.layer_kinds))
+        if config.bias:
+            for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+                nn.init.zeros_(proj.bias)
+
+    @classmethod
+    def validate(cls, config: ModelConfig, prefix: str) -> None:
+        heads = config.attn_heads
+        if heads < 1 or config.d_model % heads:
+            raise ConfigError(f"{prefix}.attn_heads={heads} is invalid: must be a positive divisor of "
+                              f"d_model ({config.d_model})")
+        kv = config.attn_kv_heads
+        if kv is not None and (kv < 1 or heads % kv):
+            raise ConfigError(f"{prefix}.attn_kv_heads={kv} is invalid: must be a positive divisor of "
+                              f"attn_heads ({heads}) or null (= attn_heads)")
+        if (config.d_model // heads) % 2:
+            raise ConfigError(f"{prefix}.attn_heads={heads} is invalid: the head dimension d_model / attn_heads "
+                              f"({config.d_model // heads}) must be even for rotary embeddings")
+        if config.attn_window is not None and config.attn_window < 1:
+            raise ConfigError(f"{prefix}.attn_window={config.attn_window} is invalid: must be >= 1 or null "
+                              "(full causal attention)")
+        if config.attn_rope_theta <= 0:
+            raise ConfigError(f"{prefix}.attn_rope_theta={config.attn_rope_theta} is invalid: must be > 0")
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        return []  # every weight is used through its own module's forward
+
+    def mean_context(self, seq_len: int) -> float:
+        """Keys a query attends to, averaged over the positions of a causal sequence of seq_len."""
+        w = self.window if self.window is not None else seq_len
+        if seq_len <= w:
+            return (seq_len + 1) / 2
+        return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+    def forward_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token: the four projections plus QK^T and (attention @ V) over the mean
+        causal context (softmax and rotary are negligible and not counted)."""
+        d = self.q_proj.in_features
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        projections = 2 * d * (2 * q_width + 2 * kv_width)
+        return int(projections + 4 * q_width * self.mean_context(seq_len))
+
+    def _heads(self, hidden: torch.Tensor, positions: torch.Tensor):
+        """hidden (batch, L, d_model) -> rotated q (batch, heads, L, hd), rotated k and v (batch, kv_heads, L, hd)."""
+        b, L, _ = hidden.shape
+        q = self.q_proj(hidden).view(b, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(b, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(b, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _attend(self, q, k, v, mask=None, is_causal=False) -> torch.Tensor:
+        """SDPA with kv heads shared by groups of query heads -> (batch, L, heads * hd) for o_proj."""
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return y.transpose(1, 2).flatten(2)
+
+    def forward(self, hidden: torch.Tensor, state: KVCache | None = None) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model). With `state`, it is refilled with this
+        sequence's keys and values (the last `window` of them with a sliding window)."""
+        L = hidden.shape[1]
+        q, k, v = self._heads(hidden, torch.arange(L, device=hidden.device))
+        if self.window is None or self.window >= L:
+            y = self._attend(q, k, v, is_causal=True)
+        else:
+            i = torch.arange(L, device=hidden.device)
+            distance = i[:, None] - i[None, :]
+            y = self._attend(q, k, v, mask=(distance >= 0) & (distance < self.window))
+        if state is not None:
+            self._prefill(state, k, v)
+        return self.o_proj(y)
+
+    def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        empty = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return KVCache(k=empty, v=empty.clone())
+
+    def _prefill(self, state: KVCache, k: torch.Tensor, v: torch.Tensor) -> None:
+        L = k.shape[2]
+        keep = L if self.window is None else min(L, self.window)
+        slots = torch.arange(L - keep, L, device=k.device)
+        if self.window is not None:
+            slots = slots % self.window
+        state.k = k.new_zeros(*k.shape[:2], keep, k.shape[3], dtype=state.k.dtype)
+        state.v = torch.zeros_like(state.k)
+        state.k[:, :, slots] = k[:, :, L - keep:].to(state.k.dtype)
+        state.v[:, :, slots] = v[:, :, L - keep:].to(state.v.dtype)
+        state.length = L
+
+    def _grow(self, state: KVCache, needed: int) -> None:
+        """Make room for `needed` slots: double the capacity, capped at the window."""
+        capacity = state.k.shape[2]
+        if capacity >= needed:
+            return
+        new = max(needed, 2 * capacity, 16)
+        if self.window is not None:
+            new = min(new, self.window)
+        pad = (0, 0, 0, new - capacity)
+        state.k, state.v = F.pad(state.k, pad), F.pad(state.v, pad)
+
+    def step(self, hidden: torch.Tensor, state: KVCache) -> torch.Tensor:
+        """One token: hidden (batch, d_model) -> (batch, d_model); appends its key and value to `state`
+        and attends over the cache (at most `window` tokens, itself included)."""
+        pos = state.length
+        q, k, v = self._heads(hidden[:, None], torch.tensor([pos], device=hidden.device))
+        slot = pos if self.window is None else pos % self.window
+        self._grow(state, slot + 1)
+        state.k[:, :, slot] = k[:, :, 0].to(state.k.dtype)
+        state.v[:, :, slot] = v[:, :, 0].to(state.v.dtype)
+        state.length = pos + 1
+        # filled slots are the first min(pos + 1, capacity); keys carry their own rotation, so the
+        # ring buffer's order does not matter to softmax
+        filled = min(pos + 1, state.k.shape[2])
+        y = self._attend(q, state.k[:, :, :filled], state.v[:, :, :filled])
+        return self.o_proj(y[:, 0])

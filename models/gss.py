@@ -1,0 +1,166 @@
+"""Gated State Space (GSS) mixer, as in Mehta, Gupta, Cutkosky & Neyshabur, "Long Range Language
+Modeling via Gated State Spaces" (2022):
+
+    gate = GELU(W_gate x)                      (batch, L, gss_expand * d_model)
+    v    = norm(GELU(W_ssm x))                 (batch, L, H)    H = gss_ssm_dim, narrowed
+    y    = DSS(v) = K * v + D v                causal convolution with a length-L kernel per channel
+    out  = W_out(W_up(y) * gate)               back to d_model
+
+The SSM runs on the narrow branch; the wide multiplicative gate restores capacity (the paper's point:
+the FFT convolution works in a low dimension, so GSS trains faster than DSS). `in_proj` computes the
+gate and SSM branches in one matmul.
+
+DSS is the DSS-EXP parameterisation of Gupta, Gu & Berant, "Diagonal State Spaces are as Effective as
+Structured State Spaces" (2022): per channel h a diagonal complex system with N = gss_d_state states,
+eigenvalues Lambda_n (Re < 0 through Re = -exp(Lambda_re_log), shared by the channels), a learned step
+dt_h and output weights C_hn. Zero-order hold with input weights 1 gives the recurrence and the kernel
+
+    x_t = exp(dt Lambda) x_{t-1} + v_t,   y_t = Re(sum_n Ct_n x_t,n) + D v_t,   Ct = C (exp(dt Lambda) - 1) / Lambda
+    K_l = Re(sum_n Ct_n exp(dt Lambda_n l)),
+
+so the FFT convolution (training, prefill) and the recurrence (decoding) are the same map.
+Initialisation: Lambda_n = -1/2 + i pi n (S4D-Lin, the approximation of the skew-HiPPO spectrum that DSS
+starts from), dt log-uniform in [dt_min, dt_max] (the Mamba keys), C complex normal, D = 1. The paper's
+pseudocode uses the D skip and normalises the DSS input; both are kept.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from kernels.fftconv import fft_causal_conv
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .layers import RMSNorm, keep_fp32
+from .registry import register_mixer
+
+
+def gss_ssm_dim(config: ModelConfig) -> int:
+    """Width H of the SSM branch: gss_ssm_dim, or d_model // 2 when unset."""
+    return config.gss_ssm_dim if config.gss_ssm_dim is not None else max(1, config.d_model // 2)
+
+
+@dataclass
+class GSSState:
+    """Decoding cache of one GSS layer: the DSS state, O(1) in the sequence length."""
+
+    ssm: torch.Tensor  # (batch, H, N) complex64
+
+
+@register_mixer("gss", "G")
+class GSSMixer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate_dim = gate = config.gss_expand * config.d_model
+        self.ssm_dim = H = gss_ssm_dim(config)
+        self.d_state = N = config.gss_d_state
+
+        self.in_proj = nn.Linear(config.d_model, gate + H, bias=config.bias)
+        self.ssm_norm = RMSNorm(H, config.rms_norm_eps)
+        self.up_proj = nn.Linear(H, gate, bias=config.bias)
+        self.out_proj = nn.Linear(gate, config.d_model, bias=config.bias)
+        # DSS-EXP parameters, float32 whatever the training precision (exp of them sets the memory)
+        self.Lambda_re_log = keep_fp32(nn.Parameter(torch.full((N,), math.log(0.5))))
+        self.Lambda_im = keep_fp32(nn.Parameter(math.pi * torch.arange(N, dtype=torch.float32)))
+        log_lo, log_hi = math.log(config.dt_min), math.log(config.dt_max)
+        self.log_dt = keep_fp32(nn.Parameter(torch.rand(H) * (log_hi - log_lo) + log_lo))
+        self.C = keep_fp32(nn.Parameter(torch.randn(H, N, 2) * math.sqrt(0.5)))  # (re, im): complex normal
+        self.D = keep_fp32(nn.Parameter(torch.ones(H)))
+        if config.rescale_out_proj:
+            with torch.no_grad():
+                self.out_proj.weight /= math.sqrt(config.n_layer)
+        if config.bias:
+            for proj in (self.in_proj, self.up_proj, self.out_proj):
+                nn.init.zeros_(proj.bias)
+
+    @classmethod
+    def validate(cls, config: ModelConfig, prefix: str) -> None:
+        for key in ("gss_expand", "gss_d_state"):
+            if getattr(config, key) < 1:
+                raise ConfigError(f"{prefix}.{key}={getattr(config, key)!r} is invalid: must be a positive integer")
+        if config.gss_ssm_dim is not None and config.gss_ssm_dim < 1:
+            raise ConfigError(f"{prefix}.gss_ssm_dim={config.gss_ssm_dim!r} is invalid: must be a positive "
+                              f"integer or null (d_model // 2)")
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Every child module is called through its forward, so ZeRO-3 has nothing extra to gather
+        (the DSS parameters belong to this module itself)."""
+        return []
+
+    def forward_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token: the projections, the gate product, and per SSM channel the FFT
+        convolution (a real FFT of size n = 2L costs about 2.5 n log2 n: one forward transform of the
+        input and one inverse, so 10 log2(2L) per token, plus 6 for the complex product of spectra and
+        2 for the D skip). The kernel itself is built once per batch, not per token, and is left out."""
+        d_model, gate, H = self.in_proj.in_features, self.gate_dim, self.ssm_dim
+        matmuls = d_model * (gate + H) + H * gate + gate * d_model
+        fft = 10 * math.log2(2 * max(seq_len, 1)) + 6 + 2
+        return 2 * matmuls + gate + round(H * fft)
+
+    def _discrete(self):
+        """(z, Ct, dt Lambda), each (H, N) complex64: the per-step decay exp(dt Lambda) and the output
+        weights with the zero-order-hold input factor."""
+        dt = torch.exp(self.log_dt.float())  # (H,)
+        lam = torch.complex(-torch.exp(self.Lambda_re_log.float()), self.Lambda_im.float())  # (N,)
+        dt_lam = dt[:, None] * lam  # (H, N)
+        z = torch.exp(dt_lam)
+        return z, torch.view_as_complex(self.C.float()) * (z - 1) / lam, dt_lam
+
+    def dss_kernel(self, length: int) -> torch.Tensor:
+        """K (H, length) float32: K_l = Re(sum_n Ct_n exp(dt Lambda_n l)). Built from (H, N, length)
+        powers; under autograd they are recomputed in backward rather than kept (N times the size of K)."""
+        if torch.is_grad_enabled():
+            return checkpoint(self._kernel, length, use_reentrant=False)
+        return self._kernel(length)
+
+    def _kernel(self, length: int) -> torch.Tensor:
+        with torch.autocast(device_type=self.C.device.type, enabled=False):
+            _, Ct, dt_lam = self._discrete()
+            return torch.einsum("hn,hnl->hl", Ct, self._powers(dt_lam, length)).real
+
+    @staticmethod
+    def _powers(dt_lam: torch.Tensor, length: int, reverse: bool = False) -> torch.Tensor:
+        """exp(dt Lambda l) for l = 0..length-1 (reversed: length-1..0), (H, N, length) complex64."""
+        steps = torch.arange(length, device=dt_lam.device, dtype=torch.float32)
+        return torch.exp(dt_lam[..., None] * (steps.flip(0) if reverse else steps))
+
+    def _branches(self, hidden: torch.Tensor):
+        gate, v = F.gelu(self.in_proj(hidden)).split([self.gate_dim, self.ssm_dim], dim=-1)
+        return gate, self.ssm_norm(v)
+
+    def _output(self, y: torch.Tensor, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        y = (y + self.D.float() * v.float()).to(gate.dtype)
+        return self.out_proj(self.up_proj(y) * gate)
+
+    def forward(self, hidden: torch.Tensor, state: GSSState | None = None) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model). With `state`, also leaves in it the DSS
+        state after the last position (closed form: x_L = sum_s exp(dt Lambda (L-1-s)) v_s)."""
+        gate, v = self._branches(hidden)  # (batch, L, gate), (batch, L, H)
+        L = hidden.shape[1]
+        v_t = v.transpose(1, 2)  # (batch, H, L)
+        y = fft_causal_conv(v_t, self.dss_kernel(L)).transpose(1, 2)  # (batch, L, H) float32
+        if state is not None:
+            with torch.no_grad(), torch.autocast(device_type=hidden.device.type, enabled=False):
+                powers = self._powers(self._discrete()[2], L, reverse=True)
+                state.ssm.copy_(torch.einsum("bhl,hnl->bhn", v_t.float().to(powers.dtype), powers))
+        return self._output(y, v, gate)
+
+    def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> GSSState:
+        return GSSState(ssm=torch.zeros(batch, self.ssm_dim, self.d_state, device=device, dtype=torch.complex64))
+
+    def step(self, hidden: torch.Tensor, state: GSSState) -> torch.Tensor:
+        """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place."""
+        gate, v = self._branches(hidden)  # (batch, gate), (batch, H)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            z, Ct, _ = self._discrete()
+            # a new tensor, not in place, so that gradients can flow through a run of steps
+            state.ssm = z * state.ssm + v.float()[..., None]
+            y = (state.ssm * Ct).sum(-1).real
+        return self._output(y, v, gate)

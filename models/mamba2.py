@@ -1,0 +1,159 @@
+"""Mamba-2 mixer, as in Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient Algorithms
+Through Structured State Space Duality" (2024): one in_proj gives the gate z, the conv input xBC and
+dt per head; a causal depthwise conv + SiLU over xBC; the SSD scan (a scalar decay A per head, B and C
+shared by groups of heads); a gated RMSNorm of y * SiLU(z); out_proj. Parameter names and layouts
+match Hugging Face's Mamba2Mixer so that weights move between the two without renaming in the block.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .layers import dt_bias_init, keep_fp32
+from .registry import register_mixer
+
+A_INIT_RANGE = (1.0, 16.0)  # -A is drawn uniformly from this range per head (the paper's code)
+
+
+@dataclass
+class Mamba2State:
+    """Decoding cache of one Mamba-2 layer: O(1) in the sequence length."""
+
+    conv: torch.Tensor  # (batch, conv_dim, d_conv) last conv inputs (x, B, C), oldest first
+    ssm: torch.Tensor  # (batch, nheads, headdim, d_state) fp32
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of y * SiLU(z), normalised over groups of `group_size` channels (one group per B/C group,
+    as Mamba-2 does so that a tensor-parallel split of the heads needs no communication). fp32 inside,
+    returned in y's dtype."""
+
+    def __init__(self, d: int, group_size: int, eps: float):
+        super().__init__()
+        self.group_size = group_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.weight._no_weight_decay = True
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = y.float() * F.silu(z.float())
+        groups = h.view(*h.shape[:-1], -1, self.group_size)
+        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * groups.view(h.shape).to(y.dtype)
+
+
+@register_mixer("mamba2", "2")
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.d_inner = d_inner = config.d_inner
+        self.d_state = config.mamba2_d_state
+        self.d_conv = config.d_conv
+        self.headdim = config.mamba2_headdim
+        self.nheads = d_inner // self.headdim
+        self.ngroups = config.mamba2_ngroups
+        self.chunk_size = config.mamba2_chunk_size
+        self.conv_dim = d_inner + 2 * self.ngroups * self.d_state
+
+        self.in_proj = nn.Linear(config.d_model, d_inner + self.conv_dim + self.nheads, bias=config.bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim,
+                                padding=config.d_conv - 1, bias=config.conv_bias)
+        dt_bias = dt_bias_init(self.nheads, config.dt_min, config.dt_max, config.dt_init_floor)
+        self.dt_bias = keep_fp32(nn.Parameter(dt_bias))
+        A = torch.empty(self.nheads).uniform_(*A_INIT_RANGE)
+        self.A_log = keep_fp32(nn.Parameter(torch.log(A)))
+        self.D = keep_fp32(nn.Parameter(torch.ones(self.nheads)))
+        self.norm = GatedRMSNorm(d_inner, d_inner // self.ngroups, config.rms_norm_eps)
+        self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
+        if config.rescale_out_proj:
+            with torch.no_grad():
+                self.out_proj.weight /= math.sqrt(config.n_layer)
+        if config.bias:
+            nn.init.zeros_(self.in_proj.bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    @classmethod
+    def validate(cls, config: ModelConfig, prefix: str) -> None:
+        def need(ok: bool, key: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"{prefix}.{key}={getattr(config, key)!r} is invalid: {allowed}")
+
+        for key in ("mamba2_d_state", "mamba2_headdim", "mamba2_ngroups"):
+            need(getattr(config, key) >= 1, key, "must be a positive integer")
+        need(config.d_inner % config.mamba2_headdim == 0, "mamba2_headdim",
+             f"must divide expand * d_model ({config.d_inner}) into heads")
+        nheads = config.d_inner // config.mamba2_headdim
+        need(nheads % config.mamba2_ngroups == 0, "mamba2_ngroups",
+             f"must divide the number of heads (expand * d_model / mamba2_headdim = {nheads})")
+        chunk = config.mamba2_chunk_size
+        need(chunk >= 16 and chunk & (chunk - 1) == 0, "mamba2_chunk_size", "must be a power of two >= 16")
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """Parameters of child modules that forward reads directly (not through the child's forward):
+        ZeRO-3 must gather them together with this module."""
+        return [self.conv1d.weight] + ([self.conv1d.bias] if self.conv1d.bias is not None else [])
+
+    def forward_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token: the two projections, the conv, and the four matmuls of the chunked
+        SSD (scores C.B over a chunk, those scores times x, the chunk states, the carried states times
+        C), with chunks of min(chunk_size, seq_len) steps counted in full. Elementwise work is left out."""
+        d_model = self.in_proj.in_features
+        chunk = min(self.chunk_size, seq_len)
+        matmuls = d_model * self.in_proj.out_features + self.d_inner * d_model
+        ssd = chunk * (self.ngroups * self.d_state + self.d_inner) + 2 * self.d_inner * self.d_state
+        return 2 * matmuls + 2 * self.conv_dim * self.d_conv + 2 * ssd
+
+    def _split(self, projected: torch.Tensor):
+        return projected.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)  # z, xBC, dt
+
+    def _split_conv_out(self, xBC: torch.Tensor):
+        """(..., conv_dim) -> x (..., nheads, headdim), B and C (..., ngroups, d_state)."""
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        lead = xBC.shape[:-1]
+        return (x.reshape(*lead, self.nheads, self.headdim), B.reshape(*lead, self.ngroups, self.d_state),
+                C.reshape(*lead, self.ngroups, self.d_state))
+
+    def forward(self, hidden: torch.Tensor, state: Mamba2State | None = None) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model). With a fresh `state`, also leaves in it the
+        conv inputs and SSM state after the last position, so decoding can continue with `step`."""
+        batch, L, _ = hidden.shape
+        z, xBC, dt = self._split(self.in_proj(hidden))
+        xBC = xBC.transpose(1, 2)  # (batch, conv_dim, L)
+        if state is not None:
+            tail = xBC[..., -self.d_conv:]
+            state.conv.zero_()
+            state.conv[..., self.d_conv - tail.shape[-1]:] = tail
+        xBC = kernels.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x, B, C = self._split_conv_out(xBC.transpose(1, 2))
+        y = kernels.ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, chunk_size=self.chunk_size,
+                             D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True,
+                             return_final_state=state is not None)
+        if state is not None:
+            y, last_state = y
+            state.ssm.copy_(last_state)
+        return self.out_proj(self.norm(y.reshape(batch, L, self.d_inner), z))
+
+    def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> Mamba2State:
+        return Mamba2State(
+            conv=torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype),
+            ssm=torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def step(self, hidden: torch.Tensor, state: Mamba2State) -> torch.Tensor:
+        """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place."""
+        z, xBC, dt = self._split(self.in_proj(hidden))
+        xBC = kernels.causal_conv1d_update_ref(state.conv, xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                               activation="silu")
+        x, B, C = self._split_conv_out(xBC)
+        y = kernels.ssd_state_update_ref(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
+                                         dt_bias=self.dt_bias.float(), dt_softplus=True)
+        return self.out_proj(self.norm(y.reshape(-1, self.d_inner), z))

@@ -1,0 +1,61 @@
+"""SwiGLU feed-forward mixer (Shazeer 2020, "GLU Variants Improve Transformer"), as in Llama:
+down(SiLU(gate(x)) * up(x)). Position-wise, so it has no decoding state."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .registry import register_mixer
+
+
+def mlp_hidden_size(config: ModelConfig) -> int:
+    """config.mlp_hidden, or 8/3 d_model (the parameter count of a 4 d_model GELU MLP) rounded up to a
+    multiple of 64 so the matmuls hit aligned shapes."""
+    if config.mlp_hidden is not None:
+        return config.mlp_hidden
+    return 64 * math.ceil(8 * config.d_model / 3 / 64)
+
+
+@register_mixer("mlp", "-")
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        hidden = mlp_hidden_size(config)
+        self.gate_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
+        self.up_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
+        self.down_proj = nn.Linear(hidden, config.d_model, bias=config.bias)
+        if config.rescale_out_proj:
+            with torch.no_grad():  # as the attention o_proj: one more residual branch per block
+                self.down_proj.weight /= math.sqrt(len(config.layer_kinds))
+        if config.bias:
+            for proj in (self.gate_proj, self.up_proj, self.down_proj):
+                nn.init.zeros_(proj.bias)
+
+    @classmethod
+    def validate(cls, config: ModelConfig, prefix: str) -> None:
+        if config.mlp_hidden is not None and config.mlp_hidden < 1:
+            raise ConfigError(f"{prefix}.mlp_hidden={config.mlp_hidden} is invalid: must be a positive integer "
+                              "or null (8/3 d_model rounded up to a multiple of 64)")
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def forward_flops_per_token(self, seq_len: int) -> int:
+        return 2 * 3 * self.gate_proj.in_features * self.gate_proj.out_features
+
+    def forward(self, hidden: torch.Tensor, state=None) -> torch.Tensor:
+        """hidden (..., d_model) -> (..., d_model); `state` is ignored (always None)."""
+        return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
+
+    def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        return None
+
+    def step(self, hidden: torch.Tensor, state: None) -> torch.Tensor:
+        """One token: hidden (batch, d_model) -> (batch, d_model)."""
+        return self.forward(hidden)

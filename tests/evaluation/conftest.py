@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SSMFORGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ssmforge-cache"))
+
+
+@pytest.fixture(scope="module")
+def byte_model_dir(tmp_path_factory):
+    """A tiny random Mamba saved as a model folder with the byte tokenizer (what `ssmforge export` writes)."""
+    from models import LanguageModel, ModelConfig, save_pretrained
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(d_model=32, n_layer=2, vocab_size=260, d_state=8))
+    out = tmp_path_factory.mktemp("model")
+    save_pretrained(model, out, token_ids={"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+                    byte_tokenizer=True)
+    return out
+
+
+def ssmforge(*args) -> list[str]:
+    return [sys.executable, "-m", "pretrain.cli", *map(str, args)]

@@ -1,0 +1,38 @@
+"""Contracts every model family keeps, checked the same way for each: causality, and decoding (a prefill
+forward that fills a fresh state, then one `step` per token, gives the logits of the parallel forward)."""
+import torch
+
+
+def assert_steps_match_forward(model, ids: torch.Tensor, prefill: int, tol: float = 1e-4) -> None:
+    """ids (batch, L): logits of forward(ids[:, :prefill]) with a state, then step() for each later token,
+    against forward(ids), to `tol`; the state counts every token."""
+    batch, length = ids.shape
+    with torch.no_grad():
+        full = model(ids)
+        state = model.allocate_state(batch)
+        outs = [model(ids[:, :prefill], state=state)] if prefill else []
+    outs += [model.step(ids[:, t], state)[:, None] for t in range(prefill, length)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=tol, atol=tol)
+    assert state.seqlen == length
+
+
+def assert_causal(model, length: int, position: int, vocab: int = 101, seed: int = 4) -> None:
+    """Changing the token at `position` leaves every earlier logit unchanged and changes a later one."""
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+    changed = ids.clone()
+    changed[0, position] = (ids[0, position] + 1) % vocab
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :position], b[:, :position])
+    assert not torch.allclose(a[:, position:], b[:, position:])
+
+
+def randomize_hf_weights(model):
+    """Random, non-default values in every tensor of a transformers Mamba(2) model, so that a wrongly
+    mapped tensor cannot go unnoticed; A_log stays in [0, 1) so the decays stay stable."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        for layer in model.backbone.layers:
+            layer.mixer.A_log.copy_(torch.rand_like(layer.mixer.A_log))
+    return model

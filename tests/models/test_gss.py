@@ -1,0 +1,165 @@
+"""The GSS mixer: the FFT forward against a sequential DSS oracle, decoding against the parallel forward,
+the state left by a prefill, the parameter count, fp32 parameters, config errors, and a pretraining run."""
+import cmath
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import ConfigError, LanguageModel, ModelConfig
+from models.hf import cast_model
+
+from .contracts import assert_causal, assert_steps_match_forward
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gss_config(**overrides) -> ModelConfig:
+    # dt up to 1: the kernel's memory is a few dozen steps, so the tests' sequences see it decay and not
+    # only its first taps
+    base = dict(family="gss", d_model=32, n_layer=2, vocab_size=101, gss_expand=2, gss_ssm_dim=12,
+                gss_d_state=6, dt_min=0.05, dt_max=1.0)
+    return ModelConfig(**{**base, **overrides})
+
+
+def build(config: ModelConfig, seed: int = 0) -> LanguageModel:
+    torch.manual_seed(seed)
+    return LanguageModel(config).eval()
+
+
+def oracle_mixer(mixer, hidden):
+    """The GSS block from the definitions, one step at a time in float64 with Python complex numbers:
+    the DSS in its zero-order-hold form x_t = exp(dt lam) x_{t-1} + (exp(dt lam) - 1)/lam v_t,
+    y_t = Re(C x_t) + D v_t (the input factor on the state, where the mixer folds it into C).
+    Returns the output (batch, L, d_model) and the final states x_L (batch, H, N) as nested lists."""
+    w = {k: v.detach().double() for k, v in mixer.state_dict().items()}
+    gate_dim, H, N = mixer.gate_dim, mixer.ssm_dim, mixer.d_state
+    proj = F.gelu(hidden.double() @ w["in_proj.weight"].T)
+    gate, v = proj[..., :gate_dim], proj[..., gate_dim:]
+    v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w["ssm_norm.weight"]
+    lam = [complex(-math.exp(w["Lambda_re_log"][n]), w["Lambda_im"][n]) for n in range(N)]
+    batch, L = hidden.shape[:2]
+    y = torch.zeros(batch, L, H, dtype=torch.float64)
+    finals = []
+    for b in range(batch):
+        finals.append([])
+        for h in range(H):
+            dt = math.exp(w["log_dt"][h])
+            z = [cmath.exp(dt * lam[n]) for n in range(N)]
+            b_bar = [(z[n] - 1) / lam[n] for n in range(N)]
+            c = [complex(w["C"][h, n, 0], w["C"][h, n, 1]) for n in range(N)]
+            x = [0j] * N
+            for t in range(L):
+                u = float(v[b, t, h])
+                x = [z[n] * x[n] + b_bar[n] * u for n in range(N)]
+                y[b, t, h] = sum(c[n] * x[n] for n in range(N)).real + w["D"][h] * u
+            finals[-1].append(x)
+    out = ((y @ w["up_proj.weight"].T) * gate) @ w["out_proj.weight"].T
+    return out, finals
+
+
+def test_fft_forward_and_prefill_state_equal_the_sequential_oracle():
+    model = build(gss_config())
+    mixer = model.layers[0].mixer
+    hidden = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(1))
+    state = mixer.allocate_state(2, hidden.device, hidden.dtype)
+    with torch.no_grad():
+        out = mixer(hidden, state)
+    want, finals = oracle_mixer(mixer, hidden)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    # the model keeps x without the input factor b_bar = (z - 1)/lam; the oracle keeps it on the state
+    dt, lam = mixer.log_dt.exp().double(), torch.complex(-mixer.Lambda_re_log.exp(), mixer.Lambda_im).detach()
+    b_bar = (torch.exp(dt[:, None] * lam) - 1) / lam
+    torch.testing.assert_close((state.ssm * b_bar).to(torch.complex128), torch.tensor(finals, dtype=torch.complex128), rtol=1e-4, atol=1e-5)
+    assert state.ssm.abs().max() > 0.1  # a real state, not decayed to nothing
+
+
+@pytest.mark.parametrize("prefill", [0, 7])
+def test_step_decoding_equals_parallel_forward(prefill):
+    ids = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(3))
+    assert_steps_match_forward(build(gss_config()), ids, prefill)
+
+
+def test_causal():
+    assert_causal(build(gss_config()), length=20, position=9)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_parameter_count(bias):
+    d, n_layer, V, gate, H, N = 32, 3, 101, 96, 16, 5
+    config = gss_config(n_layer=n_layer, gss_expand=3, gss_ssm_dim=H, gss_d_state=N, bias=bias)
+    per_layer = (d * (gate + H) + H * gate + gate * d  # in_proj (gate and SSM branches), up_proj, out_proj
+                 + bias * (gate + H + gate + d)
+                 + 2 * N + 2 * H * N + H + H  # Lambda (re, im), C (complex), log_dt, D
+                 + H + d)  # the SSM-branch norm, the block's norm
+    want = 104 * d + n_layer * per_layer + d  # padded embedding (tied head), layers, final norm
+    assert build(config).num_parameters() == want
+    assert build(gss_config(d_model=40, gss_ssm_dim=None)).layers[0].mixer.ssm_dim == 20  # unset: d_model // 2
+
+
+def test_initialisation_and_fp32_parameters_survive_a_bf16_cast():
+    model = build(gss_config(dt_min=0.001, dt_max=0.1, n_layer=4))
+    mixer = model.layers[0].mixer
+    lam = torch.complex(-mixer.Lambda_re_log.exp(), mixer.Lambda_im).detach()
+    torch.testing.assert_close(lam, torch.complex(torch.full((6,), -0.5), math.pi * torch.arange(6.0)))  # S4D-Lin
+    dt = mixer.log_dt.exp()
+    assert dt.min() >= 0.001 * 0.999 and dt.max() <= 0.1 * 1.001
+    bound = 1 / math.sqrt(mixer.gate_dim) / math.sqrt(4)  # out_proj rescaled by 1/sqrt(n_layer)
+    assert 0.9 * bound < mixer.out_proj.weight.abs().max() <= bound
+    model = cast_model(model, torch.bfloat16)
+    for name in ("Lambda_re_log", "Lambda_im", "log_dt", "C", "D"):
+        assert getattr(mixer, name).dtype == torch.float32 and getattr(mixer, name)._no_weight_decay
+    assert mixer.in_proj.weight.dtype == torch.bfloat16
+    logits = model(torch.randint(0, 101, (1, 8)))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_flops_count_the_fft_per_token():
+    mixer = build(gss_config()).layers[0].mixer
+    d, gate, H = 32, 64, 12
+    matmuls = 2 * (d * (gate + H) + H * gate + gate * d) + gate
+    assert mixer.forward_flops_per_token(64) == matmuls + round(H * (10 * 7 + 8))  # log2(128) = 7
+    # doubling the context adds one FFT level: 10 flops per SSM channel and token
+    assert mixer.forward_flops_per_token(128) - mixer.forward_flops_per_token(64) == 10 * H
+
+
+@pytest.mark.parametrize("key,value", [("gss_ssm_dim", 0), ("gss_d_state", 0), ("gss_expand", 0)])
+def test_impossible_shapes_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=rf"^model\.{key}={value} is invalid"):
+        gss_config(**{key: value}).validate()
+
+
+def test_gss_tiny_pretrains_with_decreasing_loss(tmp_path):
+    command = [sys.executable, "-m", "pretrain.cli", "pretrain", str(ROOT / "configs" / "gss-tiny.yaml"),
+               f"run_dir={tmp_path}", "data.sources=[{kind: synthetic, max_documents: 300}]", "data.num_workers=0",
+               "train.max_steps=8", "train.log_every=1", "train.eval_every=100", "train.save_every=100"]
+    env = {**os.environ, "SSMFORGE_CACHE_DIR": str(tmp_path / "cache")}  # not the user's cache
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert len(losses) == 8 and all(map(math.isfinite, losses))
+    assert losses[-1] < losses[0] - 0.3
+    config = (tmp_path / "config.yaml").read_text()
+    assert "family: gss" in config
+
+
+def test_fft_backward_equals_the_recurrence_backward():
+    """Gradients through the FFT path (the kernel recomputed in backward) equal those through step()."""
+    mixer = build(gss_config()).layers[0].mixer.train()
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(2, 24, 32, generator=g), torch.randn(2, 24, 32, generator=g)
+    params = dict(mixer.named_parameters())
+    fft_grads = torch.autograd.grad((mixer(hidden) * weight).sum(), list(params.values()))
+    state = mixer.allocate_state(2, hidden.device, hidden.dtype)
+    out = torch.stack([mixer.step(hidden[:, t], state) for t in range(24)], 1)
+    step_grads = torch.autograd.grad((out * weight).sum(), list(params.values()))
+    for name, a, b in zip(params, fft_grads, step_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+    assert all(grad.abs().max() > 0 for grad in fft_grads)
