@@ -79,13 +79,16 @@ def open_manifest(shard_dir: str, cache_dir: str) -> Manifest:
 
 
 def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_dir: str, num_workers: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, vocab_size: int | None = None):
     """A StreamingDataLoader yielding (batch, seq_len + 1) int64 tensors for this rank.
 
-    batch_size is per rank. Remote shards are cached under cache_dir/split.
+    batch_size is per rank. Remote shards are cached under cache_dir/split. With vocab_size, a sample
+    holding a token id outside [0, vocab_size) raises DataError naming its shard before it is batched.
     """
     from streaming import StreamingDataLoader, StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
+
+    from .checked_dataset import VocabCheckedDataset
 
     export_rank_env()
     clean_stale_shared_memory()  # a killed run leaves shared memory that would block this one
@@ -94,7 +97,8 @@ def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_d
     else:
         remote, local = None, str(Path(shard_dir) / split)
         verify_shards(Path(local))
-    dataset = StreamingDataset(remote=remote, local=local, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
-                               validate_hash="xxh64" if remote else None, num_canonical_nodes=1)
+    options = dict(remote=remote, local=local, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
+                   validate_hash="xxh64" if remote else None, num_canonical_nodes=1)
+    dataset = StreamingDataset(**options) if vocab_size is None else VocabCheckedDataset(vocab_size=vocab_size, **options)
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                                drop_last=True, persistent_workers=False)

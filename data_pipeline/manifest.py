@@ -88,6 +88,20 @@ class Manifest:
                               f"set {where}={need}")
 
 
+    def check_tokenizer(self, kind: str, path: str | None, where: str) -> None:
+        """The run's tokenizer (tokenizer.kind and, for an existing file, its sha256) must be the one the
+        shards were made with: ids of another tokenizer would train on garbage without any error."""
+        from .tokenizer import file_sha256
+
+        ours = self.tokenizer
+        if kind != ours["kind"]:
+            raise DataError(f"{where}: the shards were made with a {ours['kind']!r} tokenizer, but tokenizer.kind="
+                            f"{kind!r}; prepare the data again for this tokenizer or use the matching one")
+        if path and Path(path).is_file() and file_sha256(path) != ours["sha256"]:
+            raise DataError(f"{where}: the shards were made with another tokenizer (sha256 {ours['sha256'][:12]}) "
+                            f"than tokenizer.path={path} (sha256 {file_sha256(path)[:12]})")
+
+
 def read_manifest(directory: str | Path) -> Manifest | None:
     path = Path(directory) / MANIFEST_FILE
     if not path.exists():

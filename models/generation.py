@@ -2,15 +2,17 @@
 (O(1) for SSM layers, over the KV cache for attention layers)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import ConfigError
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ConfigError unless temperature >= 0, top_k >= 0 and 0 < top_p <= 1."""
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1 "
+    """Raise ConfigError unless 0 <= temperature < inf, top_k >= 0 and 0 < top_p <= 1."""
+    if not 0 <= temperature < math.inf or top_k < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"sampling needs a finite temperature >= 0, top_k >= 0 and 0 < top_p <= 1 "
                           f"(got {temperature}, {top_k}, {top_p})")
 
 

@@ -71,15 +71,34 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _all_ranks_ok(ok: bool, device) -> bool:
+    """True when every rank's `ok` is (a barrier that also carries one rank's failure to the others)."""
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
 def save(engine, checkpoint_dir: Path, state: TrainerState, rank: int, keep: int) -> Path:
-    """Save on every rank; returns the checkpoint folder. Marks it latest once all ranks are done."""
+    """Save on every rank; returns the checkpoint folder. Marks it latest once all ranks are done.
+    A write that fails (a full disk, an I/O error) on any rank raises CheckpointError on every rank,
+    with `latest` still naming the previous complete checkpoint."""
     tag = tag_for(state.step)
     folder = checkpoint_dir / tag
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
-    _write_atomic(folder / f"rng_rank{rank}.json", json.dumps(rng_state()))
-    if rank == 0:
-        _write_atomic(folder / STATE_FILE, json.dumps(asdict(state)))
-    _barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+        _write_atomic(folder / f"rng_rank{rank}.json", json.dumps(rng_state()))
+        if rank == 0:
+            _write_atomic(folder / STATE_FILE, json.dumps(asdict(state)))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        error = e
+    if not _all_ranks_ok(error is None, engine.device):
+        previous = (checkpoint_dir / LATEST).read_text().strip() if (checkpoint_dir / LATEST).exists() else None
+        reason = str(error).strip().splitlines()[0] if error is not None else "failed on another rank"
+        raise CheckpointError(f"{folder}: checkpoint not saved ({reason}); latest is still "
+                              f"{checkpoint_dir / previous if previous else 'none'}, the partial folder is "
+                              f"removed at the next successful save")
     if rank == 0:
         _write_atomic(checkpoint_dir / LATEST, tag)
         _prune(checkpoint_dir, keep, tag)
@@ -113,12 +132,38 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
     return tag
 
 
+def deepspeed_safe_globals() -> list:
+    """The plain classes DeepSpeed pickles into its checkpoint files beside tensors and containers (its
+    loss-scaler records, the ZeRO stage enum, fragment addresses): data only, no code runs to rebuild them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path, map_location=None):
+    """torch.load of a DeepSpeed checkpoint file without unpickling arbitrary objects: weights_only, with
+    only the few plain classes DeepSpeed stores (`deepspeed_safe_globals`) allowed besides tensors."""
+    import pickle
+
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: refused to load: it holds objects that are not weights or plain "
+                                  f"values ({reason[:200]})") from None
+
+
 def load(engine, checkpoint_dir: Path, rank: int) -> TrainerState | None:
-    """Restore the latest complete checkpoint into the engine; None when the run has none yet."""
+    """Restore the latest complete checkpoint into the engine; None when the run has none yet. DeepSpeed's
+    files are read through `safe_torch_load`."""
     tag = latest_tag(checkpoint_dir)
     if tag is None:
         return None
     folder = checkpoint_dir / tag
+    engine.checkpoint_engine.load = safe_torch_load  # DeepSpeed's own load unpickles anything
     path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
     if path is None:
         raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")

@@ -260,6 +260,13 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"ssmforge: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse drops a value of exactly '--' (`--seed=--`) and leaves a list where a number belongs
+        for arg in args if args is not None else sys.argv[1:]:
+            if arg.startswith("-") and arg.endswith("=--"):
+                self.error(f"argument {arg.split('=')[0]}: expected a value, got '--'")
+        return super().parse_known_args(args, namespace)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(

@@ -108,6 +108,7 @@ class TrainConfig:
     eval_every: int = 200
     save_every: int = 200
     keep_checkpoints: int = 2
+    collective_timeout_s: int = 600  # a hung rank fails the others' collectives after this long (a dead one at once)
 
     def validate(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_every",
@@ -115,6 +116,8 @@ class TrainConfig:
             value = getattr(self, key)
             _need(value >= 1, f"train.{key}", value, "must be a positive integer")
         _need(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _need(self.collective_timeout_s >= 10, "train.collective_timeout_s", self.collective_timeout_s,
+              "must be at least 10 seconds")
         _need(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _need(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         _need(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
@@ -255,7 +258,11 @@ def _apply_override(config, item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is invalid: expected key.sub=value")
-    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]), resolve=False)["value"]
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]), resolve=False)["value"]
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: {key} has a value that is not valid YAML "
+                          f"({str(e).splitlines()[0]})") from None
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(config, parent_key, throw_on_missing=True) if parent_key else config
     if parent is None or not OmegaConf.is_config(parent):

@@ -16,7 +16,9 @@ import torch
 from data_pipeline.loader import export_rank_env
 from models.errors import ConfigError
 
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a dead rank ends the others instead of hanging forever
+# A rank that dies makes the others fail their next collective at once (its connections close); one that
+# hangs makes them fail after this long instead of waiting forever (train.collective_timeout_s).
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> tuple[World, torch.device]:
-    """Join the process group (NCCL on GPUs, gloo on CPUs) through DeepSpeed. A single process with no
-    launcher becomes a group of one on a free loopback port, since DeepSpeed always needs a group."""
+def lost_peer(error: BaseException) -> str | None:
+    """The first line of `error` when it is a collective that failed because another rank died, hung past
+    the timeout or dropped its connection (without the C++ source location); None for any other error."""
+    text = str(error).strip()
+    message = text.splitlines()[0] if text else type(error).__name__
+    distributed = isinstance(error, getattr(torch.distributed, "DistError", ()))
+    transport = re.search(r"gloo|nccl|c10d|ProcessGroup|connection (reset|closed|refused)|broken pipe|timed? ?out",
+                          message, re.IGNORECASE)
+    if not (distributed or (isinstance(error, RuntimeError) and transport)):
+        return None
+    return re.sub(r"\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", message)[:300]
+
+
+def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple[World, torch.device]:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) through DeepSpeed, with collectives failing
+    after `timeout_s` seconds. A single process with no launcher becomes a group of one on a free
+    loopback port, since DeepSpeed always needs a group."""
     world = world_from_env()
     device = device_for(world)
     if not world.distributed:
@@ -119,7 +135,7 @@ def init_distributed() -> tuple[World, torch.device]:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   timeout=COLLECTIVE_TIMEOUT, verbose=False)
+                                   timeout=timedelta(seconds=timeout_s), verbose=False)
     return world, device
 
 

@@ -20,8 +20,9 @@ from models.errors import ConfigError, SsmforgeError
 from . import checkpoint
 from .config import to_yaml
 from .engine import autocast, build_engine, resolve_precision, unclipped_grad_norm
-from .launch import World, init_distributed, shutdown
+from .launch import World, init_distributed, lost_peer, shutdown
 from .metrics import MetricsLogger, mfu, peak_flops, peak_memory_bytes
+from .runlock import RunLock
 from .signals import REQUEUE_EXIT_CODE, StopRequest
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ def ensure_prepared(config, world: World):
     _barrier()
     manifest = open_manifest(config.data.shard_dir, config.data.cache_dir)
     manifest.check_model_vocab(config.model.vocab_size)
+    manifest.check_tokenizer(config.tokenizer.kind, config.tokenizer.path,
+                             f"{config.data.shard_dir.rstrip('/')}/manifest.json")
     if manifest.seq_len != config.data.seq_len:
         raise ConfigError(f"data.seq_len={config.data.seq_len} but the shards in {config.data.shard_dir} were "
                           f"prepared with seq_len {manifest.seq_len}")
@@ -94,13 +97,35 @@ def seed_everything(seed: int) -> None:
 def train(config) -> int:
     """Train until train.max_steps (resuming from the latest checkpoint); return the exit code:
     0 when done, REQUEUE_EXIT_CODE after a signalled stop."""
-    world, device = init_distributed()
+    world, device = init_distributed(config.train.collective_timeout_s)
     stop = StopRequest()
+    lock = RunLock(config.run_dir)
     try:
+        lock_run_dir(lock, world, device)
         return _train(config, world, device, stop)
+    except RuntimeError as e:  # torch.distributed.DistError is one too
+        lost = lost_peer(e) if world.distributed else None
+        if lost is None:
+            raise
+        latest = checkpoint.latest_tag(Path(config.run_dir) / "checkpoints")
+        raise TrainingError(f"rank {world.rank} lost another rank ({lost}); run the same command again to resume "
+                            f"from {latest or 'the start (no checkpoint yet)'}") from None
     finally:
+        lock.release()
         stop.close()
         shutdown()
+
+
+def lock_run_dir(lock: RunLock, world: World, device: torch.device) -> None:
+    """Rank 0 takes the run folder's lock; every rank stops with the same error if it could not."""
+    error = None
+    if world.is_main:
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            error = e
+    if _all_reduce([1.0 if error else 0.0], device, torch.distributed.ReduceOp.MAX)[0]:
+        raise error or ConfigError(f"run_dir={lock.path.parent} is in use by another job (rank 0 says by whom)")
 
 
 def _train(config, world: World, device: torch.device, stop: StopRequest) -> int:
@@ -117,14 +142,15 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
         (run_dir / "config.yaml").write_text(state.config_yaml)
 
     shard_dir, cache_dir = config.data.shard_dir, config.data.cache_dir
+    vocab = config.model.vocab_size
     train_loader = build_loader(shard_dir, "train", train_cfg.micro_batch_size, config.seed, cache_dir,
-                                config.data.num_workers)
+                                config.data.num_workers, vocab_size=vocab)
     if state.loader:
         train_loader.load_state_dict(state.loader)
     val_loader = None
     if manifest.splits["val"].samples >= train_cfg.micro_batch_size * world.world_size:
         val_loader = build_loader(shard_dir, "val", train_cfg.micro_batch_size, config.seed, cache_dir, 0,
-                                  shuffle=False)
+                                  shuffle=False, vocab_size=vocab)
     else:
         log.warning("validation split has too few samples for one batch per rank: no validation loss")
 

@@ -115,3 +115,28 @@ def test_slurm_variables_become_rank_variables():
     launched = {"RANK": "2", "SLURM_PROCID": "5"}
     export_rank_env(launched)  # a launcher's own variables win
     assert launched == {"RANK": "2", "SLURM_PROCID": "5"}
+
+
+def test_a_token_id_outside_the_vocabulary_is_named_with_its_shard_before_it_is_batched(shards, tmp_path):
+    import shutil
+
+    import numpy as np
+    from streaming import MDSWriter
+
+    good = take(build_loader(shards.data.shard_dir, "train", 4, 5, shards.data.cache_dir, vocab_size=260), 3)
+    assert all(int(b.max()) < 260 for b in good)  # intact shards pass the check
+    # a copy whose train split is intact and correctly hashed, but written with a wrong id in one sample
+    bad_dir = tmp_path / "bad-shards"
+    shutil.copytree(shards.data.shard_dir, bad_dir, ignore=shutil.ignore_patterns("train"))
+    samples = read_split(Path(shards.data.shard_dir) / "train")
+    samples[5] = samples[5].copy()
+    samples[5][17] = 999
+    columns = {"tokens": f"ndarray:{samples[0].dtype.name}:{samples[0].shape[0]}"}
+    with MDSWriter(out=str(bad_dir / "train"), columns=columns, compression="zstd", hashes=["xxh64"]) as writer:
+        for tokens in samples:
+            writer.write({"tokens": np.asarray(tokens)})
+    checked = build_loader(str(bad_dir), "train", 4, 5, str(tmp_path / "cache"), vocab_size=260)
+    with pytest.raises(DataError, match=r"bad-shards/train/shard\.00000\.mds(\.zstd)?: sample 5 holds token id 999, "
+                                        r"outside the vocabulary \[0, 260\)"):
+        for _ in checked:
+            pass

@@ -1,5 +1,6 @@
 """prepare: the shards hold exactly the EOS-joined tokenization of the documents, split by a seeded
 draw; re-runs are no-ops, other configs are refused, parallelism does not change a byte."""
+import dataclasses
 import json
 
 import numpy as np
@@ -143,3 +144,19 @@ def test_synthetic_source_records_its_entropy_floor(tmp_path):
     assert stats.surprisal_nats == pytest.approx(sum(d.surprisal_nats for d in val), rel=1e-9)
     assert stats.entropy_floor_nats_per_token == pytest.approx(stats.surprisal_nats / val_tokens, rel=1e-9)
     assert 0.3 < stats.entropy_floor_nats_per_token < 0.8
+
+
+def test_a_run_with_another_tokenizer_than_the_shards_is_refused(tmp_path, corpus):
+    path, _ = corpus
+    manifest = prepare(run_config(tmp_path, [path]))  # byte tokenizer
+    where = "run/data/manifest.json"
+    manifest.check_tokenizer("byte", None, where)  # the same tokenizer passes
+    with pytest.raises(DataError, match=r"manifest\.json: the shards were made with a 'byte' tokenizer, but "
+                                        r"tokenizer\.kind='sentencepiece'"):
+        manifest.check_tokenizer("sentencepiece", None, where)
+    swapped = tmp_path / "tokenizer.json"
+    swapped.write_text("{}")  # a tokenizer file whose contents are not those the shards were made with
+    hf = dataclasses.replace(manifest, tokenizer={**manifest.tokenizer, "kind": "hf", "sha256": "0" * 64})
+    with pytest.raises(DataError, match=rf"made with another tokenizer \(sha256 000000000000\) than "
+                                        rf"tokenizer\.path={swapped}"):
+        hf.check_tokenizer("hf", str(swapped), where)

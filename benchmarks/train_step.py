@@ -1,0 +1,310 @@
+"""Training throughput of one Mamba language model, side by side with what a user would otherwise run.
+
+The same model (vocab 8192, d_model 256, 4 layers, d_state 16, expand 2, conv 4), the same token
+batches, the same threads, fp32 on the CPU (bf16 on a GPU), trained by:
+
+  ssmforge-model      models.LanguageModel: forward, next-token loss, backward, AdamW step
+  ssmforge-deepspeed  the same through the DeepSpeed engine, as `ssmforge pretrain` runs it
+  hf-sequential       transformers' MambaForCausalLM without CUDA kernels: a loop over time steps
+  hf-mambapy          the same with use_mambapy=True: the pure-PyTorch parallel scan
+
+Each runs in its own process (so peak memory is its own), warm-up steps excluded. Reported per run:
+tokens/s, peak memory above the process's state before the first step, and the fraction of the
+matmul-bound limit: model FLOPs per step (3x the forward's, from LanguageModel.forward_flops_per_token)
+divided by the machine's measured dense fp32 (bf16 on a GPU) matmul rate, over the step time.
+Then the scaling in sequence length at a constant number of tokens per step, with the fitted
+exponent p of the cost per sequence ~ L^p (1 is linear). Writes benchmarks/results/train_step.json
+and train_step.png.
+
+    python benchmarks/train_step.py                 # the full table and the scaling (about 10 minutes on 2 cores)
+    python benchmarks/train_step.py --no-scaling    # the table at L 512 only
+    python benchmarks/train_step.py --shape 130m --seq-len 2048 --batch 8   # a GPU: Mamba-130M shape in bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IMPLEMENTATIONS = ("ssmforge-model", "ssmforge-deepspeed", "hf-sequential", "hf-mambapy")
+SHAPES = {  # name -> (d_model, n_layer, vocab)
+    "small": (256, 4, 8192),
+    "130m": (768, 24, 50280),
+    "370m": (1024, 48, 50280),
+}
+TARGETS = dict(vs_mambapy=3.0, vs_sequential=100.0, deepspeed_within=0.15, matmul_fraction=0.40, scaling_flat=0.20)
+
+
+def model_config(shape: str):
+    from models import ModelConfig
+
+    d_model, n_layer, vocab = SHAPES[shape]
+    return ModelConfig(family="mamba", d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=16, expand=2,
+                       d_conv=4)
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now (MiB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def batches(vocab: int, batch: int, seq_len: int, count: int) -> list[torch.Tensor]:
+    """Token batches (batch, seq_len + 1), the same for every implementation (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (batch, seq_len + 1), generator=g) for _ in range(count)]
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    return F.cross_entropy(logits[..., :vocab].float().flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def build_step(impl: str, shape: str, device: torch.device, dtype: torch.dtype):
+    """A function running one training step on a batch, and the model it trains."""
+    config = model_config(shape)
+    torch.manual_seed(0)
+    amp = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None)
+
+    def autocast():
+        import contextlib
+
+        return amp if amp is not None else contextlib.nullcontext()
+
+    if impl in ("hf-sequential", "hf-mambapy"):
+        import transformers
+
+        hf_config = transformers.MambaConfig(
+            vocab_size=config.padded_vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layer,
+            state_size=config.d_state, expand=config.expand, conv_kernel=config.d_conv,
+            use_mambapy=impl == "hf-mambapy", tie_word_embeddings=True)
+        model = transformers.MambaForCausalLM(hf_config).to(device).train()
+        forward = lambda ids: model(input_ids=ids).logits  # noqa: E731
+    else:
+        from models import LanguageModel
+
+        model = LanguageModel(config).to(device).train()
+        forward = model
+    vocab = config.vocab_size
+    if impl == "ssmforge-deepspeed":
+        from pretrain.config import load_config
+        from pretrain.engine import build_engine
+        from pretrain.launch import init_distributed
+        from pretrain.trainer import lm_loss
+
+        init_distributed()
+        run = load_config(None, ["run_dir=unused", "deepspeed.zero_stage=0", "train.precision=" + ("fp32" if amp is None else "bf16"),
+                                 "train.grad_clip=1.0", "train.warmup_steps=1", "train.max_steps=1000"])
+        engine, _, _ = build_engine(model, run, world_size=1)
+
+        def step(tokens):
+            loss = lm_loss(engine, tokens, device, dtype)
+            engine.backward(loss)
+            engine.step()
+            return loss.item()
+
+        return step, model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step(tokens):
+        tokens = tokens.to(device)
+        with autocast():
+            logits = forward(tokens[:, :-1])
+        loss = next_token_loss(logits, tokens, vocab)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, model
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(args) -> dict:
+    """One implementation at one shape, in this process: the figures as a dict."""
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    step, model = build_step(args.worker, args.shape, device, dtype)
+    data = batches(model_config(args.shape).vocab_size, args.batch, args.seq_len, args.warmup + args.steps)
+    for tokens in data[:args.warmup]:
+        step(tokens)
+    synchronize(device)
+    before = rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    losses, start = [], time.perf_counter()
+    for tokens in data[args.warmup:]:
+        losses.append(step(tokens))
+    synchronize(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
+    return dict(implementation=args.worker, seq_len=args.seq_len, batch=args.batch, seconds_per_step=seconds,
+                tokens_per_s=args.batch * args.seq_len / seconds, peak_step_memory_mib=peak - before,
+                first_loss=losses[0], device=str(device), dtype=str(dtype).replace("torch.", ""))
+
+
+def run_worker(impl: str, args, seq_len: int, batch: int, steps: int) -> dict:
+    command = [sys.executable, __file__, "--worker", impl, "--shape", args.shape, "--seq-len", str(seq_len),
+               "--batch", str(batch), "--steps", str(steps),
+               "--warmup", str(1 if impl == "hf-sequential" else args.warmup),  # its steps take minutes
+               "--threads", str(args.threads)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{impl} at L={seq_len} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def matmul_rate(threads: int) -> tuple[float, str]:
+    """The machine's dense matmul rate (FLOP/s), best of several 2048^3 products: fp32 on CPU, bf16 on GPU."""
+    torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    n = 8192 if cuda else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(5 if not cuda else 20):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best, str(dtype).replace("torch.", "")
+
+
+def fitted_exponent(rows: list[dict]) -> float:
+    """p in seconds per sequence ~ L^p, least squares on logs."""
+    xs = [math.log(r["seq_len"]) for r in rows]
+    ys = [math.log(r["seconds_per_step"] / r["batch"]) for r in rows]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def plot(scaling: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl, rows in scaling.items():
+        ax.plot([r["seq_len"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=impl)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length L (tokens per step constant)")
+    ax.set_ylabel("training tokens/s")
+    ax.set_title("Mamba training throughput")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--implementations", nargs="*", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    p.add_argument("--sequential-steps", type=int, default=2, help="timed steps of hf-sequential (slow)")
+    p.add_argument("--no-scaling", action="store_true")
+    p.add_argument("--scaling-lengths", type=int, nargs="*", default=[512, 2048, 8192])
+    p.add_argument("--scaling-tokens", type=int, default=8192, help="tokens per step in the scaling runs")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
+    p.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    from benchmarks.machine import describe
+
+    rate, rate_dtype = matmul_rate(args.threads)
+    flops_per_token = 3 * __import__("models").LanguageModel(model_config(args.shape)).forward_flops_per_token(args.seq_len)
+    print(f"matmul rate: {rate / 1e9:.1f} GFLOP/s ({rate_dtype}); model: {args.shape}, "
+          f"{flops_per_token / 1e6:.2f} MFLOP per trained token at L={args.seq_len}")
+    rows = {}
+    for impl in args.implementations:
+        steps = args.sequential_steps if impl == "hf-sequential" else args.steps
+        r = run_worker(impl, args, args.seq_len, args.batch, steps)
+        r["matmul_fraction"] = flops_per_token * r["tokens_per_s"] / rate
+        rows[impl] = r
+        print(f"  {impl:20} {r['tokens_per_s']:10.0f} tokens/s  {r['seconds_per_step'] * 1e3:9.1f} ms/step  "
+              f"peak +{r['peak_step_memory_mib']:7.0f} MiB  {100 * r['matmul_fraction']:5.1f}% of matmul-bound")
+
+    checks = {}
+    ours = rows.get("ssmforge-model")
+    if ours and "hf-mambapy" in rows:
+        ratio = ours["tokens_per_s"] / rows["hf-mambapy"]["tokens_per_s"]
+        checks["vs_mambapy"] = dict(value=ratio, target=f">= {TARGETS['vs_mambapy']}x", ok=ratio >= TARGETS["vs_mambapy"])
+        less = ours["peak_step_memory_mib"] <= rows["hf-mambapy"]["peak_step_memory_mib"]
+        checks["memory_vs_mambapy"] = dict(value=ours["peak_step_memory_mib"] / rows["hf-mambapy"]["peak_step_memory_mib"],
+                                           target="<= 1x", ok=less)
+    if ours and "hf-sequential" in rows:
+        ratio = ours["tokens_per_s"] / rows["hf-sequential"]["tokens_per_s"]
+        checks["vs_sequential"] = dict(value=ratio, target=f">= {TARGETS['vs_sequential']}x",
+                                       ok=ratio >= TARGETS["vs_sequential"])
+    if ours and "ssmforge-deepspeed" in rows:
+        slower = 1 - rows["ssmforge-deepspeed"]["tokens_per_s"] / ours["tokens_per_s"]
+        checks["deepspeed_overhead"] = dict(value=slower, target=f"<= {TARGETS['deepspeed_within']}",
+                                            ok=slower <= TARGETS["deepspeed_within"])
+    if ours:
+        checks["matmul_fraction"] = dict(value=ours["matmul_fraction"], target=f">= {TARGETS['matmul_fraction']}",
+                                         ok=ours["matmul_fraction"] >= TARGETS["matmul_fraction"])
+
+    scaling = {}
+    if not args.no_scaling:
+        print(f"scaling at {args.scaling_tokens} tokens per step:")
+        for impl in [i for i in args.implementations if i != "hf-sequential"]:  # hours at L 8192
+            scaling[impl] = []
+            for L in args.scaling_lengths:
+                r = run_worker(impl, args, L, max(1, args.scaling_tokens // L), args.steps)
+                scaling[impl].append(r)
+            exponent = fitted_exponent(scaling[impl])
+            rates = [r["tokens_per_s"] for r in scaling[impl]]
+            spread = max(rates) / min(rates) - 1
+            print(f"  {impl:20} " + "  ".join(f"L={r['seq_len']}: {r['tokens_per_s']:.0f}" for r in scaling[impl])
+                  + f"  tokens/s; cost per sequence ~ L^{exponent:.3f}; spread {100 * spread:.1f}%")
+            if impl == "ssmforge-model":
+                checks["scaling_flat"] = dict(value=spread, exponent=exponent, target=f"<= {TARGETS['scaling_flat']}",
+                                              ok=spread <= TARGETS["scaling_flat"])
+        plot(scaling, Path(args.out).with_suffix(".png"))
+
+    print("targets:")
+    for name, c in checks.items():
+        print(f"  {name:20} {c['value']:.3f} (target {c['target']}): {'met' if c['ok'] else 'MISSED'}")
+    report = dict(machine=describe(), matmul_rate_flops=rate, matmul_dtype=rate_dtype, shape=args.shape,
+                  model_flops_per_token=flops_per_token, seq_len=args.seq_len, batch=args.batch, threads=args.threads,
+                  results=rows, scaling=scaling, targets=checks)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}" + ("" if args.no_scaling else f" and {Path(args.out).with_suffix('.png')}"))
+
+
+if __name__ == "__main__":
+    main()
