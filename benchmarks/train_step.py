@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,21 +69,13 @@ def batches(vocab: int, batch: int, seq_len: int, count: int) -> list[torch.Tens
     return [torch.randint(0, vocab, (batch, seq_len + 1), generator=g) for _ in range(count)]
 
 
-def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
-    return F.cross_entropy(logits[..., :vocab].float().flatten(0, 1), tokens[:, 1:].flatten())
-
-
 def build_step(impl: str, shape: str, device: torch.device, dtype: torch.dtype):
-    """A function running one training step on a batch, and the model it trains."""
+    """A function running one training step on a batch, and the model it trains. Every implementation's
+    loss is `pretrain.trainer.lm_loss`, the trainer's own (autocast to `dtype`, fp32 cross-entropy)."""
+    from pretrain.trainer import lm_loss
+
     config = model_config(shape)
     torch.manual_seed(0)
-    amp = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else None)
-
-    def autocast():
-        import contextlib
-
-        return amp if amp is not None else contextlib.nullcontext()
-
     if impl in ("hf-sequential", "hf-mambapy"):
         import transformers
 
@@ -97,17 +88,15 @@ def build_step(impl: str, shape: str, device: torch.device, dtype: torch.dtype):
     else:
         from models import LanguageModel
 
-        model = LanguageModel(config).to(device).train()
-        forward = model
-    vocab = config.vocab_size
+        model = forward = LanguageModel(config).to(device).train()
     if impl == "ssmforge-deepspeed":
         from pretrain.config import load_config
         from pretrain.engine import build_engine
         from pretrain.launch import init_distributed
-        from pretrain.trainer import lm_loss
 
         init_distributed()
-        run = load_config(None, ["run_dir=unused", "deepspeed.zero_stage=0", "train.precision=" + ("fp32" if amp is None else "bf16"),
+        precision = "fp32" if dtype == torch.float32 else "bf16"
+        run = load_config(None, ["run_dir=unused", "deepspeed.zero_stage=0", f"train.precision={precision}",
                                  "train.grad_clip=1.0", "train.warmup_steps=1", "train.max_steps=1000"])
         engine, _, _ = build_engine(model, run, world_size=1)
 
@@ -121,10 +110,7 @@ def build_step(impl: str, shape: str, device: torch.device, dtype: torch.dtype):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
     def step(tokens):
-        tokens = tokens.to(device)
-        with autocast():
-            logits = forward(tokens[:, :-1])
-        loss = next_token_loss(logits, tokens, vocab)
+        loss = lm_loss(forward, tokens, device, dtype)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -243,9 +229,11 @@ def main() -> None:
         return
 
     from benchmarks.machine import describe
+    from models import LanguageModel
 
     rate, rate_dtype = matmul_rate(args.threads)
-    flops_per_token = 3 * __import__("models").LanguageModel(model_config(args.shape)).forward_flops_per_token(args.seq_len)
+    with torch.device("meta"):  # shapes only: no weights allocated
+        flops_per_token = 3 * LanguageModel(model_config(args.shape)).forward_flops_per_token(args.seq_len)
     print(f"matmul rate: {rate / 1e9:.1f} GFLOP/s ({rate_dtype}); model: {args.shape}, "
           f"{flops_per_token / 1e6:.2f} MFLOP per trained token at L={args.seq_len}")
     rows = {}

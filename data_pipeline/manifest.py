@@ -97,9 +97,10 @@ class Manifest:
         if kind != ours["kind"]:
             raise DataError(f"{where}: the shards were made with a {ours['kind']!r} tokenizer, but tokenizer.kind="
                             f"{kind!r}; prepare the data again for this tokenizer or use the matching one")
-        if path and Path(path).is_file() and file_sha256(path) != ours["sha256"]:
+        theirs = file_sha256(path) if path and Path(path).is_file() else ours["sha256"]
+        if theirs != ours["sha256"]:
             raise DataError(f"{where}: the shards were made with another tokenizer (sha256 {ours['sha256'][:12]}) "
-                            f"than tokenizer.path={path} (sha256 {file_sha256(path)[:12]})")
+                            f"than tokenizer.path={path} (sha256 {theirs[:12]})")
 
 
 def read_manifest(directory: str | Path) -> Manifest | None:

@@ -4,7 +4,6 @@ Parameter names (q_proj, k_proj, v_proj, o_proj) follow Hugging Face's Llama att
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .layers import init_residual_branch
 from .registry import register_mixer
 
 
@@ -57,13 +57,7 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=config.bias)
-        if config.rescale_out_proj:
-            # every residual block adds to the stream: scale by the number of blocks (GPT-2, mamba_ssm)
-            with torch.no_grad():
-                self.o_proj.weight /= math.sqrt(len(config.layer_kinds))
-        if config.bias:
-            for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-                nn.init.zeros_(proj.bias)
+        init_residual_branch(config, self.o_proj, [self.q_proj, self.k_proj, self.v_proj, self.o_proj])
 
     @classmethod
     def validate(cls, config: ModelConfig, prefix: str) -> None:

@@ -37,7 +37,7 @@ from kernels.fftconv import fft_causal_conv
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .layers import RMSNorm, keep_fp32
+from .layers import RMSNorm, init_residual_branch, keep_fp32
 from .registry import register_mixer
 
 
@@ -73,12 +73,7 @@ class GSSMixer(nn.Module):
         self.log_dt = keep_fp32(nn.Parameter(torch.rand(H) * (log_hi - log_lo) + log_lo))
         self.C = keep_fp32(nn.Parameter(torch.randn(H, N, 2) * math.sqrt(0.5)))  # (re, im): complex normal
         self.D = keep_fp32(nn.Parameter(torch.ones(H)))
-        if config.rescale_out_proj:
-            with torch.no_grad():
-                self.out_proj.weight /= math.sqrt(config.n_layer)
-        if config.bias:
-            for proj in (self.in_proj, self.up_proj, self.out_proj):
-                nn.init.zeros_(proj.bias)
+        init_residual_branch(config, self.out_proj, [self.in_proj, self.up_proj, self.out_proj])
 
     @classmethod
     def validate(cls, config: ModelConfig, prefix: str) -> None:

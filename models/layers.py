@@ -21,6 +21,25 @@ def dt_bias_init(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Te
     return dt + torch.log(-torch.expm1(-dt))  # the inverse of softplus
 
 
+def init_residual_branch(config, out_proj: nn.Linear, projections: list[nn.Linear]) -> None:
+    """The init every mixer shares: its output projection scaled by 1/sqrt(number of residual blocks)
+    when config.rescale_out_proj (GPT-2, mamba_ssm: each block adds to the stream), biases zeroed."""
+    if config.rescale_out_proj:
+        with torch.no_grad():
+            out_proj.weight /= math.sqrt(len(config.layer_kinds))
+    if config.bias:
+        for proj in projections:
+            nn.init.zeros_(proj.bias)
+
+
+def fill_conv_state(conv_state: torch.Tensor, conv_inputs: torch.Tensor) -> None:
+    """Leave the last d_conv conv inputs (batch, channels, L) in a decoding cache (batch, channels, d_conv),
+    oldest first, zeros in front when L < d_conv: what the next `step` convolves with."""
+    tail = conv_inputs[..., -conv_state.shape[-1]:]
+    conv_state.zero_()
+    conv_state[..., conv_state.shape[-1] - tail.shape[-1]:] = tail
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, returned in the input dtype."""
 

@@ -5,7 +5,6 @@ weights move between the two without renaming inside the block.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ import kernels
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .layers import dt_bias_init, keep_fp32
+from .layers import dt_bias_init, fill_conv_state, init_residual_branch, keep_fp32
 from .registry import register_mixer
 
 
@@ -50,12 +49,7 @@ class MambaMixer(nn.Module):
         self.A_log = keep_fp32(nn.Parameter(torch.log(A)))
         self.D = keep_fp32(nn.Parameter(torch.ones(d_inner)))
         self._init_dt(config)
-        if config.rescale_out_proj:
-            with torch.no_grad():
-                self.out_proj.weight /= math.sqrt(config.n_layer)
-        if config.bias:
-            nn.init.zeros_(self.in_proj.bias)
-            nn.init.zeros_(self.out_proj.bias)
+        init_residual_branch(config, self.out_proj, [self.in_proj, self.out_proj])
 
     def _init_dt(self, config: ModelConfig) -> None:
         """dt_proj weights uniform in +-dt_rank^-0.5 * dt_scale; its bias from `dt_bias_init`."""
@@ -94,9 +88,7 @@ class MambaMixer(nn.Module):
         inputs and SSM state after the last position, so decoding can continue with `step`."""
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
         if state is not None:
-            tail = x[..., -self.d_conv:]
-            state.conv.zero_()
-            state.conv[..., self.d_conv - tail.shape[-1]:] = tail
+            fill_conv_state(state.conv, x)
         x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())

@@ -6,7 +6,6 @@ match Hugging Face's Mamba2Mixer so that weights move between the two without re
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ import kernels
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .layers import dt_bias_init, keep_fp32
+from .layers import dt_bias_init, fill_conv_state, init_residual_branch, keep_fp32
 from .registry import register_mixer
 
 A_INIT_RANGE = (1.0, 16.0)  # -A is drawn uniformly from this range per head (the paper's code)
@@ -74,12 +73,7 @@ class Mamba2Mixer(nn.Module):
         self.D = keep_fp32(nn.Parameter(torch.ones(self.nheads)))
         self.norm = GatedRMSNorm(d_inner, d_inner // self.ngroups, config.rms_norm_eps)
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
-        if config.rescale_out_proj:
-            with torch.no_grad():
-                self.out_proj.weight /= math.sqrt(config.n_layer)
-        if config.bias:
-            nn.init.zeros_(self.in_proj.bias)
-            nn.init.zeros_(self.out_proj.bias)
+        init_residual_branch(config, self.out_proj, [self.in_proj, self.out_proj])
 
     @classmethod
     def validate(cls, config: ModelConfig, prefix: str) -> None:
@@ -129,9 +123,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self._split(self.in_proj(hidden))
         xBC = xBC.transpose(1, 2)  # (batch, conv_dim, L)
         if state is not None:
-            tail = xBC[..., -self.d_conv:]
-            state.conv.zero_()
-            state.conv[..., self.d_conv - tail.shape[-1]:] = tail
+            fill_conv_state(state.conv, xBC)
         xBC = kernels.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         x, B, C = self._split_conv_out(xBC.transpose(1, 2))
         y = kernels.ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, chunk_size=self.chunk_size,

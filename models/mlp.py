@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .layers import init_residual_branch
 from .registry import register_mixer
 
 
@@ -30,12 +31,7 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
         self.up_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
         self.down_proj = nn.Linear(hidden, config.d_model, bias=config.bias)
-        if config.rescale_out_proj:
-            with torch.no_grad():  # as the attention o_proj: one more residual branch per block
-                self.down_proj.weight /= math.sqrt(len(config.layer_kinds))
-        if config.bias:
-            for proj in (self.gate_proj, self.up_proj, self.down_proj):
-                nn.init.zeros_(proj.bias)
+        init_residual_branch(config, self.down_proj, [self.gate_proj, self.up_proj, self.down_proj])
 
     @classmethod
     def validate(cls, config: ModelConfig, prefix: str) -> None:

@@ -21,6 +21,8 @@ import torch
 
 from models.errors import CheckpointError
 
+from .launch import any_rank
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -71,14 +73,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _all_ranks_ok(ok: bool, device) -> bool:
-    """True when every rank's `ok` is (a barrier that also carries one rank's failure to the others)."""
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() == 0.0
-
-
 def save(engine, checkpoint_dir: Path, state: TrainerState, rank: int, keep: int) -> Path:
     """Save on every rank; returns the checkpoint folder. Marks it latest once all ranks are done.
     A write that fails (a full disk, an I/O error) on any rank raises CheckpointError on every rank,
@@ -93,7 +87,7 @@ def save(engine, checkpoint_dir: Path, state: TrainerState, rank: int, keep: int
             _write_atomic(folder / STATE_FILE, json.dumps(asdict(state)))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         error = e
-    if not _all_ranks_ok(error is None, engine.device):
+    if any_rank(error is not None, engine.device):  # a barrier that carries one rank's failure to all
         previous = (checkpoint_dir / LATEST).read_text().strip() if (checkpoint_dir / LATEST).exists() else None
         reason = str(error).strip().splitlines()[0] if error is not None else "failed on another rank"
         raise CheckpointError(f"{folder}: checkpoint not saved ({reason}); latest is still "

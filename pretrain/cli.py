@@ -125,7 +125,6 @@ def cmd_eval_ppl(args) -> int:
 
     from .launch import init_distributed, shutdown, world_from_env
 
-    args.random_init = None
     model, tokenizer, config = _load_model_and_tokenizer(args)
     eval_cfg = config.eval if config is not None else None
     dataset = args.dataset or [eval_cfg.dataset if eval_cfg else "wikitext-103"]
@@ -174,7 +173,6 @@ def cmd_finetune_glue(args) -> int:
     from .export import is_run_folder
     from .launch import init_distributed, shutdown
 
-    args.random_init = None
     backbone, tokenizer, run_config = _load_model_and_tokenizer(args)
     config_path = Path(args.checkpoint) / "config.yaml" if is_run_folder(args.checkpoint) else args.config
     overrides = list(args.overrides) + ([f"glue.data_dir={args.data_dir}"] if args.data_dir else [])

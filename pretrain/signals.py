@@ -8,6 +8,8 @@ import signal
 
 import torch
 
+from .launch import any_rank
+
 log = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
@@ -33,7 +35,4 @@ class StopRequest:
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank has been signalled."""
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.signum is not None, device)

@@ -20,7 +20,7 @@ from models.errors import ConfigError, SsmforgeError
 from . import checkpoint
 from .config import to_yaml
 from .engine import autocast, build_engine, resolve_precision, unclipped_grad_norm
-from .launch import World, init_distributed, lost_peer, shutdown
+from .launch import World, any_rank, init_distributed, lost_peer, shutdown
 from .metrics import MetricsLogger, mfu, peak_flops, peak_memory_bytes
 from .runlock import RunLock
 from .signals import REQUEUE_EXIT_CODE, StopRequest
@@ -124,7 +124,7 @@ def lock_run_dir(lock: RunLock, world: World, device: torch.device) -> None:
             lock.acquire()
         except ConfigError as e:
             error = e
-    if _all_reduce([1.0 if error else 0.0], device, torch.distributed.ReduceOp.MAX)[0]:
+    if any_rank(error is not None, device):
         raise error or ConfigError(f"run_dir={lock.path.parent} is in use by another job (rank 0 says by whom)")
 
 
@@ -184,8 +184,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
         losses, grad_norm = [], None
         for micro in range(train_cfg.grad_accum_steps):
             loss = lm_loss(engine, next(batches), device, dtype)
-            bad = _all_reduce([0.0 if torch.isfinite(loss) else 1.0], device, torch.distributed.ReduceOp.MAX)[0]
-            if bad:
+            if any_rank(not torch.isfinite(loss), device):
                 if train_cfg.nonfinite_loss == "stop":
                     last = checkpoint.latest_tag(checkpoints)
                     raise TrainingError(f"non-finite loss at step {state.step + 1}; last good checkpoint: "

@@ -55,6 +55,16 @@ def _decay(a_l, a_s, offs_l, offs_s):
 
 
 @triton.jit
+def _chunk_program(nheads, ngroups, n_chunks, CHUNK: tl.constexpr):
+    """This program's (batch b, chunk c, head, B/C group, row) for a grid (batch * n_chunks, nheads, ...);
+    row is where (b, head, c) starts in the (batch, nheads, n_chunks, CHUNK) dt and a tensors."""
+    b = (tl.program_id(0) // n_chunks).to(tl.int64)
+    c = tl.program_id(0) % n_chunks
+    head = tl.program_id(1)
+    return b, c, head, head // (nheads // ngroups), ((b * nheads + head) * n_chunks + c) * CHUNK
+
+
+@triton.jit
 def chunk_state_kernel(
     X_ptr, Y_ptr, dt_ptr, a_ptr, out_ptr,
     L, nheads, headdim, dstate, ngroups, n_chunks,
@@ -64,11 +74,7 @@ def chunk_state_kernel(
     """out[b, c, h] = sum_s X_s^T w_s Y_s over the steps of chunk c, with w_s = exp(a_end - a_s) dt_s
     (forward: X = x, Y = B) or, FROM_START, w_s = exp(a_s) (backward: X = dy, Y = C).
     Grid (batch * n_chunks, nheads)."""
-    b = (tl.program_id(0) // n_chunks).to(tl.int64)
-    c = tl.program_id(0) % n_chunks
-    head = tl.program_id(1)
-    group = head // (nheads // ngroups)
-    row = ((b * nheads + head) * n_chunks + c) * CHUNK  # start of (b, h, c) in dt and a
+    b, c, head, group, row = _chunk_program(nheads, ngroups, n_chunks, CHUNK)
     a_end = tl.load(a_ptr + row + CHUNK - 1)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k in range(0, CHUNK, BLOCK_K):
@@ -126,12 +132,8 @@ def chunk_scan_fwd_kernel(
 ):
     """y (fp32, without D) for BLOCK_M steps of one chunk and head. Grid (batch * n_chunks, nheads,
     CHUNK / BLOCK_M)."""
-    b = (tl.program_id(0) // n_chunks).to(tl.int64)
-    c = tl.program_id(0) % n_chunks
-    head = tl.program_id(1)
+    b, c, head, group, row = _chunk_program(nheads, ngroups, n_chunks, CHUNK)
     pid_m = tl.program_id(2)
-    group = head // (nheads // ngroups)
-    row = ((b * nheads + head) * n_chunks + c) * CHUNK
     offs_l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t_l = c * CHUNK + offs_l
     C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, BLOCK_N)
@@ -163,12 +165,8 @@ def chunk_scan_bwd_sources_kernel(
     leaving state's gradient dS: dx, ddt (through dt as a factor only), dB (accumulated over the heads of
     a group), da_s (the terms where a_s enters with a minus sign) and da_end_s (the term of a_end).
     Grid (batch * n_chunks, nheads, CHUNK / BLOCK)."""
-    b = (tl.program_id(0) // n_chunks).to(tl.int64)
-    c = tl.program_id(0) % n_chunks
-    head = tl.program_id(1)
+    b, c, head, group, row = _chunk_program(nheads, ngroups, n_chunks, CHUNK)
     pid_s = tl.program_id(2)
-    group = head // (nheads // ngroups)
-    row = ((b * nheads + head) * n_chunks + c) * CHUNK
     offs_s = pid_s * BLOCK + tl.arange(0, BLOCK)
     t_s = c * CHUNK + offs_s
     x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, BLOCK_P)
@@ -214,12 +212,8 @@ def chunk_scan_bwd_outputs_kernel(
     """Gradients at BLOCK output steps l of one chunk and head: dC (accumulated over the heads of a
     group) and da_l (the terms where a_l enters with a plus sign), from the sources s <= l and the
     entering state h0. Grid (batch * n_chunks, nheads, CHUNK / BLOCK)."""
-    b = (tl.program_id(0) // n_chunks).to(tl.int64)
-    c = tl.program_id(0) % n_chunks
-    head = tl.program_id(1)
+    b, c, head, group, row = _chunk_program(nheads, ngroups, n_chunks, CHUNK)
     pid_l = tl.program_id(2)
-    group = head // (nheads // ngroups)
-    row = ((b * nheads + head) * n_chunks + c) * CHUNK
     offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
     t_l = c * CHUNK + offs_l
     C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, BLOCK_N)
