@@ -120,20 +120,22 @@ class GlueRunner:
             max_steps=total_steps, min_lr_ratio=0.0, activation_checkpointing=False)
         return build_engine(model, dataclasses.replace(self.config, train=train), self.world_size)
 
-    def _predict(self, engine, examples: list[Example], task: Task) -> list:
-        """Predictions for every example (each rank scores its share; results are gathered)."""
+    def _encode(self, examples: list[Example]) -> list[list[int]]:
+        return [encode_example(self.tokenizer, e, self.glue.max_length) for e in examples]
+
+    def _predict(self, engine, sequences: list[list[int]], task: Task) -> list:
+        """Predictions for every encoded example (each rank scores its share; results are gathered)."""
         from pretrain.engine import autocast, resolve_precision
 
         dtype = resolve_precision(self.config.train.precision, self.device)
-        mine = rank_indices(len(examples), self.rank, self.world_size)
+        mine = rank_indices(len(sequences), self.rank, self.world_size)
         batch = self.glue.batch_size // self.world_size
         out = []
         engine.eval()
         with torch.no_grad():
             for b in range(0, len(mine), batch):
                 idx = mine[b:b + batch]
-                ids, lengths = collate([encode_example(self.tokenizer, examples[i], self.glue.max_length)
-                                        for i in idx], self.pad_id)
+                ids, lengths = collate([sequences[i] for i in idx], self.pad_id)
                 with autocast(self.device, dtype):
                     logits = engine(ids.to(self.device), lengths.to(self.device))
                 values = logits[:, 0] if task.is_regression else logits.argmax(-1)
@@ -144,12 +146,14 @@ class GlueRunner:
             torch.distributed.all_gather_object(gathered, out)
             out = [pair for part in gathered for pair in part]
         by_index = dict(out)
-        return [by_index[i] for i in range(len(examples))]
+        return [by_index[i] for i in range(len(sequences))]
 
-    def _evaluate(self, engine, task: Task, dev: dict[str, list[Example]]) -> dict[str, float]:
+    def _evaluate(self, engine, task: Task, dev: dict[str, list[Example]],
+                  dev_sequences: dict[str, list[list[int]]]) -> dict[str, float]:
         metrics = {}
         for split, examples in dev.items():
-            m = split_metrics(task.name, self._predict(engine, examples, task), [e.label for e in examples])
+            predictions = self._predict(engine, dev_sequences[split], task)
+            m = split_metrics(task.name, predictions, [e.label for e in examples])
             if task.name == "mnli":
                 m = {f"accuracy_{split.split('_')[1]}": m["accuracy"]}
             metrics.update(m)
@@ -167,7 +171,10 @@ class GlueRunner:
                 test[split] = load_split(task, split, glue.data_dir)
             except DataError as e:
                 log.warning("%s: no submission file for this split", e)
-        encoded = [encode_example(self.tokenizer, e, glue.max_length) for e in train]
+        # encoded once: the dev splits are scored every epoch, the test splits at every better epoch
+        encoded = self._encode(train)
+        dev_sequences = {split: self._encode(examples) for split, examples in dev.items()}
+        test_sequences = {split: self._encode(examples) for split, examples in test.items()}
         torch.manual_seed(glue.seed)
         model = SequenceClassifier(self.make_backbone(), task.num_labels, glue.seed).to(self.device)
         steps_per_epoch = math.ceil(len(train) / glue.batch_size)
@@ -196,7 +203,7 @@ class GlueRunner:
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.item())
-            metrics = self._evaluate(engine, task, dev)
+            metrics = self._evaluate(engine, task, dev, dev_sequences)
             score = task_score(task.name, metrics)
             result.epochs.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), **metrics,
                                   "score": score})
@@ -204,8 +211,9 @@ class GlueRunner:
                      ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if score > result.score:  # keep the best epoch: its dev metrics and its test predictions
                 result.best_epoch, result.dev, result.score = epoch + 1, metrics, score
-                result.test_predictions = {split: list(zip((e.index for e in ex), self._predict(engine, ex, task)))
-                                           for split, ex in test.items()}
+                result.test_predictions = {
+                    split: list(zip((e.index for e in examples), self._predict(engine, test_sequences[split], task)))
+                    for split, examples in test.items()}
         engine.destroy()
         return result
 

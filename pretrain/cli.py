@@ -137,8 +137,7 @@ def cmd_eval_ppl(args) -> int:
     if stride is not None and stride > max_length:
         raise SsmforgeError(f"--stride={stride} is invalid: must be <= the window --max-length ({max_length})")
     hub = len(dataset) == 1 and dataset[0] in WIKITEXT
-    documents = load_documents(dataset[0]) if hub else \
-        [doc for pattern in dataset for doc in load_documents(pattern)]
+    documents = [doc for name in dataset for doc in load_documents(name)]
     world = world_from_env()
     device = None
     if world.distributed:
