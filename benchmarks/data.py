@@ -21,7 +21,7 @@ from benchmarks.machine import describe  # noqa: E402
 
 def write_corpus(path: Path, megabytes: int) -> tuple[int, int]:
     """Synthetic English-like documents as jsonl until the file holds `megabytes` of text."""
-    from data_pipeline.synthetic import SyntheticCorpus
+    from ssmforge.data_pipeline.synthetic import SyntheticCorpus
 
     corpus, written, docs = SyntheticCorpus(seed=0), 0, 0
     with open(path, "w") as f:
@@ -52,9 +52,9 @@ def main() -> None:
     parser.add_argument("--tokenizers", default="byte,sentencepiece")
     args = parser.parse_args()
 
-    from data_pipeline.pack import prepare
-    from data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
-    from pretrain.config import load_config
+    from ssmforge.data_pipeline.pack import prepare
+    from ssmforge.data_pipeline.tokenizer import ByteTokenizer, load_tokenizer
+    from ssmforge.pretrain.config import load_config
 
     work = Path(tempfile.mkdtemp(prefix="ssmforge-bench-data-"))
     corpus = work / "corpus.jsonl"

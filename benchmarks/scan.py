@@ -21,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import kernels  # noqa: E402
+from ssmforge import kernels  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 
 
@@ -85,7 +85,7 @@ PEAK_MEMORY_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
 from scan import make_inputs
-import kernels
+from ssmforge import kernels
 def hwm_kib():
     return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
 inputs = make_inputs({batch}, {d}, {L}, {n}, 'cpu')

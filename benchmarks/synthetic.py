@@ -70,7 +70,7 @@ def induction_heads_batch(batch: int, seq_len: int, vocab: int,
 
 
 def build_model(family: str, args, vocab_size: int):
-    from models import LanguageModel, ModelConfig
+    from ssmforge.models import LanguageModel, ModelConfig
 
     config = ModelConfig(family=family, d_model=args.d_model, n_layer=2, vocab_size=vocab_size,
                          d_state=16, mamba2_d_state=16, mamba2_headdim=16, mamba2_chunk_size=64,
@@ -191,7 +191,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
     from benchmarks.machine import describe
-    from models import FAMILIES, SYMBOLS
+    from ssmforge.models import FAMILIES, SYMBOLS
 
     results, skipped = {}, {}
     for family in args.families:

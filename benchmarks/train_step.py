@@ -46,7 +46,7 @@ TARGETS = dict(vs_mambapy=3.0, vs_sequential=100.0, deepspeed_within=0.15, matmu
 
 
 def model_config(shape: str):
-    from models import ModelConfig
+    from ssmforge.models import ModelConfig
 
     d_model, n_layer, vocab = SHAPES[shape]
     return ModelConfig(family="mamba", d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=16, expand=2,
@@ -72,7 +72,7 @@ def batches(vocab: int, batch: int, seq_len: int, count: int) -> list[torch.Tens
 def build_step(impl: str, shape: str, device: torch.device, dtype: torch.dtype):
     """A function running one training step on a batch, and the model it trains. Every implementation's
     loss is `pretrain.trainer.lm_loss`, the trainer's own (autocast to `dtype`, fp32 cross-entropy)."""
-    from pretrain.trainer import lm_loss
+    from ssmforge.pretrain.trainer import lm_loss
 
     config = model_config(shape)
     torch.manual_seed(0)
@@ -86,13 +86,13 @@ def build_step(impl: str, shape: str, device: torch.device, dtype: torch.dtype):
         model = transformers.MambaForCausalLM(hf_config).to(device).train()
         forward = lambda ids: model(input_ids=ids).logits  # noqa: E731
     else:
-        from models import LanguageModel
+        from ssmforge.models import LanguageModel
 
         model = forward = LanguageModel(config).to(device).train()
     if impl == "ssmforge-deepspeed":
-        from pretrain.config import load_config
-        from pretrain.engine import build_engine
-        from pretrain.launch import init_distributed
+        from ssmforge.pretrain.config import load_config
+        from ssmforge.pretrain.engine import build_engine
+        from ssmforge.pretrain.launch import init_distributed
 
         init_distributed()
         precision = "fp32" if dtype == torch.float32 else "bf16"
@@ -229,7 +229,7 @@ def main() -> None:
         return
 
     from benchmarks.machine import describe
-    from models import LanguageModel
+    from ssmforge.models import LanguageModel
 
     rate, rate_dtype = matmul_rate(args.threads)
     with torch.device("meta"):  # shapes only: no weights allocated

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from streaming import StreamingDataset
 
-from models.errors import DataError
+from ssmforge.errors import DataError
 
 
 class VocabCheckedDataset(StreamingDataset):

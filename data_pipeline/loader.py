@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.errors import DataError
+from ssmforge.errors import DataError
 
 from .manifest import Manifest, find_manifest, is_remote
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.errors import ConfigError, DataError
+from ssmforge.errors import ConfigError, DataError
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import DataError
+from ssmforge.errors import DataError
 
 from .manifest import MANIFEST_FILE, Manifest, SplitStats, find_manifest, fingerprint, is_remote
 from .sources import SkipCounter, mixed_documents

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from models.errors import DataError
+from ssmforge.errors import DataError
 
 LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".txt")
 

@@ -39,7 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
-from models.errors import ConfigError, DataError
+from ssmforge.errors import ConfigError, DataError
 
 MEMORY_MARK = "Remember:"
 RECALL_MARK = "Recall:"

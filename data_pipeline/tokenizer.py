@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from models.errors import DataError
+from ssmforge.errors import DataError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -163,19 +163,3 @@ def load_tokenizer(kind: str, path: str | Path | None = None):
     if kind == "hf":
         return HFTokenizer(path)
     raise DataError(f"unknown tokenizer kind {kind!r}: expected byte, sentencepiece or hf")
-
-
-def find_tokenizer(model_dir: str | Path):
-    """The tokenizer saved beside a model (tokenizer.model, tokenizer.json, or the byte tokenizer that
-    config.json records), or None."""
-    import json
-
-    from models.hf import BYTE_TOKENIZER_KEY, CONFIG_FILE
-
-    for name, kind in zip(TOKENIZER_FILES, ("sentencepiece", "hf")):
-        if (Path(model_dir) / name).is_file():
-            return load_tokenizer(kind, Path(model_dir) / name)
-    config = Path(model_dir) / CONFIG_FILE
-    if config.is_file() and json.loads(config.read_text()).get(BYTE_TOKENIZER_KEY):
-        return ByteTokenizer()
-    return None

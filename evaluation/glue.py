@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.errors import DataError
+from ssmforge.errors import DataError
 
 from .glue_metrics import glue_score, split_metrics, task_score
 from .glue_tasks import Example, Task, load_split
@@ -108,7 +108,7 @@ class GlueRunner:
         self.pad_id = pad
 
     def _engine(self, model: nn.Module, total_steps: int):
-        from pretrain.engine import build_engine
+        from ssmforge.pretrain.engine import build_engine
 
         glue = self.glue
         if glue.batch_size % self.world_size:
@@ -125,7 +125,7 @@ class GlueRunner:
 
     def _predict(self, engine, sequences: list[list[int]], task: Task) -> list:
         """Predictions for every encoded example (each rank scores its share; results are gathered)."""
-        from pretrain.engine import autocast, resolve_precision
+        from ssmforge.pretrain.engine import autocast, resolve_precision
 
         dtype = resolve_precision(self.config.train.precision, self.device)
         mine = rank_indices(len(sequences), self.rank, self.world_size)
@@ -160,7 +160,7 @@ class GlueRunner:
         return metrics
 
     def run_task(self, task: Task) -> TaskResult:
-        from pretrain.engine import autocast, resolve_precision
+        from ssmforge.pretrain.engine import autocast, resolve_precision
 
         glue = self.glue
         train = load_split(task, "train", glue.data_dir)

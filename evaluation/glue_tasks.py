@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import ConfigError, DataError
+from ssmforge.errors import ConfigError, DataError
 
 HUB_DATASET = "nyu-mll/glue"
 

@@ -19,7 +19,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from models.errors import ConfigError, DataError
+from ssmforge.errors import ConfigError, DataError
+from ssmforge.pretrain.collectives import sum_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def load_documents(dataset: str, split: str = "test") -> list[str]:
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                             f"pass local files instead (e.g. --dataset wiki.test.raw)") from None
         return [row["page"] for row in rows]
-    from data_pipeline.sources import SkipCounter, expand_paths, local_documents
+    from ssmforge.data_pipeline.sources import SkipCounter, expand_paths, local_documents
 
     paths = expand_paths([dataset], formats=None)
     docs: list[str] = []
@@ -223,11 +224,10 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], dataset: str, ma
         nll = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
                               reduction="sum")
         totals[0] += nll.double().cpu()
-    if world_size > 1 and torch.distributed.is_initialized():
-        reduced = totals.to(device)
-        torch.distributed.all_reduce(reduced)
-        totals = reduced.cpu()
-    nll, tokens, words, n_bytes, docs = totals.tolist()
+    totals = totals.tolist()
+    if world_size > 1:  # each rank scored its share of the documents
+        totals = sum_over_ranks(totals, device)
+    nll, tokens, words, n_bytes, docs = totals
     if tokens == 0:
         raise DataError(f"{dataset}: the documents hold no tokens to score")
     return PerplexityResult(dataset=dataset, documents=int(docs), tokens=int(tokens), words=int(words),

@@ -5,7 +5,7 @@ from . import attention  # noqa: F401  (registers the "attention" mixer, *)
 from . import mlp  # noqa: F401  (registers the "mlp" mixer, -)
 from . import gss  # noqa: F401  (registers the "gss" mixer, G)
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError, DataError, SsmforgeError
+from ssmforge.errors import CheckpointError, ConfigError, DataError, SsmforgeError
 from .generation import generate, sample_next
 from .hf import load_pretrained, save_pretrained
 from .lm import InferenceState, LanguageModel

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .errors import ConfigError
+from ssmforge.errors import ConfigError
 from .layers import init_residual_branch
 from .registry import register_mixer
 

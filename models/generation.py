@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .errors import ConfigError
+from ssmforge.errors import ConfigError
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:

@@ -33,10 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels.fftconv import fft_causal_conv
+from ssmforge.kernels.fftconv import fft_causal_conv
 
 from .config import ModelConfig
-from .errors import ConfigError
+from ssmforge.errors import ConfigError
 from .layers import RMSNorm, init_residual_branch, keep_fp32
 from .registry import register_mixer
 

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from ssmforge.errors import CheckpointError, ConfigError
 from .lm import LanguageModel
 
 CONFIG_FILE = "config.json"

@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from ssmforge import kernels
 
 from .config import ModelConfig
-from .errors import ConfigError
+from ssmforge.errors import ConfigError
 from .layers import dt_bias_init, fill_conv_state, init_residual_branch, keep_fp32
 from .registry import register_mixer
 

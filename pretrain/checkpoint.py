@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.errors import CheckpointError
+from ssmforge.errors import CheckpointError
 
-from .launch import any_rank
+from .collectives import any_rank, barrier
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def save(engine, checkpoint_dir: Path, state: TrainerState, rank: int, keep: int) -> Path:
     """Save on every rank; returns the checkpoint folder. Marks it latest once all ranks are done.
     A write that fails (a full disk, an I/O error) on any rank raises CheckpointError on every rank,
@@ -96,7 +91,7 @@ def save(engine, checkpoint_dir: Path, state: TrainerState, rank: int, keep: int
     if rank == 0:
         _write_atomic(checkpoint_dir / LATEST, tag)
         _prune(checkpoint_dir, keep, tag)
-    _barrier()
+    barrier()
     log.info("saved checkpoint %s", folder)
     return folder
 

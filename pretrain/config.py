@@ -15,8 +15,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from models.config import ModelConfig
-from models.errors import ConfigError
+from ssmforge.models.config import ModelConfig
+from ssmforge.errors import ConfigError
 
 
 def _need(ok: bool, key: str, value: Any, allowed: str) -> None:

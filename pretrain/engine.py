@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from models.errors import ConfigError
+from ssmforge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.loader import open_manifest
-from data_pipeline.manifest import is_remote
-from models import LanguageModel, load_pretrained, save_pretrained
-from models.errors import CheckpointError
+from ssmforge.data_pipeline.loader import open_manifest
+from ssmforge.data_pipeline.manifest import is_remote
+from ssmforge.models import LanguageModel, load_pretrained, save_pretrained
+from ssmforge.errors import CheckpointError
 
 from .checkpoint import latest_tag
 from .config import load_config
@@ -67,7 +67,7 @@ def run_tokenizer_info(config) -> dict | None:
 def load_model_and_tokenizer(path: str | Path):
     """(model, tokenizer or None, run config or None) from a run folder (latest checkpoint, the tokenizer of
     its manifest) or a model folder (ssmforge export or Hugging Face Mamba, tokenizer saved beside it)."""
-    from data_pipeline.tokenizer import find_tokenizer, load_tokenizer
+    from ssmforge.data_pipeline.tokenizer import load_tokenizer
 
     if not is_run_folder(path):
         if not Path(path).is_dir():
@@ -94,3 +94,20 @@ def export_run(run_dir: str | Path, out: str | Path, tag: str | None = None) -> 
                 Path(config.data.shard_dir) / tok["file"]
     log.info("exporting %s/checkpoints/%s to %s", run_dir, tag, out)
     return save_pretrained(model, out, token_ids=token_ids, extra_files=extra, byte_tokenizer=byte_tokenizer)
+
+
+def find_tokenizer(model_dir: str | Path):
+    """The tokenizer saved beside a model (tokenizer.model, tokenizer.json, or the byte tokenizer that
+    config.json records), or None."""
+    import json
+
+    from ssmforge.data_pipeline.tokenizer import TOKENIZER_FILES, ByteTokenizer, load_tokenizer
+    from ssmforge.models.hf import BYTE_TOKENIZER_KEY, CONFIG_FILE
+
+    for name, kind in zip(TOKENIZER_FILES, ("sentencepiece", "hf")):
+        if (Path(model_dir) / name).is_file():
+            return load_tokenizer(kind, Path(model_dir) / name)
+    config = Path(model_dir) / CONFIG_FILE
+    if config.is_file() and json.loads(config.read_text()).get(BYTE_TOKENIZER_KEY):
+        return ByteTokenizer()
+    return None

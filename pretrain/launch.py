@@ -13,8 +13,8 @@ from datetime import timedelta
 
 import torch
 
-from data_pipeline.loader import export_rank_env
-from models.errors import ConfigError
+from ssmforge.data_pipeline.loader import export_rank_env
+from ssmforge.errors import ConfigError
 
 # A rank that dies makes the others fail their next collective at once (its connections close); one that
 # hangs makes them fail after this long instead of waiting forever (train.collective_timeout_s).
@@ -137,14 +137,6 @@ def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple[W
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    timeout=timedelta(seconds=timeout_s), verbose=False)
     return world, device
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any rank (itself a barrier); the flag alone without a group."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def shutdown() -> None:

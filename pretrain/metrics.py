@@ -258,7 +258,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _cache_path() -> Path:
-    from kernels.cpu.build import cache_dir
+    from ssmforge.kernels.cpu.build import cache_dir
 
     return cache_dir() / "peak_flops.json"
 

@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from models.errors import ConfigError
+from ssmforge.errors import ConfigError
 
 LOCK_FILE = ".lock"
 SAME_JOB_WAIT_S = 120.0  # how long a requeued job waits for its previous incarnation to let go

@@ -8,7 +8,7 @@ import signal
 
 import torch
 
-from .launch import any_rank
+from .collectives import any_rank
 
 log = logging.getLogger(__name__)
 

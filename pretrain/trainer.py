@@ -11,16 +11,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.loader import build_loader, open_manifest
-from data_pipeline.manifest import is_remote
-from data_pipeline.pack import prepare
-from models import LanguageModel
-from models.errors import ConfigError, SsmforgeError
+from ssmforge.data_pipeline.loader import build_loader, open_manifest
+from ssmforge.data_pipeline.manifest import is_remote
+from ssmforge.data_pipeline.pack import prepare
+from ssmforge.models import LanguageModel
+from ssmforge.errors import ConfigError, SsmforgeError
 
 from . import checkpoint
 from .config import to_yaml
 from .engine import autocast, build_engine, resolve_precision, unclipped_grad_norm
-from .launch import World, any_rank, init_distributed, lost_peer, shutdown
+from .collectives import any_rank, barrier, sum_over_ranks
+from .launch import World, init_distributed, lost_peer, shutdown
 from .metrics import MetricsLogger, mfu, peak_flops, peak_memory_bytes
 from .runlock import RunLock
 from .signals import REQUEUE_EXIT_CODE, StopRequest
@@ -32,23 +33,11 @@ class TrainingError(SsmforgeError):
     """Training cannot go on (a non-finite loss under nonfinite_loss=stop)."""
 
 
-def _all_reduce(values: list[float], device: torch.device, op=None) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor, op=op or torch.distributed.ReduceOp.SUM)
-    return tensor.tolist()
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def ensure_prepared(config, world: World):
     """Prepare the shards on rank 0 when a local shard folder has none yet; every rank reads the manifest."""
     if world.is_main and not is_remote(config.data.shard_dir):
         prepare(config)
-    _barrier()
+    barrier()
     manifest = open_manifest(config.data.shard_dir, config.data.cache_dir)
     manifest.check_model_vocab(config.model.vocab_size)
     manifest.check_tokenizer(config.tokenizer.kind, config.tokenizer.path,
@@ -84,7 +73,7 @@ def evaluate(engine, loader, device, dtype, max_batches: int) -> float | None:
         total += lm_loss(engine, tokens, device, dtype, reduction="sum").item()
         count += tokens[:, 1:].numel()
     engine.train()
-    total, count = _all_reduce([total, count], device)
+    total, count = sum_over_ranks([total, count], device)
     return total / count if count else None
 
 
@@ -204,7 +193,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
         if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
             elapsed = time.perf_counter() - window_start
             tokens_per_s = window_tokens / elapsed
-            loss_sum, loss_count = _all_reduce([sum(losses), len(losses)], device)
+            loss_sum, loss_count = sum_over_ranks([sum(losses), len(losses)], device)
             if grad_norm is None:
                 grad_norm = engine.get_global_grad_norm()
             metrics.log(state.step, {

@@ -21,7 +21,7 @@ def corpus(tmp_path):
 
 
 def run_config(tmp_path, paths, *overrides):
-    from pretrain.config import load_config
+    from ssmforge.pretrain.config import load_config
 
     sources = json.dumps([{"kind": "local", "paths": [str(p) for p in paths]}])
     return load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.sources={sources}", "data.seq_len=32",

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.loader import build_loader, export_rank_env
-from data_pipeline.pack import prepare
-from models import DataError
+from ssmforge.data_pipeline.loader import build_loader, export_rank_env
+from ssmforge.data_pipeline.pack import prepare
+from ssmforge.errors import DataError
 
 from .conftest import run_config
 from .test_pack import read_split
@@ -52,7 +52,7 @@ def test_shuffle_is_deterministic_by_seed(shards):
 
 
 def test_an_epoch_covers_every_sample_once(shards):
-    from data_pipeline.manifest import read_manifest
+    from ssmforge.data_pipeline.manifest import read_manifest
 
     n = read_manifest(shards.data.shard_dir).splits["train"].samples
     rows = torch.cat(list(loader(shards)))

@@ -8,10 +8,10 @@ import pytest
 from streaming.base.compression import decompress
 from streaming.base.format import reader_from_json
 
-from data_pipeline.manifest import read_manifest
-from data_pipeline.pack import prepare
-from data_pipeline.tokenizer import ByteTokenizer, file_sha256
-from models import DataError
+from ssmforge.data_pipeline.manifest import read_manifest
+from ssmforge.data_pipeline.pack import prepare
+from ssmforge.data_pipeline.tokenizer import ByteTokenizer, file_sha256
+from ssmforge.errors import DataError
 
 from .conftest import run_config, write_jsonl
 
@@ -89,7 +89,7 @@ def test_trained_sentencepiece_goes_into_the_manifest(tmp_path, corpus):
                                   "vocab_size": 300, "eos_id": 2, "pad_id": 0, "bos_id": 1}
     assert read_manifest(tmp_path / "run" / "data") == manifest
     manifest.check_model_vocab(300)
-    from models import ConfigError
+    from ssmforge.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"model.vocab_size=260 is smaller than the tokenizer of these shards"):
         manifest.check_model_vocab(260)
@@ -129,8 +129,8 @@ def test_too_little_data(tmp_path):
 
 
 def test_synthetic_source_records_its_entropy_floor(tmp_path):
-    from data_pipeline.synthetic import SyntheticCorpus
-    from pretrain.config import load_config
+    from ssmforge.data_pipeline.synthetic import SyntheticCorpus
+    from ssmforge.pretrain.config import load_config
 
     config = load_config(None, [f"run_dir={tmp_path}", "data.sources=[{kind: synthetic, max_documents: 300}]",
                                 "data.seq_len=64", "data.val_fraction=0.2", "model.vocab_size=260"])

@@ -1,9 +1,9 @@
 """Shards written to and streamed from an S3 remote (moto's in-process S3), and an unreachable remote."""
 import pytest
 
-from data_pipeline.loader import build_loader, open_manifest
-from data_pipeline.pack import prepare
-from models import DataError
+from ssmforge.data_pipeline.loader import build_loader, open_manifest
+from ssmforge.data_pipeline.pack import prepare
+from ssmforge.errors import DataError
 
 from .conftest import run_config
 

@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.sources import SkipCounter, hub_documents, local_documents, mixed_documents
-from models import DataError
-from pretrain.config import SourceConfig
+from ssmforge.data_pipeline.sources import SkipCounter, hub_documents, local_documents, mixed_documents
+from ssmforge.errors import DataError
+from ssmforge.pretrain.config import SourceConfig
 
 
 def read(patterns, field="text", policy="fail"):

@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from data_pipeline.synthetic import SyntheticCorpus, entropy_floor_nats_per_token
-from models.errors import ConfigError, DataError
+from ssmforge.data_pipeline.synthetic import SyntheticCorpus, entropy_floor_nats_per_token
+from ssmforge.errors import ConfigError, DataError
 
 PROSE = re.compile(r"[A-Z][a-z]*( [a-z]+)*")
 MEMORY = re.compile(r"Remember: ([a-z]+ = [a-z]+)(, [a-z]+ = [a-z]+)*")

@@ -1,8 +1,8 @@
 """Tokenizers: SentencePiece training with our special ids, Hugging Face files, the byte tokenizer."""
 import pytest
 
-from data_pipeline.tokenizer import ByteTokenizer, file_sha256, load_tokenizer, train_sentencepiece
-from models import DataError
+from ssmforge.data_pipeline.tokenizer import ByteTokenizer, file_sha256, load_tokenizer, train_sentencepiece
+from ssmforge.errors import DataError
 
 from .conftest import WORDS
 

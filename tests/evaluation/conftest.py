@@ -15,7 +15,7 @@ def private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def byte_model_dir(tmp_path_factory):
     """A tiny random Mamba saved as a model folder with the byte tokenizer (what `ssmforge export` writes)."""
-    from models import LanguageModel, ModelConfig, save_pretrained
+    from ssmforge.models import LanguageModel, ModelConfig, save_pretrained
 
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(d_model=32, n_layer=2, vocab_size=260, d_state=8))
@@ -26,4 +26,4 @@ def byte_model_dir(tmp_path_factory):
 
 
 def ssmforge(*args) -> list[str]:
-    return [sys.executable, "-m", "pretrain.cli", *map(str, args)]
+    return [sys.executable, "-m", "ssmforge", *map(str, args)]

@@ -5,11 +5,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from data_pipeline.tokenizer import ByteTokenizer
-from evaluation.glue import encode_example, rank_indices
-from evaluation.glue_metrics import TASK_SCORE, glue_score, split_metrics, task_score
-from evaluation.glue_tasks import TASKS, Example, get_task, read_tsv
-from models.errors import ConfigError, DataError
+from ssmforge.data_pipeline.tokenizer import ByteTokenizer
+from ssmforge.evaluation.glue import encode_example, rank_indices
+from ssmforge.evaluation.glue_metrics import TASK_SCORE, glue_score, split_metrics, task_score
+from ssmforge.evaluation.glue_tasks import TASKS, Example, get_task, read_tsv
+from ssmforge.errors import ConfigError, DataError
 
 from .conftest import ROOT, ssmforge
 from .glue_fixture import LABELS, write_glue

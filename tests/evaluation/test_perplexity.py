@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.tokenizer import ByteTokenizer
-from evaluation.perplexity import (count_words, evaluate_perplexity, scoring_windows, split_wikitext_pages,
+from ssmforge.data_pipeline.tokenizer import ByteTokenizer
+from ssmforge.evaluation.perplexity import (count_words, evaluate_perplexity, scoring_windows, split_wikitext_pages,
                                    wikitext_detokenize)
-from models import LanguageModel, ModelConfig, load_pretrained
-from models.errors import ConfigError
+from ssmforge.models import LanguageModel, ModelConfig, load_pretrained
+from ssmforge.errors import ConfigError
 
 from .conftest import ROOT, ssmforge
 
@@ -107,8 +107,8 @@ def test_eval_ppl_command_on_one_and_two_ranks_agree(byte_model_dir, tmp_path):
         expected = sum(direct_nll(model, [tok.bos_id] + tok.encode(wikitext_detokenize(d)), 32, 32) for d in docs)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_", "WORLD_", "MASTER_"))}
     results = []
-    for launcher, out in ((["-m", "pretrain.cli"], tmp_path / "one"),
-                          (["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pretrain.cli"], tmp_path / "two")):
+    for launcher, out in ((["-m", "ssmforge"], tmp_path / "one"),
+                          (["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ssmforge"], tmp_path / "two")):
         cmd = ssmforge("eval-ppl", byte_model_dir, "--dataset", data, "--max-length", 32, "--batch-size", 4,
                        "--wikitext-detokenize", "--out", out)
         cmd[1:3] = launcher
@@ -138,7 +138,7 @@ def test_eval_ppl_usage_errors_are_one_line(byte_model_dir, tmp_path, args, mess
 
 
 def test_eval_ppl_without_a_tokenizer_says_so(tmp_path):
-    from models import save_pretrained
+    from ssmforge.models import save_pretrained
 
     save_pretrained(LanguageModel(ModelConfig(d_model=16, n_layer=1, vocab_size=260, d_state=4)), tmp_path / "m")
     (tmp_path / "d.txt").write_text("text\n")

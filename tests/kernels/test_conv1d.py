@@ -6,9 +6,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run
 import pytest
 import torch
 
-import kernels
-from kernels import causal_conv1d, causal_conv1d_ref
-from kernels.selective_scan import triton_available
+from ssmforge import kernels
+from ssmforge.kernels import causal_conv1d, causal_conv1d_ref
+from ssmforge.kernels.selective_scan import triton_available
 
 from .oracle import assert_matches, conv_grads
 

@@ -3,8 +3,8 @@ gradient, on the layouts the mixers hand it."""
 import pytest
 import torch
 
-from kernels import causal_conv1d, causal_conv1d_ref
-from kernels.cpu.build import load_library
+from ssmforge.kernels import causal_conv1d, causal_conv1d_ref
+from ssmforge.kernels.cpu.build import load_library
 
 from .oracle import assert_matches, conv_grads
 

@@ -1,7 +1,7 @@
 """Loading the compiled CPU scan must not change the process's floating-point mode."""
 import torch
 
-from kernels.cpu.build import load_library
+from ssmforge.kernels.cpu.build import load_library
 
 
 def test_loading_the_library_keeps_subnormal_floats(tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import selective_scan, selective_scan_ref
+from ssmforge import kernels
+from ssmforge.kernels import selective_scan, selective_scan_ref
 
 
 def _inputs():

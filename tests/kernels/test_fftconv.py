@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.fftconv import fft_causal_conv
+from ssmforge.kernels.fftconv import fft_causal_conv
 
 
 def direct_causal_conv(u, k):

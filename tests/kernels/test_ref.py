@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref, selective_state_update_ref
+from ssmforge.kernels import causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref, selective_state_update_ref
 
 
 def scalar_scan(u, delta, A, B, C, D, z, delta_bias, softplus):

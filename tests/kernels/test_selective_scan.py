@@ -6,9 +6,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run
 import pytest
 import torch
 
-from kernels import selective_scan_ref
-from kernels.cpu import selective_scan_chunked, selective_scan_cpu
-from kernels.selective_scan import triton_available
+from ssmforge.kernels import selective_scan_ref
+from ssmforge.kernels.cpu import selective_scan_chunked, selective_scan_cpu
+from ssmforge.kernels.selective_scan import triton_available
 
 from .oracle import assert_matches, values_and_grads
 
@@ -43,7 +43,7 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not 
 
 
 def _triton(**kwargs):
-    from kernels.triton import selective_scan_triton
+    from ssmforge.kernels.triton import selective_scan_triton
 
     return selective_scan_triton(chunk=8, **kwargs)
 
@@ -150,7 +150,7 @@ def test_cpu_saves_no_full_states():
 
 def test_cpu_falls_back_to_chunked_without_compiler(monkeypatch):
     """Where no C compiler can build the kernel, the "cpu" backend still answers (chunked PyTorch)."""
-    import kernels.cpu.selective_scan as fused
+    import ssmforge.kernels.cpu.selective_scan as fused
 
     monkeypatch.setattr(fused, "load_library", lambda: None)
     inputs = make_inputs(bc="var")
@@ -159,7 +159,7 @@ def test_cpu_falls_back_to_chunked_without_compiler(monkeypatch):
 
 
 def test_build_failure_warns_and_returns_none(monkeypatch, tmp_path, caplog):
-    from kernels.cpu import build
+    from ssmforge.kernels.cpu import build
 
     build.load_library.cache_clear()
     monkeypatch.setenv("SSMFORGE_CACHE_DIR", str(tmp_path))

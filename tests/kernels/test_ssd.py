@@ -8,10 +8,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run
 import pytest
 import torch
 
-import kernels
-from kernels import ssd_scan, ssd_scan_ref, ssd_state_update_ref
-from kernels.selective_scan import triton_available
-from kernels.ssd import ssd_chunked
+from ssmforge import kernels
+from ssmforge.kernels import ssd_scan, ssd_scan_ref, ssd_state_update_ref
+from ssmforge.kernels.selective_scan import triton_available
+from ssmforge.kernels.ssd import ssd_chunked
 
 from .oracle import assert_matches, values_and_grads
 
@@ -42,7 +42,7 @@ def run_with_grads(fn, inputs, dt_softplus, return_final_state, **kwargs):
 
 
 def _triton(**kwargs):
-    from kernels.triton.ssd import ssd_triton
+    from ssmforge.kernels.triton.ssd import ssd_triton
 
     return ssd_triton(**kwargs)
 

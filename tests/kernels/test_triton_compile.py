@@ -7,14 +7,14 @@ import textwrap
 
 import pytest
 
-from kernels.selective_scan import triton_available
+from ssmforge.kernels.selective_scan import triton_available
 
 COMPILE_ALL = textwrap.dedent('''
     import inspect, os, subprocess, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from kernels.triton import conv1d, scan_kernels
+    from ssmforge.kernels.triton import conv1d, scan_kernels
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from models import ConfigError, ModelConfig
-from models.attention import CausalSelfAttention
-from models.mlp import SwiGLU, mlp_hidden_size
+from ssmforge.errors import ConfigError
+
+from ssmforge.models import ModelConfig
+from ssmforge.models.attention import CausalSelfAttention
+from ssmforge.models.mlp import SwiGLU, mlp_hidden_size
 
 
 def config(**kw) -> ModelConfig:

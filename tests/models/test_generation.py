@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from models import ConfigError, sample_next
+from ssmforge.errors import ConfigError
+
+from ssmforge.models import sample_next
 
 
 def test_greedy_and_top_k_1_pick_the_argmax():

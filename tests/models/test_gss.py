@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import ConfigError, LanguageModel, ModelConfig
-from models.hf import cast_model
+from ssmforge.errors import ConfigError
+
+from ssmforge.models import LanguageModel, ModelConfig
+from ssmforge.models.hf import cast_model
 
 from .contracts import assert_causal, assert_steps_match_forward
 
@@ -136,7 +138,7 @@ def test_impossible_shapes_name_the_key(key, value):
 
 
 def test_gss_tiny_pretrains_with_decreasing_loss(tmp_path):
-    command = [sys.executable, "-m", "pretrain.cli", "pretrain", str(ROOT / "configs" / "gss-tiny.yaml"),
+    command = [sys.executable, "-m", "ssmforge", "pretrain", str(ROOT / "configs" / "gss-tiny.yaml"),
                f"run_dir={tmp_path}", "data.sources=[{kind: synthetic, max_documents: 300}]", "data.num_workers=0",
                "train.max_steps=8", "train.log_every=1", "train.eval_every=100", "train.save_every=100"]
     env = {**os.environ, "SSMFORGE_CACHE_DIR": str(tmp_path / "cache")}  # not the user's cache

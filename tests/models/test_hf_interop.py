@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from models import CheckpointError, LanguageModel, ModelConfig, load_pretrained, save_pretrained
+from ssmforge.errors import CheckpointError
+
+from ssmforge.models import LanguageModel, ModelConfig, load_pretrained, save_pretrained
 
 from .contracts import randomize_hf_weights
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import LanguageModel, ModelConfig, generate
-from models.attention import KVCache
-from models.mamba import MambaState
-from pretrain.config import load_config
+from ssmforge.models import LanguageModel, ModelConfig, generate
+from ssmforge.models.attention import KVCache
+from ssmforge.models.mamba import MambaState
+from ssmforge.pretrain.config import load_config
 
 from .contracts import assert_causal, assert_steps_match_forward
 
@@ -104,7 +104,7 @@ def test_real_scale_hybrid_configs_have_about_1b_parameters(name, pattern_unit, 
 
 def pretrain(config_name: str, run_dir: Path, shard_dir: Path, cache_dir: Path) -> dict[int, float]:
     """12 steps of `ssmforge pretrain` on a shipped config (synthetic data, one process) -> train losses."""
-    command = [sys.executable, "-m", "pretrain.cli", "pretrain", str(ROOT / "configs" / config_name),
+    command = [sys.executable, "-m", "ssmforge", "pretrain", str(ROOT / "configs" / config_name),
                f"run_dir={run_dir}", f"data.shard_dir={shard_dir}", "data.sources=[{kind: synthetic, max_documents: 60}]",
                "data.num_workers=0", "data.tokenize_workers=1", "train.max_steps=12", "train.log_every=3",
                "train.eval_every=100", "train.save_every=100"]

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import ConfigError, LanguageModel, ModelConfig
-from models.hf import cast_model
-from models.mamba2 import Mamba2Mixer
+from ssmforge.errors import ConfigError
+
+from ssmforge.models import LanguageModel, ModelConfig
+from ssmforge.models.hf import cast_model
+from ssmforge.models.mamba2 import Mamba2Mixer
 
 from .contracts import assert_causal, assert_steps_match_forward
 
@@ -123,7 +125,7 @@ def test_external_parameters_are_what_forward_reads_outside_child_forwards():
 def test_tiny_config_trains_through_the_pretrain_command(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "SSMFORGE_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "pretrain.cli", "pretrain", str(ROOT / "configs" / "mamba2-tiny.yaml"),
+    command = [sys.executable, "-m", "ssmforge", "pretrain", str(ROOT / "configs" / "mamba2-tiny.yaml"),
                f"run_dir={run_dir}", "data.sources=[{kind: synthetic, max_documents: 40}]", "data.num_workers=0",
                "train.max_steps=8", "train.log_every=1", "train.eval_every=100", "train.save_every=100"]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import LanguageModel, ModelConfig, generate
-from models.hf import cast_model
+from ssmforge.models import LanguageModel, ModelConfig, generate
+from ssmforge.models.hf import cast_model
 
 from .contracts import assert_causal, assert_steps_match_forward
 

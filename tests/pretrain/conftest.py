@@ -17,14 +17,14 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 def pretrain_command(run_dir, *overrides) -> list[str]:
     """The `ssmforge pretrain` command line on the tiny config."""
-    return [sys.executable, "-m", "pretrain.cli", "pretrain", str(ROOT / "configs" / "tiny.yaml"),
+    return [sys.executable, "-m", "ssmforge", "pretrain", str(ROOT / "configs" / "tiny.yaml"),
             f"run_dir={run_dir}", SYNTHETIC, "data.num_workers=0", *overrides]
 
 
 def start_ranks(command: list[str], ranks: int) -> list[subprocess.Popen]:
     """One process per rank with the variables a launcher sets (as srun's tasks get them), so that each
     rank's own exit code is visible."""
-    from pretrain.launch import free_port
+    from ssmforge.pretrain.launch import free_port
 
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
     base.update(WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

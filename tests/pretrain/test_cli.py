@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import LanguageModel, ModelConfig, load_pretrained, save_pretrained
+from ssmforge.models import LanguageModel, ModelConfig, load_pretrained, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[2]
 SSMFORGE = shutil.which("ssmforge", path=str(Path(sys.executable).parent)) or "ssmforge"

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from models import ConfigError
-from pretrain.config import RunConfig, load_config, to_yaml
+from ssmforge.errors import ConfigError
+from ssmforge.pretrain.config import RunConfig, load_config, to_yaml
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

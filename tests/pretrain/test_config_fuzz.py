@@ -10,8 +10,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from pretrain.cli import main  # noqa: E402
-from pretrain.config import RunConfig  # noqa: E402
+from ssmforge.cli import main  # noqa: E402
+from ssmforge.pretrain.config import RunConfig  # noqa: E402
 
 from .conftest import ROOT  # noqa: E402
 
@@ -77,7 +77,7 @@ def model_dir(tmp_path_factory):
     """A tiny exported model with the byte tokenizer, for the commands that read a checkpoint first."""
     import torch
 
-    from models import LanguageModel, ModelConfig, save_pretrained
+    from ssmforge.models import LanguageModel, ModelConfig, save_pretrained
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("model")

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from models import load_pretrained
-from pretrain.export import load_run_model
+from ssmforge.models import load_pretrained
+from ssmforge.pretrain.export import load_run_model
 
 from ..evaluation.glue_fixture import write_glue
 from .conftest import ROOT, run_pretrain, train_losses
@@ -24,7 +24,7 @@ STEPS = ("train.max_steps=8", "train.log_every=1", "train.warmup_steps=2", "trai
 
 
 def ssmforge(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ssmforge", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 

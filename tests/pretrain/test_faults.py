@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from models.errors import ConfigError
-from pretrain import runlock
-from pretrain.runlock import RunLock
+from ssmforge.errors import ConfigError
+from ssmforge.pretrain import runlock
+from ssmforge.pretrain.runlock import RunLock
 
 from .conftest import pretrain_command, run_pretrain, start_ranks, train_losses
 
@@ -81,7 +81,7 @@ def test_a_second_job_on_a_busy_run_folder_is_refused_and_a_killed_job_resumes(t
 FAULTY_PRETRAIN = r"""
 import errno, os, signal, sys
 import torch
-import pretrain.checkpoint as checkpoint
+import ssmforge.pretrain.checkpoint as checkpoint
 
 fault, tag = sys.argv[1], "step_%08d" % int(sys.argv[2])
 point = fault.split(":")[1] if ":" in fault else None
@@ -108,7 +108,7 @@ def write_atomic(path, text):
     real_write(path, text)
 
 torch.save, checkpoint._write_atomic = torch_save, write_atomic
-from pretrain.cli import main
+from ssmforge.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 

@@ -1,8 +1,8 @@
 """Rank discovery from torchrun/deepspeed and srun environments, and its errors."""
 import pytest
 
-from models import ConfigError
-from pretrain.launch import World, first_host, world_from_env
+from ssmforge.errors import ConfigError
+from ssmforge.pretrain.launch import World, first_host, world_from_env
 
 
 def test_no_launcher_is_one_process():

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pretrain import metrics
-from pretrain.metrics import MetricsLogger, mfu, peak_flops, peak_memory_bytes, read_metrics
+from ssmforge.pretrain import metrics
+from ssmforge.pretrain.metrics import MetricsLogger, mfu, peak_flops, peak_memory_bytes, read_metrics
 
 
 def wandb_config(mode):

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from models import LanguageModel, ModelConfig, load_pretrained
-from pretrain.engine import autocast, lr_lambda, param_groups
-from pretrain.export import consolidated_state_dict
-from pretrain.config import TrainConfig
+from ssmforge.models import LanguageModel, ModelConfig, load_pretrained
+from ssmforge.pretrain.engine import autocast, lr_lambda, param_groups
+from ssmforge.pretrain.export import consolidated_state_dict
+from ssmforge.pretrain.config import TrainConfig
 
 from .conftest import pretrain_command, run_pretrain, start_ranks, train_losses
 
@@ -45,11 +45,12 @@ def test_single_process_run_exports_a_loadable_model(tmp_path):
     assert losses[20] < losses[5]
     assert (tmp_path / "plots" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["tokens_per_s"] > 0
-    from pretrain.cli import main
+    from ssmforge.cli import main
 
     assert main(["export", str(tmp_path), str(tmp_path / "export")]) == 0
     model = load_pretrained(tmp_path / "export")
-    from data_pipeline.tokenizer import ByteTokenizer, find_tokenizer
+    from ssmforge.data_pipeline.tokenizer import ByteTokenizer
+    from ssmforge.pretrain.export import find_tokenizer
 
     assert isinstance(find_tokenizer(tmp_path / "export"), ByteTokenizer)  # the run's tokenizer travels along
     state = consolidated_state_dict(tmp_path / "checkpoints", "step_00000020")
@@ -87,7 +88,7 @@ def test_nonfinite_loss_stop_names_the_step(tmp_path, monkeypatch):
 
 
 def test_fp32_ssm_parameters_under_bf16_autocast(tiny_config, monkeypatch):
-    import kernels
+    from ssmforge import kernels
 
     seen = {}
     real = kernels.selective_scan

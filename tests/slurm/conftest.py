@@ -44,7 +44,7 @@ def clean_env(**extra) -> dict:
 
 
 def pretrain_command(run_dir, *overrides) -> list[str]:
-    return [sys.executable, "-m", "pretrain.cli", "pretrain", str(ROOT / "configs" / "tiny.yaml"),
+    return [sys.executable, "-m", "ssmforge", "pretrain", str(ROOT / "configs" / "tiny.yaml"),
             f"run_dir={run_dir}", *TINY, *overrides]
 
 

@@ -28,7 +28,7 @@ def _logged_steps(run_dir) -> int:
 def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_cluster, tmp_path):
     run_dir = tmp_path / "slurm_run"
     submit = subprocess.run(
-        [sys.executable, "-m", "pretrain.cli", "submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
+        [sys.executable, "-m", "ssmforge", "submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
          *TINY, *STEPS, "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "15:00",
          "--max-requeues", "2", "--job-name", "ssmforge-test"],
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
@@ -62,7 +62,7 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_c
     assert "done: step 60" in log_text
 
     # the same run, uninterrupted, on two ranks started directly
-    from pretrain.launch import free_port
+    from ssmforge.pretrain.launch import free_port
 
     straight = tmp_path / "straight"
     env = clean_env(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
@@ -79,7 +79,7 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_c
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
     assert resumed[60] == pytest.approx(reference[60], abs=1e-6) and reference[60] < reference[1]
 
-    status = subprocess.run([sys.executable, "-m", "pretrain.cli", "submit", "--status", str(run_dir)],
+    status = subprocess.run([sys.executable, "-m", "ssmforge", "submit", "--status", str(run_dir)],
                             capture_output=True, text=True, env=clean_env())
     assert status.returncode == 0, status.stderr
     assert status.stdout.splitlines()[1].split() == [str(run_dir), job_id, "COMPLETED", "1", "60", "step_00000060"]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from models.errors import ConfigError
-from pretrain.cli import main
-from pretrain.launch import world_from_env
-from pretrain.submit import SubmitOptions, render, run_status, time_limit_seconds
+from ssmforge.errors import ConfigError
+from ssmforge.cli import main
+from ssmforge.pretrain.launch import world_from_env
+from ssmforge.slurm.submit import SubmitOptions, render, run_status, time_limit_seconds
 
 from .conftest import ROOT, TINY
 
@@ -107,7 +107,7 @@ def test_two_nodes_of_eight_gpus_start_sixteen_ranks(tmp_path, fake_slurm):
         assert (int(r["LOCAL_RANK"]), int(r["NODE_RANK"])) == (rank % 8, rank // 8)
         assert r["WORLD_SIZE"] == "16" and r["LOCAL_WORLD_SIZE"] == "8"
         assert r["MASTER_ADDR"] == "node01" and r["MASTER_PORT"] == str(20000 + 4242 % 20000)
-        assert r["argv"] == ["-m", "pretrain.cli", "pretrain", str(tmp_path / "run" / "slurm" / "config.yaml")]
+        assert r["argv"] == ["-m", "ssmforge", "pretrain", str(tmp_path / "run" / "slurm" / "config.yaml")]
         assert r["cwd"] == str(tmp_path)
         world = world_from_env({k: v for k, v in r.items() if v is not None and k != "argv" and k != "cwd"})
         assert (world.rank, world.world_size, world.local_rank, world.local_world_size) == (rank, 16, rank % 8, 8)

@@ -25,7 +25,7 @@ def _private_shm_works() -> str | None:
 
 
 def _launch(run_dir, nodes: int, per_node: int) -> dict[int, float]:
-    from pretrain.launch import free_port
+    from ssmforge.pretrain.launch import free_port
 
     world = nodes * per_node
     env = clean_env(WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(per_node), MASTER_ADDR="127.0.0.1",

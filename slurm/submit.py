@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.errors import ConfigError
+from ssmforge.errors import ConfigError
 
-from .signals import REQUEUE_EXIT_CODE
+from ssmforge.pretrain.signals import REQUEUE_EXIT_CODE
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
+TEMPLATE = Path(__file__).resolve().parent / "job.sbatch"
 # what may appear in a #SBATCH line: sbatch splits these itself and no shell quoting applies
 _DIRECTIVE_VALUE = re.compile(r"^[A-Za-z0-9_.,:/@+=%-]+$")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -135,7 +135,7 @@ def render(run_dir: Path, config_path: Path, options: SubmitOptions, workdir: Pa
     for key in ("partition", "account", "qos"):
         if getattr(options, key):
             extra.append(f"#SBATCH --{key}={getattr(options, key)}")
-    command = [python or sys.executable, "-m", "pretrain.cli", "pretrain"]
+    command = [python or sys.executable, "-m", "ssmforge", "pretrain"]
     command_line = "COMMAND=(" + " ".join(shlex.quote(c) for c in command) + ' "$CONFIG")'
     return fill(TEMPLATE.read_text(),
         job_name=job_name, nodes=options.nodes, tasks_per_node=options.ntasks_per_node,
@@ -149,7 +149,7 @@ def render(run_dir: Path, config_path: Path, options: SubmitOptions, workdir: Pa
 def prepare_job(config_path: str, overrides: list[str], options: SubmitOptions) -> tuple[Path, Path, str]:
     """Resolve the config (run_dir made absolute), freeze it into run_dir/slurm/config.yaml and render the
     script. Returns (run_dir, frozen config path, script text). Writes nothing but the frozen config."""
-    from .config import load_config, to_yaml
+    from ssmforge.pretrain.config import load_config, to_yaml
 
     config = load_config(config_path, overrides)
     run_dir = Path(config.run_dir).resolve()
@@ -166,7 +166,7 @@ def prepare_job(config_path: str, overrides: list[str], options: SubmitOptions) 
 def submit(config_path: str, overrides: list[str], options: SubmitOptions, dry_run: bool = False) -> str:
     """Render and submit (or, with dry_run, only render) the job; return the script (dry run) or job id."""
     if dry_run:
-        from .config import load_config
+        from ssmforge.pretrain.config import load_config
 
         config = load_config(config_path, overrides)
         run_dir = Path(config.run_dir).resolve()

@@ -9,7 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from models.errors import CheckpointError, DataError, SsmforgeError
+from ssmforge import __version__
+from ssmforge.errors import CheckpointError, DataError, SsmforgeError
 
 log = logging.getLogger("ssmforge")
 
@@ -17,11 +18,11 @@ log = logging.getLogger("ssmforge")
 def _load_model_and_tokenizer(args):
     import torch
 
-    from data_pipeline.tokenizer import load_tokenizer
-    from models import LanguageModel
+    from ssmforge.data_pipeline.tokenizer import load_tokenizer
+    from ssmforge.models import LanguageModel
 
-    from .config import load_config
-    from .export import load_model_and_tokenizer
+    from ssmforge.pretrain.config import load_config
+    from ssmforge.pretrain.export import load_model_and_tokenizer
 
     config = None
     if getattr(args, "random_init", None):
@@ -45,7 +46,7 @@ def _load_model_and_tokenizer(args):
 
 
 def _tokenizer_from_path(path: str):
-    from data_pipeline.tokenizer import load_tokenizer
+    from ssmforge.data_pipeline.tokenizer import load_tokenizer
 
     kind = "hf" if path.endswith(".json") else "sentencepiece"
     return load_tokenizer(kind, path)
@@ -54,8 +55,8 @@ def _tokenizer_from_path(path: str):
 def cmd_generate(args) -> int:
     import torch
 
-    from models import generate
-    from models.generation import check_sampling
+    from ssmforge.models import generate
+    from ssmforge.models.generation import check_sampling
 
     if (args.checkpoint is None) == (args.random_init is None):
         raise SsmforgeError("generate needs exactly one of CHECKPOINT or --random-init CONFIG")
@@ -77,9 +78,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from data_pipeline.tokenizer import TOKENIZER_FILES
-    from models import load_pretrained, save_pretrained
-    from models.hf import HF_FAMILIES
+    from ssmforge.data_pipeline.tokenizer import TOKENIZER_FILES
+    from ssmforge.models import load_pretrained, save_pretrained
+    from ssmforge.models.hf import HF_FAMILIES
 
     if args.from_hf:
         source, out = args.from_hf, args.out
@@ -121,9 +122,9 @@ def _first_set(*values):
 def cmd_eval_ppl(args) -> int:
     import json
 
-    from evaluation.perplexity import WIKITEXT, evaluate_perplexity, load_documents
+    from ssmforge.evaluation.perplexity import WIKITEXT, evaluate_perplexity, load_documents
 
-    from .launch import init_distributed, shutdown, world_from_env
+    from ssmforge.pretrain.launch import init_distributed, shutdown, world_from_env
 
     model, tokenizer, config = _load_model_and_tokenizer(args)
     eval_cfg = config.eval if config is not None else None
@@ -165,12 +166,12 @@ def cmd_eval_ppl(args) -> int:
 def cmd_finetune_glue(args) -> int:
     import copy
 
-    from evaluation.glue import GlueRunner, results_table, write_results
-    from evaluation.glue_tasks import TASKS, get_task
+    from ssmforge.evaluation.glue import GlueRunner, results_table, write_results
+    from ssmforge.evaluation.glue_tasks import TASKS, get_task
 
-    from .config import GLUE_TASKS, load_config
-    from .export import is_run_folder
-    from .launch import init_distributed, shutdown
+    from ssmforge.pretrain.config import GLUE_TASKS, load_config
+    from ssmforge.pretrain.export import is_run_folder
+    from ssmforge.pretrain.launch import init_distributed, shutdown
 
     backbone, tokenizer, run_config = _load_model_and_tokenizer(args)
     config_path = Path(args.checkpoint) / "config.yaml" if is_run_folder(args.checkpoint) else args.config
@@ -194,9 +195,9 @@ def cmd_finetune_glue(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from data_pipeline.pack import prepare
+    from ssmforge.data_pipeline.pack import prepare
 
-    from .config import load_config
+    from ssmforge.pretrain.config import load_config
 
     config = load_config(args.config, args.overrides)
     manifest = prepare(config)
@@ -209,8 +210,8 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .config import load_config
-    from .trainer import TrainingError, train
+    from ssmforge.pretrain.config import load_config
+    from ssmforge.pretrain.trainer import TrainingError, train
 
     config = load_config(args.config, args.overrides)
     try:
@@ -221,7 +222,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
+    from ssmforge.pretrain.export import export_run
 
     out = export_run(args.run_dir, args.out, tag=args.tag)
     print(f"wrote {out}")
@@ -229,8 +230,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from .config import load_config
-    from .submit import SubmitOptions, format_status, run_status, submit
+    from ssmforge.pretrain.config import load_config
+    from ssmforge.slurm.submit import SubmitOptions, format_status, run_status, submit
 
     if args.status:
         print(format_status([run_status(run) for run in args.status]))
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain, convert, evaluate and sample state space language models.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"ssmforge {__version__}")
     # the deepspeed launcher passes --local_rank; ranks are read from the environment (pretrain.launch)
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)

@@ -1,0 +1,1 @@
+"""SLURM jobs: the sbatch template and its rendering, submission and status (`ssmforge submit`)."""
