@@ -8,29 +8,15 @@ sizes and xxh64 hashes of their index before the first batch.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ssmforge.errors import DataError
+from ssmforge.launcher_env import export_launcher_env
 
 from .manifest import Manifest, find_manifest, is_remote
-
-
-def export_rank_env(env: dict | None = None) -> None:
-    """Fill RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from SLURM's variables when srun started
-    the process and no other launcher set them; streaming and torch.distributed both read these names."""
-    env = os.environ if env is None else env
-    if "RANK" in env or "SLURM_PROCID" not in env:
-        return
-    env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-    if per_node.isdigit():
-        env["LOCAL_WORLD_SIZE"] = per_node
 
 
 def verify_shards(split_dir: Path) -> int:
@@ -90,7 +76,7 @@ def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_d
 
     from .checked_dataset import VocabCheckedDataset
 
-    export_rank_env()
+    export_launcher_env()  # streaming reads RANK / WORLD_SIZE / LOCAL_WORLD_SIZE from the environment
     clean_stale_shared_memory()  # a killed run leaves shared memory that would block this one
     if is_remote(shard_dir):
         remote, local = f"{shard_dir.rstrip('/')}/{split}", str(Path(cache_dir) / split)

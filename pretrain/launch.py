@@ -1,20 +1,19 @@
 """Distributed set-up from whichever launcher started the process: torchrun / the deepspeed launcher
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or srun (SLURM_PROCID, SLURM_NTASKS,
-SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_JOB_ID). A single process with none of them is rank 0 of 1.
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or srun, whose variables
+ssmforge.launcher_env maps to those names. A single process with none of them is rank 0 of 1.
 """
 from __future__ import annotations
 
 import os
 import re
 import socket
-import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
-from ssmforge.data_pipeline.loader import export_rank_env
 from ssmforge.errors import ConfigError
+from ssmforge.launcher_env import export_launcher_env
 
 # A rank that dies makes the others fail their next collective at once (its connections close); one that
 # hangs makes them fail after this long instead of waiting forever (train.collective_timeout_s).
@@ -44,33 +43,11 @@ def _int(env: dict, name: str) -> int:
         raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer") from None
 
 
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'gpu[003-005,007],cpu01' -> 'gpu003' (scontrol when present)."""
-    try:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                               timeout=30, check=True).stdout.split()
-        if hosts:
-            return hosts[0]
-    except (OSError, subprocess.SubprocessError):
-        pass  # no scontrol on this host: read the first entry ourselves
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if not match:
-        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r} is not a node list")
-    prefix, ranges = match.groups()
-    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
-
-
 def world_from_env(env: dict | None = None) -> World:
-    """Read the rank variables (exporting them from SLURM's under srun); raise ConfigError when they
-    disagree. A process with none of them is rank 0 of 1."""
+    """Read the rank variables (exporting them from SLURM's under srun, see launcher_env); raise
+    ConfigError when they disagree. A process with none of them is rank 0 of 1."""
     env = os.environ if env is None else env
-    from_slurm = "RANK" not in env and "SLURM_PROCID" in env
-    export_rank_env(env)
-    if from_slurm:
-        if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
-            env["MASTER_ADDR"] = first_host(env["SLURM_JOB_NODELIST"])
-        if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
-            env["MASTER_PORT"] = str(20000 + _int(env, "SLURM_JOB_ID") % 20000)
+    export_launcher_env(env)
     if "RANK" not in env:
         return World(0, 1, 0, 1)
     rank = _int(env, "RANK")

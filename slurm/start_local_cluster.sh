@@ -1,15 +1,64 @@
 #!/usr/bin/env bash
-# Start a single-node SLURM (munge + slurmctld + slurmd) on this machine, for the tests.
+# A one-node SLURM (munged + slurmctld + slurmd) for the tests, run wholly from a folder of its own: its
+# slurm.conf, state, spool, logs and pid files, free ports of its own, ClusterName=ssmforge_test and a
+# munged of its own (own socket and key, named by AuthInfo=socket=...). Nothing under /etc is read or
+# written, so a site's SLURM and munge on this machine (a login node, a cluster's container) stay as
+# they are; SLURM commands reach this cluster only through SLURM_CONF=DIR/slurm.conf.
 #
-# Made for a container: proctrack/linuxproc, task/none, no cgroups, no accounting daemon. Installs
-# Debian's packages if they are missing (needs root and apt), writes /etc/slurm/slurm.conf for this
-# host (`hostname -s`, `nproc` CPUs), and waits until the node is idle. Idempotent: when a controller
-# already answers and the node is usable it does nothing. On failure it prints one line and exits 1.
-#   bash slurm/start_local_cluster.sh          # SSMFORGE_SLURM_QUIET=1 silences progress lines
+#   bash slurm/start_local_cluster.sh [start|stop|status|install] [DIR]
+#     start   (default) start the cluster in DIR; idempotent: when DIR's cluster answers and its node is
+#             usable, do nothing. A cluster that half-answers is stopped and started afresh.
+#     stop    cancel its jobs, then stop the slurmd, slurmctld and munged it started (by DIR's pid files)
+#     status  exit 0 when DIR's cluster answers and its node is usable, 1 otherwise
+#     install only install the packages where they are missing (see below); start does it too
+#   DIR defaults to $SSMFORGE_TEST_SLURM_DIR, else ${TMPDIR:-/tmp}/ssmforge-slurm-<uid>. Then:
+#     export SLURM_CONF=DIR/slurm.conf; sinfo; sbatch ...
+#   The tests (tests/slurm/conftest.py) start one in a temporary folder per session and stop it at the end.
+#
+# Made for a container: proctrack/linuxproc, task/none, no cgroups, no accounting daemon; needs root
+# (slurmd starts the jobs). Where slurmctld, slurmd, munged or sbatch is missing it installs Debian's
+# packages only when SSMFORGE_TEST_SLURM_INSTALL=1 (root and apt-get); without it, it exits 3 with one
+# line saying so. Any other failure: one line on stderr, exit 1. SSMFORGE_SLURM_QUIET=1 silences progress.
 set -uo pipefail
 
-fail() { echo "start_local_cluster: $*" >&2; exit 1; }
+fail() { echo "start_local_cluster: $*" >&2; exit "${FAIL_CODE:-1}"; }
 say() { [ -n "${SSMFORGE_SLURM_QUIET:-}" ] || echo "start_local_cluster: $*"; }
+
+MODE=start
+case "${1:-}" in start|stop|status|install) MODE=$1; shift ;; -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;; esac
+[ $# -le 1 ] || fail "usage: start_local_cluster.sh [start|stop|status|install] [DIR]"
+DIR=${1:-${SSMFORGE_TEST_SLURM_DIR:-${TMPDIR:-/tmp}/ssmforge-slurm-$EUID}}
+case "$DIR" in /*) ;; *) DIR=$PWD/$DIR ;; esac
+CONF=$DIR/slurm.conf
+MUNGE_DIR=$DIR/munge
+SOCKET=$MUNGE_DIR/munge.socket
+PACKAGES="slurmctld slurmd munge slurm-client"
+# every SLURM command of this script (and of the jobs it runs) reads this cluster's config, never /etc's
+export SLURM_CONF=$CONF
+
+# ---- the daemons this folder started, by their pid files -------------------------------------------
+# a pid file names our daemon only while that process lives (a zombie does not) and is the program
+# (pids are reused)
+running() {  # running NAME PIDFILE
+    local pid stat
+    pid=$(cat "$2" 2>/dev/null) && [ -n "$pid" ] || return 1
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    case "$stat" in "$pid ($1) Z"*|"$pid ($1) X"*) return 1 ;; "$pid ($1) "*) return 0 ;; esac
+    return 1
+}
+
+stop_daemon() {  # stop_daemon NAME PIDFILE
+    running "$1" "$2" || { rm -f "$2"; return 0; }
+    local pid
+    pid=$(cat "$2")
+    kill "$pid" 2>/dev/null
+    for _ in $(seq 40); do running "$1" "$2" || break; sleep 0.25; done
+    running "$1" "$2" && { kill -9 "$pid" 2>/dev/null; sleep 0.5; }
+    running "$1" "$2" && fail "cannot stop $1 (pid $pid)"
+    rm -f "$2"
+}
+
+munge_works() { munge -n -S "$SOCKET" 2>/dev/null | unmunge -S "$SOCKET" >/dev/null 2>&1; }
 
 node_ready() {
     local state
@@ -18,20 +67,128 @@ node_ready() {
     return 1
 }
 
-HOST=$(hostname -s) || fail "hostname -s failed"
-CPUS=$(nproc) || fail "nproc failed"
-STATE=/var/spool/ssmforge-slurm
-CONF=/etc/slurm/slurm.conf
+cluster_up() {
+    [ -s "$CONF" ] && command -v scontrol >/dev/null && running munged "$MUNGE_DIR/munged.pid" \
+        && running slurmctld "$DIR/slurmctld.pid" && running slurmd "$DIR/slurmd.pid" \
+        && scontrol ping >/dev/null 2>&1 && node_ready
+}
 
-NEW_CONF=$(cat <<EOF
-# written by ssmforge slurm/start_local_cluster.sh: a one-node test cluster in a container
-ClusterName=ssmforge
+stop_cluster() {
+    if [ -s "$CONF" ] && running slurmctld "$DIR/slurmctld.pid" && scontrol ping >/dev/null 2>&1; then
+        # jobs first: their steps would outlive slurmd
+        squeue -h -o %A 2>/dev/null | xargs -r scancel 2>/dev/null
+        for _ in $(seq 60); do [ -z "$(squeue -h -t R,CG -o %A 2>/dev/null)" ] && break; sleep 0.5; done
+    fi
+    stop_daemon slurmd "$DIR/slurmd.pid"
+    stop_daemon slurmctld "$DIR/slurmctld.pid"
+    stop_daemon munged "$MUNGE_DIR/munged.pid"
+}
+
+# ---- free ports --------------------------------------------------------------------------------------
+port_in_use() {  # any socket bound to this local port (IPv4 or IPv6)
+    local hex files=() f
+    hex=$(printf '%04X' "$1")
+    for f in /proc/net/tcp /proc/net/tcp6; do [ -r "$f" ] && files+=("$f"); done
+    [ ${#files[@]} -gt 0 ] || return 1
+    awk -v p="$hex" 'FNR > 1 { sub(/.*:/, "", $2); if ($2 == p) found = 1 } END { exit !found }' "${files[@]}"
+}
+
+free_port() {  # free_port [TAKEN]: a free port in [10000, 20000), below both the jobs' MASTER_PORT range
+    local port      # (20000 + job id mod 20000) and Linux's ephemeral ports, so neither takes it first
+    for _ in $(seq 200); do
+        port=$((10000 + RANDOM % 10000))
+        [ "$port" != "${1:-}" ] && ! port_in_use "$port" && { echo "$port"; return 0; }
+    done
+    return 1
+}
+
+# ---- the packages ------------------------------------------------------------------------------------
+COMMANDS="slurmctld slurmd munged munge sbatch srun scontrol sinfo squeue scancel"
+have_slurm() {
+    local cmd
+    for cmd in $COMMANDS; do command -v "$cmd" >/dev/null || return 1; done
+}
+
+install_slurm() {  # Debian's packages, only when asked for: the system's package set is not ours to change
+    have_slurm && return 0
+    if [ "${SSMFORGE_TEST_SLURM_INSTALL:-}" != 1 ]; then
+        FAIL_CODE=3 fail "SLURM is not installed here; set SSMFORGE_TEST_SLURM_INSTALL=1 to let this script" \
+            "install Debian's $PACKAGES (root, apt-get)"
+    fi
+    [ "$EUID" = 0 ] || fail "not root: cannot install $PACKAGES"
+    command -v apt-get >/dev/null || fail "SLURM is not installed and there is no apt-get to install it"
+    mkdir -p "$DIR/log" || fail "cannot create $DIR/log"
+    say "installing $PACKAGES (apt-get, SSMFORGE_TEST_SLURM_INSTALL=1)"
+    local log=$DIR/log/apt.log cmd
+    export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $PACKAGES >"$log" 2>&1 \
+        || { apt-get update -q >>"$log" 2>&1 \
+             && apt-get install -y -q --no-install-recommends $PACKAGES >>"$log" 2>&1; } \
+        || fail "apt-get install of $PACKAGES failed (see $log)"
+    hash -r
+    for cmd in $COMMANDS; do command -v "$cmd" >/dev/null || fail "$cmd is missing after installing $PACKAGES"; done
+}
+
+# ---- modes -------------------------------------------------------------------------------------------
+case "$MODE" in
+    install) install_slurm; exit 0 ;;
+    stop)
+        [ -d "$DIR" ] || { say "nothing to stop in $DIR"; exit 0; }
+        stop_cluster
+        say "stopped the cluster of $DIR"
+        exit 0 ;;
+esac
+if have_slurm; then
+    HOST=$(hostname -s) || fail "hostname -s failed"
+    if cluster_up; then
+        [ "$MODE" = status ] && exit 0
+        say "SLURM already running on $HOST (SLURM_CONF=$CONF)"
+        exit 0
+    fi
+fi
+[ "$MODE" = status ] && exit 1
+install_slurm
+HOST=$(hostname -s) || fail "hostname -s failed"
+
+[ "$EUID" = 0 ] || fail "not root: slurmd must run as root to start jobs"
+CPUS=$(nproc) || fail "nproc failed"
+# a unix socket path holds at most 107 bytes; slurmstepd's sockets in the spool folder are longer still
+[ ${#DIR} -le 70 ] || fail "$DIR is too long for the cluster's sockets (at most 70 characters): pass a shorter DIR"
+
+# a cluster that half-answers (a daemon died, a stale node) is restarted whole, on fresh ports
+stop_cluster
+mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log" "$MUNGE_DIR" || fail "cannot create folders in $DIR"
+# munge clients of any user may reach the socket; the key itself is readable by root alone
+chmod 755 "$DIR" && chmod 711 "$MUNGE_DIR" || fail "cannot chmod $DIR"
+
+# munge: a key of this cluster, and munged on this folder's socket (--force: it runs as root here)
+KEY=$MUNGE_DIR/munge.key
+if [ ! -s "$KEY" ]; then
+    (umask 077 && dd if=/dev/urandom of="$KEY" bs=1024 count=1 status=none) || fail "cannot write $KEY"
+fi
+chmod 400 "$KEY"
+say "starting munged on $SOCKET"
+munged --force --socket="$SOCKET" --key-file="$KEY" --pid-file="$MUNGE_DIR/munged.pid" \
+    --log-file="$DIR/log/munged.log" --seed-file="$MUNGE_DIR/munged.seed" >>"$DIR/log/munged.start.log" 2>&1 \
+    || fail "munged did not start (see $DIR/log/munged.log)"
+for _ in $(seq 40); do munge_works && break; sleep 0.25; done
+munge_works || fail "munge does not work on $SOCKET (see $DIR/log/munged.log)"
+
+CTLD_PORT=$(free_port) || fail "no free port for slurmctld"
+SLURMD_PORT=$(free_port "$CTLD_PORT") || fail "no free port for slurmd"
+cat >"$CONF" <<EOF || fail "cannot write $CONF"
+# written by ssmforge slurm/start_local_cluster.sh: a one-node test cluster of its own (SLURM_CONF=$CONF)
+ClusterName=ssmforge_test
 SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-# credentials live 10 s (default 120): a requeued job waits cred_expire + 1 s before it may start again
-AuthInfo=cred_expire=10
+# this folder's munged; credentials live 10 s (default 120): a requeued job waits cred_expire + 1 s
+# before it may start again
+AuthInfo=socket=$SOCKET,cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -47,81 +204,27 @@ JobRequeue=1
 MinJobAge=3600
 KillWait=10
 InactiveLimit=0
-StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
-SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
-SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
-)
 
-if command -v sinfo >/dev/null 2>&1 && scontrol ping >/dev/null 2>&1 && node_ready \
-        && [ "$(cat "$CONF" 2>/dev/null)" = "$NEW_CONF" ]; then
-    say "SLURM already running on $HOST"
-    exit 0
-fi
-
-[ "$(id -u)" = 0 ] || fail "not root: cannot install or start slurmctld/slurmd/munge here"
-
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
-        || ! command -v sbatch >/dev/null; then
-    command -v apt-get >/dev/null || fail "slurm is not installed and there is no apt-get to install it"
-    say "installing slurmctld slurmd munge slurm-client (apt)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q slurmctld slurmd munge slurm-client >/tmp/ssmforge-slurm-apt.log 2>&1 \
-        || { apt-get update -q >>/tmp/ssmforge-slurm-apt.log 2>&1 \
-             && apt-get install -y -q slurmctld slurmd munge slurm-client >>/tmp/ssmforge-slurm-apt.log 2>&1; } \
-        || fail "apt-get install of slurm failed (see /tmp/ssmforge-slurm-apt.log)"
-fi
-
-# munge: a key, then the daemon (as the munge user when it exists)
-mkdir -p /etc/munge /var/lib/munge /var/log/munge /run/munge
-if [ ! -s /etc/munge/munge.key ]; then
-    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none || fail "cannot write munge key"
-fi
-MUNGE_USER=root
-id munge >/dev/null 2>&1 && MUNGE_USER=munge
-chown -R "$MUNGE_USER" /etc/munge /var/lib/munge /var/log/munge /run/munge
-chmod 700 /etc/munge /var/lib/munge /var/log/munge
-chmod 400 /etc/munge/munge.key
-chmod 755 /run/munge
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    if [ "$MUNGE_USER" = munge ]; then
-        runuser -u munge -- munged >/dev/null 2>&1 || fail "munged did not start"
-    else
-        munged --force >/dev/null 2>&1 || fail "munged did not start"
-    fi
-    for _ in $(seq 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.25; done
-    munge -n 2>/dev/null | unmunge >/dev/null 2>&1 || fail "munge does not work after starting munged"
-fi
-
-mkdir -p /etc/slurm "$STATE/ctld" "$STATE/d" /var/log/slurm
-if [ "$(cat "$CONF" 2>/dev/null)" != "$NEW_CONF" ]; then
-    printf '%s\n' "$NEW_CONF" > "$CONF" || fail "cannot write $CONF"
-    # a changed config needs fresh daemons
-    [ -s "$STATE/slurmctld.pid" ] && kill "$(cat "$STATE/slurmctld.pid")" 2>/dev/null
-    [ -s "$STATE/slurmd.pid" ] && kill "$(cat "$STATE/slurmd.pid")" 2>/dev/null
-    sleep 1
-fi
-
-if ! scontrol ping >/dev/null 2>&1; then
-    say "starting slurmctld"
-    slurmctld >>/var/log/slurm/slurmctld.start.log 2>&1 \
-        || fail "slurmctld did not start (see /var/log/slurm/slurmctld.log)"
-    for _ in $(seq 40); do scontrol ping >/dev/null 2>&1 && break; sleep 0.25; done
-    scontrol ping >/dev/null 2>&1 || fail "slurmctld does not answer (see /var/log/slurm/slurmctld.log)"
-fi
-if ! { [ -s "$STATE/slurmd.pid" ] && kill -0 "$(cat "$STATE/slurmd.pid")" 2>/dev/null; }; then
-    say "starting slurmd on $HOST with $CPUS CPUs"
-    slurmd >>/var/log/slurm/slurmd.start.log 2>&1 || fail "slurmd did not start (see /var/log/slurm/slurmd.log)"
-fi
+say "starting slurmctld on port $CTLD_PORT"
+slurmctld -f "$CONF" >>"$DIR/log/slurmctld.start.log" 2>&1 \
+    || fail "slurmctld did not start (see $DIR/log/slurmctld.log)"
+for _ in $(seq 40); do scontrol ping >/dev/null 2>&1 && break; sleep 0.25; done
+scontrol ping >/dev/null 2>&1 || fail "slurmctld does not answer (see $DIR/log/slurmctld.log)"
+say "starting slurmd on $HOST with $CPUS CPUs, port $SLURMD_PORT"
+slurmd -f "$CONF" >>"$DIR/log/slurmd.start.log" 2>&1 || fail "slurmd did not start (see $DIR/log/slurmd.log)"
 for _ in $(seq 60); do node_ready && break; sleep 0.5; done
 if ! node_ready; then
     scontrol update nodename="$HOST" state=resume >/dev/null 2>&1
     for _ in $(seq 20); do node_ready && break; sleep 0.5; done
 fi
 node_ready || fail "node $HOST is not idle: $(sinfo -h -n "$HOST" -o '%T %E' 2>&1 | head -n1)"
-say "SLURM up: node $HOST, $CPUS CPUs, partition debug"
+say "SLURM up: node $HOST, $CPUS CPUs, partition debug; use it with SLURM_CONF=$CONF"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssmforge.errors import ConfigError
-
+from ssmforge.pretrain.config import SlurmConfig
 from ssmforge.pretrain.signals import REQUEUE_EXIT_CODE
 
 TEMPLATE = Path(__file__).resolve().parent / "job.sbatch"
@@ -29,26 +29,31 @@ _DIRECTIVE_VALUE = re.compile(r"^[A-Za-z0-9_.,:/@+=%-]+$")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
+# the `ssmforge submit` flag of each SlurmConfig field (the others are --field-name), for errors that
+# name what the user typed
+_FLAGS = {"signal_seconds_before_end": "--signal-seconds"}
+
+
+def flag_of(key: str) -> str:
+    return _FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
 @dataclass
-class SubmitOptions:
-    """The job's shape and limits: SlurmConfig's values, overridden by the command line."""
-    nodes: int = 1
-    gpus_per_node: int = 8  # 0: a CPU job, no GPU request; tasks_per_node tasks per node
-    tasks_per_node: int | None = None  # default: one task per GPU (1 without GPUs)
-    cpus_per_task: int = 8
-    time: str = "24:00:00"
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    signal_seconds_before_end: int = 120
-    max_requeues: int = 20
+class SubmitOptions(SlurmConfig):
+    """The job's shape and limits: the config's `slurm` section (SlurmConfig, whose fields these are) with
+    the command line's flags applied, plus the job's name, which only the command line sets."""
     job_name: str | None = None
 
     @classmethod
-    def from_config(cls, slurm, **overrides) -> "SubmitOptions":
+    def from_config(cls, slurm: SlurmConfig, **flags) -> "SubmitOptions":
+        """The config's slurm section with every flag that was given (not None) applied."""
         values = dataclasses.asdict(slurm)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update({k: v for k, v in flags.items() if v is not None})
         return cls(**values)
+
+    def slurm_config(self) -> SlurmConfig:
+        """The config section these options amount to, to freeze with the run."""
+        return SlurmConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SlurmConfig)})
 
     @property
     def ntasks_per_node(self) -> int:
@@ -57,19 +62,18 @@ class SubmitOptions:
         return self.gpus_per_node if self.gpus_per_node > 0 else 1
 
     def validate(self) -> None:
-        for key in ("nodes", "cpus_per_task", "ntasks_per_node"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"--{key.replace('_', '-').replace('ntasks', 'tasks')}={getattr(self, key)} "
-                                  f"is invalid: must be a positive integer")
-        if self.gpus_per_node < 0:
-            raise ConfigError(f"--gpus-per-node={self.gpus_per_node} is invalid: must be >= 0 (0: a CPU job)")
-        if self.gpus_per_node > 0 and self.tasks_per_node not in (None, self.gpus_per_node):
-            raise ConfigError(f"--tasks-per-node={self.tasks_per_node} disagrees with --gpus-per-node="
-                              f"{self.gpus_per_node}: GPU jobs run one task per GPU")
-        if self.signal_seconds_before_end < 0 or self.signal_seconds_before_end > 65535:
+        try:
+            SlurmConfig.validate(self)
+        except ConfigError as e:
+            # the config's own checks, reworded to name the flag (a value from the config file was checked,
+            # under its key, when the config loaded)
+            match = re.match(r"slurm\.(\w+)=(.*)", str(e))
+            if not match:
+                raise
+            raise ConfigError(f"{flag_of(match.group(1))}={match.group(2)} (config key slurm.{match.group(1)})") \
+                from None
+        if self.signal_seconds_before_end > 65535:
             raise ConfigError(f"--signal-seconds={self.signal_seconds_before_end} is invalid: must be in [0, 65535]")
-        if self.max_requeues < 0:
-            raise ConfigError(f"--max-requeues={self.max_requeues} is invalid: must be >= 0")
         seconds = time_limit_seconds(self.time)
         if self.signal_seconds_before_end >= seconds:
             raise ConfigError(f"the signal {self.signal_seconds_before_end} s before the end does not fit in "
@@ -77,7 +81,7 @@ class SubmitOptions:
         for key in ("partition", "account", "qos", "job_name"):
             value = getattr(self, key)
             if value is not None and not _DIRECTIVE_VALUE.match(value):
-                raise ConfigError(f"--{key.replace('_', '-')}={value!r} is invalid: only letters, digits and "
+                raise ConfigError(f"{flag_of(key)}={value!r} is invalid: only letters, digits and "
                                   f"_ . , : / @ + = % - may go into an #SBATCH line")
 
 
@@ -155,6 +159,7 @@ def prepare_job(config_path: str, overrides: list[str], options: SubmitOptions) 
     run_dir = Path(config.run_dir).resolve()
     # interpolations such as data.shard_dir: ${run_dir}/data follow the absolute run_dir
     config = load_config(config_path, [*overrides, f"run_dir={run_dir}"])
+    config.slurm = options.slurm_config()  # the frozen config records the job's shape, flags included
     frozen = run_dir / "slurm" / "config.yaml"
     script = render(run_dir, frozen, options)
     frozen.parent.mkdir(parents=True, exist_ok=True)

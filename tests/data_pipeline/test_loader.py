@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssmforge.data_pipeline.loader import build_loader, export_rank_env
+from ssmforge.data_pipeline.loader import build_loader
 from ssmforge.data_pipeline.pack import prepare
 from ssmforge.errors import DataError
 
@@ -106,15 +106,6 @@ def test_damaged_shards_are_named_before_any_batch(shards, damage, message):
 def test_unprepared_folder(tmp_path):
     with pytest.raises(DataError, match=r"index\.json: missing; run `ssmforge prepare`"):
         build_loader(str(tmp_path), "train", 4, 0, str(tmp_path / "cache"))
-
-
-def test_slurm_variables_become_rank_variables():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8(x2)"}
-    export_rank_env(env)
-    assert [env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")] == ["5", "16", "1", "8"]
-    launched = {"RANK": "2", "SLURM_PROCID": "5"}
-    export_rank_env(launched)  # a launcher's own variables win
-    assert launched == {"RANK": "2", "SLURM_PROCID": "5"}
 
 
 def test_a_token_id_outside_the_vocabulary_is_named_with_its_shard_before_it_is_batched(shards, tmp_path):

@@ -2,7 +2,8 @@
 import pytest
 
 from ssmforge.errors import ConfigError
-from ssmforge.pretrain.launch import World, first_host, world_from_env
+from ssmforge.launcher_env import first_host
+from ssmforge.pretrain.launch import World, world_from_env
 
 
 def test_no_launcher_is_one_process():

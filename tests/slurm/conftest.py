@@ -1,9 +1,11 @@
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,25 +22,91 @@ def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SSMFORGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ssmforge-cache"))
 
 
+SYSTEM_CONFIG_DIRS = ("/etc/slurm", "/etc/slurm-llnl", "/etc/munge")
+INSTALL_OPT_IN = "SSMFORGE_TEST_SLURM_INSTALL"
+
+
+def system_config_state() -> dict:
+    """Path -> (mode, size, mtime, sha256) of everything under the system's SLURM and munge config folders
+    ({} where they do not exist): what a test cluster must leave exactly as it found."""
+    state = {}
+    for top in map(Path, SYSTEM_CONFIG_DIRS):
+        for path in [top, *sorted(top.rglob("*"))] if top.exists() else []:
+            st = path.lstat()
+            digest = None
+            if path.is_file():
+                try:
+                    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                except OSError:
+                    pass  # unreadable for this user: its stat still tells a rewrite
+            state[str(path)] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+    return state
+
+
+def cluster_script(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(START_SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "SSMFORGE_SLURM_QUIET": "1"})
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    host: str  # the one node
+    folder: Path  # its config, state, logs and munge socket
+    system_config_before: dict  # system_config_state() once the packages were in place, before it started
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster():
-    """A running one-node SLURM (slurm/start_local_cluster.sh, once per session), or a skip with the reason."""
+def local_cluster(tmp_path_factory) -> LocalCluster:
+    """A one-node SLURM of this session's own, or a skip with the reason: slurm/start_local_cluster.sh in
+    a temporary folder (or $SSMFORGE_TEST_SLURM_DIR), with SLURM_CONF set for the session so that every
+    sbatch, srun, squeue, scontrol and sinfo here and in the code under test reaches it and never the
+    system's. Stopped at the end of the session unless it was already running when the session began."""
     if shutil.which("bash") is None:
         pytest.skip("no SLURM: bash is missing")
-    try:
-        proc = subprocess.run(["bash", str(START_SCRIPT)], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "SSMFORGE_SLURM_QUIET": "1"})
-    except subprocess.TimeoutExpired:
-        pytest.skip("no SLURM: slurm/start_local_cluster.sh did not finish in 10 minutes")
-    if proc.returncode != 0:
+    folder = Path(os.environ.get("SSMFORGE_TEST_SLURM_DIR") or tmp_path_factory.mktemp("slurm")).resolve()
+    opted_in = os.environ.get(INSTALL_OPT_IN) == "1"
+    already_running = False
+
+    def failed(proc: subprocess.CompletedProcess):
         reason = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[-1]
-        pytest.skip(f"no SLURM could be started here: {reason}")
-    return subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+        if not already_running:
+            cluster_script("stop", str(folder), timeout=120)  # whatever daemons a failed start left running
+        if opted_in:  # asked for (CI): a cluster that cannot start is a failure, not a skip
+            pytest.fail(f"no SLURM test cluster could be started: {reason}")
+        pytest.skip(f"no SLURM test cluster: {reason}")
+
+    try:
+        # packages first (only with the opt-in): installing them writes /etc, which is apt's business
+        if (proc := cluster_script("install", str(folder))).returncode != 0:
+            failed(proc)
+        before = system_config_state()
+        already_running = cluster_script("status", str(folder)).returncode == 0
+        if (proc := cluster_script("start", str(folder))).returncode != 0:
+            failed(proc)
+    except subprocess.TimeoutExpired:
+        failed(subprocess.CompletedProcess([], 1, "", "slurm/start_local_cluster.sh did not finish in 15 minutes"))
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("SLURM_CONF", str(folder / "slurm.conf"))
+    try:
+        host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
+        yield LocalCluster(host, folder, before)
+    finally:
+        monkeypatch.undo()
+        if not already_running:
+            stopped = cluster_script("stop", str(folder), timeout=120)
+            assert stopped.returncode == 0, stopped.stderr
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(local_cluster) -> str:
+    """The session's one-node SLURM (see local_cluster); its host name."""
+    return local_cluster.host
 
 
 def clean_env(**extra) -> dict:
-    """The environment without any launcher's rank variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
+    """The environment without any launcher's rank variables (SLURM_CONF stays: it names the test cluster)."""
+    env = {k: v for k, v in os.environ.items()
+           if k == "SLURM_CONF" or not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
     env.update(extra)
     return env
 

@@ -1,9 +1,11 @@
 """The rendered job script, run under stand-ins for srun and scontrol: ranks of a 2-node x 8-GPU job,
 requeue on the requeue code only and within the limit, quoting of hostile values, CLI errors, status."""
+import dataclasses
 import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from ssmforge.errors import ConfigError
 from ssmforge.cli import main
 from ssmforge.pretrain.launch import world_from_env
-from ssmforge.slurm.submit import SubmitOptions, render, run_status, time_limit_seconds
+from ssmforge.slurm.submit import SubmitOptions, prepare_job, render, run_status, time_limit_seconds
 
 from .conftest import ROOT, TINY
 
@@ -29,7 +31,8 @@ procs = []
 for node in range(nodes):
     for local in range(per_node):
         env = dict(os.environ, SLURM_PROCID=str(node * per_node + local), SLURM_LOCALID=str(local),
-                   SLURM_NODEID=str(node), SLURM_NTASKS=str(nodes * per_node), SLURM_STEP_ID="0")
+                   SLURM_NODEID=str(node), SLURM_NTASKS=str(nodes * per_node), SLURM_STEP_ID="0",
+                   SLURM_NTASKS_PER_NODE=str(per_node))
         procs.append(subprocess.Popen(args, env=env))
 sys.exit(max(p.wait() for p in procs))
 """
@@ -38,9 +41,12 @@ echo "$*" >> "$FAKE_LOG/scontrol.calls"
 if [ "$1 $2" = "show hostnames" ]; then echo node01; echo node02; exit 0; fi
 exit 0
 """
-# the training command's stand-in: records the rank variables it sees, exits with $FAKE_EXIT
-FAKE_PYTHON = r"""#!/usr/bin/env python3
+# the training command's stand-in: maps srun's variables as the ssmforge command does before it joins the
+# process group (launcher_env, in this environment's Python), records the rank variables, exits with $FAKE_EXIT
+FAKE_PYTHON = f"#!{sys.executable}\n" + r"""
 import json, os, sys
+from ssmforge.launcher_env import export_launcher_env
+export_launcher_env()
 keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
         "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 with open(os.path.join(os.environ["FAKE_LOG"], "ranks.jsonl"), "a") as f:
@@ -154,6 +160,27 @@ def test_hostile_paths_are_quoted_and_hostile_directives_refused(tmp_path, fake_
             render(run_dir, run_dir / "c.yaml", SubmitOptions(time="10:00", **bad))
     with pytest.raises(ConfigError, match="cannot go into an #SBATCH line"):
         render(tmp_path / "a b", tmp_path / "c.yaml", SubmitOptions(time="10:00"))
+
+
+def test_flags_override_the_config_slurm_section_and_are_frozen_with_the_run(tmp_path):
+    from ssmforge.pretrain.config import SlurmConfig, load_config
+
+    # the job's fields are SlurmConfig's, declared once; only the job name is the command line's own
+    assert [f.name for f in dataclasses.fields(SubmitOptions)] == \
+        [f.name for f in dataclasses.fields(SlurmConfig)] + ["job_name"]
+    config = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path / 'r'}", "slurm.partition=cpu",
+                                                          "slurm.max_requeues=4"])
+    options = SubmitOptions.from_config(config.slurm, nodes=3, gpus_per_node=0, time="10:00", partition=None,
+                                        signal_seconds_before_end=30, job_name="j1")
+    assert (options.nodes, options.gpus_per_node, options.time, options.signal_seconds_before_end) == \
+        (3, 0, "10:00", 30)
+    assert (options.partition, options.max_requeues, options.job_name) == ("cpu", 4, "j1")  # not given: config's
+    run_dir, frozen, script = prepare_job(str(ROOT / "configs" / "tiny.yaml"),
+                                          [f"run_dir={tmp_path / 'r'}", "slurm.partition=cpu", "slurm.max_requeues=4",
+                                           *TINY], options)
+    assert "#SBATCH --nodes=3" in script.splitlines() and "#SBATCH --partition=cpu" in script.splitlines()
+    assert load_config(frozen).slurm == SlurmConfig(partition="cpu", time="10:00", nodes=3, gpus_per_node=0,
+                                                    signal_seconds_before_end=30, max_requeues=4)
 
 
 @pytest.mark.parametrize("value, seconds", [("30", 1800), ("10:30", 630), ("24:00:00", 86400), ("2-00", 172800),
