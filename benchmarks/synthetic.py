@@ -70,11 +70,11 @@ def induction_heads_batch(batch: int, seq_len: int, vocab: int,
 
 
 def build_model(family: str, args, vocab_size: int):
-    from ssmforge.models import LanguageModel, ModelConfig
+    from ssmforge.models import AttentionConfig, GSSConfig, LanguageModel, Mamba2Config, MambaConfig, ModelConfig
 
     config = ModelConfig(family=family, d_model=args.d_model, n_layer=2, vocab_size=vocab_size,
-                         d_state=16, mamba2_d_state=16, mamba2_headdim=16, mamba2_chunk_size=64,
-                         gss_d_state=16, attn_heads=4, rescale_out_proj=True)
+                         mamba=MambaConfig(d_state=16), mamba2=Mamba2Config(d_state=16, headdim=16, chunk_size=64),
+                         gss=GSSConfig(d_state=16), attention=AttentionConfig(heads=4), rescale_out_proj=True)
     return LanguageModel(config)
 
 

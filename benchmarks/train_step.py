@@ -46,11 +46,11 @@ TARGETS = dict(vs_mambapy=3.0, vs_sequential=100.0, deepspeed_within=0.15, matmu
 
 
 def model_config(shape: str):
-    from ssmforge.models import ModelConfig
+    from ssmforge.models import MambaConfig, ModelConfig
 
     d_model, n_layer, vocab = SHAPES[shape]
-    return ModelConfig(family="mamba", d_model=d_model, n_layer=n_layer, vocab_size=vocab, d_state=16, expand=2,
-                       d_conv=4)
+    return ModelConfig(family="mamba", d_model=d_model, n_layer=n_layer, vocab_size=vocab,
+                       mamba=MambaConfig(d_state=16, expand=2, d_conv=4))
 
 
 def rss_mib() -> float:
@@ -71,7 +71,7 @@ def batches(vocab: int, batch: int, seq_len: int, count: int) -> list[torch.Tens
 
 def build_step(impl: str, shape: str, device: torch.device, dtype: torch.dtype):
     """A function running one training step on a batch, and the model it trains. Every implementation's
-    loss is `pretrain.trainer.lm_loss`, the trainer's own (autocast to `dtype`, fp32 cross-entropy)."""
+    loss is `ssmforge.pretrain.trainer.lm_loss`, the trainer's own (autocast to `dtype`, fp32 cross-entropy)."""
     from ssmforge.pretrain.trainer import lm_loss
 
     config = model_config(shape)
@@ -81,7 +81,7 @@ def build_step(impl: str, shape: str, device: torch.device, dtype: torch.dtype):
 
         hf_config = transformers.MambaConfig(
             vocab_size=config.padded_vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layer,
-            state_size=config.d_state, expand=config.expand, conv_kernel=config.d_conv,
+            state_size=config.mamba.d_state, expand=config.mamba.expand, conv_kernel=config.mamba.d_conv,
             use_mambapy=impl == "hf-mambapy", tie_word_embeddings=True)
         model = transformers.MambaForCausalLM(hf_config).to(device).train()
         forward = lambda ids: model(input_ids=ids).logits  # noqa: E731

@@ -8,18 +8,19 @@ from .ref import (
     ssd_scan_ref,
     ssd_state_update_ref,
 )
-from .conv1d import CONV1D_BACKENDS, causal_conv1d
-from .selective_scan import BACKENDS, default_backend, selective_scan
+from .conv1d import CONV1D_BACKENDS, causal_conv1d, conv1d_default_backend
+from .selective_scan import SCAN_BACKENDS, scan_default_backend, selective_scan
 from .ssd import SSD_BACKENDS, ssd_default_backend, ssd_scan
 
 __all__ = [
-    "BACKENDS",
     "CONV1D_BACKENDS",
+    "SCAN_BACKENDS",
     "SSD_BACKENDS",
     "causal_conv1d",
     "causal_conv1d_ref",
     "causal_conv1d_update_ref",
-    "default_backend",
+    "conv1d_default_backend",
+    "scan_default_backend",
     "selective_scan",
     "selective_scan_ref",
     "selective_state_update_ref",

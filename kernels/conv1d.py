@@ -1,7 +1,7 @@
 """Public entry point of the causal depthwise conv1d: one signature, several backends.
 
-"ref" is torch's conv1d (`kernels.ref.causal_conv1d_ref`), the definition; "cpu" is the fused C
-kernel of `kernels.cpu` (with SiLU), the default on CPU, where torch's depthwise conv backward is
+"ref" is torch's conv1d (`ssmforge.kernels.ref.causal_conv1d_ref`), the definition; "cpu" is the fused C
+kernel of `ssmforge.kernels.cpu` (with SiLU), the default on CPU, where torch's depthwise conv backward is
 slow; "triton" is the fused Triton kernel (with SiLU), the default on CUDA.
 """
 from __future__ import annotations
@@ -26,6 +26,16 @@ if triton_available():
     CONV1D_BACKENDS["triton"] = _triton_conv1d
 
 
+def conv1d_default_backend(device: torch.device, width: int = 4) -> str:
+    """The backend used when none is named: "triton" for CUDA tensors and a width of 2..4, "cpu" for CPU
+    tensors, else "ref"."""
+    if device.type == "cuda" and "triton" in CONV1D_BACKENDS and 2 <= width <= 4:
+        return "triton"
+    if device.type == "cpu" and "cpu" in CONV1D_BACKENDS:
+        return "cpu"
+    return "ref"
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -35,14 +45,11 @@ def causal_conv1d(
 ) -> torch.Tensor:
     """Depthwise causal conv: x (batch, d, L), weight (d, width), bias (d,) -> (batch, d, L).
 
-    Semantics of `kernels.ref.causal_conv1d_ref`; activation None or "silu". backend None picks
-    "cpu" for CPU tensors, "triton" for CUDA tensors with a width of 2..4 and "ref" otherwise; a name
-    forces one. The output may be laid out channels-last (a transposed view); only values are promised.
+    Semantics of `ssmforge.kernels.ref.causal_conv1d_ref`; activation None or "silu". backend None picks by
+    device and width (see `conv1d_default_backend`); a name forces one. The output may be laid out
+    channels-last (a transposed view); only values are promised.
     """
-    name = backend
-    if name is None:
-        use_triton = x.device.type == "cuda" and "triton" in CONV1D_BACKENDS and 2 <= weight.shape[1] <= 4
-        name = "triton" if use_triton else "cpu" if x.device.type == "cpu" else "ref"
+    name = backend or conv1d_default_backend(x.device, weight.shape[1])
     if name not in CONV1D_BACKENDS:
         raise ValueError(f"unknown conv1d backend {name!r}; available: {sorted(CONV1D_BACKENDS)}")
     return CONV1D_BACKENDS[name](x, weight, bias, activation=activation)

@@ -1,10 +1,10 @@
 """Public entry point of the selective scan: one signature, several backends.
 
 `selective_scan` dispatches on the device of its inputs. The reference backend is the definition
-(`kernels.ref.selective_scan_ref`); fast backends register themselves in `BACKENDS` and are tested
+(`ssmforge.kernels.ref.selective_scan_ref`); fast backends register themselves in `SCAN_BACKENDS` and are tested
 against it:
-- "cpu": the fused C kernel of `kernels.cpu` (chunked PyTorch fallback without a C compiler);
-- "triton": the Triton kernels of `kernels.triton`, the default for CUDA tensors. It runs on CPU
+- "cpu": the fused C kernel of `ssmforge.kernels.cpu` (chunked PyTorch fallback without a C compiler);
+- "triton": the Triton kernels of `ssmforge.kernels.triton`, the default for CUDA tensors. It runs on CPU
   tensors too when TRITON_INTERPRET=1 was set before triton was imported (how the tests run it).
 """
 from __future__ import annotations
@@ -31,16 +31,16 @@ def _selective_scan_triton(*args, **kwargs):
     return selective_scan_triton(*args, **kwargs)
 
 
-BACKENDS: dict[str, Callable] = {"ref": selective_scan_ref, "cpu": selective_scan_cpu}
+SCAN_BACKENDS: dict[str, Callable] = {"ref": selective_scan_ref, "cpu": selective_scan_cpu}
 if triton_available():
-    BACKENDS["triton"] = _selective_scan_triton
+    SCAN_BACKENDS["triton"] = _selective_scan_triton
 
 
-def default_backend(device: torch.device) -> str:
+def scan_default_backend(device: torch.device) -> str:
     """The backend used when none is named: the fastest one registered for this device."""
-    if device.type == "cuda" and "triton" in BACKENDS:
+    if device.type == "cuda" and "triton" in SCAN_BACKENDS:
         return "triton"
-    if device.type == "cpu" and "cpu" in BACKENDS:
+    if device.type == "cpu" and "cpu" in SCAN_BACKENDS:
         return "cpu"
     return "ref"
 
@@ -58,14 +58,14 @@ def selective_scan(
     return_last_state: bool = False,
     backend: str | None = None,
 ):
-    """Selective scan with the shapes and semantics of `kernels.ref.selective_scan_ref`.
+    """Selective scan with the shapes and semantics of `ssmforge.kernels.ref.selective_scan_ref`.
 
-    backend: None picks by device (see `default_backend`); "ref" or a registered name forces one.
+    backend: None picks by device (see `scan_default_backend`); "ref" or a registered name forces one.
     """
-    name = backend or default_backend(u.device)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown selective-scan backend {name!r}; available: {sorted(BACKENDS)}")
-    return BACKENDS[name](
+    name = backend or scan_default_backend(u.device)
+    if name not in SCAN_BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {name!r}; available: {sorted(SCAN_BACKENDS)}")
+    return SCAN_BACKENDS[name](
         u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
         delta_softplus=delta_softplus, return_last_state=return_last_state,
     )

@@ -1,14 +1,14 @@
 """The SSD layer of Mamba-2 (Dao & Gu, 2024): the chunked algorithm in plain PyTorch, and the public
 entry point `ssd_scan` that dispatches between backends.
 
-The chunked algorithm computes exactly the recurrence of `kernels.ref.ssd_scan_ref` with matmuls:
+The chunked algorithm computes exactly the recurrence of `ssmforge.kernels.ref.ssd_scan_ref` with matmuls:
 split the sequence into chunks of Q steps; inside a chunk the output is a masked, decayed
 "attention" C_l . B_s exp(a_l - a_s) dt_s x_s over s <= l (quadratic in Q, linear in L); between
 chunks only the (headdim, dstate) state of each head is carried. a is the cumulative sum of dt * A
 within the chunk. All arithmetic is fp32 (autocast is switched off inside) and autograd
 differentiates it.
 
-Backends: "torch" (this file, the default on CPU), "triton" (`kernels.triton.ssd`, the default on
+Backends: "torch" (this file, the default on CPU), "triton" (`ssmforge.kernels.triton.ssd`, the default on
 CUDA; CPU tensors under TRITON_INTERPRET=1) and "ref" (the sequential oracle).
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def ssd_chunked(
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
 ):
-    """The chunked SSD in PyTorch; shapes and semantics of `kernels.ref.ssd_scan_ref`.
+    """The chunked SSD in PyTorch; shapes and semantics of `ssmforge.kernels.ref.ssd_scan_ref`.
 
     chunk_size: steps per chunk (any positive int; L need not be a multiple)."""
     if chunk_size < 1:
@@ -141,7 +141,7 @@ def ssd_scan(
     return_final_state: bool = False,
     backend: str | None = None,
 ):
-    """SSD with the shapes and semantics of `kernels.ref.ssd_scan_ref`, computed in chunks of
+    """SSD with the shapes and semantics of `ssmforge.kernels.ref.ssd_scan_ref`, computed in chunks of
     `chunk_size` steps (a power of two >= 16 for "triton").
 
     backend: None picks by device (see `ssd_default_backend`); "ref", "torch" or "triton" forces one.

@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from ssmforge.errors import ConfigError
 from .layers import init_residual_branch
 from .registry import register_mixer
 
@@ -42,41 +41,25 @@ class KVCache:
     length: int = 0  # tokens seen so far: the position of the next token
 
 
-@register_mixer("attention", "*")
+@register_mixer("attention")
 class CausalSelfAttention(nn.Module):
+    """The attention mixer; its shapes come from `config.attention` (models.config.AttentionConfig)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
+        cfg = config.attention
         self.layer_idx = layer_idx
-        self.n_heads = config.attn_heads
-        self.n_kv_heads = config.attn_kv_heads or config.attn_heads
-        self.head_dim = config.d_model // config.attn_heads
-        self.window = config.attn_window
-        self.rope_theta = config.attn_rope_theta
+        self.n_heads = cfg.heads
+        self.n_kv_heads = cfg.resolved_kv_heads()
+        self.head_dim = config.d_model // cfg.heads
+        self.window = cfg.window
+        self.rope_theta = cfg.rope_theta
         d, hd = config.d_model, self.head_dim
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=config.bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=config.bias)
         init_residual_branch(config, self.o_proj, [self.q_proj, self.k_proj, self.v_proj, self.o_proj])
-
-    @classmethod
-    def validate(cls, config: ModelConfig, prefix: str) -> None:
-        heads = config.attn_heads
-        if heads < 1 or config.d_model % heads:
-            raise ConfigError(f"{prefix}.attn_heads={heads} is invalid: must be a positive divisor of "
-                              f"d_model ({config.d_model})")
-        kv = config.attn_kv_heads
-        if kv is not None and (kv < 1 or heads % kv):
-            raise ConfigError(f"{prefix}.attn_kv_heads={kv} is invalid: must be a positive divisor of "
-                              f"attn_heads ({heads}) or null (= attn_heads)")
-        if (config.d_model // heads) % 2:
-            raise ConfigError(f"{prefix}.attn_heads={heads} is invalid: the head dimension d_model / attn_heads "
-                              f"({config.d_model // heads}) must be even for rotary embeddings")
-        if config.attn_window is not None and config.attn_window < 1:
-            raise ConfigError(f"{prefix}.attn_window={config.attn_window} is invalid: must be >= 1 or null "
-                              "(full causal attention)")
-        if config.attn_rope_theta <= 0:
-            raise ConfigError(f"{prefix}.attn_rope_theta={config.attn_rope_theta} is invalid: must be > 0")
 
     def external_parameters(self) -> list[nn.Parameter]:
         return []  # every weight is used through its own module's forward

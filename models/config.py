@@ -1,70 +1,267 @@
-"""Model configuration: one dataclass for every language-model family, validated on construction."""
+"""Model configuration: the stack-wide ModelConfig and one typed section per mixer (`model.<mixer>.*`).
+
+This module is torch-free on purpose: the run config (`ssmforge.pretrain.config`) is built on these dataclasses and
+the CLI answers config errors without importing torch, so a mixer's section lives here and not in its
+module file (`models/<mixer>.py`, which needs torch). Adding a mixer: its section below, decorated
+`@mixer_config(name, symbol=...)`, one field line in ModelConfig, its module file decorated
+`@register_mixer(name)`, and one import line in models/lm.py.
+
+Every field has a docstring on the line below it: the one source for `ssmforge config show` and the docs.
+Each section validates itself (`validate(model, prefix)`), naming the full key in a ConfigError.
+Defaults are the papers'.
+"""
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ssmforge.errors import ConfigError
+
+from .registry import FAMILIES, SECTIONS, SYMBOLS, mixer_config
+
+KERNEL_BACKENDS = ("auto", "ref", "triton")  # model.kernel_backend values (see ModelConfig.kernel_backend)
+
+
+def _need(ok: bool, prefix: str, config: Any, key: str, allowed: str) -> None:
+    """Raise ConfigError `prefix.key=value is invalid: allowed` unless ok."""
+    if not ok:
+        raise ConfigError(f"{prefix}.{key}={getattr(config, key)!r} is invalid: {allowed}")
+
+
+def _positive(prefix: str, config: Any, *keys: str) -> None:
+    for key in keys:
+        _need(getattr(config, key) >= 1, prefix, config, key, "must be a positive integer")
+
+
+def _check_dt(prefix: str, config: Any) -> None:
+    """The step-size range every selective/diagonal SSM section shares."""
+    _need(0 < config.dt_min <= config.dt_max, prefix, config, "dt_min",
+          f"must satisfy 0 < dt_min <= dt_max ({config.dt_max})")
+    if hasattr(config, "dt_init_floor"):
+        _need(config.dt_init_floor > 0, prefix, config, "dt_init_floor", "must be > 0")
+
+
+def _check_conv(prefix: str, config: Any, model: "ModelConfig") -> None:
+    """The depthwise conv width: 2..8, and 2..4 where the Triton conv1d must run it."""
+    _need(2 <= config.d_conv <= 8, prefix, config, "d_conv", "must be between 2 and 8")
+    _need(model.kernel_backend != "triton" or config.d_conv <= 4, prefix, config, "d_conv",
+          "must be between 2 and 4 with model.kernel_backend=triton (the Triton conv1d's widths)")
+
+
+@mixer_config("mamba", symbol="M")
+@dataclass
+class MambaConfig:
+    """Mamba (Gu & Dao 2023): causal conv, selective scan with input-dependent dt/B/C, SiLU(z) gate.
+
+    Paper init: S4D-real A = -(1..N) per channel, dt log-uniform in [dt_min, dt_max]."""
+
+    d_state: int = 16
+    """SSM state size N per channel."""
+    d_conv: int = 4
+    """Width of the causal depthwise convolution before the scan."""
+    expand: int = 2
+    """Inner width d_inner = expand * d_model."""
+    dt_rank: int | None = None
+    """Rank of the dt projection; null: ceil(d_model / 16), as in the paper."""
+    dt_min: float = 0.001
+    """Smallest initial step size dt (log-uniform in [dt_min, dt_max])."""
+    dt_max: float = 0.1
+    """Largest initial step size dt."""
+    dt_init_floor: float = 1e-4
+    """Lower clamp of the initial step sizes."""
+    dt_scale: float = 1.0
+    """Scale of the dt_proj weight init (uniform in +-dt_scale / sqrt(dt_rank))."""
+    conv_bias: bool = True
+    """Bias in the depthwise convolution."""
+
+    def d_inner(self, d_model: int) -> int:
+        return self.expand * d_model
+
+    def resolved_dt_rank(self, d_model: int) -> int:
+        return self.dt_rank if self.dt_rank is not None else math.ceil(d_model / 16)
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        _positive(prefix, self, "d_state", "expand")
+        _check_conv(prefix, self, model)
+        _need(self.dt_rank is None or self.dt_rank >= 1, prefix, self, "dt_rank",
+              "must be a positive integer or null (auto)")
+        d_inner = self.d_inner(model.d_model)
+        if self.resolved_dt_rank(model.d_model) > d_inner:
+            raise ConfigError(f"{prefix}.dt_rank={self.resolved_dt_rank(model.d_model)} is invalid: must be <= "
+                              f"expand * d_model ({d_inner})")
+        _check_dt(prefix, self)
+        _need(self.dt_scale > 0, prefix, self, "dt_scale", "must be > 0")
+
+
+@mixer_config("mamba2", symbol="2")
+@dataclass
+class Mamba2Config:
+    """Mamba-2 (Dao & Gu 2024): SSD with a scalar decay per head, B/C shared by head groups, gated RMSNorm.
+
+    The conv runs over (x, B, C); the scan is the chunked SSD algorithm. Defaults as Mamba's where shared."""
+
+    d_state: int = 128
+    """SSM state size N per head."""
+    headdim: int = 64
+    """Channels per head P; nheads = expand * d_model / headdim."""
+    ngroups: int = 1
+    """B/C groups, each shared by nheads / ngroups heads."""
+    chunk_size: int = 256
+    """Steps per chunk of the SSD algorithm (a power of two >= 16)."""
+    d_conv: int = 4
+    """Width of the causal depthwise convolution over (x, B, C)."""
+    expand: int = 2
+    """Inner width d_inner = expand * d_model."""
+    dt_min: float = 0.001
+    """Smallest initial step size dt per head (log-uniform in [dt_min, dt_max])."""
+    dt_max: float = 0.1
+    """Largest initial step size dt."""
+    dt_init_floor: float = 1e-4
+    """Lower clamp of the initial step sizes."""
+    conv_bias: bool = True
+    """Bias in the depthwise convolution."""
+
+    def d_inner(self, d_model: int) -> int:
+        return self.expand * d_model
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        _positive(prefix, self, "d_state", "headdim", "ngroups", "expand")
+        _check_conv(prefix, self, model)
+        _check_dt(prefix, self)
+        d_inner = self.d_inner(model.d_model)
+        _need(d_inner % self.headdim == 0, prefix, self, "headdim",
+              f"must divide expand * d_model ({d_inner}) into heads")
+        nheads = d_inner // self.headdim
+        _need(nheads % self.ngroups == 0, prefix, self, "ngroups",
+              f"must divide the number of heads (expand * d_model / headdim = {nheads})")
+        chunk = self.chunk_size
+        _need(chunk >= 16 and chunk & (chunk - 1) == 0, prefix, self, "chunk_size", "must be a power of two >= 16")
+
+
+@mixer_config("gss", symbol="G")
+@dataclass
+class GSSConfig:
+    """GSS (Mehta et al. 2022): a wide GELU gate over a narrow DSS-EXP SSM branch applied by FFT convolution.
+
+    The DSS kernel (a diagonal complex SSM) is built for the whole length; decoding runs its recurrence."""
+
+    expand: int = 3
+    """Width of the multiplicative gate: expand * d_model."""
+    ssm_dim: int | None = None
+    """Width H of the narrowed SSM branch; null: d_model // 2 (the paper: 512 at d_model 1024)."""
+    d_state: int = 64
+    """DSS state size N per channel."""
+    dt_min: float = 0.001
+    """Smallest initial DSS step size (log-uniform in [dt_min, dt_max])."""
+    dt_max: float = 0.1
+    """Largest initial DSS step size."""
+
+    def resolved_ssm_dim(self, d_model: int) -> int:
+        return self.ssm_dim if self.ssm_dim is not None else max(1, d_model // 2)
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        _positive(prefix, self, "expand", "d_state")
+        _need(self.ssm_dim is None or self.ssm_dim >= 1, prefix, self, "ssm_dim",
+              "must be a positive integer or null (d_model // 2)")
+        _check_dt(prefix, self)
+
+
+@mixer_config("attention", symbol="*", family=False)
+@dataclass
+class AttentionConfig:
+    """Causal self-attention: rotary positions, grouped-query heads, optional sliding window.
+
+    On torch's scaled_dot_product_attention; decoding keeps a KV cache (a ring buffer with a window)."""
+
+    heads: int = 8
+    """Query heads; the head dimension d_model / heads must be even (rotary pairs)."""
+    kv_heads: int | None = None
+    """Key/value heads shared by groups of query heads (grouped-query); null: heads (multi-head)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position frequencies."""
+    window: int | None = None
+    """Sliding window: tokens attended, the query's own included; null: full causal attention."""
+
+    def resolved_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        heads = self.heads
+        _need(heads >= 1 and model.d_model % heads == 0, prefix, self, "heads",
+              f"must be a positive divisor of d_model ({model.d_model})")
+        kv = self.kv_heads
+        _need(kv is None or (kv >= 1 and heads % kv == 0), prefix, self, "kv_heads",
+              f"must be a positive divisor of heads ({heads}) or null (= heads)")
+        _need((model.d_model // heads) % 2 == 0, prefix, self, "heads",
+              f"the head dimension d_model / heads ({model.d_model // heads}) must be even for rotary embeddings")
+        _need(self.window is None or self.window >= 1, prefix, self, "window",
+              "must be >= 1 or null (full causal attention)")
+        _need(self.rope_theta > 0, prefix, self, "rope_theta", "must be > 0")
+
+
+@mixer_config("mlp", symbol="-", family=False)
+@dataclass
+class MLPConfig:
+    """SwiGLU MLP (Shazeer 2020), as in Llama: down(SiLU(gate(x)) * up(x)); stateless."""
+
+    hidden: int | None = None
+    """Hidden width; null: 8/3 d_model rounded up to a multiple of 64 (a 4 d_model GELU MLP's parameters)."""
+
+    def resolved_hidden(self, d_model: int) -> int:
+        return self.hidden if self.hidden is not None else 64 * math.ceil(8 * d_model / 3 / 64)
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        _need(self.hidden is None or self.hidden >= 1, prefix, self, "hidden",
+              "must be a positive integer or null (8/3 d_model rounded up to a multiple of 64)")
 
 
 @dataclass
 class ModelConfig:
-    """Shape and initialisation of a language model. Defaults are the Mamba paper's."""
+    """Shape and initialisation of a language model: the stack, and one section per mixer."""
 
-    family: str = "mamba"  # a name in models.registry.FAMILIES
+    family: str = "mamba"
+    """The stack: a mixer repeated (mamba, mamba2, gss), transformer (attention and MLP), or hybrid."""
     d_model: int = 768
-    n_layer: int = 24  # for `hybrid`: the length of layer_pattern
-    # one character per block, `hybrid` family only: M mamba, 2 mamba2, G gss, * attention, - mlp
+    """Width of the residual stream."""
+    n_layer: int = 24
+    """Number of blocks (pattern units for `transformer`); for `hybrid` the length of layer_pattern."""
     layer_pattern: str | None = None
+    """One mixer symbol per block, bottom to top (`hybrid` only); `python -m ssmforge.models.registry` lists them."""
     vocab_size: int = 50277
-    pad_vocab_size_multiple: int = 8  # the embedding is padded so matmuls hit aligned shapes
-    # Mamba mixer
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: int | None = None  # None: ceil(d_model / 16) as in the paper
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    dt_scale: float = 1.0
-    conv_bias: bool = True
-    bias: bool = False  # bias in in_proj / out_proj
-    # Mamba-2 mixer (Dao & Gu 2024); shares d_conv, expand, dt_* and conv_bias with Mamba
-    mamba2_d_state: int = 128
-    mamba2_headdim: int = 64
-    mamba2_ngroups: int = 1  # B/C groups shared by nheads / ngroups heads each
-    mamba2_chunk_size: int = 256
-    # GSS mixer (Mehta et al. 2022)
-    gss_expand: int = 3  # gated branch width = gss_expand * d_model
-    gss_ssm_dim: int | None = None  # narrowed SSM branch width; None: d_model // 2 (paper: 512 at d 1024)
-    gss_d_state: int = 64  # DSS state size per channel
-    # causal self-attention
-    attn_heads: int = 8
-    attn_kv_heads: int | None = None  # grouped-query heads; None: attn_heads (multi-head)
-    attn_rope_theta: float = 10000.0
-    attn_window: int | None = None  # sliding window (tokens attended, incl. itself); None: full causal
-    # SwiGLU MLP
-    mlp_hidden: int | None = None  # None: 8/3 * d_model rounded up to a multiple of 64
-    # stack
+    """Tokens the model reads and predicts (the tokenizer's vocabulary)."""
+    pad_vocab_size_multiple: int = 8
+    """The embedding is padded to a multiple of this so the matmuls hit aligned shapes."""
+    bias: bool = False
+    """Biases in the mixers' linear projections."""
     rms_norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
     residual_in_fp32: bool = True
+    """Keep the residual stream in float32 whatever the training precision."""
     tie_embeddings: bool = True
-    initializer_range: float = 0.02  # std of the embedding init
-    rescale_out_proj: bool = True  # out_proj weights scaled by 1/sqrt(n_layer) at init
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
-
-    @property
-    def resolved_dt_rank(self) -> int:
-        return self.dt_rank if self.dt_rank is not None else math.ceil(self.d_model / 16)
+    """The LM head shares the embedding's weights."""
+    initializer_range: float = 0.02
+    """Standard deviation of the embedding init."""
+    rescale_out_proj: bool = True
+    """Scale each mixer's output projection by 1/sqrt(number of blocks) at init."""
+    kernel_backend: str = "auto"
+    """Kernels the mixers call: auto (fastest for the device), ref (the sequential oracles), triton."""
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    """Keys of the Mamba mixer."""
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
+    """Keys of the Mamba-2 mixer."""
+    gss: GSSConfig = field(default_factory=GSSConfig)
+    """Keys of the GSS mixer."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Keys of the causal self-attention mixer."""
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """Keys of the SwiGLU MLP mixer."""
 
     @property
     def layer_kinds(self) -> list[str]:
         """The mixer name of every block, bottom to top."""
-        from .registry import FAMILIES, SYMBOLS
-
         unit = FAMILIES[self.family]
         pattern = self.layer_pattern if unit is None else unit * self.n_layer
         return [SYMBOLS[c] for c in pattern]
@@ -74,18 +271,22 @@ class ModelConfig:
         m = self.pad_vocab_size_multiple
         return ((self.vocab_size + m - 1) // m) * m
 
+    def section(self, name: str):
+        """The config section of mixer `name`."""
+        return getattr(self, name)
+
     def validate(self, prefix: str = "model") -> "ModelConfig":
-        """Raise ConfigError naming the first impossible value (key given as `prefix.key`)."""
-        from .registry import FAMILIES, MIXERS, SYMBOLS
+        """Raise ConfigError naming the first impossible value (key given as `prefix.key`): the stack,
+        then the section of each mixer the stack uses."""
 
         def need(ok: bool, key: str, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r} is invalid: {allowed}")
+            _need(ok, prefix, self, key, allowed)
 
         need(self.family in FAMILIES, "family", f"one of {sorted(FAMILIES)}")
         unit = FAMILIES[self.family]
         if unit is None:
-            need(bool(self.layer_pattern), "layer_pattern", f"family {self.family!r} needs a pattern such as 'MMM*MMMM'")
+            need(bool(self.layer_pattern), "layer_pattern",
+                 f"family {self.family!r} needs a pattern such as 'MMM*MMMM'")
             bad = sorted(set(self.layer_pattern) - set(SYMBOLS))
             need(not bad, "layer_pattern", f"unknown symbol(s) {bad}; allowed: " +
                  ", ".join(f"{c} {n}" for c, n in SYMBOLS.items()))
@@ -94,15 +295,124 @@ class ModelConfig:
         else:
             need(self.layer_pattern is None, "layer_pattern", "only the 'hybrid' family takes a layer pattern")
             need(set(unit) <= set(SYMBOLS), "family", "is not available in this installation")
-        for key in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "d_state", "expand"):
+        for key in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
             need(getattr(self, key) >= 1, key, "must be a positive integer")
-        need(2 <= self.d_conv <= 8, "d_conv", "must be between 2 and 8")
-        need(self.dt_rank is None or self.dt_rank >= 1, "dt_rank", "must be a positive integer or null (auto)")
-        need(0 < self.dt_min <= self.dt_max, "dt_min", f"must satisfy 0 < dt_min <= dt_max ({self.dt_max})")
-        need(self.dt_init_floor > 0, "dt_init_floor", "must be > 0")
-        need(self.dt_scale > 0, "dt_scale", "must be > 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.initializer_range > 0, "initializer_range", "must be > 0")
+        need(self.kernel_backend in KERNEL_BACKENDS, "kernel_backend", f"one of {', '.join(KERNEL_BACKENDS)}")
+        need(self.kernel_backend != "triton" or importlib.util.find_spec("triton") is not None, "kernel_backend",
+             "triton is not installed")
         for name in dict.fromkeys(self.layer_kinds):
-            MIXERS[name].validate(self, prefix)
+            section = self.section(name)
+            if not isinstance(section, SECTIONS[name]):
+                raise ConfigError(f"{prefix}.{name} is invalid: expected a {SECTIONS[name].__name__}, got "
+                                  f"{type(section).__name__}")
+            section.validate(self, f"{prefix}.{name}")
         return self
+
+    @classmethod
+    def from_dict(cls, data: dict, prefix: str = "model") -> "ModelConfig":
+        """A ModelConfig from nested dicts (as `dataclasses.asdict` writes it); unknown and renamed keys raise
+        ConfigError naming the full key."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{prefix} is invalid: expected a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(renamed_model_key_message(key, prefix) or f"{prefix}.{key}: unknown key")
+        values = dict(data)
+        for name, section_cls in SECTIONS.items():
+            if name not in values:
+                continue
+            section = values[name]
+            if not isinstance(section, dict):
+                raise ConfigError(f"{prefix}.{name} is invalid: expected a mapping, got {type(section).__name__}")
+            section_keys = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = sorted(set(section) - section_keys)
+            if unknown:
+                raise ConfigError(f"{prefix}.{name}.{unknown[0]}: unknown key")
+            values[name] = section_cls(**section)
+        return cls(**values)
+
+
+# Keys of the flat ModelConfig before the per-mixer sections -> their one new home under `model.`.
+RENAMED_MODEL_KEYS: dict[str, str] = {
+    "d_state": "mamba.d_state",
+    "d_conv": "mamba.d_conv",
+    "expand": "mamba.expand",
+    "dt_rank": "mamba.dt_rank",
+    "dt_min": "mamba.dt_min",
+    "dt_max": "mamba.dt_max",
+    "dt_init_floor": "mamba.dt_init_floor",
+    "dt_scale": "mamba.dt_scale",
+    "conv_bias": "mamba.conv_bias",
+    "mamba2_d_state": "mamba2.d_state",
+    "mamba2_headdim": "mamba2.headdim",
+    "mamba2_ngroups": "mamba2.ngroups",
+    "mamba2_chunk_size": "mamba2.chunk_size",
+    "gss_expand": "gss.expand",
+    "gss_ssm_dim": "gss.ssm_dim",
+    "gss_d_state": "gss.d_state",
+    "attn_heads": "attention.heads",
+    "attn_kv_heads": "attention.kv_heads",
+    "attn_rope_theta": "attention.rope_theta",
+    "attn_window": "attention.window",
+    "mlp_hidden": "mlp.hidden",
+}
+
+# Flat keys that other mixers read too before the sections: Mamba-2 shared Mamba's conv and dt keys, GSS its
+# dt range. Used to convert old exported configs exactly (a config error only names RENAMED_MODEL_KEYS' home).
+_FLAT_KEYS_ALSO_READ_BY: dict[str, tuple[str, ...]] = {
+    "d_conv": ("mamba2",),
+    "expand": ("mamba2",),
+    "dt_min": ("mamba2", "gss"),
+    "dt_max": ("mamba2", "gss"),
+    "dt_init_floor": ("mamba2",),
+    "conv_bias": ("mamba2",),
+}
+
+
+def renamed_model_key_message(key: str, prefix: str = "model") -> str | None:
+    """`model.d_state was renamed: use model.mamba.d_state` for a removed flat key, else None."""
+    new = RENAMED_MODEL_KEYS.get(key)
+    if new is None:
+        return None
+    message = f"{prefix}.{key} was renamed: use {prefix}.{new}"
+    others = _FLAT_KEYS_ALSO_READ_BY.get(key, ())
+    if not others:
+        return message
+    keys = ", ".join(f"{prefix}.{name}.{new.split('.', 1)[1]}" for name in others)
+    whose = "have their" if len(others) > 1 else "has its"
+    return f"{message} ({' and '.join(others)} {whose} own: {keys})"
+
+
+def upgrade_flat_model_dict(data: dict) -> dict:
+    """A model config dict written before the per-mixer sections (flat keys such as `mamba2_d_state`) ->
+    the sectioned form, with every value where the old model read it (a flat `expand` set Mamba's and
+    Mamba-2's). Dicts already in the new form come back unchanged."""
+    flat = {key: value for key, value in data.items() if key in RENAMED_MODEL_KEYS}
+    if not flat:
+        return data
+    out = {key: value for key, value in data.items() if key not in RENAMED_MODEL_KEYS}
+    for key, value in flat.items():
+        section, leaf = RENAMED_MODEL_KEYS[key].split(".")
+        for name in (section, *_FLAT_KEYS_ALSO_READ_BY.get(key, ())):
+            out.setdefault(name, {})
+            if isinstance(out[name], dict):
+                out[name].setdefault(leaf, value)
+    return out
+
+
+def _check_sections_are_fields() -> None:
+    """Every registered section is the ModelConfig field of its name, and every section field is registered."""
+    fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    section_fields = {name for name, kind in fields.items() if kind in {cls.__name__ for cls in SECTIONS.values()}}
+    for name, cls in SECTIONS.items():
+        if fields.get(name) != cls.__name__:
+            raise TypeError(f"mixer section {cls.__name__} needs the field `{name}: {cls.__name__} = "
+                            f"field(default_factory={cls.__name__})` in ModelConfig")
+    if section_fields != set(SECTIONS):
+        raise TypeError(f"ModelConfig fields {sorted(section_fields - set(SECTIONS))} are not registered sections")
+
+
+_check_sections_are_fields()

@@ -1,8 +1,8 @@
 """Gated State Space (GSS) mixer, as in Mehta, Gupta, Cutkosky & Neyshabur, "Long Range Language
 Modeling via Gated State Spaces" (2022):
 
-    gate = GELU(W_gate x)                      (batch, L, gss_expand * d_model)
-    v    = norm(GELU(W_ssm x))                 (batch, L, H)    H = gss_ssm_dim, narrowed
+    gate = GELU(W_gate x)                      (batch, L, expand * d_model)
+    v    = norm(GELU(W_ssm x))                 (batch, L, H)    H = ssm_dim, narrowed
     y    = DSS(v) = K * v + D v                causal convolution with a length-L kernel per channel
     out  = W_out(W_up(y) * gate)               back to d_model
 
@@ -11,7 +11,7 @@ the FFT convolution works in a low dimension, so GSS trains faster than DSS). `i
 gate and SSM branches in one matmul.
 
 DSS is the DSS-EXP parameterisation of Gupta, Gu & Berant, "Diagonal State Spaces are as Effective as
-Structured State Spaces" (2022): per channel h a diagonal complex system with N = gss_d_state states,
+Structured State Spaces" (2022): per channel h a diagonal complex system with N = d_state states,
 eigenvalues Lambda_n (Re < 0 through Re = -exp(Lambda_re_log), shared by the channels), a learned step
 dt_h and output weights C_hn. Zero-order hold with input weights 1 gives the recurrence and the kernel
 
@@ -20,8 +20,8 @@ dt_h and output weights C_hn. Zero-order hold with input weights 1 gives the rec
 
 so the FFT convolution (training, prefill) and the recurrence (decoding) are the same map.
 Initialisation: Lambda_n = -1/2 + i pi n (S4D-Lin, the approximation of the skew-HiPPO spectrum that DSS
-starts from), dt log-uniform in [dt_min, dt_max] (the Mamba keys), C complex normal, D = 1. The paper's
-pseudocode uses the D skip and normalises the DSS input; both are kept.
+starts from), dt log-uniform in [dt_min, dt_max], C complex normal, D = 1. The paper's pseudocode uses the
+D skip and normalises the DSS input; both are kept. The keys are `model.gss.*` (models.config.GSSConfig).
 """
 from __future__ import annotations
 
@@ -36,14 +36,8 @@ from torch.utils.checkpoint import checkpoint
 from ssmforge.kernels.fftconv import fft_causal_conv
 
 from .config import ModelConfig
-from ssmforge.errors import ConfigError
 from .layers import RMSNorm, init_residual_branch, keep_fp32
 from .registry import register_mixer
-
-
-def gss_ssm_dim(config: ModelConfig) -> int:
-    """Width H of the SSM branch: gss_ssm_dim, or d_model // 2 when unset."""
-    return config.gss_ssm_dim if config.gss_ssm_dim is not None else max(1, config.d_model // 2)
 
 
 @dataclass
@@ -53,14 +47,17 @@ class GSSState:
     ssm: torch.Tensor  # (batch, H, N) complex64
 
 
-@register_mixer("gss", "G")
+@register_mixer("gss")
 class GSSMixer(nn.Module):
+    """The GSS mixer; its shapes come from `config.gss` (models.config.GSSConfig)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
+        cfg = config.gss
         self.layer_idx = layer_idx
-        self.gate_dim = gate = config.gss_expand * config.d_model
-        self.ssm_dim = H = gss_ssm_dim(config)
-        self.d_state = N = config.gss_d_state
+        self.gate_dim = gate = cfg.expand * config.d_model
+        self.ssm_dim = H = cfg.resolved_ssm_dim(config.d_model)
+        self.d_state = N = cfg.d_state
 
         self.in_proj = nn.Linear(config.d_model, gate + H, bias=config.bias)
         self.ssm_norm = RMSNorm(H, config.rms_norm_eps)
@@ -69,20 +66,11 @@ class GSSMixer(nn.Module):
         # DSS-EXP parameters, float32 whatever the training precision (exp of them sets the memory)
         self.Lambda_re_log = keep_fp32(nn.Parameter(torch.full((N,), math.log(0.5))))
         self.Lambda_im = keep_fp32(nn.Parameter(math.pi * torch.arange(N, dtype=torch.float32)))
-        log_lo, log_hi = math.log(config.dt_min), math.log(config.dt_max)
+        log_lo, log_hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
         self.log_dt = keep_fp32(nn.Parameter(torch.rand(H) * (log_hi - log_lo) + log_lo))
         self.C = keep_fp32(nn.Parameter(torch.randn(H, N, 2) * math.sqrt(0.5)))  # (re, im): complex normal
         self.D = keep_fp32(nn.Parameter(torch.ones(H)))
         init_residual_branch(config, self.out_proj, [self.in_proj, self.up_proj, self.out_proj])
-
-    @classmethod
-    def validate(cls, config: ModelConfig, prefix: str) -> None:
-        for key in ("gss_expand", "gss_d_state"):
-            if getattr(config, key) < 1:
-                raise ConfigError(f"{prefix}.{key}={getattr(config, key)!r} is invalid: must be a positive integer")
-        if config.gss_ssm_dim is not None and config.gss_ssm_dim < 1:
-            raise ConfigError(f"{prefix}.gss_ssm_dim={config.gss_ssm_dim!r} is invalid: must be a positive "
-                              f"integer or null (d_model // 2)")
 
     def external_parameters(self) -> list[nn.Parameter]:
         """Every child module is called through its forward, so ZeRO-3 has nothing extra to gather

@@ -2,8 +2,10 @@
 
 A model directory holds `config.json` (Hugging Face's MambaConfig or Mamba2Config fields, plus our own
 ModelConfig under the key `ssmforge_model`, which transformers keeps as an ignored attribute) and
-`model.safetensors`. Directories written by transformers (safetensors or pytorch_model.bin, single
-or sharded) load too. Nothing is unpickled: .bin files go through torch.load(weights_only=True).
+`model.safetensors`. Our config is written nested (`{"d_model": ..., "mamba": {"d_state": ...}}`); one
+written before the per-mixer sections (flat keys such as `mamba2_d_state`) is converted on load.
+Directories written by transformers (safetensors or pytorch_model.bin, single or sharded) load too.
+Nothing is unpickled: .bin files go through torch.load(weights_only=True).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import Mamba2Config, MambaConfig, ModelConfig, upgrade_flat_model_dict
 from ssmforge.errors import CheckpointError, ConfigError
 from .lm import LanguageModel
 
@@ -60,12 +62,14 @@ def _field(hf: dict, key: str, kind: type, path: Path, default=None):
 def config_from_hf(hf: dict, path: Path) -> ModelConfig:
     """Hugging Face MambaConfig or Mamba2Config dict -> ModelConfig (our own copy wins where present)."""
     if OUR_CONFIG_KEY in hf:
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
         ours = hf[OUR_CONFIG_KEY]
-        unknown = sorted(set(ours) - known) if isinstance(ours, dict) else ["<not an object>"]
-        if unknown:
-            raise CheckpointError(f"{path}: field '{OUR_CONFIG_KEY}' has unknown keys {unknown}")
-        return _validated(ModelConfig(**ours), path)
+        if not isinstance(ours, dict):
+            raise CheckpointError(f"{path}: field '{OUR_CONFIG_KEY}' should be an object, got {ours!r}")
+        try:
+            config = ModelConfig.from_dict(upgrade_flat_model_dict(ours), prefix=OUR_CONFIG_KEY)
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(f"{path}: field '{OUR_CONFIG_KEY}': {e}") from None
+        return _validated(config, path)
     model_type = hf.get("model_type")
     if model_type not in _FROM_HF:
         raise CheckpointError(f"{path}: field 'model_type' is {model_type!r}; only 'mamba' (MambaForCausalLM) and "
@@ -74,58 +78,62 @@ def config_from_hf(hf: dict, path: Path) -> ModelConfig:
     if act != "silu":
         raise CheckpointError(f"{path}: field 'hidden_act' is {act!r}; only 'silu' is supported")
     vocab = _field(hf, "vocab_size", int, path)
-    shared = dict(
+    stack = dict(
         d_model=_field(hf, "hidden_size", int, path),
         n_layer=_field(hf, "num_hidden_layers", int, path),
         vocab_size=vocab,
         pad_vocab_size_multiple=8 if vocab % 8 == 0 else 1,  # keep the checkpoint's embedding shape
+        bias=_field(hf, "use_bias", bool, path, False),
+        rms_norm_eps=_field(hf, "layer_norm_epsilon", float, path, 1e-5),
+        residual_in_fp32=_field(hf, "residual_in_fp32", bool, path, True),
+    )
+    # the fields both transformers configs share, which both our sections have
+    mixer = dict(
         d_conv=_field(hf, "conv_kernel", int, path),
         expand=_field(hf, "expand", int, path),
         dt_min=_field(hf, "time_step_min", float, path, 0.001),
         dt_max=_field(hf, "time_step_max", float, path, 0.1),
         dt_init_floor=_field(hf, "time_step_floor", float, path, 1e-4),
         conv_bias=_field(hf, "use_conv_bias", bool, path, True),
-        bias=_field(hf, "use_bias", bool, path, False),
-        rms_norm_eps=_field(hf, "layer_norm_epsilon", float, path, 1e-5),
-        residual_in_fp32=_field(hf, "residual_in_fp32", bool, path, True),
     )
-    return _validated(_FROM_HF[model_type](hf, path, shared), path)
+    return _validated(_FROM_HF[model_type](hf, path, stack, mixer), path)
 
 
-def _mamba_from_hf(hf: dict, path: Path, shared: dict) -> ModelConfig:
+def _mamba_from_hf(hf: dict, path: Path, stack: dict, mixer: dict) -> ModelConfig:
     rank = hf.get("time_step_rank", "auto")
     if rank != "auto" and not isinstance(rank, int):
         raise CheckpointError(f"{path}: field 'time_step_rank' should be 'auto' or an int, got {rank!r}")
-    return ModelConfig(
-        family="mamba",
+    section = MambaConfig(
         d_state=_field(hf, "state_size", int, path),
         dt_rank=None if rank == "auto" else rank,
         dt_scale=_field(hf, "time_step_scale", float, path, 1.0),
-        tie_embeddings=_field(hf, "tie_word_embeddings", bool, path, True),
-        **shared,
+        **mixer,
     )
+    return ModelConfig(family="mamba", tie_embeddings=_field(hf, "tie_word_embeddings", bool, path, True),
+                       mamba=section, **stack)
 
 
-def _mamba2_from_hf(hf: dict, path: Path, shared: dict) -> ModelConfig:
+def _mamba2_from_hf(hf: dict, path: Path, stack: dict, mixer: dict) -> ModelConfig:
     headdim = _field(hf, "head_dim", int, path)
     heads = _field(hf, "num_heads", int, path)
-    if heads * headdim != shared["expand"] * shared["d_model"]:
+    if heads * headdim != mixer["expand"] * stack["d_model"]:
         raise CheckpointError(f"{path}: field 'num_heads' is {heads}; num_heads * head_dim must equal "
-                              f"expand * hidden_size ({shared['expand'] * shared['d_model']})")
+                              f"expand * hidden_size ({mixer['expand'] * stack['d_model']})")
     limit = hf.get("time_step_limit", [0.0, math.inf])
     if not isinstance(limit, list) or limit != [0.0, math.inf]:
         raise CheckpointError(f"{path}: field 'time_step_limit' is {limit!r}; only [0.0, inf] (no clamp) is supported")
     if not _field(hf, "rms_norm", bool, path, True):
         raise CheckpointError(f"{path}: field 'rms_norm' is false; only the gated RMSNorm variant is supported")
-    return ModelConfig(
-        family="mamba2",
-        mamba2_d_state=_field(hf, "state_size", int, path),
-        mamba2_headdim=headdim,
-        mamba2_ngroups=_field(hf, "n_groups", int, path),
-        mamba2_chunk_size=_field(hf, "chunk_size", int, path, 256),
-        tie_embeddings=_field(hf, "tie_word_embeddings", bool, path, False),  # Mamba2Config's default
-        **shared,
+    section = Mamba2Config(
+        d_state=_field(hf, "state_size", int, path),
+        headdim=headdim,
+        ngroups=_field(hf, "n_groups", int, path),
+        chunk_size=_field(hf, "chunk_size", int, path, 256),
+        **mixer,
     )
+    return ModelConfig(family="mamba2", mamba2=section,
+                       tie_embeddings=_field(hf, "tie_word_embeddings", bool, path, False),  # Mamba2Config's default
+                       **stack)
 
 
 _FROM_HF = {"mamba": _mamba_from_hf, "mamba2": _mamba2_from_hf}
@@ -149,18 +157,19 @@ def config_to_hf(config: ModelConfig, token_ids: dict | None = None) -> dict:
     ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(token_ids or {})}
     if config.family not in HF_FAMILIES:
         return {"model_type": NATIVE_MODEL_TYPE, "vocab_size": config.padded_vocab_size, "torch_dtype": "float32",
-                **ids, OUR_CONFIG_KEY: dataclasses.asdict(config)}
+                **ids, OUR_CONFIG_KEY: _our_config(config)}
+    mixer = config.section(config.family)  # MambaConfig or Mamba2Config
     shared = {
         "vocab_size": config.padded_vocab_size,
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layer,
-        "expand": config.expand,
-        "conv_kernel": config.d_conv,
-        "time_step_min": config.dt_min,
-        "time_step_max": config.dt_max,
-        "time_step_floor": config.dt_init_floor,
+        "expand": mixer.expand,
+        "conv_kernel": mixer.d_conv,
+        "time_step_min": mixer.dt_min,
+        "time_step_max": mixer.dt_max,
+        "time_step_floor": mixer.dt_init_floor,
         "use_bias": config.bias,
-        "use_conv_bias": config.conv_bias,
+        "use_conv_bias": mixer.conv_bias,
         "hidden_act": "silu",
         "layer_norm_epsilon": config.rms_norm_eps,
         "residual_in_fp32": config.residual_in_fp32,
@@ -174,25 +183,33 @@ def config_to_hf(config: ModelConfig, token_ids: dict | None = None) -> dict:
         specific = {
             "architectures": ["MambaForCausalLM"],
             "model_type": "mamba",
-            "state_size": config.d_state,
-            "intermediate_size": config.d_inner,
-            "time_step_rank": config.resolved_dt_rank,
-            "time_step_scale": config.dt_scale,
+            "state_size": mixer.d_state,
+            "intermediate_size": mixer.d_inner(config.d_model),
+            "time_step_rank": mixer.resolved_dt_rank(config.d_model),
+            "time_step_scale": mixer.dt_scale,
             "time_step_init_scheme": "random",
         }
     else:
         specific = {
             "architectures": ["Mamba2ForCausalLM"],
             "model_type": "mamba2",
-            "state_size": config.mamba2_d_state,
-            "head_dim": config.mamba2_headdim,
-            "num_heads": config.d_inner // config.mamba2_headdim,
-            "n_groups": config.mamba2_ngroups,
-            "chunk_size": config.mamba2_chunk_size,
+            "state_size": mixer.d_state,
+            "head_dim": mixer.headdim,
+            "num_heads": mixer.d_inner(config.d_model) // mixer.headdim,
+            "n_groups": mixer.ngroups,
+            "chunk_size": mixer.chunk_size,
             "time_step_limit": [0.0, math.inf],
             "rms_norm": True,
         }
-    return {**specific, **shared, **ids, OUR_CONFIG_KEY: dataclasses.asdict(config)}
+    return {**specific, **shared, **ids, OUR_CONFIG_KEY: _our_config(config)}
+
+
+def _our_config(config: ModelConfig) -> dict:
+    """Our ModelConfig as config.json stores it: nested sections, without kernel_backend (which kernels run
+    is a choice of the machine that loads the model, not part of it; a loaded model starts at `auto`)."""
+    ours = dataclasses.asdict(config)
+    ours.pop("kernel_backend")
+    return ours
 
 
 def _hf_key(ours: str) -> str:

@@ -21,6 +21,12 @@ def dt_bias_init(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Te
     return dt + torch.log(-torch.expm1(-dt))  # the inverse of softplus
 
 
+def kernel_backend(config) -> str | None:
+    """The `backend=` every kernel call of a mixer passes: None lets each kernel pick by device
+    (model.kernel_backend auto), else the named backend ("ref", "triton")."""
+    return None if config.kernel_backend == "auto" else config.kernel_backend
+
+
 def init_residual_branch(config, out_proj: nn.Linear, projections: list[nn.Linear]) -> None:
     """The init every mixer shares: its output projection scaled by 1/sqrt(number of residual blocks)
     when config.rescale_out_proj (GPT-2, mamba_ssm: each block adds to the stream), biases zeroed."""

@@ -6,9 +6,12 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from . import attention, gss, mamba, mamba2, mlp  # noqa: F401  the mixer modules register themselves
 from .config import ModelConfig
 from .layers import RMSNorm
-from .registry import MIXERS
+from .registry import MIXERS, check_complete
+
+check_complete()  # every config section has its module
 
 
 class Block(nn.Module):

@@ -13,9 +13,8 @@ import torch.nn.functional as F
 
 from ssmforge import kernels
 
-from .config import ModelConfig
-from ssmforge.errors import ConfigError
-from .layers import dt_bias_init, fill_conv_state, init_residual_branch, keep_fp32
+from .config import MambaConfig, ModelConfig
+from .layers import dt_bias_init, fill_conv_state, init_residual_branch, keep_fp32, kernel_backend
 from .registry import register_mixer
 
 
@@ -27,42 +26,40 @@ class MambaState:
     ssm: torch.Tensor  # (batch, d_inner, d_state) fp32
 
 
-@register_mixer("mamba", "M")
+@register_mixer("mamba")
 class MambaMixer(nn.Module):
+    """The Mamba block's mixer; its shapes come from `config.mamba` (models.config.MambaConfig)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
+        cfg = config.mamba
         self.layer_idx = layer_idx
-        self.d_inner = d_inner = config.d_inner
-        self.d_state = config.d_state
-        self.d_conv = config.d_conv
-        self.dt_rank = dt_rank = config.resolved_dt_rank
+        self.d_inner = d_inner = cfg.d_inner(config.d_model)
+        self.d_state = cfg.d_state
+        self.d_conv = cfg.d_conv
+        self.dt_rank = dt_rank = cfg.resolved_dt_rank(config.d_model)
+        self.kernel_backend = kernel_backend(config)
 
         self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.bias)
-        self.conv1d = nn.Conv1d(d_inner, d_inner, config.d_conv, groups=d_inner, padding=config.d_conv - 1,
-                                bias=config.conv_bias)
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * config.d_state, bias=False)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, cfg.d_conv, groups=d_inner, padding=cfg.d_conv - 1,
+                                bias=cfg.conv_bias)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * cfg.d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
         keep_fp32(self.dt_proj.bias)
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
         # S4D-real initialisation: A = -(1, 2, ..., n) for every channel; stored as log(-A).
-        A = torch.arange(1, config.d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
+        A = torch.arange(1, cfg.d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
         self.A_log = keep_fp32(nn.Parameter(torch.log(A)))
         self.D = keep_fp32(nn.Parameter(torch.ones(d_inner)))
-        self._init_dt(config)
+        self._init_dt(cfg)
         init_residual_branch(config, self.out_proj, [self.in_proj, self.out_proj])
 
-    def _init_dt(self, config: ModelConfig) -> None:
+    def _init_dt(self, cfg: MambaConfig) -> None:
         """dt_proj weights uniform in +-dt_rank^-0.5 * dt_scale; its bias from `dt_bias_init`."""
-        std = self.dt_rank ** -0.5 * config.dt_scale
+        std = self.dt_rank ** -0.5 * cfg.dt_scale
         nn.init.uniform_(self.dt_proj.weight, -std, std)
         with torch.no_grad():
-            self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, config.dt_min, config.dt_max, config.dt_init_floor))
-
-    @classmethod
-    def validate(cls, config: ModelConfig, prefix: str) -> None:
-        if config.resolved_dt_rank > config.d_inner:
-            raise ConfigError(f"{prefix}.dt_rank={config.resolved_dt_rank} is invalid: must be <= "
-                              f"expand * d_model ({config.d_inner})")
+            self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
 
     def external_parameters(self) -> list[nn.Parameter]:
         """Parameters of child modules that forward reads directly (not through the child's forward):
@@ -89,13 +86,14 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
         if state is not None:
             fill_conv_state(state.conv, x)
-        x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                                  backend=self.kernel_backend)
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         y = kernels.selective_scan(
             x, dt.transpose(1, 2), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
             D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            return_last_state=state is not None,
+            return_last_state=state is not None, backend=self.kernel_backend,
         )
         if state is not None:
             y, last_state = y

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from ssmforge import kernels
 
 from .config import ModelConfig
-from ssmforge.errors import ConfigError
-from .layers import dt_bias_init, fill_conv_state, init_residual_branch, keep_fp32
+from .layers import dt_bias_init, fill_conv_state, init_residual_branch, keep_fp32, kernel_backend
 from .registry import register_mixer
 
 A_INIT_RANGE = (1.0, 16.0)  # -A is drawn uniformly from this range per head (the paper's code)
@@ -49,24 +48,28 @@ class GatedRMSNorm(nn.Module):
         return self.weight * groups.view(h.shape).to(y.dtype)
 
 
-@register_mixer("mamba2", "2")
+@register_mixer("mamba2")
 class Mamba2Mixer(nn.Module):
+    """The Mamba-2 block's mixer; its shapes come from `config.mamba2` (models.config.Mamba2Config)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
+        cfg = config.mamba2
         self.layer_idx = layer_idx
-        self.d_inner = d_inner = config.d_inner
-        self.d_state = config.mamba2_d_state
-        self.d_conv = config.d_conv
-        self.headdim = config.mamba2_headdim
+        self.d_inner = d_inner = cfg.d_inner(config.d_model)
+        self.d_state = cfg.d_state
+        self.d_conv = cfg.d_conv
+        self.headdim = cfg.headdim
         self.nheads = d_inner // self.headdim
-        self.ngroups = config.mamba2_ngroups
-        self.chunk_size = config.mamba2_chunk_size
+        self.ngroups = cfg.ngroups
+        self.chunk_size = cfg.chunk_size
         self.conv_dim = d_inner + 2 * self.ngroups * self.d_state
+        self.kernel_backend = kernel_backend(config)
 
         self.in_proj = nn.Linear(config.d_model, d_inner + self.conv_dim + self.nheads, bias=config.bias)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim,
-                                padding=config.d_conv - 1, bias=config.conv_bias)
-        dt_bias = dt_bias_init(self.nheads, config.dt_min, config.dt_max, config.dt_init_floor)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim,
+                                padding=cfg.d_conv - 1, bias=cfg.conv_bias)
+        dt_bias = dt_bias_init(self.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
         self.dt_bias = keep_fp32(nn.Parameter(dt_bias))
         A = torch.empty(self.nheads).uniform_(*A_INIT_RANGE)
         self.A_log = keep_fp32(nn.Parameter(torch.log(A)))
@@ -74,22 +77,6 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(d_inner, d_inner // self.ngroups, config.rms_norm_eps)
         self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
         init_residual_branch(config, self.out_proj, [self.in_proj, self.out_proj])
-
-    @classmethod
-    def validate(cls, config: ModelConfig, prefix: str) -> None:
-        def need(ok: bool, key: str, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"{prefix}.{key}={getattr(config, key)!r} is invalid: {allowed}")
-
-        for key in ("mamba2_d_state", "mamba2_headdim", "mamba2_ngroups"):
-            need(getattr(config, key) >= 1, key, "must be a positive integer")
-        need(config.d_inner % config.mamba2_headdim == 0, "mamba2_headdim",
-             f"must divide expand * d_model ({config.d_inner}) into heads")
-        nheads = config.d_inner // config.mamba2_headdim
-        need(nheads % config.mamba2_ngroups == 0, "mamba2_ngroups",
-             f"must divide the number of heads (expand * d_model / mamba2_headdim = {nheads})")
-        chunk = config.mamba2_chunk_size
-        need(chunk >= 16 and chunk & (chunk - 1) == 0, "mamba2_chunk_size", "must be a power of two >= 16")
 
     def external_parameters(self) -> list[nn.Parameter]:
         """Parameters of child modules that forward reads directly (not through the child's forward):
@@ -124,11 +111,12 @@ class Mamba2Mixer(nn.Module):
         xBC = xBC.transpose(1, 2)  # (batch, conv_dim, L)
         if state is not None:
             fill_conv_state(state.conv, xBC)
-        xBC = kernels.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        xBC = kernels.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                                    backend=self.kernel_backend)
         x, B, C = self._split_conv_out(xBC.transpose(1, 2))
         y = kernels.ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, chunk_size=self.chunk_size,
                              D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True,
-                             return_final_state=state is not None)
+                             return_final_state=state is not None, backend=self.kernel_backend)
         if state is not None:
             y, last_state = y
             state.ssm.copy_(last_state)

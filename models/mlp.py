@@ -2,42 +2,27 @@
 down(SiLU(gate(x)) * up(x)). Position-wise, so it has no decoding state."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from ssmforge.errors import ConfigError
 from .layers import init_residual_branch
 from .registry import register_mixer
 
 
-def mlp_hidden_size(config: ModelConfig) -> int:
-    """config.mlp_hidden, or 8/3 d_model (the parameter count of a 4 d_model GELU MLP) rounded up to a
-    multiple of 64 so the matmuls hit aligned shapes."""
-    if config.mlp_hidden is not None:
-        return config.mlp_hidden
-    return 64 * math.ceil(8 * config.d_model / 3 / 64)
-
-
-@register_mixer("mlp", "-")
+@register_mixer("mlp")
 class SwiGLU(nn.Module):
+    """The MLP mixer; its width comes from `config.mlp` (models.config.MLPConfig)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        hidden = mlp_hidden_size(config)
+        hidden = config.mlp.resolved_hidden(config.d_model)
         self.gate_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
         self.up_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
         self.down_proj = nn.Linear(hidden, config.d_model, bias=config.bias)
         init_residual_branch(config, self.down_proj, [self.gate_proj, self.up_proj, self.down_proj])
-
-    @classmethod
-    def validate(cls, config: ModelConfig, prefix: str) -> None:
-        if config.mlp_hidden is not None and config.mlp_hidden < 1:
-            raise ConfigError(f"{prefix}.mlp_hidden={config.mlp_hidden} is invalid: must be a positive integer "
-                              "or null (8/3 d_model rounded up to a multiple of 64)")
 
     def external_parameters(self) -> list[nn.Parameter]:
         return []

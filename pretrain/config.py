@@ -2,11 +2,14 @@
 
 `load_config(path, overrides)` merges a YAML file and `a.b=c` overrides onto the dataclasses below.
 Unknown keys, wrong types and impossible values raise ConfigError naming the key; a `variables`
-block holds shared values that other keys interpolate as `${variables.name}`.
+block holds shared values that other keys interpolate as `${variables.name}`. Every field carries a
+docstring on the line below it: the one place a key is documented, printed by `ssmforge config show`.
+Importing this module loads no torch, so config errors come back at once.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ssmforge.models.config import ModelConfig
+from ssmforge.models.config import ModelConfig, renamed_model_key_message, upgrade_flat_model_dict
 from ssmforge.errors import ConfigError
 
 
@@ -28,15 +31,24 @@ def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
 class SourceConfig:
     """One text source of the training mixture."""
 
-    kind: str = "synthetic"  # synthetic | hub | local
-    name: str | None = None  # hub dataset name (e.g. "wikitext") or a label for local files
-    subset: str | None = None  # hub config name (e.g. "wikitext-103-raw-v1")
+    kind: str = "synthetic"
+    """synthetic (the embedded corpus) | hub (Hugging Face datasets) | local (files)."""
+    name: str | None = None
+    """Hub dataset name (e.g. "wikitext") or a label for local files."""
+    subset: str | None = None
+    """Hub config name (e.g. "wikitext-103-raw-v1")."""
     split: str = "train"
-    paths: list[str] = field(default_factory=list)  # local files or globs (jsonl, parquet, txt)
+    """Hub split to read (train, validation, test)."""
+    paths: list[str] = field(default_factory=list)
+    """Local files or globs (jsonl, parquet, txt)."""
     text_field: str = "text"
-    weight: float = 1.0  # mixing weight relative to the other sources
-    max_documents: int | None = None  # stop this source after so many documents (None: all of it)
-    streaming: bool = True  # hub sources: stream instead of downloading the whole dataset first
+    """Column or JSON key holding the document text."""
+    weight: float = 1.0
+    """Mixing weight relative to the other sources."""
+    max_documents: int | None = None
+    """Stop this source after so many documents (null: all of it)."""
+    streaming: bool = True
+    """Hub sources: stream instead of downloading the whole dataset first."""
 
     def validate(self, key: str) -> None:
         _need(self.kind in ("synthetic", "hub", "local"), f"{key}.kind", self.kind, "one of synthetic, hub, local")
@@ -51,14 +63,24 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    """Where the training text comes from and how it is packed and read."""
+
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(max_documents=20000)])
-    shard_dir: str = "${run_dir}/data"  # MDS shards and manifest: a local folder, or a remote URL (s3://...)
-    cache_dir: str = "${run_dir}/data_cache"  # local copy of remote shards
+    """The training mixture: one entry per source (see data.sources.N.*)."""
+    shard_dir: str = "${run_dir}/data"
+    """MDS shards and manifest: a local folder, or a remote URL (s3://...)."""
+    cache_dir: str = "${run_dir}/data_cache"
+    """Local copy of remote shards."""
     seq_len: int = 512
-    val_fraction: float = 0.01  # share of documents held out for validation
-    invalid_utf8: str = "fail"  # fail | skip (skipped documents are counted in the manifest)
-    num_workers: int = 2  # loader worker processes per rank
-    tokenize_workers: int = 0  # processes for tokenizing in prepare; 0: one per core
+    """Tokens per training sequence (samples hold seq_len + 1 for the shifted targets)."""
+    val_fraction: float = 0.01
+    """Share of documents held out for validation."""
+    invalid_utf8: str = "fail"
+    """What a document that is not valid UTF-8 does: fail | skip (skipped ones are counted in the manifest)."""
+    num_workers: int = 2
+    """Loader worker processes per rank."""
+    tokenize_workers: int = 0
+    """Processes for tokenizing in prepare; 0: one per core."""
 
     def validate(self) -> None:
         _need(len(self.sources) > 0, "data.sources", self.sources, "needs at least one source")
@@ -73,11 +95,18 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "byte"  # byte | sentencepiece | hf
-    path: str | None = None  # an existing tokenizer file; sentencepiece without a path is trained
-    vocab_size: int = 8192  # for training a sentencepiece model
-    model_type: str = "bpe"  # bpe | unigram
-    train_documents: int = 20000  # documents from the start of the mixture used to train it
+    """The tokenizer: the byte tokenizer, a SentencePiece model to train or load, or an HF tokenizer.json."""
+
+    kind: str = "byte"
+    """byte (256 bytes + specials) | sentencepiece | hf (a tokenizer.json)."""
+    path: str | None = None
+    """An existing tokenizer file; sentencepiece without a path is trained."""
+    vocab_size: int = 8192
+    """Vocabulary size when a sentencepiece model is trained."""
+    model_type: str = "bpe"
+    """SentencePiece algorithm when one is trained: bpe | unigram."""
+    train_documents: int = 20000
+    """Documents from the start of the mixture used to train the tokenizer."""
 
     def validate(self) -> None:
         _need(self.kind in ("byte", "sentencepiece", "hf"), "tokenizer.kind", self.kind,
@@ -90,25 +119,46 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
+    """The optimisation and the run's rhythm: steps, batch, schedule, precision, logging, checkpoints."""
+
     max_steps: int = 1000
-    micro_batch_size: int = 8  # sequences per rank per micro-step
+    """Optimizer steps of the whole run (a resumed run stops at the same step)."""
+    micro_batch_size: int = 8
+    """Sequences per rank per micro-step."""
     grad_accum_steps: int = 1
+    """Micro-steps accumulated into one optimizer step."""
     lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    """Peak learning rate, reached after warmup_steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio."""
     warmup_steps: int = 100
+    """Optimizer steps of linear warmup from 0 to lr."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to norms, biases, A_log, D, dt bias)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32."""
     activation_checkpointing: bool = False
-    nonfinite_loss: str = "stop"  # stop (name the step and the last good checkpoint) | skip (drop that batch)
-    eval_batches: int = 0  # validation batches per rank per evaluation; 0: the whole validation split
-    stop_at_step: int | None = None  # checkpoint and exit with the requeue code at this step (chunked jobs)
+    """Recompute each block's activations in backward to save memory."""
+    nonfinite_loss: str = "stop"
+    """On a non-finite loss: stop (name the step and the last good checkpoint) | skip (drop that batch)."""
+    eval_batches: int = 0
+    """Validation batches per rank per evaluation; 0: the whole validation split."""
+    stop_at_step: int | None = None
+    """Checkpoint and exit with the requeue code at this step (chunked jobs); null: never."""
     log_every: int = 10
+    """Write a train record (loss, lr, tokens/s, MFU, memory) every so many steps."""
     eval_every: int = 200
+    """Compute the validation loss every so many steps (and at the end)."""
     save_every: int = 200
+    """Save a checkpoint every so many steps (and at the end and on a stop signal)."""
     keep_checkpoints: int = 2
-    collective_timeout_s: int = 600  # a hung rank fails the others' collectives after this long (a dead one at once)
+    """Checkpoints kept on disk; older ones are deleted after a save succeeds."""
+    collective_timeout_s: int = 600
+    """Seconds after which a hung rank fails the others' collectives (a dead one fails them at once)."""
 
     def validate(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_every",
@@ -134,11 +184,14 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    """DeepSpeed's ZeRO sharding and offload."""
+
     zero_stage: int = 1
+    """ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters sharded."""
     offload_optimizer: bool = False
-    # ZeRO-3 keeps parameters of at most this many elements whole on every rank (DeepSpeed's
-    # stage3_param_persistence_threshold); 0 partitions every parameter
+    """Keep optimizer states and the update on the CPU (ZeRO-Offload)."""
     param_persistence_threshold: int = 100_000
+    """ZeRO-3 keeps parameters of at most this many elements whole on every rank; 0 partitions every parameter."""
 
     def validate(self) -> None:
         _need(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
@@ -148,10 +201,16 @@ class DeepSpeedConfig:
 
 @dataclass
 class EvalConfig:
-    dataset: str = "wikitext-103"  # wikitext-103 | wikitext-2 | a local file or glob
-    max_length: int | None = None  # window; None uses data.seq_len
-    stride: int | None = None  # None: non-overlapping windows
+    """Defaults of `ssmforge eval-ppl` for this run."""
+
+    dataset: str = "wikitext-103"
+    """eval-ppl's dataset: wikitext-103 | wikitext-2 | a local file or glob."""
+    max_length: int | None = None
+    """Window in tokens; null: data.seq_len."""
+    stride: int | None = None
+    """Tokens scored per window; null: non-overlapping windows."""
     batch_size: int = 8
+    """Windows per forward pass in eval-ppl."""
 
     def validate(self) -> None:
         _need(self.max_length is None or self.max_length >= 1, "eval.max_length", self.max_length, "must be >= 1")
@@ -164,15 +223,26 @@ GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnl
 
 @dataclass
 class GlueConfig:
+    """Defaults of `ssmforge finetune-glue` for this run."""
+
     tasks: list[str] = field(default_factory=lambda: list(GLUE_TASKS))
-    data_dir: str | None = None  # local GLUE TSV folder; None reads from the hub
+    """GLUE tasks that finetune-glue runs when no --task is given."""
+    data_dir: str | None = None
+    """Local GLUE TSV folder; null: read from the hub."""
     max_length: int = 128
+    """Tokens per example; the longer sentence of a pair is cut first."""
     lr: float = 3e-5
+    """Peak learning rate of the fine-tune."""
     batch_size: int = 32
+    """Examples per optimizer step over all ranks."""
     epochs: int = 3
+    """Passes over each task's training set; the best dev epoch is kept."""
     warmup_ratio: float = 0.06
+    """Share of the fine-tune's steps spent in linear warmup."""
     weight_decay: float = 0.01
+    """AdamW weight decay of the fine-tune."""
     seed: int = 42
+    """Seed of the head's initialisation and the data order."""
 
     def validate(self) -> None:
         for task in self.tasks:
@@ -186,16 +256,28 @@ class GlueConfig:
 
 @dataclass
 class SlurmConfig:
+    """The job `ssmforge submit` writes (its command-line flags override these)."""
+
     partition: str | None = None
+    """SLURM partition (--partition); null: the cluster's default."""
     account: str | None = None
+    """SLURM account to charge (--account); null: the user's default."""
     qos: str | None = None
+    """SLURM quality of service (--qos); null: the default."""
     time: str = "24:00:00"
+    """Time limit of each job, HH:MM:SS or D-HH:MM:SS; the run requeues itself at the limit."""
     nodes: int = 1
-    gpus_per_node: int = 8  # 0: a CPU job (no GPU request)
-    tasks_per_node: int | None = None  # default: one task per GPU (1 without GPUs)
+    """Nodes per job."""
+    gpus_per_node: int = 8
+    """GPUs per node, one rank each; 0: a CPU job (no GPU request)."""
+    tasks_per_node: int | None = None
+    """Ranks per node of a CPU job; null: one per GPU (1 without GPUs)."""
     cpus_per_task: int = 8
+    """CPUs per rank (OMP threads and loader workers share them)."""
     signal_seconds_before_end: int = 120
+    """SLURM sends USR1 this many seconds before the limit: the run checkpoints and requeues."""
     max_requeues: int = 20
+    """Requeues after which a job gives up instead of restarting."""
 
     def validate(self) -> None:
         for key in ("nodes", "cpus_per_task"):
@@ -212,10 +294,16 @@ class SlurmConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # online | offline | disabled
+    """Weights & Biases logging (offline runs sync later with `wandb sync`)."""
+
+    mode: str = "offline"
+    """online | offline (sync later with `wandb sync`) | disabled."""
     project: str = "ssmforge"
+    """wandb project name."""
     entity: str | None = None
+    """wandb team or user; null: the logged-in user's default."""
     run_name: str | None = None
+    """wandb run name; null: wandb picks one."""
 
     def validate(self) -> None:
         _need(self.mode in ("online", "offline", "disabled"), "wandb.mode", self.mode,
@@ -224,18 +312,32 @@ class WandbConfig:
 
 @dataclass
 class RunConfig:
+    """Everything one run reads: every stage takes this config and writes into run_dir."""
+
     run_dir: str = MISSING
+    """The run folder: config.yaml, metrics.jsonl, checkpoints/, data/, eval/, logs/ (required)."""
     seed: int = 1234
-    variables: dict[str, Any] = field(default_factory=dict)  # shared values: ${variables.name}
+    """Seed of the model initialisation, data order and every other random choice."""
+    variables: dict[str, Any] = field(default_factory=dict)
+    """Shared values that other keys interpolate as ${variables.name}."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model: stack shape and one section per mixer (see model.*)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Sources, shards and the loader."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """The tokenizer to train or load."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation: steps, batch, schedule, precision, checkpoints."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed's ZeRO settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """eval-ppl's defaults for this run."""
     glue: GlueConfig = field(default_factory=GlueConfig)
+    """finetune-glue's defaults for this run."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """The SLURM job that `ssmforge submit` writes."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging."""
 
     def validate(self) -> "RunConfig":
         _need(bool(self.run_dir), "run_dir", self.run_dir, "must be a non-empty path")
@@ -247,8 +349,11 @@ class RunConfig:
 
 
 def _describe(error: OmegaConfBaseException) -> str:
-    """omegaconf's multi-line message -> one line naming the key."""
+    """omegaconf's multi-line message -> one line naming the key (and the new name of a renamed model key)."""
     key = getattr(error, "full_key", None)
+    hint = renamed_model_key_message(key[len("model."):]) if key and key.startswith("model.") else None
+    if hint:
+        return hint
     message = str(error).splitlines()[0].strip()
     return f"{key}: {message}" if key and key not in message else message
 
@@ -272,9 +377,12 @@ def _apply_override(config, item: str) -> None:
     OmegaConf.update(config, key, value, merge=True)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                frozen: bool = False) -> RunConfig:
     """Read a YAML run config (or only the defaults when path is None), apply `key=value` overrides,
-    resolve interpolations and validate. Raises ConfigError with the file and key on any problem."""
+    resolve interpolations and validate. Raises ConfigError with the file and key on any problem.
+    `frozen`: the file is a run folder's own config.yaml, which may predate the per-mixer model sections;
+    its flat model keys are converted (a user's config with them is refused with the new key's name)."""
     where = str(path) if path is not None else "defaults"
     layers = [OmegaConf.structured(RunConfig)]
     if path is not None:
@@ -288,6 +396,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+        if frozen and isinstance((data or {}).get("model"), dict):
+            data["model"] = upgrade_flat_model_dict(data["model"])
         layers.append(OmegaConf.create(data or {}))
     try:
         merged = OmegaConf.merge(*layers)
@@ -305,3 +415,81 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def to_yaml(config: RunConfig) -> str:
     """The resolved config as YAML, to freeze into the run folder."""
     return OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(config)))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of `ssmforge config show`."""
+
+    key: str  # dotted, list items by index: data.sources.0.kind
+    value: Any
+    type: str  # as annotated: "int", "str | None", ...
+    default: Any  # the dataclass default (MISSING for a required key)
+    doc: str  # the docstring under the field
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (the line after `name: type = default`),
+    read from its source: the one place a key is documented, for `config show` and the docs."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING
+
+
+def describe(section: Any, prefix: str = "") -> list[Setting | tuple[str, str]]:
+    """Every key of a config section, depth first, with its value, type, default and docstring; a
+    (key, class docstring) pair opens each nested section and each item of a list of sections."""
+    rows: list[Setting | tuple[str, str]] = []
+    docs = field_docs(type(section))
+    for f in dataclasses.fields(section):
+        key, value = f"{prefix}{f.name}", getattr(section, f.name)
+        items = value if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]) else None
+        if dataclasses.is_dataclass(value):
+            rows.append((key, docs.get(f.name, "")))
+            rows += describe(value, f"{key}.")
+        elif items is not None:
+            rows.append((key, docs.get(f.name, "")))
+            for i, item in enumerate(items):
+                rows.append((f"{key}.{i}", (type(item).__doc__ or "").strip().splitlines()[0]))
+                rows += describe(item, f"{key}.{i}.")
+        else:
+            rows.append(Setting(key, value, str(f.type), _default(f), docs.get(f.name, "")))
+    return rows
+
+
+def _show(value: Any) -> str:
+    if value is MISSING:
+        return "(required)"
+    return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
+
+
+def format_settings(rows: list[Setting | tuple[str, str]]) -> str:
+    """`key = value` lines, each with its type, its default where the value differs, and its meaning."""
+    settings = [r for r in rows if isinstance(r, Setting)]
+    width = max(len(f"{s.key} = {_show(s.value)}") for s in settings) + 2
+    lines = []
+    for row in rows:
+        if not isinstance(row, Setting):
+            lines.append(f"\n# {row[0]}: {row[1]}" if row[1] else f"\n# {row[0]}")
+            continue
+        left = f"{row.key} = {_show(row.value)}"
+        changed = "" if row.value == row.default or row.default is MISSING else f", default {_show(row.default)}"
+        lines.append(f"{left.ljust(width)}# {row.type}{changed}. {row.doc}")
+    return "\n".join(lines).lstrip("\n") + "\n"

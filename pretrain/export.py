@@ -46,7 +46,7 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None or not (checkpoint_dir / tag).is_dir():
         raise CheckpointError(f"{checkpoint_dir}: no checkpoint{f' named {tag}' if tag else ''} to load")
-    config = load_config(config_path)
+    config = load_config(config_path, frozen=True)
     model = LanguageModel(config.model)
     state = consolidated_state_dict(checkpoint_dir, tag)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -1,19 +1,23 @@
 """Training metrics: a JSONL log, wandb, a progress bar, end-of-run plots, and MFU / memory figures.
 
-`MetricsLogger` is the trainer's only sink for numbers. Every record goes to `run_dir/metrics.jsonl`
-(one JSON object per line, the file of record) and, unless disabled, to wandb. The keys the plot knows
-are `loss` (train and val records) and `tokens_per_s` (train records); any other key is logged as is.
-Only rank 0 logs; the other ranks get a logger that does nothing, so the trainer need not branch.
+`MetricsLogger` is the trainer's only sink for numbers, and it owns their arithmetic: the logging
+interval, the loss averaged over ranks, tokens/s over the interval, MFU and peak memory (`train_step`),
+perplexity of a validation loss (`validation`). Every record goes to `run_dir/metrics.jsonl` (one JSON
+object per line, the file of record) and, unless disabled, to wandb. The keys the plot knows are `loss`
+(train and val records) and `tokens_per_s` (train records); any other key is logged as is. Only rank 0
+writes; the other ranks take part in the loss all-reduce and write nothing, so the trainer need not branch.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +29,29 @@ LOSS_KEY = "loss"
 THROUGHPUT_KEY = "tokens_per_s"
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """What turns a step count into tokens/s and MFU: the run's shape and the device's peak."""
+
+    log_every: int  # train records every so many optimizer steps (and at total_steps)
+    flops_per_token: float  # training FLOPs per token (3x the forward)
+    peak_flops: float  # dense peak FLOP/s of one device
+    world_size: int
+    device: torch.device
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, wandb_config, run_config_dict: dict, is_rank0: bool,
-                 wandb_run_id: str | None = None, total_steps: int | None = None):
-        """Open the metrics sinks of one run (rank 0 only; elsewhere every method is a no-op).
+                 wandb_run_id: str | None = None, total_steps: int | None = None,
+                 throughput: Throughput | None = None, start_tokens: int = 0):
+        """Open the metrics sinks of one run (rank 0 only; elsewhere only `train_step`'s all-reduce runs).
 
         wandb_config has `mode` ('online' | 'offline' | 'disabled'), `project`, `entity`, `run_name`.
         `run_dir/metrics.jsonl` is appended to, so a resumed run continues the same file; the first
         `log` drops earlier lines with step >= its step, so the file never holds a step twice.
         wandb writes under `run_dir/wandb` and continues the run `wandb_run_id` when one is given.
-        A tqdm bar over `total_steps` is drawn only when stderr is a terminal.
+        A tqdm bar over `total_steps` is drawn only when stderr is a terminal. `throughput` is needed by
+        `train_step` alone; `start_tokens` is the token count the run resumes from.
         """
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -45,6 +62,8 @@ class MetricsLogger:
         self._file = None  # opened at the first log, after dropping lines the resumed run will rewrite
         self._bar = None
         self._closed = False
+        self.throughput = throughput
+        self._window = (time.perf_counter(), start_tokens)  # start of the current logging interval
         if not is_rank0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +90,34 @@ class MetricsLogger:
             self._wandb_run.log({f"{kind}/{name}": value for name, value in values.items()}, step=step)
         if kind == "train":
             self._advance_bar(step, values)
+
+    def train_step(self, step: int, tokens: int, losses: list[float], lr: float, grad_norm) -> None:
+        """Called by every rank after each optimizer step. At the logging interval (and the last step):
+        the mean of every rank's micro-step losses, lr, grad norm, tokens so far, tokens/s and MFU since the
+        last record, and peak memory. `grad_norm` is a number, None, or a callable giving one (computed
+        only when a record is due)."""
+        from .collectives import sum_over_ranks
+
+        t = self.throughput
+        if step % t.log_every != 0 and step != self.total_steps:
+            return
+        loss_sum, loss_count = sum_over_ranks([sum(losses), len(losses)], t.device)  # every rank
+        grad_norm = grad_norm() if callable(grad_norm) else grad_norm
+        start_time, start_tokens = self._window
+        now = time.perf_counter()
+        tokens_per_s = (tokens - start_tokens) / max(now - start_time, 1e-9)
+        self._window = (now, tokens)
+        self.log(step, {
+            "loss": loss_sum / loss_count if loss_count else float("nan"), "lr": lr,
+            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+            "tokens": tokens, "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s / t.world_size, t.flops_per_token, t.peak_flops),
+            "peak_memory_gb": peak_memory_bytes(t.device) / 2**30})
+
+    def validation(self, step: int, loss: float, entropy_floor: float | None = None) -> None:
+        """A validation record: the loss per token, its perplexity, and the data's entropy floor when known."""
+        self.log(step, {"loss": loss, "perplexity": math.exp(loss),
+                        **({"entropy_floor": entropy_floor} if entropy_floor is not None else {})}, kind="val")
 
     def close(self) -> Path | None:
         """Finish wandb, close the bar and draw run_dir/plots/training.png; returns its path on rank 0."""

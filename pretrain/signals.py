@@ -1,14 +1,15 @@
 """Graceful stop: SIGUSR1 (SLURM's warning before the time limit) or SIGTERM on any rank sets a flag;
 the ranks agree on it at the next step boundary (an all-reduce), save together and exit with
-REQUEUE_EXIT_CODE, which the job script turns into a requeue."""
+REQUEUE_EXIT_CODE, which the job script turns into a requeue. Torch loads only when a stop is agreed on,
+so `ssmforge submit` can read REQUEUE_EXIT_CODE without it."""
 from __future__ import annotations
 
 import logging
 import signal
+from typing import TYPE_CHECKING
 
-import torch
-
-from .collectives import any_rank
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -35,4 +36,6 @@ class StopRequest:
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank has been signalled."""
+        from .collectives import any_rank
+
         return any_rank(self.signum is not None, device)

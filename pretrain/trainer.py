@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from .config import to_yaml
 from .engine import autocast, build_engine, resolve_precision, unclipped_grad_norm
 from .collectives import any_rank, barrier, sum_over_ranks
 from .launch import World, init_distributed, lost_peer, shutdown
-from .metrics import MetricsLogger, mfu, peak_flops, peak_memory_bytes
+from .metrics import MetricsLogger, Throughput, peak_flops
 from .runlock import RunLock
 from .signals import REQUEUE_EXIT_CODE, StopRequest
 
@@ -143,13 +142,14 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     else:
         log.warning("validation split has too few samples for one batch per rank: no validation loss")
 
-    metrics = MetricsLogger(run_dir, config.wandb, {"config": state.config_yaml}, world.is_main,
-                            state.wandb_run_id, train_cfg.max_steps)
-    state.wandb_run_id = metrics.wandb_run_id
     dtype = resolve_precision(train_cfg.precision, device)
-    train_flops_per_token = 3 * model.forward_flops_per_token(manifest.seq_len)
     peak, peak_source = peak_flops(device, dtype)
     tokens_per_step = train_cfg.micro_batch_size * train_cfg.grad_accum_steps * world.world_size * manifest.seq_len
+    throughput = Throughput(train_cfg.log_every, 3 * model.forward_flops_per_token(manifest.seq_len),
+                            peak, world.world_size, device)
+    metrics = MetricsLogger(run_dir, config.wandb, {"config": state.config_yaml}, world.is_main,
+                            state.wandb_run_id, train_cfg.max_steps, throughput, start_tokens=state.tokens)
+    state.wandb_run_id = metrics.wandb_run_id
     floor = manifest.splits["val"].entropy_floor_nats_per_token
     log.info("training %s: %.2fM parameters, %d steps of %d tokens, %s, ZeRO-%d, peak %.3g FLOP/s (%s)",
              config.model.family, model.num_parameters() / 1e6, train_cfg.max_steps, tokens_per_step,
@@ -163,12 +163,12 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
         if val_loader is None:
             return None
         loss = evaluate(engine, val_loader, device, dtype, train_cfg.eval_batches)
-        metrics.log(state.step, {"loss": loss, "perplexity": float(np.exp(loss)),
-                                 **({"entropy_floor": floor} if floor is not None else {})}, kind="val")
+        if loss is not None:
+            metrics.validation(state.step, loss, floor)
         return loss
 
     batches = endless(train_loader)
-    window_start, window_tokens, val_loss = time.perf_counter(), 0, None
+    val_loss = None
     while state.step < train_cfg.max_steps:
         losses, grad_norm = [], None
         for micro in range(train_cfg.grad_accum_steps):
@@ -188,21 +188,8 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
             losses.append(loss.item())
         state.step += 1
         state.tokens += tokens_per_step
-        window_tokens += tokens_per_step
-
-        if state.step % train_cfg.log_every == 0 or state.step == train_cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
-            loss_sum, loss_count = sum_over_ranks([sum(losses), len(losses)], device)
-            if grad_norm is None:
-                grad_norm = engine.get_global_grad_norm()
-            metrics.log(state.step, {
-                "loss": loss_sum / loss_count if loss_count else float("nan"), "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                "tokens": state.tokens, "tokens_per_s": tokens_per_s,
-                "mfu": mfu(tokens_per_s / world.world_size, train_flops_per_token, peak),
-                "peak_memory_gb": peak_memory_bytes(device) / 2**30})
-            window_start, window_tokens = time.perf_counter(), 0
+        metrics.train_step(state.step, state.tokens, losses, scheduler.get_last_lr()[0],
+                           grad_norm if grad_norm is not None else engine.get_global_grad_norm)
         if state.step % train_cfg.eval_every == 0:
             val_loss = validate()
         if stop.agreed(device) or state.step == train_cfg.stop_at_step:

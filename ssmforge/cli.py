@@ -195,11 +195,11 @@ def cmd_finetune_glue(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from ssmforge.data_pipeline.pack import prepare
-
     from ssmforge.pretrain.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)  # before the heavy imports: config errors come back at once
+    from ssmforge.data_pipeline.pack import prepare
+
     manifest = prepare(config)
     for name, split in manifest.splits.items():
         floor = split.entropy_floor_nats_per_token
@@ -211,14 +211,28 @@ def cmd_prepare(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from ssmforge.pretrain.config import load_config
+
+    config = load_config(args.config, args.overrides)  # before torch and DeepSpeed load
     from ssmforge.pretrain.trainer import TrainingError, train
 
-    config = load_config(args.config, args.overrides)
     try:
         return train(config)
     except TrainingError as e:
         print(f"ssmforge: training stopped: {e}", file=sys.stderr)
         return 3
+
+
+def cmd_config_show(args) -> int:
+    from ssmforge.pretrain.config import describe, format_settings, load_config
+
+    overrides = list(args.overrides)
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        overrides.insert(0, args.config)  # `config show key=value`: overrides of the defaults
+        args.config = None
+    if args.config is None and not any(o.startswith("run_dir=") for o in overrides):
+        overrides.insert(0, "run_dir=<run_dir>")  # the defaults have no run folder; paths show relative to it
+    print(format_settings(describe(load_config(args.config, overrides))), end="")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -299,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("config", help="run config (YAML)")
     pre.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     pre.set_defaults(handler=cmd_pretrain)
+
+    cfg = sub.add_parser("config", help="inspect run configs")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True, parser_class=OneLineParser)
+    show = cfg_sub.add_parser("show", help="print every key of a config (or the defaults): value, type, default "
+                                           "and meaning")
+    show.add_argument("config", nargs="?", help="run config (YAML); omitted: the defaults")
+    show.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    show.set_defaults(handler=cmd_config_show)
 
     exp = sub.add_parser("export", help="consolidate a run's checkpoint into one model folder (HF format for Mamba)")
     exp.add_argument("run_dir", help="the run folder (holds checkpoints/)")

@@ -19,6 +19,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def tiny_config():
     """A small Mamba config, fast enough for exact comparisons on CPU."""
-    from ssmforge.models import ModelConfig
+    from ssmforge.models import MambaConfig, ModelConfig
 
-    return ModelConfig(family="mamba", d_model=32, n_layer=2, vocab_size=101, d_state=8, d_conv=4, expand=2)
+    return ModelConfig(family="mamba", d_model=32, n_layer=2, vocab_size=101,
+                       mamba=MambaConfig(d_state=8, d_conv=4, expand=2))

@@ -2,6 +2,7 @@
 wheel that installs nothing but `ssmforge/...`."""
 import ast
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -22,6 +23,7 @@ FOLDERS = {"ssmforge": "ssmforge", **{name: f"ssmforge.{name}" for name in (*OLD
 LAYER = {
     "ssmforge.errors": 0,
     "ssmforge.kernels": 1,
+    "ssmforge.launcher_env": 1,  # launcher variables -> torch's names; imports only errors
     "ssmforge.models": 2,
     "ssmforge.data_pipeline": 2,
     "ssmforge.pretrain": 3,
@@ -107,9 +109,15 @@ def test_no_file_uses_the_old_top_level_names():
 def test_the_wheel_installs_only_the_ssmforge_namespace(tmp_path):
     """A non-editable install holds ssmforge/... alone: `import models` fails outside the repository while
     `import ssmforge.models` works (dependencies come from this environment through a .pth line)."""
-    dist = tmp_path / "dist"
+    # build from a copy: setuptools leaves build/ and *.egg-info beside the sources it builds
+    source, dist = tmp_path / "source", tmp_path / "dist"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in FOLDERS:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+                    str(source)], check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = dist.glob("ssmforge-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names}

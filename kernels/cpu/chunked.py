@@ -40,7 +40,7 @@ def _chunk(h0, u, dt, A, B, C):
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False, chunk: int = CHUNK):
-    """Same signature and semantics as `kernels.ref.selective_scan_ref`; chunk: steps per chunk."""
+    """Same signature and semantics as `ssmforge.kernels.ref.selective_scan_ref`; chunk: steps per chunk."""
     batch, d, L = u.shape
     groups = next((X.shape[1] for X in (B, C) if X.dim() == 4), 1)
     dt = delta.float()

@@ -59,7 +59,7 @@ class _FusedConv(torch.autograd.Function):
 
 def causal_conv1d_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                       activation: str | None = None) -> torch.Tensor:
-    """Semantics of `kernels.ref.causal_conv1d_ref` on CPU tensors; torch's conv when the C kernels
+    """Semantics of `ssmforge.kernels.ref.causal_conv1d_ref` on CPU tensors; torch's conv when the C kernels
     cannot be built."""
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")

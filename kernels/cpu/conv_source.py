@@ -1,5 +1,5 @@
 """C source of the fused CPU causal depthwise conv1d (+ SiLU), compiled with the scan by
-`kernels.cpu.build`.
+`ssmforge.kernels.cpu.build`.
 
 Channels-last: x is read as (batch, L, d) with unit channel stride and any batch/step strides, so
 the x half of Mamba's in_proj output is used in place; the loops run over channels and vectorise.

@@ -1,4 +1,4 @@
-"""C source of the fused CPU selective scan, compiled on first use by `kernels.cpu.build`.
+"""C source of the fused CPU selective scan, compiled on first use by `ssmforge.kernels.cpu.build`.
 
 Kept as a Python string so that it ships with the package like any module. One (batch, d) row is
 one independent recurrence: rows are spread over OpenMP threads, the state of a row (n floats)

@@ -112,7 +112,7 @@ class _FusedScan(torch.autograd.Function):
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, chunk: int = CHUNK):
-    """Selective scan on CPU tensors; signature and semantics of `kernels.ref.selective_scan_ref`.
+    """Selective scan on CPU tensors; signature and semantics of `ssmforge.kernels.ref.selective_scan_ref`.
 
     chunk: steps between the states saved for backward (small values exercise the carry in tests).
     """

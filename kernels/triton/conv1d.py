@@ -123,7 +123,7 @@ class _TritonConv1d(torch.autograd.Function):
 
 
 def causal_conv1d_triton(x, weight, bias=None, activation=None):
-    """Same signature and semantics as `kernels.ref.causal_conv1d_ref`."""
+    """Same signature and semantics as `ssmforge.kernels.ref.causal_conv1d_ref`."""
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if not 2 <= weight.shape[1] <= 4:

@@ -127,7 +127,7 @@ class _TritonSSD(torch.autograd.Function):
 
 def ssd_triton(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=False, initial_state=None,
                return_final_state=False):
-    """The chunked SSD through the Triton kernels; signature and semantics of `kernels.ssd.ssd_chunked`.
+    """The chunked SSD through the Triton kernels; signature and semantics of `ssmforge.kernels.ssd.ssd_chunked`.
 
     chunk_size: a power of two >= 16 (the kernels' matmul tiles)."""
     if chunk_size < 16 or chunk_size & (chunk_size - 1):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from ssmforge.data_pipeline.tokenizer import ByteTokenizer
 from ssmforge.evaluation.perplexity import (count_words, evaluate_perplexity, scoring_windows, split_wikitext_pages,
                                    wikitext_detokenize)
-from ssmforge.models import LanguageModel, ModelConfig, load_pretrained
+from ssmforge.models import LanguageModel, MambaConfig, ModelConfig, load_pretrained
 from ssmforge.errors import ConfigError
 
 from .conftest import ROOT, ssmforge
@@ -70,7 +70,7 @@ def direct_nll(model, seq: list[int], max_length: int, stride: int) -> float:
 @pytest.mark.parametrize("max_length,stride", [(16, None), (16, 5), (64, None), (7, 1)])
 def test_perplexity_equals_a_direct_computation(max_length, stride):
     torch.manual_seed(1)
-    model = LanguageModel(ModelConfig(d_model=32, n_layer=2, vocab_size=260, d_state=8)).eval()
+    model = LanguageModel(ModelConfig(d_model=32, n_layer=2, vocab_size=260, mamba=MambaConfig(d_state=8))).eval()
     tok = ByteTokenizer()
     docs = ["short", "a somewhat longer document, of forty-odd bytes", "x" * 3, "mid-length text here."]
     result = evaluate_perplexity(model, tok, docs, "docs", max_length, stride, batch_size=3, detokenize=False)
@@ -88,7 +88,7 @@ def test_perplexity_equals_a_direct_computation(max_length, stride):
 
 
 def test_words_and_bytes_count_the_original_text_and_tokens_the_detokenized_one():
-    model = LanguageModel(ModelConfig(d_model=16, n_layer=1, vocab_size=260, d_state=4)).eval()
+    model = LanguageModel(ModelConfig(d_model=16, n_layer=1, vocab_size=260, mamba=MambaConfig(d_state=4))).eval()
     doc = " The game 's battle @-@ system . \n"
     result = evaluate_perplexity(model, ByteTokenizer(), [doc], "d", 64)
     assert result.words == 9 and result.bytes == len(doc.encode())
@@ -140,7 +140,8 @@ def test_eval_ppl_usage_errors_are_one_line(byte_model_dir, tmp_path, args, mess
 def test_eval_ppl_without_a_tokenizer_says_so(tmp_path):
     from ssmforge.models import save_pretrained
 
-    save_pretrained(LanguageModel(ModelConfig(d_model=16, n_layer=1, vocab_size=260, d_state=4)), tmp_path / "m")
+    config = ModelConfig(d_model=16, n_layer=1, vocab_size=260, mamba=MambaConfig(d_state=4))
+    save_pretrained(LanguageModel(config), tmp_path / "m")
     (tmp_path / "d.txt").write_text("text\n")
     proc = subprocess.run(ssmforge("eval-ppl", tmp_path / "m", "--dataset", tmp_path / "d.txt"), cwd=ROOT,
                           capture_output=True, text=True)

@@ -36,5 +36,9 @@ def test_dispatch_defaults_to_the_fused_kernel_on_cpu(monkeypatch):
     x, weight = torch.randn(1, 4, 9), torch.randn(4, 3)
     torch.testing.assert_close(causal_conv1d(x, weight, activation="silu"), causal_conv1d_ref(x, weight, activation="silu"))
     assert calls == [1]
+    assert kernels.conv1d_default_backend(torch.device("cpu")) == "cpu"
+    on_gpu = "triton" if "triton" in kernels.CONV1D_BACKENDS else "ref"
+    assert kernels.conv1d_default_backend(torch.device("cuda"), 4) == on_gpu
+    assert kernels.conv1d_default_backend(torch.device("cuda"), 5) == "ref"  # the Triton kernel's widths: 2..4
     with pytest.raises(ValueError):
         causal_conv1d(x, weight, backend="nope")

@@ -1,4 +1,4 @@
-"""`kernels.selective_scan` picks the right backend and `import kernels` stays light."""
+"""`ssmforge.kernels.selective_scan` picks the right backend and `import kernels` stays light."""
 import subprocess
 import sys
 
@@ -16,15 +16,15 @@ def _inputs():
 
 
 def test_default_backend_by_device():
-    assert kernels.default_backend(torch.device("cpu")) == "cpu"
-    expected = "triton" if "triton" in kernels.BACKENDS else "ref"
-    assert kernels.default_backend(torch.device("cuda")) == expected
+    assert kernels.scan_default_backend(torch.device("cpu")) == "cpu"
+    expected = "triton" if "triton" in kernels.SCAN_BACKENDS else "ref"
+    assert kernels.scan_default_backend(torch.device("cuda")) == expected
 
 
 def test_cpu_tensors_use_cpu_path(monkeypatch):
     calls = []
-    fast = kernels.BACKENDS["cpu"]
-    monkeypatch.setitem(kernels.BACKENDS, "cpu", lambda *a, **k: calls.append(1) or fast(*a, **k))
+    fast = kernels.SCAN_BACKENDS["cpu"]
+    monkeypatch.setitem(kernels.SCAN_BACKENDS, "cpu", lambda *a, **k: calls.append(1) or fast(*a, **k))
     out = selective_scan(*_inputs(), delta_softplus=True)
     assert calls == [1]
     torch.testing.assert_close(out, selective_scan_ref(*_inputs(), delta_softplus=True), rtol=1e-5, atol=1e-5)
@@ -45,9 +45,9 @@ def test_unknown_backend_raises():
 def test_cpu_backend_rejects_other_devices():
     u, delta, A, B, C = _inputs()
     with pytest.raises(ValueError, match="CPU tensors"):
-        kernels.BACKENDS["cpu"](u.to("meta"), delta, A, B, C)
+        kernels.SCAN_BACKENDS["cpu"](u.to("meta"), delta, A, B, C)
 
 
 def test_import_does_not_import_triton():
-    code = "import sys, kernels; kernels.selective_scan; assert 'triton' not in sys.modules"
+    code = "import sys, ssmforge.kernels as kernels; kernels.selective_scan; assert 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,6 +2,19 @@
 forward that fills a fresh state, then one `step` per token, gives the logits of the parallel forward)."""
 import torch
 
+from ssmforge.models import ModelConfig
+
+
+def model_config(base: dict, overrides: dict) -> ModelConfig:
+    """ModelConfig from keyword arguments `base` updated by `overrides`, where a mixer section is a dict
+    (`attention=dict(window=3)`) that updates the base's section rather than replacing it."""
+    kwargs = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
+            value = {**kwargs[key], **value}
+        kwargs[key] = value
+    return ModelConfig.from_dict(kwargs)
+
 
 def assert_steps_match_forward(model, ids: torch.Tensor, prefill: int, tol: float = 1e-4) -> None:
     """ids (batch, L): logits of forward(ids[:, :prefill]) with a state, then step() for each later token,

@@ -7,14 +7,20 @@ import torch
 
 from ssmforge.errors import ConfigError
 
-from ssmforge.models import ModelConfig
+from ssmforge.models import MLPConfig, ModelConfig
 from ssmforge.models.attention import CausalSelfAttention
-from ssmforge.models.mlp import SwiGLU, mlp_hidden_size
+from ssmforge.models.mlp import SwiGLU
+
+from .contracts import model_config
 
 
 def config(**kw) -> ModelConfig:
-    base = dict(family="transformer", d_model=32, n_layer=1, vocab_size=64, attn_heads=4)
-    return ModelConfig(**{**base, **kw}).validate()
+    base = dict(family="transformer", d_model=32, n_layer=1, vocab_size=64, attention=dict(heads=4))
+    return model_config(base, kw).validate()
+
+
+def mlp_hidden_size(cfg: ModelConfig) -> int:
+    return cfg.mlp.resolved_hidden(cfg.d_model)
 
 
 def mixer(seed=0, **kw) -> CausalSelfAttention:
@@ -55,7 +61,7 @@ def naive_attention(m: CausalSelfAttention, x: torch.Tensor, window: int | None)
 
 @pytest.mark.parametrize("kv_heads, window", [(None, None), (2, None), (1, None), (2, 3), (4, 1), (2, 12)])
 def test_forward_equals_naive_attention(kv_heads, window):
-    m = mixer(attn_kv_heads=kv_heads, attn_window=window)
+    m = mixer(attention=dict(kv_heads=kv_heads, window=window))
     x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(m(x).double(), naive_attention(m, x, window), rtol=1e-5, atol=1e-5)
 
@@ -74,7 +80,7 @@ def test_rotary_scores_depend_only_on_relative_position():
 
 @pytest.mark.parametrize("kv_heads, window, prefill", [(2, None, 0), (2, None, 6), (1, 4, 0), (2, 4, 7), (4, 4, 2)])
 def test_kv_cache_steps_equal_the_parallel_forward(kv_heads, window, prefill):
-    m = mixer(attn_kv_heads=kv_heads, attn_window=window)
+    m = mixer(attention=dict(kv_heads=kv_heads, window=window))
     x = torch.randn(2, 15, 32, generator=torch.Generator().manual_seed(2))
     full = m(x)
     state = m.allocate_state(2, x.device, x.dtype)
@@ -87,11 +93,14 @@ def test_kv_cache_steps_equal_the_parallel_forward(kv_heads, window, prefill):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(attn_heads=5), r"model\.attn_heads=5 is invalid: must be a positive divisor of d_model \(32\)"),
-    (dict(attn_kv_heads=3), r"model\.attn_kv_heads=3 is invalid: must be a positive divisor of attn_heads \(4\)"),
-    (dict(attn_heads=32), r"model\.attn_heads=32 is invalid: the head dimension .* \(1\) must be even"),
-    (dict(attn_window=0), r"model\.attn_window=0 is invalid: must be >= 1 or null"),
-    (dict(mlp_hidden=0), r"model\.mlp_hidden=0 is invalid: must be a positive integer"),
+    (dict(attention=dict(heads=5)),
+     r"model\.attention\.heads=5 is invalid: must be a positive divisor of d_model \(32\)"),
+    (dict(attention=dict(kv_heads=3)),
+     r"model\.attention\.kv_heads=3 is invalid: must be a positive divisor of heads \(4\)"),
+    (dict(attention=dict(heads=32)),
+     r"model\.attention\.heads=32 is invalid: the head dimension .* \(1\) must be even"),
+    (dict(attention=dict(window=0)), r"model\.attention\.window=0 is invalid: must be >= 1 or null"),
+    (dict(mlp=dict(hidden=0)), r"model\.mlp\.hidden=0 is invalid: must be a positive integer"),
 ])
 def test_impossible_shapes_are_one_line_config_errors(kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -100,9 +109,9 @@ def test_impossible_shapes_are_one_line_config_errors(kw, message):
 
 def test_parameter_count_and_flops_match_the_formulas():
     d, H, Hkv, hd, W, L = 32, 4, 2, 8, 5, 16
-    m = mixer(attn_kv_heads=Hkv, attn_window=W)
+    m = mixer(attention=dict(kv_heads=Hkv, window=W))
     assert sum(p.numel() for p in m.parameters()) == 2 * d * H * hd + 2 * d * Hkv * hd
-    with_bias = CausalSelfAttention(config(attn_kv_heads=Hkv, bias=True), 0)
+    with_bias = CausalSelfAttention(config(attention=dict(kv_heads=Hkv), bias=True), 0)
     assert sum(p.numel() for p in with_bias.parameters()) == 2 * d * H * hd + 2 * d * Hkv * hd + H * hd + 2 * Hkv * hd + d
     # keys attended, counted on the mask: query i sees min(i + 1, W) keys
     i = torch.arange(L)
@@ -123,7 +132,7 @@ def test_out_projections_are_scaled_by_the_number_of_residual_blocks():
 
 
 def test_swiglu_equals_the_hand_computation():
-    cfg = config(mlp_hidden=24)
+    cfg = config(mlp=dict(hidden=24))
     torch.manual_seed(0)
     m = SwiGLU(cfg, 0)
     x = torch.randn(3, 5, 32, dtype=torch.float64)
@@ -140,11 +149,11 @@ def test_swiglu_equals_the_hand_computation():
 @pytest.mark.parametrize("d_model, hidden", [(32, 128), (48, 128), (96, 256), (768, 2048), (2048, 5504)])
 def test_swiglu_default_width_is_8_thirds_rounded_up_to_64(d_model, hidden):
     assert mlp_hidden_size(ModelConfig(d_model=d_model)) == hidden
-    assert mlp_hidden_size(ModelConfig(d_model=d_model, mlp_hidden=100)) == 100
+    assert mlp_hidden_size(ModelConfig(d_model=d_model, mlp=MLPConfig(hidden=100))) == 100
 
 
 def test_bf16_autocast_keeps_attention_finite_and_close():
-    m = mixer(attn_kv_heads=2, attn_window=4)
+    m = mixer(attention=dict(kv_heads=2, window=4))
     x = torch.randn(2, 12, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)

@@ -17,7 +17,7 @@ from ssmforge.errors import ConfigError
 from ssmforge.models import LanguageModel, ModelConfig
 from ssmforge.models.hf import cast_model
 
-from .contracts import assert_causal, assert_steps_match_forward
+from .contracts import assert_causal, assert_steps_match_forward, model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def gss_config(**overrides) -> ModelConfig:
     # dt up to 1: the kernel's memory is a few dozen steps, so the tests' sequences see it decay and not
     # only its first taps
-    base = dict(family="gss", d_model=32, n_layer=2, vocab_size=101, gss_expand=2, gss_ssm_dim=12,
-                gss_d_state=6, dt_min=0.05, dt_max=1.0)
-    return ModelConfig(**{**base, **overrides})
+    base = dict(family="gss", d_model=32, n_layer=2, vocab_size=101,
+                gss=dict(expand=2, ssm_dim=12, d_state=6, dt_min=0.05, dt_max=1.0))
+    return model_config(base, overrides)
 
 
 def build(config: ModelConfig, seed: int = 0) -> LanguageModel:
@@ -95,18 +95,18 @@ def test_causal():
 @pytest.mark.parametrize("bias", [False, True])
 def test_parameter_count(bias):
     d, n_layer, V, gate, H, N = 32, 3, 101, 96, 16, 5
-    config = gss_config(n_layer=n_layer, gss_expand=3, gss_ssm_dim=H, gss_d_state=N, bias=bias)
+    config = gss_config(n_layer=n_layer, gss=dict(expand=3, ssm_dim=H, d_state=N), bias=bias)
     per_layer = (d * (gate + H) + H * gate + gate * d  # in_proj (gate and SSM branches), up_proj, out_proj
                  + bias * (gate + H + gate + d)
                  + 2 * N + 2 * H * N + H + H  # Lambda (re, im), C (complex), log_dt, D
                  + H + d)  # the SSM-branch norm, the block's norm
     want = 104 * d + n_layer * per_layer + d  # padded embedding (tied head), layers, final norm
     assert build(config).num_parameters() == want
-    assert build(gss_config(d_model=40, gss_ssm_dim=None)).layers[0].mixer.ssm_dim == 20  # unset: d_model // 2
+    assert build(gss_config(d_model=40, gss=dict(ssm_dim=None))).layers[0].mixer.ssm_dim == 20  # unset: d_model // 2
 
 
 def test_initialisation_and_fp32_parameters_survive_a_bf16_cast():
-    model = build(gss_config(dt_min=0.001, dt_max=0.1, n_layer=4))
+    model = build(gss_config(gss=dict(dt_min=0.001, dt_max=0.1), n_layer=4))
     mixer = model.layers[0].mixer
     lam = torch.complex(-mixer.Lambda_re_log.exp(), mixer.Lambda_im).detach()
     torch.testing.assert_close(lam, torch.complex(torch.full((6,), -0.5), math.pi * torch.arange(6.0)))  # S4D-Lin
@@ -131,10 +131,10 @@ def test_flops_count_the_fft_per_token():
     assert mixer.forward_flops_per_token(128) - mixer.forward_flops_per_token(64) == 10 * H
 
 
-@pytest.mark.parametrize("key,value", [("gss_ssm_dim", 0), ("gss_d_state", 0), ("gss_expand", 0)])
+@pytest.mark.parametrize("key,value", [("ssm_dim", 0), ("d_state", 0), ("expand", 0)])
 def test_impossible_shapes_name_the_key(key, value):
-    with pytest.raises(ConfigError, match=rf"^model\.{key}={value} is invalid"):
-        gss_config(**{key: value}).validate()
+    with pytest.raises(ConfigError, match=rf"^model\.gss\.{key}={value} is invalid"):
+        gss_config(gss={key: value}).validate()
 
 
 def test_gss_tiny_pretrains_with_decreasing_loss(tmp_path):

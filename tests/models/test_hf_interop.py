@@ -6,7 +6,7 @@ import torch
 
 from ssmforge.errors import CheckpointError
 
-from ssmforge.models import LanguageModel, ModelConfig, load_pretrained, save_pretrained
+from ssmforge.models import LanguageModel, MambaConfig, ModelConfig, load_pretrained, save_pretrained
 
 from .contracts import randomize_hf_weights
 
@@ -41,7 +41,7 @@ def test_transformers_folder_loads_with_equal_logits(tmp_path, safe_serializatio
 
 def test_export_loads_in_transformers_unchanged(tmp_path):
     torch.manual_seed(5)
-    ours = LanguageModel(ModelConfig(d_model=32, n_layer=3, vocab_size=250, d_state=8)).eval()
+    ours = LanguageModel(ModelConfig(d_model=32, n_layer=3, vocab_size=250, mamba=MambaConfig(d_state=8))).eval()
     save_pretrained(ours, tmp_path / "export")
     theirs, info = transformers.MambaForCausalLM.from_pretrained(tmp_path / "export", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -55,8 +55,8 @@ def test_export_loads_in_transformers_unchanged(tmp_path):
 
 def test_save_replaces_an_existing_folder_atomically(tmp_path):
     torch.manual_seed(0)
-    a = LanguageModel(ModelConfig(d_model=16, n_layer=1, vocab_size=64, d_state=4))
-    b = LanguageModel(ModelConfig(d_model=16, n_layer=2, vocab_size=64, d_state=4))
+    a = LanguageModel(ModelConfig(d_model=16, n_layer=1, vocab_size=64, mamba=MambaConfig(d_state=4)))
+    b = LanguageModel(ModelConfig(d_model=16, n_layer=2, vocab_size=64, mamba=MambaConfig(d_state=4)))
     save_pretrained(a, tmp_path / "m")
     save_pretrained(b, tmp_path / "m")
     assert load_pretrained(tmp_path / "m").config.n_layer == 2
@@ -65,7 +65,8 @@ def test_save_replaces_an_existing_folder_atomically(tmp_path):
 
 def write_export(tmp_path):
     torch.manual_seed(0)
-    save_pretrained(LanguageModel(ModelConfig(d_model=16, n_layer=1, vocab_size=64, d_state=4)), tmp_path / "m")
+    config = ModelConfig(d_model=16, n_layer=1, vocab_size=64, mamba=MambaConfig(d_state=4))
+    save_pretrained(LanguageModel(config), tmp_path / "m")
     return tmp_path / "m"
 
 

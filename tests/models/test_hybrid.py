@@ -16,19 +16,19 @@ from ssmforge.models.attention import KVCache
 from ssmforge.models.mamba import MambaState
 from ssmforge.pretrain.config import load_config
 
-from .contracts import assert_causal, assert_steps_match_forward
+from .contracts import assert_causal, assert_steps_match_forward, model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def hybrid_config(**kw) -> ModelConfig:
-    base = dict(family="hybrid", layer_pattern="M*-M", n_layer=4, d_model=32, vocab_size=101, d_state=8,
-                attn_heads=4, attn_kv_heads=2)
-    return ModelConfig(**{**base, **kw})
+    base = dict(family="hybrid", layer_pattern="M*-M", n_layer=4, d_model=32, vocab_size=101, mamba=dict(d_state=8),
+                attention=dict(heads=4, kv_heads=2))
+    return model_config(base, kw)
 
 
 def transformer_config(**kw) -> ModelConfig:
-    return ModelConfig(**{**dict(family="transformer", n_layer=2, d_model=32, vocab_size=101, attn_heads=4), **kw})
+    return model_config(dict(family="transformer", n_layer=2, d_model=32, vocab_size=101, attention=dict(heads=4)), kw)
 
 
 def build(config: ModelConfig, seed: int = 0) -> LanguageModel:
@@ -46,9 +46,9 @@ def test_layer_kinds_and_mixed_states():
 @pytest.mark.parametrize("make, prefill", [
     (lambda: hybrid_config(), 0),
     (lambda: hybrid_config(), 5),
-    (lambda: hybrid_config(layer_pattern="*M-*", attn_window=4), 7),  # window shorter than the sequence
+    (lambda: hybrid_config(layer_pattern="*M-*", attention=dict(window=4)), 7),  # window shorter than the sequence
     (lambda: transformer_config(), 0),
-    (lambda: transformer_config(attn_window=3, attn_kv_heads=1), 5),
+    (lambda: transformer_config(attention=dict(window=3, kv_heads=1)), 5),
 ])
 def test_step_decoding_equals_parallel_forward(make, prefill):
     ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -56,7 +56,7 @@ def test_step_decoding_equals_parallel_forward(make, prefill):
 
 
 def test_generate_greedy_is_argmax_of_the_parallel_forward_on_a_hybrid():
-    model = build(hybrid_config(layer_pattern="M*-*", attn_window=5))
+    model = build(hybrid_config(layer_pattern="M*-*", attention=dict(window=5)))
     prompt = torch.randint(0, 101, (2, 4), generator=torch.Generator().manual_seed(4))
     out = generate(model, prompt, max_new_tokens=8, temperature=0, vocab_size=101)
     assert out.shape == (2, 12) and torch.equal(out[:, :4], prompt)
@@ -65,14 +65,15 @@ def test_generate_greedy_is_argmax_of_the_parallel_forward_on_a_hybrid():
 
 
 def mamba_params(c: ModelConfig) -> int:
-    di, n, r = c.d_inner, c.d_state, c.resolved_dt_rank
-    return c.d_model * 2 * di + di * (c.d_conv + 1) + di * (r + 2 * n) + (r + 1) * di + di * c.d_model + di * n + di
+    m = c.mamba
+    di, n, r = m.d_inner(c.d_model), m.d_state, m.resolved_dt_rank(c.d_model)
+    return c.d_model * 2 * di + di * (m.d_conv + 1) + di * (r + 2 * n) + (r + 1) * di + di * c.d_model + di * n + di
 
 
 def test_parameter_count_and_flops_of_a_hybrid_match_the_formulas():
-    c = hybrid_config(layer_pattern="M*-M-", n_layer=5, mlp_hidden=48)
-    d, V, hd = c.d_model, c.padded_vocab_size, c.d_model // c.attn_heads
-    attention = 2 * d * d + 2 * d * c.attn_kv_heads * hd
+    c = hybrid_config(layer_pattern="M*-M-", n_layer=5, mlp=dict(hidden=48))
+    d, V, hd = c.d_model, c.padded_vocab_size, c.d_model // c.attention.heads
+    attention = 2 * d * d + 2 * d * c.attention.kv_heads * hd
     mlp = 3 * d * 48
     expected = V * d + 5 * d + d + 2 * mamba_params(c) + attention + 2 * mlp  # embedding (tied), norms, mixers
     model = build(c)
@@ -84,7 +85,7 @@ def test_parameter_count_and_flops_of_a_hybrid_match_the_formulas():
 
 
 def test_hybrid_is_causal():
-    assert_causal(build(hybrid_config(attn_window=6)), length=12, position=7)
+    assert_causal(build(hybrid_config(attention=dict(window=6))), length=12, position=7)
 
 
 @pytest.mark.parametrize("name, pattern_unit, low, high", [

@@ -18,15 +18,15 @@ from ssmforge.models import LanguageModel, ModelConfig
 from ssmforge.models.hf import cast_model
 from ssmforge.models.mamba2 import Mamba2Mixer
 
-from .contracts import assert_causal, assert_steps_match_forward
+from .contracts import assert_causal, assert_steps_match_forward, model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def config(**overrides) -> ModelConfig:
-    kwargs = dict(family="mamba2", d_model=32, n_layer=2, vocab_size=101, mamba2_d_state=8, mamba2_headdim=16,
-                  mamba2_ngroups=2, mamba2_chunk_size=16)
-    return ModelConfig(**{**kwargs, **overrides})
+    kwargs = dict(family="mamba2", d_model=32, n_layer=2, vocab_size=101,
+                  mamba2=dict(d_state=8, headdim=16, ngroups=2, chunk_size=16))
+    return model_config(kwargs, overrides)
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> LanguageModel:
@@ -52,21 +52,22 @@ def test_initialisation_and_fp32_parameters():
     A = torch.exp(mixer.A_log)
     assert A.min() >= 1 and A.max() <= 16  # -A uniform in [1, 16]
     dt = F.softplus(mixer.dt_bias)
-    assert dt.min() >= cfg.dt_min * 0.999 and dt.max() <= cfg.dt_max * 1.001
+    assert dt.min() >= cfg.mamba2.dt_min * 0.999 and dt.max() <= cfg.mamba2.dt_max * 1.001
     assert torch.equal(mixer.D, torch.ones(4))
     assert mixer.A_log.dtype == mixer.D.dtype == mixer.dt_bias.dtype == torch.float32
     assert mixer.in_proj.weight.dtype == torch.bfloat16
-    bound = 1 / math.sqrt(cfg.d_inner) / math.sqrt(cfg.n_layer)  # kaiming-uniform, rescaled by 1/sqrt(n_layer)
+    # kaiming-uniform, rescaled by 1/sqrt(n_layer)
+    bound = 1 / math.sqrt(cfg.mamba2.d_inner(cfg.d_model)) / math.sqrt(cfg.n_layer)
     assert 0.9 * bound < mixer.out_proj.weight.float().abs().max() <= bound
     logits = model(torch.randint(0, 101, (1, 8)))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(mamba2_headdim=24), r"model.mamba2_headdim=24 is invalid: must divide expand \* d_model \(64\)"),
-    (dict(mamba2_ngroups=3), r"model.mamba2_ngroups=3 is invalid: must divide the number of heads"),
-    (dict(mamba2_chunk_size=48), r"model.mamba2_chunk_size=48 is invalid: must be a power of two >= 16"),
-    (dict(mamba2_d_state=0), r"model.mamba2_d_state=0 is invalid: must be a positive integer"),
+    (dict(mamba2=dict(headdim=24)), r"model.mamba2.headdim=24 is invalid: must divide expand \* d_model \(64\)"),
+    (dict(mamba2=dict(ngroups=3)), r"model.mamba2.ngroups=3 is invalid: must divide the number of heads"),
+    (dict(mamba2=dict(chunk_size=48)), r"model.mamba2.chunk_size=48 is invalid: must be a power of two >= 16"),
+    (dict(mamba2=dict(d_state=0)), r"model.mamba2.d_state=0 is invalid: must be a positive integer"),
 ])
 def test_impossible_shapes_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -75,9 +76,9 @@ def test_impossible_shapes_are_config_errors(overrides, message):
 
 @pytest.mark.parametrize("bias, conv_bias, tie", [(False, True, True), (True, False, False)])
 def test_parameter_count(bias, conv_bias, tie):
-    cfg = config(bias=bias, conv_bias=conv_bias, tie_embeddings=tie, vocab_size=100)
-    d, di, n, g, w = cfg.d_model, 2 * cfg.d_model, cfg.mamba2_d_state, cfg.mamba2_ngroups, cfg.d_conv
-    heads = di // cfg.mamba2_headdim
+    cfg = config(bias=bias, mamba2=dict(conv_bias=conv_bias), tie_embeddings=tie, vocab_size=100)
+    d, di, n, g, w = cfg.d_model, 2 * cfg.d_model, cfg.mamba2.d_state, cfg.mamba2.ngroups, cfg.mamba2.d_conv
+    heads = di // cfg.mamba2.headdim
     conv_channels = di + 2 * g * n
     per_layer = (
         d * (2 * di + 2 * g * n + heads) + bias * (2 * di + 2 * g * n + heads)  # in_proj -> z, x, B, C, dt
@@ -96,7 +97,7 @@ def test_parameter_count(bias, conv_bias, tie):
 def test_forward_flops_match_a_flop_counter(seq_len):
     """The matmul FLOPs torch counts on the PyTorch chunked path, plus the conv (which may run in a fused
     kernel that the counter cannot see), equal the model's count."""
-    model = build(config(mamba2_chunk_size=16 if seq_len == 64 else 32))
+    model = build(config(mamba2=dict(chunk_size=16 if seq_len == 64 else 32)))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.randint(0, 101, (1, seq_len)))

@@ -6,7 +6,7 @@ import torch
 
 from ssmforge.errors import CheckpointError
 
-from ssmforge.models import LanguageModel, ModelConfig, load_pretrained, save_pretrained
+from ssmforge.models import LanguageModel, Mamba2Config, ModelConfig, load_pretrained, save_pretrained
 
 from .contracts import randomize_hf_weights
 
@@ -79,7 +79,7 @@ def test_several_groups_load_with_equal_logits(tmp_path, grouped_hf_norm):
     grouped_hf_norm(theirs, 2)
     theirs.save_pretrained(tmp_path)
     ours = load_pretrained(tmp_path).eval()
-    assert ours.config.mamba2_ngroups == 2
+    assert ours.config.mamba2.ngroups == 2
     ids = tokens(96)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=1e-4, atol=1e-4)
@@ -88,8 +88,8 @@ def test_several_groups_load_with_equal_logits(tmp_path, grouped_hf_norm):
 @pytest.mark.parametrize("ngroups", [1, 2])
 def test_export_loads_in_transformers_unchanged(tmp_path, grouped_hf_norm, ngroups):
     torch.manual_seed(5)
-    config = ModelConfig(family="mamba2", d_model=32, n_layer=2, vocab_size=250, mamba2_d_state=8,
-                         mamba2_headdim=16, mamba2_ngroups=ngroups, mamba2_chunk_size=16, bias=ngroups == 2)
+    config = ModelConfig(family="mamba2", d_model=32, n_layer=2, vocab_size=250, bias=ngroups == 2,
+                         mamba2=Mamba2Config(d_state=8, headdim=16, ngroups=ngroups, chunk_size=16))
     ours = LanguageModel(config).eval()
     save_pretrained(ours, tmp_path / "export")
     theirs, info = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "export", output_loading_info=True)
@@ -105,8 +105,8 @@ def test_export_loads_in_transformers_unchanged(tmp_path, grouped_hf_norm, ngrou
 
 def edited_export(tmp_path, **changes):
     torch.manual_seed(0)
-    config = ModelConfig(family="mamba2", d_model=16, n_layer=1, vocab_size=64, mamba2_d_state=8, mamba2_headdim=8,
-                         mamba2_chunk_size=16)
+    config = ModelConfig(family="mamba2", d_model=16, n_layer=1, vocab_size=64,
+                         mamba2=Mamba2Config(d_state=8, headdim=8, chunk_size=16))
     folder = save_pretrained(LanguageModel(config), tmp_path / "m")
     hf = json.loads((folder / "config.json").read_text())
     hf.pop("ssmforge_model")
@@ -117,14 +117,14 @@ def edited_export(tmp_path, **changes):
 
 def test_transformers_fields_alone_rebuild_the_config(tmp_path):
     config = load_pretrained(edited_export(tmp_path)).config
-    assert (config.family, config.mamba2_headdim, config.mamba2_d_state, config.mamba2_chunk_size) == \
+    assert (config.family, config.mamba2.headdim, config.mamba2.d_state, config.mamba2.chunk_size) == \
         ("mamba2", 8, 8, 16)
 
 
 @pytest.mark.parametrize("changes, message", [
     ({"num_heads": 3}, r"config.json: field 'num_heads' is 3; num_heads \* head_dim must equal expand \* hidden_size"),
     ({"time_step_limit": [0.0, 0.1]}, r"config.json: field 'time_step_limit' is \[0.0, 0.1\]; only \[0.0, inf\]"),
-    ({"n_groups": 3}, r"config.json: model.mamba2_ngroups=3 is invalid: must divide the number of heads"),
+    ({"n_groups": 3}, r"config.json: model.mamba2.ngroups=3 is invalid: must divide the number of heads"),
     ({"state_size": 4}, r"model.safetensors: tensor 'backbone.layers.0.mixer.\S+' has shape"),
 ])
 def test_bad_transformers_config_names_the_field(tmp_path, changes, message):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssmforge.models import LanguageModel, ModelConfig, generate
+from ssmforge.models import LanguageModel, MambaConfig, ModelConfig, generate
 from ssmforge.models.hf import cast_model
 
 from .contracts import assert_causal, assert_steps_match_forward
@@ -27,13 +27,13 @@ def test_logits_shape_dtype_and_padded_vocab(tiny_config):
 def test_paper_initialisation(tiny_config):
     model = build(tiny_config)
     mixer = model.layers[0].mixer
-    n = tiny_config.d_state
-    torch.testing.assert_close(-torch.exp(mixer.A_log), -torch.arange(1, n + 1.0).repeat(tiny_config.d_inner, 1))
-    assert torch.equal(mixer.D, torch.ones(tiny_config.d_inner))
+    n, d_inner = tiny_config.mamba.d_state, tiny_config.mamba.d_inner(tiny_config.d_model)
+    torch.testing.assert_close(-torch.exp(mixer.A_log), -torch.arange(1, n + 1.0).repeat(d_inner, 1))
+    assert torch.equal(mixer.D, torch.ones(d_inner))
     dt = F.softplus(mixer.dt_proj.bias)
-    assert dt.min() >= tiny_config.dt_min * 0.999 and dt.max() <= tiny_config.dt_max * 1.001
+    assert dt.min() >= tiny_config.mamba.dt_min * 0.999 and dt.max() <= tiny_config.mamba.dt_max * 1.001
     # out_proj: kaiming-uniform bound 1/sqrt(fan_in), rescaled by 1/sqrt(n_layer)
-    bound = 1 / math.sqrt(tiny_config.d_inner) / math.sqrt(tiny_config.n_layer)
+    bound = 1 / math.sqrt(d_inner) / math.sqrt(tiny_config.n_layer)
     assert mixer.out_proj.weight.abs().max() <= bound
     assert mixer.out_proj.weight.abs().max() > 0.9 * bound
     assert mixer.A_log.dtype == mixer.D.dtype == mixer.dt_proj.bias.dtype == torch.float32
@@ -70,7 +70,8 @@ def test_fp32_parameters_survive_a_bf16_cast(tiny_config):
 
 
 def test_untied_head_and_biases():
-    config = ModelConfig(d_model=16, n_layer=1, vocab_size=64, d_state=4, tie_embeddings=False, bias=True)
+    config = ModelConfig(d_model=16, n_layer=1, vocab_size=64, mamba=MambaConfig(d_state=4), tie_embeddings=False,
+                         bias=True)
     model = build(config)
     assert model.lm_head.weight.data_ptr() != model.embedding.weight.data_ptr()
     assert model(torch.randint(0, 64, (1, 5))).shape == (1, 5, 64)

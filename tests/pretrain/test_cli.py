@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssmforge.models import LanguageModel, ModelConfig, load_pretrained, save_pretrained
+from ssmforge.models import LanguageModel, MambaConfig, ModelConfig, load_pretrained, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[2]
 SSMFORGE = shutil.which("ssmforge", path=str(Path(sys.executable).parent)) or "ssmforge"
@@ -44,7 +44,7 @@ def test_generate_from_a_random_model_is_seeded():
 
 def test_generate_greedy_from_an_export_matches_the_library(tmp_path):
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(d_model=32, n_layer=2, vocab_size=260, d_state=8)).eval()
+    model = LanguageModel(ModelConfig(d_model=32, n_layer=2, vocab_size=260, mamba=MambaConfig(d_state=8))).eval()
     save_pretrained(model, tmp_path / "m")
     out = run("generate", tmp_path / "m", "--tokenizer", "byte", "--prompt", "ab", "--temperature", "0",
               "--max-new-tokens", "5").stdout.rstrip("\n")
@@ -99,7 +99,8 @@ def test_user_errors_are_one_line_with_exit_code_2(args, fragments):
 
 def test_tokenizer_larger_than_the_vocab_is_refused(tmp_path):
     torch.manual_seed(0)
-    save_pretrained(LanguageModel(ModelConfig(d_model=16, n_layer=1, vocab_size=64, d_state=4)), tmp_path / "m")
+    config = ModelConfig(d_model=16, n_layer=1, vocab_size=64, mamba=MambaConfig(d_state=4))
+    save_pretrained(LanguageModel(config), tmp_path / "m")
     proc = run("generate", tmp_path / "m", "--tokenizer", "byte", "--prompt", "x", check_code=2)
     assert_one_line_error(proc, "tokenizer has 260 ids", "holds 64")
 

@@ -18,17 +18,15 @@ from .conftest import ROOT  # noqa: E402
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
-def typed_fields(kinds: tuple[type, ...]) -> list[str]:
-    """`section.key` of every scalar field of the run config whose type is one of `kinds`."""
+def typed_fields(kinds: tuple[type, ...], cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """`section.key` (`model.mamba.key` in a nested section) of every scalar field of the run config whose type
+    is one of `kinds`."""
     keys = []
-    for section in dataclasses.fields(RunConfig):
-        hints = typing.get_type_hints(RunConfig)
-        cls = hints[section.name]
-        if not dataclasses.is_dataclass(cls):
-            continue
-        for name, kind in typing.get_type_hints(cls).items():
-            if kind in kinds:
-                keys.append(f"{section.name}.{name}")
+    for name, kind in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(kind):
+            keys += typed_fields(kinds, kind, f"{prefix}{name}.")
+        elif prefix and kind in kinds:
+            keys.append(f"{prefix}{name}")
     return keys
 
 
@@ -38,8 +36,9 @@ OUT_OF_RANGE = {  # key -> values the validation must refuse
     "train.lr": [0, -1e-3], "train.max_steps": [0, -5], "train.micro_batch_size": [0], "train.grad_clip": [-1],
     "train.warmup_steps": [-1], "train.min_lr_ratio": [1.5, -0.1], "train.betas": ["[0.9]", "[1.0, 0.95]"],
     "train.precision": ["fp8", "half"], "train.nonfinite_loss": ["ignore"], "train.collective_timeout_s": [0, 5],
-    "model.d_model": [0, -8], "model.n_layer": [0], "model.d_conv": [1, 9], "model.dt_min": [0, 0.5],
-    "model.family": ["rnn", "Mamba"], "model.vocab_size": [0], "model.expand": [0],
+    "model.d_model": [0, -8], "model.n_layer": [0], "model.mamba.d_conv": [1, 9], "model.mamba.dt_min": [0, 0.5],
+    "model.family": ["rnn", "Mamba"], "model.vocab_size": [0], "model.mamba.expand": [0],
+    "model.kernel_backend": ["cuda"],
     "data.seq_len": [0, -1], "deepspeed.zero_stage": [4, -1], "deepspeed.param_persistence_threshold": [-1],
     "eval.batch_size": [0], "glue.lr": [0], "glue.warmup_ratio": [1.0, -0.5], "glue.epochs": [0],
     "tokenizer.kind": ["wordpiece"],
@@ -77,12 +76,12 @@ def model_dir(tmp_path_factory):
     """A tiny exported model with the byte tokenizer, for the commands that read a checkpoint first."""
     import torch
 
-    from ssmforge.models import LanguageModel, ModelConfig, save_pretrained
+    from ssmforge.models import LanguageModel, MambaConfig, ModelConfig, save_pretrained
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("model")
-    save_pretrained(LanguageModel(ModelConfig(d_model=16, n_layer=1, vocab_size=260, d_state=4)), out,
-                    token_ids={"bos_token_id": 1, "eos_token_id": 2}, byte_tokenizer=True)
+    config = ModelConfig(d_model=16, n_layer=1, vocab_size=260, mamba=MambaConfig(d_state=4))
+    save_pretrained(LanguageModel(config), out, token_ids={"bos_token_id": 1, "eos_token_id": 2}, byte_tokenizer=True)
     return out
 
 
@@ -105,7 +104,7 @@ def run(argv, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(good=st.lists(st.sampled_from(["train.lr=1e-3", "seed=3", "model.d_state=4"]), max_size=2),
+@given(good=st.lists(st.sampled_from(["train.lr=1e-3", "seed=3", "model.mamba.d_state=4"]), max_size=2),
        bad=bad_override(), where=st.integers(0, 2))
 def test_every_command_answers_a_bad_override_with_one_line_and_exit_code_2(command, good, bad, where, capsys,
                                                                             tmp_path, model_dir):

@@ -16,9 +16,9 @@ from ssmforge.pretrain.export import load_run_model
 from ..evaluation.glue_fixture import write_glue
 from .conftest import ROOT, run_pretrain, train_losses
 
-EVERY_MIXER = ("model.family=hybrid", "model.layer_pattern=M2G*-", "model.n_layer=5", "model.mamba2_headdim=16",
-               "model.mamba2_d_state=16", "model.mamba2_chunk_size=16", "model.gss_d_state=8", "model.attn_heads=4",
-               "model.attn_kv_heads=2")
+EVERY_MIXER = ("model.family=hybrid", "model.layer_pattern=M2G*-", "model.n_layer=5", "model.mamba2.headdim=16",
+               "model.mamba2.d_state=16", "model.mamba2.chunk_size=16", "model.gss.d_state=8",
+               "model.attention.heads=4", "model.attention.kv_heads=2")
 STEPS = ("train.max_steps=8", "train.log_every=1", "train.warmup_steps=2", "train.eval_every=100",
          "train.save_every=100")
 

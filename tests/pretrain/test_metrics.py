@@ -1,6 +1,8 @@
 """Metrics: JSONL records and resume, rank gating, wandb offline runs, plots, peak FLOP/s, MFU, memory."""
 import io
 import json
+import math
+import time
 import resource
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,6 +49,32 @@ def test_jsonl_holds_one_record_per_log_and_disabled_wandb_writes_nothing(tmp_pa
     assert records[-1] == {"step": 5, "kind": "val", "time": records[-1]["time"], "loss": pytest.approx(2.4)}
     assert all(r["time"] > 1.6e9 for r in records)  # unix seconds
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "wandb_dir_env").exists()
+
+
+def test_train_step_owns_the_interval_and_the_throughput_arithmetic(tmp_path, monkeypatch):
+    """Records only every log_every steps and at the last step; loss is the mean of every micro-step
+    loss, tokens/s counts the tokens since the previous record over a controlled clock, MFU follows."""
+    clock = iter([100.0, 104.0, 106.0, 107.0])  # construction, then each record
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(perf_counter=lambda: next(clock), time=time.time))
+    throughput = metrics.Throughput(log_every=2, flops_per_token=6.0, peak_flops=1e6, world_size=2,
+                                    device=torch.device("cpu"))
+    logger = MetricsLogger(tmp_path, wandb_config("disabled"), {}, is_rank0=True, total_steps=5,
+                           throughput=throughput, start_tokens=1000)
+    norms = []
+    for step in range(1, 6):
+        logger.train_step(step, 1000 + 100 * step, [float(step), float(step) + 1], 1e-3,
+                          lambda: norms.append(1) or 0.25)
+    logger.validation(5, 2.0, entropy_floor=1.5)
+    logger.close()
+    train = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 5] and len(norms) == 3  # the norm only when a record is due
+    assert [r["loss"] for r in train] == [2.5, 4.5, 5.5]
+    assert [r["tokens"] for r in train] == [1200, 1400, 1500]
+    assert [r["tokens_per_s"] for r in train] == [pytest.approx(200 / 4), pytest.approx(200 / 2), pytest.approx(100)]
+    assert train[0]["mfu"] == pytest.approx(50 / 2 * 6.0 / 1e6)
+    assert train[0]["grad_norm"] == 0.25 and train[0]["peak_memory_gb"] > 0
+    val = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "val"]
+    assert val[0]["perplexity"] == pytest.approx(math.exp(2.0)) and val[0]["entropy_floor"] == 1.5
 
 
 def test_tensor_and_numpy_values_are_stored_as_numbers(tmp_path):
