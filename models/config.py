@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,7 +248,7 @@ class ModelConfig:
     rescale_out_proj: bool = True
     """Scale each mixer's output projection by 1/sqrt(number of blocks) at init."""
     kernel_backend: str = "auto"
-    """Kernels the mixers call: auto (fastest for the device), ref (the sequential oracles), triton."""
+    """Kernels the mixers' scans and convs call: auto (fastest for the device), ref (the sequential oracles), triton (CUDA, or CPU under TRITON_INTERPRET=1); decoding steps and the FFT conv have one implementation."""
     mamba: MambaConfig = field(default_factory=MambaConfig)
     """Keys of the Mamba mixer."""
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
@@ -274,6 +275,12 @@ class ModelConfig:
     def section(self, name: str):
         """The config section of mixer `name`."""
         return getattr(self, name)
+
+    def check_device(self, device_type: str) -> None:
+        """Raise ConfigError when model.kernel_backend cannot run on a device of this type ('cuda', 'cpu')."""
+        if self.kernel_backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(f"model.kernel_backend=triton cannot run on {device_type}: it needs a CUDA GPU "
+                              f"(or TRITON_INTERPRET=1 for Triton's slow CPU interpreter); use auto or ref")
 
     def validate(self, prefix: str = "model") -> "ModelConfig":
         """Raise ConfigError naming the first impossible value (key given as `prefix.key`): the stack,

@@ -90,7 +90,7 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, state: InferenceState) -> torch.Tensor:
         """One token per sequence: input_ids (batch,) -> logits (batch, padded_vocab). O(1) in the length
-        for SSM layers; an attention layer attends over its KV cache (at most attn_window tokens)."""
+        for SSM layers; an attention layer attends over its KV cache (at most model.attention.window tokens)."""
         hidden = self.embedding(input_ids)
         for block, layer_state in zip(self.layers, state.layers):
             hidden = block.step(hidden, layer_state)

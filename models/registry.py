@@ -90,7 +90,7 @@ def check_complete() -> None:
                           f"@register_mixer(name) and import its file in models/lm.py")
 
 
-def describe(name: str) -> str:
+def mixer_description(name: str) -> str:
     """The first line of a section's class docstring: what the mixer is."""
     return SECTIONS[name].__doc__.strip().splitlines()[0].strip()
 
@@ -99,7 +99,7 @@ def mixer_table() -> str:
     """The README's mixer table (markdown), one row per registered mixer in registration order."""
     rows = ["| symbol | section | mixer |", "| --- | --- | --- |"]
     for symbol, name in SYMBOLS.items():
-        rows.append(f"| `{symbol}` | `model.{name}` | {describe(name)} |")
+        rows.append(f"| `{symbol}` | `model.{name}` | {mixer_description(name)} |")
     return "\n".join(rows)
 
 

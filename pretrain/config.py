@@ -107,6 +107,8 @@ class TokenizerConfig:
     """SentencePiece algorithm when one is trained: bpe | unigram."""
     train_documents: int = 20000
     """Documents from the start of the mixture used to train the tokenizer."""
+    allow_lossy: bool = False
+    """Prepare data with a tokenizer file whose decode(encode(text)) differs from the text (e.g. NFKC)."""
 
     def validate(self) -> None:
         _need(self.kind in ("byte", "sentencepiece", "hf"), "tokenizer.kind", self.kind,
@@ -115,6 +117,7 @@ class TokenizerConfig:
         _need(self.vocab_size >= 16, "tokenizer.vocab_size", self.vocab_size, "must be >= 16")
         _need(self.model_type in ("bpe", "unigram"), "tokenizer.model_type", self.model_type, "one of bpe, unigram")
         _need(self.train_documents >= 1, "tokenizer.train_documents", self.train_documents, "must be >= 1")
+        _need(isinstance(self.allow_lossy, bool), "tokenizer.allow_lossy", self.allow_lossy, "must be true or false")
 
 
 @dataclass
@@ -286,7 +289,7 @@ class SlurmConfig:
         _need(self.tasks_per_node is None or self.tasks_per_node >= 1, "slurm.tasks_per_node", self.tasks_per_node,
               "must be a positive integer or null")
         _need(self.gpus_per_node == 0 or self.tasks_per_node in (None, self.gpus_per_node), "slurm.tasks_per_node",
-              self.tasks_per_node, "must equal gpus_per_node (one task per GPU)")
+              self.tasks_per_node, f"must equal gpus_per_node ({self.gpus_per_node}): one task per GPU")
         _need(self.signal_seconds_before_end >= 0, "slurm.signal_seconds_before_end",
               self.signal_seconds_before_end, "must be >= 0")
         _need(self.max_requeues >= 0, "slurm.max_requeues", self.max_requeues, "must be >= 0")
@@ -481,15 +484,14 @@ def _show(value: Any) -> str:
 
 
 def format_settings(rows: list[Setting | tuple[str, str]]) -> str:
-    """`key = value` lines, each with its type, its default where the value differs, and its meaning."""
+    """`key = value` lines, each with its type, its default and its meaning."""
     settings = [r for r in rows if isinstance(r, Setting)]
-    width = max(len(f"{s.key} = {_show(s.value)}") for s in settings) + 2
+    width = min(max(len(f"{s.key} = {_show(s.value)}") for s in settings) + 2, 48)  # a long path overflows
     lines = []
     for row in rows:
         if not isinstance(row, Setting):
             lines.append(f"\n# {row[0]}: {row[1]}" if row[1] else f"\n# {row[0]}")
             continue
         left = f"{row.key} = {_show(row.value)}"
-        changed = "" if row.value == row.default or row.default is MISSING else f", default {_show(row.default)}"
-        lines.append(f"{left.ljust(width)}# {row.type}{changed}. {row.doc}")
+        lines.append(f"{left.ljust(width - 2)}  # {row.type}, default {_show(row.default)}. {row.doc}")
     return "\n".join(lines).lstrip("\n") + "\n"

@@ -34,7 +34,7 @@ class Throughput:
     """What turns a step count into tokens/s and MFU: the run's shape and the device's peak."""
 
     log_every: int  # train records every so many optimizer steps (and at total_steps)
-    flops_per_token: float  # training FLOPs per token (3x the forward)
+    forward_flops_per_token: float  # the model's forward FLOPs per token; training costs 3x that
     peak_flops: float  # dense peak FLOP/s of one device
     world_size: int
     device: torch.device
@@ -63,12 +63,12 @@ class MetricsLogger:
         self._bar = None
         self._closed = False
         self.throughput = throughput
-        self._window = (time.perf_counter(), start_tokens)  # start of the current logging interval
-        if not is_rank0:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if wandb_config.mode != "disabled":
-            self._wandb_run = _start_wandb(self.run_dir, wandb_config, run_config_dict, wandb_run_id)
+        if is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if wandb_config.mode != "disabled":
+                self._wandb_run = _start_wandb(self.run_dir, wandb_config, run_config_dict, wandb_run_id)
+        # the first interval starts after wandb's start-up, which is no training time
+        self._window = (time.perf_counter(), start_tokens)
 
     @property
     def wandb_run_id(self) -> str | None:
@@ -111,7 +111,7 @@ class MetricsLogger:
             "loss": loss_sum / loss_count if loss_count else float("nan"), "lr": lr,
             "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
             "tokens": tokens, "tokens_per_s": tokens_per_s,
-            "mfu": mfu(tokens_per_s / t.world_size, t.flops_per_token, t.peak_flops),
+            "mfu": mfu(tokens_per_s / t.world_size, 3 * t.forward_flops_per_token, t.peak_flops),
             "peak_memory_gb": peak_memory_bytes(t.device) / 2**30})
 
     def validation(self, step: int, loss: float, entropy_floor: float | None = None) -> None:

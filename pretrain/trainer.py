@@ -14,7 +14,7 @@ from ssmforge.data_pipeline.loader import build_loader, open_manifest
 from ssmforge.data_pipeline.manifest import is_remote
 from ssmforge.data_pipeline.pack import prepare
 from ssmforge.models import LanguageModel
-from ssmforge.errors import ConfigError, SsmforgeError
+from ssmforge.errors import ConfigError, TrainingError
 
 from . import checkpoint
 from .config import to_yaml
@@ -27,9 +27,6 @@ from .signals import REQUEUE_EXIT_CODE, StopRequest
 
 log = logging.getLogger(__name__)
 
-
-class TrainingError(SsmforgeError):
-    """Training cannot go on (a non-finite loss under nonfinite_loss=stop)."""
 
 
 def ensure_prepared(config, world: World):
@@ -119,6 +116,7 @@ def lock_run_dir(lock: RunLock, world: World, device: torch.device) -> None:
 def _train(config, world: World, device: torch.device, stop: StopRequest) -> int:
     train_cfg = config.train
     run_dir = Path(config.run_dir)
+    config.model.check_device(device.type)
     manifest = ensure_prepared(config, world)
     seed_everything(config.seed)
     model = LanguageModel(config.model).to(device)
@@ -145,7 +143,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     dtype = resolve_precision(train_cfg.precision, device)
     peak, peak_source = peak_flops(device, dtype)
     tokens_per_step = train_cfg.micro_batch_size * train_cfg.grad_accum_steps * world.world_size * manifest.seq_len
-    throughput = Throughput(train_cfg.log_every, 3 * model.forward_flops_per_token(manifest.seq_len),
+    throughput = Throughput(train_cfg.log_every, model.forward_flops_per_token(manifest.seq_len),
                             peak, world.world_size, device)
     metrics = MetricsLogger(run_dir, config.wandb, {"config": state.config_yaml}, world.is_main,
                             state.wandb_run_id, train_cfg.max_steps, throughput, start_tokens=state.tokens)

@@ -1,10 +1,16 @@
 """ssmforge: distributed pretraining of state space language models.
 
-The packages `ssmforge.models`, `ssmforge.kernels`, `ssmforge.data_pipeline`, `ssmforge.pretrain` and
-`ssmforge.evaluation` live in the repository's top-level folders of the same names (mapped in
-pyproject.toml); this package holds what sits above or beside them: the command line (`ssmforge.cli`)
-and the user-error types (`ssmforge.errors`). Importing it is cheap: nothing heavy loads until a
-subpackage is used.
+The packages `ssmforge.models`, `ssmforge.kernels`, `ssmforge.data_pipeline`, `ssmforge.pretrain`,
+`ssmforge.evaluation` and `ssmforge.slurm` live in the repository's top-level folders of the same names
+(mapped in pyproject.toml); this package holds what sits above or beside them: the command line
+(`ssmforge.cli`), the user-error types (`ssmforge.errors`) and the launcher-variable mapping
+(`ssmforge.launcher_env`). Importing it is cheap: nothing heavy loads until a subpackage is used.
 """
+from pathlib import Path as _Path
 
 __version__ = "0.1.0"
+
+# Run from a source checkout (the current folder first on sys.path), `ssmforge` is this folder, which
+# holds none of the subpackages: find them in the checkout's top-level folders, as the mapping does.
+if not (_Path(__file__).parent / "models").is_dir() and (_Path(__file__).parent.parent / "models").is_dir():
+    __path__.append(str(_Path(__file__).parent.parent))

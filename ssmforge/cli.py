@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ssmforge import __version__
-from ssmforge.errors import CheckpointError, DataError, SsmforgeError
+from ssmforge.errors import CheckpointError, DataError, SsmforgeError, TrainingError
 
 log = logging.getLogger("ssmforge")
 
@@ -27,6 +27,7 @@ def _load_model_and_tokenizer(args):
     config = None
     if getattr(args, "random_init", None):
         config = load_config(args.random_init)
+        config.model.check_device("cpu")
         torch.manual_seed(config.seed)
         model = LanguageModel(config.model)
         log.info("random weights from %s (%.2fM parameters): expect noise, not text", args.random_init,
@@ -174,9 +175,10 @@ def cmd_finetune_glue(args) -> int:
     from ssmforge.pretrain.launch import init_distributed, shutdown
 
     backbone, tokenizer, run_config = _load_model_and_tokenizer(args)
-    config_path = Path(args.checkpoint) / "config.yaml" if is_run_folder(args.checkpoint) else args.config
+    run_folder = is_run_folder(args.checkpoint)
+    config_path = Path(args.checkpoint) / "config.yaml" if run_folder else args.config
     overrides = list(args.overrides) + ([f"glue.data_dir={args.data_dir}"] if args.data_dir else [])
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides, frozen=run_folder)
     names = list(GLUE_TASKS) if args.task == "all" else [args.task] if args.task else list(config.glue.tasks)
     tasks = {name: get_task(name) for name in names}
     world, device = init_distributed()
@@ -213,7 +215,7 @@ def cmd_pretrain(args) -> int:
     from ssmforge.pretrain.config import load_config
 
     config = load_config(args.config, args.overrides)  # before torch and DeepSpeed load
-    from ssmforge.pretrain.trainer import TrainingError, train
+    from ssmforge.pretrain.trainer import train
 
     try:
         return train(config)

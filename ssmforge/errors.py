@@ -13,5 +13,9 @@ class DataError(SsmforgeError):
     """Input data (shards, manifests, tokenizers, text files) is missing or malformed."""
 
 
+class TrainingError(SsmforgeError):
+    """Training cannot go on (a lost rank, a non-finite loss under nonfinite_loss=stop); the CLI exits with 3."""
+
+
 class CheckpointError(SsmforgeError):
     """A checkpoint or model directory is missing, malformed, or does not match the model."""

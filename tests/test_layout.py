@@ -146,3 +146,12 @@ def test_the_wheel_installs_only_the_ssmforge_namespace(tmp_path):
     result = subprocess.run([str(python), "-m", "ssmforge", "--version"], capture_output=True, text=True, cwd=tmp_path,
                             env=env)
     assert result.returncode == 0 and result.stdout.strip() == f"ssmforge {ssmforge.__version__}", result.stderr[-2000:]
+    # from the checkout's root the source folder `ssmforge/` comes first on sys.path: its subpackages are found
+    # in the checkout's top-level folders, not lost
+    result = subprocess.run([str(python), "-c", "import ssmforge.models, ssmforge.cli; print(ssmforge.models.__file__)"],
+                            capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(ROOT / "models" / "__init__.py")
+    result = subprocess.run([str(python), "-m", "ssmforge", "--version"], capture_output=True, text=True, cwd=ROOT,
+                            env=env)
+    assert result.returncode == 0 and result.stdout.strip() == f"ssmforge {ssmforge.__version__}", result.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""`ssmforge.kernels.selective_scan` picks the right backend and `import kernels` stays light."""
+"""`ssmforge.kernels.selective_scan` picks the right backend and `import ssmforge.kernels` stays light."""
 import subprocess
 import sys
 

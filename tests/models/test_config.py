@@ -45,7 +45,7 @@ def test_every_section_is_registered_with_a_symbol_a_field_and_a_module():
     for name, section in registry.SECTIONS.items():
         assert fields[name].default_factory is section
         assert section.mixer_name == MIXERS[name].mixer_name == name
-        assert registry.describe(name)  # the README table's description
+        assert registry.mixer_description(name)  # the README table's description
     assert {FAMILIES[name] for name in ("mamba", "mamba2", "gss")} == {"M", "2", "G"}
     assert FAMILIES["transformer"] == "*-" and FAMILIES["hybrid"] is None
 
@@ -174,7 +174,7 @@ def test_the_readme_mixer_table_is_the_registry():
     start, end = readme.index(MARKERS[0]), readme.index(MARKERS[1])
     rows = [line for line in readme[start:end].splitlines()[1:] if line.startswith("|")]
     parsed = [tuple(cell.strip() for cell in row.strip("|").split("|")) for row in rows[2:]]
-    want = [(f"`{symbol}`", f"`model.{name}`", registry.describe(name)) for symbol, name in SYMBOLS.items()]
+    want = [(f"`{symbol}`", f"`model.{name}`", registry.mixer_description(name)) for symbol, name in SYMBOLS.items()]
     assert parsed == want, ("README.md's mixer table is out of date; replace the lines between the markers with "
                             "the output of `python -m ssmforge.models.registry`:\n" + registry.mixer_table())
     assert "\n".join(rows) == registry.mixer_table()

@@ -82,3 +82,15 @@ def test_impossible_backends_are_config_errors(overrides, message):
 
 def test_wider_convs_stay_valid_off_triton():
     config(kernel_backend="ref", mamba=dict(d_conv=6), mamba2=dict(d_conv=5))
+
+
+def test_triton_on_a_cpu_without_the_interpreter_is_one_line(monkeypatch):
+    cfg = config(kernel_backend="ref")
+    cfg.kernel_backend = "triton"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match=r"^model\.kernel_backend=triton cannot run on cpu: it needs a CUDA GPU"):
+        cfg.check_device("cpu")
+    cfg.check_device("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg.check_device("cpu")  # the interpreter runs the kernels on CPU tensors (how the tests run them)
+    config(kernel_backend="auto").check_device("cpu")

@@ -56,7 +56,7 @@ def test_train_step_owns_the_interval_and_the_throughput_arithmetic(tmp_path, mo
     loss, tokens/s counts the tokens since the previous record over a controlled clock, MFU follows."""
     clock = iter([100.0, 104.0, 106.0, 107.0])  # construction, then each record
     monkeypatch.setattr(metrics, "time", SimpleNamespace(perf_counter=lambda: next(clock), time=time.time))
-    throughput = metrics.Throughput(log_every=2, flops_per_token=6.0, peak_flops=1e6, world_size=2,
+    throughput = metrics.Throughput(log_every=2, forward_flops_per_token=2.0, peak_flops=1e6, world_size=2,
                                     device=torch.device("cpu"))
     logger = MetricsLogger(tmp_path, wandb_config("disabled"), {}, is_rank0=True, total_steps=5,
                            throughput=throughput, start_tokens=1000)
