@@ -25,7 +25,8 @@ from ssmforge.errors import DataError
 
 from .manifest import MANIFEST_FILE, Manifest, SplitStats, find_manifest, fingerprint, is_remote
 from .sources import SkipCounter, mixed_documents
-from .tokenizer import ByteTokenizer, load_tokenizer, train_sentencepiece
+from .tokenizer import (SENTENCEPIECE_TRAINER_VERSION, ByteTokenizer, load_tokenizer, require_lossless,
+                        train_sentencepiece)
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,13 @@ SHARD_BYTES = 1 << 26
 
 def data_fingerprint(config) -> str:
     """Everything that changes the shards: sources, tokenizer, seq_len, split and seed."""
+    tokenizer = dataclasses.asdict(config.tokenizer)
+    del tokenizer["allow_lossy"]  # a permission, not a setting: the shards are the same either way
+    if tokenizer["kind"] == "sentencepiece" and not tokenizer["path"]:
+        tokenizer["trainer_version"] = SENTENCEPIECE_TRAINER_VERSION  # shards of an older trainer are other data
     return fingerprint({
         "sources": [dataclasses.asdict(s) for s in config.data.sources],
-        "tokenizer": dataclasses.asdict(config.tokenizer),
+        "tokenizer": tokenizer,
         "seq_len": config.data.seq_len,
         "val_fraction": config.data.val_fraction,
         "invalid_utf8": config.data.invalid_utf8,
@@ -111,12 +116,16 @@ class SplitWriter:
 
 
 def _resolve_tokenizer(config, work_dir: Path, skipped: SkipCounter):
-    """The tokenizer of the config: byte, a given file, or a SentencePiece model trained here."""
+    """The tokenizer of the config: byte, a given file (refused if it would change the documents, unless
+    tokenizer.allow_lossy), or a SentencePiece model trained here (lossless by construction)."""
     tok = config.tokenizer
     if tok.kind == "byte":
         return ByteTokenizer(), None
     if tok.path:
-        return load_tokenizer(tok.kind, tok.path), tok.path
+        tokenizer = load_tokenizer(tok.kind, tok.path)
+        if not tok.allow_lossy:
+            require_lossless(tokenizer, tok.path)
+        return tokenizer, tok.path
     sample = (text for _, text, _ in islice(
         mixed_documents(config.data.sources, config.seed, config.data.invalid_utf8, SkipCounter()),
         tok.train_documents))

@@ -2,6 +2,9 @@
 
 Kinds: `byte` (UTF-8 bytes after four special ids; needs no file), `sentencepiece` (a .model file)
 and `hf` (a Hugging Face tokenizer.json, through the `tokenizers` library).
+
+decode(encode(text)) == text for every text with the byte tokenizer and with SentencePiece models trained
+here (see train_sentencepiece); `lost_text` probes what a tokenizer file from elsewhere would not give back.
 """
 from __future__ import annotations
 
@@ -84,6 +87,9 @@ class HFTokenizer:
             self.tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise DataError(f"{path}: not a loadable Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+        # a document that mentions "<|endoftext|>" is text: encoded as such it never becomes an EOS id in the
+        # middle of the document, and decode (which skips special ids) gives it back
+        self.tok.encode_special_tokens = True
         vocab = self.tok.get_vocab()
 
         def special(*names: str) -> int | None:
@@ -119,35 +125,108 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# Bump when train_sentencepiece's settings change the model it trains (it is part of the data fingerprint).
+SENTENCEPIECE_TRAINER_VERSION = 2
+# SentencePiece writes a space as "▁" (U+2581) and decodes every "▁" as a space, so a literal "▁" would come
+# back as " ". Our models escape it with normalization rules: "▁" -> E "x" and E -> E E on the way in
+# (E = U+E000, a private-use character), the reverse on the way out. Every E in normalized text starts one of
+# the two pairs, so decoding is exact. Format: source code points, tab, target code points (hex).
+_ESCAPE_RULES = "2581\tE000 78\nE000\tE000 E000\n"
+_UNESCAPE_RULES = "E000 78\t2581\nE000 E000\tE000\n"
+_MAX_SENTENCE_BYTES = 1 << 16
+
+
+def _training_sentences(texts: Iterable[str], limit: int = _MAX_SENTENCE_BYTES):
+    """Documents whole, so that pieces are learned from newlines, tabs and indentation as they occur; one
+    longer than `limit` UTF-8 bytes (SentencePiece would skip it) is cut before a newline where it can be,
+    else at a character boundary. The trainer drops a sentence's trailing whitespace, hence before, not after."""
+    for text in texts:
+        data = text.encode("utf-8")
+        start = 0
+        while len(data) - start > limit:
+            cut = data.rfind(b"\n", start + 1, start + limit)
+            if cut == -1:
+                cut = start + limit
+                while (data[cut] & 0xC0) == 0x80:  # a UTF-8 continuation byte: back to the character's start
+                    cut -= 1
+            yield data[start:cut].decode("utf-8")
+            start = cut
+        if start < len(data):
+            yield data[start:].decode("utf-8")
+
+
 def train_sentencepiece(texts: Iterable[str], out_path: str | Path, vocab_size: int, model_type: str = "bpe",
                         num_threads: int = 0) -> SentencePieceTokenizer:
-    """Train a SentencePiece model with byte fallback and the ids pad 0, bos 1, eos 2, unk 3 (the byte
-    tokenizer's layout), write it to out_path atomically and load it."""
+    """Train a lossless SentencePiece model, write it to out_path atomically and load it.
+
+    decode(encode(text)) == text byte for byte: no Unicode normalization (identity rules but the "▁" escape
+    above), whitespace kept as it is (no trimming or collapsing of runs, no dummy prefix space), and byte
+    fallback for whatever is not in the vocabulary (rare characters, or a "\n" the sample never had).
+    Runs of spaces may be pieces of their own (indentation). Ids pad 0, bos 1, eos 2, unk 3, the byte
+    tokenizer's layout."""
     import os
+    import tempfile
 
     import sentencepiece as spm
 
-    def lines():
-        for text in texts:
-            yield from (line for line in text.split("\n") if line.strip())
-
     model = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=0.9995,
-            num_threads=num_threads or os.cpu_count() or 1, max_sentence_length=1 << 16,
-            hard_vocab_limit=True, minloglevel=2,
-        )
-    except RuntimeError as e:
-        raise DataError(f"training the SentencePiece tokenizer failed: {str(e).splitlines()[0]} "
-                        f"(tokenizer.vocab_size={vocab_size} may be too large for the sample)") from None
+    with tempfile.TemporaryDirectory() as rules:
+        escape, unescape = Path(rules) / "escape.tsv", Path(rules) / "unescape.tsv"
+        escape.write_text(_ESCAPE_RULES)
+        unescape.write_text(_UNESCAPE_RULES)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_training_sentences(texts), model_writer=model, vocab_size=vocab_size,
+                model_type=model_type, normalization_rule_tsv=str(escape), denormalization_rule_tsv=str(unescape),
+                remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+                byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=0.9995,
+                num_threads=num_threads or os.cpu_count() or 1, max_sentence_length=_MAX_SENTENCE_BYTES,
+                hard_vocab_limit=True, minloglevel=2,
+            )
+        except RuntimeError as e:
+            raise DataError(f"training the SentencePiece tokenizer failed: {str(e).splitlines()[0]} "
+                            f"(tokenizer.vocab_size={vocab_size} may be too large for the sample)") from None
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, out_path)
     return SentencePieceTokenizer(out_path)
+
+
+# What a lossy tokenizer typically drops (a normalizer such as NFKC, whitespace trimming and collapsing,
+# no byte fallback), each with a short text that shows it.
+_FIDELITY_PROBES = {
+    "newlines": "a\nb\n\nc",
+    "carriage returns": "a\r\nb",
+    "tabs": "a\tb",
+    "runs of spaces": "a  b   c",
+    "leading and trailing spaces": " a ",
+    "compatibility characters such as 'ﬁ' (NFKC)": "ﬁ ＡＢＣ１２３",
+}
+
+
+def lost_text(tokenizer) -> list[str]:
+    """What decode(encode(text)) does not give back with this tokenizer, as names of _FIDELITY_PROBES."""
+    return [name for name, text in _FIDELITY_PROBES.items() if tokenizer.decode(tokenizer.encode(text)) != text]
+
+
+def require_lossless(tokenizer, path: str | Path) -> None:
+    """Refuse a tokenizer file that would change the documents it encodes (see lost_text)."""
+    lost = lost_text(tokenizer)
+    if not lost:
+        return
+    why = ""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        try:
+            from sentencepiece import sentencepiece_model_pb2  # needs protobuf; only to say why
+        except (ImportError, TypeError):  # no protobuf, or one its generated code does not support
+            pass
+        else:
+            spec = sentencepiece_model_pb2.ModelProto.FromString(tokenizer.sp.serialized_model_proto()).normalizer_spec
+            why = f" (normalizer {spec.name!r}, remove_extra_whitespaces={str(spec.remove_extra_whitespaces).lower()})"
+    raise DataError(f"{path}: the tokenizer does not give text back as it was{why}: it loses {', '.join(lost)}; "
+                    f"set tokenizer.allow_lossy=true to prepare data with it anyway")
 
 
 def load_tokenizer(kind: str, path: str | Path | None = None):
