@@ -65,11 +65,18 @@ def open_manifest(shard_dir: str, cache_dir: str) -> Manifest:
 
 
 def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_dir: str, num_workers: int = 0,
-                 shuffle: bool = True, vocab_size: int | None = None):
+                 shuffle: bool = True, vocab_size: int | None = None, num_canonical_nodes: int = 1):
     """A StreamingDataLoader yielding (batch, seq_len + 1) int64 tensors for this rank.
 
     batch_size is per rank. Remote shards are cached under cache_dir/split. With vocab_size, a sample
     holding a token id outside [0, vocab_size) raises DataError naming its shard before it is batched.
+
+    The order is elastic: streaming shuffles the samples into one global sequence that depends on the seed,
+    the epoch and num_canonical_nodes only, and the i-th batch of every rank together is the i-th slice of
+    batch_size x world size samples of it. So k consecutive such slices (an optimizer step of a fixed global
+    batch) hold the same samples on 1, 2 or 4 ranks, whatever the accumulation, as long as
+    num_canonical_nodes stays the same and the node count divides it or is a multiple of it. (Within an
+    epoch: the few samples left at its end, dropped as an incomplete batch, depend on the rank count.)
     """
     from streaming import StreamingDataLoader, StreamingDataset
     from streaming.base.util import clean_stale_shared_memory
@@ -84,7 +91,7 @@ def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_d
         remote, local = None, str(Path(shard_dir) / split)
         verify_shards(Path(local))
     options = dict(remote=remote, local=local, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
-                   validate_hash="xxh64" if remote else None, num_canonical_nodes=1)
+                   validate_hash="xxh64" if remote else None, num_canonical_nodes=num_canonical_nodes)
     dataset = StreamingDataset(**options) if vocab_size is None else VocabCheckedDataset(vocab_size=vocab_size, **options)
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                                drop_last=True, persistent_workers=False)

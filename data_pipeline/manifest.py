@@ -45,10 +45,13 @@ class Manifest:
     seq_len: int
     token_dtype: str
     tokenizer: dict  # kind, file (inside the shard folder, or None), sha256, vocab_size, special ids
-    sources: list[dict]  # each source's config plus the documents it gave
+    sources: list[dict]  # each source's config plus the documents and tokens (EOS included) it gave
     seed: int
     splits: dict[str, SplitStats] = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
+    # a prepare in parts: {"count": N, "joint": {split: {"order": parts, "held_tokens": per part}}}, the parts'
+    # ends packed into <split>/joint/ in that order; empty for data prepared in one job
+    parts: dict = field(default_factory=dict)
     version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

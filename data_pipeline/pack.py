@@ -2,13 +2,24 @@
 
 Documents are routed to the train or validation split by a seeded draw, tokenized in a process pool
 (order kept, so the output is a pure function of the config), joined with EOS, and cut into samples
-of seq_len + 1 tokens written with mosaicml-streaming's MDSWriter (zstd, xxh64 hashes). The last
-incomplete sample of each split is dropped and counted in the manifest. Shards go to a local folder
-or, through streaming's uploaders, to a remote (s3://, gs://, ...).
+of seq_len + 1 tokens written as MDS shards (data_pipeline.shards: zstd, xxh64 hashes; the pool compresses
+them too). The last incomplete sample of each split is dropped and counted in the manifest. Shards go
+to a local folder or, through streaming's uploaders, to a remote (s3://, gs://, ...).
+
+Preparation is a stage of its own, run before training (`ssmforge prepare CONFIG`); a training job prepares
+missing shards itself only for small data (`prepare_in_job`). A large source can be prepared by several jobs
+(a SLURM array): the document stream is cut into blocks of BATCH_DOCUMENTS documents, part I of N
+tokenizes, packs and writes blocks I, I + N, I + 2N, ... into `<split>/part-I-of-N/` and leaves its
+unwritten end (at least one sample's worth) and a record in `parts/`; `merge_parts` packs those ends into
+`<split>/joint/`, drops exactly the tokens a single job would drop (the end of the stream), lists every
+shard in one `<split>/index.json` and writes the one manifest. The dataset then holds the documents of a
+single job's, each whole but the one a single job cuts too, and the same samples, tokens and dropped tail
+per split; only which document lands in which sample differs.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -21,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ssmforge.errors import DataError
+from ssmforge.errors import ConfigError, DataError
 
-from .manifest import MANIFEST_FILE, Manifest, SplitStats, find_manifest, fingerprint, is_remote
-from .sources import SkipCounter, mixed_documents
+from .manifest import MANIFEST_FILE, Manifest, SplitStats, find_manifest, fingerprint, is_remote, read_manifest
+from .shards import INDEX_FILE, ShardWriter, merge_indexes, write_json_atomic
+from .sources import SkipCounter, TokenBudget, expand_paths, mixed_documents
 from .tokenizer import (SENTENCEPIECE_TRAINER_VERSION, ByteTokenizer, load_tokenizer, require_lossless,
                         train_sentencepiece)
 
@@ -32,8 +44,15 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 TOKENIZER_FILE = "tokenizer.model"
-BATCH_DOCUMENTS = 256  # documents per task sent to a tokenizer process
-SHARD_BYTES = 1 << 26
+TOKENIZER_CONFIG_FILE = ".tokenizer-config"  # fingerprint of the settings a trained tokenizer.model came from
+PARTS_DIR = "parts"
+JOINT_DIR = "joint"
+BATCH_DOCUMENTS = 256  # documents per task sent to a tokenizer process, and the block a part takes
+LOG_EVERY_S = 60.0  # progress lines when stderr is not a terminal
+# A training job prepares missing shards itself only for data this small (well inside the collective timeout
+# that the other ranks wait under); anything larger is `ssmforge prepare CONFIG`, run first.
+IN_JOB_LOCAL_BYTES = 64 << 20
+IN_JOB_SYNTHETIC_DOCUMENTS = 100_000
 
 
 def data_fingerprint(config) -> str:
@@ -43,7 +62,7 @@ def data_fingerprint(config) -> str:
     if tokenizer["kind"] == "sentencepiece" and not tokenizer["path"]:
         tokenizer["trainer_version"] = SENTENCEPIECE_TRAINER_VERSION  # shards of an older trainer are other data
     return fingerprint({
-        "sources": [dataclasses.asdict(s) for s in config.data.sources],
+        "sources": [_source_settings(s) for s in config.data.sources],
         "tokenizer": tokenizer,
         "seq_len": config.data.seq_len,
         "val_fraction": config.data.val_fraction,
@@ -52,28 +71,67 @@ def data_fingerprint(config) -> str:
     })
 
 
+def _source_settings(source) -> dict:
+    settings = dataclasses.asdict(source)
+    if settings["max_tokens"] is None:  # data prepared before budgets existed keeps its fingerprint
+        del settings["max_tokens"]
+    return settings
+
+
+def tokenizer_fingerprint(config) -> str:
+    """What a SentencePiece model trained here depends on: its settings and the documents it learns from (the
+    start of the mixture, which token budgets do not cut)."""
+    tokenizer = dataclasses.asdict(config.tokenizer)
+    del tokenizer["allow_lossy"]
+    sources = [{k: v for k, v in dataclasses.asdict(s).items() if k != "max_tokens"} for s in config.data.sources]
+    return fingerprint({"tokenizer": tokenizer, "trainer_version": SENTENCEPIECE_TRAINER_VERSION, "sources": sources,
+                        "invalid_utf8": config.data.invalid_utf8, "seed": config.seed})
+
+
+def cores() -> int:
+    """CPUs this process may run on (a SLURM allocation's, not the whole node's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 # -- tokenizer processes ---------------------------------------------------------------------------
 _worker = {}
 
 
 def _init_worker(kind: str, path: str | None, dtype: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: the pool is the parallelism
     tokenizer = load_tokenizer(kind, path)
-    _worker.update(tokenizer=tokenizer, eos=np.array([tokenizer.eos_id], dtype=dtype), dtype=dtype)
+    _worker.update(tokenizer=tokenizer, eos=tokenizer.eos_id, dtype=np.dtype(dtype))
 
 
-def _tokenize(texts: list[str]) -> list[np.ndarray]:
-    """Each document's ids with EOS appended, already in the shard dtype (half the bytes to send back)."""
+def _join(documents: list[np.ndarray], eos: int, dtype: np.dtype) -> np.ndarray:
+    """The documents' ids, each followed by EOS, as one array of the shard dtype."""
+    if not documents:
+        return np.empty(0, dtype)
+    ends = np.cumsum([len(d) for d in documents])
+    return np.insert(np.concatenate(documents).astype(dtype, copy=False), ends, eos)
+
+
+def _tokenize(texts: list[str], to_val: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train stream, val stream, tokens per document): the EOS-joined ids of the documents of each split, in
+    the shard dtype, and each document's token count, EOS included."""
     eos, dtype = _worker["eos"], _worker["dtype"]
-    return [np.concatenate([ids.astype(dtype, copy=False), eos]) for ids in _worker["tokenizer"].encode_batch(texts)]
+    ids = _worker["tokenizer"].encode_batch(texts)
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + 1
+    train = _join([d for d, v in zip(ids, to_val) if not v], eos, dtype)
+    val = _join([d for d, v in zip(ids, to_val) if v], eos, dtype)
+    return train, val, lengths
 
 
-def _tokenized(pool, documents, window: int):
-    """(batch of documents, their token arrays) in input order, with at most `window` batches in
-    flight so that an endless hub stream never piles up in memory."""
+def _tokenized(pool, blocks, window: int):
+    """(block, result of _tokenize) in input order, with at most `window` blocks in flight so that an endless
+    hub stream never piles up in memory."""
     inflight = deque()
-    while batch := list(islice(documents, BATCH_DOCUMENTS)):
-        inflight.append((batch, pool.apply_async(_tokenize, ([text for _, text, _ in batch],))))
+    for block in blocks:
+        start, documents, to_val = block
+        inflight.append((block, pool.apply_async(_tokenize, ([text for _, text, _ in documents], to_val))))
         if len(inflight) >= window:
             done, result = inflight.popleft()
             yield done, result.get()
@@ -82,42 +140,156 @@ def _tokenized(pool, documents, window: int):
         yield done, result.get()
 
 
-# -- the stage -------------------------------------------------------------------------------------
-class SplitWriter:
-    """Accumulates one split's EOS-joined token stream and writes full samples to an MDSWriter."""
+def _blocks(documents, rng: np.random.Generator, val_fraction: float, part: int, parts: int):
+    """(index of its first document in the stream, documents, which go to validation) for the blocks of
+    BATCH_DOCUMENTS documents this part takes: every parts-th, starting at the part-th. The split draw is made
+    for every document of every block, in order: one seeded stream whatever the number of parts."""
+    start = 0
+    for index, block in enumerate(iter(lambda: list(islice(documents, BATCH_DOCUMENTS)), [])):
+        to_val = rng.random(len(block)) < val_fraction
+        if index % parts == part:
+            yield start, block, to_val
+        start += len(block)
 
-    def __init__(self, writer, seq_len: int, dtype: np.dtype, track_surprisal: bool):
+
+# -- packing ---------------------------------------------------------------------------------------
+class SplitPacker:
+    """One split's EOS-joined token stream, cut into samples of seq_len + 1 and written to a ShardWriter.
+
+    A single job writes every full sample and drops what is left; a part (`hold`) keeps at least one sample's
+    worth unwritten (returned by finish, and `held_documents`: those that reach into it) for the merge, which
+    takes the tokens a single job would drop out of the parts' ends."""
+
+    def __init__(self, writer: ShardWriter, seq_len: int, dtype: np.dtype, track_surprisal: bool, hold: bool):
         self.writer, self.width, self.dtype = writer, seq_len + 1, dtype
+        self.keep = self.width if hold else 0
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
+        self.held_documents: deque | None = deque() if hold else None  # [stream index, tokens still pending]
         self.stats = SplitStats(surprisal_nats=0.0 if track_surprisal else None)
 
-    def add(self, documents: list[np.ndarray], surprisals: list[float | None]) -> None:
-        """Append documents (token arrays ending in EOS) and write every sample they complete."""
-        self.stats.documents += len(documents)
+    def add(self, stream: np.ndarray, indices: np.ndarray, lengths: np.ndarray, surprisal: float | None) -> None:
+        """Append documents (their EOS-joined tokens, stream indices and lengths) and write the samples they fill."""
+        self.stats.documents += len(lengths)
         if self.stats.surprisal_nats is not None:
-            self.stats.surprisal_nats += sum(surprisals)
-        self.pending += documents
-        self.pending_tokens += sum(len(d) for d in documents)
-        if self.pending_tokens >= self.width:
-            stream = np.concatenate(self.pending)
-            full = len(stream) // self.width * self.width
-            for sample in stream[:full].reshape(-1, self.width):
-                self.writer.write({"tokens": sample})
-            self.stats.samples += full // self.width
-            self.stats.tokens += full
-            rest = stream[full:]
-            self.pending, self.pending_tokens = [rest], len(rest)
+            self.stats.surprisal_nats += surprisal
+        if self.held_documents is not None:
+            self.held_documents.extend([i, n] for i, n in zip(indices.tolist(), lengths.tolist()))
+        self.pending.append(stream)
+        self.pending_tokens += len(stream)
+        samples = (self.pending_tokens - self.keep) // self.width
+        if samples <= 0:
+            return
+        stream = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        cut = samples * self.width
+        self.writer.write(stream[:cut].reshape(samples, self.width))
+        self.stats.samples += samples
+        self.stats.tokens += cut
+        self.pending, self.pending_tokens = [stream[cut:]], len(stream) - cut
+        while self.held_documents is not None and cut:
+            first = self.held_documents[0]
+            if first[1] <= cut:
+                cut -= first[1]
+                self.held_documents.popleft()
+            else:
+                first[1] -= cut
+                cut = 0
 
-    def finish(self) -> SplitStats:
-        self.stats.dropped_tail_tokens = self.pending_tokens
+    def finish(self) -> np.ndarray:
+        """Write the index; return the tokens not written (a single job's dropped tail, a part's held end)."""
         self.writer.finish()
-        return self.stats
+        return np.concatenate(self.pending) if self.pending else np.empty(0, self.dtype)
 
 
-def _resolve_tokenizer(config, work_dir: Path, skipped: SkipCounter):
-    """The tokenizer of the config: byte, a given file (refused if it would change the documents, unless
-    tokenizer.allow_lossy), or a SentencePiece model trained here (lossless by construction)."""
+@dataclasses.dataclass
+class Packed:
+    """What _pack wrote: per split the stats and the tokens left unwritten; per source documents and tokens."""
+
+    stats: dict[str, SplitStats]
+    held: dict[str, np.ndarray]
+    held_documents: dict[str, list[list[int]]]
+    source_documents: list[int]
+    source_tokens: list[int]
+    skipped: SkipCounter
+    seconds: float
+
+
+def _pack(config, kind: str, tokenizer_path: str | None, dtype: np.dtype, out: dict[str, Path],
+          part: int = 0, parts: int = 1, workers: int | None = None, upload=None, hold: bool = False) -> Packed:
+    """Stream the sources through the tokenizer pool into one SplitPacker per split writing into out[split]; with
+    `hold`, as a part of a prepare in parts (see SplitPacker)."""
+    sources = config.data.sources
+    skipped = SkipCounter()
+    budget = TokenBudget(sources)
+    documents = mixed_documents(sources, config.seed, config.data.invalid_utf8, skipped)
+    blocks = _blocks(documents, np.random.default_rng(config.seed), config.data.val_fraction, part, parts)
+    track_surprisal = all(s.kind == "synthetic" for s in sources)
+    workers = workers or config.data.tokenize_workers or cores()
+    progress = Progress(f"prepare part {part} of {parts}" if parts > 1 else "prepare")
+    # forkserver: workers come from a clean process, never forked from one that runs gloo/NCCL threads
+    with multiprocessing.get_context("forkserver").Pool(workers, _init_worker, (kind, tokenizer_path, dtype.name)) as pool:
+        packers = {
+            name: SplitPacker(ShardWriter(out[name], dtype, config.data.seq_len + 1, submit=pool.apply_async,
+                                          on_file=upload and (lambda f, name=name: upload(name, f)),
+                                          max_inflight=workers),
+                              config.data.seq_len, dtype, track_surprisal, hold)
+            for name in SPLITS
+        }
+        for (start, block, to_val), (train, val, lengths) in _tokenized(pool, blocks, window=2 * workers):
+            n = budget.admit_batch([source for source, _, _ in block], lengths)
+            if n < len(block):  # a budget ended the stream inside this block
+                train = train[:int(lengths[:n][~to_val[:n]].sum())]
+                val = val[:int(lengths[:n][to_val[:n]].sum())]
+            for name, stream, flag in (("train", train, False), ("val", val, True)):
+                chosen = np.flatnonzero(to_val[:n] == flag)
+                surprisal = sum(block[i][2] for i in chosen) if track_surprisal else None
+                packers[name].add(stream, start + chosen, lengths[chosen], surprisal)
+            progress(int(lengths[:n].sum()))
+            if budget.ended:
+                break
+        held = {name: packer.finish() for name, packer in packers.items()}
+    progress.close()
+    return Packed(stats={name: p.stats for name, p in packers.items()}, held=held,
+                  held_documents={name: list(p.held_documents or []) for name, p in packers.items()},
+                  source_documents=budget.documents, source_tokens=budget.tokens, skipped=skipped,
+                  seconds=progress.elapsed())
+
+
+class Progress:
+    """Tokens done and tokens/s: a tqdm bar on a terminal, else a log line every LOG_EVERY_S seconds."""
+
+    def __init__(self, what: str):
+        self.what, self.tokens, self.start, self.logged = what, 0, time.perf_counter(), time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit="tok", unit_scale=True, desc=what)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __call__(self, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(tokens)
+        elif time.perf_counter() - self.logged >= LOG_EVERY_S:
+            self.logged = time.perf_counter()
+            log.info("%s: %.1fM tokens, %.2fM tokens/s", self.what, self.tokens / 1e6,
+                     self.tokens / max(self.elapsed(), 1e-9) / 1e6)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- the tokenizer ---------------------------------------------------------------------------------
+def _resolve_tokenizer(config, work_dir: Path, train: bool = True):
+    """The tokenizer of the config and its file: byte (no file), a given file (refused if it would change the
+    documents, unless tokenizer.allow_lossy), or a SentencePiece model trained here (lossless by
+    construction) on the first tokenizer.train_documents documents of the mixture (max_documents applies;
+    max_tokens cannot, it counts this tokenizer's tokens). A model trained before from the same settings
+    (work_dir/tokenizer.model beside its .tokenizer-config) is reused; with train=False there must be one."""
     tok = config.tokenizer
     if tok.kind == "byte":
         return ByteTokenizer(), None
@@ -126,13 +298,49 @@ def _resolve_tokenizer(config, work_dir: Path, skipped: SkipCounter):
         if not tok.allow_lossy:
             require_lossless(tokenizer, tok.path)
         return tokenizer, tok.path
+    path, settings = work_dir / TOKENIZER_FILE, work_dir / TOKENIZER_CONFIG_FILE
+    expected = tokenizer_fingerprint(config)
+    if path.is_file() and settings.is_file() and settings.read_text().strip() == expected:
+        return load_tokenizer("sentencepiece", path), str(path)
+    if not train:
+        raise DataError(f"{work_dir}: no trained tokenizer for this config; the parts of a prepare share one, "
+                        f"trained once before them: run `ssmforge prepare CONFIG --train-tokenizer` first")
     sample = (text for _, text, _ in islice(
         mixed_documents(config.data.sources, config.seed, config.data.invalid_utf8, SkipCounter()),
         tok.train_documents))
     log.info("training a %s SentencePiece tokenizer (vocab %d) on up to %d documents", tok.model_type,
              tok.vocab_size, tok.train_documents)
-    path = work_dir / TOKENIZER_FILE
-    return train_sentencepiece(sample, path, tok.vocab_size, tok.model_type), str(path)
+    settings.unlink(missing_ok=True)
+    tokenizer = train_sentencepiece(sample, path, tok.vocab_size, tok.model_type)
+    settings.write_text(expected + "\n")
+    return tokenizer, str(path)
+
+
+def _checked_tokenizer(config, work_dir: Path, train: bool = True):
+    """(tokenizer, its file or None, kind, shard dtype), the tokenizer checked against the model."""
+    tokenizer, path = _resolve_tokenizer(config, work_dir, train)
+    if tokenizer.eos_id is None or tokenizer.eos_id < 0:
+        raise DataError(f"{path}: the tokenizer has no EOS id, needed between documents")
+    if tokenizer.vocab_size > config.model.padded_vocab_size:
+        raise DataError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
+                        f"{config.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+    kind = "byte" if isinstance(tokenizer, ByteTokenizer) else config.tokenizer.kind
+    return tokenizer, path, kind, dtype
+
+
+def _tokenizer_record(tokenizer, kind: str, path: str | None) -> dict:
+    return {"kind": kind, "file": TOKENIZER_FILE if path else None, "sha256": tokenizer.fingerprint(),
+            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+            "bos_id": tokenizer.bos_id}
+
+
+# -- the stage -------------------------------------------------------------------------------------
+def _destination(config) -> tuple[str, bool, Path]:
+    """(data.shard_dir, whether it is remote, the local folder written: the shard folder or a staging one)."""
+    out = config.data.shard_dir
+    remote = is_remote(out)
+    return out, remote, Path(config.data.cache_dir) / "prepare" if remote else Path(out)
 
 
 def _check_destination(out: str, local: Path, expected: str) -> Manifest | None:
@@ -145,18 +353,15 @@ def _check_destination(out: str, local: Path, expected: str) -> Manifest | None:
                             f"data.shard_dir or remove that folder")
         return existing
     leftovers = [p.name for p in local.iterdir()] if local.is_dir() else []
-    if any(name not in (*SPLITS, TOKENIZER_FILE, ".preparing") for name in leftovers):
+    ours = (*SPLITS, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, PARTS_DIR, ".preparing")
+    if any(name not in ours for name in leftovers):
         raise DataError(f"{out}: folder is not empty and holds no ssmforge manifest; refusing to write into it")
     return None
 
 
 def prepare(config, workers: int | None = None) -> Manifest:
-    """Build the shards for `config.data` into `config.data.shard_dir`; idempotent (see module doc)."""
-    from streaming import MDSWriter
-
-    out = config.data.shard_dir
-    remote = is_remote(out)
-    local = Path(config.data.cache_dir) / "prepare" if remote else Path(out)
+    """Build the shards for `config.data` into `config.data.shard_dir` in this job; idempotent (see module doc)."""
+    out, remote, local = _destination(config)
     local.mkdir(parents=True, exist_ok=True)
     expected = data_fingerprint(config)
     existing = _check_destination(out, local, expected)
@@ -164,70 +369,54 @@ def prepare(config, workers: int | None = None) -> Manifest:
         log.info("%s already holds this dataset (%d train samples); nothing to do", out,
                  existing.splits["train"].samples)
         return existing
-    for name in SPLITS:  # a run that died half-way left these; they are ours (no manifest yet)
+    for name in (*SPLITS, PARTS_DIR):  # a run that died half-way left these; they are ours (no manifest yet)
         shutil.rmtree(local / name, ignore_errors=True)
 
-    skipped = SkipCounter()
-    tokenizer, tokenizer_path = _resolve_tokenizer(config, local, skipped)
-    if tokenizer.eos_id is None or tokenizer.eos_id < 0:
-        raise DataError(f"{tokenizer_path}: the tokenizer has no EOS id, needed between documents")
-    if tokenizer.vocab_size > config.model.padded_vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
-                        f"{config.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
-    seq_len = config.data.seq_len
-    all_synthetic = all(s.kind == "synthetic" for s in config.data.sources)
-    writers = {
-        name: SplitWriter(MDSWriter(
-            out=(str(local / name), f"{out.rstrip('/')}/{name}") if remote else str(local / name),
-            columns={"tokens": f"ndarray:{dtype.name}:{seq_len + 1}"}, compression="zstd", hashes=["xxh64"],
-            size_limit=SHARD_BYTES, exist_ok=True), seq_len, dtype, all_synthetic)
-        for name in SPLITS
-    }
-    per_source = [0] * len(config.data.sources)
-    documents = mixed_documents(config.data.sources, config.seed, config.data.invalid_utf8, skipped)
-    split_rng = np.random.default_rng(config.seed)
-    workers = workers or config.data.tokenize_workers or os.cpu_count() or 1
-    kind = "byte" if isinstance(tokenizer, ByteTokenizer) else config.tokenizer.kind
-    start, total_tokens = time.perf_counter(), 0
-    progress = _progress()
-    # forkserver: workers come from a clean process, never forked from one that runs gloo/NCCL threads
-    with multiprocessing.get_context("forkserver").Pool(workers, _init_worker, (kind, tokenizer_path, dtype.name)) as pool:
-        for batch, tokens_of_batch in _tokenized(pool, documents, window=2 * workers):
-            # one seeded draw per document, in order: the same stream as drawing them one at a time
-            to_val = split_rng.random(len(batch)) < config.data.val_fraction
-            for split, flag in (("train", False), ("val", True)):
-                chosen = [i for i in range(len(batch)) if to_val[i] == flag]
-                writers[split].add([tokens_of_batch[i] for i in chosen], [batch[i][2] for i in chosen])
-            for source, _, _ in batch:
-                per_source[source] += 1
-            total_tokens += sum(len(t) for t in tokens_of_batch)
-            progress(total_tokens, start)
-    stats = {name: writer.finish() for name, writer in writers.items()}
-    elapsed = time.perf_counter() - start
+    tokenizer, tokenizer_path, kind, dtype = _checked_tokenizer(config, local)
+    upload = None
+    if remote:
+        from streaming.base.storage import CloudUploader
+
+        uploaders = {name: CloudUploader.get((str(local / name), f"{out.rstrip('/')}/{name}"), exist_ok=True)
+                     for name in SPLITS}  # each file is removed here once uploaded
+        upload = lambda split, name: uploaders[split].upload_file(name)  # noqa: E731
+    packed = _pack(config, kind, tokenizer_path, dtype, {name: local / name for name in SPLITS}, workers=workers,
+                   upload=upload)
+    stats = packed.stats
+    for name in SPLITS:
+        stats[name].dropped_tail_tokens = len(packed.held[name])
+    total_tokens = sum(packed.source_tokens)
     if stats["train"].samples == 0:
         raise DataError(f"{out}: the sources gave {total_tokens} tokens, fewer than one training sample of "
-                        f"{seq_len + 1}; add data or lower data.seq_len")
+                        f"{config.data.seq_len + 1}; add data or lower data.seq_len")
     manifest = Manifest(
-        fingerprint=expected, seq_len=seq_len, token_dtype=dtype.name, seed=config.seed,
-        tokenizer={"kind": kind, "file": TOKENIZER_FILE if tokenizer_path else None,
-                   "sha256": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size,
-                   "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id},
-        sources=[{**dataclasses.asdict(s), "documents": n} for s, n in zip(config.data.sources, per_source)],
-        splits=stats, skipped=dataclasses.asdict(skipped),
+        fingerprint=expected, seq_len=config.data.seq_len, token_dtype=dtype.name, seed=config.seed,
+        tokenizer=_tokenizer_record(tokenizer, kind, tokenizer_path),
+        sources=_source_records(config, packed.source_documents, packed.source_tokens),
+        splits=stats, skipped=dataclasses.asdict(packed.skipped),
     )
+    _finish(manifest, local, out, remote, tokenizer_path)
+    log.info("prepared %s: %d documents, %d tokens in %.1fs (%.2fM tokens/s); train %d samples, val %d samples%s",
+             out, sum(packed.source_documents), total_tokens, packed.seconds,
+             total_tokens / max(packed.seconds, 1e-9) / 1e6, stats["train"].samples, stats["val"].samples,
+             f"; skipped {packed.skipped.invalid_utf8} documents with invalid UTF-8" if packed.skipped.invalid_utf8
+             else "")
+    return manifest
+
+
+def _source_records(config, documents: list[int], tokens: list[int]) -> list[dict]:
+    """Each source's settings and what it gave: documents, and tokens (EOS included, before packing)."""
+    return [{**dataclasses.asdict(s), "documents": d, "tokens": t}
+            for s, d, t in zip(config.data.sources, documents, tokens)]
+
+
+def _finish(manifest: Manifest, local: Path, out: str, remote: bool, tokenizer_path: str | None) -> None:
+    """Put the tokenizer beside the shards and write the manifest, last: its presence marks the data complete."""
     if tokenizer_path and Path(tokenizer_path) != local / TOKENIZER_FILE:
         shutil.copyfile(tokenizer_path, local / TOKENIZER_FILE)
-    manifest.write(local)  # last: its presence marks the dataset complete
+    manifest.write(local)
     if remote:
         _upload(local, out, [TOKENIZER_FILE] * bool(tokenizer_path) + [MANIFEST_FILE])
-    if progress.bar is not None:
-        progress.bar.close()
-    log.info("prepared %s: %d documents, %d tokens in %.1fs (%.2fM tokens/s); train %d samples, val %d samples%s",
-             out, sum(per_source), total_tokens, elapsed, total_tokens / max(elapsed, 1e-9) / 1e6,
-             stats["train"].samples, stats["val"].samples,
-             f"; skipped {skipped.invalid_utf8} documents with invalid UTF-8" if skipped.invalid_utf8 else "")
-    return manifest
 
 
 def _upload(local: Path, remote: str, names: list[str]) -> None:
@@ -238,16 +427,242 @@ def _upload(local: Path, remote: str, names: list[str]) -> None:
         uploader.upload_file(name)
 
 
-class _progress:
-    """A tqdm bar of tokens with tokens/s on a terminal; silent otherwise."""
+def prepare_tokenizer(config) -> str | None:
+    """Train the SentencePiece tokenizer of the config into the shard folder, once (a model trained from the same
+    settings is kept); return its path, or None when the config trains none (byte, or a tokenizer.path)."""
+    out, remote, local = _destination(config)
+    local.mkdir(parents=True, exist_ok=True)
+    existing = _check_destination(out, local, data_fingerprint(config))
+    if config.tokenizer.kind == "byte" or config.tokenizer.path:
+        return None
+    if existing is not None and existing.tokenizer["file"]:
+        return str(local / existing.tokenizer["file"]) if not remote else f"{out.rstrip('/')}/{TOKENIZER_FILE}"
+    _, path, _, _ = _checked_tokenizer(config, local)
+    return path
 
-    def __init__(self):
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
 
-            self.bar = tqdm(unit="tok", unit_scale=True, desc="prepare")
+# -- a prepare in parts ----------------------------------------------------------------------------
+def part_name(part: int, parts: int) -> str:
+    return f"part-{part:05}-of-{parts:05}"
 
-    def __call__(self, total_tokens: int, start: float) -> None:
-        if self.bar is not None:
-            self.bar.update(total_tokens - self.bar.n)
+
+@dataclasses.dataclass
+class PartResult:
+    """A part's record (what it wrote), how many parts are done, and the merged manifest once all are."""
+
+    record: dict
+    done: int
+    manifest: Manifest | None
+
+
+def prepare_part(config, part: int, parts: int, workers: int | None = None) -> PartResult:
+    """Prepare part `part` of `parts` (see the module doc) and, when every part is done, merge them.
+
+    Idempotent: a finished part does nothing, one that died half-way starts over. Every part reads the whole
+    document stream (skipping others' blocks costs reading them, not tokenizing, packing or writing them), so
+    the sources must give every part the same stream, and data.shard_dir must be a folder all parts share."""
+    if parts < 1 or not 0 <= part < parts:
+        raise ConfigError(f"--part {part} --parts {parts}: the part must be in 0..{parts - 1}")
+    out, remote, local = _destination(config)
+    if remote:
+        raise DataError(f"data.shard_dir={out}: a prepare in parts writes into a folder every part shares (a shared "
+                        f"filesystem); prepare there and copy the folder to the remote, or prepare in one job")
+    for i, source in enumerate(config.data.sources):
+        if source.max_tokens is not None and parts > 1:
+            raise ConfigError(f"data.sources.{i}.max_tokens={source.max_tokens} cannot be split over parts: where a "
+                              f"source's budget ends depends on the token count of every document before it, which "
+                              f"no part tokenizes; cap it with max_documents, or prepare in one job (it uses "
+                              f"every core)")
+    local.mkdir(parents=True, exist_ok=True)
+    expected = data_fingerprint(config)
+    existing = _check_destination(out, local, expected)
+    if existing is not None:
+        log.info("%s already holds this dataset; nothing to do", out)
+        return PartResult(record={}, done=parts, manifest=existing)
+    records = _part_records(local, expected, parts)
+    if part in records:
+        log.info("%s of %s is done already; nothing to do", part_name(part, parts), out)
+        record = records[part]
+    else:
+        record = _prepare_part(config, local, expected, part, parts, workers)
+        records[part] = record
+    if len(records) < parts:
+        return PartResult(record=record, done=len(records), manifest=None)
+    return PartResult(record=record, done=parts, manifest=merge_parts(config))
+
+
+def _part_records(local: Path, expected: str, parts: int | None) -> dict[int, dict]:
+    """The records of finished parts, by part; refuse those of another config or another number of parts."""
+    records = {}
+    for path in sorted((local / PARTS_DIR).glob("part-*.json")):
+        record = json.loads(path.read_text())
+        if record["fingerprint"] != expected:
+            raise DataError(f"{path}: a part prepared from a different config; remove {local / PARTS_DIR} or "
+                            f"choose another data.shard_dir")
+        if parts is not None and record["parts"] != parts:
+            raise DataError(f"{path}: {local} holds parts of a prepare in {record['parts']} parts, not {parts}; "
+                            f"use --parts {record['parts']}, or remove {local / PARTS_DIR} and the split folders "
+                            f"to start over")
+        parts = record["parts"]
+        records[record["part"]] = record
+    return records
+
+
+def _prepare_part(config, local: Path, expected: str, part: int, parts: int, workers: int | None) -> dict:
+    name = part_name(part, parts)
+    tokenizer, tokenizer_path, kind, dtype = _checked_tokenizer(config, local, train=False)
+    folders = {split: local / split / name for split in SPLITS}
+    for folder in folders.values():  # what a part that died half-way left
+        shutil.rmtree(folder, ignore_errors=True)
+    packed = _pack(config, kind, tokenizer_path, dtype, folders, part, parts, workers, hold=True)
+    (local / PARTS_DIR).mkdir(exist_ok=True)
+    for split in SPLITS:
+        np.save(local / PARTS_DIR / f"{name}.{split}.npy", packed.held[split])
+    record = {
+        "fingerprint": expected, "part": part, "parts": parts, "token_dtype": dtype.name,
+        "tokenizer": _tokenizer_record(tokenizer, kind, tokenizer_path),
+        "splits": {split: {**dataclasses.asdict(packed.stats[split]), "held_tokens": len(packed.held[split]),
+                           "held_documents": packed.held_documents[split]} for split in SPLITS},
+        "source_documents": packed.source_documents, "source_tokens": packed.source_tokens,
+        "skipped": dataclasses.asdict(packed.skipped), "seconds": packed.seconds,
+    }
+    write_json_atomic(local / PARTS_DIR / f"{name}.json", record)  # last: its presence marks the part done
+    tokens = sum(packed.source_tokens)
+    log.info("prepared %s: %d documents, %d tokens in %.1fs (%.2fM tokens/s)", name, sum(packed.source_documents),
+             tokens, packed.seconds, tokens / max(packed.seconds, 1e-9) / 1e6)
+    return record
+
+
+def merge_parts(config) -> Manifest:
+    """Merge the finished parts of a prepare in parts into one dataset and its manifest (see the module doc);
+    idempotent, and safe to run from two jobs at once (they write the same files, each through a rename)."""
+    out, _, local = _destination(config)
+    expected = data_fingerprint(config)
+    existing = _check_destination(out, local, expected)
+    if existing is not None:
+        return existing
+    records = _part_records(local, expected, None)
+    if not records:
+        raise DataError(f"{out}: no finished parts to merge; run `ssmforge prepare CONFIG --parts N --part I` for "
+                        f"every part first")
+    parts = next(iter(records.values()))["parts"]
+    missing = [i for i in range(parts) if i not in records]
+    if missing:
+        raise DataError(f"{out}: parts {', '.join(map(str, missing))} of {parts} are not done yet; run them "
+                        f"(`ssmforge prepare CONFIG --parts {parts} --part I`), the last one merges")
+    records = [records[i] for i in range(parts)]
+    if len({json.dumps(r["tokenizer"], sort_keys=True) for r in records}) > 1:
+        raise DataError(f"{out}: the parts were tokenized with different tokenizer files; prepare them again")
+    width, dtype = config.data.seq_len + 1, np.dtype(records[0]["token_dtype"])
+    stats, layout = {}, {}
+    for split in SPLITS:
+        stats[split], layout[split] = _merge_split(local / split, local / PARTS_DIR, split, records, width, dtype)
+    if stats["train"].samples == 0:
+        raise DataError(f"{out}: the sources gave {sum(sum(r['source_tokens']) for r in records)} tokens, fewer "
+                        f"than one training sample of {width}; add data or lower data.seq_len")
+    first = records[0]
+    manifest = Manifest(
+        fingerprint=expected, seq_len=config.data.seq_len, token_dtype=dtype.name, seed=config.seed,
+        tokenizer=first["tokenizer"],
+        sources=_source_records(config, [sum(r["source_documents"][i] for r in records) for i in
+                                         range(len(config.data.sources))],
+                                [sum(r["source_tokens"][i] for r in records) for i in range(len(config.data.sources))]),
+        splits=stats, skipped=first["skipped"], parts={"count": parts, "joint": layout},
+    )
+    tokenizer_file = str(local / TOKENIZER_FILE) if first["tokenizer"]["file"] else None
+    _finish(manifest, local, out, False, config.tokenizer.path if config.tokenizer.path else tokenizer_file)
+    log.info("merged %d parts into %s: train %d samples, val %d samples", parts, out, stats["train"].samples,
+             stats["val"].samples)
+    return manifest
+
+
+def _merge_split(split_dir: Path, parts_dir: Path, split: str, records: list[dict], width: int,
+                 dtype: np.dtype) -> tuple[SplitStats, dict]:
+    """One split's parts into one: the tokens a single job would drop (the last total % width of the stream,
+    at the end of its last documents, which lie in the parts' held ends) are taken off, the rest of the held
+    ends is packed into joint/ (the part holding the document that is cut, last, so that its kept start ends
+    the stream as in a single job), and index.json lists every part's shards and joint's."""
+    parts = len(records)
+    own = [r["splits"][split] for r in records]
+    held = [np.load(parts_dir / f"{part_name(i, parts)}.{split}.npy") for i in range(parts)]
+    total = sum(s["tokens"] + s["held_tokens"] for s in own)
+    drop = total % width
+    cut, cut_document_part, dropped = [0] * parts, None, 0
+    for index, length, part in sorted(((i, n, p) for p, s in enumerate(own) for i, n in s["held_documents"]),
+                                      reverse=True):
+        if dropped == drop:
+            break
+        take = min(length, drop - dropped)
+        cut[part] += take
+        dropped += take
+        if take < length:
+            cut_document_part = part
+    if dropped != drop:  # cannot happen: every part holds at least one sample's worth, more than `drop`
+        raise DataError(f"{split_dir}: the parts' held tokens do not cover the stream's end; prepare them again")
+    order = [p for p in range(parts) if p != cut_document_part] + [cut_document_part] * (cut_document_part is not None)
+    joint = np.concatenate([held[p][:len(held[p]) - cut[p]] for p in order] or [np.empty(0, dtype)]).astype(dtype)
+    assert len(joint) % width == 0, (len(joint), width)
+    tmp = split_dir / f".{JOINT_DIR}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    writer = ShardWriter(tmp, dtype, width)
+    writer.write(joint.reshape(-1, width))
+    joint_samples = writer.finish()
+    _replace_folder(tmp, split_dir / JOINT_DIR)
+    samples = merge_indexes(split_dir, [part_name(i, parts) for i in range(parts)] + [JOINT_DIR])
+    assert samples == sum(s["samples"] for s in own) + joint_samples
+    surprisals = [s["surprisal_nats"] for s in own]
+    stats = SplitStats(samples=samples, tokens=samples * width, documents=sum(s["documents"] for s in own),
+                       dropped_tail_tokens=drop,
+                       surprisal_nats=None if None in surprisals else float(sum(surprisals)))
+    return stats, {"order": order, "held_tokens": [len(held[p]) - cut[p] for p in order]}
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Move `new` to `target`; where target exists with the same index (another merge of the same parts wrote
+    it), keep it and drop `new`."""
+    if target.is_dir():
+        if (target / INDEX_FILE).is_file() and (target / INDEX_FILE).read_bytes() == (new / INDEX_FILE).read_bytes():
+            shutil.rmtree(new, ignore_errors=True)
+            return
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.rename(new, target)
+    except OSError:  # another merge put it there in between: the same content
+        shutil.rmtree(new, ignore_errors=True)
+
+
+# -- inside a training job -------------------------------------------------------------------------
+def prepare_in_job(config, command: str = "ssmforge prepare CONFIG") -> bool:
+    """Whether a training job should prepare the shards itself before it trains. False when they are there
+    (raises DataError if they were prepared from another config). When they are missing: True for small data
+    only (the embedded synthetic corpus up to IN_JOB_SYNTHETIC_DOCUMENTS documents, local files totalling up to
+    IN_JOB_LOCAL_BYTES); anything else raises DataError telling to run `command` first, since preparing it
+    would hold every other rank of the job waiting. Reads only the config and the shard folder, so every rank
+    decides the same, before anything starts. A remote shard folder is never prepared here (False)."""
+    out = config.data.shard_dir
+    if is_remote(out):
+        return False
+    existing = read_manifest(out)
+    if existing is not None:
+        expected = data_fingerprint(config)
+        if existing.fingerprint != expected:
+            raise DataError(f"{out}: already holds data prepared from a different config (fingerprint "
+                            f"{existing.fingerprint[:12]}, this config {expected[:12]}); choose another "
+                            f"data.shard_dir, remove that folder, or run `{command}` for this config elsewhere")
+        return False
+    large, local_bytes = [], 0
+    for i, source in enumerate(config.data.sources):
+        if source.kind == "hub":
+            large.append(f"data.sources.{i} (hub dataset {source.name})")
+        elif source.kind == "local":
+            local_bytes += sum(path.stat().st_size for path in expand_paths(list(source.paths)))
+        elif source.max_documents is None or source.max_documents > IN_JOB_SYNTHETIC_DOCUMENTS:
+            large.append(f"data.sources.{i} (synthetic, {source.max_documents or 'unbounded'} documents, more than "
+                         f"{IN_JOB_SYNTHETIC_DOCUMENTS:,})")
+    if local_bytes > IN_JOB_LOCAL_BYTES:
+        large.append(f"the local files ({local_bytes / 2**20:.0f} MiB, more than {IN_JOB_LOCAL_BYTES >> 20} MiB)")
+    if large:
+        raise DataError(f"{out} holds no prepared shards, and {' and '.join(large)} "
+                        f"{'are' if len(large) > 1 else 'is'} too large to prepare inside a training job; run "
+                        f"`{command}` first")
+    return True

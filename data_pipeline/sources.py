@@ -7,6 +7,7 @@ each problem (empty file, invalid UTF-8, a missing text field) is reported with 
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
@@ -128,16 +129,19 @@ def hub_documents(name: str, subset: str | None, split: str, text_field: str, st
         yield row[text_field]
 
 
-def synthetic_documents(seed: int, count: int) -> Iterator[tuple[str, float]]:
-    """(text, -ln P(text)) from the embedded synthetic corpus."""
+def synthetic_documents(seed: int, count: int | None) -> Iterator[tuple[str, float]]:
+    """(text, -ln P(text)) from the embedded synthetic corpus: `count` documents, or without end when None."""
     from .synthetic import SyntheticCorpus
 
-    for doc in SyntheticCorpus(seed=seed).documents(count):
+    corpus = SyntheticCorpus(seed=seed)
+    for i in range(count) if count is not None else itertools.count():
+        doc = corpus.document(i)
         yield doc.text, doc.surprisal_nats
 
 
 def source_documents(source, seed: int, policy: str, skipped: SkipCounter) -> Iterator[tuple[str, float | None]]:
-    """(text, surprisal in nats where the source knows it, else None), capped at max_documents."""
+    """(text, surprisal in nats where the source knows it, else None), capped at max_documents. The token budget
+    (max_tokens) needs the tokenizer's counts and is applied by TokenBudget where they are known."""
     if source.kind == "synthetic":
         docs = synthetic_documents(seed, source.max_documents)
     else:
@@ -156,7 +160,8 @@ def mixed_documents(sources, seed: int, policy: str,
                     skipped: SkipCounter) -> Iterator[tuple[int, str, float | None]]:
     """(source index, text, surprisal or None): each next document comes from source i with probability weight_i / sum of
     weights, until the first source runs out (as datasets' interleave_datasets does by default), so
-    the mixture keeps its proportions. The manifest records how many documents each source gave."""
+    the mixture keeps its proportions. The manifest records how many documents each source gave. A source
+    whose token budget is spent has run out too: TokenBudget cuts this stream where that happens."""
     streams = [source_documents(s, seed + i, policy, skipped) for i, s in enumerate(sources)]
     weights = [s.weight for s in sources]
     if len(streams) == 1:  # nothing to mix
@@ -170,3 +175,46 @@ def mixed_documents(sources, seed: int, policy: str,
             yield (i, *next(streams[i]))
         except StopIteration:
             return
+
+
+class TokenBudget:
+    """The sources' token budgets (max_tokens) applied to the mixed stream once its documents are tokenized.
+
+    A document's tokens are its ids plus the EOS that follows it. A source with a budget gives documents while
+    the tokens it has given are below the budget: the document that reaches or passes it is the last one, whole
+    (no document is cut), so the source gives between max_tokens and max_tokens + that document's length - 1.
+    It has then run out, and the mixture stops where it would next draw from it, as it does for a source
+    that runs out of documents (with one source: right after that document). `admit` is called for each
+    document in stream order and says whether it belongs to the data; once it says no, the stream has ended.
+    """
+
+    def __init__(self, sources):
+        self.limits = [s.max_tokens for s in sources]
+        self.documents = [0] * len(sources)
+        self.tokens = [0] * len(sources)
+        self.spent = [False] * len(sources)
+        self.ended = False
+
+    def admit(self, source: int, tokens: int) -> bool:
+        if self.ended or self.spent[source]:
+            self.ended = True
+            return False
+        self.documents[source] += 1
+        self.tokens[source] += tokens
+        limit = self.limits[source]
+        if limit is not None and self.tokens[source] >= limit:
+            self.spent[source] = True
+            self.ended = len(self.limits) == 1
+        return True
+
+    def admit_batch(self, sources: list[int], lengths) -> int:
+        """How many documents of a batch (their sources and token counts, in order) belong to the data."""
+        if not any(limit is not None for limit in self.limits) and not self.ended:
+            for source, length in zip(sources, lengths):  # no budget: count only
+                self.documents[source] += 1
+                self.tokens[source] += int(length)
+            return len(sources)
+        for i, (source, length) in enumerate(zip(sources, lengths)):
+            if not self.admit(source, int(length)):
+                return i
+        return len(sources)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable
 
@@ -60,6 +62,7 @@ class SentencePieceTokenizer:
             raise DataError(f"{path}: not a loadable SentencePiece model ({str(e).splitlines()[0]})") from None
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = (
             self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id())
+        self.words = _WordCache(self.sp) if _encodes_word_by_word(self.sp) else None
 
     @property
     def vocab_size(self) -> int:
@@ -72,10 +75,90 @@ class SentencePieceTokenizer:
         return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """The ids of each text: sp.encode's, through a cache of words for the models trained here (see
+        _WordCache), about four times faster on English-like text."""
+        if self.words is not None:
+            return self.words.encode_batch(texts)
         return [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(texts)]
 
     def fingerprint(self) -> str:
         return file_sha256(self.path)
+
+
+# sha256 of the normalization rules train_sentencepiece compiles into its models (_ESCAPE_RULES), as SentencePiece
+# 0.2 compiles them; a model with other rules (or a SentencePiece that compiles them otherwise) is encoded as is.
+_ESCAPE_CHARSMAP_SHA256 = "29ecb1e75bef41aeadb03c37d0c9de1ed75f6e720642c59a1e6d94f1be29d7f1"
+_SEGMENTS = re.compile(r" *[^ ]+| +")
+
+
+def _encodes_word_by_word(sp) -> bool:
+    """Whether sp.encode(text) is the concatenation of sp.encode over the text's segments (a run of spaces and
+    the non-space characters after it), so that _WordCache gives the same ids. It is for a BPE model that merges
+    only within pieces of its vocabulary, when no piece holds a non-space character followed by a space (true of
+    every model trained with whitespace splitting, as train_sentencepiece does) and normalization maps each
+    character on its own, adds no prefix and keeps whitespace: our escape rules, which also keep a literal U+2581
+    from acting as a space. Needs protobuf to read the model; without it, False."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except (ImportError, TypeError):
+        return False
+    model = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
+    spec = model.normalizer_spec
+    if (model.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE or spec.add_dummy_prefix
+            or spec.remove_extra_whitespaces or not spec.escape_whitespaces
+            or hashlib.sha256(spec.precompiled_charsmap).hexdigest() != _ESCAPE_CHARSMAP_SHA256):
+        return False
+    return not any(re.search("[^\u2581]\u2581", piece.piece) for piece in model.pieces)
+
+
+class _WordCache:
+    """Encodes each distinct word once: a text is cut before every run of spaces (no piece spans such a cut, see
+    _encodes_word_by_word), segments not seen yet are encoded in one sp.encode call per batch, and a text's ids
+    are its segments' ids joined (kept as int32 bytes, so that a join is one C call). Texts with single spaces
+    take a fast path through str.split; the cache is emptied when it passes `limit` entries (some 50 MB)."""
+
+    def __init__(self, sp, limit: int = 1 << 18):
+        self.sp, self.limit = sp, limit
+        self.spaced: dict[str, bytes] = {}  # word -> ids of " " + word
+        self.whole: dict[str, bytes] = {}  # segment -> its ids
+
+    def _join(self, text: str) -> bytes:
+        """The text's ids from the cache (KeyError when a segment is not in it)."""
+        if "  " in text or text.endswith(" "):  # a run of spaces or a trailing space: cut with the expression
+            return b"".join(map(self.whole.__getitem__, _SEGMENTS.findall(text)))
+        words = text.split(" ")  # the first word, then " " + each other word
+        return b"".join(chain((self.whole[words[0]],), map(self.spaced.__getitem__, islice(words, 1, None))))
+
+    def _learn(self, text: str, spaced: set[str], whole: set[str]) -> None:
+        """Add the text's segments that the cache lacks to `spaced` / `whole`."""
+        if "  " in text or text.endswith(" "):
+            whole.update(s for s in _SEGMENTS.findall(text) if s not in self.whole)
+            return
+        words = text.split(" ")
+        if words[0] not in self.whole:
+            whole.add(words[0])
+        spaced.update(w for w in islice(words, 1, None) if w not in self.spaced)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        if len(self.spaced) + len(self.whole) > self.limit:
+            self.spaced.clear()
+            self.whole.clear()
+        out: list[bytes | None] = []
+        spaced, whole = set(), set()
+        for text in texts:
+            try:
+                out.append(self._join(text))
+            except KeyError:
+                out.append(None)
+                self._learn(text, spaced, whole)
+        if spaced or whole:
+            new_whole, new_spaced = list(whole), list(spaced)
+            encoded = self.sp.encode(new_whole + [" " + word for word in new_spaced])
+            as_bytes = [np.asarray(ids, dtype=np.int32).tobytes() for ids in encoded]
+            self.whole.update(zip(new_whole, as_bytes))
+            self.spaced.update(zip(new_spaced, as_bytes[len(new_whole):]))
+            out = [data if data is not None else self._join(text) for data, text in zip(out, texts)]
+        return [np.frombuffer(data, dtype=np.int32) for data in out]
 
 
 class HFTokenizer:

@@ -116,7 +116,8 @@ class GlueRunner:
                             f"({self.world_size})")
         train = dataclasses.replace(
             self.config.train, lr=glue.lr, micro_batch_size=glue.batch_size // self.world_size, grad_accum_steps=1,
-            weight_decay=glue.weight_decay, warmup_steps=max(1, round(glue.warmup_ratio * total_steps)),
+            global_batch_size=None, weight_decay=glue.weight_decay,
+            warmup_steps=max(1, round(glue.warmup_ratio * total_steps)),
             max_steps=total_steps, min_lr_ratio=0.0, activation_checkpointing=False)
         return build_engine(model, dataclasses.replace(self.config, train=train), self.world_size)
 

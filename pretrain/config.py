@@ -47,6 +47,8 @@ class SourceConfig:
     """Mixing weight relative to the other sources."""
     max_documents: int | None = None
     """Stop this source after so many documents (null: all of it)."""
+    max_tokens: int | None = None
+    """Stop this source after the document that brings its tokens (the run's tokenizer, EOS included) to this many."""
     streaming: bool = True
     """Hub sources: stream instead of downloading the whole dataset first."""
 
@@ -55,10 +57,12 @@ class SourceConfig:
         _need(self.weight > 0, f"{key}.weight", self.weight, "must be > 0")
         _need(self.kind != "hub" or bool(self.name), f"{key}.name", self.name, "a hub source needs a dataset name")
         _need(self.kind != "local" or bool(self.paths), f"{key}.paths", self.paths, "a local source needs paths")
-        _need(self.kind != "synthetic" or self.max_documents is not None, f"{key}.max_documents",
-              self.max_documents, "a synthetic source needs a document count")
-        _need(self.max_documents is None or self.max_documents >= 1, f"{key}.max_documents", self.max_documents,
-              "must be a positive integer or null")
+        _need(self.kind != "synthetic" or self.max_documents is not None or self.max_tokens is not None,
+              f"{key}.max_documents", self.max_documents, "a synthetic source needs a document count or max_tokens")
+        for name in ("max_documents", "max_tokens"):
+            value = getattr(self, name)
+            _need(value is None or (type(value) is int and value >= 1), f"{key}.{name}", value,
+                  "must be a positive integer or null")
 
 
 @dataclass
@@ -80,7 +84,7 @@ class DataConfig:
     num_workers: int = 2
     """Loader worker processes per rank."""
     tokenize_workers: int = 0
-    """Processes for tokenizing in prepare; 0: one per core."""
+    """Processes for tokenizing (and compressing shards) in prepare; 0: one per core this job may use."""
 
     def validate(self) -> None:
         _need(len(self.sources) > 0, "data.sources", self.sources, "needs at least one source")
@@ -128,8 +132,12 @@ class TrainConfig:
     """Optimizer steps of the whole run (a resumed run stops at the same step)."""
     micro_batch_size: int = 8
     """Sequences per rank per micro-step."""
-    grad_accum_steps: int = 1
-    """Micro-steps accumulated into one optimizer step."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all ranks; accumulation is derived: global / (micro_batch_size x ranks)."""
+    grad_accum_steps: int | None = None
+    """Micro-steps per optimizer step when global_batch_size is null (null: 1); set one of the two, not both."""
+    num_canonical_nodes: int = 1
+    """Streaming's canonical nodes: fixes the sample order on any node count that divides it or that it divides."""
     lr: float = 6e-4
     """Peak learning rate, reached after warmup_steps."""
     min_lr_ratio: float = 0.1
@@ -164,10 +172,19 @@ class TrainConfig:
     """Seconds after which a hung rank fails the others' collectives (a dead one fails them at once)."""
 
     def validate(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_every", "eval_every",
-                    "save_every", "keep_checkpoints"):
+        for key in ("max_steps", "micro_batch_size", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                    "num_canonical_nodes"):
             value = getattr(self, key)
             _need(value >= 1, f"train.{key}", value, "must be a positive integer")
+        for key in ("global_batch_size", "grad_accum_steps"):
+            value = getattr(self, key)
+            _need(value is None or value >= 1, f"train.{key}", value, "must be a positive integer or null")
+        _need(self.global_batch_size is None or self.grad_accum_steps is None, "train.grad_accum_steps",
+              self.grad_accum_steps, f"set it or train.global_batch_size={self.global_batch_size}, not both "
+              f"(accumulation is derived from the global batch)")
+        _need(self.global_batch_size is None or self.global_batch_size % self.micro_batch_size == 0,
+              "train.global_batch_size", self.global_batch_size,
+              f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
         _need(self.lr > 0, "train.lr", self.lr, "must be > 0")
         _need(self.collective_timeout_s >= 10, "train.collective_timeout_s", self.collective_timeout_s,
               "must be at least 10 seconds")
@@ -183,6 +200,23 @@ class TrainConfig:
         _need(self.eval_batches >= 0, "train.eval_batches", self.eval_batches, "must be >= 0")
         _need(self.stop_at_step is None or self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step,
               "must be a positive integer or null")
+
+    def accumulation_steps(self, ranks: int) -> int:
+        """Micro-steps per optimizer step on `ranks` data-parallel ranks: global_batch_size / (micro_batch_size x
+        ranks), or grad_accum_steps (1 when null) without a global batch. Raises ConfigError, one line naming
+        the three numbers, when the global batch does not divide."""
+        if self.global_batch_size is None:
+            return self.grad_accum_steps or 1
+        per_step = self.micro_batch_size * ranks
+        if self.global_batch_size % per_step:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                              f"train.micro_batch_size={self.micro_batch_size} x {ranks} data-parallel ranks "
+                              f"(= {per_step}): change the micro-batch or the number of ranks")
+        return self.global_batch_size // per_step
+
+    def sequences_per_step(self, ranks: int) -> int:
+        """Sequences per optimizer step over all ranks (global_batch_size when set)."""
+        return self.micro_batch_size * self.accumulation_steps(ranks) * ranks
 
 
 @dataclass

@@ -72,8 +72,8 @@ def deepspeed_config(config, world_size: int) -> dict:
         zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum_steps,
-        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": train.accumulation_steps(world_size),
+        "train_batch_size": train.sequences_per_step(world_size),
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,

@@ -11,16 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from ssmforge.data_pipeline.loader import build_loader, open_manifest
-from ssmforge.data_pipeline.manifest import is_remote
-from ssmforge.data_pipeline.pack import prepare
+from ssmforge.data_pipeline.pack import prepare, prepare_in_job
 from ssmforge.models import LanguageModel
-from ssmforge.errors import ConfigError, TrainingError
+from ssmforge.errors import ConfigError, DataError, SsmforgeError, TrainingError
 
 from . import checkpoint
 from .config import to_yaml
 from .engine import autocast, build_engine, resolve_precision, unclipped_grad_norm
-from .collectives import any_rank, barrier, sum_over_ranks
-from .launch import World, init_distributed, lost_peer, shutdown
+from .collectives import any_rank, sum_over_ranks
+from .launch import World, device_for, init_distributed, lost_peer, shutdown, world_from_env
 from .metrics import MetricsLogger, Throughput, peak_flops
 from .runlock import RunLock
 from .signals import REQUEUE_EXIT_CODE, StopRequest
@@ -30,10 +29,17 @@ log = logging.getLogger(__name__)
 
 
 def ensure_prepared(config, world: World):
-    """Prepare the shards on rank 0 when a local shard folder has none yet; every rank reads the manifest."""
-    if world.is_main and not is_remote(config.data.shard_dir):
-        prepare(config)
-    barrier()
+    """Every rank reads the manifest of the prepared shards. Missing shards of small data (the embedded synthetic
+    corpus, a few local files: data_pipeline.pack.prepare_in_job) are prepared here by rank 0 while the others
+    wait; for anything larger every rank stops at once with one line: preparing is `ssmforge prepare`, run first."""
+    error = None
+    if prepare_in_job(config) and world.is_main:  # every rank decides alike, from the config and the folder
+        try:
+            prepare(config)
+        except SsmforgeError as e:
+            error = e
+    if any_rank(error is not None, device_for(world)):  # also the barrier the others wait at
+        raise error or DataError(f"rank 0 could not prepare {config.data.shard_dir} (its error says why)")
     manifest = open_manifest(config.data.shard_dir, config.data.cache_dir)
     manifest.check_model_vocab(config.model.vocab_size)
     manifest.check_tokenizer(config.tokenizer.kind, config.tokenizer.path,
@@ -82,6 +88,7 @@ def seed_everything(seed: int) -> None:
 def train(config) -> int:
     """Train until train.max_steps (resuming from the latest checkpoint); return the exit code:
     0 when done, REQUEUE_EXIT_CODE after a signalled stop."""
+    check_batch_layout(config, world_from_env())  # before DeepSpeed starts and anything is written
     world, device = init_distributed(config.train.collective_timeout_s)
     stop = StopRequest()
     lock = RunLock(config.run_dir)
@@ -113,6 +120,18 @@ def lock_run_dir(lock: RunLock, world: World, device: torch.device) -> None:
         raise error or ConfigError(f"run_dir={lock.path.parent} is in use by another job (rank 0 says by whom)")
 
 
+def check_batch_layout(config, world: World, canonical_nodes: int | None = None) -> None:
+    """Refuse, with one line, a global batch these ranks cannot split evenly, and a node count over which
+    streaming cannot spread its canonical nodes (one must divide the other for the sample order to hold)."""
+    config.train.accumulation_steps(world.world_size)
+    canonical = canonical_nodes or config.train.num_canonical_nodes
+    nodes = world.world_size // world.local_world_size
+    if nodes % canonical and canonical % nodes:
+        whose = " (the checkpoint's)" if canonical_nodes else ""
+        raise ConfigError(f"train.num_canonical_nodes={canonical}{whose} and {nodes} nodes: one must divide the "
+                          f"other for the data order to stay the same; run on a node count that does")
+
+
 def _train(config, world: World, device: torch.device, stop: StopRequest) -> int:
     train_cfg = config.train
     run_dir = Path(config.run_dir)
@@ -123,6 +142,13 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     engine, _, scheduler = build_engine(model, config, world.world_size)
     checkpoints = run_dir / "checkpoints"
     state = checkpoint.load(engine, checkpoints, world.rank) or checkpoint.TrainerState()
+    # the data order is a function of num_canonical_nodes: a resumed run keeps the one its loader state records
+    canonical = state.loader.get("num_canonical_nodes", train_cfg.num_canonical_nodes)
+    if canonical != train_cfg.num_canonical_nodes:
+        log.warning("resuming with the checkpoint's num_canonical_nodes=%d, not train.num_canonical_nodes=%d, "
+                    "which would change the data order", canonical, train_cfg.num_canonical_nodes)
+        check_batch_layout(config, world, canonical)
+        train_cfg.num_canonical_nodes = canonical  # the frozen config records the value the run uses
     state.config_yaml = to_yaml(config)
     if world.is_main:
         (run_dir / "config.yaml").write_text(state.config_yaml)
@@ -130,7 +156,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     shard_dir, cache_dir = config.data.shard_dir, config.data.cache_dir
     vocab = config.model.vocab_size
     train_loader = build_loader(shard_dir, "train", train_cfg.micro_batch_size, config.seed, cache_dir,
-                                config.data.num_workers, vocab_size=vocab)
+                                config.data.num_workers, vocab_size=vocab, num_canonical_nodes=canonical)
     if state.loader:
         train_loader.load_state_dict(state.loader)
     val_loader = None
@@ -142,16 +168,19 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
 
     dtype = resolve_precision(train_cfg.precision, device)
     peak, peak_source = peak_flops(device, dtype)
-    tokens_per_step = train_cfg.micro_batch_size * train_cfg.grad_accum_steps * world.world_size * manifest.seq_len
+    # one optimizer step = `accumulation` micro-batches on every rank = the global batch, whatever the rank count
+    accumulation = train_cfg.accumulation_steps(world.world_size)
+    tokens_per_step = train_cfg.sequences_per_step(world.world_size) * manifest.seq_len
     throughput = Throughput(train_cfg.log_every, model.forward_flops_per_token(manifest.seq_len),
                             peak, world.world_size, device)
     metrics = MetricsLogger(run_dir, config.wandb, {"config": state.config_yaml}, world.is_main,
                             state.wandb_run_id, train_cfg.max_steps, throughput, start_tokens=state.tokens)
     state.wandb_run_id = metrics.wandb_run_id
     floor = manifest.splits["val"].entropy_floor_nats_per_token
-    log.info("training %s: %.2fM parameters, %d steps of %d tokens, %s, ZeRO-%d, peak %.3g FLOP/s (%s)",
-             config.model.family, model.num_parameters() / 1e6, train_cfg.max_steps, tokens_per_step,
-             dtype, config.deepspeed.zero_stage, peak, peak_source)
+    log.info("training %s: %.2fM parameters, %d steps of %d tokens (%d sequences: micro-batch %d x %d accumulation "
+             "x %d ranks), %s, ZeRO-%d, peak %.3g FLOP/s (%s)", config.model.family, model.num_parameters() / 1e6,
+             train_cfg.max_steps, tokens_per_step, tokens_per_step // manifest.seq_len, train_cfg.micro_batch_size,
+             accumulation, world.world_size, dtype, config.deepspeed.zero_stage, peak, peak_source)
 
     def save() -> None:
         state.loader = train_loader.state_dict()
@@ -169,7 +198,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     val_loss = None
     while state.step < train_cfg.max_steps:
         losses, grad_norm = [], None
-        for micro in range(train_cfg.grad_accum_steps):
+        for micro in range(accumulation):
             loss = lm_loss(engine, next(batches), device, dtype)
             if any_rank(not torch.isfinite(loss), device):
                 if train_cfg.nonfinite_loss == "stop":
@@ -180,7 +209,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
                 log.warning("non-finite loss at step %d: batch skipped", state.step + 1)
                 continue
             engine.backward(loss)
-            if micro == train_cfg.grad_accum_steps - 1:
+            if micro == accumulation - 1:
                 grad_norm = unclipped_grad_norm(engine)
             engine.step()
             losses.append(loss.item())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -196,13 +197,53 @@ def cmd_finetune_glue(args) -> int:
     return 0
 
 
+def _prepare_part(args, env=None) -> tuple[int, int]:
+    """(part, parts) of `prepare --parts N [--part I]`; I defaults to the SLURM array task's index."""
+    import os
+
+    env = os.environ if env is None else env
+    if args.parts < 1:
+        raise SsmforgeError(f"--parts={args.parts} is invalid: must be >= 1")
+    if args.part is not None:
+        return args.part, args.parts
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        raise SsmforgeError(f"--parts {args.parts} needs --part I, or to run as a SLURM array task "
+                            f"(sbatch --array=0-{args.parts - 1})")
+    count = env.get("SLURM_ARRAY_TASK_COUNT")
+    if count is not None and int(count) != args.parts:
+        raise SsmforgeError(f"--parts {args.parts} but the SLURM array has {count} tasks; every part needs a task "
+                            f"(sbatch --array=0-{args.parts - 1})")
+    return int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)), args.parts
+
+
 def cmd_prepare(args) -> int:
     from ssmforge.pretrain.config import load_config
 
     config = load_config(args.config, args.overrides)  # before the heavy imports: config errors come back at once
-    from ssmforge.data_pipeline.pack import prepare
+    from ssmforge.data_pipeline import pack
 
-    manifest = prepare(config)
+    if args.part is not None and args.parts is None:
+        raise SsmforgeError("--part needs --parts N (the number of parts)")
+    if args.train_tokenizer:
+        path = pack.prepare_tokenizer(config)
+        print(f"tokenizer: {path}" if path else f"tokenizer.kind={config.tokenizer.kind}"
+              f"{' with a tokenizer.path' if config.tokenizer.path else ''}: nothing to train")
+        return 0
+    if args.merge:
+        manifest = pack.merge_parts(config)
+    elif args.parts is not None:
+        part, parts = _prepare_part(args)
+        result = pack.prepare_part(config, part, parts)
+        if result.record:
+            written = ", ".join(f"{split['samples']} {name} samples" for name, split in result.record["splits"].items())
+            print(f"part {part} of {parts}: {written} written; {result.done} of {parts} parts done")
+        if result.manifest is None:
+            command = shlex.join(["ssmforge", "prepare", args.config, *args.overrides, "--merge"])
+            print(f"the last part to finish merges them (or run `{command}` once all are done)")
+            return 0
+        manifest = result.manifest
+    else:
+        manifest = pack.prepare(config)
     for name, split in manifest.splits.items():
         floor = split.entropy_floor_nats_per_token
         print(f"{name}: {split.samples} samples of {manifest.seq_len + 1} tokens, {split.documents} documents"
@@ -215,6 +256,10 @@ def cmd_pretrain(args) -> int:
     from ssmforge.pretrain.config import load_config
 
     config = load_config(args.config, args.overrides)  # before torch and DeepSpeed load
+    from ssmforge.data_pipeline.pack import prepare_in_job
+
+    # shards missing and the data too large to prepare inside this job: every rank stops now, nothing written
+    prepare_in_job(config, "ssmforge prepare " + shlex.join([args.config, *args.overrides]))
     from ssmforge.pretrain.trainer import train
 
     try:
@@ -260,6 +305,8 @@ def cmd_submit(args) -> int:
         cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
         qos=args.qos, signal_seconds_before_end=args.signal_seconds, max_requeues=args.max_requeues,
         job_name=args.job_name)
+    # a global batch the job's ranks cannot split is refused now, not after a wait in the queue
+    config.train.accumulation_steps(options.nodes * options.ntasks_per_node)
     result = submit(args.config, args.overrides, options, dry_run=args.dry_run)
     if args.dry_run:
         print(result, end="")
@@ -309,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="tokenize and pack the config's sources into MDS shards")
     prep.add_argument("config", help="run config (YAML)")
     prep.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    stage = prep.add_mutually_exclusive_group()
+    stage.add_argument("--parts", type=int, metavar="N",
+                       help="split the work over N jobs (a SLURM array): each writes its own shards, the last to "
+                            "finish merges them into one dataset")
+    stage.add_argument("--train-tokenizer", action="store_true",
+                       help="only train the SentencePiece tokenizer (run once before the parts of --parts)")
+    stage.add_argument("--merge", action="store_true",
+                       help="merge the finished parts of --parts into one dataset (the last part does it itself)")
+    prep.add_argument("--part", type=int, metavar="I",
+                      help="this job's part of --parts, 0..N-1 (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN)")
     prep.set_defaults(handler=cmd_prepare)
 
     pre = sub.add_parser("pretrain", help="train a model on prepared shards (resumes from the latest checkpoint)")

@@ -160,3 +160,98 @@ def test_a_run_with_another_tokenizer_than_the_shards_is_refused(tmp_path, corpu
     with pytest.raises(DataError, match=rf"made with another tokenizer \(sha256 000000000000\) than "
                                         rf"tokenizer\.path={swapped}"):
         hf.check_tokenizer("hf", str(swapped), where)
+
+
+# -- token budgets ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("over", [0, 1, 17])
+def test_a_token_budget_stops_after_the_document_that_reaches_it(tmp_path, corpus, over):
+    path, docs = corpus
+    lengths = [len(d.encode()) + 1 for d in docs]  # byte tokens: UTF-8 bytes plus the EOS
+    cumulative = np.cumsum(lengths)
+    taken = 150  # the budget falls inside document 150 (or exactly at its end, over=0)
+    budget = int(cumulative[taken - 1]) - over
+    assert over < lengths[taken - 1]
+    config = run_config(tmp_path, [path], f"data.sources.0.max_tokens={budget}")
+    manifest = prepare(config)
+    assert manifest.sources[0]["documents"] == taken
+    assert manifest.sources[0]["tokens"] == cumulative[taken - 1] >= budget > cumulative[taken - 2]
+    want = expected_streams(docs[:taken], config.seed, 0.1)  # exactly the first 150 documents, whole
+    for split in ("train", "val"):
+        samples = read_split(tmp_path / "run" / "data" / split).reshape(-1).tolist()
+        assert samples == want[split][:len(samples)] and len(want[split]) - len(samples) < 33
+        assert manifest.splits[split].dropped_tail_tokens == len(want[split]) - len(samples)
+    assert sum(s.documents for s in manifest.splits.values()) == taken
+
+
+def test_a_budget_counts_the_runs_own_tokenizer(tmp_path, corpus):
+    import sentencepiece as spm
+
+    path, docs = corpus
+    args = ["tokenizer.kind=sentencepiece", "tokenizer.vocab_size=300", "model.vocab_size=300",
+            "tokenizer.train_documents=400"]
+    prepare(run_config(tmp_path / "all", [path], *args))
+    plain = spm.SentencePieceProcessor(model_file=str(tmp_path / "all" / "run" / "data" / "tokenizer.model"))
+    cumulative = np.cumsum([len(ids) + 1 for ids in plain.encode(docs)])
+    budget = int(cumulative[99]) - 1  # reached inside document 100
+    manifest = prepare(run_config(tmp_path / "budget", [path], *args, f"data.sources.0.max_tokens={budget}"))
+    assert (manifest.sources[0]["documents"], manifest.sources[0]["tokens"]) == (100, cumulative[99])
+    split_tokens = sum(s.tokens + s.dropped_tail_tokens for s in manifest.splits.values())
+    assert split_tokens == cumulative[99]
+
+
+def test_a_budget_on_one_source_ends_the_mixture(tmp_path):
+    from ssmforge.data_pipeline.sources import SkipCounter, mixed_documents
+    from ssmforge.pretrain.config import SourceConfig
+
+    a, b = write_jsonl(tmp_path / "a.jsonl", 300, seed=1), write_jsonl(tmp_path / "b.jsonl", 300, seed=2)
+    sources = json.dumps([{"kind": "local", "paths": [str(tmp_path / "a.jsonl")], "max_tokens": 3000},
+                          {"kind": "local", "paths": [str(tmp_path / "b.jsonl")]}])
+    config = run_config(tmp_path, [], f"data.sources={sources}")
+    manifest = prepare(config)
+    # the unbudgeted mixture, cut by hand: a's tokens reach 3000 at some document; the stream ends where a is next
+    unbudgeted = [SourceConfig(kind="local", paths=[str(tmp_path / n)]) for n in ("a.jsonl", "b.jsonl")]
+    mixture = list(mixed_documents(unbudgeted, config.seed, "fail", SkipCounter()))
+    kept, spent, tokens = [], False, [0, 0]
+    for source, text, _ in mixture:
+        if source == 0 and spent:
+            break
+        kept.append((source, text))
+        tokens[source] += len(text.encode()) + 1
+        spent = spent or tokens[0] >= 3000
+    assert [s["documents"] for s in manifest.sources] == [sum(s == 0 for s, _ in kept), sum(s == 1 for s, _ in kept)]
+    assert [s["tokens"] for s in manifest.sources] == tokens and tokens[0] >= 3000
+    want = expected_streams([text for _, text in kept], config.seed, 0.1)
+    samples = read_split(tmp_path / "run" / "data" / "train").reshape(-1).tolist()
+    assert samples == want["train"][:len(samples)] and len(want["train"]) - len(samples) < 33
+
+
+def test_budgets_are_part_of_the_fingerprint_and_none_changes_nothing(tmp_path, corpus):
+    from ssmforge.data_pipeline.manifest import fingerprint
+    from ssmforge.data_pipeline.pack import data_fingerprint
+
+    path, _ = corpus
+    plain = run_config(tmp_path, [path])
+    settings = dataclasses.asdict(plain.data.sources[0])
+    del settings["max_tokens"]  # the settings as a config without budgets spelled them
+    tokenizer = dataclasses.asdict(plain.tokenizer)
+    del tokenizer["allow_lossy"]
+    assert data_fingerprint(plain) == fingerprint({"sources": [settings], "tokenizer": tokenizer, "seq_len": 32,
+                                                   "val_fraction": 0.1, "invalid_utf8": "fail",
+                                                   "seed": plain.seed})
+    assert data_fingerprint(run_config(tmp_path, [path], "data.sources.0.max_tokens=1000")) != data_fingerprint(plain)
+
+
+def test_progress_is_logged_when_stderr_is_not_a_terminal(tmp_path, corpus, monkeypatch, caplog):
+    import logging
+
+    from ssmforge.data_pipeline import pack
+
+    path, docs = corpus
+    monkeypatch.setattr(pack, "LOG_EVERY_S", 0.0)  # a line per block instead of one a minute
+    monkeypatch.setattr(pack, "BATCH_DOCUMENTS", 100)
+    with caplog.at_level(logging.INFO, logger="ssmforge.data_pipeline.pack"):
+        prepare(run_config(tmp_path, [path]))
+    lines = [r.getMessage() for r in caplog.records if "tokens/s" in r.getMessage() and r.getMessage().startswith(
+        "prepare: ")]
+    total = sum(len(d.encode()) + 1 for d in docs) / 1e6
+    assert len(lines) == 4 and lines[-1].startswith(f"prepare: {total:.1f}M tokens, ")

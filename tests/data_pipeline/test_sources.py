@@ -96,3 +96,42 @@ def test_unreachable_hub_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"hub dataset 'no-such-org/no-such-dataset' .* could not be loaded"):
         list(hub_documents("no-such-org/no-such-dataset", None, "train", "text", True))
+
+
+def budgeted(*limits):
+    from ssmforge.data_pipeline.sources import TokenBudget
+
+    return TokenBudget([SourceConfig(kind="synthetic", max_documents=10, max_tokens=limit) for limit in limits])
+
+
+@pytest.mark.parametrize("limit, taken", [(1, 1), (5, 1), (6, 2), (12, 2), (13, 3), (15, 3), (16, 4), (24, 4),
+                                          (25, 4)])
+def test_a_budget_ends_with_the_document_that_reaches_it(limit, taken):
+    lengths = [5, 7, 3, 9]  # cumulative 5, 12, 15, 24
+    budget = budgeted(limit)
+    assert budget.admit_batch([0] * 4, lengths) == taken
+    assert budget.documents == [taken] and budget.tokens == [sum(lengths[:taken])]
+    assert budget.ended == (sum(lengths[:taken]) >= limit)  # 25: the source ran out first, not the budget
+
+
+def test_a_spent_source_ends_the_mixture_where_it_is_drawn_next():
+    budget = budgeted(10, None)
+    # source 0 reaches 10 with its second document; source 1 goes on until source 0 is drawn again
+    sources, lengths = [0, 1, 0, 1, 1, 0, 1], [4, 100, 6, 100, 100, 1, 100]
+    assert budget.admit_batch(sources, lengths) == 5
+    assert budget.documents == [2, 3] and budget.tokens == [10, 300] and budget.ended
+    assert budget.admit_batch([1], [5]) == 0  # ended for good
+
+
+@pytest.mark.parametrize("value", [0, -3, "many", 1.5])
+def test_max_tokens_must_be_a_positive_integer_or_null(value):
+    from ssmforge.errors import ConfigError
+    from ssmforge.pretrain.config import load_config
+
+    where = r"data\.sources\.0\.max_tokens=-?\d+ is invalid: must be a positive integer or null" if isinstance(
+        value, int) else r"max_tokens: Value '.*' of type '.*' could not be converted to Integer"
+    with pytest.raises(ConfigError, match=where) as error:
+        load_config(None, ["run_dir=r", f"data.sources=[{{kind: synthetic, max_documents: 10, max_tokens: {value}}}]"])
+    assert "\n" not in str(error.value)
+    config = load_config(None, ["run_dir=r", "data.sources=[{kind: synthetic, max_tokens: 1000}]"])  # bounded too
+    assert config.data.sources[0].max_tokens == 1000 and config.data.sources[0].max_documents is None

@@ -66,3 +66,48 @@ def test_bad_tokenizer_files(tmp_path, kind, content, message):
         load_tokenizer(kind, tmp_path / "bad")
     with pytest.raises(DataError, match=r"missing: tokenizer file not found"):
         load_tokenizer(kind, tmp_path / "missing")
+
+
+# -- the word cache of SentencePiece models trained here -----------------------------------------------------
+def random_texts(n, seed):
+    """Texts that stress where the cache cuts: runs of spaces, leading and trailing spaces, tabs, newlines, a
+    literal U+2581 and U+E000 (the escape rules' characters), characters the vocabulary lacks, empty texts."""
+    import random
+
+    rng = random.Random(seed)
+    atoms = WORDS + [" ", "  ", "   ", "\t", "\n", "\r\n", "\u2581", "\ue000", "\u2581\u2581", "é", "漢字", "🙂",
+                     "x\u2581y", "\ue000x", "0", "123", ".", ",", ""]
+    return [("" if rng.random() < 0.05 else rng.choice(["", " ", "  "])) +
+            "".join(rng.choice(atoms) + rng.choice(["", " ", " ", " ", "  "]) for _ in range(rng.randint(0, 40)))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("training", ["words", "code"])
+def test_word_cache_gives_sentencepieces_own_ids(tmp_path, training):
+    import sentencepiece as spm
+
+    texts = sample_texts() if training == "words" else random_texts(400, 1) + sample_texts(100)
+    tok = train_sentencepiece(texts, tmp_path / "tok.model", vocab_size=420, model_type="bpe")
+    assert tok.words is not None  # the models prepare trains take the fast path
+    plain = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    for seed in range(4):  # the first batch fills the cache, the later ones mostly hit it
+        batch = random_texts(300, seed) + sample_texts(50)
+        assert [ids.tolist() for ids in tok.encode_batch(batch)] == plain.encode(batch)
+    assert len(tok.words.spaced) > 10 and len(tok.words.whole) > 10
+    small = type(tok.words)(plain, limit=5)  # a full cache is emptied, never wrong
+    for seed in range(2):
+        batch = random_texts(50, seed + 10)
+        assert [ids.tolist() for ids in small.encode_batch(batch)] == plain.encode(batch)
+
+
+def test_other_models_are_encoded_as_they_are(tmp_path):
+    import sentencepiece as spm
+
+    unigram = train_sentencepiece(sample_texts(), tmp_path / "u.model", 300, "unigram")
+    assert unigram.words is None  # Viterbi scores add up over the whole text: no cut is provably neutral
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sample_texts()), model_prefix=str(tmp_path / "default"),
+                                   vocab_size=150, model_type="bpe", minloglevel=2)
+    default = load_tokenizer("sentencepiece", tmp_path / "default.model")
+    assert default.words is None  # NFKC, a dummy prefix and whitespace collapsing
+    texts = random_texts(50, 3)
+    assert [ids.tolist() for ids in default.encode_batch(texts)] == default.sp.encode(texts)

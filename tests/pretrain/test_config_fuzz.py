@@ -41,7 +41,8 @@ OUT_OF_RANGE = {  # key -> values the validation must refuse
     "model.kernel_backend": ["cuda"],
     "data.seq_len": [0, -1], "deepspeed.zero_stage": [4, -1], "deepspeed.param_persistence_threshold": [-1],
     "eval.batch_size": [0], "glue.lr": [0], "glue.warmup_ratio": [1.0, -0.5], "glue.epochs": [0],
-    "tokenizer.kind": ["wordpiece"],
+    "tokenizer.kind": ["wordpiece"], "train.global_batch_size": [0, 3], "train.grad_accum_steps": [0],
+    "train.num_canonical_nodes": [0],
 }
 SECTIONS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "variables"]  # variables: free-form
 
