@@ -8,6 +8,7 @@ the middle of a save leaves the previous checkpoint as `latest`. Nothing here is
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+UNIVERSAL_DIR = "universal"  # inside a checkpoint folder: its DeepSpeed universal layout, for another rank count
 
 
 @dataclass
@@ -36,6 +38,11 @@ class TrainerState:
     loader: dict = field(default_factory=dict)  # StreamingDataLoader.state_dict()
     wandb_run_id: str | None = None
     config_yaml: str = ""
+    # what a resume must keep for the data order to hold (elastic.check_resume); 0 / None in older checkpoints
+    global_batch_size: int = 0  # sequences per optimizer step
+    seed: int | None = None
+    zero_stage: int | None = None
+    data_fingerprint: str | None = None
 
 
 def tag_for(step: int) -> str:
@@ -134,36 +141,84 @@ def deepspeed_safe_globals() -> list:
 def safe_torch_load(path, map_location=None):
     """torch.load of a DeepSpeed checkpoint file without unpickling arbitrary objects: weights_only, with
     only the few plain classes DeepSpeed stores (`deepspeed_safe_globals`) allowed besides tensors."""
+    return _safe_load(torch.load, path, map_location)
+
+
+def _safe_load(torch_load, path, map_location):
     import pickle
 
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch_load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{path}: refused to load: it holds objects that are not weights or plain "
                                   f"values ({reason[:200]})") from None
 
 
-def load(engine, checkpoint_dir: Path, rank: int) -> TrainerState | None:
+def read_state(folder: Path) -> TrainerState:
+    try:
+        return TrainerState(**json.loads((folder / STATE_FILE).read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{folder / STATE_FILE}: unreadable trainer state ({e})") from None
+
+
+def latest_state(checkpoint_dir: Path) -> TrainerState | None:
+    """The trainer state of the latest complete checkpoint, read without DeepSpeed; None when there is none."""
+    tag = latest_tag(checkpoint_dir)
+    return None if tag is None else read_state(checkpoint_dir / tag)
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """DeepSpeed's universal-checkpoint conversion and loading call torch.load(weights_only=False); inside
+    this block every torch.load reads weights and plain values only, as `safe_torch_load` does."""
+    original = torch.load
+    torch.load = lambda f, map_location=None, **_: _safe_load(original, f, map_location)
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _repair_universal_zero3_load(optimizer, weight_decays: list[float]) -> None:
+    """Two slips of DeepSpeed's ZeRO-3 universal loader that would change the run after the resume: it gives
+    every parameter group the first group's hyperparameters (weight decay on A_log, D, norms and biases),
+    and one `step` tensor to every group's state, which AdamW then advances once per group each step
+    (wrong bias correction). Restore each group's weight decay and give each state its own step."""
+    for group, weight_decay in zip(optimizer.param_groups, weight_decays):
+        group["weight_decay"] = weight_decay
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def load(engine, checkpoint_dir: Path, rank: int, universal: bool = False) -> TrainerState | None:
     """Restore the latest complete checkpoint into the engine; None when the run has none yet. DeepSpeed's
-    files are read through `safe_torch_load`."""
+    files are read through `safe_torch_load`. With `universal`, from the checkpoint's DeepSpeed universal
+    layout (elastic.convert_for_resume wrote it) into an engine configured to load that."""
     tag = latest_tag(checkpoint_dir)
     if tag is None:
         return None
     folder = checkpoint_dir / tag
     engine.checkpoint_engine.load = safe_torch_load  # DeepSpeed's own load unpickles anything
-    path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    weight_decays = [group["weight_decay"] for group in engine.optimizer.param_groups]
+    with weights_only_loading():  # the universal loader calls torch.load itself
+        path, _ = (engine.load_checkpoint(str(folder), tag=UNIVERSAL_DIR) if universal
+                   else engine.load_checkpoint(str(checkpoint_dir), tag=tag))
+    if universal:
+        _repair_universal_zero3_load(engine.optimizer, weight_decays)
     if path is None:
         raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
+    state = read_state(folder)
+    rng_file = folder / f"rng_rank{rank}.json"
     try:
-        state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
-        rng_file = folder / f"rng_rank{rank}.json"
         if rng_file.exists():
             set_rng_state(json.loads(rng_file.read_text()))
-        else:
-            log.warning("%s: no RNG state for rank %d (world size changed?); keeping the current one", folder, rank)
+        else:  # a resume on more ranks: nothing in training draws from it (no dropout; data order is seeded)
+            log.info("%s: no RNG state for rank %d (saved on fewer ranks); keeping its seeded one", folder, rank)
     except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{folder}: unreadable trainer state ({e})") from None
+        raise CheckpointError(f"{rng_file}: unreadable RNG state ({e})") from None
     log.info("resumed from %s (step %d, %d tokens)", folder, state.step, state.tokens)
     return state

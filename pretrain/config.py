@@ -218,6 +218,17 @@ class TrainConfig:
         """Sequences per optimizer step over all ranks (global_batch_size when set)."""
         return self.micro_batch_size * self.accumulation_steps(ranks) * ranks
 
+    def check_layout(self, ranks: int, nodes: int, canonical_nodes: int | None = None) -> None:
+        """Refuse, with one line, a global batch these ranks cannot split evenly, and a node count over which
+        streaming cannot spread its canonical nodes (one must divide the other for the sample order to hold);
+        `canonical_nodes` is a checkpoint's value when it differs from the config's."""
+        self.accumulation_steps(ranks)
+        canonical = canonical_nodes or self.num_canonical_nodes
+        if nodes % canonical and canonical % nodes:
+            whose = " (the checkpoint's)" if canonical_nodes else ""
+            raise ConfigError(f"train.num_canonical_nodes={canonical}{whose} and {nodes} nodes: one must divide "
+                              f"the other for the data order to stay the same; run on a node count that does")
+
 
 @dataclass
 class DeepSpeedConfig:

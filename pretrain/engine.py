@@ -60,7 +60,9 @@ def lr_lambda(train) -> callable:
     return multiplier
 
 
-def deepspeed_config(config, world_size: int) -> dict:
+def deepspeed_config(config, world_size: int, load_universal: bool = False) -> dict:
+    """DeepSpeed's configuration; `load_universal` for an engine that resumes from a checkpoint converted to
+    the universal layout (one saved on another rank count, pretrain.elastic)."""
     train, ds = config.train, config.deepspeed
     zero = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -80,6 +82,7 @@ def deepspeed_config(config, world_size: int) -> dict:
         "zero_force_ds_cpu_optimizer": False,  # our torch AdamW also when the optimizer state is offloaded
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -93,7 +96,7 @@ def register_external_parameters(model: torch.nn.Module) -> None:
             register_external_parameter(module, param)
 
 
-def build_engine(model: torch.nn.Module, config, world_size: int):
+def build_engine(model: torch.nn.Module, config, world_size: int, load_universal: bool = False):
     """(engine, optimizer, scheduler) from deepspeed.initialize."""
     import deepspeed
 
@@ -105,7 +108,8 @@ def build_engine(model: torch.nn.Module, config, world_size: int):
                                   eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world_size))
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(config, world_size, load_universal))
     return engine, optimizer, scheduler
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from ssmforge.models import LanguageModel
 from ssmforge.errors import ConfigError, DataError, SsmforgeError, TrainingError
 
 from . import checkpoint
+from .elastic import check_resume, ready_to_resume
 from .config import to_yaml
 from .engine import autocast, build_engine, resolve_precision, unclipped_grad_norm
 from .collectives import any_rank, sum_over_ranks
@@ -88,7 +90,7 @@ def seed_everything(seed: int) -> None:
 def train(config) -> int:
     """Train until train.max_steps (resuming from the latest checkpoint); return the exit code:
     0 when done, REQUEUE_EXIT_CODE after a signalled stop."""
-    check_batch_layout(config, world_from_env())  # before DeepSpeed starts and anything is written
+    check_layout_and_resume(config, world_from_env())  # before DeepSpeed starts and anything is written
     world, device = init_distributed(config.train.collective_timeout_s)
     stop = StopRequest()
     lock = RunLock(config.run_dir)
@@ -120,16 +122,18 @@ def lock_run_dir(lock: RunLock, world: World, device: torch.device) -> None:
         raise error or ConfigError(f"run_dir={lock.path.parent} is in use by another job (rank 0 says by whom)")
 
 
+def check_layout_and_resume(config, world: World) -> None:
+    """The refusals that need no process group: a batch layout these ranks cannot hold, and a resume that
+    would change the samples of the coming steps (elastic.check_resume)."""
+    check_batch_layout(config, world)
+    saved = checkpoint.latest_state(Path(config.run_dir) / "checkpoints")
+    if saved is not None:
+        check_resume(config, asdict(saved), world.world_size)
+
+
 def check_batch_layout(config, world: World, canonical_nodes: int | None = None) -> None:
-    """Refuse, with one line, a global batch these ranks cannot split evenly, and a node count over which
-    streaming cannot spread its canonical nodes (one must divide the other for the sample order to hold)."""
-    config.train.accumulation_steps(world.world_size)
-    canonical = canonical_nodes or config.train.num_canonical_nodes
-    nodes = world.world_size // world.local_world_size
-    if nodes % canonical and canonical % nodes:
-        whose = " (the checkpoint's)" if canonical_nodes else ""
-        raise ConfigError(f"train.num_canonical_nodes={canonical}{whose} and {nodes} nodes: one must divide the "
-                          f"other for the data order to stay the same; run on a node count that does")
+    """TrainConfig.check_layout for these ranks and the nodes they run on."""
+    config.train.check_layout(world.world_size, world.world_size // world.local_world_size, canonical_nodes)
 
 
 def _train(config, world: World, device: torch.device, stop: StopRequest) -> int:
@@ -137,11 +141,14 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     run_dir = Path(config.run_dir)
     config.model.check_device(device.type)
     manifest = ensure_prepared(config, world)
+    checkpoints = run_dir / "checkpoints"
+    universal = ready_to_resume(checkpoints, manifest.fingerprint, config.data.shard_dir, world, device)
     seed_everything(config.seed)
     model = LanguageModel(config.model).to(device)
-    engine, _, scheduler = build_engine(model, config, world.world_size)
-    checkpoints = run_dir / "checkpoints"
-    state = checkpoint.load(engine, checkpoints, world.rank) or checkpoint.TrainerState()
+    engine, _, scheduler = build_engine(model, config, world.world_size, load_universal=universal)
+    state = checkpoint.load(engine, checkpoints, world.rank, universal) or checkpoint.TrainerState()
+    state.global_batch_size = train_cfg.sequences_per_step(world.world_size)
+    state.seed, state.zero_stage, state.data_fingerprint = config.seed, config.deepspeed.zero_stage, manifest.fingerprint
     # the data order is a function of num_canonical_nodes: a resumed run keeps the one its loader state records
     canonical = state.loader.get("num_canonical_nodes", train_cfg.num_canonical_nodes)
     if canonical != train_cfg.num_canonical_nodes:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node SLURM (munged + slurmctld + slurmd) for the tests, run wholly from a folder of its own: its
+# A one- or two-node SLURM (munged + slurmctld + slurmd) for the tests, run wholly from a folder of its own: its
 # slurm.conf, state, spool, logs and pid files, free ports of its own, ClusterName=ssmforge_test and a
 # munged of its own (own socket and key, named by AuthInfo=socket=...). Nothing under /etc is read or
 # written, so a site's SLURM and munge on this machine (a login node, a cluster's container) stay as
@@ -14,6 +14,9 @@
 #   DIR defaults to $SSMFORGE_TEST_SLURM_DIR, else ${TMPDIR:-/tmp}/ssmforge-slurm-<uid>. Then:
 #     export SLURM_CONF=DIR/slurm.conf; sinfo; sbatch ...
 #   The tests (tests/slurm/conftest.py) start one in a temporary folder per session and stop it at the end.
+#   SSMFORGE_SLURM_NODES=2 starts two nodes on this machine, named after the host and `localhost` (names
+#   that resolve here); each is a slurmd of its own with a private /dev/shm, as a real node has (a mount
+#   namespace, `unshare -m`), and each offers all of the machine's CPUs, so jobs on both share the cores.
 #
 # Made for a container: proctrack/linuxproc, task/none, no cgroups, no accounting daemon; needs root
 # (slurmd starts the jobs). Where slurmctld, slurmd, munged or sbatch is missing it installs Debian's
@@ -33,6 +36,8 @@ CONF=$DIR/slurm.conf
 MUNGE_DIR=$DIR/munge
 SOCKET=$MUNGE_DIR/munge.socket
 PACKAGES="slurmctld slurmd munge slurm-client"
+NODES=${SSMFORGE_SLURM_NODES:-1}
+case "$NODES" in 1|2) ;; *) fail "SSMFORGE_SLURM_NODES=$NODES: 1 or 2 nodes (two names resolve on one machine)" ;; esac
 # every SLURM command of this script (and of the jobs it runs) reads this cluster's config, never /etc's
 export SLURM_CONF=$CONF
 
@@ -60,17 +65,27 @@ stop_daemon() {  # stop_daemon NAME PIDFILE
 
 munge_works() { munge -n -S "$SOCKET" 2>/dev/null | unmunge -S "$SOCKET" >/dev/null 2>&1; }
 
-node_ready() {
+node_names() { echo "$HOST"; [ "$NODES" = 1 ] || echo localhost; }
+
+node_ready() {  # node_ready NAME
     local state
-    state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null | head -n1)
+    state=$(sinfo -h -n "$1" -o %T 2>/dev/null | head -n1)
     case "$state" in idle|mixed|allocated|completing) return 0 ;; esac
     return 1
 }
 
+nodes_ready() {
+    local name
+    for name in $(node_names); do node_ready "$name" || return 1; done
+}
+
 cluster_up() {
     [ -s "$CONF" ] && command -v scontrol >/dev/null && running munged "$MUNGE_DIR/munged.pid" \
-        && running slurmctld "$DIR/slurmctld.pid" && running slurmd "$DIR/slurmd.pid" \
-        && scontrol ping >/dev/null 2>&1 && node_ready
+        && running slurmctld "$DIR/slurmctld.pid" && scontrol ping >/dev/null 2>&1 || return 1
+    [ "$(sinfo -h -N -o %N 2>/dev/null | sort -u | wc -l)" = "$NODES" ] || return 1
+    local name
+    for name in $(node_names); do running slurmd "$DIR/slurmd-$name.pid" || return 1; done
+    nodes_ready
 }
 
 stop_cluster() {
@@ -79,7 +94,8 @@ stop_cluster() {
         squeue -h -o %A 2>/dev/null | xargs -r scancel 2>/dev/null
         for _ in $(seq 60); do [ -z "$(squeue -h -t R,CG -o %A 2>/dev/null)" ] && break; sleep 0.5; done
     fi
-    stop_daemon slurmd "$DIR/slurmd.pid"
+    local pidfile
+    for pidfile in "$DIR"/slurmd*.pid; do [ -e "$pidfile" ] && stop_daemon slurmd "$pidfile"; done
     stop_daemon slurmctld "$DIR/slurmctld.pid"
     stop_daemon munged "$MUNGE_DIR/munged.pid"
 }
@@ -177,8 +193,15 @@ munge_works || fail "munge does not work on $SOCKET (see $DIR/log/munged.log)"
 
 CTLD_PORT=$(free_port) || fail "no free port for slurmctld"
 SLURMD_PORT=$(free_port "$CTLD_PORT") || fail "no free port for slurmd"
+NODE_LINES="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS Port=$SLURMD_PORT State=UNKNOWN"
+if [ "$NODES" = 2 ]; then
+    SECOND_PORT=$(free_port "$SLURMD_PORT") || fail "no free port for the second slurmd"
+    [ "$SECOND_PORT" != "$CTLD_PORT" ] || SECOND_PORT=$(free_port "$SLURMD_PORT") || fail "no free port"
+    NODE_LINES="$NODE_LINES
+NodeName=localhost NodeHostname=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS Port=$SECOND_PORT State=UNKNOWN"
+fi
 cat >"$CONF" <<EOF || fail "cannot write $CONF"
-# written by ssmforge slurm/start_local_cluster.sh: a one-node test cluster of its own (SLURM_CONF=$CONF)
+# written by ssmforge slurm/start_local_cluster.sh: a $NODES-node test cluster of its own (SLURM_CONF=$CONF)
 ClusterName=ssmforge_test
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
@@ -205,13 +228,13 @@ MinJobAge=3600
 KillWait=10
 InactiveLimit=0
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+SlurmdLogFile=$DIR/log/slurmd-%n.log
+$NODE_LINES
+PartitionName=debug Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 
 say "starting slurmctld on port $CTLD_PORT"
@@ -219,12 +242,20 @@ slurmctld -f "$CONF" >>"$DIR/log/slurmctld.start.log" 2>&1 \
     || fail "slurmctld did not start (see $DIR/log/slurmctld.log)"
 for _ in $(seq 40); do scontrol ping >/dev/null 2>&1 && break; sleep 0.25; done
 scontrol ping >/dev/null 2>&1 || fail "slurmctld does not answer (see $DIR/log/slurmctld.log)"
-say "starting slurmd on $HOST with $CPUS CPUs, port $SLURMD_PORT"
-slurmd -f "$CONF" >>"$DIR/log/slurmd.start.log" 2>&1 || fail "slurmd did not start (see $DIR/log/slurmd.log)"
-for _ in $(seq 60); do node_ready && break; sleep 0.5; done
-if ! node_ready; then
-    scontrol update nodename="$HOST" state=resume >/dev/null 2>&1
-    for _ in $(seq 20); do node_ready && break; sleep 0.5; done
-fi
-node_ready || fail "node $HOST is not idle: $(sinfo -h -n "$HOST" -o '%T %E' 2>&1 | head -n1)"
-say "SLURM up: node $HOST, $CPUS CPUs, partition debug; use it with SLURM_CONF=$CONF"
+for name in $(node_names); do
+    say "starting slurmd for node $name with $CPUS CPUs"
+    if [ "$NODES" = 1 ]; then
+        slurmd -f "$CONF" -N "$name" >>"$DIR/log/slurmd.start.log" 2>&1
+    else  # a /dev/shm of its own: streaming names its shared memory after the shard folder, per node
+        unshare -m --propagation private sh -c 'mount -t tmpfs -o mode=1777 tmpfs /dev/shm && exec slurmd -f "$1" -N "$2"' \
+            node "$CONF" "$name" >>"$DIR/log/slurmd.start.log" 2>&1
+    fi || fail "slurmd for $name did not start (see $DIR/log/slurmd-$name.log and slurmd.start.log)"
+done
+for _ in $(seq 60); do nodes_ready && break; sleep 0.5; done
+for name in $(node_names); do
+    node_ready "$name" && continue
+    scontrol update nodename="$name" state=resume >/dev/null 2>&1
+    for _ in $(seq 20); do node_ready "$name" && break; sleep 0.5; done
+    node_ready "$name" || fail "node $name is not idle: $(sinfo -h -n "$name" -o '%T %E' 2>&1 | head -n1)"
+done
+say "SLURM up: node(s) $(node_names | paste -sd' '), $CPUS CPUs each, partition debug; use it with SLURM_CONF=$CONF"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import shlex
 import shutil
@@ -24,9 +25,11 @@ from ssmforge.pretrain.config import SlurmConfig
 from ssmforge.pretrain.signals import REQUEUE_EXIT_CODE
 
 TEMPLATE = Path(__file__).resolve().parent / "job.sbatch"
+PREPARE_TEMPLATE = Path(__file__).resolve().parent / "prepare.sbatch"
 # what may appear in a #SBATCH line: sbatch splits these itself and no shell quoting applies
 _DIRECTIVE_VALUE = re.compile(r"^[A-Za-z0-9_.,:/@+=%-]+$")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+log = logging.getLogger(__name__)
 
 
 # the `ssmforge submit` flag of each SlurmConfig field (the others are --field-name), for errors that
@@ -114,45 +117,110 @@ def _directive_path(path: Path, what: str) -> str:
     return text
 
 
-def fill(template: str, **values) -> str:
+def fill(template: Path, **values) -> str:
     """Replace each @@name@@ of the template; a placeholder left without a value is a bug, so it raises."""
     text = re.sub(r"@@(\w+)@@", lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0),
-                  template)
+                  template.read_text())
     missing = re.findall(r"@@(\w+)@@", text)
     if missing:
-        raise KeyError(f"{TEMPLATE}: no value for {', '.join(missing)}")
+        raise KeyError(f"{template}: no value for {', '.join(missing)}")
     return text
+
+
+def _job_name(run_dir: Path, options: SubmitOptions) -> str:
+    job_name = options.job_name or f"ssmforge-{run_dir.name}"
+    if not _DIRECTIVE_VALUE.match(job_name):
+        job_name = "ssmforge-" + re.sub(r"[^A-Za-z0-9_.-]", "_", run_dir.name)
+    return job_name
+
+
+def _site_directives(options: SubmitOptions) -> list[str]:
+    return [f"#SBATCH --{key}={getattr(options, key)}" for key in ("partition", "account", "qos")
+            if getattr(options, key)]
+
+
+def _command_line(python: str | None, subcommand: str) -> str:
+    command = [python or sys.executable, "-m", "ssmforge", subcommand]
+    return "COMMAND=(" + " ".join(shlex.quote(c) for c in command) + ")"
 
 
 def render(run_dir: Path, config_path: Path, options: SubmitOptions, workdir: Path | None = None,
            python: str | None = None) -> str:
-    """The job script for a run whose frozen config is config_path."""
+    """The training job script for a run whose frozen config is config_path."""
     options.validate()
     run_dir, config_path = Path(run_dir).resolve(), Path(config_path).resolve()
     workdir = Path(workdir or Path.cwd()).resolve()
-    job_name = options.job_name or f"ssmforge-{run_dir.name}"
-    if not _DIRECTIVE_VALUE.match(job_name):
-        job_name = "ssmforge-" + re.sub(r"[^A-Za-z0-9_.-]", "_", run_dir.name)
-    extra = []
-    if options.gpus_per_node > 0:
-        extra.append(f"#SBATCH --gpus-per-node={options.gpus_per_node}")
-    for key in ("partition", "account", "qos"):
-        if getattr(options, key):
-            extra.append(f"#SBATCH --{key}={getattr(options, key)}")
-    command = [python or sys.executable, "-m", "ssmforge", "pretrain"]
-    command_line = "COMMAND=(" + " ".join(shlex.quote(c) for c in command) + ' "$CONFIG")'
-    return fill(TEMPLATE.read_text(),
-        job_name=job_name, nodes=options.nodes, tasks_per_node=options.ntasks_per_node,
+    extra = [f"#SBATCH --gpus-per-node={options.gpus_per_node}"] if options.gpus_per_node > 0 else []
+    return fill(TEMPLATE,
+        job_name=_job_name(run_dir, options), nodes=options.nodes, tasks_per_node=options.ntasks_per_node,
         cpus_per_task=options.cpus_per_task, time=options.time.strip(),
         log_dir=_directive_path(run_dir / "logs", "the log folder"),
         signal_seconds=options.signal_seconds_before_end, requeue_code=REQUEUE_EXIT_CODE,
-        extra_directives="\n".join(extra), run_dir=shlex.quote(str(run_dir)), config=shlex.quote(str(config_path)),
-        workdir=shlex.quote(str(workdir)), max_requeues=options.max_requeues, command_line=command_line)
+        extra_directives="\n".join(extra + _site_directives(options)), run_dir=shlex.quote(str(run_dir)),
+        config=shlex.quote(str(config_path)), workdir=shlex.quote(str(workdir)), max_requeues=options.max_requeues,
+        command_line=_command_line(python, "pretrain") + '\nCOMMAND+=("$CONFIG")')
 
 
-def prepare_job(config_path: str, overrides: list[str], options: SubmitOptions) -> tuple[Path, Path, str]:
-    """Resolve the config (run_dir made absolute), freeze it into run_dir/slurm/config.yaml and render the
-    script. Returns (run_dir, frozen config path, script text). Writes nothing but the frozen config."""
+def render_prepare(run_dir: Path, config_path: Path, options: SubmitOptions, step: str, parts: int = 1,
+                   workdir: Path | None = None, python: str | None = None) -> str:
+    """A preparation job script: `step` "tokenizer" (train the SentencePiece model, before parts that need it)
+    or "shards" (in one task, or an array of `parts` tasks), on one node with the job's CPUs per task."""
+    options.validate()
+    run_dir, config_path = Path(run_dir).resolve(), Path(config_path).resolve()
+    workdir = Path(workdir or Path.cwd()).resolve()
+    extra = _site_directives(options)
+    if step == "tokenizer":
+        arguments = " --train-tokenizer"
+    elif parts > 1:
+        extra.insert(0, f"#SBATCH --array=0-{parts - 1}")
+        arguments = f' --parts {parts} --part "$SLURM_ARRAY_TASK_ID"'
+    else:
+        arguments = ""
+    return fill(PREPARE_TEMPLATE,
+        job_name=f"{_job_name(run_dir, options)}-{'tokenizer' if step == 'tokenizer' else 'prepare'}",
+        cpus_per_task=options.cpus_per_task, time=options.time.strip(),
+        log_dir=_directive_path(run_dir / "logs", "the log folder"), log_id="%A_%a" if parts > 1 else "%j",
+        extra_directives="\n".join(extra), config=shlex.quote(str(config_path)), workdir=shlex.quote(str(workdir)),
+        command_line=_command_line(python, "prepare"), arguments=arguments)
+
+
+@dataclass
+class Job:
+    """One job of a submission: its stage (tokenizer, prepare, pretrain) and script; each runs after the one
+    before it succeeded (--dependency=afterok)."""
+    stage: str
+    script: str
+
+
+def plan_jobs(config, run_dir: Path, config_path: Path, options: SubmitOptions, prepare_parts: int = 1) -> list[Job]:
+    """The jobs that train the run: the training job, preceded by preparation jobs when its shards are
+    missing and too large for it to prepare (data_pipeline.pack.needs_preparation_job)."""
+    from ssmforge.data_pipeline.pack import needs_preparation_job
+
+    if prepare_parts < 1:
+        raise ConfigError(f"--prepare-parts={prepare_parts} is invalid: must be a positive integer")
+    jobs = []
+    if needs_preparation_job(config):
+        if prepare_parts > 1:
+            for i, source in enumerate(config.data.sources):
+                if source.max_tokens is not None:
+                    raise ConfigError(f"--prepare-parts={prepare_parts} with data.sources.{i}.max_tokens="
+                                      f"{source.max_tokens}: a token budget cannot be split over parts (where it "
+                                      f"ends depends on every document before it); prepare in one job, or cap the "
+                                      f"source with max_documents")
+            if config.tokenizer.kind == "sentencepiece" and not config.tokenizer.path:
+                jobs.append(Job("tokenizer", render_prepare(run_dir, config_path, options, "tokenizer")))
+        jobs.append(Job("prepare", render_prepare(run_dir, config_path, options, "shards", prepare_parts)))
+    elif prepare_parts > 1:
+        log.info("the shards of %s are there or small enough for the training job: --prepare-parts ignored",
+                 config.data.shard_dir)
+    jobs.append(Job("pretrain", render(run_dir, config_path, options)))
+    return jobs
+
+
+def freeze_config(config_path: str, overrides: list[str], options: SubmitOptions, write: bool = True):
+    """The config with run_dir made absolute and the job's shape recorded, and where it is frozen
+    (run_dir/slurm/config.yaml, written unless `write` is False). Returns (config, run_dir, frozen path)."""
     from ssmforge.pretrain.config import load_config, to_yaml
 
     config = load_config(config_path, overrides)
@@ -161,39 +229,54 @@ def prepare_job(config_path: str, overrides: list[str], options: SubmitOptions) 
     config = load_config(config_path, [*overrides, f"run_dir={run_dir}"])
     config.slurm = options.slurm_config()  # the frozen config records the job's shape, flags included
     frozen = run_dir / "slurm" / "config.yaml"
+    if write:
+        frozen.parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        frozen.write_text(to_yaml(config))
+    return config, run_dir, frozen
+
+
+def prepare_job(config_path: str, overrides: list[str], options: SubmitOptions) -> tuple[Path, Path, str]:
+    """Resolve and freeze the config, and render the training job's script: (run_dir, frozen config, script)."""
+    config, run_dir, frozen = freeze_config(config_path, overrides, options, write=False)
     script = render(run_dir, frozen, options)
-    frozen.parent.mkdir(parents=True, exist_ok=True)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    frozen.write_text(to_yaml(config))
+    freeze_config(config_path, overrides, options)
     return run_dir, frozen, script
 
 
-def submit(config_path: str, overrides: list[str], options: SubmitOptions, dry_run: bool = False) -> str:
-    """Render and submit (or, with dry_run, only render) the job; return the script (dry run) or job id."""
+def submit(config_path: str, overrides: list[str], options: SubmitOptions, dry_run: bool = False,
+           prepare_parts: int = 1) -> list[tuple[str, str]]:
+    """Render and submit the run's jobs (plan_jobs), each after the one before it succeeded; return
+    (stage, job id) per job, or with dry_run (stage, script) and nothing written or submitted."""
+    config, run_dir, frozen = freeze_config(config_path, overrides, options, write=False)
+    jobs = plan_jobs(config, run_dir, frozen, options, prepare_parts)  # every script renders before any is sent
     if dry_run:
-        from ssmforge.pretrain.config import load_config
-
-        config = load_config(config_path, overrides)
-        run_dir = Path(config.run_dir).resolve()
-        return render(run_dir, run_dir / "slurm" / "config.yaml", options)
+        return [(job.stage, job.script) for job in jobs]
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise ConfigError("sbatch not found on PATH: submit from a SLURM login node, or use --dry-run to print "
-                          "the job script")
-    run_dir, frozen, script = prepare_job(config_path, overrides, options)
+                          "the job scripts")
+    freeze_config(config_path, overrides, options)
     jobs_dir = run_dir / "slurm"
-    n = len(list(jobs_dir.glob("job-*.sbatch"))) + 1
-    script_path = jobs_dir / f"job-{n}.sbatch"
-    script_path.write_text(script)
-    proc = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True,
-                          cwd=Path.cwd())
-    if proc.returncode != 0:
-        message = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[-1]
-        raise ConfigError(f"sbatch refused the job: {message}")
-    job_id = proc.stdout.strip().split(";")[0]
-    with open(jobs_dir / "jobs.jsonl", "a") as f:
-        f.write(json.dumps({"job_id": job_id, "script": str(script_path), "submitted": time.time()}) + "\n")
-    return job_id
+    submitted = []
+    for job in jobs:
+        n = len(list(jobs_dir.glob("job-*.sbatch"))) + 1
+        script_path = jobs_dir / f"job-{n}.sbatch"
+        script_path.write_text(job.script)
+        dependency = [f"--dependency=afterok:{submitted[-1][1]}", "--kill-on-invalid-dep=yes"] if submitted else []
+        proc = subprocess.run([sbatch, "--parsable", *dependency, str(script_path)], capture_output=True, text=True,
+                              cwd=Path.cwd())
+        if proc.returncode != 0:
+            message = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()[-1]
+            sent = "; ".join(f"{stage} job {job_id}" for stage, job_id in submitted)
+            raise ConfigError(f"sbatch refused the {job.stage} job: {message}"
+                              + (f" (already submitted: {sent}; scancel them before submitting again)" if sent else ""))
+        job_id = proc.stdout.strip().split(";")[0]
+        with open(jobs_dir / "jobs.jsonl", "a") as f:
+            f.write(json.dumps({"job_id": job_id, "stage": job.stage, "script": str(script_path),
+                                "submitted": time.time()}) + "\n")
+        submitted.append((job.stage, job_id))
+    return submitted
 
 
 @dataclass

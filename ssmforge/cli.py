@@ -221,6 +221,7 @@ def cmd_prepare(args) -> int:
 
     config = load_config(args.config, args.overrides)  # before the heavy imports: config errors come back at once
     from ssmforge.data_pipeline import pack
+    from ssmforge.data_pipeline.parts import merge_parts, prepare_part
 
     if args.part is not None and args.parts is None:
         raise SsmforgeError("--part needs --parts N (the number of parts)")
@@ -230,10 +231,10 @@ def cmd_prepare(args) -> int:
               f"{' with a tokenizer.path' if config.tokenizer.path else ''}: nothing to train")
         return 0
     if args.merge:
-        manifest = pack.merge_parts(config)
+        manifest = merge_parts(config)
     elif args.parts is not None:
         part, parts = _prepare_part(args)
-        result = pack.prepare_part(config, part, parts)
+        result = prepare_part(config, part, parts)
         if result.record:
             written = ", ".join(f"{split['samples']} {name} samples" for name, split in result.record["splits"].items())
             print(f"part {part} of {parts}: {written} written; {result.done} of {parts} parts done")
@@ -305,13 +306,21 @@ def cmd_submit(args) -> int:
         cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
         qos=args.qos, signal_seconds_before_end=args.signal_seconds, max_requeues=args.max_requeues,
         job_name=args.job_name)
-    # a global batch the job's ranks cannot split is refused now, not after a wait in the queue
-    config.train.accumulation_steps(options.nodes * options.ntasks_per_node)
-    result = submit(args.config, args.overrides, options, dry_run=args.dry_run)
+    # a layout the job's ranks cannot hold is refused now, not after a wait in the queue
+    options.validate()
+    config.train.check_layout(options.nodes * options.ntasks_per_node, options.nodes)
+    jobs = submit(args.config, args.overrides, options, dry_run=args.dry_run, prepare_parts=args.prepare_parts)
     if args.dry_run:
-        print(result, end="")
-    else:
-        print(f"submitted job {result}; follow it with: ssmforge submit --status {Path(config.run_dir).resolve()}")
+        for i, (stage, script) in enumerate(jobs):
+            if len(jobs) > 1:  # the scripts one after the other, each under a header saying when it runs
+                after = f", after job {i} succeeded" if i else ""
+                print(f"# ---- job {i + 1} of {len(jobs)}: {stage}{after} ----")
+            print(script, end="")
+        return 0
+    for i, (stage, job_id) in enumerate(jobs):
+        after = f" (starts after job {jobs[i - 1][1]} succeeded)" if i else ""
+        print(f"submitted {stage} job {job_id}{after}")
+    print(f"follow the run with: ssmforge submit --status {Path(config.run_dir).resolve()}")
     return 0
 
 
@@ -422,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     sbm.add_argument("config", nargs="?", help="run config (YAML)")
     sbm.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     sbm.add_argument("--nodes", type=int, help="default: slurm.nodes")
+    sbm.add_argument("--prepare-parts", type=int, default=1,
+                     help="when the shards must be prepared first: as an array of this many jobs (default 1)")
     sbm.add_argument("--gpus-per-node", type=int,
                      help="one task per GPU; 0 for a CPU job (default: slurm.gpus_per_node)")
     sbm.add_argument("--tasks-per-node", type=int, help="tasks per node of a CPU job (--gpus-per-node 0)")

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from ssmforge.data_pipeline import pack
+from ssmforge.data_pipeline import parts as pack_parts
 from ssmforge.data_pipeline.manifest import read_manifest
-from ssmforge.data_pipeline.pack import merge_parts, prepare, prepare_in_job, prepare_part, prepare_tokenizer
+from ssmforge.data_pipeline.pack import prepare, prepare_in_job, prepare_tokenizer
+from ssmforge.data_pipeline.parts import merge_parts, prepare_part
 from ssmforge.data_pipeline.tokenizer import ByteTokenizer
 from ssmforge.errors import ConfigError, DataError
 
@@ -62,7 +64,7 @@ def part_streams(split_dir, manifest, split):
     layout = manifest.parts["joint"][split]
     streams, at = {}, 0
     for part, n in zip(layout["order"], layout["held_tokens"]):
-        own = folders.get(pack.part_name(part, manifest.parts["count"]), [np.zeros(0, np.uint16)])
+        own = folders.get(pack_parts.part_name(part, manifest.parts["count"]), [np.zeros(0, np.uint16)])
         streams[part] = np.concatenate(own + [joint[at:at + n]])
         at += n
     assert at == len(joint)
@@ -187,6 +189,23 @@ def test_parts_are_idempotent_and_start_over_when_they_died(tmp_path, corpus):
     assert prepare(config) == manifest
 
 
+def test_two_parts_finishing_together_still_merge(tmp_path, corpus, monkeypatch):
+    """Part 0 finishes while part 1 works (SLURM array tasks run at once): part 0 sees part 1 missing and
+    leaves the merge; part 1, which found no finished part when it started, must see part 0 at its end."""
+    path, _ = corpus
+    config = run_config(tmp_path, [path])
+    original = pack_parts._prepare_part
+
+    def part_0_finishes_meanwhile(config, local, expected, part, parts, workers):
+        if part == 1:
+            assert prepare_part(config, 0, 2).manifest is None
+        return original(config, local, expected, part, parts, workers)
+
+    monkeypatch.setattr(pack_parts, "_prepare_part", part_0_finishes_meanwhile)
+    result = prepare_part(config, 1, 2)
+    assert result.done == 2 and result.manifest == read_manifest(tmp_path / "run" / "data")
+
+
 def test_what_parts_refuse(tmp_path, corpus):
     path, _ = corpus
     prepare_part(run_config(tmp_path, [path]), 0, 3)
@@ -262,7 +281,8 @@ def test_pretrain_refuses_to_prepare_a_hub_source_at_once(tmp_path):
     assert line == (f"ssmforge: error: {run}/data holds no prepared shards, and data.sources.0 (hub dataset "
                     f"monology/pile-uncopyrighted) is too large to prepare inside a training job; run `ssmforge "
                     f"prepare configs/tiny.yaml run_dir={run} 'data.sources=[{{kind: hub, name: "
-                    f"monology/pile-uncopyrighted}}]'` first")
+                    f"monology/pile-uncopyrighted}}]'` first (`ssmforge submit` runs it as a job of its own before "
+                    f"training)")
     assert not run.exists()  # no run folder, no lock
 
 

@@ -24,6 +24,7 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 SYSTEM_CONFIG_DIRS = ("/etc/slurm", "/etc/slurm-llnl", "/etc/munge")
 INSTALL_OPT_IN = "SSMFORGE_TEST_SLURM_INSTALL"
+NODES = ("<host>", "localhost")  # the test cluster's nodes: the machine's own name, then localhost
 
 
 def system_config_state() -> dict:
@@ -45,19 +46,20 @@ def system_config_state() -> dict:
 
 def cluster_script(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(START_SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "SSMFORGE_SLURM_QUIET": "1"})
+                          env={**os.environ, "SSMFORGE_SLURM_QUIET": "1", "SSMFORGE_SLURM_NODES": str(len(NODES))})
 
 
 @dataclass(frozen=True)
 class LocalCluster:
-    host: str  # the one node
+    host: str  # this machine, also the first node's name
+    nodes: tuple[str, ...]  # its two nodes: slurmd's of their own on this machine (start_local_cluster.sh)
     folder: Path  # its config, state, logs and munge socket
     system_config_before: dict  # system_config_state() once the packages were in place, before it started
 
 
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory) -> LocalCluster:
-    """A one-node SLURM of this session's own, or a skip with the reason: slurm/start_local_cluster.sh in
+    """A two-node SLURM of this session's own, or a skip with the reason: slurm/start_local_cluster.sh in
     a temporary folder (or $SSMFORGE_TEST_SLURM_DIR), with SLURM_CONF set for the session so that every
     sbatch, srun, squeue, scontrol and sinfo here and in the code under test reaches it and never the
     system's. Stopped at the end of the session unless it was already running when the session began."""
@@ -89,7 +91,7 @@ def local_cluster(tmp_path_factory) -> LocalCluster:
     monkeypatch.setenv("SLURM_CONF", str(folder / "slurm.conf"))
     try:
         host = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
-        yield LocalCluster(host, folder, before)
+        yield LocalCluster(host, (host, *NODES[1:]), folder, before)
     finally:
         monkeypatch.undo()
         if not already_running:
@@ -99,7 +101,7 @@ def local_cluster(tmp_path_factory) -> LocalCluster:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(local_cluster) -> str:
-    """The session's one-node SLURM (see local_cluster); its host name."""
+    """The session's two-node SLURM (see local_cluster); its host name."""
     return local_cluster.host
 
 

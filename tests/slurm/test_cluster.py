@@ -1,9 +1,12 @@
-"""On a real one-node SLURM (slurm/start_local_cluster.sh): `ssmforge submit` a 2-task CPU pretraining job,
-preempt it mid-run with the warning signal SLURM sends before the time limit, and check that the job
-requeued itself, resumed from its checkpoint, finished, and matches an uninterrupted run."""
+"""On a real SLURM of two nodes on this machine (slurm/start_local_cluster.sh): `ssmforge submit` a 2-task CPU
+pretraining job, preempt it mid-run with the warning signal SLURM sends before the time limit, and check that
+the job requeued itself, resumed from its checkpoint, finished, and matches an uninterrupted run; and a job
+requeued onto fewer nodes than it started on, which continues the same run."""
+import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -15,6 +18,20 @@ STEPS = ("train.max_steps=60", "train.log_every=1", "train.eval_every=1000", "tr
 def _job(job_id: str) -> dict:
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
     return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
+def _finished(job_id: str, timeout: float, what: str) -> dict:
+    """The job's fields once it has ended, whichever way."""
+    return wait_for(lambda: (j := _job(job_id)).get("JobState") in FINISHED and j, timeout, what)
+
+
+def _cancel_unfinished(*job_ids: str) -> None:
+    for job_id in job_ids:
+        if _job(job_id).get("JobState") in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"):
+            subprocess.run(["scancel", job_id], capture_output=True)
 
 
 def _logged_steps(run_dir) -> int:
@@ -33,7 +50,7 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_c
          "--max-requeues", "2", "--job-name", "ssmforge-test"],
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stderr
-    job_id = re.search(r"submitted job (\d+)", submit.stdout).group(1)
+    job_id = re.search(r"submitted pretrain job (\d+)", submit.stdout).group(1)
     try:
         # the job trains; once it is past step 10, send what SLURM sends before the time limit
         # generous limits: the job may queue behind others, and a loaded 2-core machine starts DeepSpeed slowly
@@ -48,12 +65,9 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_c
         assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
         # SLURM holds a requeued job for cred_expire + 1 s (11 s on the test cluster) before it starts again;
         # releasing it sooner races the revocation of the old job's credential
-        job = wait_for(lambda: (j := _job(job_id)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
-                                                                        "TIMEOUT", "NODE_FAIL") and j,
-                       900, "the requeued job to finish")
+        job = _finished(job_id, 900, "the requeued job to finish")
     finally:
-        if _job(job_id).get("JobState") in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"):
-            subprocess.run(["scancel", job_id], capture_output=True)
+        _cancel_unfinished(job_id)
     log_text = "\n".join(p.read_text() for p in (run_dir / "logs").glob("*.out"))
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log_text[-3000:]
     assert f"requeueing job {job_id} (restart 1)" in log_text
@@ -83,3 +97,88 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_c
                             capture_output=True, text=True, env=clean_env())
     assert status.returncode == 0, status.stderr
     assert status.stdout.splitlines()[1].split() == [str(run_dir), job_id, "COMPLETED", "1", "60", "step_00000060"]
+
+
+@pytest.mark.slow
+def test_a_job_requeued_onto_fewer_nodes_continues_the_same_run(local_cluster, tmp_path):
+    """Elastic resume through SLURM: a 2-node job loses a node (drained, as after a hardware fault) while it
+    trains; it checkpoints at step 4 under ZeRO-2 and requeues, and waits for two nodes until it is shrunk to
+    the one left (`scontrol update JobId=.. NumNodes=1 NumTasks=1`). It restarts there: 2 ranks become 1, the
+    ZeRO shards are converted, the global batch and the data order stay, and every step's loss equals an
+    uninterrupted single-rank run's."""
+    run_dir, second = tmp_path / "elastic_run", local_cluster.nodes[1]
+    settings = ("train.max_steps=8", "train.log_every=1", "train.eval_every=1000", "train.save_every=1000",
+                "train.global_batch_size=8", "train.micro_batch_size=4", "deepspeed.zero_stage=2",
+                "train.precision=fp32")
+    submit = subprocess.run(
+        [sys.executable, "-m", "ssmforge", "submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
+         *TINY, *settings, "train.stop_at_step=4", "--gpus-per-node", "0", "--tasks-per-node", "1",
+         "--cpus-per-task", "1", "--nodes", "2", "--time", "15:00", "--max-requeues", "2",
+         "--job-name", "ssmforge-elastic"],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stderr
+    job_id = re.search(r"submitted pretrain job (\d+)", submit.stdout).group(1)
+    try:
+        job = wait_for(lambda: (j := _job(job_id)).get("JobState") == "RUNNING" and j, 900, "the job to start")
+        assert job["NumNodes"] == "2", job
+        # the job keeps running on a draining node; once requeued it cannot start on two nodes again
+        subprocess.run(["scontrol", "update", f"NodeName={second}", "State=DRAIN", "Reason=ssmforge-test"], check=True)
+        wait_for(lambda: (j := _job(job_id)).get("Restarts", "0") == "1" and j.get("JobState") == "PENDING", 900,
+                 "the job to checkpoint at step 4 and requeue")
+        time.sleep(5)
+        assert _job(job_id)["JobState"] == "PENDING"  # waiting for a second node
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "NumNodes=1", "NumTasks=1"], check=True)
+        job = _finished(job_id, 1200, "the job to stop at step 4, requeue and finish on one node")
+    finally:
+        _cancel_unfinished(job_id)
+        subprocess.run(["scontrol", "update", f"NodeName={second}", "State=RESUME"], capture_output=True)
+    log_text = "\n".join(p.read_text() for p in (run_dir / "logs").glob("*.out"))
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1" and job["NumNodes"] == "1", log_text[-3000:]
+    assert f"requeueing job {job_id} (restart 1)" in log_text
+    step4 = run_dir / "checkpoints" / "step_00000004"
+    assert "x 1 accumulation x 2 ranks" in log_text and "x 2 accumulation x 1 ranks" in log_text, log_text[-3000:]
+    assert f"{step4} was saved on 2 data-parallel ranks: converting it" in log_text
+    assert f"resumed from {step4} (step 4" in log_text and "done: step 8" in log_text
+    assert len(list(step4.glob("zero_pp_rank_*_optim_states.pt"))) == 2 and (step4 / "universal" / "zero").is_dir()
+
+    straight = tmp_path / "straight"  # one rank, started directly, on the job's shards
+    proc = subprocess.run(pretrain_command(straight, *settings, f"data.shard_dir={run_dir / 'data'}"), cwd=ROOT,
+                          env=clean_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed, reference = train_losses(run_dir), train_losses(straight)
+    assert sorted(resumed) == sorted(reference) == list(range(1, 9))
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
+    assert reference[8] < reference[1]
+
+
+@pytest.mark.slow
+def test_shards_too_large_for_the_training_job_are_prepared_by_an_array_first(local_cluster, tmp_path):
+    """`ssmforge submit` of a run whose shards are missing and too large to prepare inside the training job
+    (more synthetic documents than it prepares itself): an array of two preparation tasks writes the parts,
+    the last merges them, and the training job, held until then by its dependency, trains on them."""
+    run_dir = tmp_path / "prepared_run"
+    submit = subprocess.run(
+        [sys.executable, "-m", "ssmforge", "submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
+         "data.sources=[{kind: synthetic, max_documents: 100001}]", "data.num_workers=0", "train.max_steps=3",
+         "train.log_every=1", "train.eval_every=1000", "--gpus-per-node", "0", "--tasks-per-node", "1",
+         "--cpus-per-task", "1", "--time", "15:00", "--prepare-parts", "2", "--job-name", "ssmforge-prep"],
+        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stderr
+    prepare_id = re.search(r"submitted prepare job (\d+)", submit.stdout).group(1)
+    train_id = re.search(rf"submitted pretrain job (\d+) \(starts after job {prepare_id} succeeded\)",
+                         submit.stdout).group(1)
+    try:
+        job = _finished(train_id, 1200, "the preparation array and then the training job to finish")
+    finally:
+        _cancel_unfinished(prepare_id, train_id)
+    logs = {p.name: p.read_text() for p in (run_dir / "logs").glob("*.out")}
+    assert job["JobState"] == "COMPLETED", "\n".join(logs.values())[-3000:]
+    tasks = [_job(f"{prepare_id}_{task}") for task in (0, 1)]
+    assert all(t["JobState"] == "COMPLETED" for t in tasks), tasks
+    assert job["StartTime"] >= max(t["EndTime"] for t in tasks)  # held by its dependency until both were done
+    assert sorted(name for name in logs if "-prepare-" in name) == [f"ssmforge-prep-prepare-{prepare_id}_{t}.out"
+                                                                    for t in (0, 1)]
+    manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
+    assert manifest["parts"]["count"] == 2 and manifest["splits"]["train"]["documents"] > 90_000
+    assert sorted(train_losses(run_dir)) == [1, 2, 3]

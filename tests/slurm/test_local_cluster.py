@@ -28,8 +28,14 @@ def _alive(pid: int, name: str) -> bool:
 
 
 def _daemons(folder: Path) -> dict[str, int]:
-    return {name: int((folder / pidfile).read_text()) for name, pidfile in (
-        ("munged", "munge/munged.pid"), ("slurmctld", "slurmctld.pid"), ("slurmd", "slurmd.pid"))}
+    """Pid of each daemon the cluster in `folder` started: munged, slurmctld, one slurmd per node."""
+    pidfiles = {"munged": folder / "munge" / "munged.pid", "slurmctld": folder / "slurmctld.pid"}
+    pidfiles.update({p.stem: p for p in folder.glob("slurmd-*.pid")})
+    return {name: int(path.read_text()) for name, path in pidfiles.items()}
+
+
+def _alive_daemon(name: str, pid: int) -> bool:
+    return _alive(pid, name.split("-")[0])  # slurmd-NODE is a slurmd
 
 
 def _script(*args: str) -> subprocess.CompletedProcess:
@@ -44,14 +50,22 @@ def test_the_cluster_runs_from_its_own_folder_and_leaves_the_system_config_alone
     socket = folder / "munge" / "munge.socket"
     assert config["ClusterName"] == "ssmforge_test"
     assert config["AuthInfo"] == f"socket={socket},cred_expire=10"
-    assert (config["StateSaveLocation"], config["SlurmdSpoolDir"]) == (str(folder / "state"), str(folder / "spool"))
+    assert (config["StateSaveLocation"], config["SlurmdSpoolDir"]) == (str(folder / "state"), str(folder / "spool/%n"))
     written = (folder / "slurm.conf").read_text()
     ports = {key: config[key] for key in ("SlurmctldPort", "SlurmdPort")}
     assert all(f"{key}={value}\n" in written for key, value in ports.items())
     assert not {"6817", "6818"} & set(ports.values())  # SLURM's default ports stay free for a site's daemons
     # its own munged, on its own socket and key
     daemons = _daemons(folder)
-    assert all(_alive(pid, name) for name, pid in daemons.items()), daemons
+    assert all(_alive_daemon(name, pid) for name, pid in daemons.items()), daemons
+    assert sorted(name for name in daemons if name.startswith("slurmd")) == sorted(
+        f"slurmd-{node}" for node in local_cluster.nodes)
+    # two nodes on one machine, each with a /dev/shm of its own, as real nodes have (streaming keeps its
+    # per-node shared memory there)
+    namespaces = {os.readlink(f"/proc/{pid}/ns/mnt") for name, pid in daemons.items() if name.startswith("slurmd")}
+    assert len(namespaces) == len(local_cluster.nodes) == 2 and os.readlink("/proc/self/ns/mnt") not in namespaces
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=60).stdout
+    assert sorted(nodes.split()[::2]) == sorted(local_cluster.nodes), nodes
     cmdline = Path(f"/proc/{daemons['munged']}/cmdline").read_bytes().split(b"\0")
     assert f"--socket={socket}".encode() in cmdline and f"--key-file={folder}/munge/munge.key".encode() in cmdline
     # a job sees the same config (sbatch and srun pass SLURM_CONF on)
@@ -67,7 +81,7 @@ def test_start_is_idempotent_and_stop_stops_only_what_it_started(local_cluster, 
         started = _script("start", str(folder))
         assert started.returncode == 0, started.stderr
         daemons = _daemons(folder)
-        assert all(_alive(pid, name) for name, pid in daemons.items()), daemons
+        assert all(_alive_daemon(name, pid) for name, pid in daemons.items()), daemons
         again = _script("start", str(folder))
         assert again.returncode == 0 and "already running" in again.stdout, again.stderr
         assert _daemons(folder) == daemons
@@ -77,10 +91,10 @@ def test_start_is_idempotent_and_stop_stops_only_what_it_started(local_cluster, 
     finally:
         stopped = _script("stop", str(folder))
     assert stopped.returncode == 0, stopped.stderr
-    assert not any(_alive(pid, name) for name, pid in daemons.items())
+    assert not any(_alive_daemon(name, pid) for name, pid in daemons.items())
     assert _script("status", str(folder)).returncode == 1
     # the session's cluster still answers, and /etc is as it was
-    assert all(_alive(pid, name) for name, pid in _daemons(local_cluster.folder).items())
+    assert all(_alive_daemon(name, pid) for name, pid in _daemons(local_cluster.folder).items())
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
     assert ping.returncode == 0 and "UP" in ping.stdout, ping.stdout + ping.stderr
     assert system_config_state() == local_cluster.system_config_before

@@ -231,3 +231,80 @@ def test_status_of_a_run_folder(tmp_path, capsys, monkeypatch):
     assert lines[0].split() == ["RUN", "JOB", "STATE", "RESTARTS", "STEP", "CHECKPOINT"]
     assert lines[1].split() == [str(run), "17", "UNKNOWN", "-", "20", "step_00000020"]
     assert main(["submit", "--status", str(tmp_path / "nope")]) == 2
+
+
+# sbatch's stand-in: records its arguments and answers with job ids 101, 102, ...
+FAKE_SBATCH = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_LOG/sbatch.calls"
+echo $((100 + $(wc -l < "$FAKE_LOG/sbatch.calls")))
+"""
+HUB = "data.sources=[{kind: hub, name: monology/pile-uncopyrighted}]"
+
+
+def _submit(tmp_path, monkeypatch, capsys, *args) -> tuple[int, list[str], str]:
+    bin_dir, log = tmp_path / "fakebin", tmp_path / "fakelog"
+    _executable(bin_dir / "sbatch", FAKE_SBATCH)
+    log.mkdir(exist_ok=True)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    code = main(["submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={tmp_path / 'run'}", "--gpus-per-node",
+                 "0", "--time", "1:00:00", *args])
+    calls = (log / "sbatch.calls").read_text().splitlines() if (log / "sbatch.calls").exists() else []
+    return code, calls, capsys.readouterr()
+
+
+def test_missing_large_shards_are_prepared_by_a_job_of_their_own_before_training(tmp_path, monkeypatch, capsys):
+    code, calls, out = _submit(tmp_path, monkeypatch, capsys, HUB, "--cpus-per-task", "16")
+    assert code == 0, out.err
+    run_dir = tmp_path / "run"
+    scripts = sorted((run_dir / "slurm").glob("job-*.sbatch"))
+    assert [c.split()[-1] for c in calls] == [str(s) for s in scripts] and len(scripts) == 2
+    assert calls[0] == f"--parsable {scripts[0]}"  # the preparation first, free to start
+    assert calls[1] == f"--parsable --dependency=afterok:101 --kill-on-invalid-dep=yes {scripts[1]}"
+    prepare, train = (s.read_text() for s in scripts)
+    assert "#SBATCH --cpus-per-task=16" in prepare and "#SBATCH --nodes=1" in prepare and "--array" not in prepare
+    assert "gpus" not in prepare and '"${COMMAND[@]}" "$CONFIG"\n' in prepare
+    assert "-m ssmforge prepare)" in prepare and "-m ssmforge pretrain)" in train
+    assert out.out.splitlines() == ["submitted prepare job 101", "submitted pretrain job 102 (starts after job 101 "
+                                    "succeeded)", f"follow the run with: ssmforge submit --status {run_dir}"]
+    records = [json.loads(line) for line in (run_dir / "slurm" / "jobs.jsonl").read_text().splitlines()]
+    assert [(r["job_id"], r["stage"]) for r in records] == [("101", "prepare"), ("102", "pretrain")]
+    assert run_status(run_dir).job_id == "102"
+
+
+def test_a_prepare_in_parts_is_an_array_after_the_tokenizer_it_needs(tmp_path, monkeypatch, capsys):
+    code, calls, out = _submit(tmp_path, monkeypatch, capsys, HUB, "tokenizer.kind=sentencepiece",
+                               "--prepare-parts", "8")
+    assert code == 0, out.err
+    scripts = [Path(c.split()[-1]).read_text() for c in calls]
+    assert [c.split()[1:-1] for c in calls] == [[], ["--dependency=afterok:101", "--kill-on-invalid-dep=yes"],
+                                                ["--dependency=afterok:102", "--kill-on-invalid-dep=yes"]]
+    assert '"$CONFIG" --train-tokenizer' in scripts[0] and "--array" not in scripts[0]
+    assert "#SBATCH --array=0-7" in scripts[1] and '"$CONFIG" --parts 8 --part "$SLURM_ARRAY_TASK_ID"' in scripts[1]
+    assert "-%A_%a.out" in scripts[1] and "-m ssmforge pretrain)" in scripts[2]
+
+
+def test_small_or_prepared_shards_need_no_preparation_job(tmp_path, monkeypatch, capsys):
+    code, calls, out = _submit(tmp_path, monkeypatch, capsys, *TINY)  # 300 synthetic documents: in the job
+    assert code == 0 and len(calls) == 1 and "pretrain" in Path(calls[0].split()[-1]).read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    ((HUB.replace("}]", ", max_tokens: 1000000}]"), "--prepare-parts", "4"),
+     "--prepare-parts=4 with data.sources.0.max_tokens=1000000: a token budget cannot be split over parts"),
+    ((HUB, "--prepare-parts", "0"), "--prepare-parts=0 is invalid: must be a positive integer"),
+])
+def test_preparation_jobs_that_cannot_work_are_refused_before_anything_is_submitted(tmp_path, monkeypatch, capsys,
+                                                                                     args, message):
+    code, calls, out = _submit(tmp_path, monkeypatch, capsys, *args)
+    assert code == 2 and calls == [] and not (tmp_path / "run").exists()
+    assert out.err.startswith(f"ssmforge: error: {message}") and len(out.err.splitlines()) == 1
+
+
+def test_a_dry_run_prints_every_job_in_order(tmp_path, capsys):
+    assert main(["submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={tmp_path / 'run'}", HUB,
+                 "--gpus-per-node", "0", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# ---- job 1 of 2: prepare ----\n#!/bin/bash")
+    assert "\n# ---- job 2 of 2: pretrain, after job 1 succeeded ----\n#!/bin/bash" in out
+    assert not (tmp_path / "run").exists()
