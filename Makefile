@@ -14,8 +14,7 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED)
 
 quickstart: $(INSTALLED)
-	$(VENV)/bin/ssmforge pretrain configs/quickstart.yaml
-	$(VENV)/bin/ssmforge export runs/quickstart runs/quickstart/export
+	$(VENV)/bin/ssmforge run configs/quickstart.yaml
 	$(VENV)/bin/ssmforge generate runs/quickstart/export --prompt "The" --max-new-tokens 120 --temperature 0.7
 
 # the SLURM tests start (and stop) a cluster of their own in a temporary folder, never the machine's

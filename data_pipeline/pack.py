@@ -23,7 +23,8 @@ import shutil
 import sys
 import time
 from collections import deque
-from itertools import islice
+from contextlib import contextmanager
+from itertools import islice, takewhile
 from pathlib import Path
 
 import numpy as np
@@ -293,22 +294,39 @@ def _resolve_tokenizer(config, work_dir: Path, train: bool = True):
         if not tok.allow_lossy:
             require_lossless(tokenizer, tok.path)
         return tokenizer, tok.path
-    path, settings = work_dir / TOKENIZER_FILE, work_dir / TOKENIZER_CONFIG_FILE
-    expected = tokenizer_fingerprint(config)
-    if path.is_file() and settings.is_file() and settings.read_text().strip() == expected:
+    path = trained_tokenizer(config, work_dir)
+    if path is not None:
         return load_tokenizer("sentencepiece", path), str(path)
     if not train:
-        raise DataError(f"{work_dir}: no trained tokenizer for this config; the parts of a prepare share one, "
-                        f"trained once before them: run `ssmforge prepare CONFIG --train-tokenizer` first")
+        raise no_trained_tokenizer(work_dir)
+    path, settings = work_dir / TOKENIZER_FILE, work_dir / TOKENIZER_CONFIG_FILE
     sample = (text for _, text, _ in islice(
         mixed_documents(config.data.sources, config.seed, config.data.invalid_utf8, SkipCounter()),
         tok.train_documents))
     log.info("training a %s SentencePiece tokenizer (vocab %d) on up to %d documents", tok.model_type,
              tok.vocab_size, tok.train_documents)
     settings.unlink(missing_ok=True)
-    tokenizer = train_sentencepiece(sample, path, tok.vocab_size, tok.model_type)
-    settings.write_text(expected + "\n")
+    try:
+        tokenizer = train_sentencepiece(sample, path, tok.vocab_size, tok.model_type)
+    except BaseException:
+        path.unlink(missing_ok=True)  # half a model, or none: nothing a later run could use
+        raise
+    settings.write_text(tokenizer_fingerprint(config) + "\n")
     return tokenizer, str(path)
+
+
+def trained_tokenizer(config, work_dir: Path) -> Path | None:
+    """The SentencePiece model trained for this config's settings in work_dir (beside its .tokenizer-config), or
+    None when there is none."""
+    path, settings = work_dir / TOKENIZER_FILE, work_dir / TOKENIZER_CONFIG_FILE
+    if path.is_file() and settings.is_file() and settings.read_text().strip() == tokenizer_fingerprint(config):
+        return path
+    return None
+
+
+def no_trained_tokenizer(work_dir: Path) -> DataError:
+    return DataError(f"{work_dir}: no trained tokenizer for this config; the parts of a prepare share one, "
+                     f"trained once before them: run `ssmforge prepare CONFIG --train-tokenizer` first")
 
 
 def _checked_tokenizer(config, work_dir: Path, train: bool = True):
@@ -316,12 +334,17 @@ def _checked_tokenizer(config, work_dir: Path, train: bool = True):
     tokenizer, path = _resolve_tokenizer(config, work_dir, train)
     if tokenizer.eos_id is None or tokenizer.eos_id < 0:
         raise DataError(f"{path}: the tokenizer has no EOS id, needed between documents")
-    if tokenizer.vocab_size > config.model.padded_vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size is "
-                        f"{config.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+    check_vocab(tokenizer.vocab_size, config)
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
     kind = "byte" if isinstance(tokenizer, ByteTokenizer) else config.tokenizer.kind
     return tokenizer, path, kind, dtype
+
+
+def check_vocab(ids: int, config) -> None:
+    """A model needs an embedding row for each of the tokenizer's `ids`."""
+    if ids > config.model.padded_vocab_size:
+        raise DataError(f"the tokenizer has {ids} ids but model.vocab_size is {config.model.vocab_size}; "
+                        f"set model.vocab_size={ids}")
 
 
 def _tokenizer_record(tokenizer, kind: str, path: str | None) -> dict:
@@ -354,9 +377,35 @@ def _check_destination(out: str, local: Path, expected: str) -> Manifest | None:
     return None
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """path and those of its parents that do not exist yet, deepest first: what a mkdir(parents=True) creates."""
+    return list(takewhile(lambda p: not os.path.lexists(p), (path, *path.parents)))
+
+
+@contextmanager
+def undone_on_error(folders: list[Path], created: list[Path], done: Path | None = None):
+    """When the block raises (a bad document, an interrupt) before the file `done` marks the output complete:
+    remove `folders`, the half-written output, then each folder of `created` (those this command made, deepest
+    first) that is left empty. A tokenizer trained for this config stays in the shard folder (and keeps it),
+    since the next run takes it up."""
+    try:
+        yield
+    except BaseException:
+        for folder in folders if done is None or not done.exists() else []:
+            shutil.rmtree(folder, ignore_errors=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (a tokenizer, another part's shards), or gone
+                pass
+        raise
+
+
 def prepare(config, workers: int | None = None) -> Manifest:
-    """Build the shards for `config.data` into `config.data.shard_dir` in this job; idempotent (see module doc)."""
+    """Build the shards for `config.data` into `config.data.shard_dir` in this job; idempotent (see module doc).
+    A prepare that fails leaves no shards behind, nor a shard folder it created (but for a trained tokenizer)."""
     out, remote, local = _destination(config)
+    created = missing_folders(local)
     local.mkdir(parents=True, exist_ok=True)
     expected = data_fingerprint(config)
     existing = _check_destination(out, local, expected)
@@ -366,7 +415,12 @@ def prepare(config, workers: int | None = None) -> Manifest:
         return existing
     for name in (*SPLITS, PARTS_DIR):  # a run that died half-way left these; they are ours (no manifest yet)
         shutil.rmtree(local / name, ignore_errors=True)
+    with undone_on_error([local / name for name in SPLITS], created, done=local / MANIFEST_FILE):
+        return _prepare(config, out, remote, local, expected, workers)
 
+
+def _prepare(config, out: str, remote: bool, local: Path, expected: str, workers: int | None) -> Manifest:
+    """prepare's work once the destination is clear: the tokenizer, the shards, the manifest."""
     tokenizer, tokenizer_path, kind, dtype = _checked_tokenizer(config, local)
     upload = None
     if remote:
@@ -426,27 +480,30 @@ def prepare_tokenizer(config) -> str | None:
     """Train the SentencePiece tokenizer of the config into the shard folder, once (a model trained from the same
     settings is kept); return its path, or None when the config trains none (byte, or a tokenizer.path)."""
     out, remote, local = _destination(config)
-    local.mkdir(parents=True, exist_ok=True)
+    created = missing_folders(local)
     existing = _check_destination(out, local, data_fingerprint(config))
     if config.tokenizer.kind == "byte" or config.tokenizer.path:
         return None
     if existing is not None and existing.tokenizer["file"]:
         return str(local / existing.tokenizer["file"]) if not remote else f"{out.rstrip('/')}/{TOKENIZER_FILE}"
-    _, path, _, _ = _checked_tokenizer(config, local)
+    local.mkdir(parents=True, exist_ok=True)
+    with undone_on_error([], created):
+        _, path, _, _ = _checked_tokenizer(config, local)
     return path
 
 
 # -- inside a training job -------------------------------------------------------------------------
-def prepare_in_job(config, command: str = "ssmforge prepare CONFIG") -> bool:
+def prepare_in_job(config, command: str = "ssmforge prepare CONFIG", local_bytes: int | None = None) -> bool:
     """Whether a training job should prepare the shards itself before it trains. False when they are there
     (raises DataError if they were prepared from another config). When they are missing: True for small data
     only (the embedded synthetic corpus up to IN_JOB_SYNTHETIC_DOCUMENTS documents, local files totalling up to
     IN_JOB_LOCAL_BYTES); anything else raises DataError telling to run `command` first, since preparing it
     would hold every other rank of the job waiting. Reads only the config and the shard folder, so every rank
-    decides the same, before anything starts. A remote shard folder is never prepared here (False)."""
+    decides the same, before anything starts. A remote shard folder is never prepared here (False).
+    `local_bytes`: the size of the local sources' files where the caller has summed it already."""
     if is_remote(config.data.shard_dir) or shards_ready(config, command):
         return False
-    large = too_large_for_a_training_job(config)
+    large = too_large_for_a_training_job(config, local_bytes)
     if large:
         raise DataError(f"{config.data.shard_dir} holds no prepared shards, and {' and '.join(large)} "
                         f"{'are' if len(large) > 1 else 'is'} too large to prepare inside a training job; run "
@@ -475,15 +532,18 @@ def shards_ready(config, command: str = "ssmforge prepare CONFIG") -> bool:
     return True
 
 
-def too_large_for_a_training_job(config) -> list[str]:
-    """The sources (described for a message) too large for a training job to prepare while its ranks wait."""
-    large, local_bytes = [], 0
+def too_large_for_a_training_job(config, local_bytes: int | None = None) -> list[str]:
+    """The sources (described for a message) too large for a training job to prepare while its ranks wait.
+    `local_bytes`: the local sources' total size, if known (else their files are listed and sized here)."""
+    large = []
+    if local_bytes is None:
+        local_bytes = sum(path.stat().st_size for source in config.data.sources if source.kind == "local"
+                          for path in expand_paths(list(source.paths)))
     for i, source in enumerate(config.data.sources):
         if source.kind == "hub":
             large.append(f"data.sources.{i} (hub dataset {source.name})")
-        elif source.kind == "local":
-            local_bytes += sum(path.stat().st_size for path in expand_paths(list(source.paths)))
-        elif source.max_documents is None or source.max_documents > IN_JOB_SYNTHETIC_DOCUMENTS:
+        elif source.kind == "synthetic" and (source.max_documents is None
+                                             or source.max_documents > IN_JOB_SYNTHETIC_DOCUMENTS):
             large.append(f"data.sources.{i} (synthetic, {source.max_documents or 'unbounded'} documents, more than "
                          f"{IN_JOB_SYNTHETIC_DOCUMENTS:,})")
     if local_bytes > IN_JOB_LOCAL_BYTES:

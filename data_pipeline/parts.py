@@ -23,7 +23,7 @@ from ssmforge.errors import ConfigError, DataError
 
 from .manifest import Manifest, SplitStats
 from .pack import (PARTS_DIR, SPLITS, TOKENIZER_FILE, _check_destination, _checked_tokenizer, _destination, _finish,
-                   _pack, _source_records, _tokenizer_record, data_fingerprint)
+                   _pack, _source_records, _tokenizer_record, data_fingerprint, missing_folders, undone_on_error)
 from .shards import INDEX_FILE, ShardWriter, merge_indexes, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def prepare_part(config, part: int, parts: int, workers: int | None = None) -> P
                               f"source's budget ends depends on the token count of every document before it, which "
                               f"no part tokenizes; cap it with max_documents, or prepare in one job (it uses "
                               f"every core)")
+    created = [local / split for split in SPLITS if not (local / split).exists()] + missing_folders(local)
     local.mkdir(parents=True, exist_ok=True)
     expected = data_fingerprint(config)
     existing = _check_destination(out, local, expected)
@@ -73,7 +74,10 @@ def prepare_part(config, part: int, parts: int, workers: int | None = None) -> P
         log.info("%s of %s is done already; nothing to do", part_name(part, parts), out)
         record = records[part]
     else:
-        record = _prepare_part(config, local, expected, part, parts, workers)
+        name = part_name(part, parts)  # a part that fails leaves none of its shards (nor folders it made, if empty)
+        with undone_on_error([local / split / name for split in SPLITS], created,
+                             done=local / PARTS_DIR / f"{name}.json"):
+            record = _prepare_part(config, local, expected, part, parts, workers)
         # read again: parts that finished meanwhile count too, or two parts finishing together would each see
         # the other missing and neither would merge (two that both see all done both merge, which is safe)
         records = _part_records(local, expected, parts)

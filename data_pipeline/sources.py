@@ -139,6 +139,28 @@ def synthetic_documents(seed: int, count: int | None) -> Iterator[tuple[str, flo
         yield doc.text, doc.surprisal_nats
 
 
+HELDOUT_DOCUMENTS = 200
+
+
+def heldout_synthetic_documents(sources, seed: int, count: int = HELDOUT_DOCUMENTS) -> list[tuple[str, float]]:
+    """(text, -ln P(text)) of `count` documents of the run's synthetic source that training never saw: those
+    after its first max_documents (mixed_documents gives source i the seed seed + i)."""
+    from ssmforge.errors import ConfigError
+
+    from .synthetic import SyntheticCorpus
+
+    for i, source in enumerate(sources):
+        if source.kind != "synthetic":
+            continue
+        if source.max_documents is None:
+            raise ConfigError(f"eval.dataset=synthetic-heldout needs data.sources.{i}.max_documents: the documents "
+                              f"after the ones training read are the held-out ones")
+        corpus = SyntheticCorpus(seed=seed + i)
+        docs = (corpus.document(source.max_documents + j) for j in range(count))
+        return [(doc.text, doc.surprisal_nats) for doc in docs]
+    raise ConfigError("eval.dataset=synthetic-heldout: the run has no synthetic source (data.sources)")
+
+
 def source_documents(source, seed: int, policy: str, skipped: SkipCounter) -> Iterator[tuple[str, float | None]]:
     """(text, surprisal in nats where the source knows it, else None), capped at max_documents. The token budget
     (max_tokens) needs the tokenizer's counts and is applied by TokenBudget where they are known."""

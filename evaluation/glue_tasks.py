@@ -84,12 +84,33 @@ def _parse_label(task: Task, raw: str, where: str) -> float | int:
     return task.labels.index(raw)
 
 
-def read_tsv(task: Task, split: str, data_dir: str | Path) -> list[Example]:
-    """One split of a task from the GLUE TSV layout: `data_dir/<Folder>/<split>.tsv`."""
+def split_path(task: Task, split: str, data_dir: str | Path) -> Path:
+    """`data_dir/<Folder>/<split>.tsv`, which must exist."""
     path = Path(data_dir) / task.folder / f"{split}.tsv"
     if not path.is_file():
         raise DataError(f"{path}: missing {task.name} {split} split (expected the GLUE TSV layout "
                         f"{task.folder}/{split}.tsv under glue.data_dir)")
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    return path
+
+
+def check_data_dir(tasks, data_dir: str | Path, where: str = "glue.data_dir") -> None:
+    """Before any work: `data_dir` (named as `where` says it was given) holds every split each task trains
+    and is scored on (test splits are optional: without one, no submission file)."""
+    if not Path(data_dir).is_dir():
+        raise DataError(f"{where} {data_dir}: no such folder (expected the GLUE TSV layout: "
+                        f"{', '.join(t.folder + '/' for t in TASKS.values())})")
+    for task in tasks:
+        for split in ("train",) + task.dev_splits:
+            split_path(task, split, data_dir)
+
+
+def read_tsv(task: Task, split: str, data_dir: str | Path) -> list[Example]:
+    """One split of a task from the GLUE TSV layout: `data_dir/<Folder>/<split>.tsv`."""
+    path = split_path(task, split, data_dir)
     csv.field_size_limit(sys.maxsize)
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))

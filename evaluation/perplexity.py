@@ -6,9 +6,12 @@ and byte perplexity and bits per byte, with words and bytes counted on the origi
 with stride = max_length (the default) windows do not overlap and the last one reaches back for a full
 context (the evaluation harness's rolling log-likelihood); with a smaller stride every scored token
 has at least max_length - stride tokens of context.
+
+Importing this module loads no torch: the CLI checks --dataset with it before it loads a model.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -16,14 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
-import torch.nn.functional as F
-
 from ssmforge.errors import ConfigError, DataError
-from ssmforge.pretrain.collectives import sum_over_ranks
 
 log = logging.getLogger(__name__)
 
+SYNTHETIC_HELDOUT = "synthetic-heldout"  # documents of the run's synthetic corpus that training never saw
 WIKITEXT = {  # --dataset name -> (hub dataset, subset); one page per row, in the field "page"
     "wikitext-103": ("EleutherAI/wikitext_document_level", "wikitext-103-raw-v1"),
     "wikitext-2": ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1"),
@@ -87,9 +87,9 @@ def load_documents(dataset: str, split: str = "test") -> list[str]:
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                             f"pass local files instead (e.g. --dataset wiki.test.raw)") from None
         return [row["page"] for row in rows]
-    from ssmforge.data_pipeline.sources import SkipCounter, expand_paths, local_documents
+    from ssmforge.data_pipeline.sources import SkipCounter, local_documents
 
-    paths = expand_paths([dataset], formats=None)
+    paths = dataset_files(dataset)
     docs: list[str] = []
     for path in paths:
         if path.suffix in (".jsonl", ".json", ".parquet"):
@@ -100,6 +100,25 @@ def load_documents(dataset: str, split: str = "test") -> list[str]:
     if not docs:
         raise DataError(f"--dataset {dataset}: no documents in {', '.join(map(str, paths))}")
     return docs
+
+
+def dataset_files(dataset: str, where: str = "--dataset") -> list[Path] | None:
+    """The local files of an eval-ppl dataset, each readable (None for a hub name); a name or glob that
+    matches nothing is one line naming it as `where` says it was given."""
+    from ssmforge.data_pipeline.sources import expand_paths
+
+    if dataset in WIKITEXT or dataset == SYNTHETIC_HELDOUT:
+        return None
+    try:
+        paths = expand_paths([dataset], formats=None)
+    except DataError as e:
+        raise DataError(f"{where} {e}") from None
+    for path in paths:
+        try:
+            open(path, "rb").close()
+        except OSError as e:
+            raise DataError(f"{where} {dataset}: cannot read {path} ({e.strerror})") from None
+    return paths
 
 
 def _has_field(path: Path, field: str) -> bool:
@@ -181,12 +200,30 @@ class PerplexityResult:
         return head + "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
-@torch.no_grad()
+def _no_grad(fn):
+    """torch.no_grad() as a decorator that imports torch only when the function runs."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_no_grad
 def evaluate_perplexity(model, tokenizer, documents: list[str], dataset: str, max_length: int,
                         stride: int | None = None, batch_size: int = 8, detokenize: bool = True,
-                        rank: int = 0, world_size: int = 1, progress: bool = False) -> PerplexityResult:
+                        rank: int = 0, world_size: int = 1, progress: bool = False,
+                        score_end: bool = False) -> PerplexityResult:
     """Score `documents` (rank r takes every world_size-th one; sums are all-reduced when a process group
-    is up). Each document is prefixed with the tokenizer's BOS (else EOS) id, so its first token is scored."""
+    is up). Each document is prefixed with the tokenizer's BOS (else EOS) id, so its first token is scored;
+    with `score_end` its EOS, as packed training data ends it, is scored too (and counted as a token)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ssmforge.pretrain.collectives import sum_over_ranks
+
     stride = stride or max_length
     if max_length < 1:
         raise ConfigError(f"eval.max_length={max_length} is invalid: must be >= 1")
@@ -200,6 +237,7 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], dataset: str, ma
     for i in mine:
         original = documents[i]
         ids = tokenizer.encode(wikitext_detokenize(original) if detokenize else original)
+        ids = list(ids) + ([tokenizer.eos_id] if score_end else [])
         sequences[i] = torch.tensor([prefix] + list(ids), dtype=torch.long)
         windows.extend(scoring_windows(i, len(ids), max_length, stride))
         totals[1:] += torch.tensor([len(ids), count_words(original), len(original.encode("utf-8")), 1],

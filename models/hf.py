@@ -309,12 +309,23 @@ def cast_model(model: LanguageModel, dtype: torch.dtype | None) -> LanguageModel
     return model
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_pretrained(model: LanguageModel, out_dir: str | os.PathLike, token_ids: dict | None = None,
-                    extra_files: dict[str, Path] | None = None, byte_tokenizer: bool = False) -> Path:
+                    extra_files: dict[str, Path] | None = None, byte_tokenizer: bool = False,
+                    texts: dict[str, str] | None = None) -> Path:
     """Write `model` as a transformers-loadable MambaForCausalLM or Mamba2ForCausalLM directory, atomically.
 
-    extra_files maps names in the output directory to files copied in (a tokenizer, say);
-    byte_tokenizer records that the model reads UTF-8 bytes (a tokenizer with no file).
+    extra_files maps names in the output directory to files copied in (a tokenizer, say); texts maps
+    names to text written there (an export's run settings); byte_tokenizer records that the model reads
+    UTF-8 bytes (a tokenizer with no file). The folder and its files get the modes the umask gives new
+    folders and files (0755 / 0644 under umask 022), like every other file a run writes, although they
+    are staged in a private temporary folder first.
     """
     out = Path(out_dir)
     config = config_to_hf(model.config, token_ids)
@@ -331,6 +342,13 @@ def save_pretrained(model: LanguageModel, out_dir: str | os.PathLike, token_ids:
             json.dump(config, f, indent=2)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
+        # mkdtemp makes 0700 and safetensors writes 0600: give them what an ordinary file would have
+        mask = _umask()
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         if out.exists():  # swap in the new directory, then drop the old one
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old / out.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,7 +253,8 @@ class EvalConfig:
     """Defaults of `ssmforge eval-ppl` for this run."""
 
     dataset: str = "wikitext-103"
-    """eval-ppl's dataset: wikitext-103 | wikitext-2 | a local file or glob."""
+    """eval-ppl's dataset: wikitext-103 | wikitext-2 | synthetic-heldout (unseen documents of the run's synthetic
+    source, scored against their entropy floor) | a local file or glob."""
     max_length: int | None = None
     """Window in tokens; null: data.seq_len."""
     stride: int | None = None
@@ -320,16 +322,26 @@ class SlurmConfig:
     """GPUs per node, one rank each; 0: a CPU job (no GPU request)."""
     tasks_per_node: int | None = None
     """Ranks per node of a CPU job; null: one per GPU (1 without GPUs)."""
-    cpus_per_task: int = 8
-    """CPUs per rank (OMP threads and loader workers share them)."""
+    cpus_per_task: int | None = None
+    """CPUs per rank (OMP threads and loader workers share them); null: the partition's CPUs per node (sinfo)
+    divided by the ranks per node."""
+    mem: str | None = None
+    """Memory per node (--mem, e.g. 480G); null: the whole node's (--mem=0) for GPU jobs, the partition's
+    default for CPU jobs."""
+    bind_gpus: bool = True
+    """Bind one GPU to each rank (srun --gpus-per-task=1); false: every rank sees the node's GPUs and takes
+    the one of its local rank (for sites whose per-task device limits would block NVLink between ranks)."""
     signal_seconds_before_end: int = 120
     """SLURM sends USR1 this many seconds before the limit: the run checkpoints and requeues."""
     max_requeues: int = 20
     """Requeues after which a job gives up instead of restarting."""
 
     def validate(self) -> None:
-        for key in ("nodes", "cpus_per_task"):
-            _need(getattr(self, key) >= 1, f"slurm.{key}", getattr(self, key), "must be a positive integer")
+        _need(self.nodes >= 1, "slurm.nodes", self.nodes, "must be a positive integer")
+        _need(self.cpus_per_task is None or self.cpus_per_task >= 1, "slurm.cpus_per_task", self.cpus_per_task,
+              "must be a positive integer or null")
+        _need(self.mem is None or re.fullmatch(r"\d+[KMGT]?", str(self.mem)) is not None, "slurm.mem", self.mem,
+              "a size such as 480G or 0 (the whole node), or null")
         _need(self.gpus_per_node >= 0, "slurm.gpus_per_node", self.gpus_per_node, "must be >= 0 (0: a CPU job)")
         _need(self.tasks_per_node is None or self.tasks_per_node >= 1, "slurm.tasks_per_node", self.tasks_per_node,
               "must be a positive integer or null")
@@ -358,6 +370,30 @@ class WandbConfig:
               "one of online, offline, disabled")
 
 
+STAGES = ("prepare", "pretrain", "export", "eval_ppl", "finetune_glue")
+
+
+@dataclass
+class StagesConfig:
+    """The pipeline that `ssmforge run` executes and `ssmforge submit` submits. Each stage's settings are its
+    own sections: data and tokenizer (prepare), train and deepspeed (pretrain), eval (eval_ppl), glue
+    (finetune_glue)."""
+
+    run: list[str] = field(default_factory=lambda: ["prepare", "pretrain", "export", "eval_ppl"])
+    """Stages to run, in pipeline order: any of prepare, pretrain, export, eval_ppl, finetune_glue."""
+    export_dir: str = "${run_dir}/export"
+    """The model folder the export stage writes and the evaluation stages read."""
+
+    def validate(self) -> None:
+        _need(bool(self.run), "stages.run", self.run, f"a non-empty list of {', '.join(STAGES)}")
+        for stage in self.run:
+            _need(stage in STAGES, "stages.run", stage, f"each one of {', '.join(STAGES)}")
+        _need(len(set(self.run)) == len(self.run), "stages.run", self.run, "each stage at most once")
+        order = [STAGES.index(stage) for stage in self.run]
+        _need(order == sorted(order), "stages.run", self.run, f"in pipeline order ({', '.join(STAGES)})")
+        _need(bool(self.export_dir), "stages.export_dir", self.export_dir, "must be a non-empty path")
+
+
 @dataclass
 class RunConfig:
     """Everything one run reads: every stage takes this config and writes into run_dir."""
@@ -382,6 +418,8 @@ class RunConfig:
     """eval-ppl's defaults for this run."""
     glue: GlueConfig = field(default_factory=GlueConfig)
     """finetune-glue's defaults for this run."""
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    """What `ssmforge run` and `ssmforge submit` execute."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """The SLURM job that `ssmforge submit` writes."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -391,7 +429,7 @@ class RunConfig:
         _need(bool(self.run_dir), "run_dir", self.run_dir, "must be a non-empty path")
         self.model.validate("model")
         for section in (self.data, self.tokenizer, self.train, self.deepspeed, self.eval, self.glue,
-                        self.slurm, self.wandb):
+                        self.stages, self.slurm, self.wandb):
             section.validate()
         return self
 

@@ -5,6 +5,7 @@ so `ssmforge submit` can read REQUEUE_EXIT_CODE without it."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,19 @@ log = logging.getLogger(__name__)
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+REQUEUE_MARKER_ENV = "SSMFORGE_REQUEUE_MARKER"  # a file the job script names: touched on a stop for a requeue
+
+
+def mark_requeue() -> None:
+    """Touch the job script's requeue marker (when it named one): every rank has saved and will exit with
+    REQUEUE_EXIT_CODE, whatever exit status the launcher reports for ranks it ends while they tear down."""
+    path = os.environ.get(REQUEUE_MARKER_ENV)
+    if path:
+        try:
+            with open(path, "w"):
+                pass
+        except OSError as e:
+            log.warning("could not write the requeue marker %s (%s); the exit code still asks for a requeue", path, e)
 
 
 class StopRequest:

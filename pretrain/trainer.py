@@ -24,7 +24,7 @@ from .collectives import any_rank, sum_over_ranks
 from .launch import World, device_for, init_distributed, lost_peer, shutdown, world_from_env
 from .metrics import MetricsLogger, Throughput, peak_flops
 from .runlock import RunLock
-from .signals import REQUEUE_EXIT_CODE, StopRequest
+from .signals import REQUEUE_EXIT_CODE, StopRequest, mark_requeue
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,9 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
         if state.step % train_cfg.eval_every == 0:
             val_loss = validate()
         if stop.agreed(device) or state.step == train_cfg.stop_at_step:
-            save()
+            save()  # ends in a barrier: every rank has saved
+            if world.is_main:
+                mark_requeue()
             metrics.close()
             log.info("stopped at step %d; exit code %d asks for a requeue", state.step, REQUEUE_EXIT_CODE)
             return REQUEUE_EXIT_CODE

@@ -25,7 +25,7 @@ from ssmforge.pretrain.config import SlurmConfig
 from ssmforge.pretrain.signals import REQUEUE_EXIT_CODE
 
 TEMPLATE = Path(__file__).resolve().parent / "job.sbatch"
-PREPARE_TEMPLATE = Path(__file__).resolve().parent / "prepare.sbatch"
+TASK_TEMPLATE = Path(__file__).resolve().parent / "task.sbatch"
 # what may appear in a #SBATCH line: sbatch splits these itself and no shell quoting applies
 _DIRECTIVE_VALUE = re.compile(r"^[A-Za-z0-9_.,:/@+=%-]+$")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -63,6 +63,18 @@ class SubmitOptions(SlurmConfig):
         if self.tasks_per_node is not None:
             return self.tasks_per_node
         return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    def resolve(self) -> str:
+        """Fill what the config leaves open from the cluster (CPUs per task, see slurm.resources); returns a
+        line saying what was chosen and why."""
+        from .resources import cpus_per_task
+
+        self.cpus_per_task, source = cpus_per_task(self.cpus_per_task, self.partition, self.ntasks_per_node)
+        gpus = f" and {self.gpus_per_node} GPU{'s' if self.gpus_per_node > 1 else ''}" if self.gpus_per_node else ""
+        memory = self.mem if self.mem is not None else ("all of it (--mem=0)" if self.gpus_per_node else
+                                                        "the partition's default")
+        return (f"{self.nodes} node{'s' if self.nodes > 1 else ''} x {self.ntasks_per_node} tasks{gpus}; "
+                f"{self.cpus_per_task} CPUs per task ({source}); memory per node: {memory}")
 
     def validate(self) -> None:
         try:
@@ -150,57 +162,67 @@ def render(run_dir: Path, config_path: Path, options: SubmitOptions, workdir: Pa
     options.validate()
     run_dir, config_path = Path(run_dir).resolve(), Path(config_path).resolve()
     workdir = Path(workdir or Path.cwd()).resolve()
-    extra = [f"#SBATCH --gpus-per-node={options.gpus_per_node}"] if options.gpus_per_node > 0 else []
+    gpus = options.gpus_per_node > 0
+    extra = [f"#SBATCH --gpus-per-node={options.gpus_per_node}"] if gpus else []
+    memory = options.mem if options.mem is not None else ("0" if gpus else None)  # 0: all of the node's
+    extra += [f"#SBATCH --mem={memory}"] if memory is not None else []
     return fill(TEMPLATE,
         job_name=_job_name(run_dir, options), nodes=options.nodes, tasks_per_node=options.ntasks_per_node,
-        cpus_per_task=options.cpus_per_task, time=options.time.strip(),
+        cpus_per_task=_cpus(options), time=options.time.strip(),
         log_dir=_directive_path(run_dir / "logs", "the log folder"),
         signal_seconds=options.signal_seconds_before_end, requeue_code=REQUEUE_EXIT_CODE,
         extra_directives="\n".join(extra + _site_directives(options)), run_dir=shlex.quote(str(run_dir)),
         config=shlex.quote(str(config_path)), workdir=shlex.quote(str(workdir)), max_requeues=options.max_requeues,
+        srun_gpus="--gpus-per-task=1 " if gpus and options.bind_gpus else "",
         command_line=_command_line(python, "pretrain") + '\nCOMMAND+=("$CONFIG")')
 
 
-def render_prepare(run_dir: Path, config_path: Path, options: SubmitOptions, step: str, parts: int = 1,
-                   workdir: Path | None = None, python: str | None = None) -> str:
-    """A preparation job script: `step` "tokenizer" (train the SentencePiece model, before parts that need it)
-    or "shards" (in one task, or an array of `parts` tasks), on one node with the job's CPUs per task."""
+def _cpus(options: SubmitOptions) -> int:
+    if options.cpus_per_task is None:  # not resolved by the caller (which prints why): from the cluster
+        options.resolve()
+    return options.cpus_per_task
+
+
+def render_task(run_dir: Path, config_path: Path, options: SubmitOptions, stage: str, arguments: str = "",
+                array: int = 1, workdir: Path | None = None, python: str | None = None) -> str:
+    """A single-task job script running `ssmforge SUBCOMMAND CONFIG ARGUMENTS` for `stage`: tokenizer and
+    prepare on CPUs (prepare as an array of `array` tasks when > 1), evaluate (`ssmforge run --only`) on one
+    GPU of a GPU job's kind."""
     options.validate()
     run_dir, config_path = Path(run_dir).resolve(), Path(config_path).resolve()
     workdir = Path(workdir or Path.cwd()).resolve()
-    extra = _site_directives(options)
-    if step == "tokenizer":
-        arguments = " --train-tokenizer"
-    elif parts > 1:
-        extra.insert(0, f"#SBATCH --array=0-{parts - 1}")
-        arguments = f' --parts {parts} --part "$SLURM_ARRAY_TASK_ID"'
-    else:
-        arguments = ""
-    return fill(PREPARE_TEMPLATE,
-        job_name=f"{_job_name(run_dir, options)}-{'tokenizer' if step == 'tokenizer' else 'prepare'}",
-        cpus_per_task=options.cpus_per_task, time=options.time.strip(),
-        log_dir=_directive_path(run_dir / "logs", "the log folder"), log_id="%A_%a" if parts > 1 else "%j",
-        extra_directives="\n".join(extra), config=shlex.quote(str(config_path)), workdir=shlex.quote(str(workdir)),
-        command_line=_command_line(python, "prepare"), arguments=arguments)
+    extra = [f"#SBATCH --array=0-{array - 1}"] if array > 1 else []
+    if stage == "evaluate" and options.gpus_per_node > 0:
+        extra.append("#SBATCH --gpus-per-node=1")
+    subcommand = "run" if stage == "evaluate" else "prepare"
+    return fill(TASK_TEMPLATE,
+        job_name=f"{_job_name(run_dir, options)}-{stage}", cpus_per_task=_cpus(options), time=options.time.strip(),
+        log_dir=_directive_path(run_dir / "logs", "the log folder"), log_id="%A_%a" if array > 1 else "%j",
+        extra_directives="\n".join(extra + _site_directives(options)), config=shlex.quote(str(config_path)),
+        workdir=shlex.quote(str(workdir)), command_line=_command_line(python, subcommand), arguments=arguments)
 
 
 @dataclass
 class Job:
-    """One job of a submission: its stage (tokenizer, prepare, pretrain) and script; each runs after the one
-    before it succeeded (--dependency=afterok)."""
+    """One job of a submission: its stage (tokenizer, prepare, pretrain, evaluate) and script; each runs after
+    the one before it succeeded (--dependency=afterok)."""
     stage: str
     script: str
 
 
+EVALUATION_STAGES = ("export", "eval_ppl", "finetune_glue")
+
+
 def plan_jobs(config, run_dir: Path, config_path: Path, options: SubmitOptions, prepare_parts: int = 1) -> list[Job]:
-    """The jobs that train the run: the training job, preceded by preparation jobs when its shards are
-    missing and too large for it to prepare (data_pipeline.pack.needs_preparation_job)."""
+    """The jobs of the config's stages (stages.run): preparation jobs when the shards are missing and too large
+    for the training job to prepare (data_pipeline.pack.needs_preparation_job), the training job, and one job
+    for the evaluation stages (`ssmforge run --only ...`) after it."""
     from ssmforge.data_pipeline.pack import needs_preparation_job
 
     if prepare_parts < 1:
         raise ConfigError(f"--prepare-parts={prepare_parts} is invalid: must be a positive integer")
-    jobs = []
-    if needs_preparation_job(config):
+    stages, jobs = list(config.stages.run), []
+    if "prepare" in stages and needs_preparation_job(config):
         if prepare_parts > 1:
             for i, source in enumerate(config.data.sources):
                 if source.max_tokens is not None:
@@ -209,12 +231,22 @@ def plan_jobs(config, run_dir: Path, config_path: Path, options: SubmitOptions, 
                                       f"ends depends on every document before it); prepare in one job, or cap the "
                                       f"source with max_documents")
             if config.tokenizer.kind == "sentencepiece" and not config.tokenizer.path:
-                jobs.append(Job("tokenizer", render_prepare(run_dir, config_path, options, "tokenizer")))
-        jobs.append(Job("prepare", render_prepare(run_dir, config_path, options, "shards", prepare_parts)))
+                jobs.append(Job("tokenizer", render_task(run_dir, config_path, options, "tokenizer",
+                                                         " --train-tokenizer")))
+        arguments = f' --parts {prepare_parts} --part "$SLURM_ARRAY_TASK_ID"' if prepare_parts > 1 else ""
+        jobs.append(Job("prepare", render_task(run_dir, config_path, options, "prepare", arguments, prepare_parts)))
     elif prepare_parts > 1:
         log.info("the shards of %s are there or small enough for the training job: --prepare-parts ignored",
                  config.data.shard_dir)
-    jobs.append(Job("pretrain", render(run_dir, config_path, options)))
+    if "pretrain" in stages:
+        jobs.append(Job("pretrain", render(run_dir, config_path, options)))
+    evaluation = [stage for stage in stages if stage in EVALUATION_STAGES]
+    if evaluation:
+        jobs.append(Job("evaluate", render_task(run_dir, config_path, options, "evaluate",
+                                                f" --only {','.join(evaluation)}")))
+    if not jobs:
+        raise ConfigError(f"stages.run={stages}: nothing to submit (the shards are prepared and no other stage "
+                          f"is listed)")
     return jobs
 
 
@@ -247,16 +279,17 @@ def prepare_job(config_path: str, overrides: list[str], options: SubmitOptions) 
 def submit(config_path: str, overrides: list[str], options: SubmitOptions, dry_run: bool = False,
            prepare_parts: int = 1) -> list[tuple[str, str]]:
     """Render and submit the run's jobs (plan_jobs), each after the one before it succeeded; return
-    (stage, job id) per job, or with dry_run (stage, script) and nothing written or submitted."""
+    (stage, job id) per job, or with dry_run (stage, script) and nothing submitted (the frozen config and the
+    log folder the scripts name are written, so that they can be submitted by hand)."""
     config, run_dir, frozen = freeze_config(config_path, overrides, options, write=False)
     jobs = plan_jobs(config, run_dir, frozen, options, prepare_parts)  # every script renders before any is sent
-    if dry_run:
-        return [(job.stage, job.script) for job in jobs]
     sbatch = shutil.which("sbatch")
-    if sbatch is None:
+    if sbatch is None and not dry_run:
         raise ConfigError("sbatch not found on PATH: submit from a SLURM login node, or use --dry-run to print "
                           "the job scripts")
-    freeze_config(config_path, overrides, options)
+    freeze_config(config_path, overrides, options)  # a dry run's scripts can be submitted by hand
+    if dry_run:
+        return [(job.stage, job.script) for job in jobs]
     jobs_dir = run_dir / "slurm"
     submitted = []
     for job in jobs:
@@ -318,7 +351,8 @@ def run_status(run_dir: str | Path) -> RunStatus:
     job_id = None
     if jobs.is_file():
         lines = [json.loads(line) for line in jobs.read_text().splitlines() if line.strip()]
-        job_id = lines[-1]["job_id"] if lines else None
+        training = [line for line in lines if line.get("stage", "pretrain") == "pretrain"]
+        job_id = (training or lines)[-1]["job_id"] if lines else None  # the training job: the run's state
     state, restarts = _job_state(job_id) if job_id else ("NOT SUBMITTED", None)
     last_step = None
     metrics = run_dir / "metrics.jsonl"

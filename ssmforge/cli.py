@@ -5,7 +5,9 @@ User mistakes (SsmforgeError) print as one line and exit with code 2; argparse u
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -55,15 +57,19 @@ def _tokenizer_from_path(path: str):
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from ssmforge.models import generate
-    from ssmforge.models.generation import check_sampling
+    from ssmforge.pretrain.export import check_checkpoint
 
     if (args.checkpoint is None) == (args.random_init is None):
         raise SsmforgeError("generate needs exactly one of CHECKPOINT or --random-init CONFIG")
     if args.max_new_tokens < 0:
         raise SsmforgeError(f"--max-new-tokens={args.max_new_tokens} is invalid: must be >= 0")
+    if args.checkpoint is not None:
+        check_checkpoint(args.checkpoint)  # before torch loads
+    import torch
+
+    from ssmforge.models import generate
+    from ssmforge.models.generation import check_sampling
+
     check_sampling(args.temperature, args.top_k, args.top_p)
     model, tokenizer, _ = _load_model_and_tokenizer(args)
     prompt = tokenizer.encode(args.prompt)
@@ -80,9 +86,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from ssmforge.data_pipeline.tokenizer import TOKENIZER_FILES
-    from ssmforge.models import load_pretrained, save_pretrained
-    from ssmforge.models.hf import HF_FAMILIES
+    import json
+
+    from ssmforge.pretrain.export import RUN_FILE, check_checkpoint
 
     if args.from_hf:
         source, out = args.from_hf, args.out
@@ -92,16 +98,25 @@ def cmd_convert(args) -> int:
         source, out = args.source, args.to_hf
         if source is None or out is None:
             raise SsmforgeError("convert needs SOURCE --to-hf OUT, or --from-hf DIR --out OUT")
+    check_checkpoint(source)  # before torch loads
+    from ssmforge.data_pipeline.tokenizer import TOKENIZER_FILES
+    from ssmforge.models import load_pretrained, save_pretrained
+    from ssmforge.models.hf import BYTE_TOKENIZER_KEY, CONFIG_FILE, HF_FAMILIES
+
     source = Path(source)
     model = load_pretrained(source)
     if model.config.family not in HF_FAMILIES:
         raise SsmforgeError(f"{source}: model.family={model.config.family!r} has no Hugging Face equivalent "
                             f"(only {', '.join(HF_FAMILIES)}); the folder already is ssmforge's own format")
-    extra = {name: source / name for name in TOKENIZER_FILES if (source / name).is_file()}
-    save_pretrained(model, out, extra_files=extra)
+    extra = {name: source / name for name in (*TOKENIZER_FILES, RUN_FILE) if (source / name).is_file()}
+    # the tokenizer's special ids and a byte tokenizer (which has no file) travel in config.json
+    hf = json.loads((source / CONFIG_FILE).read_text())
+    token_ids = {key: hf[key] for key in ("pad_token_id", "bos_token_id", "eos_token_id") if key in hf}
+    save_pretrained(model, out, token_ids=token_ids, extra_files=extra,
+                    byte_tokenizer=bool(hf.get(BYTE_TOKENIZER_KEY)))
     cfg = model.config
     print(f"wrote {out}: {cfg.family}, {cfg.n_layer} layers, d_model {cfg.d_model}, vocab {cfg.padded_vocab_size}, "
-          f"{model.num_parameters() / 1e6:.2f}M parameters" + (f", tokenizer {', '.join(extra)}" if extra else ""))
+          f"{model.num_parameters() / 1e6:.2f}M parameters" + (f", with {', '.join(extra)}" if extra else ""))
     return 0
 
 
@@ -124,11 +139,14 @@ def _first_set(*values):
 def cmd_eval_ppl(args) -> int:
     import json
 
-    from ssmforge.evaluation.perplexity import WIKITEXT, evaluate_perplexity, load_documents
+    import math
 
-    from ssmforge.pretrain.launch import init_distributed, shutdown, world_from_env
+    from ssmforge.evaluation.perplexity import SYNTHETIC_HELDOUT, WIKITEXT, dataset_files
+    from ssmforge.pretrain.export import check_checkpoint, run_settings
 
-    model, tokenizer, config = _load_model_and_tokenizer(args)
+    # every input is checked before torch loads and before anything is written
+    check_checkpoint(args.checkpoint)
+    config = run_settings(args.checkpoint)  # a run folder's or an export's settings; None: a Hugging Face folder
     eval_cfg = config.eval if config is not None else None
     dataset = args.dataset or [eval_cfg.dataset if eval_cfg else "wikitext-103"]
     max_length = _first_set(args.max_length, eval_cfg and (eval_cfg.max_length or config.data.seq_len), 2048)
@@ -139,8 +157,23 @@ def cmd_eval_ppl(args) -> int:
             raise SsmforgeError(f"{flag}={value} is invalid: must be >= 1")
     if stride is not None and stride > max_length:
         raise SsmforgeError(f"--stride={stride} is invalid: must be <= the window --max-length ({max_length})")
+    for name in dataset:
+        dataset_files(name, "--dataset" if args.dataset else "eval.dataset")
+    heldout = SYNTHETIC_HELDOUT in dataset
+    if heldout:
+        if dataset != [SYNTHETIC_HELDOUT] or config is None:
+            raise SsmforgeError(f"--dataset {SYNTHETIC_HELDOUT} stands alone and needs a run folder or an export "
+                                f"carrying its run's settings (the synthetic source to continue)")
+        from ssmforge.data_pipeline.sources import heldout_synthetic_documents
+
+        pairs = heldout_synthetic_documents(config.data.sources, config.seed)
+
+    from ssmforge.evaluation.perplexity import evaluate_perplexity, load_documents
+    from ssmforge.pretrain.launch import init_distributed, shutdown, world_from_env
+
+    model, tokenizer, _ = _load_model_and_tokenizer(args)
     hub = len(dataset) == 1 and dataset[0] in WIKITEXT
-    documents = [doc for name in dataset for doc in load_documents(name)]
+    documents = [text for text, _ in pairs] if heldout else [doc for name in dataset for doc in load_documents(name)]
     world = world_from_env()
     device = None
     if world.distributed:
@@ -150,38 +183,54 @@ def cmd_eval_ppl(args) -> int:
         result = evaluate_perplexity(
             model, tokenizer, documents, " ".join(dataset), max_length, stride, batch_size,
             detokenize=hub or args.wikitext_detokenize, rank=world.rank, world_size=world.world_size,
-            progress=world.is_main and sys.stderr.isatty())
+            progress=world.is_main and sys.stderr.isatty(), score_end=heldout)
     finally:
         shutdown()
     if world.is_main:
         out = _default_out(args.checkpoint, args.out, "")
         out.mkdir(parents=True, exist_ok=True)
         stem = f"ppl-{_dataset_name(dataset)}-L{max_length}-S{result.stride}"
-        (out / f"{stem}.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), **result.to_dict()},
-                                                     indent=2) + "\n")
-        (out / f"{stem}.md").write_text(result.table())
-        print(result.table())
+        record = {"checkpoint": str(args.checkpoint), **result.to_dict()}
+        table = result.table()
+        if heldout:  # the best possible loss on exactly these documents, their end included
+            floor = sum(nats for _, nats in pairs) / result.tokens
+            loss = result.nll / result.tokens
+            record.update(entropy_floor_nats_per_token=floor, nats_above_floor=loss - floor)
+            table += (f"\nloss {loss:.4f} nats/token (perplexity {result.token_perplexity:.3f}) vs entropy floor "
+                      f"{floor:.4f} (perplexity {math.exp(floor):.3f}): {loss - floor:.4f} nats above the best "
+                      f"possible\n")
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(table)
+        print(table)
         print(f"results in {out / stem}.json and .md")
     return 0
 
 
 def cmd_finetune_glue(args) -> int:
+    import json
+
+    from ssmforge.evaluation.glue_tasks import TASKS, check_data_dir, get_task
+    from ssmforge.pretrain.config import GLUE_TASKS
+    from ssmforge.pretrain.export import check_checkpoint, run_settings
+
+    # every input is checked before torch loads and before anything is written; an unknown task first
+    if args.task not in (None, "all"):
+        get_task(args.task)
+    check_checkpoint(args.checkpoint)
+    overrides = list(args.overrides) + ([f"glue.data_dir={json.dumps(args.data_dir)}"] if args.data_dir else [])
+    # --config, else the run folder's config.yaml or the export's ssmforge_run.yaml, else the defaults
+    config = run_settings(args.checkpoint, overrides, args.config, defaults=True)
+    names = list(GLUE_TASKS) if args.task == "all" else [args.task] if args.task else list(config.glue.tasks)
+    tasks = {name: get_task(name) for name in names}
+    if config.glue.data_dir:
+        check_data_dir(tasks.values(), config.glue.data_dir, "--data-dir" if args.data_dir else "glue.data_dir")
+
     import copy
 
     from ssmforge.evaluation.glue import GlueRunner, results_table, write_results
-    from ssmforge.evaluation.glue_tasks import TASKS, get_task
-
-    from ssmforge.pretrain.config import GLUE_TASKS, load_config
-    from ssmforge.pretrain.export import is_run_folder
     from ssmforge.pretrain.launch import init_distributed, shutdown
 
-    backbone, tokenizer, run_config = _load_model_and_tokenizer(args)
-    run_folder = is_run_folder(args.checkpoint)
-    config_path = Path(args.checkpoint) / "config.yaml" if run_folder else args.config
-    overrides = list(args.overrides) + ([f"glue.data_dir={args.data_dir}"] if args.data_dir else [])
-    config = load_config(config_path, overrides, frozen=run_folder)
-    names = list(GLUE_TASKS) if args.task == "all" else [args.task] if args.task else list(config.glue.tasks)
-    tasks = {name: get_task(name) for name in names}
+    backbone, tokenizer, _ = _load_model_and_tokenizer(args)
     world, device = init_distributed()
     try:
         runner = GlueRunner(lambda: copy.deepcopy(backbone), tokenizer, config, world.world_size, world.rank, device,
@@ -220,11 +269,17 @@ def cmd_prepare(args) -> int:
     from ssmforge.pretrain.config import load_config
 
     config = load_config(args.config, args.overrides)  # before the heavy imports: config errors come back at once
+    if args.part is not None and args.parts is None:
+        raise SsmforgeError("--part needs --parts N (the number of parts)")
+    part, parts = _prepare_part(args) if args.parts is not None else (None, None)
+    from ssmforge.data_pipeline.preflight import preflight
+
+    # every input and output checked before any work: a refused prepare writes nothing
+    preflight(config, "prepare", "tokenizer" if args.train_tokenizer else "merge" if args.merge else
+              "part" if parts is not None else None)
     from ssmforge.data_pipeline import pack
     from ssmforge.data_pipeline.parts import merge_parts, prepare_part
 
-    if args.part is not None and args.parts is None:
-        raise SsmforgeError("--part needs --parts N (the number of parts)")
     if args.train_tokenizer:
         path = pack.prepare_tokenizer(config)
         print(f"tokenizer: {path}" if path else f"tokenizer.kind={config.tokenizer.kind}"
@@ -232,8 +287,7 @@ def cmd_prepare(args) -> int:
         return 0
     if args.merge:
         manifest = merge_parts(config)
-    elif args.parts is not None:
-        part, parts = _prepare_part(args)
+    elif parts is not None:
         result = prepare_part(config, part, parts)
         if result.record:
             written = ", ".join(f"{split['samples']} {name} samples" for name, split in result.record["splits"].items())
@@ -257,10 +311,11 @@ def cmd_pretrain(args) -> int:
     from ssmforge.pretrain.config import load_config
 
     config = load_config(args.config, args.overrides)  # before torch and DeepSpeed load
-    from ssmforge.data_pipeline.pack import prepare_in_job
+    from ssmforge.data_pipeline.preflight import preflight
 
-    # shards missing and the data too large to prepare inside this job: every rank stops now, nothing written
-    prepare_in_job(config, "ssmforge prepare " + shlex.join([args.config, *args.overrides]))
+    # every input and output checked (a bad source path, shards missing and the data too large to prepare inside
+    # this job, ...): every rank stops now, before torch and DeepSpeed load, and nothing is written
+    preflight(config, "pretrain", prepare_command="ssmforge prepare " + shlex.join([args.config, *args.overrides]))
     from ssmforge.pretrain.trainer import train
 
     try:
@@ -268,6 +323,28 @@ def cmd_pretrain(args) -> int:
     except TrainingError as e:
         print(f"ssmforge: training stopped: {e}", file=sys.stderr)
         return 3
+
+
+def cmd_run(args) -> int:
+    from ssmforge import stages
+    from ssmforge.pretrain.config import load_config
+
+    if int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or 1) > 1:
+        raise SsmforgeError("ssmforge run starts its stages itself, not under a launcher: use --nproc-per-node N "
+                            "for several GPUs of this machine, or ssmforge submit on a SLURM cluster")
+    if args.nproc_per_node < 1:
+        raise SsmforgeError(f"--nproc-per-node={args.nproc_per_node} is invalid: must be a positive integer")
+    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, [*args.overrides, f"run_dir={Path(config.run_dir).resolve()}"])
+    only = [name.strip().replace("-", "_") for name in args.only.split(",")] if args.only else None
+    plan = stages.plan(config, stages.frozen_config_path(config.run_dir), args.nproc_per_node, only)
+    first = plan[0].name if plan else None
+    if first in ("prepare", "pretrain"):  # the data's inputs and outputs, before a stage starts
+        from ssmforge.data_pipeline.preflight import preflight
+
+        preflight(config, first)
+    stages.freeze(config)  # after every refusal: a refused command writes nothing
+    return stages.run_stages(config, plan)
 
 
 def cmd_config_show(args) -> int:
@@ -309,7 +386,21 @@ def cmd_submit(args) -> int:
     # a layout the job's ranks cannot hold is refused now, not after a wait in the queue
     options.validate()
     config.train.check_layout(options.nodes * options.ntasks_per_node, options.nodes)
+    if {"prepare", "pretrain"} & set(config.stages.run):  # a bad path is refused now, not after a wait in the queue
+        from ssmforge.data_pipeline.preflight import preflight
+
+        preflight(config, "prepare" if "prepare" in config.stages.run else "pretrain")
+    shape = options.resolve()
+    if options.nodes > 1:
+        from ssmforge.slurm.resources import node_local_storage
+
+        local = node_local_storage(config.run_dir)
+        if local:
+            print(f"ssmforge: warning: run_dir={config.run_dir} is on {local}, storage of this machine alone: the "
+                  f"{options.nodes} nodes of the job will not share its checkpoints and shards; put run_dir on a "
+                  f"shared filesystem", file=sys.stderr)
     jobs = submit(args.config, args.overrides, options, dry_run=args.dry_run, prepare_parts=args.prepare_parts)
+    print(f"ssmforge: job shape: {shape}", file=sys.stderr)
     if args.dry_run:
         for i, (stage, script) in enumerate(jobs):
             if len(jobs) > 1:  # the scripts one after the other, each under a header saying when it runs
@@ -377,6 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="this job's part of --parts, 0..N-1 (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN)")
     prep.set_defaults(handler=cmd_prepare)
 
+    run = sub.add_parser("run", help="run the config's stages in order (stages.run: prepare, pretrain, export, "
+                                      "eval_ppl, finetune_glue); again to continue where it stopped")
+    run.add_argument("config", help="run config (YAML)")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    run.add_argument("--only", metavar="STAGES", help="a comma-separated subset of stages.run, e.g. eval_ppl")
+    run.add_argument("--nproc-per-node", type=int, default=1,
+                     help="pretrain on this many processes (GPUs) of this machine, through torchrun (default 1)")
+    run.set_defaults(handler=cmd_run)
+
     pre = sub.add_parser("pretrain", help="train a model on prepared shards (resumes from the latest checkpoint)")
     pre.add_argument("config", help="run config (YAML)")
     pre.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -392,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="consolidate a run's checkpoint into one model folder (HF format for Mamba)")
     exp.add_argument("run_dir", help="the run folder (holds checkpoints/)")
-    exp.add_argument("out", help="output model folder")
+    exp.add_argument("out", help="output model folder (config.json, model.safetensors, the tokenizer and the run's "
+                                 "settings in ssmforge_run.yaml); a new, empty or model folder")
     exp.add_argument("--tag", help="checkpoint to export (default: latest)")
     exp.set_defaults(handler=cmd_export)
 
@@ -406,9 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = sub.add_parser("eval-ppl", help="document-level perplexity (WikiText or local text) of a checkpoint")
     ppl.add_argument("checkpoint", help="run folder, exported model folder or Hugging Face Mamba folder")
     ppl.add_argument("--dataset", nargs="+", metavar="NAME_OR_FILES",
-                     help="wikitext-103, wikitext-2, or local .txt/.jsonl/.parquet files and globs "
+                     help="wikitext-103, wikitext-2, synthetic-heldout (200 documents of the run's synthetic corpus that "
+                          "training never saw, with their entropy floor), or local .txt/.jsonl/.parquet files and globs "
                           "(default: eval.dataset of the run, else wikitext-103)")
-    ppl.add_argument("--max-length", type=int, help="window in tokens (default: eval.max_length, data.seq_len or 2048)")
+    ppl.add_argument("--max-length", type=int,
+                     help="window in tokens (default: eval.max_length, else the run's training data.seq_len, which "
+                          "an export carries in ssmforge_run.yaml, else 2048)")
     ppl.add_argument("--stride", type=int, help="score this many tokens per window (default: the window: no overlap)")
     ppl.add_argument("--batch-size", type=int, help="windows per forward (default: eval.batch_size or 8)")
     ppl.add_argument("--wikitext-detokenize", action="store_true",
@@ -422,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. glue.lr=5e-5 glue.epochs=3")
     ft.add_argument("--task", help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli or all (default: glue.tasks)")
     ft.add_argument("--data-dir", help="GLUE TSV folder (default: glue.data_dir, else the hub)")
-    ft.add_argument("--config", help="run config supplying glue/train/deepspeed settings for a model folder")
+    ft.add_argument("--config", help="run config supplying the glue/train/deepspeed settings (default: the run "
+                                     "folder's config.yaml or the export's ssmforge_run.yaml, else the defaults)")
     ft.add_argument("--tokenizer", help="'byte' or a tokenizer.model / tokenizer.json path (default: the checkpoint's)")
     ft.add_argument("--out", help="results folder (default: CHECKPOINT/eval/glue)")
     ft.set_defaults(handler=cmd_finetune_glue)
@@ -452,7 +557,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def keep_torch_extensions_per_environment() -> None:
+    """torch builds DeepSpeed's CPU ops into ~/.cache/torch_extensions/<python>_<torch>/, one folder for every
+    environment with the same versions, so two environments on one machine (two DeepSpeed copies) rebuild
+    each other's ops at every start (about a minute each). Each environment (sys.prefix) gets its own
+    folder, unless TORCH_EXTENSIONS_DIR says where."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(cache / "torch_extensions" / f"env-{key}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    keep_torch_extensions_per_environment()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may come after the options too

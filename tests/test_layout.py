@@ -27,6 +27,7 @@ LAYER = {
     "ssmforge.models": 2,
     "ssmforge.data_pipeline": 2,
     "ssmforge.pretrain": 3,
+    "ssmforge.stages": 3.5,  # the pipeline of `ssmforge run`: runs the stage commands, imports pretrain.config
     "ssmforge.evaluation": 4,
     "ssmforge.slurm": 4,
     "ssmforge.cli": 5,

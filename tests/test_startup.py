@@ -1,5 +1,6 @@
 """The command line answers at once: help, --version, `config show` and config errors load no torch,
 DeepSpeed, streaming, triton, datasets or wandb (each costs seconds to import)."""
+import os
 import json
 import subprocess
 import sys
@@ -49,3 +50,23 @@ def test_the_probe_sees_a_heavy_import():
                                  "--max-new-tokens", "1")
     assert result["code"] == 0, stderr[-2000:]
     assert "torch" in result["heavy"]
+
+
+def test_each_environment_builds_deepspeeds_ops_in_a_folder_of_its_own(monkeypatch, tmp_path):
+    """Two environments sharing ~/.cache/torch_extensions rebuild each other's DeepSpeed ops at every start."""
+    import sys
+
+    from ssmforge.cli import keep_torch_extensions_per_environment
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folders = []
+    for prefix in ("/envs/a", "/envs/b", "/envs/a"):
+        monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+        monkeypatch.setattr(sys, "prefix", prefix)
+        keep_torch_extensions_per_environment()
+        folders.append(os.environ["TORCH_EXTENSIONS_DIR"])
+    assert folders[0] == folders[2] != folders[1] and all(f.startswith(f"{tmp_path}/torch_extensions/env-")
+                                                          for f in folders)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/chosen")
+    keep_torch_extensions_per_environment()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/chosen"  # the user's choice stands

@@ -180,13 +180,16 @@ def test_num_canonical_nodes_that_the_node_count_cannot_share_is_refused():
             check_batch_layout(config, world)
 
 
-def test_submit_refuses_a_job_whose_ranks_cannot_split_the_global_batch(capsys):
+def test_submit_refuses_a_job_whose_ranks_cannot_split_the_global_batch(capsys, tmp_path):
     from ssmforge.cli import main
 
     recipe = str(ROOT / "configs" / "mamba-130m-pile.yaml")  # 256 sequences, micro-batch 4
-    assert main(["submit", recipe, "--nodes", "2", "--gpus-per-node", "8", "--dry-run"]) == 0  # accumulation 4
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text('{"model": {}}')  # the recipe's tokenizer file must exist (submit checks it)
+    local = [f"run_dir={tmp_path / 'run'}", f"variables.tokenizer_json={tokenizer}", "--cpus-per-task", "8"]
+    assert main(["submit", recipe, *local, "--nodes", "2", "--gpus-per-node", "8", "--dry-run"]) == 0  # accumulation 4
     capsys.readouterr()
-    assert main(["submit", recipe, "--nodes", "3", "--gpus-per-node", "8", "--dry-run"]) == 2
+    assert main(["submit", recipe, *local, "--nodes", "3", "--gpus-per-node", "8", "--dry-run"]) == 2
     assert capsys.readouterr().err.strip() == (
         "ssmforge: error: train.global_batch_size=256 is not divisible by train.micro_batch_size=4 x 24 "
         "data-parallel ranks (= 96): change the micro-batch or the number of ranks")

@@ -51,6 +51,9 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_c
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stderr
     job_id = re.search(r"submitted pretrain job (\d+)", submit.stdout).group(1)
+    # tiny.yaml's stages end with export and eval_ppl (synthetic-heldout): one job after training succeeded
+    eval_id = re.search(rf"submitted evaluate job (\d+) \(starts after job {job_id} succeeded\)",
+                        submit.stdout).group(1)
     try:
         # the job trains; once it is past step 10, send what SLURM sends before the time limit
         # generous limits: the job may queue behind others, and a loaded 2-core machine starts DeepSpeed slowly
@@ -66,10 +69,15 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_c
         # SLURM holds a requeued job for cred_expire + 1 s (11 s on the test cluster) before it starts again;
         # releasing it sooner races the revocation of the old job's credential
         job = _finished(job_id, 900, "the requeued job to finish")
+        evaluation = _finished(eval_id, 900, "the evaluation job to finish")
     finally:
-        _cancel_unfinished(job_id)
+        _cancel_unfinished(job_id, eval_id)
     log_text = "\n".join(p.read_text() for p in (run_dir / "logs").glob("*.out"))
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log_text[-3000:]
+    # the evaluation waited through the requeue for the training job's success, then exported and scored
+    assert evaluation["JobState"] == "COMPLETED" and evaluation["StartTime"] >= job["EndTime"], log_text[-3000:]
+    scored = json.loads((run_dir / "eval" / "ppl-synthetic-heldout-L64-S64.json").read_text())
+    assert scored["checkpoint"] == str(run_dir / "export") and scored["nats_above_floor"] > 0
     assert f"requeueing job {job_id} (restart 1)" in log_text
     assert f"job {job_id} start" in log_text and "restart 1 nodes" in log_text
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:08d}'} (step {stopped_at}" in log_text
@@ -112,7 +120,8 @@ def test_a_job_requeued_onto_fewer_nodes_continues_the_same_run(local_cluster, t
                 "train.precision=fp32")
     submit = subprocess.run(
         [sys.executable, "-m", "ssmforge", "submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
-         *TINY, *settings, "train.stop_at_step=4", "--gpus-per-node", "0", "--tasks-per-node", "1",
+         *TINY, *settings, "train.stop_at_step=4", "stages.run=[prepare,pretrain]", "--gpus-per-node", "0",
+         "--tasks-per-node", "1",
          "--cpus-per-task", "1", "--nodes", "2", "--time", "15:00", "--max-requeues", "2",
          "--job-name", "ssmforge-elastic"],
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
@@ -161,7 +170,8 @@ def test_shards_too_large_for_the_training_job_are_prepared_by_an_array_first(lo
     submit = subprocess.run(
         [sys.executable, "-m", "ssmforge", "submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
          "data.sources=[{kind: synthetic, max_documents: 100001}]", "data.num_workers=0", "train.max_steps=3",
-         "train.log_every=1", "train.eval_every=1000", "--gpus-per-node", "0", "--tasks-per-node", "1",
+         "train.log_every=1", "train.eval_every=1000", "stages.run=[prepare,pretrain]", "--gpus-per-node", "0",
+         "--tasks-per-node", "1",
          "--cpus-per-task", "1", "--time", "15:00", "--prepare-parts", "2", "--job-name", "ssmforge-prep"],
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stderr

@@ -51,6 +51,8 @@ keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MA
         "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 with open(os.path.join(os.environ["FAKE_LOG"], "ranks.jsonl"), "a") as f:
     f.write(json.dumps({**{k: os.environ.get(k) for k in keys}, "argv": sys.argv[1:], "cwd": os.getcwd()}) + "\n")
+if os.environ.get("FAKE_MARK") and os.environ["RANK"] == "0":  # a stop for a requeue, as the trainer marks it
+    open(os.environ["SSMFORGE_REQUEUE_MARKER"], "w").close()
 sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 """
 
@@ -140,6 +142,67 @@ def test_requeue_code_requeues_and_other_failures_do_not(tmp_path, fake_slurm):
     proc, ranks, calls = fake_slurm(script, SLURM_RESTART_COUNT=4, **env)  # requeued past it (node failures)
     assert proc.returncode == 1 and ranks == [] and "giving up" in proc.stderr
 
+    # every rank saved and rank 0 marked the stop, but srun ended the others as they tore down (137): a requeue
+    (tmp_path / "run" / "slurm").mkdir(parents=True, exist_ok=True)
+    proc, ranks, calls = fake_slurm(script, FAKE_EXIT=137, FAKE_MARK=1, SLURM_RESTART_COUNT=1, **env)
+    assert proc.returncode == 0 and "requeue 4242" in calls, proc.stdout + proc.stderr
+    assert not list((tmp_path / "run" / "slurm").glob("requeue-*"))  # the marker is consumed
+
+
+def test_the_job_ends_a_crashed_step_at_once_and_binds_a_gpu_to_each_rank(tmp_path):
+    python = tmp_path / "python"
+    gpu = _script(tmp_path, python)
+    assert "srun --kill-on-bad-exit=1 --gpus-per-task=1 --nodes=" in gpu and "#SBATCH --mem=0" in gpu.splitlines()
+    shared = _script(tmp_path, python, bind_gpus=False, mem="480G")
+    assert "srun --kill-on-bad-exit=1 --nodes=" in shared and "#SBATCH --mem=480G" in shared.splitlines()
+    cpu = _script(tmp_path, python, gpus_per_node=0, tasks_per_node=2)
+    assert "--gpus-per-task" not in cpu and "--mem" not in cpu
+
+
+FAKE_SINFO = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_LOG/sinfo.calls"
+printf '112\n112\n96\n'
+"""
+
+
+def test_cpus_per_task_come_from_the_partitions_nodes_and_are_said(tmp_path, monkeypatch, capsys):
+    _executable(tmp_path / "fakebin" / "sinfo", FAKE_SINFO)
+    code, calls, out = _submit(tmp_path, monkeypatch, capsys, *TINY, "stages.run=[pretrain]", "--gpus-per-node", "8",
+                               "--partition", "gpu", cpus=None)
+    assert code == 0, out.err
+    script = Path(calls[0].split()[-1]).read_text()
+    assert "#SBATCH --cpus-per-task=12" in script.splitlines()  # the smallest node: 96 CPUs / 8 tasks
+    assert (tmp_path / "fakelog" / "sinfo.calls").read_text().split() == ["-h", "-N", "-o", "%c", "-p", "gpu"]
+    assert out.err.splitlines() == ["ssmforge: job shape: 1 node x 8 tasks and 8 GPUs; 12 CPUs per task (96 CPUs "
+                                    "per node of gpu (sinfo) / 8 tasks); memory per node: all of it (--mem=0)"]
+    from ssmforge.pretrain.config import load_config
+
+    assert load_config(tmp_path / "run" / "slurm" / "config.yaml").slurm.cpus_per_task == 12  # frozen as used
+
+
+def test_a_multi_node_run_dir_on_storage_of_one_machine_is_a_warning(tmp_path, monkeypatch, capsys):
+    from ssmforge.slurm import resources
+
+    shared = tmp_path / "shared"
+    (shared / "tmp").mkdir(parents=True)
+    mounts = [("/", "ext4"), (str(shared), "lustre"), (str(shared / "tmp"), "tmpfs")]
+    monkeypatch.setattr(resources, "_mounts", lambda: mounts)
+    # run folders that do not exist yet: judged by their nearest existing parent's filesystem
+    assert resources.node_local_storage(shared / "project" / "runs" / "x") is None
+    assert resources.node_local_storage(shared / "tmp" / "runs" / "x") == f"{shared / 'tmp'} (tmpfs)"
+    assert resources.node_local_storage(shared.parent / "elsewhere" / "x") == "/ (ext4)"
+    run_dir = tmp_path / "run"
+    mounts.append((str(tmp_path), "xfs"))
+    code, calls, out = _submit(tmp_path, monkeypatch, capsys, *TINY, "stages.run=[pretrain]", "--nodes", "2")
+    assert code == 0 and len(calls) == 1
+    warning = [line for line in out.err.splitlines() if "warning" in line]
+    assert warning == [f"ssmforge: warning: run_dir={run_dir} is on {tmp_path} (xfs), storage of this machine "
+                       f"alone: the 2 nodes of the job will not share its checkpoints and shards; put run_dir on a "
+                       f"shared filesystem"]
+    mounts[-1] = (str(tmp_path), "nfs4")
+    code, calls, out = _submit(tmp_path, monkeypatch, capsys, *TINY, "stages.run=[pretrain]", "--nodes", "2")
+    assert code == 0 and "warning" not in out.err
+
 
 def test_hostile_paths_are_quoted_and_hostile_directives_refused(tmp_path, fake_slurm):
     evil = tmp_path / "x $(touch PWNED1) `touch PWNED2`; touch PWNED3 'q\" y"
@@ -171,7 +234,7 @@ def test_flags_override_the_config_slurm_section_and_are_frozen_with_the_run(tmp
     config = load_config(ROOT / "configs" / "tiny.yaml", [f"run_dir={tmp_path / 'r'}", "slurm.partition=cpu",
                                                           "slurm.max_requeues=4"])
     options = SubmitOptions.from_config(config.slurm, nodes=3, gpus_per_node=0, time="10:00", partition=None,
-                                        signal_seconds_before_end=30, job_name="j1")
+                                        signal_seconds_before_end=30, job_name="j1", cpus_per_task=4)
     assert (options.nodes, options.gpus_per_node, options.time, options.signal_seconds_before_end) == \
         (3, 0, "10:00", 30)
     assert (options.partition, options.max_requeues, options.job_name) == ("cpu", 4, "j1")  # not given: config's
@@ -180,7 +243,7 @@ def test_flags_override_the_config_slurm_section_and_are_frozen_with_the_run(tmp
                                            *TINY], options)
     assert "#SBATCH --nodes=3" in script.splitlines() and "#SBATCH --partition=cpu" in script.splitlines()
     assert load_config(frozen).slurm == SlurmConfig(partition="cpu", time="10:00", nodes=3, gpus_per_node=0,
-                                                    signal_seconds_before_end=30, max_requeues=4)
+                                                    signal_seconds_before_end=30, max_requeues=4, cpus_per_task=4)
 
 
 @pytest.mark.parametrize("value, seconds", [("30", 1800), ("10:30", 630), ("24:00:00", 86400), ("2-00", 172800),
@@ -197,11 +260,13 @@ def test_bad_time_limits_are_one_line_errors(value):
 
 def test_cli_dry_run_and_errors(tmp_path, capsys, monkeypatch):
     config = str(ROOT / "configs" / "tiny.yaml")
-    assert main(["submit", config, f"run_dir={tmp_path / 'r'}", *TINY, "--nodes", "2", "--gpus-per-node", "8",
-                 "--time", "2:00:00", "--signal-seconds", "300", "--dry-run"]) == 0
+    assert main(["submit", config, f"run_dir={tmp_path / 'r'}", *TINY, "stages.run=[prepare,pretrain]", "--nodes",
+                 "2", "--gpus-per-node", "8", "--time", "2:00:00", "--signal-seconds", "300", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("#!/bin/bash") and "#SBATCH --signal=USR1@300" in out and "#SBATCH --nodes=2" in out
-    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+    # a dry run submits nothing, but the script it prints can be: what it names exists
+    assert (tmp_path / "r" / "slurm" / "config.yaml").is_file() and (tmp_path / "r" / "logs").is_dir()
+    assert not list((tmp_path / "r" / "slurm").glob("job-*")) and not (tmp_path / "r" / "slurm" / "jobs.jsonl").exists()
     assert main(["submit", config, "--time", "forever", "--dry-run"]) == 2
     assert main(["submit", config, "--gpus-per-node", "0", "--tasks-per-node", "0", "--dry-run"]) == 2
     assert main(["submit", config, "--time", "1:00", "--signal-seconds", "120", "--dry-run"]) == 2
@@ -241,40 +306,46 @@ echo $((100 + $(wc -l < "$FAKE_LOG/sbatch.calls")))
 HUB = "data.sources=[{kind: hub, name: monology/pile-uncopyrighted}]"
 
 
-def _submit(tmp_path, monkeypatch, capsys, *args) -> tuple[int, list[str], str]:
+def _submit(tmp_path, monkeypatch, capsys, *args, cpus: str | None = "2") -> tuple[int, list[str], str]:
     bin_dir, log = tmp_path / "fakebin", tmp_path / "fakelog"
     _executable(bin_dir / "sbatch", FAKE_SBATCH)
     log.mkdir(exist_ok=True)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_LOG", str(log))
     code = main(["submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={tmp_path / 'run'}", "--gpus-per-node",
-                 "0", "--time", "1:00:00", *args])
+                 "0", "--time", "1:00:00", *(["--cpus-per-task", cpus] if cpus else []), *args])
     calls = (log / "sbatch.calls").read_text().splitlines() if (log / "sbatch.calls").exists() else []
     return code, calls, capsys.readouterr()
 
 
 def test_missing_large_shards_are_prepared_by_a_job_of_their_own_before_training(tmp_path, monkeypatch, capsys):
-    code, calls, out = _submit(tmp_path, monkeypatch, capsys, HUB, "--cpus-per-task", "16")
+    code, calls, out = _submit(tmp_path, monkeypatch, capsys, HUB, "--cpus-per-task", "16",
+                               "stages.run=[prepare,pretrain,export,eval_ppl,finetune_glue]")
     assert code == 0, out.err
     run_dir = tmp_path / "run"
     scripts = sorted((run_dir / "slurm").glob("job-*.sbatch"))
-    assert [c.split()[-1] for c in calls] == [str(s) for s in scripts] and len(scripts) == 2
+    assert [c.split()[-1] for c in calls] == [str(s) for s in scripts] and len(scripts) == 3
     assert calls[0] == f"--parsable {scripts[0]}"  # the preparation first, free to start
     assert calls[1] == f"--parsable --dependency=afterok:101 --kill-on-invalid-dep=yes {scripts[1]}"
-    prepare, train = (s.read_text() for s in scripts)
+    assert calls[2] == f"--parsable --dependency=afterok:102 --kill-on-invalid-dep=yes {scripts[2]}"
+    prepare, train, evaluate = (s.read_text() for s in scripts)
     assert "#SBATCH --cpus-per-task=16" in prepare and "#SBATCH --nodes=1" in prepare and "--array" not in prepare
     assert "gpus" not in prepare and '"${COMMAND[@]}" "$CONFIG"\n' in prepare
     assert "-m ssmforge prepare)" in prepare and "-m ssmforge pretrain)" in train
+    # the evaluation stages, after training succeeded, through `ssmforge run` on the frozen config
+    assert "-m ssmforge run)" in evaluate and '"$CONFIG" --only export,eval_ppl,finetune_glue' in evaluate
     assert out.out.splitlines() == ["submitted prepare job 101", "submitted pretrain job 102 (starts after job 101 "
-                                    "succeeded)", f"follow the run with: ssmforge submit --status {run_dir}"]
+                                    "succeeded)", "submitted evaluate job 103 (starts after job 102 succeeded)",
+                                    f"follow the run with: ssmforge submit --status {run_dir}"]
     records = [json.loads(line) for line in (run_dir / "slurm" / "jobs.jsonl").read_text().splitlines()]
-    assert [(r["job_id"], r["stage"]) for r in records] == [("101", "prepare"), ("102", "pretrain")]
-    assert run_status(run_dir).job_id == "102"
+    assert [(r["job_id"], r["stage"]) for r in records] == [("101", "prepare"), ("102", "pretrain"),
+                                                            ("103", "evaluate")]
+    assert run_status(run_dir).job_id == "102"  # the training job tells the run's state
 
 
 def test_a_prepare_in_parts_is_an_array_after_the_tokenizer_it_needs(tmp_path, monkeypatch, capsys):
-    code, calls, out = _submit(tmp_path, monkeypatch, capsys, HUB, "tokenizer.kind=sentencepiece",
-                               "--prepare-parts", "8")
+    code, calls, out = _submit(tmp_path, monkeypatch, capsys, HUB, "tokenizer.kind=sentencepiece", "model.vocab_size=8192",
+                               "stages.run=[prepare,pretrain]", "--prepare-parts", "8")
     assert code == 0, out.err
     scripts = [Path(c.split()[-1]).read_text() for c in calls]
     assert [c.split()[1:-1] for c in calls] == [[], ["--dependency=afterok:101", "--kill-on-invalid-dep=yes"],
@@ -286,7 +357,9 @@ def test_a_prepare_in_parts_is_an_array_after_the_tokenizer_it_needs(tmp_path, m
 
 def test_small_or_prepared_shards_need_no_preparation_job(tmp_path, monkeypatch, capsys):
     code, calls, out = _submit(tmp_path, monkeypatch, capsys, *TINY)  # 300 synthetic documents: in the job
-    assert code == 0 and len(calls) == 1 and "pretrain" in Path(calls[0].split()[-1]).read_text()
+    assert code == 0 and len(calls) == 2, out.err
+    assert "-m ssmforge pretrain)" in Path(calls[0].split()[-1]).read_text()
+    assert "-m ssmforge run)" in Path(calls[1].split()[-1]).read_text()  # stages.run's export and eval_ppl
 
 
 @pytest.mark.parametrize("args, message", [
@@ -297,14 +370,14 @@ def test_small_or_prepared_shards_need_no_preparation_job(tmp_path, monkeypatch,
 def test_preparation_jobs_that_cannot_work_are_refused_before_anything_is_submitted(tmp_path, monkeypatch, capsys,
                                                                                      args, message):
     code, calls, out = _submit(tmp_path, monkeypatch, capsys, *args)
-    assert code == 2 and calls == [] and not (tmp_path / "run").exists()
+    assert code == 2 and calls == [] and not (tmp_path / "run").exists()  # nothing written
     assert out.err.startswith(f"ssmforge: error: {message}") and len(out.err.splitlines()) == 1
 
 
 def test_a_dry_run_prints_every_job_in_order(tmp_path, capsys):
     assert main(["submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={tmp_path / 'run'}", HUB,
-                 "--gpus-per-node", "0", "--dry-run"]) == 0
+                 "--gpus-per-node", "0", "--cpus-per-task", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("# ---- job 1 of 2: prepare ----\n#!/bin/bash")
-    assert "\n# ---- job 2 of 2: pretrain, after job 1 succeeded ----\n#!/bin/bash" in out
-    assert not (tmp_path / "run").exists()
+    assert out.startswith("# ---- job 1 of 3: prepare ----\n#!/bin/bash")
+    assert "\n# ---- job 2 of 3: pretrain, after job 1 succeeded ----\n#!/bin/bash" in out
+    assert "\n# ---- job 3 of 3: evaluate, after job 2 succeeded ----\n#!/bin/bash" in out
