@@ -498,6 +498,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{where}: {e}") from None
 
 
+def load_config_for_jobs(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """load_config with run_dir made absolute, and every interpolation of it (data.shard_dir: ${run_dir}/data)
+    following: for configs frozen for processes that may start elsewhere (stages, SLURM jobs)."""
+    config = load_config(path, overrides)
+    return load_config(path, [*overrides, f"run_dir={Path(config.run_dir).resolve()}"])
+
+
 def to_yaml(config: RunConfig) -> str:
     """The resolved config as YAML, to freeze into the run folder."""
     return OmegaConf.to_yaml(OmegaConf.structured(dataclasses.asdict(config)))

@@ -250,29 +250,31 @@ def plan_jobs(config, run_dir: Path, config_path: Path, options: SubmitOptions, 
     return jobs
 
 
-def freeze_config(config_path: str, overrides: list[str], options: SubmitOptions, write: bool = True):
-    """The config with run_dir made absolute and the job's shape recorded, and where it is frozen
-    (run_dir/slurm/config.yaml, written unless `write` is False). Returns (config, run_dir, frozen path)."""
-    from ssmforge.pretrain.config import load_config, to_yaml
+def freeze_config(config_path: str, overrides: list[str], options: SubmitOptions):
+    """(config, run_dir, frozen path): the config with run_dir made absolute and the job's shape recorded, and
+    where write_frozen puts it (run_dir/slurm/config.yaml), which every job of the run reads."""
+    from ssmforge.pretrain.config import load_config_for_jobs
 
-    config = load_config(config_path, overrides)
-    run_dir = Path(config.run_dir).resolve()
-    # interpolations such as data.shard_dir: ${run_dir}/data follow the absolute run_dir
-    config = load_config(config_path, [*overrides, f"run_dir={run_dir}"])
+    config = load_config_for_jobs(config_path, overrides)
     config.slurm = options.slurm_config()  # the frozen config records the job's shape, flags included
-    frozen = run_dir / "slurm" / "config.yaml"
-    if write:
-        frozen.parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        frozen.write_text(to_yaml(config))
-    return config, run_dir, frozen
+    run_dir = Path(config.run_dir)
+    return config, run_dir, run_dir / "slurm" / "config.yaml"
+
+
+def write_frozen(config, frozen: Path) -> None:
+    """Write the frozen config, and the log folder the scripts name."""
+    from ssmforge.pretrain.config import to_yaml
+
+    frozen.parent.mkdir(parents=True, exist_ok=True)
+    (Path(config.run_dir) / "logs").mkdir(parents=True, exist_ok=True)
+    frozen.write_text(to_yaml(config))
 
 
 def prepare_job(config_path: str, overrides: list[str], options: SubmitOptions) -> tuple[Path, Path, str]:
     """Resolve and freeze the config, and render the training job's script: (run_dir, frozen config, script)."""
-    config, run_dir, frozen = freeze_config(config_path, overrides, options, write=False)
-    script = render(run_dir, frozen, options)
-    freeze_config(config_path, overrides, options)
+    config, run_dir, frozen = freeze_config(config_path, overrides, options)
+    script = render(run_dir, frozen, options)  # a refused script writes nothing
+    write_frozen(config, frozen)
     return run_dir, frozen, script
 
 
@@ -281,13 +283,13 @@ def submit(config_path: str, overrides: list[str], options: SubmitOptions, dry_r
     """Render and submit the run's jobs (plan_jobs), each after the one before it succeeded; return
     (stage, job id) per job, or with dry_run (stage, script) and nothing submitted (the frozen config and the
     log folder the scripts name are written, so that they can be submitted by hand)."""
-    config, run_dir, frozen = freeze_config(config_path, overrides, options, write=False)
+    config, run_dir, frozen = freeze_config(config_path, overrides, options)
     jobs = plan_jobs(config, run_dir, frozen, options, prepare_parts)  # every script renders before any is sent
     sbatch = shutil.which("sbatch")
     if sbatch is None and not dry_run:
         raise ConfigError("sbatch not found on PATH: submit from a SLURM login node, or use --dry-run to print "
                           "the job scripts")
-    freeze_config(config_path, overrides, options)  # a dry run's scripts can be submitted by hand
+    write_frozen(config, frozen)  # a dry run's scripts can be submitted by hand
     if dry_run:
         return [(job.stage, job.script) for job in jobs]
     jobs_dir = run_dir / "slurm"

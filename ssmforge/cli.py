@@ -327,15 +327,14 @@ def cmd_pretrain(args) -> int:
 
 def cmd_run(args) -> int:
     from ssmforge import stages
-    from ssmforge.pretrain.config import load_config
+    from ssmforge.pretrain.config import load_config_for_jobs
 
     if int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS") or 1) > 1:
         raise SsmforgeError("ssmforge run starts its stages itself, not under a launcher: use --nproc-per-node N "
                             "for several GPUs of this machine, or ssmforge submit on a SLURM cluster")
     if args.nproc_per_node < 1:
         raise SsmforgeError(f"--nproc-per-node={args.nproc_per_node} is invalid: must be a positive integer")
-    config = load_config(args.config, args.overrides)
-    config = load_config(args.config, [*args.overrides, f"run_dir={Path(config.run_dir).resolve()}"])
+    config = load_config_for_jobs(args.config, args.overrides)
     only = [name.strip().replace("-", "_") for name in args.only.split(",")] if args.only else None
     plan = stages.plan(config, stages.frozen_config_path(config.run_dir), args.nproc_per_node, only)
     first = plan[0].name if plan else None
