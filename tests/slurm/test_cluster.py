@@ -34,6 +34,15 @@ def _cancel_unfinished(*job_ids: str) -> None:
             subprocess.run(["scancel", job_id], capture_output=True)
 
 
+def _submit(run_dir, cwd, *args) -> str:
+    """`ssmforge submit` of tiny.yaml into run_dir; its output (the job ids)."""
+    proc = subprocess.run([sys.executable, "-m", "ssmforge", "submit", str(ROOT / "configs" / "tiny.yaml"),
+                           f"run_dir={run_dir}", *args], cwd=cwd, env=clean_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def _logged_steps(run_dir) -> int:
     try:
         return max(train_losses(run_dir), default=0)
@@ -44,16 +53,12 @@ def _logged_steps(run_dir) -> int:
 @pytest.mark.slow
 def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_cluster, tmp_path):
     run_dir = tmp_path / "slurm_run"
-    submit = subprocess.run(
-        [sys.executable, "-m", "ssmforge", "submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
-         *TINY, *STEPS, "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "15:00",
-         "--max-requeues", "2", "--job-name", "ssmforge-test"],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert submit.returncode == 0, submit.stderr
-    job_id = re.search(r"submitted pretrain job (\d+)", submit.stdout).group(1)
+    submitted = _submit(run_dir, tmp_path, *TINY, *STEPS, "--gpus-per-node", "0", "--tasks-per-node", "2",
+                        "--cpus-per-task", "1", "--time", "15:00", "--max-requeues", "2", "--job-name", "ssmforge-test")
+    job_id = re.search(r"submitted pretrain job (\d+)", submitted).group(1)
     # tiny.yaml's stages end with export and eval_ppl (synthetic-heldout): one job after training succeeded
     eval_id = re.search(rf"submitted evaluate job (\d+) \(starts after job {job_id} succeeded\)",
-                        submit.stdout).group(1)
+                        submitted).group(1)
     try:
         # the job trains; once it is past step 10, send what SLURM sends before the time limit
         # generous limits: the job may queue behind others, and a loaded 2-core machine starts DeepSpeed slowly
@@ -118,15 +123,10 @@ def test_a_job_requeued_onto_fewer_nodes_continues_the_same_run(local_cluster, t
     settings = ("train.max_steps=8", "train.log_every=1", "train.eval_every=1000", "train.save_every=1000",
                 "train.global_batch_size=8", "train.micro_batch_size=4", "deepspeed.zero_stage=2",
                 "train.precision=fp32")
-    submit = subprocess.run(
-        [sys.executable, "-m", "ssmforge", "submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
-         *TINY, *settings, "train.stop_at_step=4", "stages.run=[prepare,pretrain]", "--gpus-per-node", "0",
-         "--tasks-per-node", "1",
-         "--cpus-per-task", "1", "--nodes", "2", "--time", "15:00", "--max-requeues", "2",
-         "--job-name", "ssmforge-elastic"],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert submit.returncode == 0, submit.stderr
-    job_id = re.search(r"submitted pretrain job (\d+)", submit.stdout).group(1)
+    submitted = _submit(run_dir, tmp_path, *TINY, *settings, "train.stop_at_step=4", "stages.run=[prepare,pretrain]",
+                        "--gpus-per-node", "0", "--tasks-per-node", "1", "--cpus-per-task", "1", "--nodes", "2",
+                        "--time", "15:00", "--max-requeues", "2", "--job-name", "ssmforge-elastic")
+    job_id = re.search(r"submitted pretrain job (\d+)", submitted).group(1)
     try:
         job = wait_for(lambda: (j := _job(job_id)).get("JobState") == "RUNNING" and j, 900, "the job to start")
         assert job["NumNodes"] == "2", job
@@ -167,17 +167,13 @@ def test_shards_too_large_for_the_training_job_are_prepared_by_an_array_first(lo
     (more synthetic documents than it prepares itself): an array of two preparation tasks writes the parts,
     the last merges them, and the training job, held until then by its dependency, trains on them."""
     run_dir = tmp_path / "prepared_run"
-    submit = subprocess.run(
-        [sys.executable, "-m", "ssmforge", "submit", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
-         "data.sources=[{kind: synthetic, max_documents: 100001}]", "data.num_workers=0", "train.max_steps=3",
-         "train.log_every=1", "train.eval_every=1000", "stages.run=[prepare,pretrain]", "--gpus-per-node", "0",
-         "--tasks-per-node", "1",
-         "--cpus-per-task", "1", "--time", "15:00", "--prepare-parts", "2", "--job-name", "ssmforge-prep"],
-        cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
-    assert submit.returncode == 0, submit.stderr
-    prepare_id = re.search(r"submitted prepare job (\d+)", submit.stdout).group(1)
+    submitted = _submit(run_dir, tmp_path, "data.sources=[{kind: synthetic, max_documents: 100001}]",
+                        "data.num_workers=0", "train.max_steps=3", "train.log_every=1", "train.eval_every=1000",
+                        "stages.run=[prepare,pretrain]", "--gpus-per-node", "0", "--tasks-per-node", "1",
+                        "--cpus-per-task", "1", "--time", "15:00", "--prepare-parts", "2", "--job-name", "ssmforge-prep")
+    prepare_id = re.search(r"submitted prepare job (\d+)", submitted).group(1)
     train_id = re.search(rf"submitted pretrain job (\d+) \(starts after job {prepare_id} succeeded\)",
-                         submit.stdout).group(1)
+                         submitted).group(1)
     try:
         job = _finished(train_id, 1200, "the preparation array and then the training job to finish")
     finally:
