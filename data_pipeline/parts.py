@@ -44,6 +44,16 @@ class PartResult:
     manifest: Manifest | None
 
 
+def check_splittable(config, parts: int, prefix: str = "") -> None:
+    """Refuse a prepare in `parts` > 1 parts of a source with a token budget (`prefix` names what asked)."""
+    for i, source in enumerate(config.data.sources):
+        if source.max_tokens is not None and parts > 1:
+            raise ConfigError(f"{prefix}data.sources.{i}.max_tokens={source.max_tokens} cannot be split over parts: "
+                              f"where a source's budget ends depends on the token count of every document before "
+                              f"it, which no part tokenizes; cap it with max_documents, or prepare in one job (it "
+                              f"uses every core)")
+
+
 def prepare_part(config, part: int, parts: int, workers: int | None = None) -> PartResult:
     """Prepare part `part` of `parts` (see the module doc) and, when every part is done, merge them.
 
@@ -56,12 +66,7 @@ def prepare_part(config, part: int, parts: int, workers: int | None = None) -> P
     if remote:
         raise DataError(f"data.shard_dir={out}: a prepare in parts writes into a folder every part shares (a shared "
                         f"filesystem); prepare there and copy the folder to the remote, or prepare in one job")
-    for i, source in enumerate(config.data.sources):
-        if source.max_tokens is not None and parts > 1:
-            raise ConfigError(f"data.sources.{i}.max_tokens={source.max_tokens} cannot be split over parts: where a "
-                              f"source's budget ends depends on the token count of every document before it, which "
-                              f"no part tokenizes; cap it with max_documents, or prepare in one job (it uses "
-                              f"every core)")
+    check_splittable(config, parts)
     created = [local / split for split in SPLITS if not (local / split).exists()] + missing_folders(local)
     local.mkdir(parents=True, exist_ok=True)
     expected = data_fingerprint(config)

@@ -218,18 +218,14 @@ def plan_jobs(config, run_dir: Path, config_path: Path, options: SubmitOptions, 
     for the training job to prepare (data_pipeline.pack.needs_preparation_job), the training job, and one job
     for the evaluation stages (`ssmforge run --only ...`) after it."""
     from ssmforge.data_pipeline.pack import needs_preparation_job
+    from ssmforge.data_pipeline.parts import check_splittable
 
     if prepare_parts < 1:
         raise ConfigError(f"--prepare-parts={prepare_parts} is invalid: must be a positive integer")
     stages, jobs = list(config.stages.run), []
     if "prepare" in stages and needs_preparation_job(config):
         if prepare_parts > 1:
-            for i, source in enumerate(config.data.sources):
-                if source.max_tokens is not None:
-                    raise ConfigError(f"--prepare-parts={prepare_parts} with data.sources.{i}.max_tokens="
-                                      f"{source.max_tokens}: a token budget cannot be split over parts (where it "
-                                      f"ends depends on every document before it); prepare in one job, or cap the "
-                                      f"source with max_documents")
+            check_splittable(config, prepare_parts, f"--prepare-parts={prepare_parts}: ")
             if config.tokenizer.kind == "sentencepiece" and not config.tokenizer.path:
                 jobs.append(Job("tokenizer", render_task(run_dir, config_path, options, "tokenizer",
                                                          " --train-tokenizer")))

@@ -364,7 +364,7 @@ def test_small_or_prepared_shards_need_no_preparation_job(tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("args, message", [
     ((HUB.replace("}]", ", max_tokens: 1000000}]"), "--prepare-parts", "4"),
-     "--prepare-parts=4 with data.sources.0.max_tokens=1000000: a token budget cannot be split over parts"),
+     "--prepare-parts=4: data.sources.0.max_tokens=1000000 cannot be split over parts"),
     ((HUB, "--prepare-parts", "0"), "--prepare-parts=0 is invalid: must be a positive integer"),
 ])
 def test_preparation_jobs_that_cannot_work_are_refused_before_anything_is_submitted(tmp_path, monkeypatch, capsys,
