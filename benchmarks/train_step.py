@@ -3,20 +3,24 @@
 The same model (vocab 8192, d_model 256, 4 layers, d_state 16, expand 2, conv 4), the same token
 batches, the same threads, fp32 on the CPU (bf16 on a GPU), trained by:
 
-  ssmforge-model      models.LanguageModel: forward, next-token loss, backward, AdamW step
+  ssmforge-model      models.LanguageModel: forward with the chunked loss (no full logits), backward, AdamW
+  ssmforge-compiled   the same after model.compile() (train.compile: true)
   ssmforge-deepspeed  the same through the DeepSpeed engine, as `ssmforge pretrain` runs it
   hf-sequential       transformers' MambaForCausalLM without CUDA kernels: a loop over time steps
   hf-mambapy          the same with use_mambapy=True: the pure-PyTorch parallel scan
 
-Each runs in its own process (so peak memory is its own), warm-up steps excluded. Reported per run:
-tokens/s, peak memory above the process's state before the first step, and the fraction of the
-matmul-bound limit: model FLOPs per step (3x the forward's, from LanguageModel.forward_flops_per_token)
-divided by the machine's measured dense fp32 (bf16 on a GPU) matmul rate, over the step time.
-Then the scaling in sequence length at a constant number of tokens per step, with the fitted
-exponent p of the cost per sequence ~ L^p (1 is linear). Writes benchmarks/results/train_step.json
-and train_step.png.
+Every step clips gradients to norm 1; all but the DeepSpeed one step torch's fused AdamW. Each runs in its
+own process (so peak memory is its own), warm-up steps excluded. Reported per run, from the median of the
+timed steps: tokens/s, peak memory above the process's state before the first step, and the fraction of
+the matmul-bound limit: the time the step's matmuls would take at the machine's dense matmul rate, over
+the step time. The step's matmul FLOPs are those of the model's linear layers (projections and LM head:
+2 x in x out per token forward, 3x that for forward and backward); the conv and the scan are not matmuls
+and are not counted. The rate is the best of several 2048^3 fp32 products (8192^3 bf16 on a GPU) on the
+same threads, timed before and after the runs. Then the scaling in sequence length at a constant number
+of tokens per step, with the fitted exponent p of the cost per sequence ~ L^p (1 is linear). Writes
+benchmarks/results/train_step.json and train_step.png.
 
-    python benchmarks/train_step.py                 # the full table and the scaling (about 10 minutes on 2 cores)
+    python benchmarks/train_step.py                 # the full table and the scaling (about 15 minutes on 2 cores)
     python benchmarks/train_step.py --no-scaling    # the table at L 512 only
     python benchmarks/train_step.py --shape 130m --seq-len 2048 --batch 8   # a GPU: Mamba-130M shape in bf16
 """
@@ -26,6 +30,7 @@ import argparse
 import json
 import math
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -36,13 +41,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-IMPLEMENTATIONS = ("ssmforge-model", "ssmforge-deepspeed", "hf-sequential", "hf-mambapy")
+IMPLEMENTATIONS = ("ssmforge-model", "ssmforge-compiled", "ssmforge-deepspeed", "hf-sequential", "hf-mambapy")
+SCALING_IMPLEMENTATIONS = ("ssmforge-model", "ssmforge-deepspeed", "hf-mambapy")  # hf-sequential: hours at L 8192
 SHAPES = {  # name -> (d_model, n_layer, vocab)
     "small": (256, 4, 8192),
     "130m": (768, 24, 50280),
     "370m": (1024, 48, 50280),
 }
-TARGETS = dict(vs_mambapy=3.0, vs_sequential=100.0, deepspeed_within=0.15, matmul_fraction=0.40, scaling_flat=0.20)
+TARGETS = dict(vs_mambapy=4.0, vs_sequential=100.0, deepspeed_within=0.15, matmul_fraction=0.60, scaling_flat=0.20)
 
 
 def model_config(shape: str):
@@ -69,9 +75,27 @@ def batches(vocab: int, batch: int, seq_len: int, count: int) -> list[torch.Tens
     return [torch.randint(0, vocab, (batch, seq_len + 1), generator=g) for _ in range(count)]
 
 
+def matmul_flops_per_token(model: torch.nn.Module) -> int:
+    """FLOPs of the matmuls of one training step (forward and backward) per token: every linear layer
+    (each is applied once per token) costs 2 x in x out forward and twice that backward (the gradients of its
+    input and of its weight). The embedding is a lookup, the conv and the scan are not matmuls."""
+    return 3 * sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def full_logits_loss(model):
+    """A transformers model's next-token loss as its users compute it: the full (batch, L, vocab) logits, then
+    fp32 cross-entropy; called as `lm_loss` calls ssmforge's model."""
+    def forward(input_ids, targets, reduction="mean"):
+        logits = model(input_ids=input_ids).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+    return forward
+
+
 def build_step(impl: str, shape: str, device: torch.device, dtype: torch.dtype):
-    """A function running one training step on a batch, and the model it trains. Every implementation's
-    loss is `ssmforge.pretrain.trainer.lm_loss`, the trainer's own (autocast to `dtype`, fp32 cross-entropy)."""
+    """A function running one training step on a batch, and the model it trains. Every implementation's loss
+    goes through `ssmforge.pretrain.trainer.lm_loss`, the trainer's own (autocast to `dtype`, fp32 loss):
+    ssmforge's model computes it chunk by chunk in its head, transformers' from its full logits."""
     from ssmforge.pretrain.trainer import lm_loss
 
     config = model_config(shape)
@@ -84,11 +108,13 @@ def build_step(impl: str, shape: str, device: torch.device, dtype: torch.dtype):
             state_size=config.mamba.d_state, expand=config.mamba.expand, conv_kernel=config.mamba.d_conv,
             use_mambapy=impl == "hf-mambapy", tie_word_embeddings=True)
         model = transformers.MambaForCausalLM(hf_config).to(device).train()
-        forward = lambda ids: model(input_ids=ids).logits  # noqa: E731
+        forward = full_logits_loss(model)
     else:
         from ssmforge.models import LanguageModel
 
         model = forward = LanguageModel(config).to(device).train()
+        if impl == "ssmforge-compiled":
+            model.compile()  # in place, as train.compile does; compiled during the warm-up steps
     if impl == "ssmforge-deepspeed":
         from ssmforge.pretrain.config import load_config
         from ssmforge.pretrain.engine import build_engine
@@ -107,7 +133,8 @@ def build_step(impl: str, shape: str, device: torch.device, dtype: torch.dtype):
             return loss.item()
 
         return step, model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # fused: one kernel over all parameters (torch's default on CPU is a loop over them, ~4x slower here)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step(tokens):
         loss = lm_loss(forward, tokens, device, dtype)
@@ -139,14 +166,16 @@ def worker(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
-    losses, start = [], time.perf_counter()
+    losses, step_seconds = [], []
     for tokens in data[args.warmup:]:
-        losses.append(step(tokens))
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / args.steps
+        start = time.perf_counter()
+        losses.append(step(tokens))  # its .item() waits for the step to finish
+        step_seconds.append(time.perf_counter() - start)
+    seconds = statistics.median(step_seconds)  # other work on a shared machine only adds slow outliers
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()
     return dict(implementation=args.worker, seq_len=args.seq_len, batch=args.batch, seconds_per_step=seconds,
-                tokens_per_s=args.batch * args.seq_len / seconds, peak_step_memory_mib=peak - before,
+                step_seconds=step_seconds, tokens_per_s=args.batch * args.seq_len / seconds,
+                peak_step_memory_mib=peak - before,
                 first_loss=losses[0], device=str(device), dtype=str(dtype).replace("torch.", ""))
 
 
@@ -161,22 +190,23 @@ def run_worker(impl: str, args, seq_len: int, batch: int, steps: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def matmul_rate(threads: int) -> tuple[float, str]:
-    """The machine's dense matmul rate (FLOP/s), best of several 2048^3 products: fp32 on CPU, bf16 on GPU."""
+def matmul_rate(threads: int, repeats: int = 10) -> tuple[float, str]:
+    """The machine's dense matmul rate (FLOP/s), the best of `repeats` timed products after a warm-up one:
+    fp32 2048^3 on CPU, bf16 8192^3 on GPU. The best, because other work on the machine only slows a run."""
     torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     n = 8192 if cuda else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)  # preallocated: first touching fresh pages is no matmul time
     best = math.inf
-    for _ in range(5 if not cuda else 20):
-        if cuda:
-            torch.cuda.synchronize()
+    for i in range(repeats + 1):
+        synchronize(torch.device(device))
         start = time.perf_counter()
-        a @ b
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        torch.mm(a, b, out=out)
+        synchronize(torch.device(device))
+        if i:
+            best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best, str(dtype).replace("torch.", "")
 
 
@@ -213,7 +243,7 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per implementation (their median counts)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--implementations", nargs="*", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
@@ -233,15 +263,19 @@ def main() -> None:
 
     rate, rate_dtype = matmul_rate(args.threads)
     with torch.device("meta"):  # shapes only: no weights allocated
-        flops_per_token = 3 * LanguageModel(model_config(args.shape)).forward_flops_per_token(args.seq_len)
-    print(f"matmul rate: {rate / 1e9:.1f} GFLOP/s ({rate_dtype}); model: {args.shape}, "
-          f"{flops_per_token / 1e6:.2f} MFLOP per trained token at L={args.seq_len}")
+        model = LanguageModel(model_config(args.shape))
+    flops_per_token = matmul_flops_per_token(model)
+    model_flops = 3 * model.forward_flops_per_token(args.seq_len)  # with the conv and the scan: what MFU counts
+    print(f"matmul rate: {rate / 1e9:.1f} GFLOP/s ({rate_dtype}); model: {args.shape}, {flops_per_token / 1e6:.2f} "
+          f"MFLOP of matmuls ({model_flops / 1e6:.2f} in all) per trained token at L={args.seq_len}")
     rows = {}
     for impl in args.implementations:
         steps = args.sequential_steps if impl == "hf-sequential" else args.steps
-        r = run_worker(impl, args, args.seq_len, args.batch, steps)
+        rows[impl] = run_worker(impl, args, args.seq_len, args.batch, steps)
+    rate = max(rate, matmul_rate(args.threads)[0])  # timed again after the runs: the best of both
+    print(f"matmul rate, the best before and after the runs: {rate / 1e9:.1f} GFLOP/s")
+    for impl, r in rows.items():
         r["matmul_fraction"] = flops_per_token * r["tokens_per_s"] / rate
-        rows[impl] = r
         print(f"  {impl:20} {r['tokens_per_s']:10.0f} tokens/s  {r['seconds_per_step'] * 1e3:9.1f} ms/step  "
               f"peak +{r['peak_step_memory_mib']:7.0f} MiB  {100 * r['matmul_fraction']:5.1f}% of matmul-bound")
 
@@ -265,10 +299,11 @@ def main() -> None:
         checks["matmul_fraction"] = dict(value=ours["matmul_fraction"], target=f">= {TARGETS['matmul_fraction']}",
                                          ok=ours["matmul_fraction"] >= TARGETS["matmul_fraction"])
 
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     scaling = {}
     if not args.no_scaling:
         print(f"scaling at {args.scaling_tokens} tokens per step:")
-        for impl in [i for i in args.implementations if i != "hf-sequential"]:  # hours at L 8192
+        for impl in [i for i in args.implementations if i in SCALING_IMPLEMENTATIONS]:
             scaling[impl] = []
             for L in args.scaling_lengths:
                 r = run_worker(impl, args, L, max(1, args.scaling_tokens // L), args.steps)
@@ -287,9 +322,8 @@ def main() -> None:
     for name, c in checks.items():
         print(f"  {name:20} {c['value']:.3f} (target {c['target']}): {'met' if c['ok'] else 'MISSED'}")
     report = dict(machine=describe(), matmul_rate_flops=rate, matmul_dtype=rate_dtype, shape=args.shape,
-                  model_flops_per_token=flops_per_token, seq_len=args.seq_len, batch=args.batch, threads=args.threads,
-                  results=rows, scaling=scaling, targets=checks)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                  matmul_flops_per_token=flops_per_token, model_flops_per_token=model_flops, seq_len=args.seq_len,
+                  batch=args.batch, threads=args.threads, results=rows, scaling=scaling, targets=checks)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}" + ("" if args.no_scaling else f" and {Path(args.out).with_suffix('.png')}"))
 

@@ -1,5 +1,6 @@
 """Sequence-mixing kernels: the selective scan (Mamba), the SSD (Mamba-2) and causal depthwise conv1d,
-with reference oracles."""
+with reference oracles. The fast backends (C and Triton) are torch custom operators, ssmforge::<kernel>
+(see `custom_op`), so they run on fake tensors and torch.compile traces them without graph breaks."""
 from .ref import (
     causal_conv1d_ref,
     causal_conv1d_update_ref,

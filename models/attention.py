@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import init_residual_branch
+from .layers import Projection
 from .registry import register_mixer
 
 
@@ -55,11 +55,10 @@ class CausalSelfAttention(nn.Module):
         self.window = cfg.window
         self.rope_theta = cfg.rope_theta
         d, hd = config.d_model, self.head_dim
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=config.bias)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.bias)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=config.bias)
-        init_residual_branch(config, self.o_proj, [self.q_proj, self.k_proj, self.v_proj, self.o_proj])
+        self.q_proj = Projection(d, self.n_heads * hd, config)
+        self.k_proj = Projection(d, self.n_kv_heads * hd, config)
+        self.v_proj = Projection(d, self.n_kv_heads * hd, config)
+        self.o_proj = Projection(self.n_heads * hd, d, config, residual=True)
 
     def external_parameters(self) -> list[nn.Parameter]:
         return []  # every weight is used through its own module's forward

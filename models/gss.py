@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from ssmforge.kernels.fftconv import fft_causal_conv
 
 from .config import ModelConfig
-from .layers import RMSNorm, init_residual_branch, keep_fp32
+from .layers import Projection, RMSNorm, keep_fp32
 from .registry import register_mixer
 
 
@@ -59,10 +59,10 @@ class GSSMixer(nn.Module):
         self.ssm_dim = H = cfg.resolved_ssm_dim(config.d_model)
         self.d_state = N = cfg.d_state
 
-        self.in_proj = nn.Linear(config.d_model, gate + H, bias=config.bias)
+        self.in_proj = Projection(config.d_model, gate + H, config)
         self.ssm_norm = RMSNorm(H, config.rms_norm_eps)
-        self.up_proj = nn.Linear(H, gate, bias=config.bias)
-        self.out_proj = nn.Linear(gate, config.d_model, bias=config.bias)
+        self.up_proj = Projection(H, gate, config)
+        self.out_proj = Projection(gate, config.d_model, config, residual=True)
         # DSS-EXP parameters, float32 whatever the training precision (exp of them sets the memory)
         self.Lambda_re_log = keep_fp32(nn.Parameter(torch.full((N,), math.log(0.5))))
         self.Lambda_im = keep_fp32(nn.Parameter(math.pi * torch.arange(N, dtype=torch.float32)))
@@ -70,7 +70,6 @@ class GSSMixer(nn.Module):
         self.log_dt = keep_fp32(nn.Parameter(torch.rand(H) * (log_hi - log_lo) + log_lo))
         self.C = keep_fp32(nn.Parameter(torch.randn(H, N, 2) * math.sqrt(0.5)))  # (re, im): complex normal
         self.D = keep_fp32(nn.Parameter(torch.ones(H)))
-        init_residual_branch(config, self.out_proj, [self.in_proj, self.up_proj, self.out_proj])
 
     def external_parameters(self) -> list[nn.Parameter]:
         """Every child module is called through its forward, so ZeRO-3 has nothing extra to gather

@@ -27,15 +27,19 @@ def kernel_backend(config) -> str | None:
     return None if config.kernel_backend == "auto" else config.kernel_backend
 
 
-def init_residual_branch(config, out_proj: nn.Linear, projections: list[nn.Linear]) -> None:
-    """The init every mixer shares: its output projection scaled by 1/sqrt(number of residual blocks)
-    when config.rescale_out_proj (GPT-2, mamba_ssm: each block adds to the stream), biases zeroed."""
-    if config.rescale_out_proj:
+class Projection(nn.Linear):
+    """A mixer's linear projection with the init every mixer shares: bias (config.bias) zeroed and, for the
+    projection back into the residual stream, the weights scaled by 1/sqrt(number of blocks) when
+    config.rescale_out_proj (GPT-2, mamba_ssm: each block adds to the stream). Done in its own constructor,
+    because under DeepSpeed's ZeRO-3 a module's parameters are partitioned as soon as it is built."""
+
+    def __init__(self, in_features: int, out_features: int, config, residual: bool = False):
+        super().__init__(in_features, out_features, bias=config.bias)
         with torch.no_grad():
-            out_proj.weight /= math.sqrt(len(config.layer_kinds))
-    if config.bias:
-        for proj in projections:
-            nn.init.zeros_(proj.bias)
+            if residual and config.rescale_out_proj:
+                self.weight /= math.sqrt(len(config.layer_kinds))
+            if self.bias is not None:
+                self.bias.zero_()
 
 
 def fill_conv_state(conv_state: torch.Tensor, conv_inputs: torch.Tensor) -> None:

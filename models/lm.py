@@ -7,6 +7,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from . import attention, gss, mamba, mamba2, mlp  # noqa: F401  the mixer modules register themselves
+from ssmforge.kernels.linear_cross_entropy import linear_cross_entropy
+
 from .config import ModelConfig
 from .layers import RMSNorm
 from .registry import MIXERS, check_complete
@@ -33,6 +35,26 @@ class Block(nn.Module):
         return self._residual(x) + self.mixer.step(self.norm(x.to(self.norm.weight.dtype)), state)
 
 
+class Embedding(nn.Embedding):
+    """Token embedding initialised normal(0, std) in its own constructor (see layers.Projection)."""
+
+    def __init__(self, vocab: int, d_model: int, std: float):
+        super().__init__(vocab, d_model)
+        nn.init.normal_(self.weight, std=std)
+        self.weight._no_weight_decay = True
+
+
+class LMHead(nn.Linear):
+    """The output projection. Given targets it returns their cross-entropy instead of logits, computed chunk
+    by chunk (kernels.linear_cross_entropy) so training never holds the (batch, L, vocab) logits; inside
+    this module's forward, so ZeRO-3 gathers the weight around it as for any layer."""
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        if targets is None:
+            return super().forward(hidden).float()
+        return linear_cross_entropy(hidden.flatten(0, -2), self.weight, targets.flatten(), reduction)
+
+
 class InferenceState:
     """Per-layer decoding caches for a batch, filled by a prefill `forward` and advanced by `step`: an SSM
     state, an attention KV cache, or None for a stateless mixer (MLP)."""
@@ -49,23 +71,26 @@ class LanguageModel(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.embedding.weight._no_weight_decay = True
-        nn.init.normal_(self.embedding.weight, std=config.initializer_range)
+        self.embedding = Embedding(config.padded_vocab_size, config.d_model, config.initializer_range)
         self.layers = nn.ModuleList(Block(config, i, kind) for i, kind in enumerate(config.layer_kinds))
         self.norm_f = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
         self.checkpoint_blocks = False  # recompute each block's activations in backward (saves memory)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm_f(hidden.to(self.norm_f.weight.dtype))).float()
+        return self.lm_head(self.norm_f(hidden.to(self.norm_f.weight.dtype)))
 
-    def forward(self, input_ids: torch.Tensor, state: InferenceState | None = None) -> torch.Tensor:
-        """input_ids (batch, L) -> logits (batch, L, padded_vocab). With `state` (fresh), it is filled
-        for decoding to continue after the last position."""
-        return self._logits(self.hidden_states(input_ids, state))
+    def forward(self, input_ids: torch.Tensor, state: InferenceState | None = None,
+                targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """input_ids (batch, L) -> logits (batch, L, padded_vocab) in fp32. With `state` (fresh), it is filled
+        for decoding to continue after the last position. With `targets` (batch, L): their cross-entropy
+        instead (fp32 scalar, the mean or sum over tokens), without materialising the logits."""
+        hidden = self.hidden_states(input_ids, state)
+        if targets is None:
+            return self._logits(hidden)
+        return self.lm_head(self.norm_f(hidden.to(self.norm_f.weight.dtype)), targets, reduction)
 
     def features(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (batch, L) -> the final normed hidden states (batch, L, d_model) that the LM head

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ssmforge import kernels
 
 from .config import MambaConfig, ModelConfig
-from .layers import dt_bias_init, fill_conv_state, init_residual_branch, keep_fp32, kernel_backend
+from .layers import Projection, dt_bias_init, fill_conv_state, keep_fp32, kernel_backend
 from .registry import register_mixer
 
 
@@ -24,6 +24,19 @@ class MambaState:
 
     conv: torch.Tensor  # (batch, d_inner, d_conv) last conv inputs, oldest first
     ssm: torch.Tensor  # (batch, d_inner, d_state) fp32
+
+
+class DtProjection(nn.Linear):
+    """dt_rank -> d_inner, Mamba's init in its own constructor (see layers.Projection): weights uniform in
+    +-dt_rank^-0.5 * dt_scale, the float32 bias from `dt_bias_init`."""
+
+    def __init__(self, dt_rank: int, d_inner: int, cfg: MambaConfig):
+        super().__init__(dt_rank, d_inner, bias=True)
+        std = dt_rank ** -0.5 * cfg.dt_scale
+        nn.init.uniform_(self.weight, -std, std)
+        with torch.no_grad():
+            self.bias.copy_(dt_bias_init(d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
+        keep_fp32(self.bias)
 
 
 @register_mixer("mamba")
@@ -40,26 +53,17 @@ class MambaMixer(nn.Module):
         self.dt_rank = dt_rank = cfg.resolved_dt_rank(config.d_model)
         self.kernel_backend = kernel_backend(config)
 
-        self.in_proj = nn.Linear(config.d_model, 2 * d_inner, bias=config.bias)
+        self.in_proj = Projection(config.d_model, 2 * d_inner, config)
         self.conv1d = nn.Conv1d(d_inner, d_inner, cfg.d_conv, groups=d_inner, padding=cfg.d_conv - 1,
                                 bias=cfg.conv_bias)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * cfg.d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        keep_fp32(self.dt_proj.bias)
-        self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
+        self.dt_proj = DtProjection(dt_rank, d_inner, cfg)
+        self.out_proj = Projection(d_inner, config.d_model, config, residual=True)
         # S4D-real initialisation: A = -(1, 2, ..., n) for every channel; stored as log(-A).
         A = torch.arange(1, cfg.d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
         self.A_log = keep_fp32(nn.Parameter(torch.log(A)))
         self.D = keep_fp32(nn.Parameter(torch.ones(d_inner)))
-        self._init_dt(cfg)
-        init_residual_branch(config, self.out_proj, [self.in_proj, self.out_proj])
 
-    def _init_dt(self, cfg: MambaConfig) -> None:
-        """dt_proj weights uniform in +-dt_rank^-0.5 * dt_scale; its bias from `dt_bias_init`."""
-        std = self.dt_rank ** -0.5 * cfg.dt_scale
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
 
     def external_parameters(self) -> list[nn.Parameter]:
         """Parameters of child modules that forward reads directly (not through the child's forward):
@@ -83,7 +87,9 @@ class MambaMixer(nn.Module):
     def forward(self, hidden: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model). With `state`, also leaves in it the conv
         inputs and SSM state after the last position, so decoding can continue with `step`."""
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, L) each
+        # (batch, d_inner, L) views of the (batch, L, d_inner) halves: the kernels read them in place, and
+        # the halves' gradients join into the projection's layout with no transposed copy
+        x, z = (half.transpose(1, 2) for half in self.in_proj(hidden).chunk(2, dim=-1))
         if state is not None:
             fill_conv_state(state.conv, x)
         x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",

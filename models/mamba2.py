@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ssmforge import kernels
 
 from .config import ModelConfig
-from .layers import dt_bias_init, fill_conv_state, init_residual_branch, keep_fp32, kernel_backend
+from .layers import Projection, dt_bias_init, fill_conv_state, keep_fp32, kernel_backend
 from .registry import register_mixer
 
 A_INIT_RANGE = (1.0, 16.0)  # -A is drawn uniformly from this range per head (the paper's code)
@@ -66,7 +66,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = d_inner + 2 * self.ngroups * self.d_state
         self.kernel_backend = kernel_backend(config)
 
-        self.in_proj = nn.Linear(config.d_model, d_inner + self.conv_dim + self.nheads, bias=config.bias)
+        self.in_proj = Projection(config.d_model, d_inner + self.conv_dim + self.nheads, config)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim,
                                 padding=cfg.d_conv - 1, bias=cfg.conv_bias)
         dt_bias = dt_bias_init(self.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor)
@@ -75,8 +75,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = keep_fp32(nn.Parameter(torch.log(A)))
         self.D = keep_fp32(nn.Parameter(torch.ones(self.nheads)))
         self.norm = GatedRMSNorm(d_inner, d_inner // self.ngroups, config.rms_norm_eps)
-        self.out_proj = nn.Linear(d_inner, config.d_model, bias=config.bias)
-        init_residual_branch(config, self.out_proj, [self.in_proj, self.out_proj])
+        self.out_proj = Projection(d_inner, config.d_model, config, residual=True)
 
     def external_parameters(self) -> list[nn.Parameter]:
         """Parameters of child modules that forward reads directly (not through the child's forward):

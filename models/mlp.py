@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import init_residual_branch
+from .layers import Projection
 from .registry import register_mixer
 
 
@@ -19,10 +19,9 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         hidden = config.mlp.resolved_hidden(config.d_model)
-        self.gate_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
-        self.up_proj = nn.Linear(config.d_model, hidden, bias=config.bias)
-        self.down_proj = nn.Linear(hidden, config.d_model, bias=config.bias)
-        init_residual_branch(config, self.down_proj, [self.gate_proj, self.up_proj, self.down_proj])
+        self.gate_proj = Projection(config.d_model, hidden, config)
+        self.up_proj = Projection(config.d_model, hidden, config)
+        self.down_proj = Projection(hidden, config.d_model, config, residual=True)
 
     def external_parameters(self) -> list[nn.Parameter]:
         return []

@@ -35,6 +35,7 @@ UNIVERSAL_DIR = "universal"  # inside a checkpoint folder: its DeepSpeed univers
 class TrainerState:
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens seen, all ranks
+    skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss or gradient
     loader: dict = field(default_factory=dict)  # StreamingDataLoader.state_dict()
     wandb_run_id: str | None = None
     config_yaml: str = ""

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any rank (itself a barrier); the flag alone without a group."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+def any_rank(flag: bool | torch.Tensor, device: torch.device) -> bool:
+    """True on every rank when `flag` (a bool, or a one-element tensor on `device`) is true on any rank
+    (itself a barrier); the flag alone without a group."""
+    value = flag.float().reshape(1) if isinstance(flag, torch.Tensor) else torch.tensor([float(flag)], device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())

@@ -152,9 +152,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     precision: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32."""
+    """auto (bf16 on GPUs that have it, else fp32) | bf16 | fp32. Weights stay fp32; bf16 is the autocast dtype."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory."""
+    compile: bool = False
+    """Compile the model's forward and backward with torch.compile (the kernels are custom ops it traces
+    whole); the first steps then take the compilation time."""
     nonfinite_loss: str = "stop"
     """On a non-finite loss: stop (name the step and the last good checkpoint) | skip (drop that batch)."""
     eval_batches: int = 0
@@ -195,8 +198,10 @@ class TrainConfig:
         _need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", self.betas,
               "must be two numbers in [0, 1)")
         _need(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
-        _need(self.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision", self.precision,
-              "one of auto, bf16, fp16, fp32")
+        _need(self.precision in ("auto", "bf16", "fp32"), "train.precision", self.precision,
+              "one of auto, bf16, fp32 (fp16 is refused: without loss scaling its small gradients underflow to "
+              "zero; on GPUs without bf16, such as V100 and T4, use fp32)")
+        _need(isinstance(self.compile, bool), "train.compile", self.compile, "must be true or false")
         _need(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", self.nonfinite_loss, "one of stop, skip")
         _need(self.eval_batches >= 0, "train.eval_batches", self.eval_batches, "must be >= 0")
         _need(self.stop_at_step is None or self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step,
@@ -241,9 +246,14 @@ class DeepSpeedConfig:
     """Keep optimizer states and the update on the CPU (ZeRO-Offload)."""
     param_persistence_threshold: int = 100_000
     """ZeRO-3 keeps parameters of at most this many elements whole on every rank; 0 partitions every parameter."""
+    communication_dtype: str = "fp32"
+    """Dtype of the gradient reductions: fp32 (exact to fp32 at any rank count) | bf16 (half the traffic, for
+    bf16 runs; each hop of the reduction rounds to 8 bits of mantissa, see the README's precision section)."""
 
     def validate(self) -> None:
         _need(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        _need(self.communication_dtype in ("fp32", "bf16"), "deepspeed.communication_dtype",
+              self.communication_dtype, "one of fp32, bf16")
         _need(self.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
               self.param_persistence_threshold, "must be >= 0")
 
@@ -328,6 +338,11 @@ class SlurmConfig:
     mem: str | None = None
     """Memory per node (--mem, e.g. 480G); null: the whole node's (--mem=0) for GPU jobs, the partition's
     default for CPU jobs."""
+    gpu: str | None = None
+    """The GPU model of the nodes (e.g. H100, A100 80GB): `ssmforge submit` plans the run on it first and
+    refuses a config that cannot fit; null: no plan check (unless --gpu is given)."""
+    gpu_memory_gb: float | None = None
+    """Memory of one GPU in GiB, for GPUs whose memory the planner's table lacks; null: from slurm.gpu."""
     bind_gpus: bool = True
     """Bind one GPU to each rank (srun --gpus-per-task=1); false: every rank sees the node's GPUs and takes
     the one of its local rank (for sites whose per-task device limits would block NVLink between ranks)."""

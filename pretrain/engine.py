@@ -20,15 +20,41 @@ log = logging.getLogger(__name__)
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The autocast dtype of a run (float32 means no autocast)."""
+    bf16_here = device.type != "cuda" or torch.cuda.is_bf16_supported()
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        return torch.bfloat16 if device.type == "cuda" and bf16_here else torch.float32
+    if precision == "bf16" and not bf16_here:
+        raise ConfigError(f"train.precision=bf16 is invalid: {torch.cuda.get_device_name(device)} has no bf16; "
+                          f"use fp32 (or auto)")
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class DroppableAdamW(torch.optim.AdamW):
+    """AdamW whose next step can be dropped, leaving weights and moments as they were (a non-finite loss,
+    train.nonfinite_loss=skip). DeepSpeed's ZeRO optimizers call this step on their fp32 partitions, so the
+    drop holds at every stage; `overflow` tells DeepSpeed's engine (ZeRO-0) to count the step as skipped and
+    leave the LR schedule where it is, as its ZeRO optimizers do for non-finite gradients."""
+
+    drop_next_step = False
+    overflow = False
+
+    def step(self, closure=None):
+        self.overflow, self.drop_next_step = self.drop_next_step, False
+        return None if self.overflow else super().step(closure)
+
+
+def drop_next_step(engine, drop: bool) -> None:
+    """Make the engine's next optimizer step a no-op (or not); DeepSpeed wraps our optimizer, found here."""
+    optimizer = engine.optimizer
+    while not isinstance(optimizer, DroppableAdamW):
+        optimizer = optimizer.optimizer
+    optimizer.drop_next_step = drop
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -39,7 +65,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if id(param) in seen or not param.requires_grad:
             continue  # a tied weight appears once
         seen.add(id(param))
-        if param.ndim < 2 or getattr(param, "_no_weight_decay", False):
+        shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partition is flat: its whole shape counts
+        if len(shape) < 2 or getattr(param, "_no_weight_decay", False):
             no_decay.append(param)
         else:
             decay.append(param)
@@ -60,11 +87,23 @@ def lr_lambda(train) -> callable:
     return multiplier
 
 
-def deepspeed_config(config, world_size: int, load_universal: bool = False) -> dict:
+DEEPSPEED_BUCKETS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,
+                     "stage3_max_live_parameters": 1_000_000_000}
+"""DeepSpeed's default sizes (elements) of its gradient buckets and ZeRO-3's parameter gathering."""
+
+
+def deepspeed_buckets(parameters: int) -> dict[str, int]:
+    """DEEPSPEED_BUCKETS capped at the model's parameter count: a GPU allocates a bucket whole, and one
+    larger than all the gradients only wastes memory (2 GB at the default for a model of any size)."""
+    return {key: min(size, parameters) for key, size in DEEPSPEED_BUCKETS.items()}
+
+
+def deepspeed_config(config, world_size: int, load_universal: bool = False, parameters: int | None = None) -> dict:
     """DeepSpeed's configuration; `load_universal` for an engine that resumes from a checkpoint converted to
-    the universal layout (one saved on another rank count, pretrain.elastic)."""
+    the universal layout (one saved on another rank count, pretrain.elastic); `parameters`, the model's
+    parameter count, sizes the buckets (deepspeed_buckets)."""
     train, ds = config.train, config.deepspeed
-    zero = {"stage": ds.zero_stage}
+    zero = {"stage": ds.zero_stage, **(deepspeed_buckets(parameters) if parameters else {})}
     if ds.offload_optimizer:
         if ds.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1")
@@ -83,6 +122,7 @@ def deepspeed_config(config, world_size: int, load_universal: bool = False) -> d
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
+        "communication_data_type": ds.communication_dtype,
     }
 
 
@@ -96,27 +136,46 @@ def register_external_parameters(model: torch.nn.Module) -> None:
             register_external_parameter(module, param)
 
 
+def partitioned_construction(config, world_size: int):
+    """The context to build the model in. Under ZeRO-3, deepspeed.zero.Init: each module's parameters are
+    partitioned over the ranks as soon as the module is built (its constructor has initialised them, see
+    models.layers.Projection), so a model larger than one GPU is never whole on any. Elsewhere nothing."""
+    if config.deepspeed.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(config, world_size), dtype=torch.float32)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model, also when ZeRO-3 holds a part of each on this rank."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def build_engine(model: torch.nn.Module, config, world_size: int, load_universal: bool = False):
     """(engine, optimizer, scheduler) from deepspeed.initialize."""
     import deepspeed
 
     train = config.train
     model.checkpoint_blocks = train.activation_checkpointing
+    if train.compile:
+        model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
     if config.deepspeed.zero_stage == 3:
         register_external_parameters(model)
-    optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.betas),
+    optimizer = DroppableAdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.betas),
                                   eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(config, world_size, load_universal))
+        config=deepspeed_config(config, world_size, load_universal, parameter_count(model)))
     return engine, optimizer, scheduler
 
 
-def unclipped_grad_norm(engine) -> float | None:
+def unclipped_grad_norm(engine) -> torch.Tensor | None:
     """The global gradient norm before clipping, for ZeRO-0 (call after the step's last backward, before
-    engine.step()); DeepSpeed reports it itself for ZeRO 1-3 through get_global_grad_norm()."""
+    engine.step()), as a device tensor: reading it waits for the device, which the metrics do only when a
+    record is due. DeepSpeed reports the norm itself for ZeRO 1-3 through get_global_grad_norm()."""
     if engine.zero_optimization_stage() != 0:
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())

@@ -1,19 +1,25 @@
 """Distributed set-up from whichever launcher started the process: torchrun / the deepspeed launcher
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or srun, whose variables
 ssmforge.launcher_env maps to those names. A single process with none of them is rank 0 of 1.
+
+torch is imported inside the functions that use it: the CLI sets up logging from the ranks
+(configure_logging) before every command, and most commands answer without loading torch.
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
-
 from ssmforge.errors import ConfigError
 from ssmforge.launcher_env import export_launcher_env
+
+log = logging.getLogger(__name__)
 
 # A rank that dies makes the others fail their next collective at once (its connections close); one that
 # hangs makes them fail after this long instead of waiting forever (train.collective_timeout_s).
@@ -71,7 +77,35 @@ def world_from_env(env: dict | None = None) -> World:
     return World(rank, world_size, local_rank, local_world_size)
 
 
+def configure_logging(verbose: bool = False) -> None:
+    """Rank 0 logs ssmforge's INFO lines and the other ranks only its warnings, so that a 16-rank log does
+    not repeat every line 16 times; third-party libraries (streaming, DeepSpeed, torch, the hub) log their
+    warnings, not their INFO notices. `verbose`: DEBUG on every rank (DeepSpeed's at the level it sets)."""
+    try:
+        # a copy: only the commands that start ranks export the launcher's variables
+        rank = world_from_env(dict(os.environ)).rank
+    except ConfigError:
+        rank = 0  # the command that starts ranks reports the broken variables; until then log as rank 0
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ssmforge_level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
+    logging.getLogger("ssmforge").setLevel(ssmforge_level)
+    # DeepSpeed logs through a handler of its own, not the root's, and sets its logger's level when it is
+    # imported (INFO in releases before late 2025), so a filter on the logger is what holds
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if verbose:
+        deepspeed_logger.removeFilter(_warnings_and_above)
+    else:
+        deepspeed_logger.addFilter(_warnings_and_above)
+
+
+def _warnings_and_above(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
 def device_for(world: World) -> torch.device:
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
@@ -87,6 +121,8 @@ def free_port() -> int:
 def lost_peer(error: BaseException) -> str | None:
     """The first line of `error` when it is a collective that failed because another rank died, hung past
     the timeout or dropped its connection (without the C++ source location); None for any other error."""
+    import torch
+
     text = str(error).strip()
     message = text.splitlines()[0] if text else type(error).__name__
     distributed = isinstance(error, getattr(torch.distributed, "DistError", ()))
@@ -101,6 +137,8 @@ def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple[W
     """Join the process group (NCCL on GPUs, gloo on CPUs) through DeepSpeed, with collectives failing
     after `timeout_s` seconds. A single process with no launcher becomes a group of one on a free
     loopback port, since DeepSpeed always needs a group."""
+    import torch
+
     world = world_from_env()
     device = device_for(world)
     if not world.distributed:
@@ -111,11 +149,24 @@ def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple[W
     if not torch.distributed.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   timeout=timedelta(seconds=timeout_s), verbose=False)
+        # DeepSpeed print()s "DeepSpeed <op> built successfully" on every rank when it loads its CPU
+        # communication op: that notice goes to the DEBUG log, anything else it prints (its warnings) to stdout
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                           timeout=timedelta(seconds=timeout_s), verbose=False)
+        finally:
+            for line in printed.getvalue().splitlines():
+                if line.endswith(" built successfully"):
+                    log.debug("%s", line)
+                else:
+                    print(line)
     return world, device
 
 
 def shutdown() -> None:
+    import torch
+
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

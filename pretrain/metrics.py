@@ -9,6 +9,7 @@ writes; the other ranks take part in the loss all-reduce and write nothing, so t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -69,6 +70,7 @@ class MetricsLogger:
                 self._wandb_run = _start_wandb(self.run_dir, wandb_config, run_config_dict, wandb_run_id)
         # the first interval starts after wandb's start-up, which is no training time
         self._window = (time.perf_counter(), start_tokens)
+        self._excluded = {"validation": 0.0, "checkpoint": 0.0}  # seconds since the last train record
 
     @property
     def wandb_run_id(self) -> str | None:
@@ -91,28 +93,45 @@ class MetricsLogger:
         if kind == "train":
             self._advance_bar(step, values)
 
-    def train_step(self, step: int, tokens: int, losses: list[float], lr: float, grad_norm) -> None:
-        """Called by every rank after each optimizer step. At the logging interval (and the last step):
-        the mean of every rank's micro-step losses, lr, grad norm, tokens so far, tokens/s and MFU since the
-        last record, and peak memory. `grad_norm` is a number, None, or a callable giving one (computed
-        only when a record is due)."""
+    def train_step(self, step: int, tokens: int, loss_sum, loss_count: int, lr: float, grad_norm,
+                   skipped_steps: int = 0) -> None:
+        """Called by every rank after each optimizer step with the sum of its `loss_count` micro-step losses
+        (a number or a device tensor, read only when a record is due). At the logging interval (and the last
+        step): the mean loss over every rank, lr, grad norm, tokens so far, tokens/s and MFU since the last
+        record (time spent validating and checkpointing left out, and reported as validation_s and
+        checkpoint_s), peak memory and the steps dropped so far. `grad_norm` is a number, None, or a
+        callable giving one (computed only when a record is due)."""
         from .collectives import sum_over_ranks
 
         t = self.throughput
         if step % t.log_every != 0 and step != self.total_steps:
             return
-        loss_sum, loss_count = sum_over_ranks([sum(losses), len(losses)], t.device)  # every rank
+        loss_sum, loss_count = sum_over_ranks([float(loss_sum), loss_count], t.device)  # every rank
         grad_norm = grad_norm() if callable(grad_norm) else grad_norm
         start_time, start_tokens = self._window
         now = time.perf_counter()
         tokens_per_s = (tokens - start_tokens) / max(now - start_time, 1e-9)
         self._window = (now, tokens)
+        excluded, self._excluded = self._excluded, dict.fromkeys(self._excluded, 0.0)
         self.log(step, {
             "loss": loss_sum / loss_count if loss_count else float("nan"), "lr": lr,
             "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
             "tokens": tokens, "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s / t.world_size, 3 * t.forward_flops_per_token, t.peak_flops),
-            "peak_memory_gb": peak_memory_bytes(t.device) / 2**30})
+            "peak_memory_gb": peak_memory_bytes(t.device) / 2**30, "skipped_steps": skipped_steps,
+            **{f"{kind}_s": seconds for kind, seconds in excluded.items()}})
+
+    @contextlib.contextmanager
+    def excluded(self, kind: str):
+        """Time spent in this block (kind: validation, checkpoint) is not training time: it is left out of
+        the next record's tokens/s and MFU and reported in it as `<kind>_s`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self._window = (self._window[0] + spent, self._window[1])
+            self._excluded[kind] = self._excluded.get(kind, 0.0) + spent
 
     def validation(self, step: int, loss: float, entropy_floor: float | None = None) -> None:
         """A validation record: the loss per token, its perplexity, and the data's entropy floor when known."""
@@ -260,7 +279,7 @@ _GPU_PEAKS = [
 _NO_BF16 = ("V100",)  # Volta runs bf16 matmuls without tensor cores: the fp32 peak applies
 
 
-def _lookup_gpu_peak(name: str, dtype: torch.dtype) -> tuple[float, str] | None:
+def datasheet_peak_flops(name: str, dtype: torch.dtype) -> tuple[float, str] | None:
     """The table's peak for `name` (as torch.cuda.get_device_name reports it) and dtype, or None."""
     words = name.upper().replace("-", " ").split()
     for pattern, half, tf32, fp32, source in _GPU_PEAKS:
@@ -355,7 +374,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         name = torch.cuda.get_device_name(device)
-        found = _lookup_gpu_peak(name, dtype)
+        found = datasheet_peak_flops(name, dtype)
         if found is not None:
             return found
         key = f"cuda|{name}|{dtype}|torch={torch.__version__}"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ssmforge.data_pipeline.loader import build_loader, open_manifest
 from ssmforge.data_pipeline.pack import prepare, prepare_in_job
@@ -19,7 +18,8 @@ from ssmforge.errors import ConfigError, DataError, SsmforgeError, TrainingError
 from . import checkpoint
 from .elastic import check_resume, ready_to_resume
 from .config import to_yaml
-from .engine import autocast, build_engine, resolve_precision, unclipped_grad_norm
+from .engine import (autocast, build_engine, drop_next_step, parameter_count, partitioned_construction,
+                     resolve_precision, unclipped_grad_norm)
 from .collectives import any_rank, sum_over_ranks
 from .launch import World, device_for, init_distributed, lost_peer, shutdown, world_from_env
 from .metrics import MetricsLogger, Throughput, peak_flops
@@ -59,11 +59,10 @@ def endless(loader):
 
 
 def lm_loss(engine, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype, reduction="mean"):
-    """Next-token cross-entropy of tokens (batch, seq_len + 1), computed in fp32."""
+    """Next-token cross-entropy of tokens (batch, seq_len + 1), computed in fp32 without full logits."""
     tokens = tokens.to(device, non_blocking=True)
     with autocast(device, dtype):
-        logits = engine(tokens[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction=reduction)
+        return engine(tokens[:, :-1], targets=tokens[:, 1:], reduction=reduction)
 
 
 @torch.no_grad()
@@ -144,7 +143,10 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     checkpoints = run_dir / "checkpoints"
     universal = ready_to_resume(checkpoints, manifest.fingerprint, config.data.shard_dir, world, device)
     seed_everything(config.seed)
-    model = LanguageModel(config.model).to(device)
+    with partitioned_construction(config, world.world_size):
+        model = LanguageModel(config.model)
+    if config.deepspeed.zero_stage != 3:  # ZeRO-3 placed each rank's partitions on its device already
+        model = model.to(device)
     engine, _, scheduler = build_engine(model, config, world.world_size, load_universal=universal)
     state = checkpoint.load(engine, checkpoints, world.rank, universal) or checkpoint.TrainerState()
     state.global_batch_size = train_cfg.sequences_per_step(world.world_size)
@@ -185,18 +187,20 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     state.wandb_run_id = metrics.wandb_run_id
     floor = manifest.splits["val"].entropy_floor_nats_per_token
     log.info("training %s: %.2fM parameters, %d steps of %d tokens (%d sequences: micro-batch %d x %d accumulation "
-             "x %d ranks), %s, ZeRO-%d, peak %.3g FLOP/s (%s)", config.model.family, model.num_parameters() / 1e6,
+             "x %d ranks), %s, ZeRO-%d, peak %.3g FLOP/s (%s)", config.model.family, parameter_count(model) / 1e6,
              train_cfg.max_steps, tokens_per_step, tokens_per_step // manifest.seq_len, train_cfg.micro_batch_size,
              accumulation, world.world_size, dtype, config.deepspeed.zero_stage, peak, peak_source)
 
     def save() -> None:
         state.loader = train_loader.state_dict()
-        checkpoint.save(engine, checkpoints, state, world.rank, train_cfg.keep_checkpoints)
+        with metrics.excluded("checkpoint"):
+            checkpoint.save(engine, checkpoints, state, world.rank, train_cfg.keep_checkpoints)
 
     def validate() -> float | None:
         if val_loader is None:
             return None
-        loss = evaluate(engine, val_loader, device, dtype, train_cfg.eval_batches)
+        with metrics.excluded("validation"):
+            loss = evaluate(engine, val_loader, device, dtype, train_cfg.eval_batches)
         if loss is not None:
             metrics.validation(state.step, loss, floor)
         return loss
@@ -204,26 +208,31 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     batches = endless(train_loader)
     val_loss = None
     while state.step < train_cfg.max_steps:
-        losses, grad_norm = [], None
+        loss_sum = torch.zeros((), device=device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        grad_norm, drop = None, False
         for micro in range(accumulation):
             loss = lm_loss(engine, next(batches), device, dtype)
-            if any_rank(not torch.isfinite(loss), device):
-                if train_cfg.nonfinite_loss == "stop":
-                    last = checkpoint.latest_tag(checkpoints)
-                    raise TrainingError(f"non-finite loss at step {state.step + 1}; last good checkpoint: "
-                                        f"{checkpoints / last if last else 'none'} (train.nonfinite_loss=skip "
-                                        f"drops such batches instead)")
-                log.warning("non-finite loss at step %d: batch skipped", state.step + 1)
-                continue
-            engine.backward(loss)
+            loss_sum += loss.detach()
+            nonfinite |= ~torch.isfinite(loss.detach())  # on the device: no host sync per micro-step
+            engine.backward(loss)  # finite or not, so DeepSpeed's accumulation boundary stays where it is
             if micro == accumulation - 1:
-                grad_norm = unclipped_grad_norm(engine)
+                drop = any_rank(nonfinite, device)  # the step's one host sync, the same answer on every rank
+                if drop:
+                    check_nonfinite_allowed(train_cfg.nonfinite_loss, state.step + 1, checkpoints)
+                drop_next_step(engine, drop)
+                grad_norm = None if drop else unclipped_grad_norm(engine)
             engine.step()
-            losses.append(loss.item())
+        drop_next_step(engine, False)  # when DeepSpeed skipped the step itself, ours was never consumed
+        if drop or not engine.was_step_applied():
+            state.skipped_steps += 1
+            log.warning("non-finite %s at step %d: the step's update is dropped (%d dropped so far)",
+                        "loss" if drop else "gradients", state.step + 1, state.skipped_steps)
         state.step += 1
         state.tokens += tokens_per_step
-        metrics.train_step(state.step, state.tokens, losses, scheduler.get_last_lr()[0],
-                           grad_norm if grad_norm is not None else engine.get_global_grad_norm)
+        metrics.train_step(state.step, state.tokens, loss_sum, accumulation, scheduler.get_last_lr()[0],
+                           grad_norm if grad_norm is not None else engine.get_global_grad_norm,
+                           state.skipped_steps)
         if state.step % train_cfg.eval_every == 0:
             val_loss = validate()
         if stop.agreed(device) or state.step == train_cfg.stop_at_step:
@@ -244,6 +253,16 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     if world.is_main:
         report(state, val_loss, floor, plot, checkpoints)
     return 0
+
+
+def check_nonfinite_allowed(policy: str, step: int, checkpoints: Path) -> None:
+    """train.nonfinite_loss=stop: a non-finite loss ends the run, naming the step and the checkpoint to go
+    back to; skip lets the trainer drop the step."""
+    if policy == "stop":
+        last = checkpoint.latest_tag(checkpoints)
+        raise TrainingError(f"non-finite loss at step {step}; last good checkpoint: "
+                            f"{checkpoints / last if last else 'none'} (train.nonfinite_loss=skip "
+                            f"drops such steps instead)")
 
 
 def report(state, val_loss, floor, plot, checkpoints) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ssmforge import __version__
 from ssmforge.errors import CheckpointError, DataError, SsmforgeError, TrainingError
+from ssmforge.pretrain.launch import configure_logging
 
 log = logging.getLogger("ssmforge")
 
@@ -346,6 +347,32 @@ def cmd_run(args) -> int:
     return stages.run_stages(config, plan)
 
 
+def cmd_plan(args) -> int:
+    from ssmforge.pretrain.config import load_config
+
+    config = load_config(args.config, [*args.overrides, *([] if any(o.startswith("run_dir=") for o in args.overrides)
+                                                          else ["run_dir=unplanned"])])
+    if args.gpus < 1:
+        raise SsmforgeError(f"--gpus={args.gpus} is invalid: must be a positive integer")
+    if not 0 < args.mfu <= 1:
+        raise SsmforgeError(f"--mfu={args.mfu} is invalid: a fraction in (0, 1]")
+    return print_plan(config, args.gpus, args.gpu, args.gpu_memory_gb, args.mfu, search=True)
+
+
+def print_plan(config, gpus: int, gpu: str | None, memory_gb: float | None, mfu: float, search: bool,
+               file=None) -> int:
+    """Plan the config on `gpus` GPUs and print it (to stdout, or `file`); 0 when it fits, 3 when it does not."""
+    import torch
+
+    from ssmforge.pretrain.plan import describe, gpu_target, make_plan
+
+    config.train.check_layout(gpus, 1)
+    dtype = torch.float32 if config.train.precision == "fp32" else torch.bfloat16
+    plan = make_plan(config, gpu_target(gpus, gpu, memory_gb, dtype), mfu, search=search)
+    print("\n".join(describe(plan, config)), file=file)
+    return 3 if plan.fits is False else 0
+
+
 def cmd_config_show(args) -> int:
     from ssmforge.pretrain.config import describe, format_settings, load_config
 
@@ -389,6 +416,8 @@ def cmd_submit(args) -> int:
         from ssmforge.data_pipeline.preflight import preflight
 
         preflight(config, "prepare" if "prepare" in config.stages.run else "pretrain")
+    if "pretrain" in config.stages.run and options.gpus_per_node > 0:
+        check_plan(config, options, args)
     shape = options.resolve()
     if options.nodes > 1:
         from ssmforge.slurm.resources import node_local_storage
@@ -412,6 +441,26 @@ def cmd_submit(args) -> int:
         print(f"submitted {stage} job {job_id}{after}")
     print(f"follow the run with: ssmforge submit --status {Path(config.run_dir).resolve()}")
     return 0
+
+
+def check_plan(config, options, args) -> None:
+    """submit's pre-flight: plan the run on its GPUs and refuse, in one line, a config that cannot fit."""
+    if args.no_plan_check:
+        return
+    gpu, memory_gb = args.gpu or config.slurm.gpu, args.gpu_memory_gb or config.slurm.gpu_memory_gb
+    if gpu is None and memory_gb is None:
+        print("ssmforge: warning: no memory plan (set slurm.gpu or pass --gpu NAME to have ssmforge plan check "
+              "that the run fits its GPUs)", file=sys.stderr)
+        return
+    ranks = options.nodes * options.ntasks_per_node
+    # on stderr: a dry run's stdout is the job script alone
+    if print_plan(config, ranks, gpu, memory_gb, DEFAULT_MFU, search=False, file=sys.stderr) == 3:
+        raise SsmforgeError(f"the run does not fit on {ranks} x {gpu or f'{memory_gb} GiB GPUs'} (plan above; "
+                            f"`ssmforge plan` names the largest micro-batch that fits); --no-plan-check submits "
+                            f"anyway")
+
+
+DEFAULT_MFU = 0.4
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -481,6 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     pre.set_defaults(handler=cmd_pretrain)
 
+    pln = sub.add_parser("plan", help="memory per rank and time of a config on N GPUs, traced on fake tensors; "
+                                      "exit code 3 when it does not fit")
+    pln.add_argument("config", help="run config (YAML)")
+    pln.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    pln.add_argument("--gpus", type=int, required=True, help="GPUs (data-parallel ranks) of the run")
+    pln.add_argument("--gpu", help="GPU model, e.g. H100, 'A100 80GB', L40S (memory and peak FLOP/s from tables)")
+    pln.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU in GiB (overrides the table)")
+    pln.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                     help=f"model FLOPs utilisation assumed for the time estimate (default {DEFAULT_MFU})")
+    pln.set_defaults(handler=cmd_plan)
+
     cfg = sub.add_parser("config", help="inspect run configs")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True, parser_class=OneLineParser)
     show = cfg_sub.add_parser("show", help="print every key of a config (or the defaults): value, type, default "
@@ -549,6 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     sbm.add_argument("--signal-seconds", type=int,
                      help="USR1 this many seconds before the time limit (default: slurm.signal_seconds_before_end)")
     sbm.add_argument("--max-requeues", type=int, help="default: slurm.max_requeues")
+    sbm.add_argument("--gpu", help="GPU model, for the memory plan checked before submitting (default: slurm.gpu)")
+    sbm.add_argument("--gpu-memory-gb", type=float, help="GPU memory in GiB (default: slurm.gpu_memory_gb)")
+    sbm.add_argument("--no-plan-check", action="store_true", help="submit even when the plan says it cannot fit")
     sbm.add_argument("--dry-run", action="store_true", help="print the job script instead of submitting it")
     sbm.add_argument("--status", nargs="+", metavar="RUN_DIR",
                      help="show job id, state, restarts, last step and checkpoint of run folders")
@@ -577,8 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return args.handler(args)
     except SsmforgeError as e:

@@ -26,16 +26,31 @@ log = logging.getLogger(__name__)
 
 C_SOURCE = SCAN_SOURCE + CONV_SOURCE  # the scan's part holds the #includes
 
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11"]
+# -ffast-math for libmvec's vector expf/logf and for contracted multiply-adds; -fno-associative-math so
+# that the kernels' exp keeps its reduction and polynomial in the order written.
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-associative-math", "-fopenmp", "-fPIC", "-std=c11"]
+if platform.machine() in ("x86_64", "AMD64"):
+    FLAGS.append("-mprefer-vector-width=512")  # GCC's loops use 256-bit vectors on AVX-512 CPUs unless told
 # Linking is a separate step without -ffast-math: linked with it, gcc adds crtfastmath.o, whose
 # constructor turns on flush-to-zero for the whole process when the library loads.
 LINK_FLAGS = ["-shared", "-fopenmp"]
 
 
+class Tensor3(ctypes.Structure):
+    """Mirror of the C `tensor3` struct: a (batch, d, L) fp32 tensor's data and strides (elements)."""
+    _fields_ = [("p", ctypes.c_void_p), ("sb", ctypes.c_int64), ("sd", ctypes.c_int64), ("sl", ctypes.c_int64)]
+
+    @classmethod
+    def of(cls, t) -> "Tensor3":
+        """The view of tensor t (batch, d, L), or an empty one (NULL data) for None."""
+        return cls() if t is None else cls(t.data_ptr(), *t.stride())
+
+
 class ScanArgs(ctypes.Structure):
     """Mirror of the C `scan_args` struct."""
     _fields_ = [(name, ctypes.c_int64) for name in ("batch", "dim", "L", "n", "groups", "chunk", "n_chunks")] + [
-        (name, ctypes.c_void_p) for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+        (name, Tensor3) for name in ("u", "delta", "z")] + [
+        (name, ctypes.c_void_p) for name in ("A", "B", "C", "D", "delta_bias")
     ] + [(name, ctypes.c_int) for name in ("B_fixed", "C_fixed", "softplus")]
 
 
@@ -97,9 +112,21 @@ def load_library() -> ctypes.CDLL | None:
         log.warning("fused CPU kernels unavailable, falling back to PyTorch (chunked scan, torch conv): %s", detail)
         return None
     ptr = ctypes.c_void_p
-    lib.scan_fwd.argtypes = [ctypes.POINTER(ScanArgs), ptr, ptr, ptr, ctypes.c_int]
-    lib.scan_bwd.argtypes = [ctypes.POINTER(ScanArgs)] + [ptr] * 11 + [ctypes.c_int]
+    tensor3 = ctypes.POINTER(Tensor3)
+    lib.scan_fwd.argtypes = [ctypes.POINTER(ScanArgs), tensor3, ptr, ptr, ctypes.c_int]
+    lib.scan_bwd.argtypes = [ctypes.POINTER(ScanArgs), ptr, tensor3, ptr, tensor3, tensor3, tensor3] + [ptr] * 5 + [
+        ctypes.c_int]
     lib.conv_fwd.argtypes = [ctypes.POINTER(ConvArgs), ptr, ctypes.c_int]
-    lib.conv_bwd.argtypes = [ctypes.POINTER(ConvArgs)] + [ptr] * 5 + [ctypes.c_int]
+    lib.conv_bwd.argtypes = [ctypes.POINTER(ConvArgs)] + [ptr] * 4 + [ctypes.c_int]
     lib.scan_fwd.restype = lib.scan_bwd.restype = lib.conv_fwd.restype = lib.conv_bwd.restype = None
     return lib
+
+
+def cpu_kernels_available() -> bool:
+    """Whether the C kernels can run here (else the callers fall back to PyTorch)."""
+    return load_library() is not None
+
+
+# torch.compile takes the answer as a constant rather than trace the build: what
+# torch.compiler.assume_constant_result sets, without importing torch._dynamo (which imports triton).
+cpu_kernels_available._dynamo_marked_constant = True

@@ -1,4 +1,5 @@
-"""Fast CPU causal depthwise conv1d (+ SiLU): the C kernel of `conv_source` behind an autograd Function.
+"""Fast CPU causal depthwise conv1d (+ SiLU): the C kernel of `conv_source` as the custom op
+ssmforge::causal_conv1d_cpu.
 
 torch's depthwise conv1d backward on CPU is slow (seconds for one Mamba layer at batch 4, L 512,
 d 512, where the forward takes milliseconds); this path costs a few memory passes either way.
@@ -13,7 +14,8 @@ import ctypes
 import torch
 
 from ..ref import causal_conv1d_ref
-from .build import ConvArgs, load_library
+from ..custom_op import kernel_op
+from .build import ConvArgs, cpu_kernels_available, load_library
 
 
 def _ptr(t: torch.Tensor | None):
@@ -31,30 +33,35 @@ def _args(xl: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bo
     return ConvArgs(batch, L, dim, w.shape[0], xl.stride(0), xl.stride(1), _ptr(xl), _ptr(w), _ptr(bias), int(silu))
 
 
-class _FusedConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, silu):
-        xl = _channels_last(x)
-        w = weight.float().t().contiguous()  # (width, d): the kernel's loops run over channels
-        biasf = None if bias is None else bias.float().contiguous()
-        out = torch.empty(xl.shape, dtype=torch.float32)
-        load_library().conv_fwd(ctypes.byref(_args(xl, w, biasf, silu)), _ptr(out), torch.get_num_threads())
-        ctx.save_for_backward(xl, w, biasf)
-        ctx.meta = (silu, x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return out.transpose(1, 2).to(x.dtype)
+def _kernel_inputs(x, weight, bias):
+    """What the kernel reads: x channels-last, weight (width, d) (its loops run over channels), bias; fp32."""
+    return _channels_last(x), weight.float().t().contiguous(), None if bias is None else bias.float().contiguous()
 
-    @staticmethod
-    def backward(ctx, dout):
-        xl, w, biasf = ctx.saved_tensors
-        silu, x_dtype, w_dtype, b_dtype = ctx.meta
-        g = dout.transpose(1, 2).float().contiguous()  # free when dout is channels-last already
-        gpre, dx = torch.empty_like(g), torch.empty_like(g)
-        dw = torch.empty_like(w)
-        dbias = None if biasf is None else torch.empty_like(biasf)
-        load_library().conv_bwd(ctypes.byref(_args(xl, w, biasf, silu)), _ptr(g), _ptr(gpre), _ptr(dx), _ptr(dw),
-                                _ptr(dbias), torch.get_num_threads())
-        return (dx.transpose(1, 2).to(x_dtype), dw.t().to(w_dtype),
-                None if dbias is None else dbias.to(b_dtype), None)
+
+def _forward(x, weight, bias, silu, launch):
+    xl, w, biasf = _kernel_inputs(x, weight, bias)
+    out = torch.empty(xl.shape, dtype=torch.float32)
+    if launch:
+        load_library().conv_fwd(ctypes.byref(_args(xl, w, biasf, silu)), _ptr(out), torch.get_num_threads())
+    return (out.transpose(1, 2).to(x.dtype),)
+
+
+def _backward(grads, inputs, residuals, silu, launch):
+    (dout,) = grads
+    x, weight, bias = inputs
+    xl, w, biasf = _kernel_inputs(x, weight, bias)
+    g = dout.transpose(1, 2).float().contiguous()  # free when dout is channels-last already
+    dx = torch.empty_like(g)
+    dw = torch.empty_like(w)
+    dbias = None if biasf is None else torch.empty_like(biasf)
+    if launch:
+        load_library().conv_bwd(ctypes.byref(_args(xl, w, biasf, silu)), _ptr(g), _ptr(dx), _ptr(dw), _ptr(dbias),
+                                torch.get_num_threads())
+    return dx.transpose(1, 2).to(x.dtype), dw.t().to(weight.dtype), None if bias is None else dbias.to(bias.dtype)
+
+
+causal_conv1d_cpu_op = kernel_op("causal_conv1d_cpu", "Tensor x, Tensor weight, Tensor? bias", "bool silu",
+                                 outputs=1, residuals=0, forward=_forward, backward=_backward)
 
 
 def causal_conv1d_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -65,6 +72,6 @@ def causal_conv1d_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if any(t.device.type != "cpu" for t in (x, weight) + ((bias,) if bias is not None else ())):
         raise ValueError("the 'cpu' conv1d backend takes CPU tensors only")
-    if load_library() is None:
+    if not cpu_kernels_available():
         return causal_conv1d_ref(x, weight, bias, activation=activation)
-    return _FusedConv.apply(x, weight, bias, activation == "silu")
+    return causal_conv1d_cpu_op(x, weight, bias, activation == "silu")

@@ -4,9 +4,9 @@
 Channels-last: x is read as (batch, L, d) with unit channel stride and any batch/step strides, so
 the x half of Mamba's in_proj output is used in place; the loops run over channels and vectorise.
 The output is (batch, L, d) contiguous, the layout x_proj reads. Backward recomputes the
-pre-activation (four multiply-adds per element) instead of saving it.
+pre-activation (four multiply-adds per element) instead of saving it, a tile of steps at a time.
 
-Layouts (fp32): w (width, d); bias (d,); out, dout, gpre, dx (batch, L, d) contiguous; dw (width, d).
+Layouts (fp32): w (width, d); bias (d,); out, dout, dx (batch, L, d) contiguous; dw (width, d).
 """
 
 CONV_SOURCE = r"""
@@ -41,52 +41,59 @@ void conv_fwd(const conv_args *a, float *restrict out, int n_threads) {
     }
 }
 
-/* gpre: scratch (batch, L, dim) for the gradient of the pre-activation. dbias may be NULL. */
-void conv_bwd(const conv_args *a, const float *restrict dout, float *restrict gpre, float *restrict dx,
-              float *restrict dw, float *restrict dbias, int n_threads) {
-    const int64_t dim = a->dim, W = a->width, L = a->L, rows = a->batch * a->L;
+#define CONV_TILE 64  /* steps per work item of the backward */
+
+/* dx needs the pre-activation gradient of the W-1 steps after each step: a thread works on a tile of
+   steps of one sequence and keeps the tile's gradient rows, plus the W-1 following ones (recomputed by
+   the next tile too), in its scratch, so no (batch, L, dim) buffer is written and read back. dbias may
+   be NULL. */
+void conv_bwd(const conv_args *a, const float *restrict dout, float *restrict dx, float *restrict dw,
+              float *restrict dbias, int n_threads) {
+    const int64_t dim = a->dim, W = a->width, L = a->L;
+    const int64_t tiles = (L + CONV_TILE - 1) / CONV_TILE;
     memset(dw, 0, W * dim * sizeof(float));
     if (dbias) memset(dbias, 0, dim * sizeof(float));
     #pragma omp parallel num_threads(n_threads)
     {
-        float *restrict acc = (float *)malloc(dim * sizeof(float));
+        float *restrict gp = (float *)malloc((CONV_TILE + W - 1) * dim * sizeof(float));
         float *restrict dw_mine = (float *)calloc(W * dim, sizeof(float));
         float *restrict db_mine = (float *)calloc(dim, sizeof(float));
         #pragma omp for schedule(static)
-        for (int64_t bt = 0; bt < rows; ++bt) {
-            const int64_t b = bt / L, t = bt % L;
-            const float *restrict g = dout + bt * dim;
-            float *restrict gp = gpre + bt * dim;
-            if (a->silu) {
-                conv_pre(a, b, t, acc);
-                for (int64_t c = 0; c < dim; ++c) {
-                    const float s = 1.f / (1.f + expf(-acc[c]));
-                    gp[c] = g[c] * s * (1.f + acc[c] * (1.f - s));
+        for (int64_t item = 0; item < a->batch * tiles; ++item) {
+            const int64_t b = item / tiles, t0 = (item % tiles) * CONV_TILE;
+            const int64_t t1 = (t0 + CONV_TILE) < L ? (t0 + CONV_TILE) : L, t_end = (t1 + W - 1) < L ? (t1 + W - 1) : L;
+            for (int64_t t = t0; t < t_end; ++t) {
+                const float *restrict g = dout + (b * L + t) * dim;
+                float *restrict gpt = gp + (t - t0) * dim;
+                if (a->silu) {
+                    conv_pre(a, b, t, gpt);
+                    for (int64_t c = 0; c < dim; ++c) {
+                        const float s = 1.f / (1.f + expf(-gpt[c]));
+                        gpt[c] = g[c] * s * (1.f + gpt[c] * (1.f - s));
+                    }
+                } else {
+                    memcpy(gpt, g, dim * sizeof(float));
                 }
-            } else {
-                memcpy(gp, g, dim * sizeof(float));
+                if (t >= t1) continue;  /* a following tile's step: only for dx below */
+                for (int64_t c = 0; c < dim; ++c) db_mine[c] += gpt[c];
+                for (int64_t k = 0; k < W; ++k) {
+                    const int64_t s = t - W + 1 + k;
+                    if (s < 0) continue;
+                    const float *restrict xs = a->x + b * a->x_sb + s * a->x_sl;
+                    float *restrict dwk = dw_mine + k * dim;
+                    for (int64_t c = 0; c < dim; ++c) dwk[c] += gpt[c] * xs[c];
+                }
             }
-            for (int64_t c = 0; c < dim; ++c) db_mine[c] += gp[c];
-            for (int64_t k = 0; k < W; ++k) {
-                const int64_t s = t - W + 1 + k;
-                if (s < 0) continue;
-                const float *restrict xs = a->x + b * a->x_sb + s * a->x_sl;
-                float *restrict dwk = dw_mine + k * dim;
-                for (int64_t c = 0; c < dim; ++c) dwk[c] += gp[c] * xs[c];
-            }
-        }
-        /* implicit barrier: every gpre row is written before dx reads its neighbours */
-        #pragma omp for schedule(static)
-        for (int64_t bt = 0; bt < rows; ++bt) {
-            const int64_t t = bt % L;
-            float *restrict o = dx + bt * dim;
-            memset(o, 0, dim * sizeof(float));
-            for (int64_t k = 0; k < W; ++k) {
-                const int64_t s = t + W - 1 - k;  /* the output step that read x_t through tap k */
-                if (s >= L) continue;
-                const float *restrict gs = gpre + (bt - t + s) * dim;
-                const float *restrict wk = a->w + k * dim;
-                for (int64_t c = 0; c < dim; ++c) o[c] += wk[c] * gs[c];
+            for (int64_t t = t0; t < t1; ++t) {
+                float *restrict o = dx + (b * L + t) * dim;
+                memset(o, 0, dim * sizeof(float));
+                for (int64_t k = 0; k < W; ++k) {
+                    const int64_t s = t + W - 1 - k;  /* the output step that read x_t through tap k */
+                    if (s >= L) continue;
+                    const float *restrict gs = gp + (s - t0) * dim;
+                    const float *restrict wk = a->w + k * dim;
+                    for (int64_t c = 0; c < dim; ++c) o[c] += wk[c] * gs[c];
+                }
             }
         }
         #pragma omp critical
@@ -94,7 +101,7 @@ void conv_bwd(const conv_args *a, const float *restrict dout, float *restrict gp
             for (int64_t i = 0; i < W * dim; ++i) dw[i] += dw_mine[i];
             if (dbias) for (int64_t c = 0; c < dim; ++c) dbias[c] += db_mine[c];
         }
-        free(acc); free(dw_mine); free(db_mine);
+        free(gp); free(dw_mine); free(db_mine);
     }
 }
 """

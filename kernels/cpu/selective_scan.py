@@ -1,10 +1,13 @@
-"""Fast CPU selective scan: the fused C kernel (`scan_source`) behind a torch.autograd.Function.
+"""Fast CPU selective scan: the fused C kernel (`scan_source`) as the custom op
+ssmforge::selective_scan_cpu_channels_last.
 
-Inputs are converted once to fp32 contiguous layouts the kernel reads with unit stride (B and C
-as (batch, groups, L, n)); the kernel accumulates in fp32 and the outputs go back to the input
-dtypes. Saved for backward: the inputs and the state entering every chunk, (batch, d, L / chunk, n)
-fp32, never the full (batch, d, L, n) states. Falls back to the chunked PyTorch scan when no C
-compiler is available.
+The kernel reads u, delta and z with any strides (Mamba hands them over as channels-last views of its
+projections) and writes out, du, ddelta and dz channels-last: (batch, d, L) views of (batch, L, d)
+buffers, the layout of the projections around the scan, so neither side makes a transposed copy.
+Only dtypes are converted (to fp32; the kernel accumulates in fp32 and the outputs go back to the input
+dtypes); B and C, small, are laid out as (batch, groups, L, n). Saved for backward: the inputs (as
+converted) and the state entering every chunk, (batch, d, L / chunk, n) fp32, never the full
+(batch, d, L, n) states. Falls back to the chunked PyTorch scan when no C compiler is available.
 """
 from __future__ import annotations
 
@@ -12,18 +15,12 @@ import ctypes
 
 import torch
 
-from .build import ScanArgs, load_library
+from ..custom_op import kernel_op
+from ..fused_scan import SCAN_INPUTS, SCAN_OPTIONS, ScanGrads, num_groups
+from .build import ScanArgs, Tensor3, cpu_kernels_available, load_library
 from .chunked import selective_scan_chunked
 
 CHUNK = 64  # steps between saved states: backward recomputes at most this many per row at a time
-
-
-def num_groups(B: torch.Tensor, C: torch.Tensor) -> int:
-    """Groups of the grouped (4-D) B/C, 1 if neither is grouped."""
-    groups = {X.shape[1] for X in (B, C) if X.dim() == 4}
-    if len(groups) > 1:
-        raise ValueError(f"B and C must have the same number of groups, got {sorted(groups)}")
-    return groups.pop() if groups else 1
 
 
 def _bc_layout(X: torch.Tensor, groups: int) -> tuple[torch.Tensor, bool]:
@@ -36,78 +33,77 @@ def _bc_layout(X: torch.Tensor, groups: int) -> tuple[torch.Tensor, bool]:
     return X.float().transpose(-1, -2).contiguous(), False
 
 
-def _grad_bc(grad: torch.Tensor, like: tuple[torch.dtype, int], fixed: bool) -> torch.Tensor:
-    """Undo `_bc_layout` on a gradient: per-row partials (batch, d, n) sum over batch when fixed."""
-    dtype, ndim = like
-    if fixed:
-        return grad.sum(0).to(dtype)
-    grad = grad.transpose(-1, -2)
-    return (grad.sum(1) if ndim == 3 else grad).to(dtype)
-
-
 def _ptr(t: torch.Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.float().contiguous()
+    """fp32, strides kept where possible: the kernel reads (batch, d, L) tensors in any layout."""
+    return None if t is None else t.float()
 
 
-class _FusedScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
-        lib = load_library()
-        batch, dim, L = u.shape
-        n = A.shape[1]
-        uf, deltaf, Af, Df, zf, biasf = (_f32(t) for t in (u, delta, A, D, z, delta_bias))
-        groups = num_groups(B, C)
-        Bf, B_fixed = _bc_layout(B, groups)
-        Cf, C_fixed = _bc_layout(C, groups)
+def _empty_channels_last(batch: int, dim: int, L: int) -> torch.Tensor:
+    """An fp32 (batch, d, L) buffer laid out (batch, L, d): what the projections next to the scan read."""
+    return torch.empty(batch, L, dim, dtype=torch.float32).transpose(1, 2)
+
+
+def _kernel_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+    """Make the fp32 copies the kernel reads, where an input is not fp32 already (B and C, small, are laid
+    out again in backward); return a builder of the kernel's argument struct, which holds their raw
+    pointers (and the copies alive)."""
+    groups = num_groups(B, C)
+    (Bf, B_fixed), (Cf, C_fixed) = _bc_layout(B, groups), _bc_layout(C, groups)
+    uf, deltaf, zf = _f32(u), _f32(delta), _f32(z)
+    Af, Df, biasf = (None if t is None else t.float().contiguous() for t in (A, D, delta_bias))
+    batch, dim, L = u.shape
+
+    def args() -> ScanArgs:
         n_chunks = (L + chunk - 1) // chunk
-        args = ScanArgs(batch, dim, L, n, groups, chunk, n_chunks, *(
-            _ptr(t) for t in (uf, deltaf, Af, Bf, Cf, Df, zf, biasf)), int(B_fixed), int(C_fixed), int(delta_softplus))
-        f32 = dict(dtype=torch.float32)
-        out = torch.empty(batch, dim, L, **f32)
-        chunk_states = torch.empty(batch, dim, n_chunks, n, **f32)
-        last_state = torch.empty(batch, dim, n, **f32)
-        lib.scan_fwd(ctypes.byref(args), _ptr(out), _ptr(chunk_states), _ptr(last_state), torch.get_num_threads())
-        ctx.save_for_backward(uf, deltaf, Af, Bf, Cf, Df, zf, biasf, chunk_states)
-        ctx.meta = (args, B_fixed, C_fixed)
-        ctx.like = [None if t is None else (t.dtype, t.dim()) for t in (u, delta, A, B, C, D, z, delta_bias)]
-        ctx.set_materialize_grads(False)
-        return out.to(u.dtype), last_state
+        return ScanArgs(batch, dim, L, A.shape[1], groups, chunk, n_chunks, Tensor3.of(uf), Tensor3.of(deltaf),
+                        Tensor3.of(zf), *map(_ptr, (Af, Bf, Cf, Df, biasf)), int(B_fixed), int(C_fixed),
+                        int(delta_softplus))
 
-    @staticmethod
-    def backward(ctx, dout, dlast):
-        lib = load_library()
-        uf, deltaf, Af, Bf, Cf, Df, zf, biasf, chunk_states = ctx.saved_tensors
-        args, B_fixed, C_fixed = ctx.meta
-        # the struct holds raw pointers: refresh them from the saved tensors
-        for name, t in zip(("u", "delta", "A", "B", "C", "D", "z", "delta_bias"), (uf, deltaf, Af, Bf, Cf, Df, zf, biasf)):
-            setattr(args, name, None if t is None else t.data_ptr())
-        batch, dim, L = uf.shape
-        n = Af.shape[1]
-        f32 = dict(dtype=torch.float32)
-        dout = torch.zeros(batch, dim, L, **f32) if dout is None else dout.float().contiguous()
-        dlast = None if dlast is None else dlast.float().contiguous()
-        du, ddelta = torch.empty(batch, dim, L, **f32), torch.empty(batch, dim, L, **f32)
-        dz = torch.empty(batch, dim, L, **f32) if zf is not None else None
-        dA_rows = torch.empty(batch, dim, n, **f32)
-        dB = torch.empty(batch, dim, n, **f32) if B_fixed else torch.zeros_like(Bf)
-        dC = torch.empty(batch, dim, n, **f32) if C_fixed else torch.zeros_like(Cf)
-        dD_rows, dbias_rows = torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
-        lib.scan_bwd(ctypes.byref(args), _ptr(chunk_states), _ptr(dout), _ptr(dlast), _ptr(du), _ptr(ddelta),
-                     _ptr(dz), _ptr(dA_rows), _ptr(dB), _ptr(dC), _ptr(dD_rows), _ptr(dbias_rows),
-                     torch.get_num_threads())
-        u, delta, A, B, C, D, z, delta_bias = ctx.like
-        return (
-            du.to(u[0]), ddelta.to(delta[0]), dA_rows.sum(0).to(A[0]),
-            _grad_bc(dB, B, B_fixed), _grad_bc(dC, C, C_fixed),
-            None if D is None else dD_rows.sum(0).to(D[0]),
-            None if z is None else dz.to(z[0]),
-            None if delta_bias is None else dbias_rows.sum(0).to(delta_bias[0]),
-            None, None,
-        )
+    return args
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, launch):
+    """-> out (batch, d, L) in u's dtype (channels-last), last state (batch, d, n) fp32, and the residual:
+    the state entering every chunk, (batch, d, L / chunk, n) fp32."""
+    args = _kernel_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+    batch, dim, L = u.shape
+    n = A.shape[1]
+    out = _empty_channels_last(batch, dim, L)
+    chunk_states = torch.empty(batch, dim, (L + chunk - 1) // chunk, n, dtype=torch.float32)
+    last_state = torch.empty(batch, dim, n, dtype=torch.float32)
+    if launch:
+        load_library().scan_fwd(ctypes.byref(args()), ctypes.byref(Tensor3.of(out)), _ptr(chunk_states),
+                                _ptr(last_state), torch.get_num_threads())
+    return out.to(u.dtype), last_state, chunk_states
+
+
+def _backward(grads, inputs, residuals, delta_softplus, chunk, launch):
+    u, delta, A, B, C, D, z, delta_bias = inputs
+    dout, dlast = grads
+    (chunk_states,) = residuals
+    args = _kernel_args(*inputs, delta_softplus, chunk)
+    dout = torch.zeros(u.shape, dtype=torch.float32) if dout is None else dout.float()
+    dlast = None if dlast is None else dlast.float().contiguous()
+    batch, dim, L = u.shape
+    # du, ddelta and dz channels-last, like out: they feed the conv's backward and the projections' matmuls
+    result = ScanGrads.allocate(u, A, B, C, z)._replace(
+        du=_empty_channels_last(batch, dim, L), ddelta=_empty_channels_last(batch, dim, L),
+        dz=None if z is None else _empty_channels_last(batch, dim, L))
+    if launch:
+        load_library().scan_bwd(ctypes.byref(args()), _ptr(chunk_states), ctypes.byref(Tensor3.of(dout)),
+                                _ptr(dlast), *(ctypes.byref(Tensor3.of(t)) for t in result[:3]),
+                                *map(_ptr, result[3:]), torch.get_num_threads())
+    return result.input_grads(*inputs)
+
+
+# The name states the layout of the outputs: graphs that torch.compile cached for an earlier layout of this
+# operator (row-major outputs) are keyed by its name, and must not be reused for this one.
+selective_scan_cpu_op = kernel_op("selective_scan_cpu_channels_last", SCAN_INPUTS, SCAN_OPTIONS, outputs=2,
+                                  residuals=1, forward=_forward, backward=_backward)
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -119,7 +115,11 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("the 'cpu' selective-scan backend takes CPU tensors only")
-    if load_library() is None:
+    if not cpu_kernels_available():
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    out, last_state = _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+    # The large inputs are converted here, under autograd, so that the op saves the copies it reads and its
+    # backward need not convert them again.
+    out, last_state, _ = selective_scan_cpu_op(_f32(u), _f32(delta), A, B, C, D, _f32(z), delta_bias,
+                                               delta_softplus, chunk)
+    out = out.to(u.dtype)
     return (out, last_state) if return_last_state else out

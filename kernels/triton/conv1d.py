@@ -3,13 +3,16 @@
 out[b, c, t] = act(bias[c] + sum_k weight[c, k] * x[b, c, t - (width - 1) + k]), zeros before t = 0.
 One program covers (one batch row, BLOCK_D channels, BLOCK_L steps); the width taps are unrolled.
 The backward first forms g = dout * act'(pre) (recomputing pre), with per-block partial sums for
-dweight and dbias, then dx[t] = sum_k weight[k] g[t + (width - 1) - k].
+dweight and dbias, then dx[t] = sum_k weight[k] g[t + (width - 1) - k]. The custom op
+ssmforge::causal_conv1d_triton saves its inputs for backward, nothing else.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ..custom_op import kernel_op
 
 BLOCK_D, BLOCK_L = 16, 64
 
@@ -88,38 +91,41 @@ def conv1d_grad_x_kernel(g_ptr, w_ptr, dx_ptr, dim, L, WIDTH: tl.constexpr, BLOC
              mask=d_mask[:, None] & (offs_l[None, :] < L))
 
 
-class _TritonConv1d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, silu):
-        x, weight = x.contiguous(), weight.contiguous()
-        batch, dim, L = x.shape
-        out = torch.empty_like(x)
+def _forward(x, weight, bias, silu, launch):
+    x, weight = x.contiguous(), weight.contiguous()
+    batch, dim, L = x.shape
+    out = torch.empty_like(x)
+    if launch:
         grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(L, BLOCK_L))
         conv1d_fwd_kernel[grid](x, weight, bias if bias is not None else weight, out, dim, L,
                                 HAS_BIAS=bias is not None, SILU=silu, WIDTH=weight.shape[1],
                                 BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
-        ctx.save_for_backward(x, weight, bias)
-        ctx.silu = silu
-        return out
+    return (out,)
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bias = ctx.saved_tensors
-        batch, dim, L = x.shape
-        width = weight.shape[1]
-        n_lblocks = triton.cdiv(L, BLOCK_L)
+
+def _backward(grads, inputs, residuals, silu, launch):
+    (dout,) = grads
+    x, weight, bias = (t.contiguous() if t is not None else None for t in inputs)
+    batch, dim, L = x.shape
+    width = weight.shape[1]
+    n_lblocks = triton.cdiv(L, BLOCK_L)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    g = torch.empty(batch, dim, L, **f32)
+    dw_part = torch.empty(batch, n_lblocks, dim, width, **f32)
+    db_part = torch.empty(batch, n_lblocks, dim, **f32)
+    dx = torch.empty_like(x)
+    if launch:
         grid = (batch, triton.cdiv(dim, BLOCK_D), n_lblocks)
-        f32 = dict(device=x.device, dtype=torch.float32)
-        g = torch.empty(batch, dim, L, **f32)
-        dw_part = torch.empty(batch, n_lblocks, dim, width, **f32)
-        db_part = torch.empty(batch, n_lblocks, dim, **f32)
         conv1d_grad_pre_kernel[grid](x, weight, bias if bias is not None else weight, dout.contiguous(), g,
                                      dw_part, db_part, dim, L, n_lblocks, HAS_BIAS=bias is not None,
-                                     SILU=ctx.silu, WIDTH=width, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
-        dx = torch.empty_like(x)
+                                     SILU=silu, WIDTH=width, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
         conv1d_grad_x_kernel[grid](g, weight, dx, dim, L, WIDTH=width, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L)
-        dbias = None if bias is None else db_part.sum((0, 1)).to(bias.dtype)
-        return dx, dw_part.sum((0, 1)).to(weight.dtype), dbias, None
+    dbias = None if bias is None else db_part.sum((0, 1)).to(bias.dtype)
+    return dx, dw_part.sum((0, 1)).to(weight.dtype), dbias
+
+
+causal_conv1d_triton_op = kernel_op("causal_conv1d_triton", "Tensor x, Tensor weight, Tensor? bias", "bool silu",
+                                    outputs=1, residuals=0, forward=_forward, backward=_backward)
 
 
 def causal_conv1d_triton(x, weight, bias=None, activation=None):
@@ -128,4 +134,5 @@ def causal_conv1d_triton(x, weight, bias=None, activation=None):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if not 2 <= weight.shape[1] <= 4:
         raise ValueError(f"the Triton conv1d supports widths 2..4, got {weight.shape[1]}")
-    return _TritonConv1d.apply(x, weight, bias, activation == "silu")
+    # contiguous here, under autograd, so that the op saves for backward the copies it reads
+    return causal_conv1d_triton_op(x.contiguous(), weight.contiguous(), bias, activation == "silu")

@@ -1,10 +1,13 @@
-"""The Triton selective scan as a torch.autograd.Function (launch code for `scan_kernels`)."""
+"""The Triton selective scan as the custom op ssmforge::selective_scan_triton (launch code for `scan_kernels`).
+
+Saved for backward: the inputs and the fp32 state entering every chunk of CHUNK steps, (batch, d, L / CHUNK, n)."""
 from __future__ import annotations
 
 import torch
 import triton
 
-from ..cpu.selective_scan import num_groups
+from ..custom_op import kernel_op
+from ..fused_scan import SCAN_INPUTS, SCAN_OPTIONS, ScanGrads, num_groups
 from .scan_kernels import scan_bwd_kernel, scan_fwd_kernel
 
 CHUNK = 16  # steps per associative-scan tile; states are checkpointed once per chunk
@@ -29,82 +32,67 @@ def _bc_view(X: torch.Tensor, groups: int) -> tuple[torch.Tensor, tuple[int, int
     return X, tuple(X.stride()), False
 
 
-def _config(u, A, B, C, chunk):
+def _launch_config(u, A, B, C, chunk):
+    """What both kernels take besides the tensors: the grid, B and C as strided views, their strides,
+    the channels per group and the compile-time constants."""
+    dim = u.shape[1]
+    groups = num_groups(B, C)
+    (Bv, sB, B_fixed), (Cv, sC, C_fixed) = _bc_view(B, groups), _bc_view(C, groups)
+    meta = dict(BLOCK_D=_block_d(dim // groups), CHUNK=chunk, N=max(triton.next_power_of_2(A.shape[1]), 2),
+                B_FIXED=B_fixed, C_FIXED=C_fixed)
+    return (u.shape[0], triton.cdiv(dim, meta["BLOCK_D"])), (Bv, Cv), (*sB, *sC), dim // groups, meta
+
+
+def _contiguous(u, delta, A, z):
+    """The layouts the kernels index with plain offsets (B and C go by their strides)."""
+    return u.contiguous(), delta.contiguous(), A.contiguous(), None if z is None else z.contiguous()
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, launch):
+    """-> out (batch, d, L) in u's dtype, last state (batch, d, n) fp32, and the residual: the state
+    entering every chunk, (batch, d, cdiv(L, chunk), n) fp32."""
+    u, delta, A, z = _contiguous(u, delta, A, z)
     batch, dim, L = u.shape
     n = A.shape[1]
-    groups = num_groups(B, C)
-    dims_per_group = dim // groups
-    block_d = _block_d(dims_per_group)
-    meta = dict(BLOCK_D=block_d, CHUNK=chunk, N=max(triton.next_power_of_2(n), 2))
-    return batch, dim, L, n, groups, dims_per_group, triton.cdiv(L, chunk), meta
-
-
-class _TritonScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
-        u, delta = u.contiguous(), delta.contiguous()
-        z = None if z is None else z.contiguous()
-        A = A.contiguous()
-        batch, dim, L, n, groups, dims_per_group, n_chunks, meta = _config(u, A, B, C, chunk)
-        Bv, sB, B_fixed = _bc_view(B, groups)
-        Cv, sC, C_fixed = _bc_view(C, groups)
-        out = torch.empty_like(u)
-        chunk_states = torch.empty(batch, dim, n_chunks, n, device=u.device, dtype=torch.float32)
-        last_state = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
+    out = torch.empty_like(u)
+    chunk_states = torch.empty(batch, dim, triton.cdiv(L, chunk), n, device=u.device, dtype=torch.float32)
+    last_state = torch.empty(batch, dim, n, device=u.device, dtype=torch.float32)
+    if launch:
+        grid, BC, strides, dims_per_group, meta = _launch_config(u, A, B, C, chunk)
         dummy = chunk_states  # stands in for absent optional pointers; never read
-        grid = (batch, triton.cdiv(dim, meta["BLOCK_D"]))
         scan_fwd_kernel[grid](
-            u, delta, A, Bv, Cv, D if D is not None else dummy, z if z is not None else dummy,
+            u, delta, A, *BC, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, out, chunk_states, last_state,
-            dim, L, n, n_chunks, dims_per_group, *sB, *sC,
+            dim, L, n, chunk_states.shape[2], dims_per_group, *strides,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            B_FIXED=B_fixed, C_FIXED=C_fixed, **meta,
+            **meta,
         )
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, chunk_states)
-        ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
-        ctx.set_materialize_grads(False)
-        return out, last_state
+    return out, last_state, chunk_states
 
-    @staticmethod
-    def backward(ctx, dout, dlast):
-        u, delta, A, B, C, D, z, delta_bias, chunk_states = ctx.saved_tensors
-        batch, dim, L, n, groups, dims_per_group, n_chunks, meta = _config(u, A, B, C, ctx.chunk)
-        Bv, sB, B_fixed = _bc_view(B, groups)
-        Cv, sC, C_fixed = _bc_view(C, groups)
-        f32 = dict(device=u.device, dtype=torch.float32)
-        dout = torch.zeros(batch, dim, L, **f32) if dout is None else dout.contiguous()
-        du, ddelta = torch.empty(batch, dim, L, **f32), torch.empty(batch, dim, L, **f32)
-        dz = torch.empty(batch, dim, L, **f32) if z is not None else chunk_states
-        dA_rows = torch.empty(batch, dim, n, **f32)
-        dB = torch.empty(batch, dim, n, **f32) if B_fixed else torch.zeros(batch, groups, L, n, **f32)
-        dC = torch.empty(batch, dim, n, **f32) if C_fixed else torch.zeros(batch, groups, L, n, **f32)
-        dD_rows, dbias_rows = torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
-        dummy = chunk_states
-        grid = (batch, triton.cdiv(dim, meta["BLOCK_D"]))
+
+def _backward(grads, inputs, residuals, delta_softplus, chunk, launch):
+    u, delta, A, B, C, D, z, delta_bias = inputs
+    u, delta, A, z = _contiguous(u, delta, A, z)
+    dout, dlast = grads
+    (chunk_states,) = residuals
+    dout = torch.zeros(u.shape, device=u.device, dtype=torch.float32) if dout is None else dout.contiguous()
+    result = ScanGrads.allocate(u, A, B, C, z)
+    if launch:
+        grid, BC, strides, dims_per_group, meta = _launch_config(u, A, B, C, chunk)
+        dummy = chunk_states  # stands in for absent optional pointers; never read
         scan_bwd_kernel[grid](
-            u, delta, A, Bv, Cv, D if D is not None else dummy, z if z is not None else dummy,
+            u, delta, A, *BC, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, chunk_states, dout,
-            dlast.contiguous() if dlast is not None else dummy,
-            du, ddelta, dz, dA_rows, dB, dC, dD_rows, dbias_rows,
-            dim, L, n, n_chunks, dims_per_group, *sB, *sC,
+            dlast.contiguous() if dlast is not None else dummy, *(t if t is not None else dummy for t in result),
+            u.shape[1], u.shape[2], A.shape[1], chunk_states.shape[2], dims_per_group, *strides,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=ctx.delta_softplus, B_FIXED=B_fixed, C_FIXED=C_fixed, HAS_DLAST=dlast is not None, **meta,
+            SOFTPLUS=delta_softplus, HAS_DLAST=dlast is not None, **meta,
         )
+    return result.input_grads(*inputs)
 
-        def bc_grad(grad, like, fixed):
-            if fixed:
-                return grad.sum(0).to(like.dtype)
-            grad = grad.transpose(-1, -2)  # (batch, groups, n, L)
-            return (grad.sum(1) if like.dim() == 3 else grad).to(like.dtype)
 
-        return (
-            du.to(u.dtype), ddelta.to(delta.dtype), dA_rows.sum(0).to(A.dtype),
-            bc_grad(dB, B, B_fixed), bc_grad(dC, C, C_fixed),
-            None if D is None else dD_rows.sum(0).to(D.dtype),
-            None if z is None else dz.to(z.dtype),
-            None if delta_bias is None else dbias_rows.sum(0).to(delta_bias.dtype),
-            None, None,
-        )
+selective_scan_triton_op = kernel_op("selective_scan_triton", SCAN_INPUTS, SCAN_OPTIONS, outputs=2, residuals=1,
+                                     forward=_forward, backward=_backward)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -113,5 +101,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 
     chunk: steps per scan tile (a power of two); small values exercise the chunk carry in tests.
     """
-    out, last_state = _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+    # made contiguous here, under autograd, so that the op saves for backward the copies it reads
+    u, delta, A, z = _contiguous(u, delta, A, z)
+    out, last_state, _ = selective_scan_triton_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
     return (out, last_state) if return_last_state else out

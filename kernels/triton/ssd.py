@@ -1,15 +1,17 @@
-"""The Triton chunked SSD as a torch.autograd.Function (launch code for `ssd_kernels`).
+"""The Triton chunked SSD as the custom op ssmforge::ssd_triton (launch code for `ssd_kernels`).
 
-dt's bias and softplus and the D skip are left to PyTorch around the Function (elementwise, and
-autograd differentiates them); the Function maps (x, dt, A, B, C, initial state) to (y, final state)
-and computes every gradient with the Triton kernels, plus a reverse cumsum that turns the gradient of
-a = cumsum(dt * A) into those of dt and A.
+dt's bias, softplus and cutting into chunks and the D skip are left to PyTorch around the op
+(elementwise or data movement, and autograd differentiates them); the op maps (x, dt in chunks, A, B, C,
+initial state) to (y, final state) and computes every gradient with the Triton kernels, plus a reverse
+cumsum that turns the gradient of a = cumsum(dt * A) into those of dt and A. Saved for backward: the
+inputs, a and the state entering every chunk.
 """
 from __future__ import annotations
 
 import torch
 import triton
 
+from ..custom_op import kernel_op
 from ..ref import discretize_dt
 from .ssd_kernels import (
     chunk_scan_bwd_outputs_kernel,
@@ -24,17 +26,20 @@ BWD_BLOCK = 32  # the backward holds more tiles at once
 
 
 class _Shape:
-    """Sizes of one call, and the launch parameters every kernel shares."""
+    """Sizes of one call, and the launch parameters every kernel shares. Without `launch` the kernels are
+    skipped and only the buffers made (the operators' fake implementations)."""
 
-    def __init__(self, x: torch.Tensor, B: torch.Tensor, chunk: int):
+    def __init__(self, x: torch.Tensor, B: torch.Tensor, dt_chunks: torch.Tensor, launch: bool):
         self.batch, self.L, self.nheads, self.headdim = x.shape
         self.ngroups, self.dstate = B.shape[2], B.shape[3]
-        self.chunk = chunk
-        self.n_chunks = triton.cdiv(self.L, chunk)
-        exact = x.dtype == B.dtype == torch.float32  # fp32 inputs: no tf32 rounding in the matmuls
-        self.meta = dict(CHUNK=chunk, BLOCK_P=max(16, triton.next_power_of_2(self.headdim)),
-                         BLOCK_N=max(16, triton.next_power_of_2(self.dstate)),
-                         PRECISION="ieee" if exact else "tf32")
+        self.n_chunks, self.chunk = dt_chunks.shape[2], dt_chunks.shape[3]
+        self.launch = launch
+        self.exact = x.dtype == B.dtype == torch.float32  # fp32 inputs: no tf32 rounding in the matmuls
+
+    @property
+    def meta(self):
+        return dict(CHUNK=self.chunk, BLOCK_P=max(16, triton.next_power_of_2(self.headdim)),
+                    BLOCK_N=max(16, triton.next_power_of_2(self.dstate)), PRECISION="ieee" if self.exact else "tf32")
 
     @property
     def dims(self):
@@ -50,79 +55,87 @@ class _Shape:
 
 def _chunk_state(shape, X, Y, dt, a, from_start: bool) -> torch.Tensor:
     out = shape.states(X.device)
-    chunk_state_kernel[(shape.batch * shape.n_chunks, shape.nheads)](
-        X, Y, dt, a, out, *shape.dims, FROM_START=from_start, BLOCK_K=min(shape.chunk, FWD_BLOCK), **shape.meta)
+    if shape.launch:
+        chunk_state_kernel[(shape.batch * shape.n_chunks, shape.nheads)](
+            X, Y, dt, a, out, *shape.dims, FROM_START=from_start, BLOCK_K=min(shape.chunk, FWD_BLOCK), **shape.meta)
     return out
 
 
 def _state_passing(shape, inputs, a, start, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    size = shape.headdim * shape.dstate
-    block = min(1024, triton.next_power_of_2(size))
     carried = shape.states(inputs.device)
     last = torch.empty(shape.batch, shape.nheads, shape.headdim, shape.dstate, device=inputs.device,
                        dtype=torch.float32)
-    state_passing_kernel[(shape.batch, shape.nheads, triton.cdiv(size, block))](
-        inputs, a, start.contiguous() if start is not None else last, carried, last, shape.nheads, shape.n_chunks,
-        size, HAS_START=start is not None, REVERSE=reverse, CHUNK=shape.chunk, BLOCK=block)
+    if shape.launch:
+        size = shape.headdim * shape.dstate
+        block = min(1024, triton.next_power_of_2(size))
+        state_passing_kernel[(shape.batch, shape.nheads, triton.cdiv(size, block))](
+            inputs, a, start.contiguous() if start is not None else last, carried, last, shape.nheads,
+            shape.n_chunks, size, HAS_START=start is not None, REVERSE=reverse, CHUNK=shape.chunk, BLOCK=block)
     return carried, last
 
 
-def _to_chunks(dt: torch.Tensor, shape: _Shape) -> torch.Tensor:
-    """(batch, L, nheads) -> zero-padded (batch, nheads, n_chunks, chunk) fp32."""
-    pad = shape.n_chunks * shape.chunk - shape.L
-    dt = torch.nn.functional.pad(dt.float(), (0, 0, 0, pad))
-    return dt.view(shape.batch, shape.n_chunks, shape.chunk, shape.nheads).permute(0, 3, 1, 2).contiguous()
+def _to_chunks(dt: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(batch, L, nheads) -> zero-padded (batch, nheads, n_chunks, chunk) fp32; autograd maps its gradient back."""
+    batch, L, nheads = dt.shape
+    n_chunks = triton.cdiv(L, chunk)
+    dt = torch.nn.functional.pad(dt.float(), (0, 0, 0, n_chunks * chunk - L))
+    return dt.view(batch, n_chunks, chunk, nheads).permute(0, 3, 1, 2).contiguous()
 
 
-class _TritonSSD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, initial_state, chunk):
-        x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
-        shape = _Shape(x, B, chunk)
-        dt_chunks = _to_chunks(dt, shape)
-        a = (dt_chunks * A[:, None, None].float()).cumsum(dim=-1)
-        chunk_states = _chunk_state(shape, x, B, dt_chunks, a, from_start=False)
-        entering, last = _state_passing(shape, chunk_states, a, initial_state, reverse=False)
-        y = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        block = min(chunk, FWD_BLOCK)
-        chunk_scan_fwd_kernel[(shape.batch * shape.n_chunks, shape.nheads, chunk // block)](
+def _forward(x, dt_chunks, A, B, C, initial_state, launch):
+    """-> y (batch, L, nheads, headdim) fp32, the final state (batch, nheads, headdim, dstate) fp32, and the
+    residuals: a = cumsum(dt A) per chunk (batch, nheads, n_chunks, chunk) and the state entering every
+    chunk (batch, n_chunks, nheads, headdim, dstate), both fp32."""
+    x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+    shape = _Shape(x, B, dt_chunks, launch)
+    a = (dt_chunks * A[:, None, None].float()).cumsum(dim=-1)
+    chunk_states = _chunk_state(shape, x, B, dt_chunks, a, from_start=False)
+    entering, last = _state_passing(shape, chunk_states, a, initial_state, reverse=False)
+    y = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+    if launch:
+        block = min(shape.chunk, FWD_BLOCK)
+        chunk_scan_fwd_kernel[(shape.batch * shape.n_chunks, shape.nheads, shape.chunk // block)](
             x, B, C, dt_chunks, a, entering, y, *shape.dims, BLOCK_M=block, **shape.meta)
-        ctx.save_for_backward(x, B, C, A, dt_chunks, a, entering)
-        ctx.shape, ctx.has_initial_state = shape, initial_state is not None
-        ctx.set_materialize_grads(False)
-        return y, last
+    return y, last, a, entering
 
-    @staticmethod
-    def backward(ctx, dy, dlast):
-        x, B, C, A, dt_chunks, a, entering = ctx.saved_tensors
-        shape = ctx.shape
-        f32 = dict(device=x.device, dtype=torch.float32)
-        dy = torch.zeros(x.shape, **f32) if dy is None else dy.float().contiguous()
-        # gradients of the states: what each chunk's outputs send back, carried from the last chunk down
-        from_outputs = _chunk_state(shape, dy, C, dt_chunks, a, from_start=True)
-        dleaving, dinitial = _state_passing(shape, from_outputs, a, dlast, reverse=True)
 
+def _backward(grads, inputs, residuals, launch):
+    dy, dlast = grads
+    x, dt_chunks, A, B, C, initial_state = inputs
+    a, entering = residuals
+    x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+    shape = _Shape(x, B, dt_chunks, launch)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dy = torch.zeros(x.shape, **f32) if dy is None else dy.float().contiguous()
+    # gradients of the states: what each chunk's outputs send back, carried from the last chunk down
+    from_outputs = _chunk_state(shape, dy, C, dt_chunks, a, from_start=True)
+    dleaving, dinitial = _state_passing(shape, from_outputs, a, dlast, reverse=True)
+
+    dx, ddt, da_sources, da_end = torch.empty(x.shape, **f32), shape.per_step(x.device), \
+        shape.per_step(x.device), shape.per_step(x.device)
+    dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
+    da_outputs = shape.per_step(x.device)
+    if launch:
         block = min(shape.chunk, BWD_BLOCK)
         grid = (shape.batch * shape.n_chunks, shape.nheads, shape.chunk // block)
-        dx, ddt, da_sources, da_end = torch.empty(x.shape, **f32), shape.per_step(x.device), \
-            shape.per_step(x.device), shape.per_step(x.device)
-        dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
-        da_outputs = shape.per_step(x.device)
         chunk_scan_bwd_sources_kernel[grid](x, B, C, dt_chunks, a, dy, dleaving, dx, ddt, dB, da_sources, da_end,
                                             *shape.dims, BLOCK=block, **shape.meta)
         chunk_scan_bwd_outputs_kernel[grid](x, B, C, dt_chunks, a, dy, entering, dC, da_outputs,
                                             *shape.dims, BLOCK=block, **shape.meta)
 
-        # a_end also decays the carried state: h0[c+1] = exp(a_end) h0[c] + S[c]
-        carry = torch.exp(a[..., -1]) * (dleaving * entering).sum((-1, -2)).transpose(1, 2)  # (batch, nheads, n_chunks)
-        da = da_sources + da_outputs
-        da[..., -1] += da_end.sum(-1) + carry
-        d_dA = da.flip(-1).cumsum(-1).flip(-1)  # a_l = dA_1 + ... + dA_l
-        ddt = ddt + d_dA * A[:, None, None].float()
-        dA = (d_dA * dt_chunks).sum((0, 2, 3))
-        ddt = ddt.permute(0, 2, 3, 1).reshape(shape.batch, -1, shape.nheads)[:, : shape.L]
-        return (dx.to(x.dtype), ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                dinitial if ctx.has_initial_state else None, None)
+    # a_end also decays the carried state: h0[c+1] = exp(a_end) h0[c] + S[c]
+    carry = torch.exp(a[..., -1]) * (dleaving * entering).sum((-1, -2)).transpose(1, 2)  # (batch, nheads, n_chunks)
+    da = da_sources + da_outputs
+    da[..., -1] += da_end.sum(-1) + carry
+    d_dA = da.flip(-1).cumsum(-1).flip(-1)  # a_l = dA_1 + ... + dA_l
+    ddt = ddt + d_dA * A[:, None, None].float()
+    dA = (d_dA * dt_chunks).sum((0, 2, 3))
+    return (dx.to(x.dtype), ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dinitial if initial_state is not None else None)
+
+
+ssd_triton_op = kernel_op("ssd_triton", "Tensor x, Tensor dt_chunks, Tensor A, Tensor B, Tensor C, Tensor? initial_state",
+                          options="", outputs=2, residuals=2, forward=_forward, backward=_backward)
 
 
 def ssd_triton(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus=False, initial_state=None,
@@ -137,7 +150,9 @@ def ssd_triton(x, dt, A, B, C, chunk_size=256, D=None, dt_bias=None, dt_softplus
         raise ValueError(f"nheads ({nheads}) must be a multiple of ngroups ({ngroups}) and C shaped like B")
     with torch.autocast(device_type=x.device.type, enabled=False):
         initial = None if initial_state is None else initial_state.float()
-        y, last = _TritonSSD.apply(x, discretize_dt(dt, dt_bias, dt_softplus), A.float(), B, C, initial, chunk_size)
+        dt_chunks = _to_chunks(discretize_dt(dt, dt_bias, dt_softplus), chunk_size)
+        # contiguous here, under autograd, so that the op saves for backward the copies it reads
+        y, last, _, _ = ssd_triton_op(x.contiguous(), dt_chunks, A.float(), B.contiguous(), C.contiguous(), initial)
         if D is not None:
             y = y + x.float() * D.float()[:, None]
     y = y.to(x.dtype)

@@ -53,8 +53,10 @@ def test_jsonl_holds_one_record_per_log_and_disabled_wandb_writes_nothing(tmp_pa
 
 def test_train_step_owns_the_interval_and_the_throughput_arithmetic(tmp_path, monkeypatch):
     """Records only every log_every steps and at the last step; loss is the mean of every micro-step
-    loss, tokens/s counts the tokens since the previous record over a controlled clock, MFU follows."""
-    clock = iter([100.0, 104.0, 106.0, 107.0])  # construction, then each record
+    loss, tokens/s counts the tokens since the previous record over a controlled clock, leaving out the
+    time spent checkpointing (reported on its own), MFU follows."""
+    # construction, the step-2 record, a checkpoint from 104.5 to 105.5, then the step-4 and step-5 records
+    clock = iter([100.0, 104.0, 104.5, 105.5, 106.0, 107.0])
     monkeypatch.setattr(metrics, "time", SimpleNamespace(perf_counter=lambda: next(clock), time=time.time))
     throughput = metrics.Throughput(log_every=2, forward_flops_per_token=2.0, peak_flops=1e6, world_size=2,
                                     device=torch.device("cpu"))
@@ -62,15 +64,20 @@ def test_train_step_owns_the_interval_and_the_throughput_arithmetic(tmp_path, mo
                            throughput=throughput, start_tokens=1000)
     norms = []
     for step in range(1, 6):
-        logger.train_step(step, 1000 + 100 * step, [float(step), float(step) + 1], 1e-3,
-                          lambda: norms.append(1) or 0.25)
+        logger.train_step(step, 1000 + 100 * step, torch.tensor(2.0 * step + 1), 2, 1e-3,
+                          lambda: norms.append(1) or 0.25, skipped_steps=step // 4)
+        if step == 3:
+            with logger.excluded("checkpoint"):
+                pass
     logger.validation(5, 2.0, entropy_floor=1.5)
     logger.close()
     train = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["step"] for r in train] == [2, 4, 5] and len(norms) == 3  # the norm only when a record is due
     assert [r["loss"] for r in train] == [2.5, 4.5, 5.5]
     assert [r["tokens"] for r in train] == [1200, 1400, 1500]
-    assert [r["tokens_per_s"] for r in train] == [pytest.approx(200 / 4), pytest.approx(200 / 2), pytest.approx(100)]
+    assert [r["tokens_per_s"] for r in train] == [pytest.approx(200 / 4), pytest.approx(200 / 1), pytest.approx(100)]
+    assert [r["checkpoint_s"] for r in train] == [0.0, 1.0, 0.0] and [r["validation_s"] for r in train] == [0.0] * 3
+    assert [r["skipped_steps"] for r in train] == [0, 1, 1]
     assert train[0]["mfu"] == pytest.approx(50 / 2 * 6.0 / 1e6)
     assert train[0]["grad_norm"] == 0.25 and train[0]["peak_memory_gb"] > 0
     val = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "val"]

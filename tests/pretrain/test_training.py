@@ -3,6 +3,7 @@ non-finite losses, export, and the precision policy."""
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from ssmforge.pretrain.engine import autocast, lr_lambda, param_groups
 from ssmforge.pretrain.export import consolidated_state_dict
 from ssmforge.pretrain.config import TrainConfig
 
-from .conftest import pretrain_command, run_pretrain, start_ranks, train_losses
+from .conftest import ROOT, pretrain_command, run_pretrain, start_ranks, train_losses
 
 STEPS = ("train.max_steps=8", "train.log_every=1", "train.warmup_steps=2", "train.eval_every=100",
          "train.save_every=100")
@@ -132,11 +133,38 @@ def test_warmup_then_cosine_to_the_floor():
 def test_nonfinite_loss_skip_goes_on_without_touching_the_weights(tmp_path):
     proc = run_pretrain(tmp_path, "train.max_steps=3", "train.lr=1e30", "train.warmup_steps=0",
                         "train.nonfinite_loss=skip", "train.log_every=1", "train.eval_every=100")
-    assert "batch skipped" in proc.stderr
+    assert "update is dropped" in proc.stderr
     losses = train_losses(tmp_path)
     assert losses[1] == losses[1]  # the first step is finite, and its update makes the rest diverge
     state = consolidated_state_dict(tmp_path / "checkpoints", "step_00000003")
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_nonfinite_micro_step_drops_the_whole_step_on_every_rank(tmp_path, monkeypatch, stage):
+    """Accumulation 4 on 2 ranks; the loss of micro-step 2 of step 2 is NaN on rank 1 only. Step 2 must
+    change no weight on either rank, step 3 must train again from there, and the drop is counted."""
+    monkeypatch.setenv("INJECT_ACCUMULATION", "4")
+    command = pretrain_command(tmp_path, "train.max_steps=3", "train.grad_accum_steps=4", "train.log_every=1",
+                               "train.save_every=1", "train.keep_checkpoints=5", "train.eval_every=100",
+                               "train.nonfinite_loss=skip", "train.warmup_steps=0", f"deepspeed.zero_stage={stage}")
+    command[1:3] = [str(Path(__file__).with_name("inject_nonfinite.py")), "2", "2", "1"]
+    procs = start_ranks(command, 2)
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    weights = {step: consolidated_state_dict(tmp_path / "checkpoints", f"step_0000000{step}") for step in (1, 2, 3)}
+    for name, before in weights[1].items():
+        assert torch.equal(weights[2][name], before), name  # the dropped step changed nothing
+    assert any(not torch.equal(weights[3][n], weights[2][n]) for n in weights[2])  # the next one trains
+    assert all(torch.isfinite(t).all() for t in weights[3].values())
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train"}
+    assert [records[s]["skipped_steps"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert records[2]["loss"] != records[2]["loss"] and records[3]["loss"] < records[1]["loss"]
+    state = json.loads((tmp_path / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert state["skipped_steps"] == 1 and state["step"] == 3
 
 
 def test_offload_and_activation_checkpointing_do_not_change_the_numbers(tmp_path):
@@ -148,3 +176,60 @@ def test_offload_and_activation_checkpointing_do_not_change_the_numbers(tmp_path
     assert sorted(plain) == [1, 2, 3, 4]
     for step in plain:
         assert lean[step] == pytest.approx(plain[step], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_bf16_gradient_reduction_is_close_to_fp32_and_really_in_bf16(tmp_path):
+    common = ("train.max_steps=3", "train.log_every=1", "train.eval_every=100", "deepspeed.zero_stage=2")
+    run_pretrain(tmp_path / "fp32", *common, ranks=2)
+    run_pretrain(tmp_path / "bf16", *common, "deepspeed.communication_dtype=bf16", ranks=2)
+    exact, rounded = train_losses(tmp_path / "fp32"), train_losses(tmp_path / "bf16")
+    assert rounded[1] == exact[1]  # the first loss precedes any reduction
+    assert rounded[3] != exact[3] and rounded[3] == pytest.approx(exact[3], rel=1e-2)
+
+
+def test_fp16_is_refused_in_one_line(tmp_path):
+    proc = run_pretrain(tmp_path, "train.precision=fp16", expect=2)
+    assert "train.precision='fp16' is invalid" in proc.stderr and "underflow" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("config", ["tiny", "hybrid-tiny", "mamba2-tiny", "gss-tiny"])
+def test_zero3_builds_the_model_partitioned_with_the_weights_of_a_whole_one(config):
+    """Under ZeRO-3 the model is built by deepspeed.zero.Init: no rank ever holds it whole, each holds about
+    half of it, and gathered it equals the model built whole from the same seed, with the same parameters
+    under weight decay (every initialisation happens in the constructor of the module that owns it)."""
+    from ssmforge.pretrain.launch import free_port
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("zero_init_check.py")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_", "WORLD_", "MASTER_"))}
+    base.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT / "configs" / f"{config}.yaml"),
+                               "deepspeed.param_persistence_threshold=0"],
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    for report in reports:
+        assert report["total"] == report["whole"] and report["local_numel"] == 0
+        assert report["held"] <= report["whole"] / 2 + 2 * 64  # its half, up to the padding of each partition
+        assert report["equal"] and report["same_decay"] and report["decayed"] > 0
+    assert sum(r["held"] for r in reports) >= reports[0]["whole"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_compiled_model_trains_on_the_same_losses(tmp_path, stage):
+    common = ("train.max_steps=3", "train.log_every=1", "train.eval_every=100", f"deepspeed.zero_stage={stage}")
+    run_pretrain(tmp_path / "eager", *common, ranks=2)
+    run_pretrain(tmp_path / "compiled", *common, "train.compile=true", ranks=2)
+    eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2, 3]
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], abs=1e-5), step

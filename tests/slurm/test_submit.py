@@ -173,8 +173,11 @@ def test_cpus_per_task_come_from_the_partitions_nodes_and_are_said(tmp_path, mon
     script = Path(calls[0].split()[-1]).read_text()
     assert "#SBATCH --cpus-per-task=12" in script.splitlines()  # the smallest node: 96 CPUs / 8 tasks
     assert (tmp_path / "fakelog" / "sinfo.calls").read_text().split() == ["-h", "-N", "-o", "%c", "-p", "gpu"]
-    assert out.err.splitlines() == ["ssmforge: job shape: 1 node x 8 tasks and 8 GPUs; 12 CPUs per task (96 CPUs "
-                                    "per node of gpu (sinfo) / 8 tasks); memory per node: all of it (--mem=0)"]
+    assert out.err.splitlines() == [  # no slurm.gpu: no memory plan, and it says so
+        "ssmforge: warning: no memory plan (set slurm.gpu or pass --gpu NAME to have ssmforge plan check that the "
+        "run fits its GPUs)",
+        "ssmforge: job shape: 1 node x 8 tasks and 8 GPUs; 12 CPUs per task (96 CPUs per node of gpu (sinfo) / 8 "
+        "tasks); memory per node: all of it (--mem=0)"]
     from ssmforge.pretrain.config import load_config
 
     assert load_config(tmp_path / "run" / "slurm" / "config.yaml").slurm.cpus_per_task == 12  # frozen as used

@@ -1,0 +1,86 @@
+"""`ssmforge plan`: memory traced on fake tensors against memory measured, the micro-batch search, the
+verdict and its exit codes, and submit's pre-flight."""
+import sys
+
+import pytest
+import torch
+
+from ssmforge.cli import main
+from ssmforge.pretrain.config import load_config
+from ssmforge.pretrain.plan import Target, gpu_target, make_plan, step_memory
+
+from .conftest import ROOT, SYNTHETIC
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def test_plan_prints_the_terms_and_exits_0_when_it_fits_3_when_not(capsys):
+    assert main(["plan", TINY, "--gpus", "2", "--gpu", "H100"]) == 0
+    out = capsys.readouterr().out
+    for term in ("parameters", "gradients", "optimizer states", "activations", "peak", "GFLOP per token",
+                 "GPU-hours", "fits: peak"):
+        assert term in out, term
+    assert main(["plan", TINY, "--gpus", "2", "--gpu-memory-gb", "0.0001"]) == 3
+    assert "does NOT fit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus", "2", "--gpu", "Quantum 9000"], "not in the datasheet table"),
+    (["--gpus", "0", "--gpu", "H100"], "--gpus=0 is invalid"),
+    (["--gpus", "2"], "--gpu NAME or --gpu-memory-gb"),
+    (["--gpus", "2", "--gpu", "A100"], "add --gpu-memory-gb"),  # 40 or 80 GB: the name does not say
+])
+def test_bad_plan_requests_are_one_line(capsys, argv, message):
+    assert main(["plan", TINY, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_the_largest_micro_batch_is_the_last_that_fits():
+    """With the memory set between the traced peaks of micro-batches 3 and 4, the search must answer 3."""
+    config = load_config(TINY, ["run_dir=unused", "train.micro_batch_size=1", "train.max_steps=10"])
+    probe = Target(2, "cpu", "probe", None, 1e12, "")
+    peaks = {b: step_memory(config, probe, b, False)[0].peak for b in (3, 4)}
+    assert peaks[4] > peaks[3]
+    memory = int((peaks[3] + peaks[4]) / 2 / 0.9)
+    plan = make_plan(config, Target(2, "cpu", "probe", memory, 1e12, ""), mfu=0.5)
+    assert plan.fits and plan.largest_micro_batch == 3
+    assert plan.largest_micro_batch_checkpointed >= 3  # recomputing blocks never needs more
+
+
+def test_time_follows_the_token_budget_and_the_mfu():
+    config = load_config(TINY, ["run_dir=unused", "train.max_steps=1000"])
+    fast = make_plan(config, gpu_target(8, "H100", None, torch.bfloat16), mfu=0.5, search=False)
+    slow = make_plan(config, gpu_target(8, "H100", None, torch.bfloat16), mfu=0.25, search=False)
+    assert fast.tokens == 1000 * config.train.sequences_per_step(8) * config.data.seq_len
+    assert slow.hours == pytest.approx(2 * fast.hours)
+    assert fast.tokens_per_s == pytest.approx(8 * 989e12 * 0.5 / fast.flops_per_token)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, stage", [("tiny", 0), ("hybrid-tiny", 3)])
+def test_planned_peak_is_within_15_percent_of_the_measured_one(name, stage):
+    """Two ranks under DeepSpeed on this CPU, each process's peak resident memory above what it held before
+    the model was built (benchmarks/measure_step_memory.py), against the plan of the same run."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.plan_accuracy import measured_peak, planned_peak
+
+    config = ROOT / "configs" / f"{name}.yaml"
+    overrides = ["model.d_model=384", "data.seq_len=512", "train.micro_batch_size=4", "model.vocab_size=50280",
+                 f"deepspeed.zero_stage={stage}"]
+    planned, measured = planned_peak(config, overrides), measured_peak(config, overrides)
+    assert measured > 300 * 2**20  # training memory, not the interpreter, dominates
+    assert abs(planned / measured - 1) < 0.15, (planned / 2**20, measured / 2**20)
+
+
+def test_submit_refuses_a_run_that_cannot_fit(tmp_path, capsys):
+    common = ["submit", TINY, f"run_dir={tmp_path / 'r'}", SYNTHETIC, "stages.run=[prepare,pretrain]",
+              "--gpus-per-node", "2", "--dry-run"]
+    assert main([*common, "--gpu-memory-gb", "0.0001"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit on 2 x" in err and "--no-plan-check" in err and not (tmp_path / "r").exists()
+    assert main([*common, "--gpu-memory-gb", "0.0001", "--no-plan-check"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--gpu", "H100"]) == 0
+    captured = capsys.readouterr()
+    assert "fits: peak" in captured.err and captured.out.startswith("#!/bin/bash")  # stdout: the script alone
