@@ -144,7 +144,9 @@ def partitioned_construction(config, world_size: int):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(config, world_size), dtype=torch.float32)
+    # fp32 parameters come from the config (no bf16/fp16 section): an explicit dtype=torch.float32 is dropped
+    # on DeepSpeed's CPU accelerator (0.19), which then builds the parameters in bf16
+    return deepspeed.zero.Init(config_dict_or_path=deepspeed_config(config, world_size))
 
 
 def parameter_count(model: torch.nn.Module) -> int:
