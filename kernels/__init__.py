@@ -1,6 +1,8 @@
 """Sequence-mixing kernels: the selective scan (Mamba), the SSD (Mamba-2) and causal depthwise conv1d,
 with reference oracles. The fast backends (C and Triton) are torch custom operators, ssmforge::<kernel>
 (see `custom_op`), so they run on fake tensors and torch.compile traces them without graph breaks."""
+import torch
+
 from .ref import (
     causal_conv1d_ref,
     causal_conv1d_update_ref,
@@ -9,11 +11,33 @@ from .ref import (
     ssd_scan_ref,
     ssd_state_update_ref,
 )
+from .backends import BackendUnavailableError, describe_backends
 from .conv1d import CONV1D_BACKENDS, causal_conv1d, conv1d_default_backend
 from .selective_scan import SCAN_BACKENDS, scan_default_backend, selective_scan
 from .ssd import SSD_BACKENDS, ssd_default_backend, ssd_scan
 
+_deterministic = False
+
+
+def set_deterministic(enabled: bool = True) -> None:
+    """Make the Triton backwards bitwise reproducible on GPUs (off by default; read at every launch).
+
+    By default the selective scan's and the SSD's backward add the gradients of input-dependent B and C
+    over the programs (channels, heads) of a group with atomics, whose order, hence float rounding,
+    varies between runs. Enabled, each program writes its own partial and torch sums them in a fixed
+    order, at the cost of a transient buffer per B and C (see the README's kernels section).
+    torch.use_deterministic_algorithms(True) turns it on too. The CPU kernels are always deterministic."""
+    global _deterministic
+    _deterministic = bool(enabled)
+
+
+def deterministic() -> bool:
+    """Whether the kernels launched now must be deterministic (see `set_deterministic`)."""
+    return _deterministic or torch.are_deterministic_algorithms_enabled()
+
+
 __all__ = [
+    "BackendUnavailableError",
     "CONV1D_BACKENDS",
     "SCAN_BACKENDS",
     "SSD_BACKENDS",
@@ -21,10 +45,13 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update_ref",
     "conv1d_default_backend",
+    "describe_backends",
+    "deterministic",
     "scan_default_backend",
     "selective_scan",
     "selective_scan_ref",
     "selective_state_update_ref",
+    "set_deterministic",
     "ssd_default_backend",
     "ssd_scan",
     "ssd_scan_ref",

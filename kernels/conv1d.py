@@ -12,7 +12,7 @@ import torch
 
 from .cpu import causal_conv1d_cpu
 from .ref import causal_conv1d_ref
-from .selective_scan import triton_available
+from .backends import triton_available
 
 
 def _triton_conv1d(*args, **kwargs):
@@ -28,7 +28,8 @@ if triton_available():
 
 def conv1d_default_backend(device: torch.device, width: int = 4) -> str:
     """The backend used when none is named: "triton" for CUDA tensors and a width of 2..4, "cpu" for CPU
-    tensors, else "ref"."""
+    tensors, else "ref" (torch's conv1d, cuDNN on a GPU: a usable fallback where triton is not installed,
+    which `describe_backends` reports at start-up)."""
     if device.type == "cuda" and "triton" in CONV1D_BACKENDS and 2 <= width <= 4:
         return "triton"
     if device.type == "cpu" and "cpu" in CONV1D_BACKENDS:

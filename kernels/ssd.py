@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .ref import discretize_dt, ssd_scan_ref
-from .selective_scan import triton_available
+from .backends import triton_available
 
 
 def segment_sums(a: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,8 @@ if triton_available():
 
 
 def ssd_default_backend(device: torch.device) -> str:
-    """"triton" for CUDA tensors where triton is installed, else the PyTorch chunked "torch"."""
+    """"triton" for CUDA tensors where triton is installed, else the PyTorch chunked "torch" (matmuls: a
+    usable fallback on a GPU, unlike the sequential oracle; `describe_backends` reports it at start-up)."""
     return "triton" if device.type == "cuda" and "triton" in SSD_BACKENDS else "torch"
 
 

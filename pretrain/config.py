@@ -158,6 +158,9 @@ class TrainConfig:
     compile: bool = False
     """Compile the model's forward and backward with torch.compile (the kernels are custom ops it traces
     whole); the first steps then take the compilation time."""
+    deterministic: bool = False
+    """Bitwise-reproducible GPU backwards of the Triton scan and SSD (per-program partials summed in a fixed
+    order instead of atomics), at the cost of a transient buffer per B and C; the CPU kernels always are."""
     nonfinite_loss: str = "stop"
     """On a non-finite loss: stop (name the step and the last good checkpoint) | skip (drop that batch)."""
     eval_batches: int = 0

@@ -12,8 +12,11 @@ import torch
 
 from ssmforge.data_pipeline.loader import build_loader, open_manifest
 from ssmforge.data_pipeline.pack import prepare, prepare_in_job
-from ssmforge.models import LanguageModel
 from ssmforge.errors import ConfigError, DataError, SsmforgeError, TrainingError
+from ssmforge.kernels import deterministic, set_deterministic
+from ssmforge.kernels.backends import describe_backends
+from ssmforge.models import LanguageModel
+from ssmforge.models.layers import kernel_backend
 
 from . import checkpoint
 from .elastic import check_resume, ready_to_resume
@@ -190,6 +193,9 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
              "x %d ranks), %s, ZeRO-%d, peak %.3g FLOP/s (%s)", config.model.family, parameter_count(model) / 1e6,
              train_cfg.max_steps, tokens_per_step, tokens_per_step // manifest.seq_len, train_cfg.micro_batch_size,
              accumulation, world.world_size, dtype, config.deepspeed.zero_stage, peak, peak_source)
+    set_deterministic(train_cfg.deterministic)
+    log.info("kernels: %s%s", describe_backends(device, kernel_backend(config.model)),
+             " (deterministic backwards)" if deterministic() else "")
 
     def save() -> None:
         state.loader = train_loader.state_dict()

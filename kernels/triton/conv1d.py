@@ -4,7 +4,8 @@ out[b, c, t] = act(bias[c] + sum_k weight[c, k] * x[b, c, t - (width - 1) + k]),
 One program covers (one batch row, BLOCK_D channels, BLOCK_L steps); the width taps are unrolled.
 The backward first forms g = dout * act'(pre) (recomputing pre), with per-block partial sums for
 dweight and dbias, then dx[t] = sum_k weight[k] g[t + (width - 1) - k]. The custom op
-ssmforge::causal_conv1d_triton saves its inputs for backward, nothing else.
+ssmforge::causal_conv1d_triton saves its inputs for backward, nothing else. Offsets are int64
+(through the batch program id): batch * d * L passes 2^31 at real shapes.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _preact(x_ptr, w_ptr, b_ptr, rows, offs_d, offs_l, d_mask, L, HAS_BIAS: tl.c
 @triton.jit
 def conv1d_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, dim, L, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
                       WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    pid_b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_d, pid_l = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     d_mask = offs_d < dim
@@ -52,7 +53,7 @@ def conv1d_grad_pre_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, g_ptr, dw_part_ptr, db
                            HAS_BIAS: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """g = dout * act'(pre) (batch, d, L) fp32; dw/db partials (batch, n_lblocks, d, WIDTH) / (batch, n_lblocks, d)."""
-    pid_b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_d, pid_l = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     d_mask = offs_d < dim
@@ -76,7 +77,7 @@ def conv1d_grad_pre_kernel(x_ptr, w_ptr, b_ptr, dout_ptr, g_ptr, dw_part_ptr, db
 @triton.jit
 def conv1d_grad_x_kernel(g_ptr, w_ptr, dx_ptr, dim, L, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_L: tl.constexpr):
-    pid_b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_b, pid_d, pid_l = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     d_mask = offs_d < dim

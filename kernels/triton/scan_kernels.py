@@ -6,7 +6,11 @@ chunk the linear recurrence h_t = a_t h_{t-1} + x_t is a parallel associative sc
 (BLOCK_D, CHUNK, N) tiles; the state is carried from chunk to chunk. The (batch, d, L, n) states
 never reach memory: the forward stores only the state entering each chunk, and the backward
 recomputes a chunk's states from it, then runs the adjoint recurrence dh_t = a_{t+1} dh_{t+1} +
-C_t dy_t as a reverse scan, chunk by chunk from the end. All arithmetic is fp32 whatever the input
+C_t dy_t, chunk by chunk from the end. That recurrence runs backwards in time, but as a forward scan
+over the chunk's steps taken last to first: compiled reverse scans (reverse=True) compose a
+non-commutative combine in the wrong order on GPUs (triton#4362, #8412) while the interpreter gets them
+right, so no kernel here uses one. Offsets into (batch, ...) tensors are int64 (program id 0 is
+widened first): batch * d * L passes 2^31 at real shapes. All arithmetic is fp32 whatever the input
 dtype. Work on tensors of any device that Triton drives (CUDA, or CPU under TRITON_INTERPRET=1).
 """
 import triton
@@ -17,6 +21,17 @@ import triton.language as tl
 def _compose(a_prev, x_prev, a_next, x_next):
     """Compose two affine maps h -> a h + x: first (a_prev, x_prev), then (a_next, x_next)."""
     return a_prev * a_next, a_next * x_prev + x_next
+
+
+@triton.jit
+def _store_bc_grad(ptr, value, slot, L, n, offs_t, offs_n, mask, DETERMINISTIC: tl.constexpr):
+    """Write (DETERMINISTIC) or add atomically one chunk's (CHUNK, N) gradient of B or C at row `slot`
+    of (slots, L, n)."""
+    offs = (slot * L + offs_t[:, None]) * n + offs_n[None, :]
+    if DETERMINISTIC:
+        tl.store(ptr + offs, value, mask=mask)
+    else:
+        tl.atomic_add(ptr + offs, value, mask=mask)
 
 
 @triton.jit
@@ -63,7 +78,7 @@ def scan_fwd_kernel(
     """u, delta, z, out: (batch, d, L) contiguous; A (d, n) contiguous; chunk_states
     (batch, d, n_chunks, n) and last_state (batch, d, n) fp32. Grid (batch, d / BLOCK_D); the
     BLOCK_D channels of a program share one group of B/C."""
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # every (batch, ...) offset below is int64 through it
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, N)
@@ -111,14 +126,15 @@ def scan_bwd_kernel(
     dim, L, n, n_chunks, dims_per_group,
     sB_0, sB_1, sB_n, sB_l, sC_0, sC_1, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, HAS_DLAST: tl.constexpr,
+    B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, HAS_DLAST: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, N: tl.constexpr,
 ):
     """Gradients, same grid and layouts as the forward. du, ddelta, dz (batch, d, L) fp32;
     dA_rows (batch, d, n), dD_rows and dbias_rows (batch, d): per-row partials the caller sums over
-    batch. dB/dC: per-row partials (batch, d, n) when fixed, else fp32 (batch, groups, L, n)
-    accumulated atomically over the programs of a group."""
-    pid_b = tl.program_id(0)
+    batch. dB/dC: per-row partials (batch, d, n) when fixed, else fp32 (batch, groups, L, n) accumulated
+    atomically over the programs of a group, or, DETERMINISTIC, (batch, d / BLOCK_D, L, n): a row per
+    program, stored for the caller to sum in a fixed order."""
+    pid_b = tl.program_id(0).to(tl.int64)  # every (batch, ...) offset below is int64 through it
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, N)
@@ -126,6 +142,10 @@ def scan_bwd_kernel(
     n_mask = offs_n < n
     group = (pid_d * BLOCK_D) // dims_per_group
     row = tl.where(d_mask, pid_b * dim + offs_d, -1)
+    if DETERMINISTIC:  # the row of dB/dC partials this program writes (no other program touches it)
+        slot = pid_b * tl.num_programs(1) + pid_d
+    else:  # the group's row, shared by its programs
+        slot = pid_b * (dim // dims_per_group) + group
     dn_mask = d_mask[:, None] & n_mask[None, :]
     A = tl.load(A_ptr + offs_d[:, None] * n + offs_n[None, :], mask=dn_mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
@@ -169,12 +189,18 @@ def scan_bwd_kernel(
         if HAS_D:
             dD += tl.sum(dy * u, axis=1)
             du = dy * D[:, None]
-        # adjoint states: dh_t = C_t dy_t + a_{t+1} dh_{t+1}, a reverse scan with a_{t+1} read one step ahead
-        dt_next, _ = _load_delta(delta_ptr, bias, row, offs_t + 1, (offs_t + 1) < L, L, HAS_BIAS, SOFTPLUS)
+        # adjoint states dh_t = C_t dy_t + a_{t+1} dh_{t+1}: a forward scan over the steps taken last to
+        # first (offs_r, the reverse of offs_t), flipped back to time order after; see the module docstring
+        offs_r = c * CHUNK + CHUNK - 1 - tl.arange(0, CHUNK)
+        dt_next, _ = _load_delta(delta_ptr, bias, row, offs_r + 1, (offs_r + 1) < L, L, HAS_BIAS, SOFTPLUS)
         a_next = tl.exp(dt_next[:, :, None] * A[:, None, :])
-        a_rcum, dhs = tl.associative_scan((a_next, C * dy[:, :, None]), axis=1, combine_fn=_compose, reverse=True)
-        dhs = dhs + a_rcum * dh_carry[:, None, :]
-        dh_carry = tl.sum(tl.where(tl.arange(0, CHUNK)[None, :, None] == 0, dhs, 0.0), axis=1)
+        C_r = _load_bc(C_ptr, pid_b, group, offs_d, offs_r, offs_n, d_mask, offs_r < L, n_mask,
+                       sC_0, sC_1, sC_n, sC_l, C_FIXED)
+        a_cum_r, dhs_r = tl.associative_scan((a_next, C_r * tl.flip(dy, 1)[:, :, None]), axis=1,
+                                             combine_fn=_compose)
+        dhs_r = dhs_r + a_cum_r * dh_carry[:, None, :]
+        dh_carry = tl.sum(tl.where(tl.arange(0, CHUNK)[None, :, None] == CHUNK - 1, dhs_r, 0.0), axis=1)  # at offs_t[0]
+        dhs = tl.flip(dhs_r, 1)
         # a_t h_{t-1} = h_t - x_t: the gradient of delta_t * A without a shifted copy of the states
         d_dA = dhs * (hs - x)
         dx = dhs * B
@@ -183,16 +209,15 @@ def scan_bwd_kernel(
         dA += tl.sum(d_dA * dt[:, :, None], axis=1)
         dBt = dhs * (dt * u)[:, :, None]
         dCt = hs * dy[:, :, None]
+        bc_mask = t_mask[:, None] & n_mask[None, :]
         if B_FIXED:
             dB_fixed += tl.sum(dBt, axis=1)
         else:
-            tl.atomic_add(dB_ptr + ((pid_b * (dim // dims_per_group) + group) * L + offs_t[:, None]) * n + offs_n[None, :],
-                          tl.sum(dBt, axis=0), mask=t_mask[:, None] & n_mask[None, :])
+            _store_bc_grad(dB_ptr, tl.sum(dBt, axis=0), slot, L, n, offs_t, offs_n, bc_mask, DETERMINISTIC)
         if C_FIXED:
             dC_fixed += tl.sum(dCt, axis=1)
         else:
-            tl.atomic_add(dC_ptr + ((pid_b * (dim // dims_per_group) + group) * L + offs_t[:, None]) * n + offs_n[None, :],
-                          tl.sum(dCt, axis=0), mask=t_mask[:, None] & n_mask[None, :])
+            _store_bc_grad(dC_ptr, tl.sum(dCt, axis=0), slot, L, n, offs_t, offs_n, bc_mask, DETERMINISTIC)
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(dt_raw)
         ddt = tl.where(io_mask, ddt, 0.0)

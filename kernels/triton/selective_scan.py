@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from .. import deterministic
 from ..custom_op import kernel_op
 from ..fused_scan import SCAN_INPUTS, SCAN_OPTIONS, ScanGrads, num_groups
 from .scan_kernels import scan_bwd_kernel, scan_fwd_kernel
@@ -70,6 +71,19 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, launch)
     return out, last_state, chunk_states
 
 
+def _input_dependent(B, C) -> list[str]:
+    return [name for name, X in (("dB", B), ("dC", C)) if X.dim() != 2]
+
+
+def _with_partials(result: ScanGrads, u, A, B, C) -> ScanGrads:
+    """Deterministic mode: the gradients of input-dependent B/C as one row of partials per program,
+    (batch, d / BLOCK_D, L, n) fp32, instead of the (batch, groups, L, n) rows accumulated atomically."""
+    batch, dim, L = u.shape
+    programs = dim // _block_d(dim // num_groups(B, C))
+    return result._replace(**{name: torch.empty(batch, programs, L, A.shape[1], device=u.device, dtype=torch.float32)
+                              for name in _input_dependent(B, C)})
+
+
 def _backward(grads, inputs, residuals, delta_softplus, chunk, launch):
     u, delta, A, B, C, D, z, delta_bias = inputs
     u, delta, A, z = _contiguous(u, delta, A, z)
@@ -77,6 +91,9 @@ def _backward(grads, inputs, residuals, delta_softplus, chunk, launch):
     (chunk_states,) = residuals
     dout = torch.zeros(u.shape, device=u.device, dtype=torch.float32) if dout is None else dout.contiguous()
     result = ScanGrads.allocate(u, A, B, C, z)
+    det = deterministic()
+    if det:
+        result = _with_partials(result, u, A, B, C)
     if launch:
         grid, BC, strides, dims_per_group, meta = _launch_config(u, A, B, C, chunk)
         dummy = chunk_states  # stands in for absent optional pointers; never read
@@ -86,8 +103,12 @@ def _backward(grads, inputs, residuals, delta_softplus, chunk, launch):
             dlast.contiguous() if dlast is not None else dummy, *(t if t is not None else dummy for t in result),
             u.shape[1], u.shape[2], A.shape[1], chunk_states.shape[2], dims_per_group, *strides,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, HAS_DLAST=dlast is not None, **meta,
+            SOFTPLUS=delta_softplus, HAS_DLAST=dlast is not None, DETERMINISTIC=det, **meta,
         )
+    if det:  # the programs of a group are consecutive: sum their partials, always in the same order
+        groups = num_groups(B, C)
+        result = result._replace(**{name: getattr(result, name).unflatten(1, (groups, -1)).sum(2)
+                                    for name in _input_dependent(B, C)})
     return result.input_grads(*inputs)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from .. import deterministic
 from ..custom_op import kernel_op
 from ..ref import discretize_dt
 from .ssd_kernels import (
@@ -21,8 +22,13 @@ from .ssd_kernels import (
     state_passing_kernel,
 )
 
-FWD_BLOCK = 64  # steps per tile in the forward (chunk_size if smaller)
-BWD_BLOCK = 32  # the backward holds more tiles at once
+# Steps per tile (chunk_size if smaller), tf32 / ieee: fp32 "ieee" dots are FMAs, whose operands every thread
+# holds whole, so its tiles are smaller. All at zero register spills for headdim 64, d_state 128, 8 warps
+# (benchmarks/kernel_resources.py).
+FWD_BLOCK = dict(tf32=64, ieee=16)
+BWD_BLOCK = dict(tf32=32, ieee=16)  # the backward holds more tiles at once
+BWD_SLICE = 64  # the backward's programs take d_state in slices of this many (partial sums over d_state)
+WARPS = 8  # at 4, 64x128 fp32 state and accumulator tiles exceed 255 registers
 
 
 class _Shape:
@@ -39,7 +45,14 @@ class _Shape:
     @property
     def meta(self):
         return dict(CHUNK=self.chunk, BLOCK_P=max(16, triton.next_power_of_2(self.headdim)),
-                    BLOCK_N=max(16, triton.next_power_of_2(self.dstate)), PRECISION="ieee" if self.exact else "tf32")
+                    BLOCK_N=max(16, triton.next_power_of_2(self.dstate)), PRECISION=self.precision, num_warps=WARPS)
+
+    @property
+    def precision(self):
+        return "ieee" if self.exact else "tf32"
+
+    def block(self, blocks: dict) -> int:
+        return min(self.chunk, blocks[self.precision])
 
     @property
     def dims(self):
@@ -57,7 +70,7 @@ def _chunk_state(shape, X, Y, dt, a, from_start: bool) -> torch.Tensor:
     out = shape.states(X.device)
     if shape.launch:
         chunk_state_kernel[(shape.batch * shape.n_chunks, shape.nheads)](
-            X, Y, dt, a, out, *shape.dims, FROM_START=from_start, BLOCK_K=min(shape.chunk, FWD_BLOCK), **shape.meta)
+            X, Y, dt, a, out, *shape.dims, FROM_START=from_start, BLOCK_K=shape.block(FWD_BLOCK), **shape.meta)
     return out
 
 
@@ -93,7 +106,7 @@ def _forward(x, dt_chunks, A, B, C, initial_state, launch):
     entering, last = _state_passing(shape, chunk_states, a, initial_state, reverse=False)
     y = torch.empty(x.shape, device=x.device, dtype=torch.float32)
     if launch:
-        block = min(shape.chunk, FWD_BLOCK)
+        block = shape.block(FWD_BLOCK)
         chunk_scan_fwd_kernel[(shape.batch * shape.n_chunks, shape.nheads, shape.chunk // block)](
             x, B, C, dt_chunks, a, entering, y, *shape.dims, BLOCK_M=block, **shape.meta)
     return y, last, a, entering
@@ -111,17 +124,27 @@ def _backward(grads, inputs, residuals, launch):
     from_outputs = _chunk_state(shape, dy, C, dt_chunks, a, from_start=True)
     dleaving, dinitial = _state_passing(shape, from_outputs, a, dlast, reverse=True)
 
-    dx, ddt, da_sources, da_end = torch.empty(x.shape, **f32), shape.per_step(x.device), \
-        shape.per_step(x.device), shape.per_step(x.device)
-    dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
-    da_outputs = shape.per_step(x.device)
+    # per slice of d_state, summed below: (batch, n_slices, ...)
+    meta = dict(shape.meta, BLOCK_N=min(shape.meta["BLOCK_N"], BWD_SLICE))
+    n_slices = triton.cdiv(shape.dstate, meta["BLOCK_N"])
+    dx = torch.empty(shape.batch, n_slices, *x.shape[1:], **f32)
+    ddt, da_sources, da_end, da_outputs = (torch.empty(shape.batch, n_slices, shape.nheads, shape.n_chunks,
+                                                       shape.chunk, **f32) for _ in range(4))
+    det = deterministic()
+    if det:  # (batch, L, nheads, dstate): a row per head, not the group's row that its heads add into
+        dB, dC = (torch.empty(*x.shape[:3], shape.dstate, **f32) for _ in range(2))
+    else:
+        dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
     if launch:
-        block = min(shape.chunk, BWD_BLOCK)
-        grid = (shape.batch * shape.n_chunks, shape.nheads, shape.chunk // block)
+        block = shape.block(BWD_BLOCK)
+        grid = (shape.batch * shape.n_chunks, shape.nheads, shape.chunk // block * n_slices)
         chunk_scan_bwd_sources_kernel[grid](x, B, C, dt_chunks, a, dy, dleaving, dx, ddt, dB, da_sources, da_end,
-                                            *shape.dims, BLOCK=block, **shape.meta)
+                                            *shape.dims, BLOCK=block, DETERMINISTIC=det, **meta)
         chunk_scan_bwd_outputs_kernel[grid](x, B, C, dt_chunks, a, dy, entering, dC, da_outputs,
-                                            *shape.dims, BLOCK=block, **shape.meta)
+                                            *shape.dims, BLOCK=block, DETERMINISTIC=det, **meta)
+    dx, ddt, da_sources, da_end, da_outputs = (t.sum(1) for t in (dx, ddt, da_sources, da_end, da_outputs))
+    if det:  # the heads of a group are consecutive
+        dB, dC = (t.unflatten(2, (shape.ngroups, -1)).sum(3) for t in (dB, dC))
 
     # a_end also decays the carried state: h0[c+1] = exp(a_end) h0[c] + S[c]
     carry = torch.exp(a[..., -1]) * (dleaving * entering).sum((-1, -2)).transpose(1, 2)  # (batch, nheads, n_chunks)

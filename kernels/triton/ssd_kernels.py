@@ -14,23 +14,27 @@ to a is returned per step; the launcher turns it into gradients of dt and A with
 Layouts (all contiguous): x, y, dy, dx (batch, L, nheads, headdim); B, C, dB, dC (batch, L, ngroups,
 dstate); per-step chunk quantities dt, a, ddt, da (batch, nheads, n_chunks, CHUNK) fp32, zero-padded
 past L (dt = 0 there, so padded steps change nothing); states (batch, n_chunks, nheads, headdim,
-dstate) fp32. All arithmetic is fp32.
+dstate) fp32. dB and dC add up over the heads of a group atomically, or in deterministic mode are
+stored per head, (batch, L, nheads, dstate), for the launcher to sum. The two backward kernels take dstate
+in slices of BLOCK_N over their grid's axis 2 (whole 64x128 tiles spill registers); what sums over dstate
+(dx, ddt, da) they write per slice, into (batch, n_slices, ...) partials that the launcher sums. All
+arithmetic is fp32.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _load_steps(ptr, b, t, L, width, stride_head, head, BLOCK_W: tl.constexpr):
-    """Rows t (BLOCK,) of a (batch, L, heads, width) tensor for one head, as fp32 (BLOCK, BLOCK_W)."""
-    offs_w = tl.arange(0, BLOCK_W)
+def _load_steps(ptr, b, t, L, width, stride_head, head, w0, BLOCK_W: tl.constexpr):
+    """Rows t (BLOCK,), columns w0.. (BLOCK_W) of a (batch, L, heads, width) tensor for one head, as fp32."""
+    offs_w = w0 + tl.arange(0, BLOCK_W)
     offs = ((b * L + t[:, None]) * stride_head + head) * width + offs_w[None, :]
     return tl.load(ptr + offs, mask=(t[:, None] < L) & (offs_w[None, :] < width), other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _store_steps(ptr, value, b, t, L, width, stride_head, head, BLOCK_W: tl.constexpr, ATOMIC: tl.constexpr):
-    offs_w = tl.arange(0, BLOCK_W)
+def _store_steps(ptr, value, b, t, L, width, stride_head, head, w0, BLOCK_W: tl.constexpr, ATOMIC: tl.constexpr):
+    offs_w = w0 + tl.arange(0, BLOCK_W)
     offs = ((b * L + t[:, None]) * stride_head + head) * width + offs_w[None, :]
     mask = (t[:, None] < L) & (offs_w[None, :] < width)
     if ATOMIC:  # several heads share a group of B/C
@@ -40,10 +44,11 @@ def _store_steps(ptr, value, b, t, L, width, stride_head, head, BLOCK_W: tl.cons
 
 
 @triton.jit
-def _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Offsets and mask of one (headdim, dstate) state in a (batch, n_chunks, nheads, headdim, dstate) tensor."""
+def _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, n0, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Offsets and mask of columns n0.. (BLOCK_N) of one (headdim, dstate) state in a (batch, n_chunks,
+    nheads, headdim, dstate) tensor."""
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs = (((b * n_chunks + c) * nheads + head) * headdim + offs_p[:, None]) * dstate + offs_n[None, :]
     return offs, (offs_p[:, None] < headdim) & (offs_n[None, :] < dstate)
 
@@ -65,6 +70,18 @@ def _chunk_program(nheads, ngroups, n_chunks, CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _slice_program(b, c, head, nheads, n_chunks, dstate, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """For the backward's grid axis 2, (CHUNK / BLOCK) step blocks for each slice of BLOCK_N columns of
+    dstate: (step block, first column n0, part, prow). Sums over dstate are written per slice, into
+    (batch, n_slices, ...) partials: part is the (b, slice) index and prow the row of dt or a there."""
+    blocks = CHUNK // BLOCK
+    n_slice = tl.program_id(2) // blocks
+    part = b * tl.cdiv(dstate, BLOCK_N) + n_slice
+    return tl.program_id(2) % blocks, n_slice * BLOCK_N, part, ((part * nheads + head) * n_chunks + c) * CHUNK
+
+
+@triton.jit
 def chunk_state_kernel(
     X_ptr, Y_ptr, dt_ptr, a_ptr, out_ptr,
     L, nheads, headdim, dstate, ngroups, n_chunks,
@@ -80,15 +97,15 @@ def chunk_state_kernel(
     for k in range(0, CHUNK, BLOCK_K):
         offs_s = k + tl.arange(0, BLOCK_K)
         t = c * CHUNK + offs_s
-        xs = _load_steps(X_ptr, b, t, L, headdim, nheads, head, BLOCK_P)
-        ys = _load_steps(Y_ptr, b, t, L, dstate, ngroups, group, BLOCK_N)
+        xs = _load_steps(X_ptr, b, t, L, headdim, nheads, head, 0, BLOCK_P)
+        ys = _load_steps(Y_ptr, b, t, L, dstate, ngroups, group, 0, BLOCK_N)
         a_s = tl.load(a_ptr + row + offs_s)
         if FROM_START:
             w = tl.exp(a_s)
         else:
             w = tl.exp(a_end - a_s) * tl.load(dt_ptr + row + offs_s)
         acc += tl.dot(tl.trans(xs), ys * w[:, None], input_precision=PRECISION)
-    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, BLOCK_P, BLOCK_N)
+    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, 0, BLOCK_P, BLOCK_N)
     tl.store(out_ptr + offs, acc, mask=mask)
 
 
@@ -136,21 +153,21 @@ def chunk_scan_fwd_kernel(
     pid_m = tl.program_id(2)
     offs_l = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     t_l = c * CHUNK + offs_l
-    C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, BLOCK_N)
+    C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, 0, BLOCK_N)
     a_l = tl.load(a_ptr + row + offs_l)
-    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, BLOCK_P, BLOCK_N)
+    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, 0, BLOCK_P, BLOCK_N)
     h0 = tl.load(entering_ptr + offs, mask=mask, other=0.0)
     acc = tl.dot(C_l, tl.trans(h0), input_precision=PRECISION) * tl.exp(a_l)[:, None]
     for k in range(0, (pid_m + 1) * BLOCK_M, BLOCK_M):  # causal: source blocks up to the diagonal
         offs_s = k + tl.arange(0, BLOCK_M)
         t_s = c * CHUNK + offs_s
-        B_s = _load_steps(B_ptr, b, t_s, L, dstate, ngroups, group, BLOCK_N)
-        x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, BLOCK_P)
+        B_s = _load_steps(B_ptr, b, t_s, L, dstate, ngroups, group, 0, BLOCK_N)
+        x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, 0, BLOCK_P)
         dt_s = tl.load(dt_ptr + row + offs_s)
         a_s = tl.load(a_ptr + row + offs_s)
         w = tl.dot(C_l, tl.trans(B_s), input_precision=PRECISION) * _decay(a_l, a_s, offs_l, offs_s) * dt_s[None, :]
         acc += tl.dot(w, x_s, input_precision=PRECISION)
-    _store_steps(y_ptr, acc, b, t_l, L, headdim, nheads, head, BLOCK_P, False)
+    _store_steps(y_ptr, acc, b, t_l, L, headdim, nheads, head, 0, BLOCK_P, False)
 
 
 @triton.jit
@@ -159,18 +176,20 @@ def chunk_scan_bwd_sources_kernel(
     dx_ptr, ddt_ptr, dB_ptr, da_ptr, da_end_ptr,
     L, nheads, headdim, dstate, ngroups, n_chunks,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     """Gradients at BLOCK source steps s of one chunk and head, from the outputs l >= s and from the
     leaving state's gradient dS: dx, ddt (through dt as a factor only), dB (accumulated over the heads of
-    a group), da_s (the terms where a_s enters with a minus sign) and da_end_s (the term of a_end).
-    Grid (batch * n_chunks, nheads, CHUNK / BLOCK)."""
+    a group, or, DETERMINISTIC, stored per head into (batch, L, nheads, dstate)), da_s (the terms where
+    a_s enters with a minus sign) and da_end_s (the term of a_end). For BLOCK_N columns of dstate: dB's
+    slice, and dx, ddt, da, da_end as partials per slice (sums over dstate), in (batch, n_slices, ...).
+    Grid (batch * n_chunks, nheads, CHUNK / BLOCK * n_slices)."""
     b, c, head, group, row = _chunk_program(nheads, ngroups, n_chunks, CHUNK)
-    pid_s = tl.program_id(2)
+    pid_s, n0, part, prow = _slice_program(b, c, head, nheads, n_chunks, dstate, CHUNK, BLOCK, BLOCK_N)
     offs_s = pid_s * BLOCK + tl.arange(0, BLOCK)
     t_s = c * CHUNK + offs_s
-    x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, BLOCK_P)
-    B_s = _load_steps(B_ptr, b, t_s, L, dstate, ngroups, group, BLOCK_N)
+    x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, 0, BLOCK_P)
+    B_s = _load_steps(B_ptr, b, t_s, L, dstate, ngroups, group, n0, BLOCK_N)
     dt_s = tl.load(dt_ptr + row + offs_s)
     a_s = tl.load(a_ptr + row + offs_s)
     g = tl.zeros((BLOCK, BLOCK_P), dtype=tl.float32)  # d y / d (dt_s x_s), summed over outputs
@@ -179,26 +198,29 @@ def chunk_scan_bwd_sources_kernel(
     for k in range(pid_s * BLOCK, CHUNK, BLOCK):
         offs_l = k + tl.arange(0, BLOCK)
         t_l = c * CHUNK + offs_l
-        C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, BLOCK_N)
-        dy_l = _load_steps(dy_ptr, b, t_l, L, headdim, nheads, head, BLOCK_P)
+        C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, n0, BLOCK_N)
+        dy_l = _load_steps(dy_ptr, b, t_l, L, headdim, nheads, head, 0, BLOCK_P)
         decay = _decay(tl.load(a_ptr + row + offs_l), a_s, offs_l, offs_s)  # (l, s)
         w = tl.dot(C_l, tl.trans(B_s), input_precision=PRECISION) * decay
         xdy = tl.dot(dy_l, tl.trans(x_s), input_precision=PRECISION)
         g += tl.dot(tl.trans(w), dy_l, input_precision=PRECISION)
         dB += tl.dot(tl.trans(decay * xdy), C_l, input_precision=PRECISION)
         m_cols += tl.sum(w * xdy, axis=0)
-    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, BLOCK_P, BLOCK_N)
+    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, n0, BLOCK_P, BLOCK_N)
     dS = tl.load(dleaving_ptr + offs, mask=mask, other=0.0)
     to_end = tl.exp(tl.load(a_ptr + row + CHUNK - 1) - a_s)
     g += to_end[:, None] * tl.dot(B_s, tl.trans(dS), input_precision=PRECISION)
-    x_dS = tl.dot(x_s, dS, input_precision=PRECISION)  # (s, dstate)
+    x_dS = tl.dot(x_s, dS, input_precision=PRECISION)  # (s, BLOCK_N)
     dB = dt_s[:, None] * (dB + to_end[:, None] * x_dS)
     end_term = to_end * dt_s * tl.sum(B_s * x_dS, axis=1)
-    _store_steps(dx_ptr, g * dt_s[:, None], b, t_s, L, headdim, nheads, head, BLOCK_P, False)
-    _store_steps(dB_ptr, dB, b, t_s, L, dstate, ngroups, group, BLOCK_N, True)
-    tl.store(ddt_ptr + row + offs_s, tl.sum(x_s * g, axis=1))
-    tl.store(da_ptr + row + offs_s, -dt_s * m_cols - end_term)
-    tl.store(da_end_ptr + row + offs_s, end_term)
+    _store_steps(dx_ptr, g * dt_s[:, None], part, t_s, L, headdim, nheads, head, 0, BLOCK_P, False)
+    if DETERMINISTIC:  # a row per head, which the caller sums over the group's heads in a fixed order
+        _store_steps(dB_ptr, dB, b, t_s, L, dstate, nheads, head, n0, BLOCK_N, False)
+    else:
+        _store_steps(dB_ptr, dB, b, t_s, L, dstate, ngroups, group, n0, BLOCK_N, True)
+    tl.store(ddt_ptr + prow + offs_s, tl.sum(x_s * g, axis=1))
+    tl.store(da_ptr + prow + offs_s, -dt_s * m_cols - end_term)
+    tl.store(da_end_ptr + prow + offs_s, end_term)
 
 
 @triton.jit
@@ -207,33 +229,38 @@ def chunk_scan_bwd_outputs_kernel(
     dC_ptr, da_ptr,
     L, nheads, headdim, dstate, ngroups, n_chunks,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     """Gradients at BLOCK output steps l of one chunk and head: dC (accumulated over the heads of a
-    group) and da_l (the terms where a_l enters with a plus sign), from the sources s <= l and the
-    entering state h0. Grid (batch * n_chunks, nheads, CHUNK / BLOCK)."""
+    group, or stored per head as dB above) and da_l (the terms where a_l enters with a plus sign), from
+    the sources s <= l and the entering state h0. For BLOCK_N columns of dstate: dC's slice and da's
+    partial, in (batch, n_slices, ...). Grid (batch * n_chunks, nheads, CHUNK / BLOCK * n_slices)."""
     b, c, head, group, row = _chunk_program(nheads, ngroups, n_chunks, CHUNK)
-    pid_l = tl.program_id(2)
+    pid_l, n0, part, prow = _slice_program(b, c, head, nheads, n_chunks, dstate, CHUNK, BLOCK, BLOCK_N)
     offs_l = pid_l * BLOCK + tl.arange(0, BLOCK)
     t_l = c * CHUNK + offs_l
-    C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, BLOCK_N)
-    dy_l = _load_steps(dy_ptr, b, t_l, L, headdim, nheads, head, BLOCK_P)
+    C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, n0, BLOCK_N)
+    dy_l = _load_steps(dy_ptr, b, t_l, L, headdim, nheads, head, 0, BLOCK_P)
     a_l = tl.load(a_ptr + row + offs_l)
     dC = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
     m_rows = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in range(0, (pid_l + 1) * BLOCK, BLOCK):
         offs_s = k + tl.arange(0, BLOCK)
         t_s = c * CHUNK + offs_s
-        B_s = _load_steps(B_ptr, b, t_s, L, dstate, ngroups, group, BLOCK_N)
-        x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, BLOCK_P)
+        B_s = _load_steps(B_ptr, b, t_s, L, dstate, ngroups, group, n0, BLOCK_N)
+        x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, 0, BLOCK_P)
         dt_s = tl.load(dt_ptr + row + offs_s)
         decay = _decay(a_l, tl.load(a_ptr + row + offs_s), offs_l, offs_s)
         v = decay * tl.dot(dy_l, tl.trans(x_s), input_precision=PRECISION) * dt_s[None, :]
         dC += tl.dot(v, B_s, input_precision=PRECISION)
         m_rows += tl.sum(v * tl.dot(C_l, tl.trans(B_s), input_precision=PRECISION), axis=1)
-    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, BLOCK_P, BLOCK_N)
+    offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, n0, BLOCK_P, BLOCK_N)
     h0 = tl.load(entering_ptr + offs, mask=mask, other=0.0)
-    dy_h0 = tl.dot(dy_l, h0, input_precision=PRECISION)  # (l, dstate)
+    dy_h0 = tl.dot(dy_l, h0, input_precision=PRECISION)  # (l, BLOCK_N)
     from_start = tl.exp(a_l)
-    _store_steps(dC_ptr, dC + from_start[:, None] * dy_h0, b, t_l, L, dstate, ngroups, group, BLOCK_N, True)
-    tl.store(da_ptr + row + offs_l, m_rows + from_start * tl.sum(C_l * dy_h0, axis=1))
+    dC += from_start[:, None] * dy_h0
+    if DETERMINISTIC:
+        _store_steps(dC_ptr, dC, b, t_l, L, dstate, nheads, head, n0, BLOCK_N, False)
+    else:
+        _store_steps(dC_ptr, dC, b, t_l, L, dstate, ngroups, group, n0, BLOCK_N, True)
+    tl.store(da_ptr + prow + offs_l, m_rows + from_start * tl.sum(C_l * dy_h0, axis=1))

@@ -1,12 +1,17 @@
-"""`ssmforge.kernels.selective_scan` picks the right backend and `import ssmforge.kernels` stays light."""
+"""`ssmforge.kernels.selective_scan` picks the right backend, a CUDA tensor without triton is one clear error
+rather than the oracle, the start-up line names each kernel's backend, and `import ssmforge.kernels` stays
+light."""
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ssmforge import kernels
+from ssmforge.errors import SsmforgeError
 from ssmforge.kernels import selective_scan, selective_scan_ref
+from ssmforge.kernels.backends import BackendUnavailableError, describe_backends
 
 
 def _inputs():
@@ -15,10 +20,53 @@ def _inputs():
             torch.randn(2, 3, 10, generator=g), torch.randn(2, 3, 10, generator=g))
 
 
-def test_default_backend_by_device():
+def test_default_backend_by_device(monkeypatch):
     assert kernels.scan_default_backend(torch.device("cpu")) == "cpu"
-    expected = "triton" if "triton" in kernels.SCAN_BACKENDS else "ref"
-    assert kernels.scan_default_backend(torch.device("cuda")) == expected
+    monkeypatch.setitem(kernels.SCAN_BACKENDS, "triton", kernels.SCAN_BACKENDS["ref"])  # as if triton were installed
+    assert kernels.scan_default_backend(torch.device("cuda")) == "triton"
+
+
+def without_triton(monkeypatch):
+    """The kernels' registries as they are where triton is not installed."""
+    for registry in (kernels.SCAN_BACKENDS, kernels.SSD_BACKENDS, kernels.CONV1D_BACKENDS):
+        monkeypatch.delitem(registry, "triton", raising=False)
+
+
+def test_cuda_without_triton_is_one_clear_error_not_the_oracle(monkeypatch):
+    without_triton(monkeypatch)
+    calls = []
+    monkeypatch.setitem(kernels.SCAN_BACKENDS, "ref", lambda *a, **k: calls.append(1))
+    with pytest.raises(BackendUnavailableError) as caught:
+        kernels.scan_default_backend(torch.device("cuda"))
+    message = str(caught.value)
+    assert isinstance(caught.value, SsmforgeError)  # the CLI prints it as one line, exit code 2
+    assert "\n" not in message and "triton" in message and "pip install triton" in message
+    # through the public function, on fake CUDA tensors (shapes and a device, no data: no GPU needed)
+    with FakeTensorMode():
+        u, delta, A, B, C = (torch.empty(t.shape, device="cuda") for t in _inputs())
+        with pytest.raises(BackendUnavailableError, match="selective scan on cuda tensors needs triton"):
+            selective_scan(u, delta, A, B, C)
+        assert calls == []  # the oracle never ran
+        selective_scan(u, delta, A, B, C, backend="ref")  # asked for by name: it runs
+    assert calls == [1]
+
+
+def test_cuda_without_triton_keeps_the_usable_pytorch_fallbacks(monkeypatch):
+    without_triton(monkeypatch)
+    assert kernels.ssd_default_backend(torch.device("cuda")) == "torch"  # chunked matmuls, not the oracle
+    assert kernels.conv1d_default_backend(torch.device("cuda")) == "ref"  # torch's (cuDNN) conv1d
+    line = describe_backends(torch.device("cuda"))
+    assert line.startswith("selective scan: none (triton is not installed")
+    assert "ssd: torch (triton is not installed" in line and "causal conv1d: ref (triton is not installed" in line
+
+
+def test_describe_backends():
+    assert describe_backends(torch.device("cpu")) == "selective scan: cpu, ssd: torch, causal conv1d: cpu, fft conv: torch"
+    assert describe_backends("cpu", backend="ref") == "selective scan: ref, ssd: ref, causal conv1d: ref, fft conv: torch"
+    if kernels.backends.triton_available():
+        assert describe_backends("cuda") == "selective scan: triton, ssd: triton, causal conv1d: triton, fft conv: torch"
+        assert "causal conv1d: ref (torch's conv1d: the Triton kernel takes widths 2..4, not 6)" in \
+            describe_backends("cuda", conv_width=6)
 
 
 def test_cpu_tensors_use_cpu_path(monkeypatch):

@@ -95,6 +95,22 @@ def test_triton_several_heads_per_group_and_padded_dims():
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype, deterministic", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_triton_backward_over_several_slices_of_the_state(monkeypatch, dtype, deterministic):
+    """The backward kernels split d_state into slices of BWD_SLICE (64 at real shapes, to fit the registers):
+    with slices of 16, d_state 40 is 3 slices, the last partly masked, and 33 is 3 with one column in the last."""
+    from ssmforge import kernels
+    from ssmforge.kernels.triton import ssd as triton_ssd
+
+    monkeypatch.setattr(triton_ssd, "BWD_SLICE", 16)
+    monkeypatch.setattr(kernels, "_deterministic", deterministic)  # set_deterministic, undone after the test
+    check(lambda **kw: _triton(chunk_size=16, **kw), dtype=dtype, batch=2, L=37, nheads=3, ngroups=1, headdim=6,
+          dstate=40)
+    check(lambda **kw: _triton(chunk_size=32, **kw), dtype=dtype, batch=1, L=40, nheads=2, ngroups=2, headdim=8,
+          dstate=33)
+
+
+@needs_triton
 def test_triton_rejects_chunks_it_cannot_tile():
     with pytest.raises(ValueError, match="power of two >= 16"):
         _triton(**{k: v.detach() if v is not None else None for k, v in make_inputs(**SMALL).items()}, chunk_size=24)

@@ -55,12 +55,14 @@ def test_levels_by_rank_and_library():
 def test_a_two_rank_run_logs_each_line_once_and_no_library_notices(tmp_path):
     # 28 validation samples, too few for a batch of 16 per rank: a warning that each rank logs
     procs = start_ranks(pretrain_command(tmp_path, "train.max_steps=2", "train.eval_every=100", "train.save_every=100",
-                                         "train.micro_batch_size=16"), 2)
+                                         "train.micro_batch_size=16", "train.deterministic=true"), 2)
     outputs = [proc.communicate(timeout=300) for proc in procs]
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:] + err[-3000:]
     log = "".join(out + err for out, err in outputs)  # what one job log holds
     assert log.count("INFO ssmforge.pretrain.trainer: training mamba") == 1
+    assert log.count("INFO ssmforge.pretrain.trainer: kernels: selective scan: cpu, ssd: torch, causal conv1d: cpu, "
+                     "fft conv: torch (deterministic backwards)") == 1
     assert log.count(f"INFO ssmforge.pretrain.checkpoint: saved checkpoint {tmp_path}/checkpoints/step_00000002") == 1
     assert log.count("WARNING ssmforge.pretrain.trainer: validation split has too few samples") == 2
     for notice in ("INFO streaming", "Because `predownload` was not specified",
