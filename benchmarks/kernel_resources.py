@@ -115,7 +115,8 @@ def _backward(*outputs):
 
 
 def drive_selective_scan(act, flags: bool):
-    """Mamba: u, delta, z, B, C (batch, n, L) activations; A, D, delta_bias fp32; softplus."""
+    """Mamba: u, delta, z, B, C (batch, n, L) activations; A, D, delta_bias fp32; softplus. A training step
+    on rows of one document and on packed rows (seq_idx, two documents per row: HAS_SEQ_IDX)."""
     import torch
 
     from ssmforge.kernels.triton.selective_scan import CHUNK, selective_scan_triton
@@ -125,17 +126,21 @@ def drive_selective_scan(act, flags: bool):
     activation, param = _tensors(act)
     chunk = SCAN_CHUNK or CHUNK
     batch, d, n, L = 1, cfg.expand * D_MODEL, cfg.d_state, 2 * chunk
-    A = (-torch.rand(d, n)).requires_grad_()
-    B, C = (param(d, n), param(d, n)) if flags else (activation(batch, n, L), activation(batch, n, L))
-    out = selective_scan_triton(activation(batch, d, L), activation(batch, d, L), A, B, C, D=param(d),
-                                z=activation(batch, d, L), delta_bias=param(d), delta_softplus=True,
-                                return_last_state=flags, chunk=chunk)
-    _backward(*(out if flags else (out,)))
+    packed = (torch.arange(L) >= L // 3).to(torch.int32).expand(batch, L)
+    for seq_idx in (None, packed):
+        A = (-torch.rand(d, n)).requires_grad_()
+        B, C = (param(d, n), param(d, n)) if flags else (activation(batch, n, L), activation(batch, n, L))
+        out = selective_scan_triton(activation(batch, d, L), activation(batch, d, L), A, B, C, D=param(d),
+                                    z=activation(batch, d, L), delta_bias=param(d), delta_softplus=True,
+                                    return_last_state=flags, chunk=chunk, seq_idx=seq_idx)
+        _backward(*(out if flags else (out,)))
 
 
 def drive_ssd(act, flags: bool):
     """Mamba-2: x (batch, L, nheads, headdim), dt, B, C (batch, L, ngroups, d_state) activations; A, D,
-    dt_bias fp32; softplus; with flags, an initial state and the final state's gradient."""
+    dt_bias fp32; softplus; with flags, an initial state and the final state's gradient. Each twice: one
+    document per row, and a packed row with document resets (seq_idx: HAS_SEQ_IDX), one inside a chunk and
+    one at a chunk boundary."""
     import torch
 
     from ssmforge.kernels.triton.ssd import ssd_triton
@@ -145,25 +150,31 @@ def drive_ssd(act, flags: bool):
     activation, param = _tensors(act)
     nheads = cfg.expand * D_MODEL // cfg.headdim
     batch, L = 1, cfg.chunk_size * 2
-    B, C = activation(batch, L, cfg.ngroups, cfg.d_state), activation(batch, L, cfg.ngroups, cfg.d_state)
-    initial = param(batch, nheads, cfg.headdim, cfg.d_state) if flags else None
-    out = ssd_triton(activation(batch, L, nheads, cfg.headdim), activation(batch, L, nheads),
-                     (-torch.rand(nheads)).requires_grad_(), B, C, chunk_size=cfg.chunk_size, D=param(nheads),
-                     dt_bias=param(nheads), dt_softplus=True, initial_state=initial, return_final_state=flags)
-    _backward(*(out if flags else (out,)))
+    packed = torch.repeat_interleave(torch.arange(3), torch.tensor([cfg.chunk_size // 3, cfg.chunk_size
+                                                                    - cfg.chunk_size // 3, cfg.chunk_size]))
+    for seq_idx in (None, packed.expand(batch, L)):
+        B, C = activation(batch, L, cfg.ngroups, cfg.d_state), activation(batch, L, cfg.ngroups, cfg.d_state)
+        initial = param(batch, nheads, cfg.headdim, cfg.d_state) if flags else None
+        out = ssd_triton(activation(batch, L, nheads, cfg.headdim), activation(batch, L, nheads),
+                         (-torch.rand(nheads)).requires_grad_(), B, C, chunk_size=cfg.chunk_size, D=param(nheads),
+                         dt_bias=param(nheads), dt_softplus=True, initial_state=initial, return_final_state=flags,
+                         seq_idx=seq_idx)
+        _backward(*(out if flags else (out,)))
 
 
 def drive_conv1d(act, flags: bool):
-    """Both mixers' conv: x (batch, d, L) activations, weight (d, d_conv) and bias fp32, SiLU."""
+    """Both mixers' conv: x (batch, d, L) activations, weight (d, d_conv) and bias fp32, SiLU; with flags,
+    document resets (seq_idx: the HAS_SEQ_IDX variants). No bias or no SiLU only removes work."""
+    import torch
+
     from ssmforge.kernels.triton.conv1d import BLOCK_L, causal_conv1d_triton
     from ssmforge.models.config import MambaConfig
 
-    if flags:
-        return  # no bias or no SiLU only removes work
     cfg = MambaConfig()
     activation, param = _tensors(act)
-    d = cfg.expand * D_MODEL
-    _backward(causal_conv1d_triton(activation(1, d, 2 * BLOCK_L), param(d, cfg.d_conv), param(d), "silu"))
+    d, L = cfg.expand * D_MODEL, 2 * BLOCK_L
+    seq_idx = (torch.arange(L) // 37).to(torch.int32)[None] if flags else None  # documents of 37 steps
+    _backward(causal_conv1d_triton(activation(1, d, L), param(d, cfg.d_conv), param(d), "silu", seq_idx=seq_idx))
 
 
 DRIVES = (drive_selective_scan, drive_ssd, drive_conv1d)

@@ -17,6 +17,11 @@ from ssmforge.errors import ConfigError, DataError
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+# The token that precedes every document in the packed training stream, recorded as the tokenizer record's
+# "document_prefix": "eos" (pack.py joins documents with EOS, so each one follows an EOS) or "bos". Evaluation
+# conditions each document on the same token. Manifests written before the field existed were packed with EOS.
+DOCUMENT_PREFIXES = ("eos", "bos")
+DEFAULT_DOCUMENT_PREFIX = "eos"
 
 
 @dataclass
@@ -104,6 +109,15 @@ class Manifest:
         if theirs != ours["sha256"]:
             raise DataError(f"{where}: the shards were made with another tokenizer (sha256 {ours['sha256'][:12]}) "
                             f"than tokenizer.path={path} (sha256 {theirs[:12]})")
+
+
+def document_prefix(tokenizer_record: dict | None, where: str = "manifest") -> str:
+    """The token ("eos" or "bos") that starts a document in training, from a manifest's tokenizer record
+    (None or a record without the field: "eos", what packing has always done)."""
+    value = (tokenizer_record or {}).get("document_prefix") or DEFAULT_DOCUMENT_PREFIX
+    if value not in DOCUMENT_PREFIXES:
+        raise DataError(f"{where}: tokenizer.document_prefix={value!r} is invalid; need one of {DOCUMENT_PREFIXES}")
+    return value
 
 
 def read_manifest(directory: str | Path) -> Manifest | None:

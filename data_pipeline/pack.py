@@ -348,9 +348,11 @@ def check_vocab(ids: int, config) -> None:
 
 
 def _tokenizer_record(tokenizer, kind: str, path: str | None) -> dict:
+    """The manifest's tokenizer record. `document_prefix`: the token every document follows in the stream
+    (_join ends each document with EOS, so the next one starts after it); evaluation conditions on it."""
     return {"kind": kind, "file": TOKENIZER_FILE if path else None, "sha256": tokenizer.fingerprint(),
             "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-            "bos_id": tokenizer.bos_id}
+            "bos_id": tokenizer.bos_id, "document_prefix": "eos"}
 
 
 # -- the stage -------------------------------------------------------------------------------------

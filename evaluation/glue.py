@@ -1,6 +1,7 @@
 """GLUE fine-tuning: a classification (or STS-B regression) head on the pretrained backbone, pooled on
 the last real token of each sequence (the only position that has read the whole input of a causal
-model), trained through the same DeepSpeed engine as pretraining, evaluated on dev every epoch; the
+model), each input framed `START a EOS (b EOS)` with START the token that preceded every document in
+pretraining (EOS for packed data), trained through the same DeepSpeed engine as pretraining, evaluated on dev every epoch; the
 best epoch's dev metrics and test predictions are kept and written as the benchmark's submission files.
 """
 from __future__ import annotations
@@ -44,18 +45,22 @@ class SequenceClassifier(nn.Module):
         return self.head(pooled.to(self.head.weight.dtype)).float()
 
 
-def special_ids(tokenizer) -> tuple[int, int]:
-    """(start id, separator id): BOS and EOS where the tokenizer has them, else whichever exists."""
+def special_ids(tokenizer, document_prefix: str = "eos") -> tuple[int, int]:
+    """(start id, separator id): the start is the token every document followed in pretraining
+    (`document_prefix`, the manifest's: EOS for packed data, see perplexity.training_document_prefix), the
+    separator EOS; each falls back to the other special id where the tokenizer lacks it."""
+    from .perplexity import prefix_token_id
+
     bos = tokenizer.bos_id if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else None
     eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else None
     if bos is None and eos is None:
         raise DataError("the tokenizer has neither a BOS nor an EOS id to frame GLUE sentences with")
-    return (bos if bos is not None else eos), (eos if eos is not None else bos)
+    return prefix_token_id(tokenizer, document_prefix), (eos if eos is not None else bos)
 
 
-def encode_example(tokenizer, example: Example, max_length: int) -> list[int]:
+def encode_example(tokenizer, example: Example, max_length: int, document_prefix: str = "eos") -> list[int]:
     """[start] a [sep] (b [sep]), cut to max_length by trimming the longer sentence first."""
-    start, sep = special_ids(tokenizer)
+    start, sep = special_ids(tokenizer, document_prefix)
     a = tokenizer.encode(example.text_a)
     b = tokenizer.encode(example.text_b) if example.text_b is not None else None
     budget = max_length - (3 if b is not None else 2)
@@ -100,8 +105,9 @@ class GlueRunner:
     """Fine-tunes one fresh copy of the backbone per task. `make_backbone()` returns the pretrained LM."""
 
     def __init__(self, make_backbone, tokenizer, run_config, world_size: int, rank: int, device: torch.device,
-                 progress: bool = False):
+                 progress: bool = False, document_prefix: str = "eos"):
         self.make_backbone, self.tokenizer, self.config = make_backbone, tokenizer, run_config
+        self.document_prefix = document_prefix  # the token each input starts with: see special_ids
         self.glue = run_config.glue
         self.world_size, self.rank, self.device, self.progress = world_size, rank, device, progress
         pad = tokenizer.pad_id if tokenizer.pad_id is not None and tokenizer.pad_id >= 0 else special_ids(tokenizer)[1]
@@ -122,7 +128,7 @@ class GlueRunner:
         return build_engine(model, dataclasses.replace(self.config, train=train), self.world_size)
 
     def _encode(self, examples: list[Example]) -> list[list[int]]:
-        return [encode_example(self.tokenizer, e, self.glue.max_length) for e in examples]
+        return [encode_example(self.tokenizer, e, self.glue.max_length, self.document_prefix) for e in examples]
 
     def _predict(self, engine, sequences: list[list[int]], task: Task) -> list:
         """Predictions for every encoded example (each rank scores its share; results are gathered)."""

@@ -7,6 +7,15 @@ with stride = max_length (the default) windows do not overlap and the last one r
 context (the evaluation harness's rolling log-likelihood); with a smaller stride every scored token
 has at least max_length - stride tokens of context.
 
+Conditioning: each document is read after the token that preceded every document in training, the
+manifest's `document_prefix` (`training_document_prefix`): EOS for data packed by ssmforge, which joins
+documents with EOS and never feeds BOS. It is what lm-evaluation-harness feeds a model whose BOS is its
+EOS (its `prefix_token_id`; pass `prefix_token_id=EOS` in its model_args for another tokenizer).
+
+Length: a window longer than `chunk_length` is fed chunk by chunk with the model's recurrent state
+carried from one chunk to the next (`token_nll`), so an SSM scores any length in memory constant in it
+(an attention layer keeps its KV cache: a sliding window's stays bounded, full attention's grows).
+
 Importing this module loads no torch: the CLI checks --dataset with it before it loads a model.
 """
 from __future__ import annotations
@@ -136,6 +145,35 @@ def _has_field(path: Path, field: str) -> bool:
         return False
 
 
+def training_document_prefix(config) -> str:
+    """"eos" or "bos": the token each document followed in the training data of a run config (its
+    manifest's document_prefix). None (a Hugging Face folder), remote shards, or shards no longer there
+    (an export moved elsewhere): "eos", what packing has always done."""
+    from ssmforge.data_pipeline.manifest import (DEFAULT_DOCUMENT_PREFIX, MANIFEST_FILE, document_prefix, is_remote,
+                                                 read_manifest)
+
+    if config is None or is_remote(config.data.shard_dir):
+        return DEFAULT_DOCUMENT_PREFIX
+    try:
+        manifest = read_manifest(config.data.shard_dir)
+    except DataError as e:  # the shards of another version: the run's own were packed with EOS as well
+        log.warning("%s; documents start with EOS", e)
+        return DEFAULT_DOCUMENT_PREFIX
+    return document_prefix(manifest.tokenizer if manifest else None, str(Path(config.data.shard_dir) / MANIFEST_FILE))
+
+
+def prefix_token_id(tokenizer, prefix: str = "eos") -> int:
+    """The id that starts each document: the tokenizer's EOS for prefix "eos", its BOS for "bos" (the
+    other one where the tokenizer lacks it)."""
+    if prefix not in ("eos", "bos"):
+        raise ConfigError(f"document prefix {prefix!r} is invalid; need 'eos' or 'bos'")
+    ids = (tokenizer.eos_id, tokenizer.bos_id) if prefix == "eos" else (tokenizer.bos_id, tokenizer.eos_id)
+    found = next((i for i in ids if i is not None and i >= 0), None)
+    if found is None:
+        raise DataError("the tokenizer has neither an EOS nor a BOS id to start documents with")
+    return found
+
+
 @dataclass(frozen=True)
 class Window:
     """Inputs seq[start:end] of a document's sequence seq = [prefix] + tokens; the logits at positions
@@ -170,6 +208,9 @@ class PerplexityResult:
     nll: float  # total negative log-likelihood in nats
     max_length: int
     stride: int
+    document_prefix: str = "eos"  # the token each document was read after
+    chunk_length: int | None = None  # windows longer than this were fed in chunks, the state carried
+    recurrent_windows: int = 0  # how many windows were (summed over ranks)
 
     @property
     def token_perplexity(self) -> float:
@@ -196,7 +237,9 @@ class PerplexityResult:
                 ("bytes", f"{self.bytes}"), ("token perplexity", f"{self.token_perplexity:.4f}"),
                 ("word perplexity", f"{self.word_perplexity:.4f}"),
                 ("byte perplexity", f"{self.byte_perplexity:.4f}"), ("bits per byte", f"{self.bits_per_byte:.4f}")]
-        head = f"Perplexity on {self.dataset} (window {self.max_length}, stride {self.stride})\n\n"
+        chunks = f", fed in chunks of {self.chunk_length}" if self.recurrent_windows else ""
+        head = (f"Perplexity on {self.dataset} (window {self.max_length}, stride {self.stride}{chunks}; documents "
+                f"read after {self.document_prefix.upper()})\n\n")
         return head + "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
@@ -211,37 +254,69 @@ def _no_grad(fn):
     return wrapper
 
 
+IGNORE = -100  # the target of a position that is not scored
+
+
+def token_nll(model, inputs, targets, chunk_length: int | None = None):
+    """-ln P(target) at each position, (batch, L) fp32, 0 where the target is IGNORE: inputs, targets
+    (batch, L) int64, right-padded. L <= chunk_length (or no chunk_length): one forward. Longer: chunks of
+    chunk_length tokens fed in order through one recurrent state (model.allocate_state), each chunk
+    continuing where the previous one stopped, so that only one chunk's activations and logits exist at
+    a time; the result equals the single forward's."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    inputs, targets = inputs.to(device), targets.to(device)
+    width = inputs.shape[1]
+    if chunk_length is None or width <= chunk_length:
+        logits = model(inputs)  # (batch, L, vocab)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                               reduction="none").view(targets.shape)
+    state = model.allocate_state(inputs.shape[0])
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=device)
+    for c in range(0, width, chunk_length):
+        logits = model(inputs[:, c:c + chunk_length], state=state)  # continues from the previous chunks
+        part = targets[:, c:c + chunk_length]
+        out[:, c:c + chunk_length] = F.cross_entropy(logits.flatten(0, 1), part.flatten(), ignore_index=IGNORE,
+                                                     reduction="none").view(part.shape)
+        del logits
+    return out
+
+
 @_no_grad
 def evaluate_perplexity(model, tokenizer, documents: list[str], dataset: str, max_length: int,
                         stride: int | None = None, batch_size: int = 8, detokenize: bool = True,
                         rank: int = 0, world_size: int = 1, progress: bool = False,
-                        score_end: bool = False) -> PerplexityResult:
+                        score_end: bool = False, document_prefix: str = "eos",
+                        chunk_length: int | None = None) -> PerplexityResult:
     """Score `documents` (rank r takes every world_size-th one; sums are all-reduced when a process group
-    is up). Each document is prefixed with the tokenizer's BOS (else EOS) id, so its first token is scored;
-    with `score_end` its EOS, as packed training data ends it, is scored too (and counted as a token)."""
+    is up). Each document is read after the token `document_prefix` names ("eos", as packed training
+    data precedes every document, or "bos"; see `training_document_prefix`), so its first token is
+    scored; with `score_end` its EOS, as packed training data ends it, is scored too (and counted as a
+    token). A window longer than `chunk_length` is fed in chunks with the recurrent state carried
+    (`token_nll`): memory stays constant in max_length for SSMs."""
     import torch
-    import torch.nn.functional as F
 
     from ssmforge.pretrain.collectives import sum_over_ranks
 
     stride = stride or max_length
     if max_length < 1:
         raise ConfigError(f"eval.max_length={max_length} is invalid: must be >= 1")
-    prefix = next((i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None and i >= 0), None)
-    if prefix is None:
-        raise DataError("the tokenizer has neither a BOS nor an EOS id to start documents with")
-    device = next(model.parameters()).device
+    if chunk_length is not None and chunk_length < 1:
+        raise ConfigError(f"eval.chunk_length={chunk_length} is invalid: must be >= 1")
+    prefix = prefix_token_id(tokenizer, document_prefix)
     mine = list(range(rank, len(documents), world_size))
     sequences, windows = {}, []
-    totals = torch.zeros(5, dtype=torch.float64)  # nll, tokens, words, bytes, documents
+    totals = torch.zeros(6, dtype=torch.float64)  # nll, tokens, words, bytes, documents, recurrent windows
     for i in mine:
         original = documents[i]
         ids = tokenizer.encode(wikitext_detokenize(original) if detokenize else original)
         ids = list(ids) + ([tokenizer.eos_id] if score_end else [])
         sequences[i] = torch.tensor([prefix] + list(ids), dtype=torch.long)
         windows.extend(scoring_windows(i, len(ids), max_length, stride))
-        totals[1:] += torch.tensor([len(ids), count_words(original), len(original.encode("utf-8")), 1],
-                                   dtype=torch.float64)
+        totals[1:5] += torch.tensor([len(ids), count_words(original), len(original.encode("utf-8")), 1],
+                                    dtype=torch.float64)
     windows.sort(key=lambda w: w.end - w.start, reverse=True)  # similar lengths share a batch: little padding
     batches = range(0, len(windows), batch_size)
     if progress:
@@ -252,21 +327,23 @@ def evaluate_perplexity(model, tokenizer, documents: list[str], dataset: str, ma
         group = windows[b:b + batch_size]
         width = group[0].end - group[0].start
         inputs = torch.zeros(len(group), width, dtype=torch.long)
-        targets = torch.full((len(group), width), -100, dtype=torch.long)  # -100: not scored
+        targets = torch.full((len(group), width), IGNORE, dtype=torch.long)
         for row, w in enumerate(group):
             seq = sequences[w.doc]
             inputs[row, :w.end - w.start] = seq[w.start:w.end]
             scored = slice(w.score_from - w.start, w.end - w.start)
             targets[row, scored] = seq[w.score_from + 1:w.end + 1]
-        logits = model(inputs.to(device))
-        nll = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
-                              reduction="sum")
-        totals[0] += nll.double().cpu()
+        totals[0] += token_nll(model, inputs, targets, chunk_length).sum(dtype=torch.float64).cpu()
+        if chunk_length is not None:
+            totals[5] += sum(w.end - w.start > chunk_length for w in group)
+    device = next(model.parameters()).device
     totals = totals.tolist()
     if world_size > 1:  # each rank scored its share of the documents
         totals = sum_over_ranks(totals, device)
-    nll, tokens, words, n_bytes, docs = totals
+    nll, tokens, words, n_bytes, docs, recurrent = totals
     if tokens == 0:
         raise DataError(f"{dataset}: the documents hold no tokens to score")
     return PerplexityResult(dataset=dataset, documents=int(docs), tokens=int(tokens), words=int(words),
-                            bytes=int(n_bytes), nll=nll, max_length=max_length, stride=stride)
+                            bytes=int(n_bytes), nll=nll, max_length=max_length, stride=stride,
+                            document_prefix=document_prefix, chunk_length=chunk_length,
+                            recurrent_windows=int(recurrent))

@@ -2,7 +2,8 @@
 
 "ref" is torch's conv1d (`ssmforge.kernels.ref.causal_conv1d_ref`), the definition; "cpu" is the fused C
 kernel of `ssmforge.kernels.cpu` (with SiLU), the default on CPU, where torch's depthwise conv backward is
-slow; "triton" is the fused Triton kernel (with SiLU), the default on CUDA.
+slow; "triton" is the fused Triton kernel (with SiLU), the default on CUDA. Every backend takes seq_idx
+(document boundaries of packed rows, see `ssmforge.kernels.documents`): no tap reaches across one.
 """
 from __future__ import annotations
 
@@ -43,14 +44,19 @@ def causal_conv1d(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     backend: str | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Depthwise causal conv: x (batch, d, L), weight (d, width), bias (d,) -> (batch, d, L).
 
     Semantics of `ssmforge.kernels.ref.causal_conv1d_ref`; activation None or "silu". backend None picks by
-    device and width (see `conv1d_default_backend`); a name forces one. The output may be laid out
-    channels-last (a transposed view); only values are promised.
+    device and width (see `conv1d_default_backend`); a name forces one. seq_idx (batch, L) integers or None:
+    the document of each position (kernels.documents); output t reads only inputs of its own document.
+    The output may be laid out channels-last (a transposed view); only values are promised.
     """
     name = backend or conv1d_default_backend(x.device, weight.shape[1])
     if name not in CONV1D_BACKENDS:
         raise ValueError(f"unknown conv1d backend {name!r}; available: {sorted(CONV1D_BACKENDS)}")
-    return CONV1D_BACKENDS[name](x, weight, bias, activation=activation)
+    # seq_idx goes to the backend only when given: a backend registered (or patched in) with the older signature
+    # keeps working for rows of one document
+    extra = {} if seq_idx is None else {"seq_idx": seq_idx}
+    return CONV1D_BACKENDS[name](x, weight, bias, activation=activation, **extra)

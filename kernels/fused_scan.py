@@ -1,13 +1,17 @@
 """What the fused selective scans (the C kernel and the Triton kernels) share: the inputs of their custom
 ops, the group count of B and C, and the per-row fp32 results their backward kernels write, with the
-reduction of those to the gradients of the inputs."""
+reduction of those to the gradients of the inputs.
+
+seq_idx (batch, L), the document index of `ssmforge.kernels.documents`, is an input of the ops like the others
+(int32 contiguous, or None) but has no gradient."""
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
 
-SCAN_INPUTS = "Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias"
+SCAN_INPUTS = ("Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+               "Tensor? seq_idx")
 SCAN_OPTIONS = "bool delta_softplus, int chunk"
 
 
@@ -45,15 +49,23 @@ class ScanGrads(NamedTuple):
                    None if z is None else torch.empty(batch, dim, L, **f32), torch.empty(batch, dim, n, **f32),
                    bc(B), bc(C), torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32))
 
-    def input_grads(self, u, delta, A, B, C, D, z, delta_bias) -> tuple:
-        """The gradients of the scan's inputs, in their dtypes; None for the optional inputs not given."""
+    def input_grads(self, u, delta, A, B, C, D, z, delta_bias, seq_idx) -> tuple:
+        """The gradients of the scan's inputs, in their dtypes; None for the optional inputs not given.
+        seq_idx, integers, has none: it gets `no_gradient(seq_idx)`."""
         return (
             self.du.to(u.dtype), self.ddelta.to(delta.dtype), self.dA_rows.sum(0).to(A.dtype),
             _grad_bc(self.dB, B), _grad_bc(self.dC, C),
             None if D is None else self.dD_rows.sum(0).to(D.dtype),
             None if z is None else self.dz.to(z.dtype),
             None if delta_bias is None else self.dbias_rows.sum(0).to(delta_bias.dtype),
+            no_gradient(seq_idx),
         )
+
+
+def no_gradient(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """What the backward returns for seq_idx. kernel_op wants a tensor for every input given, and autograd drops
+    it (an integer tensor never requires grad): an empty one, which costs nothing."""
+    return None if seq_idx is None else seq_idx.new_empty(0)
 
 
 def _grad_bc(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .documents import check_seq_idx, document_starts, same_document
 
 
 def discretize_dt(dt: torch.Tensor, bias: torch.Tensor | None, softplus: bool) -> torch.Tensor:
@@ -35,11 +36,13 @@ def selective_scan_ref(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
 ):
     """Selective scan h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,  y_t = C_t h_t (+ D u_t) (* silu(z_t)).
 
     u, delta: (batch, d, L); A: (d, n); B, C: (d, n) fixed, (batch, n, L) input-dependent, or
-    (batch, groups, n, L) grouped (d divisible by groups); D, delta_bias: (d,); z: (batch, d, L).
+    (batch, groups, n, L) grouped (d divisible by groups); D, delta_bias: (d,); z: (batch, d, L);
+    seq_idx: (batch, L) document index (see kernels.documents): where it changes, h_{t-1} is taken as 0.
     Returns out (batch, d, L) in u's dtype, and with return_last_state also h_L (batch, d, n) in fp32.
     """
     dtype_in = u.dtype
@@ -62,6 +65,9 @@ def selective_scan_ref(
     else:
         deltaB_u = torch.einsum("bdl,bdnl,bdl->bdln", delta, B, u)
 
+    seq_idx = check_seq_idx(seq_idx, batch, L)
+    if seq_idx is not None:  # a reset multiplies the carried state by 0 instead of its decay
+        deltaA = deltaA * ~document_starts(seq_idx)[:, None, :, None]
     x = u.new_zeros((batch, d, A.shape[1]))
     ys = []
     for i in range(L):
@@ -113,17 +119,41 @@ def selective_state_update_ref(
 
 
 def causal_conv1d_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Depthwise causal convolution: x (batch, d, L), weight (d, width), bias (d,) -> (batch, d, L).
 
-    Output t sees inputs t-width+1 .. t (zeros before the start); activation None or "silu".
+    Output t sees inputs t-width+1 .. t (zeros before the start); activation None or "silu". With seq_idx
+    (batch, L) (see kernels.documents), only the inputs of t's own document: a tap never crosses a boundary.
     """
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     d, width = weight.shape
-    out = F.conv1d(x, weight[:, None, :], bias, padding=width - 1, groups=d)[..., : x.shape[-1]]
+    seq_idx = check_seq_idx(seq_idx, x.shape[0], x.shape[-1])
+    if seq_idx is None:
+        out = F.conv1d(x, weight[:, None, :], bias, padding=width - 1, groups=d)[..., : x.shape[-1]]
+    else:  # tap k reads x_{t-k} where it lies in t's document
+        out = sum(weight[:, width - 1 - k, None] * F.pad(x, (k, 0))[..., : x.shape[-1]]
+                  * same_document(seq_idx, k)[:, None, :] for k in range(width))
+        if bias is not None:
+            out = out + bias[:, None]
     return F.silu(out) if activation == "silu" else out
+
+
+def long_conv_ref(u: torch.Tensor, k: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal convolution with a long kernel, as a masked Toeplitz product (O(L^2); the oracle of
+    kernels.fftconv): y[b, c, t] = sum_{s <= t, same document} k[c, t - s] u[b, c, s], float32.
+
+    u (batch, channels, L), k (channels, Lk <= L); seq_idx (batch, L) or None (see kernels.documents)."""
+    batch, channels, L = u.shape
+    lag = torch.arange(L)[:, None] - torch.arange(L)[None, :]  # (t, s)
+    taps = F.pad(k.float(), (0, L - k.shape[1]))[:, lag.clamp(min=0)] * (lag >= 0)  # (channels, t, s)
+    mask = torch.ones(batch, L, L, dtype=torch.bool)
+    seq_idx = check_seq_idx(seq_idx, batch, L)
+    if seq_idx is not None:
+        mask = seq_idx[:, :, None] == seq_idx[:, None, :]
+    return torch.einsum("cts,bts,bcs->bct", taps, mask.float(), u.float())
 
 
 def causal_conv1d_update_ref(
@@ -156,6 +186,7 @@ def ssd_scan_ref(
     dt_softplus: bool = False,
     initial_state: torch.Tensor | None = None,
     return_final_state: bool = False,
+    seq_idx: torch.Tensor | None = None,
 ):
     """The SSD layer of Mamba-2 (Dao & Gu, 2024) as its recurrence, one step at a time:
 
@@ -163,8 +194,10 @@ def ssd_scan_ref(
 
     x: (batch, L, nheads, headdim); dt: (batch, L, nheads), before dt_bias and softplus; A, D, dt_bias:
     (nheads,); B, C: (batch, L, ngroups, dstate), head h reads group h // (nheads // ngroups);
-    initial_state: (batch, nheads, headdim, dstate) or None (zeros). Returns y (batch, L, nheads,
-    headdim) in x's dtype, and with return_final_state also h_L (batch, nheads, headdim, dstate) fp32.
+    initial_state: (batch, nheads, headdim, dstate) or None (zeros); seq_idx: (batch, L) document index
+    (see kernels.documents): where it changes, h_{t-1} is taken as 0 (the initial state belongs to the
+    first document). Returns y (batch, L, nheads, headdim) in x's dtype, and with return_final_state also
+    h_L (batch, nheads, headdim, dstate) fp32.
     """
     batch, L, nheads, headdim = x.shape
     xf = x.float()
@@ -172,6 +205,9 @@ def ssd_scan_ref(
     B = _heads_from_groups(B.float(), nheads)
     C = _heads_from_groups(C.float(), nheads)
     decay = torch.exp(dt * A.float())  # (batch, L, nheads)
+    seq_idx = check_seq_idx(seq_idx, batch, L)
+    if seq_idx is not None:
+        decay = decay * ~document_starts(seq_idx)[..., None]
     if initial_state is None:
         h = xf.new_zeros(batch, nheads, headdim, B.shape[-1])
     else:

@@ -56,15 +56,18 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     backend: str | None = None,
+    seq_idx: torch.Tensor | None = None,
 ):
     """Selective scan with the shapes and semantics of `ssmforge.kernels.ref.selective_scan_ref`.
 
     backend: None picks by device (see `scan_default_backend`); "ref" or a registered name forces one.
+    seq_idx: (batch, L) document index of packed rows (see `ssmforge.kernels.documents`), or None; every
+    backend restarts the state from zero where it changes.
     """
     name = backend or scan_default_backend(u.device)
     if name not in SCAN_BACKENDS:
         raise ValueError(f"unknown selective-scan backend {name!r}; available: {sorted(SCAN_BACKENDS)}")
     return SCAN_BACKENDS[name](
         u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-        delta_softplus=delta_softplus, return_last_state=return_last_state,
+        delta_softplus=delta_softplus, return_last_state=return_last_state, seq_idx=seq_idx,
     )

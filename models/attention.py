@@ -10,17 +10,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ssmforge.kernels.documents import document_starts
+
 from .config import ModelConfig
 from .layers import Projection
 from .registry import register_mixer
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (L,) -> cos, sin (L, head_dim // 2) in fp32: channel pair i turns by
-    position * theta^(-2i / head_dim). Computed on the fly (no buffer a bf16 cast could round)."""
+    """positions (L,) or (batch, L) -> cos, sin (L, head_dim // 2) or (batch, 1, L, head_dim // 2) in fp32:
+    channel pair i turns by position * theta^(-2i / head_dim). Computed on the fly (no buffer a bf16 cast
+    could round)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq
+    angles = positions.float()[..., None] * inv_freq
+    if angles.dim() == 3:
+        angles = angles[:, None]  # one rotation per row, shared by the heads
     return angles.cos(), angles.sin()
+
+
+def document_positions(start: int, L: int, seq_idx: torch.Tensor | None, device) -> torch.Tensor:
+    """Rotary positions of L tokens that follow `start` earlier ones: (L,) start..start+L-1, or with seq_idx
+    (batch, L) each document after a boundary counts from 0 (a packed document is positioned as if alone)."""
+    t = torch.arange(L, device=device)
+    if seq_idx is None:
+        return start + t
+    starts = document_starts(seq_idx)
+    last_start = torch.cummax(torch.where(starts, t, 0), dim=1).values
+    return torch.where(starts.cummax(dim=1).values, t - last_start, start + t)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -93,36 +109,62 @@ class CausalSelfAttention(nn.Module):
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return y.transpose(1, 2).flatten(2)
 
-    def forward(self, hidden: torch.Tensor, state: KVCache | None = None) -> torch.Tensor:
-        """hidden (batch, L, d_model) -> (batch, L, d_model). With `state`, it is refilled with this
-        sequence's keys and values (the last `window` of them with a sliding window)."""
-        L = hidden.shape[1]
-        q, k, v = self._heads(hidden, torch.arange(L, device=hidden.device))
-        if self.window is None or self.window >= L:
+    def forward(self, hidden: torch.Tensor, state: KVCache | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
+        row; a token attends only within its document (block-diagonal causal mask) and its rotary position
+        counts from its document's start. With `state`, the tokens follow those cached in it (attending to
+        them within the window) and are added to it (the last `window` of them with a sliding window)."""
+        batch, L, _ = hidden.shape
+        if state is not None and seq_idx is not None:
+            raise ValueError("attention: a decoding state continues one document per row; seq_idx is for packed "
+                             "rows without a state")
+        start = 0 if state is None else state.length
+        q, k, v = self._heads(hidden, document_positions(start, L, seq_idx, hidden.device))
+        if state is not None and state.length > 0:
+            k_past, v_past, past_index = self._ordered_cache(state)
+            k, v = torch.cat([k_past, k.to(k_past.dtype)], dim=2), torch.cat([v_past, v.to(v_past.dtype)], dim=2)
+        else:
+            past_index = torch.arange(0, device=hidden.device)
+        key_index = torch.cat([past_index, start + torch.arange(L, device=hidden.device)])
+        if past_index.numel() == 0 and seq_idx is None and (self.window is None or self.window >= L):
             y = self._attend(q, k, v, is_causal=True)
         else:
-            i = torch.arange(L, device=hidden.device)
-            distance = i[:, None] - i[None, :]
-            y = self._attend(q, k, v, mask=(distance >= 0) & (distance < self.window))
+            distance = (start + torch.arange(L, device=hidden.device))[:, None] - key_index[None, :]
+            mask = distance >= 0
+            if self.window is not None:
+                mask = mask & (distance < self.window)
+            if seq_idx is not None:  # block-diagonal: (batch, 1, L, L)
+                mask = (mask & (seq_idx[:, :, None] == seq_idx[:, None, :]))[:, None]
+            y = self._attend(q, k, v, mask=mask)
         if state is not None:
-            self._prefill(state, k, v)
+            self._store(state, k, v, key_index)
         return self.o_proj(y)
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         empty = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         return KVCache(k=empty, v=empty.clone())
 
-    def _prefill(self, state: KVCache, k: torch.Tensor, v: torch.Tensor) -> None:
-        L = k.shape[2]
-        keep = L if self.window is None else min(L, self.window)
-        slots = torch.arange(L - keep, L, device=k.device)
+    def _ordered_cache(self, state: KVCache):
+        """The cached keys and values in stream order, with their stream indices (the last min(length,
+        capacity) tokens; slot p % window holds token p in a sliding window's ring buffer)."""
+        filled = min(state.length, state.k.shape[2])
+        index = torch.arange(state.length - filled, state.length, device=state.k.device)
+        slots = index if self.window is None else index % self.window
+        return state.k[:, :, slots], state.v[:, :, slots], index
+
+    def _store(self, state: KVCache, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
+        """Refill the cache from keys and values (batch, kv_heads, n, hd) of the stream positions `index` (n,):
+        keep the last `window` of them (all without a window)."""
+        keep = index.numel() if self.window is None else min(index.numel(), self.window)
+        slots = index[index.numel() - keep:]
         if self.window is not None:
             slots = slots % self.window
         state.k = k.new_zeros(*k.shape[:2], keep, k.shape[3], dtype=state.k.dtype)
         state.v = torch.zeros_like(state.k)
-        state.k[:, :, slots] = k[:, :, L - keep:].to(state.k.dtype)
-        state.v[:, :, slots] = v[:, :, L - keep:].to(state.v.dtype)
-        state.length = L
+        state.k[:, :, slots] = k[:, :, k.shape[2] - keep:].to(state.k.dtype)
+        state.v[:, :, slots] = v[:, :, v.shape[2] - keep:].to(state.v.dtype)
+        state.length = int(index[-1]) + 1 if index.numel() else state.length
 
     def _grow(self, state: KVCache, needed: int) -> None:
         """Make room for `needed` slots: double the capacity, capped at the window."""

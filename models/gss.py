@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from ssmforge.kernels.fftconv import fft_causal_conv
 
 from .config import ModelConfig
-from .layers import Projection, RMSNorm, keep_fp32
+from .layers import Projection, RMSNorm, in_first_document, keep_fp32
 from .registry import register_mixer
 
 
@@ -45,6 +45,7 @@ class GSSState:
     """Decoding cache of one GSS layer: the DSS state, O(1) in the sequence length."""
 
     ssm: torch.Tensor  # (batch, H, N) complex64
+    fresh: bool = True  # nothing consumed yet: a forward starts from zeros rather than continuing
 
 
 @register_mixer("gss")
@@ -108,10 +109,10 @@ class GSSMixer(nn.Module):
             return torch.einsum("hn,hnl->hl", Ct, self._powers(dt_lam, length)).real
 
     @staticmethod
-    def _powers(dt_lam: torch.Tensor, length: int, reverse: bool = False) -> torch.Tensor:
-        """exp(dt Lambda l) for l = 0..length-1 (reversed: length-1..0), (H, N, length) complex64."""
+    def _powers(dt_lam: torch.Tensor, length: int) -> torch.Tensor:
+        """exp(dt Lambda l) for l = 0..length-1, (H, N, length) complex64."""
         steps = torch.arange(length, device=dt_lam.device, dtype=torch.float32)
-        return torch.exp(dt_lam[..., None] * (steps.flip(0) if reverse else steps))
+        return torch.exp(dt_lam[..., None] * steps)
 
     def _branches(self, hidden: torch.Tensor):
         gate, v = F.gelu(self.in_proj(hidden)).split([self.gate_dim, self.ssm_dim], dim=-1)
@@ -121,18 +122,37 @@ class GSSMixer(nn.Module):
         y = (y + self.D.float() * v.float()).to(gate.dtype)
         return self.out_proj(self.up_proj(y) * gate)
 
-    def forward(self, hidden: torch.Tensor, state: GSSState | None = None) -> torch.Tensor:
-        """hidden (batch, L, d_model) -> (batch, L, d_model). With `state`, also leaves in it the DSS
-        state after the last position (closed form: x_L = sum_s exp(dt Lambda (L-1-s)) v_s)."""
+    def forward(self, hidden: torch.Tensor, state: GSSState | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
+        row; the convolution never reaches across a document boundary (kernels.documents). With `state`, the
+        sequence continues from it (unless fresh) and it is left holding the DSS state after the last
+        position (closed form: x_L = sum_s exp(dt Lambda (L-1-s)) v_s over the last document, plus the
+        carried state decayed over L steps when no document starts in the row)."""
         gate, v = self._branches(hidden)  # (batch, L, gate), (batch, L, H)
-        L = hidden.shape[1]
+        batch, L = hidden.shape[:2]
         v_t = v.transpose(1, 2)  # (batch, H, L)
-        y = fft_causal_conv(v_t, self.dss_kernel(L)).transpose(1, 2)  # (batch, L, H) float32
+        y = fft_causal_conv(v_t, self.dss_kernel(L), seq_idx=seq_idx)  # (batch, H, L) float32
         if state is not None:
-            with torch.no_grad(), torch.autocast(device_type=hidden.device.type, enabled=False):
-                powers = self._powers(self._discrete()[2], L, reverse=True)
-                state.ssm.copy_(torch.einsum("bhl,hnl->bhn", v_t.float().to(powers.dtype), powers))
-        return self._output(y, v, gate)
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                y, state.ssm = self._with_carried_state(y, v_t, state, seq_idx)
+            state.fresh = False
+        return self._output(y.transpose(1, 2), v, gate)
+
+    def _with_carried_state(self, y, v_t, state: GSSState, seq_idx):
+        """The outputs plus what the carried state x0 adds (Re(sum_n Ct_n exp(dt Lambda_n (t+1)) x0_n) over
+        the first document; nothing for a fresh state), and the state after the last position."""
+        batch, _, L = v_t.shape
+        _, Ct, dt_lam = self._discrete()
+        powers = self._powers(dt_lam, L + 1)  # exp(dt Lambda l), l = 0..L: (H, N, L + 1)
+        last_doc = torch.ones(batch, L, device=v_t.device) if seq_idx is None else (seq_idx == seq_idx[:, -1:]).float()
+        inputs = (v_t.float() * last_doc[:, None]).to(powers.dtype)
+        last = torch.einsum("bhl,hnl->bhn", inputs, powers[..., :L].flip(-1))
+        if not state.fresh:
+            reach = in_first_document(seq_idx, batch, L, v_t.device)
+            y = y + torch.einsum("bhn,hnl->bhl", state.ssm * Ct, powers[..., 1:]).real * reach[:, None, :]
+            last = last + state.ssm * powers[..., L] * reach[:, -1, None, None]
+        return y, last
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> GSSState:
         return GSSState(ssm=torch.zeros(batch, self.ssm_dim, self.d_state, device=device, dtype=torch.complex64))
@@ -145,4 +165,5 @@ class GSSMixer(nn.Module):
             # a new tensor, not in place, so that gradients can flow through a run of steps
             state.ssm = z * state.ssm + v.float()[..., None]
             y = (state.ssm * Ct).sum(-1).real
+        state.fresh = False
         return self._output(y, v, gate)

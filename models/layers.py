@@ -42,12 +42,35 @@ class Projection(nn.Linear):
                 self.bias.zero_()
 
 
-def fill_conv_state(conv_state: torch.Tensor, conv_inputs: torch.Tensor) -> None:
+def fill_conv_state(conv_state: torch.Tensor, conv_inputs: torch.Tensor, seq_idx: torch.Tensor | None = None) -> None:
     """Leave the last d_conv conv inputs (batch, channels, L) in a decoding cache (batch, channels, d_conv),
-    oldest first, zeros in front when L < d_conv: what the next `step` convolves with."""
-    tail = conv_inputs[..., -conv_state.shape[-1]:]
+    oldest first, zeros in front when L < d_conv: what the next `step` convolves with. With seq_idx (batch, L),
+    inputs of documents before the last one are left out too (decoding continues the last document)."""
+    width = conv_state.shape[-1]
+    tail = conv_inputs[..., -width:]
+    if seq_idx is not None:
+        tail = tail * (seq_idx[:, -tail.shape[-1]:] == seq_idx[:, -1:])[:, None, :].to(tail.dtype)
     conv_state.zero_()
-    conv_state[..., conv_state.shape[-1] - tail.shape[-1]:] = tail
+    conv_state[..., width - tail.shape[-1]:] = tail
+
+
+def with_conv_history(conv_state: torch.Tensor, x: torch.Tensor, seq_idx: torch.Tensor | None):
+    """x (batch, channels, L) continuing a sequence whose last conv inputs `conv_state` (batch, channels,
+    d_conv) holds -> (the width - 1 inputs before x, then x), its seq_idx (the history belongs to x's first
+    document) or None: a causal conv of that, less its first width - 1 outputs, continues the sequence."""
+    history = conv_state[..., 1:].to(x.dtype)
+    extended = torch.cat([history, x], dim=-1)
+    if seq_idx is None:
+        return extended, None
+    return extended, torch.cat([seq_idx[:, :1].expand(-1, history.shape[-1]), seq_idx], dim=1)
+
+
+def in_first_document(seq_idx: torch.Tensor | None, batch: int, L: int, device) -> torch.Tensor:
+    """(batch, L) bool: the positions a state carried in from before the sequence reaches (all of them
+    without seq_idx; with it, those of each row's first document)."""
+    if seq_idx is None:
+        return torch.ones(batch, L, dtype=torch.bool, device=device)
+    return seq_idx == seq_idx[:, :1]
 
 
 class RMSNorm(nn.Module):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from ssmforge import kernels
 
 from .config import MambaConfig, ModelConfig
-from .layers import Projection, dt_bias_init, fill_conv_state, keep_fp32, kernel_backend
+from .layers import (Projection, dt_bias_init, fill_conv_state, in_first_document, keep_fp32, kernel_backend,
+                     with_conv_history)
 from .registry import register_mixer
 
 
@@ -24,6 +25,7 @@ class MambaState:
 
     conv: torch.Tensor  # (batch, d_inner, d_conv) last conv inputs, oldest first
     ssm: torch.Tensor  # (batch, d_inner, d_state) fp32
+    fresh: bool = True  # nothing consumed yet: a forward starts from zeros rather than continuing
 
 
 class DtProjection(nn.Linear):
@@ -84,27 +86,54 @@ class MambaMixer(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt, self.dt_proj.weight), B, C
 
-    def forward(self, hidden: torch.Tensor, state: MambaState | None = None) -> torch.Tensor:
-        """hidden (batch, L, d_model) -> (batch, L, d_model). With `state`, also leaves in it the conv
-        inputs and SSM state after the last position, so decoding can continue with `step`."""
+    def forward(self, hidden: torch.Tensor, state: MambaState | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
+        row; each document starts from a zero state (kernels.documents). With `state`, the sequence
+        continues from it (unless fresh) and it is left holding the conv inputs and SSM state after the
+        last position, so decoding or the next chunk can continue."""
         # (batch, d_inner, L) views of the (batch, L, d_inner) halves: the kernels read them in place, and
         # the halves' gradients join into the projection's layout with no transposed copy
         x, z = (half.transpose(1, 2) for half in self.in_proj(hidden).chunk(2, dim=-1))
+        continuing = state is not None and not state.fresh
+        conv_in, conv_seq_idx = with_conv_history(state.conv, x, seq_idx) if continuing else (x, seq_idx)
         if state is not None:
-            fill_conv_state(state.conv, x)
-        x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
-                                  backend=self.kernel_backend)
+            fill_conv_state(state.conv, conv_in, conv_seq_idx)
+        x = kernels.causal_conv1d(conv_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                                  backend=self.kernel_backend, seq_idx=conv_seq_idx)[..., conv_in.shape[-1] - x.shape[-1]:]
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         y = kernels.selective_scan(
             x, dt.transpose(1, 2), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-            D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            return_last_state=state is not None, backend=self.kernel_backend,
+            D=self.D.float(), z=None if continuing else z, delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True, return_last_state=state is not None, backend=self.kernel_backend, seq_idx=seq_idx,
         )
         if state is not None:
             y, last_state = y
+            if continuing:  # the scan started from zeros: add what the carried state contributes
+                carried, last_carried = self._carried_state(state.ssm, dt.transpose(1, 2), A, C.transpose(1, 2),
+                                                            seq_idx)
+                y = ((y.float() + carried) * F.silu(z.float())).to(y.dtype)
+                last_state = last_state + last_carried
             state.ssm.copy_(last_state)
+            state.fresh = False
         return self.out_proj(y.transpose(1, 2))
+
+    def _carried_state(self, h0, dt, A, C, seq_idx, block: int = 256):
+        """What an initial state h0 (batch, d, n) adds, by linearity, to a scan that started from zeros: the
+        outputs C_t exp(A (dt_1 + .. + dt_t)) h0 (batch, d, L) over the first document, and the last state's
+        share (batch, d, n), zero when a later document starts in the row. dt (batch, d, L) before bias and
+        softplus; C (batch, n, L). Computed `block` positions at a time: (batch, d, block, n) at most."""
+        batch, d, L = dt.shape
+        reach = in_first_document(seq_idx, batch, L, dt.device)
+        cum = torch.cumsum(F.softplus(dt.float() + self.dt_proj.bias.float()[:, None]), dim=-1)  # (batch, d, L)
+        outs = []
+        for t0 in range(0, L, block):
+            decay = torch.exp(cum[..., t0:t0 + block, None] * A[:, None, :])  # (batch, d, T, n)
+            outs.append(torch.einsum("bdtn,bdn,bnt->bdt", decay, h0, C[..., t0:t0 + block].float()))
+        carried = torch.cat(outs, dim=-1) * reach[:, None, :]
+        last = torch.exp(cum[..., -1:] * A) * h0 * reach[:, -1, None, None]
+        return carried, last
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MambaState:
         return MambaState(
@@ -122,4 +151,5 @@ class MambaMixer(nn.Module):
             state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
         )
+        state.fresh = False
         return self.out_proj(y)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ssmforge import kernels
 
 from .config import ModelConfig
-from .layers import Projection, dt_bias_init, fill_conv_state, keep_fp32, kernel_backend
+from .layers import Projection, dt_bias_init, fill_conv_state, keep_fp32, kernel_backend, with_conv_history
 from .registry import register_mixer
 
 A_INIT_RANGE = (1.0, 16.0)  # -A is drawn uniformly from this range per head (the paper's code)
@@ -27,6 +27,7 @@ class Mamba2State:
 
     conv: torch.Tensor  # (batch, conv_dim, d_conv) last conv inputs (x, B, C), oldest first
     ssm: torch.Tensor  # (batch, nheads, headdim, d_state) fp32
+    fresh: bool = True  # nothing consumed yet: a forward starts from zeros rather than continuing
 
 
 class GatedRMSNorm(nn.Module):
@@ -102,23 +103,30 @@ class Mamba2Mixer(nn.Module):
         return (x.reshape(*lead, self.nheads, self.headdim), B.reshape(*lead, self.ngroups, self.d_state),
                 C.reshape(*lead, self.ngroups, self.d_state))
 
-    def forward(self, hidden: torch.Tensor, state: Mamba2State | None = None) -> torch.Tensor:
-        """hidden (batch, L, d_model) -> (batch, L, d_model). With a fresh `state`, also leaves in it the
-        conv inputs and SSM state after the last position, so decoding can continue with `step`."""
+    def forward(self, hidden: torch.Tensor, state: Mamba2State | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
+        row; each document starts from a zero state (kernels.documents). With `state`, the sequence
+        continues from it (unless fresh) and it is left holding the conv inputs and SSM state after the
+        last position, so decoding or the next chunk can continue."""
         batch, L, _ = hidden.shape
         z, xBC, dt = self._split(self.in_proj(hidden))
         xBC = xBC.transpose(1, 2)  # (batch, conv_dim, L)
+        continuing = state is not None and not state.fresh
+        conv_in, conv_seq_idx = with_conv_history(state.conv, xBC, seq_idx) if continuing else (xBC, seq_idx)
         if state is not None:
-            fill_conv_state(state.conv, xBC)
-        xBC = kernels.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
-                                    backend=self.kernel_backend)
+            fill_conv_state(state.conv, conv_in, conv_seq_idx)
+        xBC = kernels.causal_conv1d(conv_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                                    backend=self.kernel_backend, seq_idx=conv_seq_idx)[..., conv_in.shape[-1] - L:]
         x, B, C = self._split_conv_out(xBC.transpose(1, 2))
         y = kernels.ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, chunk_size=self.chunk_size,
                              D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True,
+                             initial_state=state.ssm.clone() if continuing else None, seq_idx=seq_idx,
                              return_final_state=state is not None, backend=self.kernel_backend)
         if state is not None:
             y, last_state = y
             state.ssm.copy_(last_state)
+            state.fresh = False
         return self.out_proj(self.norm(y.reshape(batch, L, self.d_inner), z))
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> Mamba2State:
@@ -135,4 +143,5 @@ class Mamba2Mixer(nn.Module):
         x, B, C = self._split_conv_out(xBC)
         y = kernels.ssd_state_update_ref(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
                                          dt_bias=self.dt_bias.float(), dt_softplus=True)
+        state.fresh = False
         return self.out_proj(self.norm(y.reshape(-1, self.d_inner), z))

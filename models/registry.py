@@ -15,8 +15,10 @@ A mixer registers in two places, each in its own file:
 
 A mixer class must provide:
   - `__init__(config, layer_idx)` (config: the whole ModelConfig; the mixer reads `config.<name>` and
-    the stack-wide fields) and `forward(hidden (batch, L, d_model), state=None)`; with a freshly
-    allocated `state`, forward also fills it so decoding can continue;
+    the stack-wide fields) and `forward(hidden (batch, L, d_model), state=None, seq_idx=None)`; with a
+    `state`, forward continues the sequence it holds (none when freshly allocated) and leaves it ready for
+    the next chunk or `step`; with `seq_idx` (batch, L) each document of a packed row is mixed as if it
+    ran alone (kernels.documents);
   - `allocate_state(batch, device, dtype)` (None when stateless) and
     `step(hidden (batch, d_model), state)` for decoding one token;
   - `forward_flops_per_token(seq_len)` (for MFU; attention depends on the context length) and

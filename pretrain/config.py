@@ -86,6 +86,10 @@ class DataConfig:
     """Loader worker processes per rank."""
     tokenize_workers: int = 0
     """Processes for tokenizing (and compressing shards) in prepare; 0: one per core this job may use."""
+    document_boundaries: str = "flow"
+    """What a packed row's documents (joined by EOS) see of each other: flow (the state, conv window and
+    attention run on across the EOS, as the Mamba paper trained) | reset (each document starts from a zero
+    state with no conv tap or attention across the boundary, as if it ran alone; see the README)."""
 
     def validate(self) -> None:
         _need(len(self.sources) > 0, "data.sources", self.sources, "needs at least one source")
@@ -96,6 +100,8 @@ class DataConfig:
         _need(self.invalid_utf8 in ("fail", "skip"), "data.invalid_utf8", self.invalid_utf8, "one of fail, skip")
         _need(self.tokenize_workers >= 0, "data.tokenize_workers", self.tokenize_workers, "must be >= 0")
         _need(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _need(self.document_boundaries in ("flow", "reset"), "data.document_boundaries", self.document_boundaries,
+              "one of flow, reset")
 
 
 @dataclass

@@ -148,11 +148,14 @@ def _trace(config, micro_batch: int, checkpointing: bool, target: Target) -> tup
         model.checkpoint_blocks = checkpointing
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         tokens = torch.zeros(micro_batch, seq_len + 1, dtype=torch.long)
+        # document resets take the kernels' reset paths (and an explicit block-diagonal mask for attention)
+        seq_idx = (torch.zeros(micro_batch, seq_len, dtype=torch.int32)
+                   if config.data.document_boundaries == "reset" else None)
         tracker = MemTracker()
         tracker.track_external(model)
         with tracker:
             with autocast(torch.device("cpu"), target.dtype):
-                loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+                loss = model(tokens[:, :-1], targets=tokens[:, 1:], seq_idx=seq_idx)
             loss.backward()
         activations = _peak_beyond_model(tracker)
         optimizer = DroppableAdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)

@@ -14,6 +14,7 @@ from ssmforge.data_pipeline.loader import build_loader, open_manifest
 from ssmforge.data_pipeline.pack import prepare, prepare_in_job
 from ssmforge.errors import ConfigError, DataError, SsmforgeError, TrainingError
 from ssmforge.kernels import deterministic, set_deterministic
+from ssmforge.kernels.documents import document_index
 from ssmforge.kernels.backends import describe_backends
 from ssmforge.models import LanguageModel
 from ssmforge.models.layers import kernel_backend
@@ -61,22 +62,27 @@ def endless(loader):
         yield from loader
 
 
-def lm_loss(engine, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype, reduction="mean"):
-    """Next-token cross-entropy of tokens (batch, seq_len + 1), computed in fp32 without full logits."""
+def lm_loss(engine, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype, reduction="mean",
+            reset_at: int | None = None):
+    """Next-token cross-entropy of tokens (batch, seq_len + 1), computed in fp32 without full logits. With
+    reset_at (the EOS id, data.document_boundaries=reset), each EOS starts a document the model sees alone."""
     tokens = tokens.to(device, non_blocking=True)
+    inputs = tokens[:, :-1]
+    seq_idx = None if reset_at is None else document_index(inputs, reset_at)
     with autocast(device, dtype):
-        return engine(tokens[:, :-1], targets=tokens[:, 1:], reduction=reduction)
+        return engine(inputs, targets=tokens[:, 1:], reduction=reduction, seq_idx=seq_idx)
 
 
 @torch.no_grad()
-def evaluate(engine, loader, device, dtype, max_batches: int) -> float | None:
-    """Mean validation loss per token over the split (or max_batches per rank), reduced over ranks."""
+def evaluate(engine, loader, device, dtype, max_batches: int, reset_at: int | None = None) -> float | None:
+    """Mean validation loss per token over the split (or max_batches per rank), reduced over ranks; reset_at
+    as for `lm_loss`."""
     engine.eval()
     total, count = 0.0, 0
     for i, tokens in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        total += lm_loss(engine, tokens, device, dtype, reduction="sum").item()
+        total += lm_loss(engine, tokens, device, dtype, reduction="sum", reset_at=reset_at).item()
         count += tokens[:, 1:].numel()
     engine.train()
     total, count = sum_over_ranks([total, count], device)
@@ -179,6 +185,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
         log.warning("validation split has too few samples for one batch per rank: no validation loss")
 
     dtype = resolve_precision(train_cfg.precision, device)
+    reset_at = manifest.tokenizer["eos_id"] if config.data.document_boundaries == "reset" else None
     peak, peak_source = peak_flops(device, dtype)
     # one optimizer step = `accumulation` micro-batches on every rank = the global batch, whatever the rank count
     accumulation = train_cfg.accumulation_steps(world.world_size)
@@ -206,7 +213,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
         if val_loader is None:
             return None
         with metrics.excluded("validation"):
-            loss = evaluate(engine, val_loader, device, dtype, train_cfg.eval_batches)
+            loss = evaluate(engine, val_loader, device, dtype, train_cfg.eval_batches, reset_at)
         if loss is not None:
             metrics.validation(state.step, loss, floor)
         return loss
@@ -218,7 +225,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         grad_norm, drop = None, False
         for micro in range(accumulation):
-            loss = lm_loss(engine, next(batches), device, dtype)
+            loss = lm_loss(engine, next(batches), device, dtype, reset_at=reset_at)
             loss_sum += loss.detach()
             nonfinite |= ~torch.isfinite(loss.detach())  # on the device: no host sync per micro-step
             engine.backward(loss)  # finite or not, so DeepSpeed's accumulation boundary stays where it is

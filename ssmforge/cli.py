@@ -153,7 +153,10 @@ def cmd_eval_ppl(args) -> int:
     max_length = _first_set(args.max_length, eval_cfg and (eval_cfg.max_length or config.data.seq_len), 2048)
     stride = _first_set(args.stride, eval_cfg.stride if eval_cfg else None)
     batch_size = _first_set(args.batch_size, eval_cfg.batch_size if eval_cfg else None, 8)
-    for flag, value in (("--max-length", max_length), ("--stride", stride or 1), ("--batch-size", batch_size)):
+    # longer windows are fed in chunks of the training length, the recurrent state carried: memory stays flat
+    chunk_length = _first_set(args.chunk_length, config.data.seq_len if config is not None else None, 2048)
+    for flag, value in (("--max-length", max_length), ("--stride", stride or 1), ("--batch-size", batch_size),
+                        ("--chunk-length", chunk_length)):
         if value < 1:
             raise SsmforgeError(f"{flag}={value} is invalid: must be >= 1")
     if stride is not None and stride > max_length:
@@ -169,9 +172,10 @@ def cmd_eval_ppl(args) -> int:
 
         pairs = heldout_synthetic_documents(config.data.sources, config.seed)
 
-    from ssmforge.evaluation.perplexity import evaluate_perplexity, load_documents
+    from ssmforge.evaluation.perplexity import evaluate_perplexity, load_documents, training_document_prefix
     from ssmforge.pretrain.launch import init_distributed, shutdown, world_from_env
 
+    document_prefix = args.document_prefix or training_document_prefix(config)
     model, tokenizer, _ = _load_model_and_tokenizer(args)
     hub = len(dataset) == 1 and dataset[0] in WIKITEXT
     documents = [text for text, _ in pairs] if heldout else [doc for name in dataset for doc in load_documents(name)]
@@ -184,7 +188,8 @@ def cmd_eval_ppl(args) -> int:
         result = evaluate_perplexity(
             model, tokenizer, documents, " ".join(dataset), max_length, stride, batch_size,
             detokenize=hub or args.wikitext_detokenize, rank=world.rank, world_size=world.world_size,
-            progress=world.is_main and sys.stderr.isatty(), score_end=heldout)
+            progress=world.is_main and sys.stderr.isatty(), score_end=heldout, document_prefix=document_prefix,
+            chunk_length=chunk_length)
     finally:
         shutdown()
     if world.is_main:
@@ -229,13 +234,16 @@ def cmd_finetune_glue(args) -> int:
     import copy
 
     from ssmforge.evaluation.glue import GlueRunner, results_table, write_results
+    from ssmforge.evaluation.perplexity import training_document_prefix
     from ssmforge.pretrain.launch import init_distributed, shutdown
 
+    # the checkpoint's own training data says which token started its documents (not --config's)
+    document_prefix = args.document_prefix or training_document_prefix(run_settings(args.checkpoint))
     backbone, tokenizer, _ = _load_model_and_tokenizer(args)
     world, device = init_distributed()
     try:
         runner = GlueRunner(lambda: copy.deepcopy(backbone), tokenizer, config, world.world_size, world.rank, device,
-                            progress=world.is_main and sys.stderr.isatty())
+                            progress=world.is_main and sys.stderr.isatty(), document_prefix=document_prefix)
         results = [runner.run_task(task) for task in tasks.values()]
     finally:
         shutdown()
@@ -574,6 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "an export carries in ssmforge_run.yaml, else 2048)")
     ppl.add_argument("--stride", type=int, help="score this many tokens per window (default: the window: no overlap)")
     ppl.add_argument("--batch-size", type=int, help="windows per forward (default: eval.batch_size or 8)")
+    ppl.add_argument("--chunk-length", type=int,
+                     help="a window longer than this is fed in chunks of it with the recurrent state carried, in "
+                          "memory constant in --max-length for SSMs (default: the run's data.seq_len, else 2048)")
+    ppl.add_argument("--document-prefix", choices=["eos", "bos"],
+                     help="the token each document is read after (default: the one training put before every "
+                          "document, from the run's manifest: eos for packed data)")
     ppl.add_argument("--wikitext-detokenize", action="store_true",
                      help="apply the WikiText detokenisation to local files too (always on for wikitext-*)")
     ppl.add_argument("--tokenizer", help="'byte' or a tokenizer.model / tokenizer.json path (default: the checkpoint's)")
@@ -588,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--config", help="run config supplying the glue/train/deepspeed settings (default: the run "
                                      "folder's config.yaml or the export's ssmforge_run.yaml, else the defaults)")
     ft.add_argument("--tokenizer", help="'byte' or a tokenizer.model / tokenizer.json path (default: the checkpoint's)")
+    ft.add_argument("--document-prefix", choices=["eos", "bos"],
+                    help="the token each input starts with (default: the one training put before every document, "
+                         "from the run's manifest: eos for packed data)")
     ft.add_argument("--out", help="results folder (default: CHECKPOINT/eval/glue)")
     ft.set_defaults(handler=cmd_finetune_glue)
 

@@ -50,14 +50,14 @@ class ScanArgs(ctypes.Structure):
     """Mirror of the C `scan_args` struct."""
     _fields_ = [(name, ctypes.c_int64) for name in ("batch", "dim", "L", "n", "groups", "chunk", "n_chunks")] + [
         (name, Tensor3) for name in ("u", "delta", "z")] + [
-        (name, ctypes.c_void_p) for name in ("A", "B", "C", "D", "delta_bias")
+        (name, ctypes.c_void_p) for name in ("A", "B", "C", "D", "delta_bias", "seq_idx")
     ] + [(name, ctypes.c_int) for name in ("B_fixed", "C_fixed", "softplus")]
 
 
 class ConvArgs(ctypes.Structure):
-    """Mirror of the C `conv_args` struct."""
+    """Mirror of the C `conv_args` struct (seq_idx: an int32 (batch, L) pointer, or None)."""
     _fields_ = [(name, ctypes.c_int64) for name in ("batch", "L", "dim", "width", "x_sb", "x_sl")] + [
-        (name, ctypes.c_void_p) for name in ("x", "w", "bias")] + [("silu", ctypes.c_int)]
+        (name, ctypes.c_void_p) for name in ("x", "w", "bias")] + [("silu", ctypes.c_int), ("seq_idx", ctypes.c_void_p)]
 
 
 def _cpu_model() -> str:

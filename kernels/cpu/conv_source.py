@@ -6,7 +6,13 @@ the x half of Mamba's in_proj output is used in place; the loops run over channe
 The output is (batch, L, d) contiguous, the layout x_proj reads. Backward recomputes the
 pre-activation (four multiply-adds per element) instead of saving it, a tile of steps at a time.
 
-Layouts (fp32): w (width, d); bias (d,); out, dout, dx (batch, L, d) contiguous; dw (width, d).
+Documents (seq_idx, see ssmforge.kernels.documents): tap k of step t reads x_s, s = t - (W - 1 - k), only
+where seq_idx[b, s] == seq_idx[b, t]; the backward drops the same (t, s) pairs from dw and dx. The test is
+one comparison per (step, tap), outside the channel loop, which stays branch-free and vectorised; with
+seq_idx NULL the kernels do what they did before.
+
+Layouts (fp32): w (width, d); bias (d,); out, dout, dx (batch, L, d) contiguous; dw (width, d);
+seq_idx (batch, L) int32 contiguous or NULL.
 """
 
 CONV_SOURCE = r"""
@@ -15,7 +21,13 @@ typedef struct {
     int64_t x_sb, x_sl;          /* strides of x in elements: batch, step (channels: 1) */
     const float *x, *w, *bias;
     int silu;
+    const int32_t *seq_idx;      /* (batch, L) or NULL: one document per row */
 } conv_args;
+
+/* Whether step s (<= t) lies in step t's document. */
+static inline int conv_same_doc(const conv_args *a, int64_t b, int64_t s, int64_t t) {
+    return !a->seq_idx || a->seq_idx[b * a->L + s] == a->seq_idx[b * a->L + t];
+}
 
 /* Pre-activation at (b, t) for every channel into acc (dim,). */
 static inline void conv_pre(const conv_args *a, int64_t b, int64_t t, float *restrict acc) {
@@ -24,7 +36,7 @@ static inline void conv_pre(const conv_args *a, int64_t b, int64_t t, float *res
     else memset(acc, 0, dim * sizeof(float));
     for (int64_t k = 0; k < W; ++k) {
         const int64_t s = t - W + 1 + k;
-        if (s < 0) continue;
+        if (s < 0 || !conv_same_doc(a, b, s, t)) continue;
         const float *restrict xs = a->x + b * a->x_sb + s * a->x_sl;
         const float *restrict wk = a->w + k * dim;
         for (int64_t c = 0; c < dim; ++c) acc[c] += wk[c] * xs[c];
@@ -78,7 +90,7 @@ void conv_bwd(const conv_args *a, const float *restrict dout, float *restrict dx
                 for (int64_t c = 0; c < dim; ++c) db_mine[c] += gpt[c];
                 for (int64_t k = 0; k < W; ++k) {
                     const int64_t s = t - W + 1 + k;
-                    if (s < 0) continue;
+                    if (s < 0 || !conv_same_doc(a, b, s, t)) continue;
                     const float *restrict xs = a->x + b * a->x_sb + s * a->x_sl;
                     float *restrict dwk = dw_mine + k * dim;
                     for (int64_t c = 0; c < dim; ++c) dwk[c] += gpt[c] * xs[c];
@@ -89,7 +101,7 @@ void conv_bwd(const conv_args *a, const float *restrict dout, float *restrict dx
                 memset(o, 0, dim * sizeof(float));
                 for (int64_t k = 0; k < W; ++k) {
                     const int64_t s = t + W - 1 - k;  /* the output step that read x_t through tap k */
-                    if (s >= L) continue;
+                    if (s >= L || !conv_same_doc(a, b, t, s)) continue;
                     const float *restrict gs = gp + (s - t0) * dim;
                     const float *restrict wk = a->w + k * dim;
                     for (int64_t c = 0; c < dim; ++c) o[c] += wk[c] * gs[c];

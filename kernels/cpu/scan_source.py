@@ -14,6 +14,7 @@ backward recomputes one chunk of states at a time from it and runs the adjoint r
 Layouts (fp32): u, delta, z, out, dout, du, ddelta, dz (batch, d, L) with the strides in their
 `tensor3`; A (d, n); D, delta_bias (d,); B and C either fixed (d, n) or input-dependent
 (batch, groups, L, n) contiguous; chunk_states (batch, d, n_chunks, n); last_state, dlast (batch, d, n).
+seq_idx (batch, L) int32 contiguous, or NULL: where it changes, the state carried into the step is dropped.
 """
 
 C_SOURCE = r"""
@@ -69,6 +70,7 @@ typedef struct {
     int64_t batch, dim, L, n, groups, chunk, n_chunks;
     tensor3 u, delta, z;  /* z.p NULL without the gate */
     const float *A, *B, *C, *D, *delta_bias;
+    const int32_t *seq_idx;  /* (batch, L) contiguous document index; NULL: one document per row */
     int B_fixed, C_fixed, softplus;
 } scan_args;
 
@@ -238,8 +240,22 @@ ALWAYS_INLINE vf bc_at(const float *X_t, const vf *fixed_vals, int fixed, int64_
     return fixed ? fixed_vals[j] : splat(X_t[j]);
 }
 
+/* Whether step t of a row whose document index is `seq` (L,) starts a new document: its decay is 0. */
+ALWAYS_INLINE int starts_document(const int32_t *seq, int64_t t) { return t > 0 && seq[t] != seq[t - 1]; }
+
+/* The first step i in from .. len-1 of the chunk at t0 that starts a document; len when none (or no seq). */
+static int64_t next_document(const int32_t *seq, int64_t t0, int64_t from, int64_t len) {
+    if (seq)
+        for (int64_t i = from; i < len; ++i)
+            if (starts_document(seq, t0 + i)) return i;
+    return len;
+}
+
 /* Steps 0 .. len-1 of the recurrence from h (n,), which it advances: h <- exp(dt A) h + dt u B,
-   ys[i] = C . h. With `keep`, also stores every state (hs[i + 1]) and decay (as[i]). */
+   ys[i] = C . h. With `keep`, also stores every state (hs[i + 1]) and decay (as[i]). With seq_idx the
+   steps run in runs between document starts, the loop over one run as without it: at a start the state is
+   zeroed before the step (so h = dt u B there) and its stored decay is 0, which stops the backward's adjoint
+   recurrence and gives delta no gradient through that decay. */
 ALWAYS_INLINE void scan_steps(const scan_args *a, const int64_t n, const int B_fixed, const int C_fixed,
                               const int keep, const block *k, const scratch *s, int64_t t0, int64_t len,
                               const prefetch_plan *next, vf *restrict h) {
@@ -247,20 +263,29 @@ ALWAYS_INLINE void scan_steps(const scan_args *a, const int64_t n, const int B_f
     const vf *restrict A = s->A, *restrict Bf = s->Bf, *restrict Cf = s->Cf;
     const vf *restrict dts = s->dts, *restrict us = s->us;
     const float *B = bc_rows(a, a->B, B_fixed, k), *C = bc_rows(a, a->C, C_fixed, k);
-    for (int64_t i = 0; i < len; ++i) {
-        prefetch_line(next, i);
-        const float *B_t = B_fixed ? NULL : B + (t0 + i) * n, *C_t = C_fixed ? NULL : C + (t0 + i) * n;
-        const vf dt = dts[i], dtu = dt * us[i];
-        vf y = splat(0.f);
-        #pragma GCC unroll 16
-        for (int64_t j = 0; j < n; ++j) {
-            const vf decay = exp_vf(dt * A[j]);
-            const vf hj = decay * h[j] + dtu * bc_at(B_t, Bf, B_fixed, j);
-            y += bc_at(C_t, Cf, C_fixed, j) * hj;
-            h[j] = hj;
-            if (keep) { as[i * n + j] = decay; hs[(i + 1) * n + j] = hj; }
+    const int32_t *seq = a->seq_idx ? a->seq_idx + k->b * a->L : NULL;
+    for (int64_t i0 = 0, stop; i0 < len; i0 = stop) {  /* one run: a single one without seq_idx */
+        const int reset = seq && starts_document(seq, t0 + i0);
+        if (reset)
+            for (int64_t j = 0; j < n; ++j) h[j] = splat(0.f);
+        stop = next_document(seq, t0, i0 + 1, len);
+        for (int64_t i = i0; i < stop; ++i) {
+            prefetch_line(next, i);
+            const float *B_t = B_fixed ? NULL : B + (t0 + i) * n, *C_t = C_fixed ? NULL : C + (t0 + i) * n;
+            const vf dt = dts[i], dtu = dt * us[i];
+            vf y = splat(0.f);
+            #pragma GCC unroll 16
+            for (int64_t j = 0; j < n; ++j) {
+                const vf decay = exp_vf(dt * A[j]);
+                const vf hj = decay * h[j] + dtu * bc_at(B_t, Bf, B_fixed, j);
+                y += bc_at(C_t, Cf, C_fixed, j) * hj;
+                h[j] = hj;
+                if (keep) { as[i * n + j] = decay; hs[(i + 1) * n + j] = hj; }
+            }
+            ys[i] = y;
         }
-        ys[i] = y;
+        if (keep && reset)
+            for (int64_t j = 0; j < n; ++j) as[i0 * n + j] = splat(0.f);
     }
 }
 
@@ -408,7 +433,7 @@ ALWAYS_INLINE void bwd_chunk(const scan_args *a, const int64_t n, const int B_fi
     } else {
         memcpy(s->dys, s->gout, len * sizeof(vf));
     }
-    /* adjoint recurrence: dh_{t-1} = a_t (dh_t + C_t dy_t) */
+    /* adjoint recurrence: dh_{t-1} = a_t (dh_t + C_t dy_t); a_t = 0 at a document start (scan_steps) */
     const vf D = s->D;
     vf dD = *gr->dD, dbias = *gr->dbias;
     for (int64_t i = len - 1; i >= 0; --i) {

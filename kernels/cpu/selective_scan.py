@@ -16,6 +16,7 @@ import ctypes
 import torch
 
 from ..custom_op import kernel_op
+from ..documents import check_seq_idx
 from ..fused_scan import SCAN_INPUTS, SCAN_OPTIONS, ScanGrads, num_groups
 from .build import ScanArgs, Tensor3, cpu_kernels_available, load_library
 from .chunked import selective_scan_chunked
@@ -47,7 +48,7 @@ def _empty_channels_last(batch: int, dim: int, L: int) -> torch.Tensor:
     return torch.empty(batch, L, dim, dtype=torch.float32).transpose(1, 2)
 
 
-def _kernel_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
+def _kernel_args(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, chunk):
     """Make the fp32 copies the kernel reads, where an input is not fp32 already (B and C, small, are laid
     out again in backward); return a builder of the kernel's argument struct, which holds their raw
     pointers (and the copies alive)."""
@@ -55,21 +56,22 @@ def _kernel_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk):
     (Bf, B_fixed), (Cf, C_fixed) = _bc_layout(B, groups), _bc_layout(C, groups)
     uf, deltaf, zf = _f32(u), _f32(delta), _f32(z)
     Af, Df, biasf = (None if t is None else t.float().contiguous() for t in (A, D, delta_bias))
+    seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
     batch, dim, L = u.shape
 
     def args() -> ScanArgs:
         n_chunks = (L + chunk - 1) // chunk
         return ScanArgs(batch, dim, L, A.shape[1], groups, chunk, n_chunks, Tensor3.of(uf), Tensor3.of(deltaf),
-                        Tensor3.of(zf), *map(_ptr, (Af, Bf, Cf, Df, biasf)), int(B_fixed), int(C_fixed),
+                        Tensor3.of(zf), *map(_ptr, (Af, Bf, Cf, Df, biasf, seq)), int(B_fixed), int(C_fixed),
                         int(delta_softplus))
 
     return args
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, launch):
+def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, chunk, launch):
     """-> out (batch, d, L) in u's dtype (channels-last), last state (batch, d, n) fp32, and the residual:
     the state entering every chunk, (batch, d, L / chunk, n) fp32."""
-    args = _kernel_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+    args = _kernel_args(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, chunk)
     batch, dim, L = u.shape
     n = A.shape[1]
     out = _empty_channels_last(batch, dim, L)
@@ -82,7 +84,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, launch)
 
 
 def _backward(grads, inputs, residuals, delta_softplus, chunk, launch):
-    u, delta, A, B, C, D, z, delta_bias = inputs
+    u, delta, A, B, C, D, z, delta_bias, seq_idx = inputs
     dout, dlast = grads
     (chunk_states,) = residuals
     args = _kernel_args(*inputs, delta_softplus, chunk)
@@ -107,19 +109,22 @@ selective_scan_cpu_op = kernel_op("selective_scan_cpu_channels_last", SCAN_INPUT
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, chunk: int = CHUNK):
+                       return_last_state=False, chunk: int = CHUNK, seq_idx=None):
     """Selective scan on CPU tensors; signature and semantics of `ssmforge.kernels.ref.selective_scan_ref`.
 
     chunk: steps between the states saved for backward (small values exercise the carry in tests).
     """
-    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, seq_idx) if t is not None]
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("the 'cpu' selective-scan backend takes CPU tensors only")
     if not cpu_kernels_available():
-        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                      seq_idx=seq_idx)
+    seq_idx = check_seq_idx(seq_idx, u.shape[0], u.shape[2])  # int32, as the kernel reads it
+    seq_idx = None if seq_idx is None else seq_idx.contiguous()
     # The large inputs are converted here, under autograd, so that the op saves the copies it reads and its
     # backward need not convert them again.
-    out, last_state, _ = selective_scan_cpu_op(_f32(u), _f32(delta), A, B, C, D, _f32(z), delta_bias,
+    out, last_state, _ = selective_scan_cpu_op(_f32(u), _f32(delta), A, B, C, D, _f32(z), delta_bias, seq_idx,
                                                delta_softplus, chunk)
     out = out.to(u.dtype)
     return (out, last_state) if return_last_state else out

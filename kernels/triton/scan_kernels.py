@@ -12,6 +12,11 @@ non-commutative combine in the wrong order on GPUs (triton#4362, #8412) while th
 right, so no kernel here uses one. Offsets into (batch, ...) tensors are int64 (program id 0 is
 widened first): batch * d * L passes 2^31 at real shapes. All arithmetic is fp32 whatever the input
 dtype. Work on tensors of any device that Triton drives (CUDA, or CPU under TRITON_INTERPRET=1).
+
+Document resets (HAS_SEQ_IDX, a compile-time flag: without it the kernels compile as if seq_idx did not
+exist): a step where seq_idx changes has decay a_t = 0, one multiplier per step, so the forward scan drops the
+carried state there, the adjoint recurrence stops there (a_{t+1} = 0 in it), and delta gets no gradient
+through that decay (h_t - x_t = 0 exactly, the scan's combine giving 0 * x_prev + x_t).
 """
 import triton
 import triton.language as tl
@@ -55,6 +60,16 @@ def _load_bc(ptr, pid_b, group, offs_d, offs_t, offs_n, d_mask, t_mask, n_mask, 
 
 
 @triton.jit
+def _keep(seq_ptr, pid_b, offs_t, L):
+    """(CHUNK,) fp32 multiplier of the decay at steps offs_t of row pid_b of seq_idx (batch, L) int32: 0 where
+    a document starts, else 1 (1 at t = 0 and past L, where nothing is carried or the state stays)."""
+    inside = (offs_t > 0) & (offs_t < L)
+    here = tl.load(seq_ptr + pid_b * L + offs_t, mask=inside, other=0)
+    before = tl.load(seq_ptr + pid_b * L + offs_t - 1, mask=inside, other=0)
+    return tl.where(here == before, 1.0, 0.0)
+
+
+@triton.jit
 def _load_delta(delta_ptr, bias, row, offs_t, t_mask, L, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """delta (BLOCK_D, CHUNK) fp32 after bias and softplus, and zero past L (so a = 1, x = 0 there)."""
     mask = t_mask[None, :] & (row[:, None] >= 0)
@@ -67,17 +82,17 @@ def _load_delta(delta_ptr, bias, row, offs_t, t_mask, L, HAS_BIAS: tl.constexpr,
 
 @triton.jit
 def scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr,
     out_ptr, chunk_states_ptr, last_state_ptr,
     dim, L, n, n_chunks, dims_per_group,
     sB_0, sB_1, sB_n, sB_l, sC_0, sC_1, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    B_FIXED: tl.constexpr, C_FIXED: tl.constexpr,
+    B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, N: tl.constexpr,
 ):
-    """u, delta, z, out: (batch, d, L) contiguous; A (d, n) contiguous; chunk_states
-    (batch, d, n_chunks, n) and last_state (batch, d, n) fp32. Grid (batch, d / BLOCK_D); the
-    BLOCK_D channels of a program share one group of B/C."""
+    """u, delta, z, out: (batch, d, L) contiguous; A (d, n) contiguous; seq_idx (batch, L) int32 contiguous
+    (read with HAS_SEQ_IDX); chunk_states (batch, d, n_chunks, n) and last_state (batch, d, n) fp32. Grid
+    (batch, d / BLOCK_D); the BLOCK_D channels of a program share one group of B/C."""
     pid_b = tl.program_id(0).to(tl.int64)  # every (batch, ...) offset below is int64 through it
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -103,6 +118,8 @@ def scan_fwd_kernel(
         B = _load_bc(B_ptr, pid_b, group, offs_d, offs_t, offs_n, d_mask, t_mask, n_mask, sB_0, sB_1, sB_n, sB_l, B_FIXED)
         C = _load_bc(C_ptr, pid_b, group, offs_d, offs_t, offs_n, d_mask, t_mask, n_mask, sC_0, sC_1, sC_n, sC_l, C_FIXED)
         a = tl.exp(dt[:, :, None] * A[:, None, :])  # (BLOCK_D, CHUNK, N)
+        if HAS_SEQ_IDX:
+            a = a * _keep(seq_ptr, pid_b, offs_t, L)[None, :, None]
         x = (dt * u)[:, :, None] * B
         a_cum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_compose)
         hs = hs + a_cum * h[:, None, :]  # states of this chunk, given the carried one
@@ -120,14 +137,14 @@ def scan_fwd_kernel(
 
 @triton.jit
 def scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr,
     chunk_states_ptr, dout_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_rows_ptr, dB_ptr, dC_ptr, dD_rows_ptr, dbias_rows_ptr,
     dim, L, n, n_chunks, dims_per_group,
     sB_0, sB_1, sB_n, sB_l, sC_0, sC_1, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, HAS_DLAST: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, N: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, N: tl.constexpr,
 ):
     """Gradients, same grid and layouts as the forward. du, ddelta, dz (batch, d, L) fp32;
     dA_rows (batch, d, n), dD_rows and dbias_rows (batch, d): per-row partials the caller sums over
@@ -172,6 +189,8 @@ def scan_bwd_kernel(
         B = _load_bc(B_ptr, pid_b, group, offs_d, offs_t, offs_n, d_mask, t_mask, n_mask, sB_0, sB_1, sB_n, sB_l, B_FIXED)
         C = _load_bc(C_ptr, pid_b, group, offs_d, offs_t, offs_n, d_mask, t_mask, n_mask, sC_0, sC_1, sC_n, sC_l, C_FIXED)
         a = tl.exp(dt[:, :, None] * A[:, None, :])
+        if HAS_SEQ_IDX:
+            a = a * _keep(seq_ptr, pid_b, offs_t, L)[None, :, None]
         x = (dt * u)[:, :, None] * B
         a_cum, hs = tl.associative_scan((a, x), axis=1, combine_fn=_compose)
         hs = hs + a_cum * h0[:, None, :]
@@ -194,6 +213,8 @@ def scan_bwd_kernel(
         offs_r = c * CHUNK + CHUNK - 1 - tl.arange(0, CHUNK)
         dt_next, _ = _load_delta(delta_ptr, bias, row, offs_r + 1, (offs_r + 1) < L, L, HAS_BIAS, SOFTPLUS)
         a_next = tl.exp(dt_next[:, :, None] * A[:, None, :])
+        if HAS_SEQ_IDX:  # a document starting at t + 1 cuts dh_t off from it
+            a_next = a_next * _keep(seq_ptr, pid_b, offs_r + 1, L)[None, :, None]
         C_r = _load_bc(C_ptr, pid_b, group, offs_d, offs_r, offs_n, d_mask, offs_r < L, n_mask,
                        sC_0, sC_1, sC_n, sC_l, C_FIXED)
         a_cum_r, dhs_r = tl.associative_scan((a_next, C_r * tl.flip(dy, 1)[:, :, None]), axis=1,

@@ -1,6 +1,7 @@
 """The Triton selective scan as the custom op ssmforge::selective_scan_triton (launch code for `scan_kernels`).
 
-Saved for backward: the inputs and the fp32 state entering every chunk of CHUNK steps, (batch, d, L / CHUNK, n)."""
+Saved for backward: the inputs (seq_idx too, int32 (batch, L), when given) and the fp32 state entering every chunk
+of CHUNK steps, (batch, d, L / CHUNK, n)."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +9,7 @@ import triton
 
 from .. import deterministic
 from ..custom_op import kernel_op
+from ..documents import check_seq_idx
 from ..fused_scan import SCAN_INPUTS, SCAN_OPTIONS, ScanGrads, num_groups
 from .scan_kernels import scan_bwd_kernel, scan_fwd_kernel
 
@@ -49,7 +51,7 @@ def _contiguous(u, delta, A, z):
     return u.contiguous(), delta.contiguous(), A.contiguous(), None if z is None else z.contiguous()
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, launch):
+def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, chunk, launch):
     """-> out (batch, d, L) in u's dtype, last state (batch, d, n) fp32, and the residual: the state
     entering every chunk, (batch, d, cdiv(L, chunk), n) fp32."""
     u, delta, A, z = _contiguous(u, delta, A, z)
@@ -63,10 +65,10 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, launch)
         dummy = chunk_states  # stands in for absent optional pointers; never read
         scan_fwd_kernel[grid](
             u, delta, A, *BC, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, out, chunk_states, last_state,
-            dim, L, n, chunk_states.shape[2], dims_per_group, *strides,
+            delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy,
+            out, chunk_states, last_state, dim, L, n, chunk_states.shape[2], dims_per_group, *strides,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-            **meta,
+            HAS_SEQ_IDX=seq_idx is not None, **meta,
         )
     return out, last_state, chunk_states
 
@@ -85,7 +87,7 @@ def _with_partials(result: ScanGrads, u, A, B, C) -> ScanGrads:
 
 
 def _backward(grads, inputs, residuals, delta_softplus, chunk, launch):
-    u, delta, A, B, C, D, z, delta_bias = inputs
+    u, delta, A, B, C, D, z, delta_bias, seq_idx = inputs
     u, delta, A, z = _contiguous(u, delta, A, z)
     dout, dlast = grads
     (chunk_states,) = residuals
@@ -99,11 +101,13 @@ def _backward(grads, inputs, residuals, delta_softplus, chunk, launch):
         dummy = chunk_states  # stands in for absent optional pointers; never read
         scan_bwd_kernel[grid](
             u, delta, A, *BC, D if D is not None else dummy, z if z is not None else dummy,
-            delta_bias if delta_bias is not None else dummy, chunk_states, dout,
+            delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy,
+            chunk_states, dout,
             dlast.contiguous() if dlast is not None else dummy, *(t if t is not None else dummy for t in result),
             u.shape[1], u.shape[2], A.shape[1], chunk_states.shape[2], dims_per_group, *strides,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=delta_softplus, HAS_DLAST=dlast is not None, DETERMINISTIC=det, **meta,
+            SOFTPLUS=delta_softplus, HAS_DLAST=dlast is not None, DETERMINISTIC=det,
+            HAS_SEQ_IDX=seq_idx is not None, **meta,
         )
     if det:  # the programs of a group are consecutive: sum their partials, always in the same order
         groups = num_groups(B, C)
@@ -117,12 +121,15 @@ selective_scan_triton_op = kernel_op("selective_scan_triton", SCAN_INPUTS, SCAN_
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, chunk: int = CHUNK):
+                          return_last_state=False, chunk: int = CHUNK, seq_idx=None):
     """Selective scan through the Triton kernels; signature and semantics of `selective_scan_ref`.
 
     chunk: steps per scan tile (a power of two); small values exercise the chunk carry in tests.
     """
     # made contiguous here, under autograd, so that the op saves for backward the copies it reads
     u, delta, A, z = _contiguous(u, delta, A, z)
-    out, last_state, _ = selective_scan_triton_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk)
+    seq_idx = check_seq_idx(seq_idx, u.shape[0], u.shape[2])  # int32 (batch, L), as the kernels read it
+    seq_idx = None if seq_idx is None else seq_idx.contiguous()
+    out, last_state, _ = selective_scan_triton_op(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus,
+                                                  chunk)
     return (out, last_state) if return_last_state else out

@@ -19,6 +19,15 @@ stored per head, (batch, L, nheads, dstate), for the launcher to sum. The two ba
 in slices of BLOCK_N over their grid's axis 2 (whole 64x128 tiles spill registers); what sums over dstate
 (dx, ddt, da) they write per slice, into (batch, n_slices, ...) partials that the launcher sums. All
 arithmetic is fp32.
+
+Document resets (HAS_SEQ_IDX; without it the kernels compile as if it did not exist): doc (batch, n_chunks,
+CHUNK) int32 numbers the documents 0, 1, 2, ... along each row (padded steps in the last one), so two steps
+lie in one document with no reset between them exactly when their numbers are equal. Then a source s reaches
+an output l only in l's document (its decay is 0 otherwise), a chunk's own state S holds only the steps of
+its last document, h0 reaches only the steps before the chunk's first reset (those numbered like the step
+before the chunk; h0 of the first chunk is the initial state, document 0), and state passing drops the
+carried state at a chunk with a reset: h0[c+1] = keep[c] exp(a_end[c]) h0[c] + S[c]. Each masked weight is
+an exponent of -inf, so its gradient is 0 too.
 """
 import triton
 import triton.language as tl
@@ -60,6 +69,22 @@ def _decay(a_l, a_s, offs_l, offs_s):
 
 
 @triton.jit
+def _decay_in_document(a_l, a_s, offs_l, offs_s, doc_l, doc_s):
+    """`_decay`, and 0 between steps of different documents (BLOCK_L, BLOCK_S)."""
+    keep = (offs_l[:, None] >= offs_s[None, :]) & (doc_l[:, None] == doc_s[None, :])
+    return tl.exp(tl.where(keep, a_l[:, None] - a_s[None, :], float("-inf")))
+
+
+@triton.jit
+def _documents_around(doc_ptr, b, c, n_chunks, CHUNK: tl.constexpr):
+    """(where chunk c of row b starts in doc, the document of the step before it (document 0 before the
+    first chunk: the initial state's), the document of its last step)."""
+    start = (b * n_chunks + c) * CHUNK
+    before = tl.load(doc_ptr + tl.maximum(start - 1, b * n_chunks * CHUNK))
+    return start, before, tl.load(doc_ptr + start + CHUNK - 1)
+
+
+@triton.jit
 def _chunk_program(nheads, ngroups, n_chunks, CHUNK: tl.constexpr):
     """This program's (batch b, chunk c, head, B/C group, row) for a grid (batch * n_chunks, nheads, ...);
     row is where (b, head, c) starts in the (batch, nheads, n_chunks, CHUNK) dt and a tensors."""
@@ -83,16 +108,23 @@ def _slice_program(b, c, head, nheads, n_chunks, dstate, CHUNK: tl.constexpr, BL
 
 @triton.jit
 def chunk_state_kernel(
-    X_ptr, Y_ptr, dt_ptr, a_ptr, out_ptr,
+    X_ptr, Y_ptr, dt_ptr, a_ptr, doc_ptr, out_ptr,
     L, nheads, headdim, dstate, ngroups, n_chunks,
-    FROM_START: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
+    FROM_START: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """out[b, c, h] = sum_s X_s^T w_s Y_s over the steps of chunk c, with w_s = exp(a_end - a_s) dt_s
-    (forward: X = x, Y = B) or, FROM_START, w_s = exp(a_s) (backward: X = dy, Y = C).
+    (forward: X = x, Y = B) or, FROM_START, w_s = exp(a_s) (backward: X = dy, Y = C). HAS_SEQ_IDX: only
+    the steps of the chunk's last document (forward) or those before its first reset (FROM_START).
     Grid (batch * n_chunks, nheads)."""
     b, c, head, group, row = _chunk_program(nheads, ngroups, n_chunks, CHUNK)
     a_end = tl.load(a_ptr + row + CHUNK - 1)
+    if HAS_SEQ_IDX:
+        doc_row, doc_before, doc_end = _documents_around(doc_ptr, b, c, n_chunks, CHUNK)
+        if FROM_START:
+            doc_kept = doc_before
+        else:
+            doc_kept = doc_end
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     for k in range(0, CHUNK, BLOCK_K):
         offs_s = k + tl.arange(0, BLOCK_K)
@@ -101,9 +133,14 @@ def chunk_state_kernel(
         ys = _load_steps(Y_ptr, b, t, L, dstate, ngroups, group, 0, BLOCK_N)
         a_s = tl.load(a_ptr + row + offs_s)
         if FROM_START:
-            w = tl.exp(a_s)
+            exponent = a_s
         else:
-            w = tl.exp(a_end - a_s) * tl.load(dt_ptr + row + offs_s)
+            exponent = a_end - a_s
+        if HAS_SEQ_IDX:
+            exponent = tl.where(tl.load(doc_ptr + doc_row + offs_s) == doc_kept, exponent, float("-inf"))
+        w = tl.exp(exponent)
+        if not FROM_START:
+            w = w * tl.load(dt_ptr + row + offs_s)
         acc += tl.dot(tl.trans(xs), ys * w[:, None], input_precision=PRECISION)
     offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, 0, BLOCK_P, BLOCK_N)
     tl.store(out_ptr + offs, acc, mask=mask)
@@ -111,14 +148,16 @@ def chunk_state_kernel(
 
 @triton.jit
 def state_passing_kernel(
-    inputs_ptr, a_ptr, start_ptr, carried_ptr, last_ptr,
+    inputs_ptr, a_ptr, doc_ptr, start_ptr, carried_ptr, last_ptr,
     nheads, n_chunks, size,
-    HAS_START: tl.constexpr, REVERSE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, REVERSE: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """h <- start (or 0); for each chunk c in order (REVERSE: last to first): carried[c] = h, then
     h <- exp(a_end[c]) h + inputs[c]; last = h. Forward: inputs are the chunk states and carried[c] the
     state entering chunk c. Backward (REVERSE, start = d final state): inputs are U and carried[c] the
-    gradient of the state leaving chunk c; last is the gradient of the initial state.
+    gradient of the state leaving chunk c; last is the gradient of the initial state. HAS_SEQ_IDX: a chunk
+    with a reset decays h by 0 (both ways: the adjoint of dropping the state is dropping its gradient).
     States flattened to `size` = headdim * dstate. Grid (batch, nheads, cdiv(size, BLOCK))."""
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -136,16 +175,19 @@ def state_passing_kernel(
         state = ((b * n_chunks + c) * nheads + head) * size + offs
         tl.store(carried_ptr + state, h, mask=mask)
         a_end = tl.load(a_ptr + ((b * nheads + head) * n_chunks + c) * CHUNK + CHUNK - 1)
+        if HAS_SEQ_IDX:
+            _, doc_before, doc_end = _documents_around(doc_ptr, b, c, n_chunks, CHUNK)
+            a_end = tl.where(doc_end == doc_before, a_end, float("-inf"))
         h = tl.exp(a_end) * h + tl.load(inputs_ptr + state, mask=mask, other=0.0)
     tl.store(last_ptr + (b * nheads + head) * size + offs, h, mask=mask)
 
 
 @triton.jit
 def chunk_scan_fwd_kernel(
-    x_ptr, B_ptr, C_ptr, dt_ptr, a_ptr, entering_ptr, y_ptr,
+    x_ptr, B_ptr, C_ptr, dt_ptr, a_ptr, doc_ptr, entering_ptr, y_ptr,
     L, nheads, headdim, dstate, ngroups, n_chunks,
-    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """y (fp32, without D) for BLOCK_M steps of one chunk and head. Grid (batch * n_chunks, nheads,
     CHUNK / BLOCK_M)."""
@@ -157,7 +199,13 @@ def chunk_scan_fwd_kernel(
     a_l = tl.load(a_ptr + row + offs_l)
     offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, 0, BLOCK_P, BLOCK_N)
     h0 = tl.load(entering_ptr + offs, mask=mask, other=0.0)
-    acc = tl.dot(C_l, tl.trans(h0), input_precision=PRECISION) * tl.exp(a_l)[:, None]
+    if HAS_SEQ_IDX:
+        doc_row, doc_before, _ = _documents_around(doc_ptr, b, c, n_chunks, CHUNK)
+        doc_l = tl.load(doc_ptr + doc_row + offs_l)
+        from_start = tl.exp(tl.where(doc_l == doc_before, a_l, float("-inf")))
+    else:
+        from_start = tl.exp(a_l)
+    acc = tl.dot(C_l, tl.trans(h0), input_precision=PRECISION) * from_start[:, None]
     for k in range(0, (pid_m + 1) * BLOCK_M, BLOCK_M):  # causal: source blocks up to the diagonal
         offs_s = k + tl.arange(0, BLOCK_M)
         t_s = c * CHUNK + offs_s
@@ -165,18 +213,22 @@ def chunk_scan_fwd_kernel(
         x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, 0, BLOCK_P)
         dt_s = tl.load(dt_ptr + row + offs_s)
         a_s = tl.load(a_ptr + row + offs_s)
-        w = tl.dot(C_l, tl.trans(B_s), input_precision=PRECISION) * _decay(a_l, a_s, offs_l, offs_s) * dt_s[None, :]
+        if HAS_SEQ_IDX:
+            decay = _decay_in_document(a_l, a_s, offs_l, offs_s, doc_l, tl.load(doc_ptr + doc_row + offs_s))
+        else:
+            decay = _decay(a_l, a_s, offs_l, offs_s)
+        w = tl.dot(C_l, tl.trans(B_s), input_precision=PRECISION) * decay * dt_s[None, :]
         acc += tl.dot(w, x_s, input_precision=PRECISION)
     _store_steps(y_ptr, acc, b, t_l, L, headdim, nheads, head, 0, BLOCK_P, False)
 
 
 @triton.jit
 def chunk_scan_bwd_sources_kernel(
-    x_ptr, B_ptr, C_ptr, dt_ptr, a_ptr, dy_ptr, dleaving_ptr,
+    x_ptr, B_ptr, C_ptr, dt_ptr, a_ptr, doc_ptr, dy_ptr, dleaving_ptr,
     dx_ptr, ddt_ptr, dB_ptr, da_ptr, da_end_ptr,
     L, nheads, headdim, dstate, ngroups, n_chunks,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     """Gradients at BLOCK source steps s of one chunk and head, from the outputs l >= s and from the
     leaving state's gradient dS: dx, ddt (through dt as a factor only), dB (accumulated over the heads of
@@ -192,6 +244,9 @@ def chunk_scan_bwd_sources_kernel(
     B_s = _load_steps(B_ptr, b, t_s, L, dstate, ngroups, group, n0, BLOCK_N)
     dt_s = tl.load(dt_ptr + row + offs_s)
     a_s = tl.load(a_ptr + row + offs_s)
+    if HAS_SEQ_IDX:
+        doc_row, _, doc_end = _documents_around(doc_ptr, b, c, n_chunks, CHUNK)
+        doc_s = tl.load(doc_ptr + doc_row + offs_s)
     g = tl.zeros((BLOCK, BLOCK_P), dtype=tl.float32)  # d y / d (dt_s x_s), summed over outputs
     dB = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
     m_cols = tl.zeros((BLOCK,), dtype=tl.float32)  # sum_l of the score terms, for da_s
@@ -200,7 +255,11 @@ def chunk_scan_bwd_sources_kernel(
         t_l = c * CHUNK + offs_l
         C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, n0, BLOCK_N)
         dy_l = _load_steps(dy_ptr, b, t_l, L, headdim, nheads, head, 0, BLOCK_P)
-        decay = _decay(tl.load(a_ptr + row + offs_l), a_s, offs_l, offs_s)  # (l, s)
+        if HAS_SEQ_IDX:
+            decay = _decay_in_document(tl.load(a_ptr + row + offs_l), a_s, offs_l, offs_s,
+                                       tl.load(doc_ptr + doc_row + offs_l), doc_s)  # (l, s)
+        else:
+            decay = _decay(tl.load(a_ptr + row + offs_l), a_s, offs_l, offs_s)  # (l, s)
         w = tl.dot(C_l, tl.trans(B_s), input_precision=PRECISION) * decay
         xdy = tl.dot(dy_l, tl.trans(x_s), input_precision=PRECISION)
         g += tl.dot(tl.trans(w), dy_l, input_precision=PRECISION)
@@ -208,7 +267,10 @@ def chunk_scan_bwd_sources_kernel(
         m_cols += tl.sum(w * xdy, axis=0)
     offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, n0, BLOCK_P, BLOCK_N)
     dS = tl.load(dleaving_ptr + offs, mask=mask, other=0.0)
-    to_end = tl.exp(tl.load(a_ptr + row + CHUNK - 1) - a_s)
+    if HAS_SEQ_IDX:  # only the chunk's last document reaches its end
+        to_end = tl.exp(tl.where(doc_s == doc_end, tl.load(a_ptr + row + CHUNK - 1) - a_s, float("-inf")))
+    else:
+        to_end = tl.exp(tl.load(a_ptr + row + CHUNK - 1) - a_s)
     g += to_end[:, None] * tl.dot(B_s, tl.trans(dS), input_precision=PRECISION)
     x_dS = tl.dot(x_s, dS, input_precision=PRECISION)  # (s, BLOCK_N)
     dB = dt_s[:, None] * (dB + to_end[:, None] * x_dS)
@@ -225,11 +287,11 @@ def chunk_scan_bwd_sources_kernel(
 
 @triton.jit
 def chunk_scan_bwd_outputs_kernel(
-    x_ptr, B_ptr, C_ptr, dt_ptr, a_ptr, dy_ptr, entering_ptr,
+    x_ptr, B_ptr, C_ptr, dt_ptr, a_ptr, doc_ptr, dy_ptr, entering_ptr,
     dC_ptr, da_ptr,
     L, nheads, headdim, dstate, ngroups, n_chunks,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
     """Gradients at BLOCK output steps l of one chunk and head: dC (accumulated over the heads of a
     group, or stored per head as dB above) and da_l (the terms where a_l enters with a plus sign), from
@@ -242,6 +304,9 @@ def chunk_scan_bwd_outputs_kernel(
     C_l = _load_steps(C_ptr, b, t_l, L, dstate, ngroups, group, n0, BLOCK_N)
     dy_l = _load_steps(dy_ptr, b, t_l, L, headdim, nheads, head, 0, BLOCK_P)
     a_l = tl.load(a_ptr + row + offs_l)
+    if HAS_SEQ_IDX:
+        doc_row, doc_before, _ = _documents_around(doc_ptr, b, c, n_chunks, CHUNK)
+        doc_l = tl.load(doc_ptr + doc_row + offs_l)
     dC = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
     m_rows = tl.zeros((BLOCK,), dtype=tl.float32)
     for k in range(0, (pid_l + 1) * BLOCK, BLOCK):
@@ -250,14 +315,21 @@ def chunk_scan_bwd_outputs_kernel(
         B_s = _load_steps(B_ptr, b, t_s, L, dstate, ngroups, group, n0, BLOCK_N)
         x_s = _load_steps(x_ptr, b, t_s, L, headdim, nheads, head, 0, BLOCK_P)
         dt_s = tl.load(dt_ptr + row + offs_s)
-        decay = _decay(a_l, tl.load(a_ptr + row + offs_s), offs_l, offs_s)
+        if HAS_SEQ_IDX:
+            decay = _decay_in_document(a_l, tl.load(a_ptr + row + offs_s), offs_l, offs_s, doc_l,
+                                       tl.load(doc_ptr + doc_row + offs_s))
+        else:
+            decay = _decay(a_l, tl.load(a_ptr + row + offs_s), offs_l, offs_s)
         v = decay * tl.dot(dy_l, tl.trans(x_s), input_precision=PRECISION) * dt_s[None, :]
         dC += tl.dot(v, B_s, input_precision=PRECISION)
         m_rows += tl.sum(v * tl.dot(C_l, tl.trans(B_s), input_precision=PRECISION), axis=1)
     offs, mask = _state_offsets(b, c, head, n_chunks, nheads, headdim, dstate, n0, BLOCK_P, BLOCK_N)
     h0 = tl.load(entering_ptr + offs, mask=mask, other=0.0)
     dy_h0 = tl.dot(dy_l, h0, input_precision=PRECISION)  # (l, BLOCK_N)
-    from_start = tl.exp(a_l)
+    if HAS_SEQ_IDX:  # h0 reaches the steps before the chunk's first reset
+        from_start = tl.exp(tl.where(doc_l == doc_before, a_l, float("-inf")))
+    else:
+        from_start = tl.exp(a_l)
     dC += from_start[:, None] * dy_h0
     if DETERMINISTIC:
         _store_steps(dC_ptr, dC, b, t_l, L, dstate, nheads, head, n0, BLOCK_N, False)

@@ -59,6 +59,26 @@ def test_shards_hold_exactly_the_tokenized_documents(tmp_path, corpus):
     assert manifest.tokenizer["sha256"] == ByteTokenizer().fingerprint()
 
 
+def test_the_manifest_records_that_every_document_follows_an_eos(tmp_path, corpus):
+    """Evaluation reads each document after the token training put before it: the manifest says which. The
+    stream is EOS-joined and holds no BOS, so it is "eos"; a manifest from before the field reads as "eos"."""
+    import json
+
+    from ssmforge.data_pipeline.manifest import MANIFEST_FILE, document_prefix
+
+    path, _ = corpus
+    manifest = prepare(run_config(tmp_path, [path]))
+    tok = ByteTokenizer()
+    stream = np.concatenate([read_split(tmp_path / "run" / "data" / s).reshape(-1) for s in ("train", "val")])
+    assert tok.bos_id not in stream and (stream == tok.eos_id).sum() > 0
+    assert manifest.tokenizer["document_prefix"] == "eos" == document_prefix(manifest.tokenizer)
+    file = tmp_path / "run" / "data" / MANIFEST_FILE
+    data = json.loads(file.read_text())
+    del data["tokenizer"]["document_prefix"]
+    file.write_text(json.dumps(data))
+    assert document_prefix(read_manifest(tmp_path / "run" / "data").tokenizer) == "eos"
+
+
 def test_rerun_is_a_no_op_and_another_config_is_refused(tmp_path, corpus):
     path, _ = corpus
     first = prepare(run_config(tmp_path, [path]))
@@ -86,7 +106,7 @@ def test_trained_sentencepiece_goes_into_the_manifest(tmp_path, corpus):
     manifest = prepare(config)
     model_file = tmp_path / "run" / "data" / "tokenizer.model"
     assert manifest.tokenizer == {"kind": "sentencepiece", "file": "tokenizer.model", "sha256": file_sha256(model_file),
-                                  "vocab_size": 300, "eos_id": 2, "pad_id": 0, "bos_id": 1}
+                                  "vocab_size": 300, "eos_id": 2, "pad_id": 0, "bos_id": 1, "document_prefix": "eos"}
     assert read_manifest(tmp_path / "run" / "data") == manifest
     manifest.check_model_vocab(300)
     from ssmforge.errors import ConfigError

@@ -61,8 +61,18 @@ def test_missing_split_and_unknown_task_are_clear(tmp_path):
 def test_pairs_are_framed_and_the_longer_sentence_is_cut_first():
     tok = ByteTokenizer()
     ids = encode_example(tok, Example("0", "abcdefgh", "xy", 0), max_length=9)
-    assert ids == [tok.bos_id] + tok.encode("abcd") + [tok.eos_id] + tok.encode("xy") + [tok.eos_id]
-    assert encode_example(tok, Example("0", "ab", None, 0), 16) == [tok.bos_id] + tok.encode("ab") + [tok.eos_id]
+    assert ids == [tok.eos_id] + tok.encode("abcd") + [tok.eos_id] + tok.encode("xy") + [tok.eos_id]
+    assert encode_example(tok, Example("0", "ab", None, 0), 16) == [tok.eos_id] + tok.encode("ab") + [tok.eos_id]
+
+
+def test_inputs_start_with_the_token_training_put_before_documents():
+    """Packed pretraining data never feeds BOS: every document follows an EOS, so GLUE inputs start with EOS
+    unless the run's manifest says its documents followed BOS."""
+    tok = ByteTokenizer()
+    example = Example("0", "ab", "c", 0)
+    assert encode_example(tok, example, 16)[0] == tok.eos_id != tok.bos_id
+    assert encode_example(tok, example, 16, document_prefix="bos") == \
+        [tok.bos_id] + tok.encode("ab") + [tok.eos_id] + tok.encode("c") + [tok.eos_id]
 
 
 def test_rank_shares_cover_everything_with_equal_counts():

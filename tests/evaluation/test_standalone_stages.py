@@ -5,6 +5,7 @@ them is one line, exit code 2, before torch loads and before anything is written
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -92,6 +93,38 @@ def test_eval_ppl_windows_default_to_the_training_length(tiny_run, byte_model_di
     # a flag wins; a Hugging Face folder (no run settings) keeps the 2048 default
     assert ppl(out, text, tmp_path / "flag", "--max-length", 16)["max_length"] == 16
     assert ppl(byte_model_dir, text, tmp_path / "hf")["max_length"] == 2048
+
+
+def test_an_eos_trained_run_is_scored_after_eos_not_bos(tiny_run, tmp_path):
+    """The run's manifest records that packing put EOS before every document; eval-ppl on the run folder
+    and on its export reads each document after EOS, exactly (a BOS-prefixed score would differ)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ssmforge.pretrain.export import load_model_and_tokenizer
+
+    run_dir, out = tiny_run
+    shard_dir = load_config(run_dir / "config.yaml", frozen=True).data.shard_dir
+    assert json.loads((Path(shard_dir) / "manifest.json").read_text())["tokenizer"]["document_prefix"] == "eos"
+    text = tmp_path / "t.txt"
+    text.write_text("The cat sat.\n")
+    model, tok, _ = load_model_and_tokenizer(run_dir)
+    ids = tok.encode(text.read_text())
+    assert 0 < len(ids) <= SEQ_LEN and tok.bos_id != tok.eos_id
+
+    def nll_after(prefix: int) -> float:
+        with torch.no_grad():
+            logits = model.eval()(torch.tensor([[prefix] + ids[:-1]]))[0]
+        return F.cross_entropy(logits, torch.tensor(ids), reduction="sum").item()
+
+    after_eos, after_bos = nll_after(tok.eos_id), nll_after(tok.bos_id)
+    assert abs(after_eos - after_bos) > 1e-3
+    for name, source in (("run", run_dir), ("export", out)):
+        result = ppl(source, text, tmp_path / name)
+        assert result["document_prefix"] == "eos", name
+        assert result["nll"] == pytest.approx(after_eos, rel=1e-5), name
+    # the flag overrides the manifest
+    assert ppl(run_dir, text, tmp_path / "bos", "--document-prefix", "bos")["nll"] == pytest.approx(after_bos, rel=1e-5)
 
 
 def glue(source, data, out, *args) -> dict:

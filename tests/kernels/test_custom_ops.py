@@ -20,7 +20,8 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not 
 def _scan(op_name, dtype=torch.float32, **shape):
     def case():
         inputs = scan_inputs(L=21, dtype=dtype, **shape)
-        return _op(op_name), (*inputs.values(), True, 8), 2  # softplus, states saved every 8 steps; out, last
+        # no seq_idx, softplus, states saved every 8 steps; out, last
+        return _op(op_name), (*inputs.values(), None, True, 8), 2
     return case
 
 

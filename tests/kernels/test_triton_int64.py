@@ -40,23 +40,24 @@ LOWER = textwrap.dedent('''
         tl.store(x_ptr + row * L, 0.0)
 
     def ttir(kernel, constexprs):
-        signature = {name: "constexpr" if name in constexprs else "*fp32" if name.endswith("_ptr") else "i32"
-                     for name in inspect.signature(kernel.fn).parameters}
+        signature = {name: "constexpr" if name in constexprs else "*i32" if name in ("seq_ptr", "doc_ptr")
+                     else "*fp32" if name.endswith("_ptr") else "i32" for name in inspect.signature(kernel.fn).parameters}
         keyed = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
         src = ASTSource(kernel, signature, constexprs=keyed)
         return triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ttir"]
 
-    scan = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, BLOCK_D=8, CHUNK=16, N=16)
-    conv = dict(HAS_BIAS=True, SILU=True, WIDTH=4, BLOCK_D=16, BLOCK_L=64)
-    ssd = dict(CHUNK=64, BLOCK_P=64, BLOCK_N=16, PRECISION="tf32")
+    # document resets on: their loads (seq_idx per step, document numbers per chunk) are offsets to check too
+    scan = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_SEQ_IDX=True, BLOCK_D=8, CHUNK=16, N=16)
+    conv = dict(HAS_BIAS=True, HAS_SEQ_IDX=True, SILU=True, WIDTH=4, BLOCK_D=16, BLOCK_L=64)
+    ssd = dict(CHUNK=64, BLOCK_P=64, BLOCK_N=16, PRECISION="tf32", HAS_SEQ_IDX=True)
     kernels = {
         "narrow": (narrow, dict(BLOCK=16)),
         "wide": (wide, dict(BLOCK=16)),
         "conv1d_fwd": (conv1d.conv1d_fwd_kernel, conv),
         "conv1d_grad_pre": (conv1d.conv1d_grad_pre_kernel, conv),
-        "conv1d_grad_x": (conv1d.conv1d_grad_x_kernel, dict(WIDTH=4, BLOCK_D=16, BLOCK_L=64)),
+        "conv1d_grad_x": (conv1d.conv1d_grad_x_kernel, dict(WIDTH=4, HAS_SEQ_IDX=True, BLOCK_D=16, BLOCK_L=64)),
         "ssd_chunk_state": (ssd_kernels.chunk_state_kernel, dict(ssd, FROM_START=False, BLOCK_K=64)),
-        "ssd_state_passing": (ssd_kernels.state_passing_kernel, dict(HAS_START=True, REVERSE=True, CHUNK=64,
+        "ssd_state_passing": (ssd_kernels.state_passing_kernel, dict(HAS_START=True, HAS_SEQ_IDX=True, REVERSE=True, CHUNK=64,
                                                                      BLOCK=1024)),
         "ssd_chunk_scan_fwd": (ssd_kernels.chunk_scan_fwd_kernel, dict(ssd, BLOCK_M=64)),
         "ssd_bwd_sources": (ssd_kernels.chunk_scan_bwd_sources_kernel, dict(ssd, BLOCK=32, DETERMINISTIC=True)),

@@ -13,8 +13,8 @@ def main() -> int:
     if int(os.environ.get("RANK", "0")) == rank:
         real, calls = trainer.lm_loss, []
 
-        def poisoned(engine, tokens, device, dtype, reduction="mean"):
-            loss = real(engine, tokens, device, dtype, reduction)
+        def poisoned(engine, tokens, device, dtype, reduction="mean", **kwargs):
+            loss = real(engine, tokens, device, dtype, reduction, **kwargs)
             if engine.training:
                 calls.append(None)
                 if len(calls) == (step - 1) * trainer_accumulation() + micro:

@@ -45,6 +45,7 @@ def test_frozen_yaml_round_trips(tmp_path):
     ("data.sources.5.kind=local", r"'data\.sources\.5' is not a config section"),
     ("glue.tasks=[cola,squad]", r"glue\.tasks='squad' is invalid"),
     ("wandb.mode=cloud", r"wandb\.mode='cloud' is invalid: one of online, offline, disabled"),
+    ("data.document_boundaries=sometimes", r"data\.document_boundaries='sometimes' is invalid: one of flow, reset"),
     ("seq_len", r"override 'seq_len' is invalid: expected key\.sub=value"),
     ("model.n_layer=${variables.nope}", r"Interpolation key 'variables\.nope' not found"),
     ("model.mamba2_d_state=16", r"model\.mamba2_d_state was renamed: use model\.mamba2\.d_state$"),

@@ -1,7 +1,7 @@
 """Every mixer through the same commands: a hybrid stack holding all of them (M Mamba, 2 Mamba-2, G GSS,
-* attention, - MLP) trains under ZeRO-3 to the losses it has under ZeRO-0 (so every weight a kernel
-reads is gathered), stops and resumes exactly, exports, and its export evaluates, fine-tunes on GLUE and
-generates through the CLI."""
+* attention, - MLP) trains with document resets under ZeRO-3 to the losses it has under ZeRO-0 (so every
+weight a kernel reads is gathered), stops and resumes exactly, exports, and its export evaluates, fine-tunes
+on GLUE and generates through the CLI."""
 import json
 import math
 import subprocess
@@ -18,7 +18,7 @@ from .conftest import ROOT, run_pretrain, train_losses
 
 EVERY_MIXER = ("model.family=hybrid", "model.layer_pattern=M2G*-", "model.n_layer=5", "model.mamba2.headdim=16",
                "model.mamba2.d_state=16", "model.mamba2.chunk_size=16", "model.gss.d_state=8",
-               "model.attention.heads=4", "model.attention.kv_heads=2")
+               "model.attention.heads=4", "model.attention.kv_heads=2", "data.document_boundaries=reset")
 STEPS = ("train.max_steps=8", "train.log_every=1", "train.warmup_steps=2", "train.eval_every=100",
          "train.save_every=100")
 
@@ -41,6 +41,10 @@ def test_every_mixer_under_zero3_resumes_exports_evaluates_finetunes_and_generat
     for step in plain:  # the same computation: parameters gathered around every forward that reads them
         assert partitioned[step] == pytest.approx(plain[step], abs=1e-5), step
     assert plain[8] < plain[1] - 0.3
+    # the same run with documents flowing into each other computes other losses from step 1: reset is applied
+    run_pretrain(tmp_path / "flow", *EVERY_MIXER, *STEPS, "deepspeed.zero_stage=0", "train.max_steps=1",
+                 "data.document_boundaries=flow")
+    assert abs(train_losses(tmp_path / "flow")[1] - plain[1]) > 1e-4
 
     # the ZeRO-3 checkpoint exports to one folder whose logits equal the run's consolidated weights
     export = tmp_path / "export"

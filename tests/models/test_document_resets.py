@@ -1,0 +1,144 @@
+"""Packed documents with `seq_idx` (data.document_boundaries=reset): in a stack holding every registered mixer,
+the logits and gradients of a packed row equal those of each document run alone; and a sequence fed chunk by
+chunk through a carried state equals it fed whole (what long-context evaluation relies on)."""
+import pytest
+import torch
+
+from ssmforge.kernels.documents import document_index
+from ssmforge.models import LanguageModel
+from ssmforge.models.registry import SYMBOLS
+
+from .contracts import model_config
+
+EOS = 0
+VOCAB = 61
+
+
+def every_mixer_config(**kw):
+    """A hybrid with one layer of every registered mixer (new mixers join by registering) and an attention
+    window long enough to never cut a document here, in fp32."""
+    pattern = "".join(sorted(SYMBOLS))
+    base = dict(family="hybrid", layer_pattern=pattern, n_layer=len(pattern), d_model=32, vocab_size=VOCAB,
+                mamba=dict(d_state=8), mamba2=dict(d_state=16, headdim=8, chunk_size=16), gss=dict(d_state=8),
+                attention=dict(heads=4, kv_heads=2))
+    return model_config(base, kw)
+
+
+def build(config, seed=0):
+    torch.manual_seed(seed)
+    return LanguageModel(config).eval()
+
+
+def documents(lengths, seed):
+    """Token lists of the given lengths: every one but the first starts with EOS (how packing joins them, and
+    how evaluation prefixes a lone document); no other EOS inside."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for i, n in enumerate(lengths):
+        body = torch.randint(1, VOCAB, (n,), generator=g)
+        if i > 0:
+            body[0] = EOS
+        docs.append(body)
+    return docs
+
+
+ROWS = [[5, 1, 9, 17], [12, 2, 2, 1, 15]]  # 32 tokens each: length-1 documents, a boundary on a mamba2 chunk edge (16)
+
+
+def packed_and_alone(model, rows, seed=0):
+    """(packed logits per document, alone logits per document) and the summed weighted losses of both, the
+    weights random per position so every logit's gradient matters."""
+    rows_docs = [documents(lengths, seed + r) for r, lengths in enumerate(rows)]
+    ids = torch.stack([torch.cat(docs) for docs in rows_docs])
+    seq_idx = document_index(ids, EOS)
+    packed = model(ids, seq_idx=seq_idx)
+    g = torch.Generator().manual_seed(99)
+    weights = torch.randn(packed.shape, generator=g)
+    packed_loss = (packed * weights).sum()
+    alone_loss, pairs = 0.0, []
+    for r, docs in enumerate(rows_docs):
+        start = 0
+        for doc in docs:
+            alone = model(doc[None])
+            window = slice(start, start + len(doc))
+            alone_loss = alone_loss + (alone[0] * weights[r, window]).sum()
+            pairs.append((packed[r, window], alone[0]))
+            start += len(doc)
+    return pairs, packed_loss, alone_loss
+
+
+def grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["auto", "ref"])
+def test_a_packed_row_equals_each_document_run_alone(backend):
+    model = build(every_mixer_config(kernel_backend=backend))
+    assert set(model.config.layer_kinds) == set(SYMBOLS.values())
+    pairs, packed_loss, alone_loss = packed_and_alone(model, ROWS)
+    for packed, alone in pairs:
+        torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    g_packed, g_alone = grads(model, packed_loss), grads(model, alone_loss)
+    assert g_packed.keys() == g_alone.keys() and len(g_packed) == len(list(model.parameters()))
+    for name in g_packed:  # to 1e-5 of the tensor's largest entry: gradients sum over every position
+        scale = g_alone[name].abs().max().item()
+        torch.testing.assert_close(g_packed[name], g_alone[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def test_without_seq_idx_the_documents_see_each_other():
+    """The negative: the same packed row without seq_idx differs from the documents alone (so the test above
+    can fail), from the second document on."""
+    model = build(every_mixer_config())
+    docs = documents([6, 10], seed=3)
+    with torch.no_grad():
+        flowing = model(torch.cat(docs)[None])
+        alone = model(docs[1][None])
+    assert (flowing[0, 6:] - alone[0]).abs().max() > 1e-3
+
+
+def test_checkpointed_blocks_pass_seq_idx():
+    model = build(every_mixer_config())
+    model.train()
+    model.checkpoint_blocks = True
+    pairs, _, _ = packed_and_alone(model, ROWS[:1])
+    for packed, alone in pairs:
+        torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_chunk_by_chunk_through_a_state_equals_the_whole_sequence(window):
+    """Chunks of uneven sizes (shorter than the conv width and than the window, and longer), then decoding
+    steps, against one forward over everything."""
+    model = build(every_mixer_config(attention=dict(window=window)))
+    ids = torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
+    cuts = [0, 2, 3, 11, 29, 37]
+    with torch.no_grad():
+        whole = model(ids)
+        state = model.allocate_state(2)
+        pieces = [model(ids[:, a:b], state=state) for a, b in zip(cuts, cuts[1:])]
+        pieces += [model.step(ids[:, t], state)[:, None] for t in range(cuts[-1], 40)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-4, atol=1e-4)
+    assert state.seqlen == 40
+
+
+def test_a_carried_state_with_seq_idx_reaches_only_the_first_document():
+    """For the SSM mixers (what context parallelism passes between ranks): a chunk that continues a state and
+    holds a document boundary equals the whole row with the same boundary."""
+    config = every_mixer_config(layer_pattern="M2G", n_layer=3)
+    model = build(config)
+    docs = documents([7, 9, 8], seed=8)
+    ids = torch.cat(docs)[None]
+    seq_idx = document_index(ids, EOS)
+    with torch.no_grad():
+        whole = model(ids, seq_idx=seq_idx)
+        state = model.allocate_state(1)
+        first = model(ids[:, :4], state=state, seq_idx=seq_idx[:, :4])
+        rest = model(ids[:, 4:], state=state, seq_idx=seq_idx[:, 4:])
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_document_index_starts_a_document_at_each_eos():
+    ids = torch.tensor([[5, 6, EOS, 7, EOS, EOS, 8], [EOS, 1, 2, 3, 4, 5, 6]])
+    assert document_index(ids, EOS).tolist() == [[0, 0, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1]]
