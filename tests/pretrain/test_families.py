@@ -41,10 +41,6 @@ def test_every_mixer_under_zero3_resumes_exports_evaluates_finetunes_and_generat
     for step in plain:  # the same computation: parameters gathered around every forward that reads them
         assert partitioned[step] == pytest.approx(plain[step], abs=1e-5), step
     assert plain[8] < plain[1] - 0.3
-    # the same run with documents flowing into each other computes other losses from step 1: reset is applied
-    run_pretrain(tmp_path / "flow", *EVERY_MIXER, *STEPS, "deepspeed.zero_stage=0", "train.max_steps=1",
-                 "data.document_boundaries=flow")
-    assert abs(train_losses(tmp_path / "flow")[1] - plain[1]) > 1e-4
 
     # the ZeRO-3 checkpoint exports to one folder whose logits equal the run's consolidated weights
     export = tmp_path / "export"
