@@ -137,9 +137,9 @@ def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_d
     num_canonical_nodes stays the same and the node count divides it or is a multiple of it. (Within an
     epoch: the few samples left at its end, dropped as an incomplete batch, depend on the rank count.)
     """
-    from streaming import StreamingDataLoader, StreamingDataset
+    from streaming import StreamingDataLoader
 
-    from .checked_dataset import VocabCheckedDataset
+    from .token_dataset import TokenDataset
 
     export_launcher_env()  # streaming reads RANK / WORLD_SIZE / LOCAL_WORLD_SIZE from the environment
     _remove_stale_shared_memory_on_local_rank_0()
@@ -150,6 +150,6 @@ def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_d
         verify_shards(Path(local))
     options = dict(remote=remote, local=local, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
                    validate_hash="xxh64" if remote else None, num_canonical_nodes=num_canonical_nodes)
-    dataset = StreamingDataset(**options) if vocab_size is None else VocabCheckedDataset(vocab_size=vocab_size, **options)
+    dataset = TokenDataset(vocab_size=vocab_size, **options)
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                                drop_last=True, persistent_workers=False)

@@ -98,15 +98,25 @@ def _compile(target: Path) -> None:
         os.replace(built, target)  # atomic: concurrent ranks never load a half-written file
 
 
+def library_file(folder: Path | None = None) -> Path:
+    """Where the library built from this source, with these flags, for this CPU lives: in `folder`, else in
+    cache_dir()."""
+    key = hashlib.sha256("\n".join([C_SOURCE, *FLAGS, *LINK_FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
+    return (folder or cache_dir()) / f"cpu_scan_{key}.so"
+
+
+def build_library(target: Path) -> Path:
+    """Compile the library to `target` unless it is there already; returns target."""
+    if not target.exists():
+        _compile(target)
+    return target
+
+
 @functools.lru_cache(maxsize=None)
 def load_library() -> ctypes.CDLL | None:
     """The compiled scan library, or None (with a warning) when it cannot be built here."""
-    key = hashlib.sha256("\n".join([C_SOURCE, *FLAGS, *LINK_FLAGS, _cpu_model()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_scan_{key}.so"
     try:
-        if not target.exists():
-            _compile(target)
-        lib = ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(build_library(library_file())))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
         log.warning("fused CPU kernels unavailable, falling back to PyTorch (chunked scan, torch conv): %s", detail)

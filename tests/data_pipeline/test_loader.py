@@ -70,6 +70,29 @@ def _rank_samples(config, rank, port, queue):
 
 
 @pytest.mark.slow
+def _polling_threads(dataset) -> int:
+    """How many threads are inside streaming's per-epoch polling loops for this dataset."""
+    import sys
+
+    return sum(1 for frame in sys._current_frames().values()
+               if frame.f_code.co_name in ("_prepare_thread", "_ready_thread") and frame.f_locals.get("self") is dataset)
+
+
+def test_an_epoch_left_part_way_stops_streamings_threads(shards):
+    import time
+
+    reader = loader(shards)
+    batches = iter(reader)
+    next(batches)
+    assert _polling_threads(reader.dataset) == 2  # preparation and readiness, both still running
+    del batches  # what training does at max_steps, and validation after eval_batches
+    deadline = time.monotonic() + 5
+    while _polling_threads(reader.dataset) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _polling_threads(reader.dataset) == 0
+    assert len(take(reader, 2)) == 2  # the loader still reads a new epoch afterwards
+
+
 def test_two_ranks_read_disjoint_halves(shards):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

@@ -4,12 +4,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..conftest import seed_kernel_cache
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("SSMFORGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ssmforge-cache"))
+    monkeypatch.setenv("SSMFORGE_CACHE_DIR", str(seed_kernel_cache(tmp_path_factory.getbasetemp() / "ssmforge-cache")))
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,11 @@ import torch
 
 from ssmforge.kernels.cpu.build import load_library
 
+from ..conftest import seed_kernel_cache
+
 
 def test_loading_the_library_keeps_subnormal_floats(tmp_path, monkeypatch):
-    monkeypatch.setenv("SSMFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SSMFORGE_CACHE_DIR", str(seed_kernel_cache(tmp_path)))
     load_library.cache_clear()
     try:
         assert load_library() is not None

@@ -17,6 +17,7 @@ from ssmforge.errors import ConfigError
 from ssmforge.models import LanguageModel, ModelConfig
 from ssmforge.models.hf import cast_model
 
+from ..conftest import seed_kernel_cache
 from .contracts import assert_causal, assert_steps_match_forward, model_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,7 +142,7 @@ def test_gss_tiny_pretrains_with_decreasing_loss(tmp_path):
     command = [sys.executable, "-m", "ssmforge", "pretrain", str(ROOT / "configs" / "gss-tiny.yaml"),
                f"run_dir={tmp_path}", "data.sources=[{kind: synthetic, max_documents: 300}]", "data.num_workers=0",
                "train.max_steps=8", "train.log_every=1", "train.eval_every=100", "train.save_every=100"]
-    env = {**os.environ, "SSMFORGE_CACHE_DIR": str(tmp_path / "cache")}  # not the user's cache
+    env = {**os.environ, "SSMFORGE_CACHE_DIR": str(seed_kernel_cache(tmp_path / "cache"))}  # not the user's cache
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -16,6 +16,7 @@ from ssmforge.models.attention import KVCache
 from ssmforge.models.mamba import MambaState
 from ssmforge.pretrain.config import load_config
 
+from ..conftest import seed_kernel_cache
 from .contracts import assert_causal, assert_steps_match_forward, model_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +111,7 @@ def pretrain(config_name: str, run_dir: Path, shard_dir: Path, cache_dir: Path) 
                "data.num_workers=0", "data.tokenize_workers=1", "train.max_steps=12", "train.log_every=3",
                "train.eval_every=100", "train.save_every=100"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
-    env["SSMFORGE_CACHE_DIR"] = str(cache_dir)  # measured CPU peaks stay private
+    env["SSMFORGE_CACHE_DIR"] = str(seed_kernel_cache(cache_dir))  # measured CPU peaks stay private
     env["OMP_NUM_THREADS"] = "1"  # a model this small gains nothing from threads, and loses much on a busy machine
     run_dir.mkdir()  # the shards live outside it, so prepare does not create it
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -18,6 +18,7 @@ from ssmforge.models import LanguageModel, ModelConfig
 from ssmforge.models.hf import cast_model
 from ssmforge.models.mamba2 import Mamba2Mixer
 
+from ..conftest import seed_kernel_cache
 from .contracts import assert_causal, assert_steps_match_forward, model_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +126,7 @@ def test_external_parameters_are_what_forward_reads_outside_child_forwards():
 @pytest.mark.slow
 def test_tiny_config_trains_through_the_pretrain_command(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "SSMFORGE_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "SSMFORGE_CACHE_DIR": str(seed_kernel_cache(tmp_path / "cache"))}
     command = [sys.executable, "-m", "ssmforge", "pretrain", str(ROOT / "configs" / "mamba2-tiny.yaml"),
                f"run_dir={run_dir}", "data.sources=[{kind: synthetic, max_documents: 40}]", "data.num_workers=0",
                "train.max_steps=8", "train.log_every=1", "train.eval_every=100", "train.save_every=100"]

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import seed_kernel_cache
+
 ROOT = Path(__file__).resolve().parents[2]
 SYNTHETIC = "data.sources=[{kind: synthetic, max_documents: 300}]"
 
@@ -12,7 +14,7 @@ SYNTHETIC = "data.sources=[{kind: synthetic, max_documents: 300}]"
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
     """ssmforge's caches (measured CPU peaks, the compiled scan) go to a per-session folder, not the user's."""
-    monkeypatch.setenv("SSMFORGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ssmforge-cache"))
+    monkeypatch.setenv("SSMFORGE_CACHE_DIR", str(seed_kernel_cache(tmp_path_factory.getbasetemp() / "ssmforge-cache")))
 
 
 def pretrain_command(run_dir, *overrides) -> list[str]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import seed_kernel_cache
+
 ROOT = Path(__file__).resolve().parents[2]
 START_SCRIPT = ROOT / "slurm" / "start_local_cluster.sh"
 SYNTHETIC = "data.sources=[{kind: synthetic, max_documents: 300}]"
@@ -19,7 +21,7 @@ TINY = (f"{SYNTHETIC}", "data.num_workers=0")
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
     """ssmforge's caches (measured CPU peaks, the compiled scan) go to a per-session folder, not the user's."""
-    monkeypatch.setenv("SSMFORGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ssmforge-cache"))
+    monkeypatch.setenv("SSMFORGE_CACHE_DIR", str(seed_kernel_cache(tmp_path_factory.getbasetemp() / "ssmforge-cache")))
 
 
 SYSTEM_CONFIG_DIRS = ("/etc/slurm", "/etc/slurm-llnl", "/etc/munge")
