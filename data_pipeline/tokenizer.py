@@ -312,6 +312,13 @@ def require_lossless(tokenizer, path: str | Path) -> None:
                     f"set tokenizer.allow_lossy=true to prepare data with it anyway")
 
 
+def tokenizer_from_flag(value: str):
+    """The tokenizer a --tokenizer flag names: 'byte', or a tokenizer.json (hf) or SentencePiece model path."""
+    if value == "byte":
+        return ByteTokenizer()
+    return load_tokenizer("hf" if str(value).endswith(".json") else "sentencepiece", value)
+
+
 def load_tokenizer(kind: str, path: str | Path | None = None):
     """A tokenizer of `kind` (byte | sentencepiece | hf) from `path` where the kind needs a file."""
     if kind == "byte":

@@ -2,7 +2,9 @@
 the last real token of each sequence (the only position that has read the whole input of a causal
 model), each input framed `START a EOS (b EOS)` with START the token that preceded every document in
 pretraining (EOS for packed data), trained through the same DeepSpeed engine as pretraining, evaluated on dev every epoch; the
-best epoch's dev metrics and test predictions are kept and written as the benchmark's submission files.
+best epoch's dev metrics and test predictions are kept and written as the benchmark's submission files
+(with AX, the diagnostic set, from the MNLI model). A fine-tune whose dev predictions are all one class (or
+a near-constant STS-B score) learned nothing: its record, table row and log say so (`degenerate`).
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import torch.nn.functional as F
 
 from ssmforge.errors import DataError
 
-from .glue_metrics import glue_score, split_metrics, task_score
-from .glue_tasks import Example, Task, load_split
+from .glue_metrics import (constant_prediction, degenerate_note, glue_score, majority_accuracy, split_metrics,
+                           task_score)
+from .glue_tasks import AX, DIAGNOSTIC_SPLIT, Example, Task, load_split, submission_files, validate_submission
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,15 @@ class TaskResult:
     score: float
     epochs: list[dict] = field(default_factory=list)
     test_predictions: dict[str, list[tuple[str, object]]] = field(default_factory=dict)
+    # the best epoch's dev splits whose predictions were constant: split -> glue_metrics.constant_prediction()
+    constant: dict[str, dict] = field(default_factory=dict)
+    # classification: dev split -> the majority-class baseline's accuracy (what predicting one class scores)
+    majority: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def degenerate(self) -> bool:
+        """The best epoch predicted one class (or a near-constant score) on a dev split: nothing learned."""
+        return bool(self.constant)
 
 
 class GlueRunner:
@@ -156,15 +168,20 @@ class GlueRunner:
         return [by_index[i] for i in range(len(sequences))]
 
     def _evaluate(self, engine, task: Task, dev: dict[str, list[Example]],
-                  dev_sequences: dict[str, list[list[int]]]) -> dict[str, float]:
-        metrics = {}
+                  dev_sequences: dict[str, list[list[int]]]) -> tuple[dict[str, float], dict[str, dict]]:
+        """(dev metrics, {split: constant_prediction record} of the splits whose predictions were constant)."""
+        metrics, constant = {}, {}
         for split, examples in dev.items():
             predictions = self._predict(engine, dev_sequences[split], task)
-            m = split_metrics(task.name, predictions, [e.label for e in examples])
+            labels = [e.label for e in examples]
+            m = split_metrics(task.name, predictions, labels)
             if task.name == "mnli":
                 m = {f"accuracy_{split.split('_')[1]}": m["accuracy"]}
             metrics.update(m)
-        return metrics
+            record = constant_prediction(task.name, predictions, labels, task.labels)
+            if record is not None:
+                constant[split] = record
+        return metrics, constant
 
     def run_task(self, task: Task) -> TaskResult:
         from ssmforge.pretrain.engine import autocast, resolve_precision
@@ -178,6 +195,11 @@ class GlueRunner:
                 test[split] = load_split(task, split, glue.data_dir)
             except DataError as e:
                 log.warning("%s: no submission file for this split", e)
+        if task.name == "mnli":  # the diagnostic set AX is labelled by the MNLI model
+            try:
+                test[DIAGNOSTIC_SPLIT] = load_split(AX, DIAGNOSTIC_SPLIT, glue.data_dir)
+            except DataError as e:
+                log.warning("%s: no AX.tsv (the diagnostic set) in the submission", e)
         # encoded once: the dev splits are scored every epoch, the test splits at every better epoch
         encoded = self._encode(train)
         dev_sequences = {split: self._encode(examples) for split, examples in dev.items()}
@@ -187,7 +209,8 @@ class GlueRunner:
         steps_per_epoch = math.ceil(len(train) / glue.batch_size)
         engine, _, _ = self._engine(model, steps_per_epoch * glue.epochs)
         dtype = resolve_precision(self.config.train.precision, self.device)
-        result = TaskResult(task.name, -1, {}, -math.inf)
+        result = TaskResult(task.name, -1, {}, -math.inf, majority={} if task.is_regression else {
+            split: majority_accuracy([e.label for e in examples]) for split, examples in dev.items()})
         for epoch in range(glue.epochs):
             order = list(range(len(train)))
             random.Random(glue.seed * 1000 + epoch).shuffle(order)
@@ -210,18 +233,29 @@ class GlueRunner:
                 engine.backward(loss)
                 engine.step()
                 losses.append(loss.item())
-            metrics = self._evaluate(engine, task, dev, dev_sequences)
+            metrics, constant = self._evaluate(engine, task, dev, dev_sequences)
             score = task_score(task.name, metrics)
             result.epochs.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), **metrics,
-                                  "score": score})
-            log.info("%s epoch %d: train loss %.4f, dev %s", task.name, epoch + 1, result.epochs[-1]["train_loss"],
-                     ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if score > result.score:  # keep the best epoch: its dev metrics and its test predictions
-                result.best_epoch, result.dev, result.score = epoch + 1, metrics, score
+                                  "score": score, "degenerate": bool(constant)})
+            line = (f"{task.name} epoch {epoch + 1}: train loss {result.epochs[-1]['train_loss']:.4f}, dev "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if constant:
+                log.warning("%s; DEGENERATE: %s", line, "; ".join(
+                    f"{split} {degenerate_note(task.name, r)}" for split, r in constant.items()))
+            else:
+                log.info("%s", line)
+            # keep the best epoch (the first, whatever its score): its dev metrics and its test predictions
+            if result.best_epoch < 0 or score > result.score:
+                result.best_epoch, result.dev, result.score, result.constant = epoch + 1, metrics, score, constant
                 result.test_predictions = {
                     split: list(zip((e.index for e in examples), self._predict(engine, test_sequences[split], task)))
                     for split, examples in test.items()}
         engine.destroy()
+        if result.degenerate:
+            log.warning("%s: the best epoch (%d) learned nothing, its dev score %.2f is not a result: %s. Try another "
+                        "glue.lr (see the README's GLUE section for ranges that learn) or more glue.epochs",
+                        task.name, result.best_epoch, result.score,
+                        "; ".join(f"{split} {degenerate_note(task.name, r)}" for split, r in result.constant.items()))
         return result
 
 
@@ -231,33 +265,60 @@ def format_prediction(task: Task, value) -> str:
     return task.labels[int(value)]
 
 
-def write_results(results: list[TaskResult], tasks: dict[str, Task], out_dir: str | Path, source: str) -> dict:
-    """results.json, results.md and submission/<Task>.tsv under out_dir; returns the summary."""
+def write_results(results: list[TaskResult], tasks: dict[str, Task], out_dir: str | Path, source: str,
+                  data_dir: str | Path | None = None) -> dict:
+    """results.json, results.md and submission/<Task>.tsv (AX.tsv with MNLI) under out_dir; returns the
+    summary. The submission folder is then checked as the GLUE server reads it (validate_submission, against
+    the test files of `data_dir` where given): a problem raises DataError naming the file."""
     out_dir = Path(out_dir)
     (out_dir / "submission").mkdir(parents=True, exist_ok=True)
     scores = {r.task: r.score for r in results}
     summary = {"checkpoint": source, "score": glue_score(scores),
-               "tasks": {r.task: {"score": r.score, "best_epoch": r.best_epoch, "dev": r.dev, "epochs": r.epochs}
+               "tasks": {r.task: {"score": r.score, "best_epoch": r.best_epoch, "dev": r.dev,
+                                  "degenerate": r.degenerate, "majority_baseline": r.majority or None,
+                                  "constant_prediction": {split: {**record, "note": degenerate_note(r.task, record)}
+                                                          for split, record in r.constant.items()} or None,
+                                  "epochs": r.epochs}
                          for r in results}}
     for r in results:
         task = tasks[r.task]
         (out_dir / f"{r.task}.json").write_text(json.dumps(summary["tasks"][r.task], indent=2) + "\n")
-        for stem, split in zip(task.submission, task.test_splits):
+        for stem, file_task, split in submission_files(task):
             if split in r.test_predictions:
-                rows = "".join(f"{index}\t{format_prediction(task, value)}\n" for index, value in r.test_predictions[split])
+                rows = "".join(f"{index}\t{format_prediction(file_task, value)}\n"
+                               for index, value in r.test_predictions[split])
                 (out_dir / "submission" / f"{stem}.tsv").write_text("index\tprediction\n" + rows)
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "results.md").write_text(results_table(summary))
+    validate_submission(out_dir / "submission", data_dir)
     return summary
 
 
 def results_table(summary: dict) -> str:
-    lines = [f"GLUE dev results of {summary['checkpoint']}", "", "| task | metrics | score | best epoch |",
-             "|---|---|---|---|"]
+    lines = [f"GLUE dev results of {summary['checkpoint']}", "", "| task | metrics | score | best epoch | note |",
+             "|---|---|---|---|---|"]
     for task, r in summary["tasks"].items():
         metrics = ", ".join(f"{k} {100 * v:.2f}" for k, v in r["dev"].items())
-        lines.append(f"| {task} | {metrics} | {r['score']:.2f} | {r['best_epoch']} |")
+        constant = r.get("constant_prediction") or {}
+        note = "; ".join((f"{split}: " if len(constant) > 1 else "") + record["note"]
+                         for split, record in constant.items())
+        if note:
+            note = "**DEGENERATE**: " + note
+        else:  # predictions vary, yet accuracy may not beat predicting the majority class
+            note = "; ".join(f"{_accuracy_key(split)} at or below the majority baseline {100 * baseline:.2f}"
+                             for split, baseline in (r.get("majority_baseline") or {}).items()
+                             if r["dev"].get(_accuracy_key(split), 1.0) <= baseline)
+        lines.append(f"| {task} | {metrics} | {r['score']:.2f} | {r['best_epoch']} | {note} |")
     score = summary["score"]
-    lines.append(f"| **GLUE score** | | {score:.2f} | |" if score is not None else
-                 "| GLUE score | needs all nine tasks | | |")
+    lines.append(f"| **GLUE score** | | {score:.2f} | | |" if score is not None else
+                 "| GLUE score | needs all nine tasks | | | |")
+    degenerate = [task for task, r in summary["tasks"].items() if r.get("degenerate")]
+    if degenerate:
+        lines += ["", f"Degenerate fine-tunes (constant dev predictions, their scores are baselines, not learned): "
+                      f"{', '.join(degenerate)}."]
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_key(split: str) -> str:
+    """The dev metric holding a split's accuracy: accuracy, or MNLI's accuracy_matched / accuracy_mismatched."""
+    return f"accuracy_{split.split('_')[1]}" if split.startswith("dev_") else "accuracy"

@@ -1,9 +1,12 @@
 """The nine GLUE tasks: where their text and labels are in the original TSV release and on the hub, and
 how each split is read into examples. Offline clusters point `glue.data_dir` at the TSV folder
-(CoLA/, SST-2/, MRPC/, QQP/, STS-B/, MNLI/, QNLI/, RTE/, WNLI/, each with train/dev/test files)."""
+(CoLA/, SST-2/, MRPC/, QQP/, STS-B/, MNLI/, QNLI/, RTE/, WNLI/, each with train/dev/test files, and
+diagnostic/diagnostic.tsv, the diagnostic set AX that the MNLI model labels). `validate_submission` checks a
+submission folder as the benchmark's server would."""
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,18 +47,23 @@ class Task:
 
 BINARY = ("0", "1")
 NLI2 = ("entailment", "not_entailment")
+NLI3 = ("entailment", "neutral", "contradiction")
 TASKS = {t.name: t for t in (
     Task("cola", "CoLA", "sentence", None, "label", BINARY, "sentence", None, ("CoLA",)),
     Task("sst2", "SST-2", "sentence", None, "label", BINARY, "sentence", None, ("SST-2",)),
     Task("mrpc", "MRPC", "#1 String", "#2 String", "Quality", BINARY, "sentence1", "sentence2", ("MRPC",)),
     Task("qqp", "QQP", "question1", "question2", "is_duplicate", BINARY, "question1", "question2", ("QQP",)),
     Task("stsb", "STS-B", "sentence1", "sentence2", "score", None, "sentence1", "sentence2", ("STS-B",)),
-    Task("mnli", "MNLI", "sentence1", "sentence2", "gold_label", ("entailment", "neutral", "contradiction"),
-         "premise", "hypothesis", ("MNLI-m", "MNLI-mm")),
+    Task("mnli", "MNLI", "sentence1", "sentence2", "gold_label", NLI3, "premise", "hypothesis",
+         ("MNLI-m", "MNLI-mm")),
     Task("qnli", "QNLI", "question", "sentence", "label", NLI2, "question", "sentence", ("QNLI",)),
     Task("rte", "RTE", "sentence1", "sentence2", "label", NLI2, "sentence1", "sentence2", ("RTE",)),
     Task("wnli", "WNLI", "sentence1", "sentence2", "label", BINARY, "sentence1", "sentence2", ("WNLI",)),
 )}
+# The diagnostic set AX: sentence pairs without labels, predicted by the MNLI model (the hub's config "ax");
+# in the GLUE release diagnostic/diagnostic.tsv, columns index, sentence1, sentence2
+AX = Task("ax", "diagnostic", "sentence1", "sentence2", "label", NLI3, "premise", "hypothesis", ("AX",))
+DIAGNOSTIC_SPLIT = "diagnostic"
 COLA_COLUMNS = ("source", "label", "original_label", "sentence")  # CoLA's train/dev files have no header
 
 
@@ -71,6 +79,18 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ConfigError(f"unknown GLUE task {name!r}: one of {', '.join(TASKS)} or all")
     return TASKS[name]
+
+
+def labelled(split: str) -> bool:
+    """Whether a split carries gold labels: not the test splits, nor the diagnostic set."""
+    return not (split.startswith("test") or split == DIAGNOSTIC_SPLIT)
+
+
+def submission_files(task: Task) -> list[tuple[str, Task, str]]:
+    """(file stem, the task whose file it is, split) of every submission file a fine-tune of `task` writes:
+    its test splits, and for MNLI also AX, the diagnostic set its model labels."""
+    files = [(stem, task, split) for stem, split in zip(task.submission, task.test_splits)]
+    return files + ([(AX.submission[0], AX, DIAGNOSTIC_SPLIT)] if task.name == "mnli" else [])
 
 
 def _parse_label(task: Task, raw: str, where: str) -> float | int:
@@ -116,8 +136,8 @@ def read_tsv(task: Task, split: str, data_dir: str | Path) -> list[Example]:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     headerless = task.name == "cola" and not split.startswith("test")
     header = list(COLA_COLUMNS) if headerless else (rows.pop(0) if rows else [])
-    labelled = not split.startswith("test")
-    needed = [task.text_a] + ([task.text_b] if task.text_b else []) + ([task.label] if labelled else [])
+    gold = labelled(split)
+    needed = [task.text_a] + ([task.text_b] if task.text_b else []) + ([task.label] if gold else [])
     missing = [c for c in needed if c not in header]
     if missing:
         raise DataError(f"{path}: no column(s) {missing} in the header {header}")
@@ -128,7 +148,7 @@ def read_tsv(task: Task, split: str, data_dir: str | Path) -> list[Example]:
         where = f"{path}:{line}"
         if len(row) < len(header) and any(col[c] >= len(row) for c in needed):
             raise DataError(f"{where}: {len(row)} columns, the header has {len(header)}")
-        label = _parse_label(task, row[col[task.label]], where) if labelled else None
+        label = _parse_label(task, row[col[task.label]], where) if gold else None
         examples.append(Example(row[id_col] if id_col is not None else str(line - 2), row[col[task.text_a]],
                                 row[col[task.text_b]] if task.text_b else None, label))
     if not examples:
@@ -143,17 +163,85 @@ def read_hub(task: Task, split: str) -> list[Example]:
     """One split from the hub's GLUE dataset (labels are already class ids; -1 on test splits)."""
     import datasets
 
-    hub_split = HUB_SPLITS.get(split, split)
+    hub_split = "test" if split == DIAGNOSTIC_SPLIT else HUB_SPLITS.get(split, split)
     try:
         rows = datasets.load_dataset(HUB_DATASET, task.name, split=hub_split)
     except Exception as e:  # offline or unreachable hub: say how to run without it
         raise DataError(f"GLUE {task.name} {split}: cannot load {HUB_DATASET} from the hub ({type(e).__name__}); "
                         f"set glue.data_dir to a folder in the GLUE TSV layout") from None
-    labelled = not split.startswith("test")
+    gold = labelled(split)
     return [Example(str(row["idx"]), row[task.hub_a], row[task.hub_b] if task.hub_b else None,
-                    (float(row["label"]) if task.is_regression else int(row["label"])) if labelled else None)
+                    (float(row["label"]) if task.is_regression else int(row["label"])) if gold else None)
             for row in rows]
 
 
 def load_split(task: Task, split: str, data_dir: str | Path | None) -> list[Example]:
     return read_tsv(task, split, data_dir) if data_dir else read_hub(task, split)
+
+
+# file stem -> (task, split) of every file the GLUE server accepts in a submission
+SUBMISSION_FILES = {stem: (task, split) for t in TASKS.values() for stem, task, split in submission_files(t)}
+SUBMISSION_HEADER = "index\tprediction"
+
+
+def _check_prediction(task: Task, value: str) -> str | None:
+    """What is wrong with one prediction of a submission file, or None."""
+    if task.is_regression:
+        try:
+            score = float(value)
+        except ValueError:
+            score = math.nan
+        return None if 0.0 <= score <= 5.0 else f"prediction {value!r} is not a number in [0, 5]"
+    return None if value in task.labels else f"prediction {value!r} is not one of {', '.join(task.labels)}"
+
+
+def validate_submission(folder: str | Path, data_dir: str | Path | None = None, complete: bool = False) -> list[str]:
+    """Check a submission folder as the GLUE server reads it and return the file stems it holds; the first
+    problem raises DataError as one line naming the file (and line). Every file must be one the server
+    accepts (CoLA.tsv, SST-2.tsv, MRPC.tsv, STS-B.tsv, QQP.tsv, MNLI-m.tsv, MNLI-mm.tsv, QNLI.tsv, RTE.tsv,
+    WNLI.tsv, AX.tsv), start with the header `index<TAB>prediction` and hold one `index<TAB>prediction` row per
+    example in its task's label vocabulary (0/1; entailment/neutral/contradiction for MNLI and AX;
+    entailment/not_entailment for QNLI and RTE; a score in [0, 5] for STS-B). With `data_dir` (the GLUE TSV
+    layout) each file must also have as many rows as its test file, with the test file's indices in order.
+    `complete`: all eleven files must be there (what the server needs to score a submission)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such submission folder")
+    accepted = ", ".join(f"{stem}.tsv" for stem in SUBMISSION_FILES)
+    files = sorted(folder.iterdir())
+    for path in files:
+        if not path.is_file() or path.suffix != ".tsv" or path.stem not in SUBMISSION_FILES:
+            raise DataError(f"{path}: not a file the GLUE server accepts (one of {accepted})")
+    stems = [path.stem for path in files]
+    missing = [f"{stem}.tsv" for stem in SUBMISSION_FILES if stem not in stems]
+    if complete and missing:
+        raise DataError(f"{folder}: incomplete GLUE submission, missing {', '.join(missing)}")
+    for path in files:
+        task, split = SUBMISSION_FILES[path.stem]
+        lines = path.read_text(encoding="utf-8").split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        if not lines or lines[0] != SUBMISSION_HEADER:
+            raise DataError(f"{path}:1: header {(lines or [''])[0]!r}, the server expects 'index\\tprediction'")
+        indices = []
+        for line_no, line in enumerate(lines[1:], start=2):
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise DataError(f"{path}:{line_no}: {len(fields)} columns, expected 2 (index, prediction)")
+            problem = _check_prediction(task, fields[1])
+            if problem:
+                raise DataError(f"{path}:{line_no}: {problem} ({path.stem} labels)")
+            indices.append(fields[0])
+        if not indices:
+            raise DataError(f"{path}: no predictions")
+        if data_dir is not None and (Path(data_dir) / task.folder / f"{split}.tsv").is_file():
+            expected = [e.index for e in read_tsv(task, split, data_dir)]
+            test_file = Path(data_dir) / task.folder / f"{split}.tsv"
+            if len(indices) != len(expected):
+                raise DataError(f"{path}: {len(indices)} predictions, the test file {test_file} has "
+                                f"{len(expected)} examples")
+            wrong = next((i for i, (a, b) in enumerate(zip(indices, expected)) if a != b), None)
+            if wrong is not None:
+                raise DataError(f"{path}:{wrong + 2}: index {indices[wrong]!r}, the test file {test_file} has "
+                                f"{expected[wrong]!r} there")
+    return stems

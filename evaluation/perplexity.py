@@ -257,31 +257,32 @@ def _no_grad(fn):
 IGNORE = -100  # the target of a position that is not scored
 
 
-def token_nll(model, inputs, targets, chunk_length: int | None = None):
+def token_nll(model, inputs, targets, chunk_length: int | None = None, greedy: bool = False):
     """-ln P(target) at each position, (batch, L) fp32, 0 where the target is IGNORE: inputs, targets
     (batch, L) int64, right-padded. L <= chunk_length (or no chunk_length): one forward. Longer: chunks of
     chunk_length tokens fed in order through one recurrent state (model.allocate_state), each chunk
     continuing where the previous one stopped, so that only one chunk's activations and logits exist at
-    a time; the result equals the single forward's."""
+    a time; the result equals the single forward's. With `greedy`: (nll, hits), hits (batch, L) bool
+    saying where the target is the most likely token (False where it is IGNORE)."""
     import torch
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
     inputs, targets = inputs.to(device), targets.to(device)
     width = inputs.shape[1]
-    if chunk_length is None or width <= chunk_length:
-        logits = model(inputs)  # (batch, L, vocab)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
-                               reduction="none").view(targets.shape)
-    state = model.allocate_state(inputs.shape[0])
+    chunk = width if chunk_length is None else chunk_length
+    state = model.allocate_state(inputs.shape[0]) if width > chunk else None
     out = torch.zeros(targets.shape, dtype=torch.float32, device=device)
-    for c in range(0, width, chunk_length):
-        logits = model(inputs[:, c:c + chunk_length], state=state)  # continues from the previous chunks
-        part = targets[:, c:c + chunk_length]
-        out[:, c:c + chunk_length] = F.cross_entropy(logits.flatten(0, 1), part.flatten(), ignore_index=IGNORE,
-                                                     reduction="none").view(part.shape)
+    hits = torch.zeros(targets.shape, dtype=torch.bool, device=device)
+    for c in range(0, width, chunk):
+        logits = model(inputs[:, c:c + chunk], state=state)  # (batch, chunk, vocab); continues the state
+        part = targets[:, c:c + chunk]
+        out[:, c:c + chunk] = F.cross_entropy(logits.flatten(0, 1), part.flatten(), ignore_index=IGNORE,
+                                              reduction="none").view(part.shape)
+        if greedy:
+            hits[:, c:c + chunk] = logits.argmax(-1) == part
         del logits
-    return out
+    return (out, hits) if greedy else out
 
 
 @_no_grad

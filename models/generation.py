@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -38,10 +39,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_id: int | None = None, vocab_size: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None,
+             stop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """input_ids (batch, L) -> (batch, L + new) with new <= max_new_tokens (stops when every row hit eos).
 
-    vocab_size limits sampling to real tokens when the embedding is padded beyond the tokenizer.
+    vocab_size limits sampling to real tokens when the embedding is padded beyond the tokenizer. `stop`, given
+    the new tokens so far (batch, n), says which rows are done (batch,) bool (a stop string decoded, say);
+    generation ends when every row is done, and a done row, like one that hit eos, gets eos_id (when given)
+    from then on.
     """
     state = model.allocate_state(input_ids.shape[0])
     logits = model(input_ids, state=state)[:, -1]
@@ -55,6 +60,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
             token = token.masked_fill(finished, eos_id)
             finished |= token == eos_id
         out.append(token[:, None])
+        if stop is not None:
+            finished |= stop(torch.cat(out[1:], dim=1)).to(finished.device)
         if finished.all():
             break
         logits = model.step(token, state)

@@ -323,6 +323,37 @@ class GlueConfig:
         _need(self.weight_decay >= 0, "glue.weight_decay", self.weight_decay, "must be >= 0")
 
 
+HARNESS_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
+"""The Mamba paper's zero-shot suite (Gu & Dao 2023, Table 3), as lm-evaluation-harness names its tasks."""
+
+
+@dataclass
+class HarnessConfig:
+    """Defaults of `ssmforge eval-harness` (lm-evaluation-harness) for this run."""
+
+    tasks: list[str] = field(default_factory=lambda: list(HARNESS_TASKS))
+    """lm-evaluation-harness tasks; the default is the Mamba paper's zero-shot suite."""
+    num_fewshot: int = 0
+    """Examples put before each question (0: zero-shot, as the Mamba paper)."""
+    batch_size: int = 16
+    """Requests per forward pass."""
+    limit: int | None = None
+    """Documents per task (a quick look); null: all of them."""
+    max_length: int | None = None
+    """The context the harness's windows and truncation use; null: data.seq_len."""
+    data_dir: str | None = None
+    """Folder of the tasks' data written by `ssmforge eval-harness --save-data` (offline clusters); null: the hub."""
+    include_path: str | None = None
+    """Folder of extra task YAMLs (lm-evaluation-harness's --include_path); null: none."""
+
+    def validate(self) -> None:
+        _need(bool(self.tasks), "harness.tasks", self.tasks, "a non-empty list of lm-evaluation-harness tasks")
+        _need(self.num_fewshot >= 0, "harness.num_fewshot", self.num_fewshot, "must be >= 0")
+        _need(self.batch_size >= 1, "harness.batch_size", self.batch_size, "must be >= 1")
+        _need(self.limit is None or self.limit >= 1, "harness.limit", self.limit, "must be >= 1 or null")
+        _need(self.max_length is None or self.max_length >= 1, "harness.max_length", self.max_length, "must be >= 1")
+
+
 @dataclass
 class SlurmConfig:
     """The job `ssmforge submit` writes (its command-line flags override these)."""
@@ -394,17 +425,17 @@ class WandbConfig:
               "one of online, offline, disabled")
 
 
-STAGES = ("prepare", "pretrain", "export", "eval_ppl", "finetune_glue")
+STAGES = ("prepare", "pretrain", "export", "eval_ppl", "eval_harness", "finetune_glue")
 
 
 @dataclass
 class StagesConfig:
     """The pipeline that `ssmforge run` executes and `ssmforge submit` submits. Each stage's settings are its
-    own sections: data and tokenizer (prepare), train and deepspeed (pretrain), eval (eval_ppl), glue
-    (finetune_glue)."""
+    own sections: data and tokenizer (prepare), train and deepspeed (pretrain), eval (eval_ppl), harness
+    (eval_harness), glue (finetune_glue)."""
 
     run: list[str] = field(default_factory=lambda: ["prepare", "pretrain", "export", "eval_ppl"])
-    """Stages to run, in pipeline order: any of prepare, pretrain, export, eval_ppl, finetune_glue."""
+    """Stages to run, in pipeline order: any of prepare, pretrain, export, eval_ppl, eval_harness, finetune_glue."""
     export_dir: str = "${run_dir}/export"
     """The model folder the export stage writes and the evaluation stages read."""
 
@@ -440,6 +471,8 @@ class RunConfig:
     """DeepSpeed's ZeRO settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """eval-ppl's defaults for this run."""
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    """eval-harness's defaults for this run."""
     glue: GlueConfig = field(default_factory=GlueConfig)
     """finetune-glue's defaults for this run."""
     stages: StagesConfig = field(default_factory=StagesConfig)
@@ -452,7 +485,7 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         _need(bool(self.run_dir), "run_dir", self.run_dir, "must be a non-empty path")
         self.model.validate("model")
-        for section in (self.data, self.tokenizer, self.train, self.deepspeed, self.eval, self.glue,
+        for section in (self.data, self.tokenizer, self.train, self.deepspeed, self.eval, self.harness, self.glue,
                         self.stages, self.slurm, self.wandb):
             section.validate()
         return self

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ssmforge.errors import CheckpointError
+from ssmforge.errors import CheckpointError, DataError
 
 from .config import RunConfig, load_config, to_yaml
 
@@ -181,6 +181,16 @@ def load_model_and_tokenizer(path: str | Path):
         return model, None, config
     file = Path(config.data.shard_dir) / tok["file"] if tok.get("file") else None
     return model, load_tokenizer(tok["kind"], file), config
+
+
+def check_tokenizer(source: str | Path, model, tokenizer) -> None:
+    """A model's tokenizer is there (found beside it, or given by a --tokenizer flag) and fits its vocabulary."""
+    if tokenizer is None:
+        raise DataError(f"{source}: no tokenizer found (no tokenizer.model or tokenizer.json in a model folder, or "
+                        f"a run whose shards are remote); pass --tokenizer PATH (or --tokenizer byte)")
+    if tokenizer.vocab_size > model.config.padded_vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary holds "
+                              f"{model.config.padded_vocab_size} (model.vocab_size)")
 
 
 def run_file_text(config: RunConfig, source: str) -> str:

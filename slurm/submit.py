@@ -210,7 +210,7 @@ class Job:
     script: str
 
 
-EVALUATION_STAGES = ("export", "eval_ppl", "finetune_glue")
+EVALUATION_STAGES = ("export", "eval_ppl", "eval_harness", "finetune_glue")
 
 
 def plan_jobs(config, run_dir: Path, config_path: Path, options: SubmitOptions, prepare_parts: int = 1) -> list[Job]:

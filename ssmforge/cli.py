@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ssmforge import __version__
-from ssmforge.errors import CheckpointError, DataError, SsmforgeError, TrainingError
+from ssmforge.errors import SsmforgeError, TrainingError
 from ssmforge.pretrain.launch import configure_logging
 
 log = logging.getLogger("ssmforge")
@@ -22,11 +22,11 @@ log = logging.getLogger("ssmforge")
 def _load_model_and_tokenizer(args):
     import torch
 
-    from ssmforge.data_pipeline.tokenizer import load_tokenizer
+    from ssmforge.data_pipeline.tokenizer import load_tokenizer, tokenizer_from_flag
     from ssmforge.models import LanguageModel
 
     from ssmforge.pretrain.config import load_config
-    from ssmforge.pretrain.export import load_model_and_tokenizer
+    from ssmforge.pretrain.export import check_tokenizer, load_model_and_tokenizer
 
     config = None
     if getattr(args, "random_init", None):
@@ -40,21 +40,9 @@ def _load_model_and_tokenizer(args):
     else:
         model, tokenizer, config = load_model_and_tokenizer(args.checkpoint)
     if args.tokenizer:
-        tokenizer = load_tokenizer("byte") if args.tokenizer == "byte" else _tokenizer_from_path(args.tokenizer)
-    if tokenizer is None:
-        raise DataError(f"{args.checkpoint}: no tokenizer found (no tokenizer.model or tokenizer.json in a model "
-                        f"folder, or a run whose shards are remote); pass --tokenizer PATH (or --tokenizer byte)")
-    if tokenizer.vocab_size > model.config.padded_vocab_size:
-        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary holds "
-                              f"{model.config.padded_vocab_size} (model.vocab_size)")
+        tokenizer = tokenizer_from_flag(args.tokenizer)
+    check_tokenizer(args.checkpoint, model, tokenizer)
     return model.eval(), tokenizer, config
-
-
-def _tokenizer_from_path(path: str):
-    from ssmforge.data_pipeline.tokenizer import load_tokenizer
-
-    kind = "hf" if path.endswith(".json") else "sentencepiece"
-    return load_tokenizer(kind, path)
 
 
 def cmd_generate(args) -> int:
@@ -212,6 +200,50 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_eval_harness(args) -> int:
+    from ssmforge.evaluation import zero_shot
+    from ssmforge.pretrain.export import check_checkpoint
+
+    # every input is checked before torch loads and before anything is written
+    zero_shot.check_harness()
+    names = zero_shot.parse_tasks(args.tasks)
+    includes = [zero_shot.check_folder(path, "--include-path") for path in args.include_path or []]
+    if args.save_data:
+        manager = zero_shot.task_manager(names, includes)
+        for line in zero_shot.save_task_data(manager, names, Path(args.save_data)):
+            print(line)
+        return 0
+    if args.checkpoint is None:
+        raise SsmforgeError("eval-harness needs CHECKPOINT (or --save-data DIR)")
+    check_checkpoint(args.checkpoint)
+    data_dir = zero_shot.check_folder(args.data_dir, "--data-dir")
+    files = zero_shot.data_files(data_dir, names) if data_dir else None
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--limit", args.limit, 1),
+                               ("--num-fewshot", args.num_fewshot, 0), ("--max-length", args.max_length, 1),
+                               ("--chunk-length", args.chunk_length, 1)):
+        if value is not None and value < least:
+            raise SsmforgeError(f"{flag}={value} is invalid: must be >= {least}")
+    manager = zero_shot.task_manager(names, includes)
+    out = _default_out(args.checkpoint, args.out, "harness")
+    if files:  # the tasks read the local files: task files in OUT/tasks override them, on top of the include paths
+        from lm_eval.tasks import TaskManager
+
+        local = zero_shot.local_task_files(manager, files, out / "tasks")
+        manager = TaskManager(include_path=[str(p) for p in includes] + [str(local)], include_defaults=False)
+    zero_shot.load_tasks(manager, names)  # the data loads (or the error is one line) before the model does
+    from ssmforge.evaluation.harness import SsmforgeLM
+
+    lm = SsmforgeLM(args.checkpoint, device=args.device, batch_size=args.batch_size, max_length=args.max_length,
+                    chunk_length=args.chunk_length, document_prefix=args.document_prefix, tokenizer=args.tokenizer,
+                    precision=args.precision)
+    results = zero_shot.evaluate(lm, manager, names, args.num_fewshot, args.limit)
+    record = zero_shot.results_table(results, lm.num_parameters, str(args.checkpoint))
+    path, table = zero_shot.write_results(record, out, args.num_fewshot)
+    print(table, end="")
+    print(f"results in {path} and .md")
+    return 0
+
+
 def cmd_finetune_glue(args) -> int:
     import json
 
@@ -249,7 +281,8 @@ def cmd_finetune_glue(args) -> int:
         shutdown()
     if world.is_main:
         out = _default_out(args.checkpoint, args.out, "glue")
-        summary = write_results(results, TASKS, out, str(args.checkpoint))
+        # the submission folder is checked as the GLUE server reads it (against the test files when local)
+        summary = write_results(results, TASKS, out, str(args.checkpoint), config.glue.data_dir)
         print(results_table(summary), end="")
         print(f"results in {out}/results.json, submission files in {out}/submission/")
     return 0
@@ -525,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(handler=cmd_prepare)
 
     run = sub.add_parser("run", help="run the config's stages in order (stages.run: prepare, pretrain, export, "
-                                      "eval_ppl, finetune_glue); again to continue where it stopped")
+                                      "eval_ppl, eval_harness, finetune_glue); again to continue where it stopped")
     run.add_argument("config", help="run config (YAML)")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     run.add_argument("--only", metavar="STAGES", help="a comma-separated subset of stages.run, e.g. eval_ppl")
@@ -593,6 +626,34 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--tokenizer", help="'byte' or a tokenizer.model / tokenizer.json path (default: the checkpoint's)")
     ppl.add_argument("--out", help="results folder (default: CHECKPOINT/eval)")
     ppl.set_defaults(handler=cmd_eval_ppl)
+
+    hx = sub.add_parser("eval-harness", help="lm-evaluation-harness tasks on a checkpoint (default: the Mamba paper's "
+                                             "zero-shot suite), with the paper's table")
+    hx.add_argument("checkpoint", nargs="?", help="run folder, exported model folder or Hugging Face Mamba folder")
+    hx.add_argument("--tasks", help="comma-separated harness tasks (default: lambada_openai,hellaswag,piqa,arc_easy,"
+                                    "arc_challenge,winogrande)")
+    hx.add_argument("--num-fewshot", type=int, default=0, help="examples before each question (default 0)")
+    hx.add_argument("--batch-size", type=int, default=16, help="requests per forward (default 16)")
+    hx.add_argument("--limit", type=int, help="documents per task, for a quick look (default: all)")
+    hx.add_argument("--device", help="cuda, cuda:N or cpu (default: a GPU if there is one)")
+    hx.add_argument("--max-length", type=int,
+                    help="context of the harness's windows and truncation (default: the run's data.seq_len, else 2048)")
+    hx.add_argument("--chunk-length", type=int,
+                    help="longer windows are fed in chunks of this through the recurrent state (default: the run's "
+                         "data.seq_len, else 2048)")
+    hx.add_argument("--document-prefix", choices=["eos", "bos"],
+                    help="the token documents and empty contexts follow (default: the one training put before every "
+                         "document, from the run's manifest)")
+    hx.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast on the GPU")
+    hx.add_argument("--tokenizer", help="'byte' or a tokenizer.model / tokenizer.json path (default: the checkpoint's)")
+    hx.add_argument("--data-dir", help="read each task's data from DIR/<task>/<split>.jsonl (written by --save-data) "
+                                       "instead of the Hugging Face hub")
+    hx.add_argument("--save-data", metavar="DIR", help="write the tasks' data to DIR for --data-dir, and stop "
+                                                       "(needs the hub; no CHECKPOINT)")
+    hx.add_argument("--include-path", action="append", metavar="DIR",
+                    help="folder of extra task YAMLs (lm-evaluation-harness's --include_path); may repeat")
+    hx.add_argument("--out", help="results folder (default: CHECKPOINT/eval/harness)")
+    hx.set_defaults(handler=cmd_eval_harness)
 
     ft = sub.add_parser("finetune-glue", help="fine-tune and evaluate a checkpoint on GLUE tasks")
     ft.add_argument("checkpoint", help="run folder, exported model folder or Hugging Face Mamba folder")

@@ -1,12 +1,12 @@
-"""`ssmforge run CONFIG`: the stages of a run (prepare, pretrain, export, eval_ppl, finetune_glue; the
-config's `stages.run`), each the ssmforge command of that name run as a process of its own, one after the
+"""`ssmforge run CONFIG`: the stages of a run (prepare, pretrain, export, eval_ppl, eval_harness, finetune_glue;
+the config's `stages.run`), each the ssmforge command of that name run as a process of its own, one after the
 other, so that a run ends with its evaluation.
 
 Every stage is idempotent: one that is done for the run's current state is skipped with a line saying
 why, so running the same command again continues where it stopped. prepare and pretrain are done
-from the run's files (prepared shards, the latest checkpoint at train.max_steps); export, eval_ppl and
-finetune_glue are recorded in run_dir/stages/state.json with what they were computed from (the checkpoint
-tag and the settings of their section) and run again when that changes.
+from the run's files (prepared shards, the latest checkpoint at train.max_steps); export, eval_ppl,
+eval_harness and finetune_glue are recorded in run_dir/stages/state.json with what they were computed from
+(the checkpoint tag and the settings of their section) and run again when that changes.
 
 The config is frozen into run_dir/stages/config.yaml, which every stage reads. Signals that ask a run to
 stop (SIGTERM, SIGUSR1) are passed on to the running stage; a stage that exits non-zero ends the run with
@@ -53,9 +53,10 @@ def trained_steps(run_dir: str | Path) -> tuple[str | None, int]:
 
 
 def stage_key(name: str, config) -> str | None:
-    """What a finished export, eval_ppl or finetune_glue was computed from, now: the latest checkpoint's tag
-    and the stage's settings. None for prepare and pretrain, which tell themselves whether they are done."""
-    sections = {"export": None, "eval_ppl": config.eval, "finetune_glue": config.glue}
+    """What a finished export, eval_ppl, eval_harness or finetune_glue was computed from, now: the latest
+    checkpoint's tag and the stage's settings. None for prepare and pretrain, which tell themselves whether they
+    are done."""
+    sections = {"export": None, "eval_ppl": config.eval, "eval_harness": config.harness, "finetune_glue": config.glue}
     if name not in sections:
         return None
     tag, _ = trained_steps(config.run_dir)
@@ -97,6 +98,7 @@ def plan(config, frozen: Path, nproc_per_node: int = 1, only: list[str] | None =
         "pretrain": pretrain,
         "export": python + ["export", run_dir, export],
         "eval_ppl": python + ["eval-ppl", export, "--out", f"{run_dir}/eval", *_eval_flags(config)],
+        "eval_harness": python + ["eval-harness", export, "--out", f"{run_dir}/eval/harness", *_harness_flags(config)],
         "finetune_glue": python + ["finetune-glue", export, "--out", f"{run_dir}/eval/glue",
                                    *_section_overrides("glue", config.glue)],
     }
@@ -110,6 +112,17 @@ def _eval_flags(config) -> list[str]:
     flags = ["--dataset", section.dataset, "--batch-size", str(section.batch_size),
              "--max-length", str(section.max_length or config.data.seq_len)]
     return flags + (["--stride", str(section.stride)] if section.stride is not None else [])
+
+
+def _harness_flags(config) -> list[str]:
+    """The run's harness section as eval-harness's flags, the context defaulting to the training length."""
+    section = config.harness
+    flags = ["--tasks", ",".join(section.tasks), "--num-fewshot", str(section.num_fewshot), "--batch-size",
+             str(section.batch_size), "--max-length", str(section.max_length or config.data.seq_len)]
+    for flag, value in (("--limit", section.limit), ("--data-dir", section.data_dir),
+                        ("--include-path", section.include_path)):
+        flags += [flag, str(value)] if value is not None else []
+    return flags
 
 
 def _section_overrides(name: str, section) -> list[str]:

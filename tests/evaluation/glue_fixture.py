@@ -1,5 +1,6 @@
 """A small GLUE release in the original TSV layout, written by the tests. Each task's label is carried by
-one word in the first sentence, so a tiny model can learn it; STS-B's score is the count of 'same'."""
+one word in the first sentence, so a tiny model can learn it; STS-B's score is the count of 'same'. With
+MNLI comes the diagnostic set AX (diagnostic/diagnostic.tsv: index, sentence1, sentence2, no labels)."""
 from __future__ import annotations
 
 import random
@@ -20,7 +21,7 @@ def _sentence(rng: random.Random, word: str | None = None) -> str:
     return " ".join(words)
 
 
-def _rows(task: str, split: str, n: int, rng: random.Random):
+def _rows(task: str, split: str, n: int, rng: random.Random, balance: float | None = None):
     """(index, text_a, text_b, label string) per example."""
     for i in range(n):
         if task == "stsb":
@@ -28,13 +29,15 @@ def _rows(task: str, split: str, n: int, rng: random.Random):
             yield str(i), _sentence(rng, " ".join(["same"] * k) or None), _sentence(rng), f"{float(k):.3f}"
             continue
         labels = LABELS[task]
-        c = rng.randrange(len(labels))
+        # balance: the share of class 0 (an unbalanced split has a majority-class baseline above chance)
+        c = rng.randrange(len(labels)) if balance is None else (0 if rng.random() < balance else
+                                                                1 + rng.randrange(len(labels) - 1))
         yield str(i), _sentence(rng, CLASS_WORDS[len(labels)][c]), _sentence(rng), labels[c]
 
 
-def write_task(root: Path, task: str, split: str, n: int, seed: int) -> list[tuple]:
+def write_task(root: Path, task: str, split: str, n: int, seed: int, balance: float | None = None) -> list[tuple]:
     rng = random.Random(zlib.crc32(f"{task}/{split}/{seed}".encode()))
-    rows = list(_rows(task, split, n, rng))
+    rows = list(_rows(task, split, n, rng, balance))
     test = split.startswith("test")
     folder = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
               "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}[task]
@@ -69,12 +72,26 @@ def write_task(root: Path, task: str, split: str, n: int, seed: int) -> list[tup
     return rows
 
 
-def write_glue(root: Path, tasks=None, n_train: int = 16, n_dev: int = 8, n_test: int = 6) -> dict:
-    """Every split of every task; returns {(task, split): rows}."""
+def write_diagnostic(root: Path, n: int, seed: int = 0) -> list[tuple]:
+    """AX as the GLUE release has it: diagnostic/diagnostic.tsv with a header and no labels."""
+    rng = random.Random(zlib.crc32(f"ax/diagnostic/{seed}".encode()))
+    rows = list(_rows("mnli", "diagnostic", n, rng))
+    path = root / "diagnostic" / "diagnostic.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("index\tsentence1\tsentence2\n" + "".join(f"{i}\t{a}\t{b}\n" for i, a, b, _ in rows))
+    return rows
+
+
+def write_glue(root: Path, tasks=None, n_train: int = 16, n_dev: int = 8, n_test: int = 6,
+               n_diagnostic: int = 7, balance: float | None = None) -> dict:
+    """Every split of every task (and AX, as ("ax", "diagnostic"), with MNLI); returns {(task, split): rows}.
+    `balance`: the share of class 0 in every classification split (default: uniform draws)."""
     written = {}
     for task in tasks or ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"):
         dev = ("dev_matched", "dev_mismatched") if task == "mnli" else ("dev",)
         test = ("test_matched", "test_mismatched") if task == "mnli" else ("test",)
         for split, n in [("train", n_train)] + [(s, n_dev) for s in dev] + [(s, n_test) for s in test]:
-            written[task, split] = write_task(root, task, split, n, 0)
+            written[task, split] = write_task(root, task, split, n, 0, balance)
+        if task == "mnli" and n_diagnostic:
+            written["ax", "diagnostic"] = write_diagnostic(root, n_diagnostic)
     return written

@@ -365,6 +365,17 @@ def test_small_or_prepared_shards_need_no_preparation_job(tmp_path, monkeypatch,
     assert "-m ssmforge run)" in Path(calls[1].split()[-1]).read_text()  # stages.run's export and eval_ppl
 
 
+def test_the_eval_harness_stage_runs_in_the_evaluation_job_after_training(tmp_path, monkeypatch, capsys):
+    code, calls, out = _submit(tmp_path, monkeypatch, capsys, *TINY,
+                               "stages.run=[prepare,pretrain,export,eval_ppl,eval_harness]", "harness.limit=10")
+    assert code == 0 and len(calls) == 2, out.err
+    assert calls[1].split()[1] == "--dependency=afterok:101"
+    evaluate = Path(calls[1].split()[-1]).read_text()
+    assert "-m ssmforge run)" in evaluate and '"$CONFIG" --only export,eval_ppl,eval_harness' in evaluate
+    frozen = (tmp_path / "run" / "slurm" / "config.yaml").read_text()
+    assert "harness:" in frozen and "limit: 10" in frozen  # the job reads the run's harness section
+
+
 @pytest.mark.parametrize("args, message", [
     ((HUB.replace("}]", ", max_tokens: 1000000}]"), "--prepare-parts", "4"),
      "--prepare-parts=4: data.sources.0.max_tokens=1000000 cannot be split over parts"),
