@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install quickstart test gpu-check clean
+.PHONY: install quickstart test soak gpu-check clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ quickstart: $(INSTALLED)
 
 # the SLURM tests start (and stop) a cluster of their own in a temporary folder, never the machine's
 test: $(INSTALLED)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --durations=40
+
+# the fault soak, a nightly target: 3,000 steps on 2 ranks killed and requeued at random, against an uninterrupted run
+soak: $(INSTALLED)
+	$(PY) -m pytest -q -s -m nightly tests/pretrain/test_soak.py
 
 # on a CUDA machine, under 8 minutes: kernels against their oracles, bandwidth, the 130M/370M steps, a resume;
 # writes benchmarks/results/gpu/ (without a GPU it says so and does nothing)

@@ -13,10 +13,10 @@
   resume      configs/tiny.yaml trained 8 steps straight, and stopped at step 4 (train.stop_at_step) then
               resumed, in fp32: the losses of every step of both runs must agree
 
-Each part has a time budget (BUDGET_S); a part past it skips its remaining cases with a note. Targets are
-printed with ok / not ok; the exit code is 1 when a kernel disagrees with its oracle or the resumed losses
-differ, else 0 (performance targets are reported, not enforced). Writes benchmarks/results/gpu/gpu_check.json
-and summary.md.
+Each part has a time budget (BUDGET_S, times --budget-scale); a part past it skips its remaining cases with a
+note. Targets are printed with ok / not ok; the exit code is 1 when a kernel disagrees with its oracle or the
+resumed losses differ, else 0 (performance targets are reported, not enforced). Writes
+benchmarks/results/gpu/gpu_check.json and summary.md.
 
     make gpu-check                                           # the whole check on a CUDA machine
     python benchmarks/gpu_check.py --parts kernels resume    # some parts only
@@ -560,6 +560,14 @@ def run_train_step(device: torch.device, tiny: bool, budget: Budget) -> dict:
 RESUME_DATA = "data.sources=[{kind: synthetic, max_documents: 300}]"
 
 
+def _resume_failed(result: dict, run: str, log: str, budget: Budget) -> dict:
+    """The report of a run that exited as it should not, with its last line printed."""
+    cause = "killed at the end of the part's budget" if budget.over() else \
+        (log.strip().splitlines() or ["no output"])[-1]
+    print(f"  the {run} run failed: {cause}", flush=True)
+    return dict(result, status="FAILED", error=log[-2000:], failed_run=run, cause=cause)
+
+
 def run_resume(device: torch.device, tiny: bool, budget: Budget, workdir: Path) -> dict:
     """configs/tiny.yaml trained straight, and stopped then resumed; the losses of every step compared."""
     from ssmforge.pretrain.signals import REQUEUE_EXIT_CODE
@@ -588,35 +596,34 @@ def run_resume(device: torch.device, tiny: bool, budget: Budget, workdir: Path) 
         return outs
 
     env = _clean_env(device)
-    # one after the other: two runs starting at the same moment on one machine can race for the same
-    # shared-memory prefix of mosaicml-streaming (FileExistsError in its get_shm_prefix)
     (straight_rc, straight_log), = wait([subprocess.Popen(command(workdir / "straight"), cwd=ROOT, env=env,
                                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)])
     (stopped_rc, stopped_log), = wait([subprocess.Popen(command(workdir / "resumed", f"train.stop_at_step={stop}"),
                                                         cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                                         stderr=subprocess.PIPE, text=True)])
-    result = dict(steps=total, stop_at_step=stop, straight_exit=straight_rc, stopped_exit=stopped_rc)
+    tol = RESUME_TOL[device.type]
+    result = dict(steps=total, stop_at_step=stop, tol=tol, straight_exit=straight_rc, stopped_exit=stopped_rc)
     if straight_rc != 0 or stopped_rc != REQUEUE_EXIT_CODE:
-        return dict(result, status="FAILED", error=(straight_log if straight_rc != 0 else stopped_log)[-2000:])
+        return _resume_failed(result, "straight" if straight_rc != 0 else "stopped",
+                              straight_log if straight_rc != 0 else stopped_log, budget)
     (resumed_rc, resumed_log), = wait([subprocess.Popen(command(workdir / "resumed"), cwd=ROOT, env=env,
                                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)])
     result["resumed_exit"] = resumed_rc
     if resumed_rc != 0:
-        return dict(result, status="FAILED", error=resumed_log[-2000:])
+        return _resume_failed(result, "resumed", resumed_log, budget)
 
     def losses(run_dir):
         rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
         return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
     a, b = losses(workdir / "straight"), losses(workdir / "resumed")
-    tol = RESUME_TOL[device.type]
     same_steps = sorted(a) == sorted(b) == list(range(1, total + 1))
     diff = max((abs(a[s] - b[s]) for s in a if s in b), default=math.inf)
     ok = same_steps and diff <= tol
     print(f"  {total} steps straight vs stopped at {stop} and resumed: max loss difference {diff:.2e} "
           f"(tol {tol:.0e}): {'ok' if ok else 'not ok'}", flush=True)
     return dict(result, status="ok" if ok else "FAILED", straight_losses=a, resumed_losses=b,
-                max_abs_loss_difference=diff, tol=tol, losses_equal=ok)
+                max_abs_loss_difference=diff, losses_equal=ok)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -642,7 +649,7 @@ def targets(report: dict) -> dict:
                                   ok=r.get("mfu") is not None and r["mfu"] >= TARGETS["mfu_370m"])
     rs = report.get("resume")
     if rs:
-        checks["resume_equal"] = dict(value=rs.get("max_abs_loss_difference"), target=f"losses within {rs.get('tol')}",
+        checks["resume_equal"] = dict(value=rs.get("max_abs_loss_difference"), target=f"losses within {rs.get('tol'):g}",
                                       ok=rs.get("status") == "ok")
     return checks
 
@@ -705,7 +712,7 @@ def summary_markdown(report: dict) -> str:
         lines += ["", "## Stop and resume", ""]
         if rs.get("status") == "FAILED" and "error" in rs:
             lines.append(f"FAILED: exit codes {rs.get('straight_exit')}, {rs.get('stopped_exit')}, "
-                         f"{rs.get('resumed_exit')}")
+                         f"{rs.get('resumed_exit')}; the {rs.get('failed_run')} run: {rs.get('cause')}")
         else:
             lines.append(f"{rs['steps']} steps straight against stopped at step {rs['stop_at_step']} and resumed: "
                          f"max loss difference {_fmt(rs.get('max_abs_loss_difference'))} (tol {rs['tol']:g}): "
@@ -721,6 +728,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny shapes and configs: seconds, not minutes")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu")
+    p.add_argument("--budget-scale", type=float, default=1.0, metavar="FACTOR",
+                   help="multiply every part's time budget and the whole check's (a slow or shared machine)")
     p.add_argument("--worker-train-step", choices=sorted(RECIPES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -735,20 +744,24 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     started = time.monotonic()
-    overall = started + TOTAL_S
+    if not args.budget_scale > 0:
+        p.error(f"--budget-scale {args.budget_scale}: must be a positive factor")
+    budgets = {part: seconds * args.budget_scale for part, seconds in BUDGET_S.items()}
+    total_s = TOTAL_S * args.budget_scale
+    overall = started + total_s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     report = dict(machine=describe(), device=device.type, device_name=name, mode="tiny" if args.tiny else "full",
-                  budget_s=BUDGET_S, skipped_parts={})
+                  budget_s=budgets, skipped_parts={})
     print(f"gpu-check on {name} ({'tiny shapes' if args.tiny else 'full'}); parts: {', '.join(args.parts)}", flush=True)
     for part in PARTS:
         if part not in args.parts:
             continue
         if time.monotonic() >= overall:
-            report["skipped_parts"][part] = f"the whole check passed its {TOTAL_S} s"
-            print(f"{part}: skipped, the whole check passed its {TOTAL_S} s", flush=True)
+            report["skipped_parts"][part] = f"the whole check passed its {total_s:g} s"
+            print(f"{part}: skipped, the whole check passed its {total_s:g} s", flush=True)
             continue
-        budget = Budget(BUDGET_S[part], overall)
-        print(f"{part} (budget {BUDGET_S[part]} s):", flush=True)
+        budget = Budget(budgets[part], overall)
+        print(f"{part} (budget {budgets[part]:g} s):", flush=True)
         part_start = time.monotonic()
         if part == "kernels":
             report[part] = run_kernels(device, args.tiny, budget)

@@ -8,7 +8,7 @@ sizes and xxh64 hashes of their index before the first batch.
 from __future__ import annotations
 
 import json
-import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from ssmforge.errors import DataError
 from ssmforge.launcher_env import export_launcher_env
 
 from .manifest import Manifest, find_manifest, is_remote
+from .shared_memory import registering_shared_memory
 
 
 def verify_shards(split_dir: Path) -> int:
@@ -52,64 +53,6 @@ def verify_shards(split_dir: Path) -> int:
     return sum(shard["samples"] for shard in shards)
 
 
-# where Linux shows POSIX shared memory; streaming names its segments "<prefix:06>_<name>" there
-SHARED_MEMORY_DIR = Path("/dev/shm")
-
-
-def _mapped_shared_memory() -> set[str]:
-    """Paths under SHARED_MEMORY_DIR that a process this user can see has mapped (read from /proc)."""
-    # a maps line: address perms offset dev inode path
-    path = re.compile(rf" ({re.escape(str(SHARED_MEMORY_DIR))}/.+)$", re.MULTILINE)
-    mapped = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            mapped.update(path.findall(maps.read_text()))
-        except OSError:  # a process that ended, or another user's
-            continue
-    return mapped
-
-
-def remove_stale_shared_memory() -> list[str]:
-    """Unlink the streaming shared memory that no live process maps (what a killed run leaves, which makes
-    a later run on the node fail with "Reused local directory"); return the names removed.
-
-    A live StreamingDataset maps every segment it holds until its process exits; streaming's own
-    clean_stale_shared_memory unlinks the segments of every prefix from 0 up to the first unused one, a
-    running job's included. Other users' processes are not seen, but their segments are not ours to unlink."""
-    from streaming.base.constant import SHM_TO_CLEAN
-
-    if not SHARED_MEMORY_DIR.is_dir():
-        return []  # macOS and Windows do not list their shared memory: nothing to clean
-    pattern = re.compile(rf"\d{{6,}}_({'|'.join(SHM_TO_CLEAN)})")
-    # listed before the processes are read: a segment that appears in between is not a candidate
-    candidates = [path for path in SHARED_MEMORY_DIR.iterdir() if pattern.fullmatch(path.name)]
-    mapped = _mapped_shared_memory()
-    removed = []
-    for path in candidates:
-        if str(path) not in mapped:
-            try:
-                path.unlink()
-                removed.append(path.name)
-            except (FileNotFoundError, PermissionError):  # gone meanwhile, or another user's
-                pass
-    return removed
-
-
-def _remove_stale_shared_memory_on_local_rank_0() -> None:
-    """remove_stale_shared_memory on local rank 0 while the node's other ranks wait, so none of them picks
-    its shared memory prefix from a listing that is about to change."""
-    import torch.distributed as dist
-    from streaming.base.distributed import get_local_rank, maybe_init_dist
-
-    own_group = maybe_init_dist()  # as streaming does: the barrier needs a group
-    if get_local_rank() == 0:
-        remove_stale_shared_memory()
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    if own_group:
-        dist.destroy_process_group()
-
-
 def _collate(samples: list[dict]) -> torch.Tensor:
     """(batch, seq_len + 1) int64 token ids."""
     return torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
@@ -142,7 +85,6 @@ def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_d
     from .token_dataset import TokenDataset
 
     export_launcher_env()  # streaming reads RANK / WORLD_SIZE / LOCAL_WORLD_SIZE from the environment
-    _remove_stale_shared_memory_on_local_rank_0()
     if is_remote(shard_dir):
         remote, local = f"{shard_dir.rstrip('/')}/{split}", str(Path(cache_dir) / split)
     else:
@@ -150,6 +92,24 @@ def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_d
         verify_shards(Path(local))
     options = dict(remote=remote, local=local, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
                    validate_hash="xxh64" if remote else None, num_canonical_nodes=num_canonical_nodes)
-    dataset = TokenDataset(vocab_size=vocab_size, **options)
+    with registering_shared_memory():
+        dataset = TokenDataset(vocab_size=vocab_size, **options)
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                               drop_last=True, persistent_workers=False)
+                               drop_last=True, persistent_workers=False, worker_init_fn=_leave_stop_signals_to_the_trainer)
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Launchers and SLURM signal every process of a rank, and only the training process can tell a
+    preemption from a launcher ending the survivors of a lost rank: a worker killed by the signal would
+    raise in the middle of either. So a loader worker ignores SIGUSR1 and outlives SIGTERM by
+    WORKER_GRACE_S, time for its training process to save or report and shut it down (a worker also
+    ends when its training process is gone)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_after_the_grace)
+
+
+WORKER_GRACE_S = 20  # under torchrun's and SLURM's 30 s between SIGTERM and SIGKILL
+
+
+def _end_after_the_grace(signum, frame) -> None:
+    signal.alarm(WORKER_GRACE_S)  # SIGALRM's default action ends the worker

@@ -1,6 +1,10 @@
 """Sequence-mixing kernels: the selective scan (Mamba), the SSD (Mamba-2) and causal depthwise conv1d,
 with reference oracles. The fast backends (C and Triton) are torch custom operators, ssmforge::<kernel>
 (see `custom_op`), so they run on fake tensors and torch.compile traces them without graph breaks."""
+from ssmforge import refuse_bare_import
+
+refuse_bare_import(__name__)
+
 import torch
 
 from .ref import (

@@ -5,6 +5,10 @@ loads without torch, and the public names below are imported from their submodul
 """
 from __future__ import annotations
 
+from ssmforge import refuse_bare_import
+
+refuse_bare_import(__name__)
+
 import importlib
 
 from ssmforge.errors import CheckpointError, ConfigError, DataError, SsmforgeError

@@ -1,10 +1,12 @@
 """Checkpoints of a run: DeepSpeed's save_checkpoint for model, optimizer and scheduler, plus our own
 state (step, tokens, loader position, RNG, config, wandb id) beside it.
 
-Layout: run_dir/checkpoints/step_00000100/ holds DeepSpeed's files, `trainer_state.json` and one
-`rng_rank{r}.json` per rank. The file `checkpoints/latest` names the newest complete checkpoint; it is
-replaced atomically, by rank 0, only after every rank has finished writing (a barrier), so a crash in
-the middle of a save leaves the previous checkpoint as `latest`. Nothing here is unpickled.
+Layout: run_dir/checkpoints/step_00000100/ holds DeepSpeed's files, `trainer_state.json`, one
+`rng_rank{r}.json` per rank and `integrity.json` (every file's size and content hash, see integrity.py).
+The file `checkpoints/latest` names the newest complete checkpoint; it is replaced atomically, by rank 0,
+only after every rank has finished writing and the manifest is written (barriers), so a crash in the
+middle of a save leaves the previous checkpoint as `latest`. A resume verifies the manifest first
+(`choose_intact`). Nothing here is unpickled.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import torch
 
 from ssmforge.errors import CheckpointError
 
-from .collectives import any_rank, barrier
+from . import integrity
+from .collectives import any_rank, barrier, gather_objects
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +93,34 @@ def save(engine, checkpoint_dir: Path, state: TrainerState, rank: int, keep: int
             _write_atomic(folder / STATE_FILE, json.dumps(asdict(state)))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         error = e
-    if any_rank(error is not None, engine.device):  # a barrier that carries one rank's failure to all
-        previous = (checkpoint_dir / LATEST).read_text().strip() if (checkpoint_dir / LATEST).exists() else None
-        reason = str(error).strip().splitlines()[0] if error is not None else "failed on another rank"
-        raise CheckpointError(f"{folder}: checkpoint not saved ({reason}); latest is still "
-                              f"{checkpoint_dir / previous if previous else 'none'}, the partial folder is "
-                              f"removed at the next successful save")
+    _raise_if_any_rank_failed(error, folder, checkpoint_dir, engine.device)
+    try:  # after every rank's files: the manifest lists them all
+        integrity.write_manifest(folder, rank, _world_size())
+    except OSError as e:
+        error = e
+    _raise_if_any_rank_failed(error, folder, checkpoint_dir, engine.device)
     if rank == 0:
         _write_atomic(checkpoint_dir / LATEST, tag)
         _prune(checkpoint_dir, keep, tag)
     barrier()
     log.info("saved checkpoint %s", folder)
     return folder
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _raise_if_any_rank_failed(error: Exception | None, folder: Path, checkpoint_dir: Path, device) -> None:
+    """A barrier that carries one rank's failed write to every rank, as one CheckpointError naming the first
+    rank that failed and why."""
+    if any_rank(error is not None, device):
+        previous = latest_name(checkpoint_dir)
+        reasons = gather_objects(None if error is None else str(error).strip().splitlines()[0])
+        rank, reason = next((r, why) for r, why in enumerate(reasons) if why is not None)
+        raise CheckpointError(f"{folder}: checkpoint not saved (rank {rank}: {reason}); latest is still "
+                              f"{checkpoint_dir / previous if previous else 'none'}, the partial folder is "
+                              f"removed at the next successful save")
 
 
 def _prune(checkpoint_dir: Path, keep: int, latest: str) -> None:
@@ -115,18 +134,70 @@ def _prune(checkpoint_dir: Path, keep: int, latest: str) -> None:
                 log.warning("removed partial checkpoint %s (a save that did not finish)", checkpoint_dir / tag)
 
 
-def latest_tag(checkpoint_dir: Path) -> str | None:
+def latest_name(checkpoint_dir: Path) -> str | None:
+    """The tag `latest` names, unchecked; None without one."""
     path = checkpoint_dir / LATEST
-    if not path.exists():
+    return path.read_text().strip() if path.exists() else None
+
+
+def latest_tag(checkpoint_dir: Path) -> str | None:
+    """The tag `latest` names, which must be a complete checkpoint; None without one."""
+    tag = latest_name(checkpoint_dir)
+    if tag is None:
         return None
-    tag = path.read_text().strip()
     if not (checkpoint_dir / tag / STATE_FILE).exists():
-        raise CheckpointError(f"{path}: names {tag!r}, which is missing or incomplete")
+        raise CheckpointError(f"{checkpoint_dir / LATEST}: names {tag!r}, which is missing or incomplete")
     partial = [p.name for p in checkpoint_dir.glob("step_*") if p.is_dir() and p.name > tag]
     if partial:
         log.warning("ignoring partial checkpoint(s) newer than %s: %s (removed at the next save)", tag,
                     ", ".join(sorted(partial)))
     return tag
+
+
+def choose_intact(checkpoint_dir: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """The checkpoint to resume from: `latest` if its files match its integrity manifest, else the newest
+    older one that does, which becomes `latest` (one warning line naming the damaged file; the refused folder
+    is renamed corrupt_<tag>, kept for inspection). None when the run has no checkpoint. Raises
+    CheckpointError when no checkpoint is intact: weights that fail their check are never loaded. A
+    collective: every rank verifies its share and all agree."""
+    tag = latest_name(checkpoint_dir)
+    if tag is None:
+        return None
+    if not (checkpoint_dir / tag / integrity.INTEGRITY_FILE).exists():
+        latest_tag(checkpoint_dir)  # saved before manifests: its own checks (a missing folder or state file)
+    # newest first; a folder whose state file went missing is still checked, so that the file is named
+    candidates = [p.name for p in sorted(checkpoint_dir.glob("step_*"), reverse=True) if p.name <= tag and
+                  ((p / STATE_FILE).exists() or (p / integrity.INTEGRITY_FILE).exists())]
+    refused = []
+    for candidate in candidates:
+        problem = integrity.verify(checkpoint_dir / candidate, rank, world_size)
+        if problem is None:
+            break
+        refused.append((candidate, problem))
+    else:
+        candidate = None
+    if refused and candidate is None:
+        raise CheckpointError(f"{refused[0][1]}; no older checkpoint is intact either: restore the file, or move "
+                              f"{checkpoint_dir} away to start over")
+    if refused:
+        if rank == 0:
+            _write_atomic(checkpoint_dir / LATEST, candidate)  # first: a crash in between leaves a valid latest
+            for name, _ in refused:
+                _set_aside(checkpoint_dir / name)
+            log.warning("%s; resuming from %s instead (refused: %s, kept as corrupt_*)", refused[0][1],
+                        checkpoint_dir / candidate, ", ".join(name for name, _ in refused))
+        barrier()
+    return candidate
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename a refused checkpoint folder to corrupt_<tag> (corrupt_<tag>.2, ... when taken)."""
+    target, n = folder.with_name(f"corrupt_{folder.name}"), 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"corrupt_{folder.name}.{n}")
+    os.replace(folder, target)
+    return target
 
 
 def deepspeed_safe_globals() -> list:

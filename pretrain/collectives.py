@@ -24,3 +24,12 @@ def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def gather_objects(value, world_size: int | None = None) -> list:
+    """`value` (picklable) of every rank, in rank order; [value] without a process group."""
+    if not torch.distributed.is_initialized() or world_size == 1:
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values

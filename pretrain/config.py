@@ -390,6 +390,10 @@ class SlurmConfig:
     """SLURM sends USR1 this many seconds before the limit: the run checkpoints and requeues."""
     max_requeues: int = 20
     """Requeues after which a job gives up instead of restarting."""
+    max_failures_without_progress: int = 3
+    """A failed training step (a lost rank or node, a crash) is requeued and resumes from the latest
+    checkpoint, unless it failed this many times in a row from the same checkpoint: a crash loop, which ends
+    the job with a line saying so. A usage or config error (exit code 2) is never requeued."""
 
     def validate(self) -> None:
         _need(self.nodes >= 1, "slurm.nodes", self.nodes, "must be a positive integer")
@@ -405,6 +409,8 @@ class SlurmConfig:
         _need(self.signal_seconds_before_end >= 0, "slurm.signal_seconds_before_end",
               self.signal_seconds_before_end, "must be >= 0")
         _need(self.max_requeues >= 0, "slurm.max_requeues", self.max_requeues, "must be >= 0")
+        _need(self.max_failures_without_progress >= 1, "slurm.max_failures_without_progress",
+              self.max_failures_without_progress, "must be >= 1")
 
 
 @dataclass

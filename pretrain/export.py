@@ -133,6 +133,7 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
     """(model, run config, tag) with the weights of a run's checkpoint (default: the latest)."""
     from ssmforge.models import LanguageModel
 
+    from . import integrity
     from .checkpoint import latest_tag
 
     run_dir = Path(run_dir)
@@ -143,6 +144,9 @@ def load_run_model(run_dir: str | Path, tag: str | None = None):
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None or not (checkpoint_dir / tag).is_dir():
         raise CheckpointError(f"{checkpoint_dir}: no checkpoint{f' named {tag}' if tag else ''} to load")
+    problem = integrity.verify(checkpoint_dir / tag)
+    if problem is not None:
+        raise CheckpointError(f"{problem}; not loading it (pretraining resumes from the newest intact checkpoint)")
     config = load_config(config_path, frozen=True)
     model = LanguageModel(config.model)
     state = consolidated_state_dict(checkpoint_dir, tag)

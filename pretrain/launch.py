@@ -11,7 +11,6 @@ import contextlib
 import io
 import logging
 import os
-import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -118,21 +117,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def lost_peer(error: BaseException) -> str | None:
-    """The first line of `error` when it is a collective that failed because another rank died, hung past
-    the timeout or dropped its connection (without the C++ source location); None for any other error."""
-    import torch
-
-    text = str(error).strip()
-    message = text.splitlines()[0] if text else type(error).__name__
-    distributed = isinstance(error, getattr(torch.distributed, "DistError", ()))
-    transport = re.search(r"gloo|nccl|c10d|ProcessGroup|connection (reset|closed|refused)|broken pipe|timed? ?out",
-                          message, re.IGNORECASE)
-    if not (distributed or (isinstance(error, RuntimeError) and transport)):
-        return None
-    return re.sub(r"\[[^\]]*\.(cc|cpp|h|hpp):\d+\]\s*", "", message)[:300]
-
-
 def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple[World, torch.device]:
     """Join the process group (NCCL on GPUs, gloo on CPUs) through DeepSpeed, with collectives failing
     after `timeout_s` seconds. A single process with no launcher becomes a group of one on a free
@@ -146,6 +130,10 @@ def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple[W
                             ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(name, value)
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # The groups DeepSpeed makes later (data-parallel, ZeRO) get torch's default timeout, 30 minutes, not
+    # the world group's: a hang in their collectives must fail after timeout_s too.
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     if not torch.distributed.is_initialized():
         import deepspeed
 

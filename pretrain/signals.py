@@ -44,12 +44,15 @@ class StopRequest:
             signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is None:
-            log.warning("received %s: will checkpoint and stop at the next step boundary", signal.Signals(signum).name)
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank has been signalled."""
         from .collectives import any_rank
 
-        return any_rank(self.signum is not None, device)
+        # Said only once every rank has answered: a launcher's SIGTERM to the survivors of a lost rank
+        # makes this collective fail instead, and is reported as that loss, not as a stop.
+        agreed = any_rank(self.signum is not None, device)
+        if agreed and self.signum is not None:
+            log.warning("received %s: checkpointing and stopping for a requeue", signal.Signals(self.signum).name)
+        return agreed

@@ -2,6 +2,7 @@
 checkpoint, signals and metrics; what is left here reads top to bottom."""
 from __future__ import annotations
 
+import gc
 import logging
 import random
 from dataclasses import asdict
@@ -12,7 +13,7 @@ import torch
 
 from ssmforge.data_pipeline.loader import build_loader, open_manifest
 from ssmforge.data_pipeline.pack import prepare, prepare_in_job
-from ssmforge.errors import ConfigError, DataError, SsmforgeError, TrainingError
+from ssmforge.errors import CheckpointError, ConfigError, DataError, SsmforgeError, TrainingError
 from ssmforge.kernels import deterministic, set_deterministic
 from ssmforge.kernels.documents import document_index
 from ssmforge.kernels.backends import describe_backends
@@ -25,9 +26,10 @@ from .config import to_yaml
 from .engine import (autocast, build_engine, drop_next_step, parameter_count, partitioned_construction,
                      resolve_precision, unclipped_grad_norm)
 from .collectives import any_rank, sum_over_ranks
-from .launch import World, device_for, init_distributed, lost_peer, shutdown, world_from_env
+from .launch import World, device_for, init_distributed, shutdown, world_from_env
 from .metrics import MetricsLogger, Throughput, peak_flops
 from .runlock import RunLock
+from .peers import describe_lost_ranks, lost_peer
 from .signals import REQUEUE_EXIT_CODE, StopRequest, mark_requeue
 
 log = logging.getLogger(__name__)
@@ -103,15 +105,21 @@ def train(config) -> int:
     stop = StopRequest()
     lock = RunLock(config.run_dir)
     try:
-        lock_run_dir(lock, world, device)
-        return _train(config, world, device, stop)
-    except RuntimeError as e:  # torch.distributed.DistError is one too
-        lost = lost_peer(e) if world.distributed else None
-        if lost is None:
+        try:
+            lock_run_dir(lock, world, device)
+            return _train(config, world, device, stop)
+        except SsmforgeError:  # already one line for the user
             raise
+        except Exception as e:  # a failed collective, or whatever the launcher's SIGTERM interrupted after it
+            lost = lost_peer(e) if world.distributed else None
+            if lost is None:
+                raise
+        # raised out here, with the failure's frames released: the loader's workers shut down now rather
+        # than at exit, where SIGTERM would not end them (data_pipeline.loader)
+        gc.collect()
         latest = checkpoint.latest_tag(Path(config.run_dir) / "checkpoints")
-        raise TrainingError(f"rank {world.rank} lost another rank ({lost}); run the same command again to resume "
-                            f"from {latest or 'the start (no checkpoint yet)'}") from None
+        raise TrainingError(f"{describe_lost_ranks(world.rank, world.world_size, lost)}; run the same command "
+                            f"again to resume from {latest or 'the start (no checkpoint yet)'}")
     finally:
         lock.release()
         stop.close()
@@ -134,7 +142,10 @@ def check_layout_and_resume(config, world: World) -> None:
     """The refusals that need no process group: a batch layout these ranks cannot hold, and a resume that
     would change the samples of the coming steps (elastic.check_resume)."""
     check_batch_layout(config, world)
-    saved = checkpoint.latest_state(Path(config.run_dir) / "checkpoints")
+    try:
+        saved = checkpoint.latest_state(Path(config.run_dir) / "checkpoints")
+    except CheckpointError:  # a damaged latest checkpoint: choose_intact names it and picks an older one
+        return
     if saved is not None:
         check_resume(config, asdict(saved), world.world_size)
 
@@ -150,6 +161,10 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     config.model.check_device(device.type)
     manifest = ensure_prepared(config, world)
     checkpoints = run_dir / "checkpoints"
+    named = checkpoint.latest_name(checkpoints)
+    chosen = checkpoint.choose_intact(checkpoints, world.rank, world.world_size)
+    if chosen != named:  # fell back to an older checkpoint: check the resume against that one
+        check_resume(config, asdict(checkpoint.read_state(checkpoints / chosen)), world.world_size)
     universal = ready_to_resume(checkpoints, manifest.fingerprint, config.data.shard_dir, world, device)
     seed_everything(config.seed)
     with partitioned_construction(config, world.world_size):

@@ -168,7 +168,8 @@ install_slurm
 HOST=$(hostname -s) || fail "hostname -s failed"
 
 [ "$EUID" = 0 ] || fail "not root: slurmd must run as root to start jobs"
-CPUS=$(nproc) || fail "nproc failed"
+# nproc alone would answer OMP_NUM_THREADS when it is set
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) || fail "nproc failed"
 # a unix socket path holds at most 107 bytes; slurmstepd's sockets in the spool folder are longer still
 [ ${#DIR} -le 70 ] || fail "$DIR is too long for the cluster's sockets (at most 70 characters): pass a shorter DIR"
 
@@ -192,6 +193,7 @@ for _ in $(seq 40); do munge_works && break; sleep 0.25; done
 munge_works || fail "munge does not work on $SOCKET (see $DIR/log/munged.log)"
 
 CTLD_PORT=$(free_port) || fail "no free port for slurmctld"
+FIRST_JOB_ID=$((1 + RANDOM % 19000))
 SLURMD_PORT=$(free_port "$CTLD_PORT") || fail "no free port for slurmd"
 NODE_LINES="NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS Port=$SLURMD_PORT State=UNKNOWN"
 if [ "$NODES" = 2 ]; then
@@ -224,8 +226,14 @@ SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1
 ReturnToService=2
 JobRequeue=1
+# job ids from a random start: a job's MASTER_PORT derives from its id, and two clusters on one machine
+# must not give their jobs the same one
+FirstJobId=$FIRST_JOB_ID
 MinJobAge=3600
 KillWait=10
+# slurmd answers late on a loaded 2-core machine: a message that times out (10 s by default) is retried
+# later, and a late step kill may reach the step of the same id in a job that was requeued meanwhile
+MessageTimeout=30
 InactiveLimit=0
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n

@@ -173,6 +173,7 @@ def render(run_dir: Path, config_path: Path, options: SubmitOptions, workdir: Pa
         signal_seconds=options.signal_seconds_before_end, requeue_code=REQUEUE_EXIT_CODE,
         extra_directives="\n".join(extra + _site_directives(options)), run_dir=shlex.quote(str(run_dir)),
         config=shlex.quote(str(config_path)), workdir=shlex.quote(str(workdir)), max_requeues=options.max_requeues,
+        max_failures=options.max_failures_without_progress,
         srun_gpus="--gpus-per-task=1 " if gpus and options.bind_gpus else "",
         command_line=_command_line(python, "pretrain") + '\nCOMMAND+=("$CONFIG")')
 
@@ -318,6 +319,8 @@ class RunStatus:
     restarts: int | None
     last_step: int | None
     last_checkpoint: str | None
+    stopped: str | None = None
+    """Why the job script stopped the job for good (a crash loop, the requeue limit), when it did."""
 
 
 def _job_state(job_id: str) -> tuple[str, int | None]:
@@ -364,7 +367,9 @@ def run_status(run_dir: str | Path) -> RunStatus:
                 last_step = record.get("step")
     latest = run_dir / "checkpoints" / "latest"
     last_checkpoint = latest.read_text().strip() if latest.is_file() else None
-    return RunStatus(run_dir, job_id, state, restarts, last_step, last_checkpoint)
+    stopped_file = run_dir / "slurm" / f"stopped-{job_id}"
+    stopped = stopped_file.read_text().strip() if job_id and stopped_file.is_file() else None
+    return RunStatus(run_dir, job_id, state, restarts, last_step, last_checkpoint, stopped)
 
 
 def format_status(statuses: list[RunStatus]) -> str:
@@ -373,4 +378,5 @@ def format_status(statuses: list[RunStatus]) -> str:
         rows.append((str(s.run_dir), s.job_id or "-", s.state, "-" if s.restarts is None else str(s.restarts),
                      "-" if s.last_step is None else str(s.last_step), s.last_checkpoint or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines + [f"{s.run_dir}: stopped: {s.stopped}" for s in statuses if s.stopped])

@@ -11,6 +11,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the processes a test starts (ranks, launchers, jobs): two cores are shared by two xdist workers and their
+# ranks, where a second OpenMP thread per process only contends (torchrun sets the same for its ranks)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -34,8 +34,9 @@ def test_without_a_gpu_the_command_prints_one_line_and_succeeds(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_cpu_run_fills_every_section(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    # the budgets are a GPU's: a CPU that other tests share gets three times as long
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(tmp_path),
+                           "--budget-scale", "3"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["mode"] == "tiny" and not report["skipped_parts"]
@@ -98,3 +99,18 @@ def test_a_wrong_kernel_output_or_gradient_is_reported(tmp_path, monkeypatch):
     assert conv_fp32["out"] < 1e-5 and conv_fp32["dx"] < 1e-5 and conv_fp32["dweight"] > 0.05
     assert not report["targets"]["kernels_equal_oracle"]["ok"]
     assert "| kernels_equal_oracle |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_failed_resume_run_is_reported_with_its_cause(tmp_path, monkeypatch, capsys):
+    check = gpu_check()
+    monkeypatch.setattr(check, "RESUME_DATA", "data.sources=[{kind: nonsense}]")
+    assert check.main(["--device", "cpu", "--tiny", "--parts", "resume", "--budget-scale", "2",
+                       "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["budget_s"]["resume"] == 2 * check.BUDGET_S["resume"]
+    resume = report["resume"]
+    assert resume["status"] == "FAILED" and resume["failed_run"] == "straight" and resume["straight_exit"] == 2
+    assert resume["cause"] == (f"ssmforge: error: {check.ROOT / 'configs' / 'tiny.yaml'}: data.sources.0.kind="
+                               "'nonsense' is invalid: one of synthetic, hub, local")
+    assert f"the straight run failed: {resume['cause']}" in capsys.readouterr().out
+    assert resume["cause"] in (tmp_path / "summary.md").read_text()

@@ -1,6 +1,7 @@
 """The package layout: one `ssmforge` import namespace, imports that only point down the layers, and a
 wheel that installs nothing but `ssmforge/...`."""
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -105,6 +106,38 @@ def test_no_file_uses_the_old_top_level_names():
                     wrong.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
     assert not wrong, "\n".join(wrong)
 
+
+
+BARE_IMPORTS = """
+import importlib, json, sys
+from torch._library.custom_ops import OPDEFS
+from ssmforge.kernels.cpu.conv1d import causal_conv1d_cpu_op
+refused = {}
+for name in %r:
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        refused[name] = str(err)
+import transformers.integrations.hub_kernels  # its `from kernels import ...` means Hugging Face's package
+print(json.dumps({"refused": refused, "kernels_loaded": "kernels" in sys.modules,
+                  "same_op": OPDEFS["ssmforge::causal_conv1d_cpu"] is causal_conv1d_cpu_op}))
+"""
+
+
+def test_a_bare_import_of_a_folder_is_refused_and_leaves_the_operators_registered():
+    """From the checkout's root (first on sys.path under `python -m pytest`), `import kernels` used to find
+    our folder: transformers' import of Hugging Face's `kernels` registered ssmforge's custom operators a
+    second time and freed the live registration, so later kernel calls crashed or raised std::bad_alloc.
+    Every folder now refuses a bare import, which transformers takes as its package being absent."""
+    pytest.importorskip("transformers")
+    names = sorted(OLD_NAMES | {"slurm"})
+    result = subprocess.run([sys.executable, "-c", BARE_IMPORTS % names], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["same_op"], "the operator registered by ssmforge.kernels was replaced"
+    assert not report["kernels_loaded"]
+    assert report["refused"] == {name: f"{name!r} here is a folder of ssmforge, importable only as 'ssmforge.{name}'"
+                                 for name in names}
 
 @pytest.mark.slow
 def test_the_wheel_installs_only_the_ssmforge_namespace(tmp_path):

@@ -7,7 +7,7 @@ chunk the linear recurrence h_t = a_t h_{t-1} + x_t is a parallel associative sc
 never reach memory: the forward stores only the state entering each chunk, and the backward
 recomputes a chunk's states from it, then runs the adjoint recurrence dh_t = a_{t+1} dh_{t+1} +
 C_t dy_t, chunk by chunk from the end. That recurrence runs backwards in time, but as a forward scan
-over the chunk's steps taken last to first: compiled reverse scans (reverse=True) compose a
+over the chunk's steps taken last to first: Triton's compiled reverse associative scans compose a
 non-commutative combine in the wrong order on GPUs (triton#4362, #8412) while the interpreter gets them
 right, so no kernel here uses one. Offsets into (batch, ...) tensors are int64 (program id 0 is
 widened first): batch * d * L passes 2^31 at real shapes. All arithmetic is fp32 whatever the input

@@ -90,7 +90,7 @@ def _chunk_state(shape, X, Y, dt, a, from_start: bool) -> torch.Tensor:
     return out
 
 
-def _state_passing(shape, inputs, a, start, reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _state_passing(shape, inputs, a, start, from_the_end: bool) -> tuple[torch.Tensor, torch.Tensor]:
     carried = shape.states(inputs.device)
     last = torch.empty(shape.batch, shape.nheads, shape.headdim, shape.dstate, device=inputs.device,
                        dtype=torch.float32)
@@ -100,7 +100,7 @@ def _state_passing(shape, inputs, a, start, reverse: bool) -> tuple[torch.Tensor
         state_passing_kernel[(shape.batch, shape.nheads, triton.cdiv(size, block))](
             inputs, a, shape.doc_ptr(a), start.contiguous() if start is not None else last, carried, last,
             shape.nheads, shape.n_chunks, size, HAS_START=start is not None, HAS_SEQ_IDX=shape.has_seq_idx,
-            REVERSE=reverse, CHUNK=shape.chunk, BLOCK=block)
+            REVERSE=from_the_end, CHUNK=shape.chunk, BLOCK=block)
     return carried, last
 
 
@@ -120,7 +120,7 @@ def _forward(x, dt_chunks, A, B, C, initial_state, documents=None, *, launch):
     shape = _Shape(x, B, dt_chunks, documents, launch)
     a = (dt_chunks * A[:, None, None].float()).cumsum(dim=-1)
     chunk_states = _chunk_state(shape, x, B, dt_chunks, a, from_start=False)
-    entering, last = _state_passing(shape, chunk_states, a, initial_state, reverse=False)
+    entering, last = _state_passing(shape, chunk_states, a, initial_state, from_the_end=False)
     y = torch.empty(x.shape, device=x.device, dtype=torch.float32)
     if launch:
         block = shape.block(FWD_SCAN_BLOCK_DOCS if shape.has_seq_idx else FWD_BLOCK)
@@ -141,7 +141,7 @@ def _backward(grads, inputs, residuals, launch):
     dy = torch.zeros(x.shape, **f32) if dy is None else dy.float().contiguous()
     # gradients of the states: what each chunk's outputs send back, carried from the last chunk down
     from_outputs = _chunk_state(shape, dy, C, dt_chunks, a, from_start=True)
-    dleaving, dinitial = _state_passing(shape, from_outputs, a, dlast, reverse=True)
+    dleaving, dinitial = _state_passing(shape, from_outputs, a, dlast, from_the_end=True)
 
     # per slice of d_state, summed below: (batch, n_slices, ...)
     meta = dict(shape.meta, BLOCK_N=min(shape.meta["BLOCK_N"], BWD_SLICE))

@@ -84,7 +84,8 @@ def test_an_epoch_left_part_way_stops_streamings_threads(shards):
     reader = loader(shards)
     batches = iter(reader)
     next(batches)
-    assert _polling_threads(reader.dataset) == 2  # preparation and readiness, both still running
+    # readiness still polls (and preparation, unless it has already prepared every sample)
+    assert _polling_threads(reader.dataset) >= 1
     del batches  # what training does at max_steps, and validation after eval_batches
     deadline = time.monotonic() + 5
     while _polling_threads(reader.dataset) and time.monotonic() < deadline:
@@ -92,6 +93,44 @@ def test_an_epoch_left_part_way_stops_streamings_threads(shards):
     assert _polling_threads(reader.dataset) == 0
     assert len(take(reader, 2)) == 2  # the loader still reads a new epoch afterwards
 
+
+
+def test_loader_workers_leave_stop_signals_to_the_training_process(shards, monkeypatch):
+    """SIGUSR1 (SLURM's warning, sent to every process of a task) does not end a worker; SIGTERM ends it
+    only after the grace, time for the training process to save or report first."""
+    import signal
+    import time
+
+    from ssmforge.data_pipeline import loader as loader_module
+
+    monkeypatch.setattr(loader_module, "WORKER_GRACE_S", 2)  # read in the forked worker
+    batches = iter(loader(shards, workers=1))
+    next(batches)
+    (worker,) = _forked_children()
+    os.kill(worker, signal.SIGUSR1)
+    os.kill(worker, signal.SIGTERM)
+    time.sleep(1.0)
+    assert worker in _forked_children()
+    assert len([next(batches) for _ in range(3)]) == 3  # still serving
+    with pytest.raises(RuntimeError, match="killed by signal: Alarm clock"):  # the grace's end, seen by torch
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert worker not in _forked_children()
+
+
+def _forked_children() -> list[int]:
+    """Live children of this process running its own command line (forked: loader workers)."""
+    me, found = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me and stat.rsplit(")", 1)[1].split()[0] != "Z" and \
+                    (entry / "cmdline").read_bytes() == Path("/proc/self/cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
 
 def test_two_ranks_read_disjoint_halves(shards):
     ctx = multiprocessing.get_context("spawn")

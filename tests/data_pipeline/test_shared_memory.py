@@ -1,19 +1,26 @@
 """Streaming's shared memory on a node that jobs share: a starting job removes what a killed job left and keeps
-what a running job holds."""
+what a running job holds, and registers its own prefix while no other job does."""
+import fcntl
+import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import pytest
 import torch
 
-from ssmforge.data_pipeline.loader import SHARED_MEMORY_DIR, remove_stale_shared_memory
+from ssmforge.data_pipeline import shared_memory
+from ssmforge.data_pipeline.shared_memory import (SHARED_MEMORY_DIR, lock_path, registering_shared_memory,
+                                                  remove_stale_shared_memory)
 
 from .test_loader import loader, shards, take  # noqa: F401 (shards is a fixture)
 
@@ -22,12 +29,13 @@ pytestmark = pytest.mark.skipif(not SHARED_MEMORY_DIR.is_dir() or not Path("/pro
 
 # A job reading 3 batches, then (once `go` exists) 9 more, which it saves.
 JOB = """
-import sys, time
+import logging, sys, time
 from pathlib import Path
 import torch
 from ssmforge.data_pipeline.loader import build_loader
 
 shard_dir, cache_dir, workers, control = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+logging.basicConfig(level=logging.INFO)
 batches = iter(build_loader(shard_dir, "train", 4, 5, cache_dir, num_workers=workers))
 read = [next(batches) for _ in range(3)]
 (control / "ready").touch()
@@ -38,18 +46,29 @@ torch.save(read, control / "batches.pt")
 """
 
 
-def start_job(config, control: Path, workers: int = 0) -> subprocess.Popen:
+def start_job(config, control: Path, workers: int = 0, wait: bool = True) -> subprocess.Popen:
     """A job of its own, with its own temporary folder as SLURM's job_container/tmpfs gives each job: streaming
-    keeps lock files there that would otherwise keep a later job off a killed job's prefix numbers."""
+    keeps lock files there that would otherwise keep a later job off a killed job's prefix numbers. Its log is
+    control/log; with `wait`, returns once it has read its first batches."""
     control.mkdir(parents=True)
-    (control / "tmp").mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", JOB, config.data.shard_dir, config.data.cache_dir, str(workers),
-                             str(control)], env={**os.environ, "TMPDIR": str(control / "tmp")}, start_new_session=True)
+    # short, as a job's /tmp is: the loader workers' sockets live there and a Unix socket path has ~107 bytes
+    job_tmp = tempfile.mkdtemp(prefix="job")
+    with (control / "log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", JOB, config.data.shard_dir, config.data.cache_dir,
+                                 str(workers), str(control)], env={**os.environ, "TMPDIR": job_tmp},
+                                start_new_session=True, stderr=log)
+    proc.job_tmp = job_tmp  # removed by the test once the job has ended
+    if wait:
+        wait_until_ready(proc, control)
+    return proc
+
+
+def wait_until_ready(proc: subprocess.Popen, control: Path) -> None:
     deadline = time.time() + 180
     while not (control / "ready").exists():
-        assert proc.poll() is None and time.time() < deadline, "the job died or hung before its first batches"
+        assert proc.poll() is None and time.time() < deadline, \
+            f"the job died or hung before its first batches: {(control / 'log').read_text()[-3000:]}"
         time.sleep(0.1)
-    return proc
 
 
 def mapped_segments(pid: int) -> dict[str, int]:
@@ -82,16 +101,16 @@ def test_only_segments_that_no_process_maps_are_removed():
 
 
 def test_only_local_rank_0_removes_stale_segments(monkeypatch):
-    from ssmforge.data_pipeline.loader import _remove_stale_shared_memory_on_local_rank_0
-
     stale = SHARED_MEMORY_DIR / f"{uuid.uuid4().int % 10**9:09}_barrier"
     stale.write_bytes(bytes(64))
     try:
         monkeypatch.setenv("LOCAL_RANK", "1")
-        _remove_stale_shared_memory_on_local_rank_0()
+        with registering_shared_memory():
+            pass
         assert stale.exists()
         monkeypatch.setenv("LOCAL_RANK", "0")
-        _remove_stale_shared_memory_on_local_rank_0()
+        with registering_shared_memory():
+            pass
         assert not stale.exists()
     finally:
         stale.unlink(missing_ok=True)
@@ -125,3 +144,82 @@ def test_a_starting_job_keeps_a_running_jobs_shared_memory_and_removes_a_killed_
         for job in jobs.values():
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
+                job.wait(timeout=60)
+            shutil.rmtree(job.job_tmp, ignore_errors=True)
+
+
+@contextmanager
+def another_job_registering():
+    """The node lock, held as a job holds it while it registers its prefix."""
+    fd = os.open(lock_path(), os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def node_lock_is_free() -> bool:
+    fd = os.open(lock_path(), os.O_RDONLY)  # a descriptor of its own: flock tells it from this process's others
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_a_job_finds_and_creates_its_prefix_under_the_node_lock(shards, monkeypatch):
+    import streaming.base.dataset as streaming_dataset
+
+    held_while_registering = []
+    register = streaming_dataset.get_shm_prefix
+
+    def watched(*args, **kwargs):
+        held_while_registering.append(not node_lock_is_free())
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(streaming_dataset, "get_shm_prefix", watched)
+    take(loader(shards), 1)
+    assert held_while_registering == [True]
+    assert node_lock_is_free()  # released once the dataset is built
+
+
+@pytest.mark.slow
+def test_a_starting_job_waits_while_another_registers_its_prefix(shards, tmp_path):
+    expected = take(loader(shards), 12)
+    control = tmp_path / "waiting"
+    job = None
+    try:
+        with another_job_registering():
+            job = start_job(shards, control, wait=False)
+            deadline = time.time() + 180
+            while "waiting for another job on this node to register its shared memory" not in \
+                    (control / "log").read_text():
+                assert job.poll() is None and time.time() < deadline, (control / "log").read_text()[-3000:]
+                time.sleep(0.1)
+            time.sleep(1)
+            assert job.poll() is None and not (control / "ready").exists()
+        wait_until_ready(job, control)
+        (control / "go").touch()
+        assert job.wait(timeout=180) == 0
+        read = torch.load(control / "batches.pt")
+        assert all(torch.equal(a, b) for a, b in zip(read, expected, strict=True))
+    finally:
+        if job is not None:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait(timeout=60)
+            shutil.rmtree(job.job_tmp, ignore_errors=True)
+
+
+def test_a_lock_held_too_long_is_named_and_the_job_goes_on_without_it(shards, monkeypatch, caplog):
+    expected = take(loader(shards), 3)
+    monkeypatch.setattr(shared_memory, "LOCK_WAIT_S", 0.5)
+    with another_job_registering(), caplog.at_level(logging.INFO, logger=shared_memory.__name__):
+        read = take(loader(shards), 3)
+    assert all(torch.equal(a, b) for a, b in zip(read, expected, strict=True))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{lock_path()}: another job has held the node's shared-memory lock for over 0.5 s; "
+                        "registering without it"]

@@ -23,12 +23,17 @@ def pretrain_command(run_dir, *overrides) -> list[str]:
             f"run_dir={run_dir}", SYNTHETIC, "data.num_workers=0", *overrides]
 
 
+def clean_env() -> dict:
+    """The environment without any launcher's rank variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
+
+
 def start_ranks(command: list[str], ranks: int) -> list[subprocess.Popen]:
     """One process per rank with the variables a launcher sets (as srun's tasks get them), so that each
     rank's own exit code is visible."""
     from ssmforge.pretrain.launch import free_port
 
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
+    base = clean_env()
     base.update(WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     return [subprocess.Popen(command, cwd=ROOT, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
@@ -48,3 +53,18 @@ def train_losses(run_dir) -> dict[int, float]:
 
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+# 30 steps, a checkpoint every 10, and collectives that give up on a silent peer after 20 s
+FAULT_STEPS = ("train.max_steps=30", "train.log_every=1", "train.eval_every=1000", "train.save_every=10",
+               "train.collective_timeout_s=20")
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_losses(tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of the 2-rank FAULT_STEPS run that the faulted runs resume."""
+    run = tmp_path_factory.mktemp("uninterrupted")
+    with pytest.MonkeyPatch.context() as patch:  # the private caches of the function-scoped fixture
+        patch.setenv("SSMFORGE_CACHE_DIR", str(seed_kernel_cache(tmp_path_factory.getbasetemp() / "ssmforge-cache")))
+        run_pretrain(run, *FAULT_STEPS, ranks=2)
+    return train_losses(run)

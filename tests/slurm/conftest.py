@@ -1,3 +1,4 @@
+import fcntl
 import hashlib
 import json
 import os
@@ -79,7 +80,12 @@ def local_cluster(tmp_path_factory) -> LocalCluster:
             pytest.fail(f"no SLURM test cluster could be started: {reason}")
         pytest.skip(f"no SLURM test cluster: {reason}")
 
+    # Each pytest-xdist worker starts a cluster of its own (free ports, job ids from a random first one, so
+    # that jobs of two clusters never share a MASTER_PORT); one at a time, as apt and the port choice
+    # would race. The lock file sits in the folder that every worker's temporary folder shares.
+    lock = open(tmp_path_factory.getbasetemp().parent / "slurm-cluster-start.lock", "w")
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         # packages first (only with the opt-in): installing them writes /etc, which is apt's business
         if (proc := cluster_script("install", str(folder))).returncode != 0:
             failed(proc)
@@ -89,6 +95,8 @@ def local_cluster(tmp_path_factory) -> LocalCluster:
             failed(proc)
     except subprocess.TimeoutExpired:
         failed(subprocess.CompletedProcess([], 1, "", "slurm/start_local_cluster.sh did not finish in 15 minutes"))
+    finally:
+        lock.close()
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("SLURM_CONF", str(folder / "slurm.conf"))
     try:

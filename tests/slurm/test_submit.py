@@ -132,8 +132,9 @@ def test_requeue_code_requeues_and_other_failures_do_not(tmp_path, fake_slurm):
     assert proc.returncode == 0 and len(ranks) == 2
     assert "requeue 4242" in calls
 
-    proc, ranks, calls = fake_slurm(script, FAKE_EXIT=1, **env)  # a crash is not retried
-    assert proc.returncode == 1 and len(ranks) == 2 and not any(c.startswith("requeue") for c in calls)
+    proc, ranks, calls = fake_slurm(script, FAKE_EXIT=2, **env)  # a usage or config error is not retried
+    assert proc.returncode == 2 and len(ranks) == 2 and not any(c.startswith("requeue") for c in calls)
+    assert "exit code 2, a usage or config error" in proc.stderr
 
     proc, ranks, calls = fake_slurm(script, FAKE_EXIT=75, SLURM_RESTART_COUNT=3, **env)  # limit reached
     assert proc.returncode == 75 and not any(c.startswith("requeue") for c in calls)
@@ -148,6 +149,78 @@ def test_requeue_code_requeues_and_other_failures_do_not(tmp_path, fake_slurm):
     assert proc.returncode == 0 and "requeue 4242" in calls, proc.stdout + proc.stderr
     assert not list((tmp_path / "run" / "slurm").glob("requeue-*"))  # the marker is consumed
 
+
+def test_failures_are_requeued_until_they_repeat_from_the_same_checkpoint(tmp_path, fake_slurm, capsys,
+                                                                         monkeypatch):
+    python = _executable(tmp_path / "py" / "python", FAKE_PYTHON)
+    script = _script(tmp_path, python, nodes=1, gpus_per_node=0, tasks_per_node=2, max_requeues=20,
+                     max_failures_without_progress=3)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "slurm").mkdir()
+    (run / "slurm" / "jobs.jsonl").write_text(json.dumps({"job_id": "4242"}) + "\n")
+    env = {"SLURM_JOB_NUM_NODES": 1, "SLURM_JOB_NODELIST": "node01"}
+
+    def attempt(restart: int, latest: str, code: int, job: str = "4242"):
+        (run / "checkpoints" / "latest").write_text(latest)
+        proc, ranks, calls = fake_slurm(script, FAKE_EXIT=code, SLURM_RESTART_COUNT=restart, SLURM_JOB_ID=job, **env)
+        return proc, ranks, [c for c in calls if c.startswith("requeue")]
+
+    # a lost rank (3) twice from step 10, then progress: each failure is requeued
+    for restart, latest in ((0, "step_00000010"), (1, "step_00000010"), (2, "step_00000020")):
+        proc, ranks, calls = attempt(restart, latest, 3)
+        assert proc.returncode == 0 and calls == ["requeue 4242"], proc.stdout + proc.stderr
+    assert "training failed with exit code 3 (failure 1 of at most 3 from step_00000020)" in proc.stdout
+    # then a crash every time before a new checkpoint: the third failure in a row from step 20 ends the job
+    proc, ranks, calls = attempt(3, "step_00000020", 1)
+    assert proc.returncode == 0 and calls == ["requeue 4242"]
+    proc, ranks, calls = attempt(4, "step_00000020", 1)
+    assert proc.returncode == 1 and not calls and len(ranks) == 2
+    reason = ("crash loop: training failed 3 times in a row from checkpoint step_00000020 (exit codes 3, 1, 1): "
+              "not requeued; once the cause is fixed, ssmforge submit resumes from step_00000020")
+    assert proc.stderr.strip().splitlines()[-1] == f"ssmforge: {reason}"
+    # another job of the same run (submitted again) counts its own failures
+    proc, ranks, calls = attempt(0, "step_00000020", 1, job="4343")
+    assert proc.returncode == 0 and calls == ["requeue 4343"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no scontrol: the state is unknown, the reason is not
+    assert run_status(run).stopped == reason
+    assert main(["submit", "--status", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"{run}: stopped: {reason}"
+
+
+
+def test_a_rank_killed_by_a_signal_is_named_from_sruns_report_of_this_restart(tmp_path, fake_slurm):
+    python = _executable(tmp_path / "py" / "python", FAKE_PYTHON)
+    script = _script(tmp_path, python, nodes=1, gpus_per_node=0, tasks_per_node=2, max_requeues=3)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000030")
+    (run / "logs").mkdir()
+    env = {"SLURM_JOB_NUM_NODES": 1, "SLURM_JOB_NODELIST": "node01", "SLURM_JOB_NAME": "pile",
+           "SLURM_RESTART_COUNT": 1, "FAKE_EXIT": 137}
+
+    def stopped_lines(*reports: str) -> list[str]:
+        """The job's lines saying why it stopped, after srun wrote `reports` into the job log (as SLURM does,
+        after the lines of an earlier restart)."""
+        (run / "logs" / "pile-4242.out").write_text(
+            "ssmforge: job 4242 start 2026-12-01T00:00:00Z restart 0 nodes node01\n"
+            "srun: error: node01: task 0: Killed\n"
+            "ssmforge: job 4242 start 2026-12-01T01:00:00Z restart 1 nodes node01\nstep 31 loss 4.2\n"
+            + "".join(f"srun: error: {report}\n" for report in reports))
+        (run / "slurm" / "failures-4242").unlink(missing_ok=True)  # each a first failure, never a crash loop
+        proc, _, calls = fake_slurm(script, **env)
+        assert proc.returncode == 0 and "requeue 4242" in calls, proc.stdout + proc.stderr
+        return [line for line in proc.stderr.splitlines() if line.startswith("ssmforge: training stopped")]
+
+    assert stopped_lines("node01: task 1: Killed", "node01: task 0: Killed") == [
+        "ssmforge: training stopped: srun lost rank 1 (node01: task 1: Killed) and ended the other ranks; "
+        "the checkpoint to resume from is step_00000030"]
+    assert stopped_lines("node01: tasks 0-1: Segmentation fault") == [
+        "ssmforge: training stopped: srun lost ranks 0-1 (node01: tasks 0-1: Segmentation fault) and ended the "
+        "other ranks; the checkpoint to resume from is step_00000030"]
+    # a rank that exited with a code printed its own line; nothing reported in this restart: nothing to add
+    assert stopped_lines("node01: task 0: Exited with exit code 3", "node01: task 1: Killed") == []
+    assert stopped_lines() == []
 
 def test_the_job_ends_a_crashed_step_at_once_and_binds_a_gpu_to_each_rank(tmp_path):
     python = tmp_path / "python"
