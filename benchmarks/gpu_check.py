@@ -2,7 +2,8 @@
 
   kernels     every kernel (selective scan, SSD, causal conv1d, FFT conv) on the GPU against its oracle
               (`ssmforge.kernels.ref`, the sequential definition; a direct conv for the FFT conv): the outputs
-              and every gradient, fp32 and bf16, L up to 8192, d up to 2048, batch up to 8, and one bf16 shape
+              and every gradient, fp32 and bf16, L up to 8192, d up to 2048, batch up to 8, packed rows with
+              document resets (seq_idx, data.document_boundaries=reset), and one bf16 shape
               past 2^31 elements per tensor where memory allows (its last batch row, whose offsets overflow
               int32, against the oracle on that row alone)
   bandwidth   the scan, SSD and conv kernels timed, as GB/s of the bytes a fused kernel must move and as a
@@ -76,6 +77,23 @@ def _randn(shape, device, dtype, generator, scale=1.0):
     return (torch.randn(shape, device=device, generator=generator) * scale).to(dtype)
 
 
+def _documents(shape: dict, device, generator) -> dict:
+    """{"seq_idx": (batch, L) int32} with shape["docs"] documents per row, their boundaries at random
+    positions plus shape["edges"] (a chunk edge, where a kernel's own state passing meets the reset);
+    {} for rows of one document."""
+    if "docs" not in shape:
+        return {}
+    b, L, docs = shape["batch"], shape["L"], shape["docs"]
+    rows = []
+    for _ in range(b):
+        picks = torch.randperm(L - 1, device=device, generator=generator)[: docs - 1 - len(shape.get("edges", ()))] + 1
+        starts = torch.zeros(L, dtype=torch.int32, device=device)
+        starts[picks] = 1
+        starts[list(shape.get("edges", ()))] = 1
+        rows.append(torch.cumsum(starts, 0, dtype=torch.int32))
+    return {"seq_idx": torch.stack(rows)}
+
+
 def scan_inputs(shape: dict, dtype, device, generator) -> dict:
     """Mamba's selective scan: u, delta, z (batch, d, L); B, C (batch, n, L) or (batch, groups, n, L); A (d, n),
     D and delta_bias (d,) in fp32 as in the model."""
@@ -85,7 +103,7 @@ def scan_inputs(shape: dict, dtype, device, generator) -> dict:
                 A=-(torch.rand(d, n, device=device, generator=generator) * 2 + 0.1),
                 B=_randn(bc, device, dtype, generator), C=_randn(bc, device, dtype, generator),
                 D=_randn(d, device, torch.float32, generator), z=_randn((b, d, L), device, dtype, generator),
-                delta_bias=_randn(d, device, torch.float32, generator, 0.3))
+                delta_bias=_randn(d, device, torch.float32, generator, 0.3), **_documents(shape, device, generator))
 
 
 def ssd_inputs(shape: dict, dtype, device, generator) -> dict:
@@ -96,19 +114,20 @@ def ssd_inputs(shape: dict, dtype, device, generator) -> dict:
                 A=-(torch.rand(h, device=device, generator=generator) * 2 + 0.1),
                 B=_randn((b, L, g, n), device, dtype, generator), C=_randn((b, L, g, n), device, dtype, generator),
                 D=_randn(h, device, torch.float32, generator), dt_bias=_randn(h, device, torch.float32, generator, 0.3),
-                initial_state=_randn((b, h, p, n), device, torch.float32, generator))
+                initial_state=_randn((b, h, p, n), device, torch.float32, generator), **_documents(shape, device, generator))
 
 
 def conv_inputs(shape: dict, dtype, device, generator) -> dict:
     b, d, L, width = shape["batch"], shape["d"], shape["L"], shape["width"]
     return dict(x=_randn((b, d, L), device, dtype, generator), weight=_randn((d, width), device, dtype, generator, 0.5),
-                bias=_randn(d, device, dtype, generator))
+                bias=_randn(d, device, dtype, generator), **_documents(shape, device, generator))
 
 
 def fft_inputs(shape: dict, dtype, device, generator) -> dict:
     b, c, L = shape["batch"], shape["d"], shape["L"]
     decay = torch.exp(-torch.arange(L, device=device) / (L / 8))  # a long kernel with a tail, as S4's
-    return dict(u=_randn((b, c, L), device, dtype, generator), k=_randn((c, L), device, torch.float32, generator) * decay)
+    return dict(u=_randn((b, c, L), device, dtype, generator), k=_randn((c, L), device, torch.float32, generator) * decay,
+                **_documents(shape, device, generator))
 
 
 def _scan(backend):
@@ -140,37 +159,41 @@ def _ssd_oracle(i):
 def _conv(backend):
     from ssmforge import kernels
 
-    return lambda i: {"out": kernels.causal_conv1d(i["x"], i["weight"], i["bias"], activation="silu", backend=backend)}
+    return lambda i: {"out": kernels.causal_conv1d(i["x"], i["weight"], i["bias"], activation="silu", backend=backend,
+                                                   seq_idx=i.get("seq_idx"))}
 
 
 def _conv_oracle(i):
     from ssmforge.kernels import causal_conv1d_ref
 
     # in fp32 whatever the inputs: the definition, not torch's bf16 conv
-    return {"out": causal_conv1d_ref(i["x"].float(), i["weight"].float(), i["bias"].float(), activation="silu")}
+    return {"out": causal_conv1d_ref(i["x"].float(), i["weight"].float(), i["bias"].float(), activation="silu",
+                                     seq_idx=i.get("seq_idx"))}
 
 
 def _fft(backend):
     from ssmforge.kernels.fftconv import fft_causal_conv
 
-    return lambda i: {"out": fft_causal_conv(i["u"], i["k"])}
+    return lambda i: {"out": fft_causal_conv(i["u"], i["k"], seq_idx=i.get("seq_idx"))}
 
 
 def _fft_oracle(i):
     from ssmforge.kernels import causal_conv1d_ref
 
     # the direct O(L^2) sum: torch's conv computes a correlation, so the kernel is flipped
-    return {"out": causal_conv1d_ref(i["u"].float(), i["k"].flip(-1))}
+    return {"out": causal_conv1d_ref(i["u"].float(), i["k"].flip(-1), seq_idx=i.get("seq_idx"))}
 
 
 # per kernel: inputs, the fast path (by backend name), the oracle, and which inputs have a batch dimension
 KERNELS = {
     "scan": dict(inputs=scan_inputs, fast=lambda backend, tiny: _scan(backend), oracle=_scan_oracle,
-                 batched={"u", "delta", "B", "C", "z"}),
+                 batched={"u", "delta", "B", "C", "z", "seq_idx"}),
     "ssd": dict(inputs=ssd_inputs, fast=lambda backend, tiny: _ssd(backend, 16 if tiny else 256), oracle=_ssd_oracle,
-                batched={"x", "dt", "B", "C", "initial_state"}),
-    "conv1d": dict(inputs=conv_inputs, fast=lambda backend, tiny: _conv(backend), oracle=_conv_oracle, batched={"x"}),
-    "fftconv": dict(inputs=fft_inputs, fast=lambda backend, tiny: _fft(backend), oracle=_fft_oracle, batched={"u"}),
+                batched={"x", "dt", "B", "C", "initial_state", "seq_idx"}),
+    "conv1d": dict(inputs=conv_inputs, fast=lambda backend, tiny: _conv(backend), oracle=_conv_oracle,
+                   batched={"x", "seq_idx"}),
+    "fftconv": dict(inputs=fft_inputs, fast=lambda backend, tiny: _fft(backend), oracle=_fft_oracle,
+                    batched={"u", "seq_idx"}),
 }
 
 
@@ -184,7 +207,12 @@ def kernel_cases(tiny: bool) -> list[dict]:
                  ("ssd", "edge", dict(batch=1, L=37, heads=2, headdim=8, groups=1, n=5)),
                  ("conv1d", "edge", dict(batch=2, d=20, L=70, width=4)),
                  ("conv1d", "width 3", dict(batch=2, d=20, L=70, width=3)),
-                 ("fftconv", "edge", dict(batch=2, d=3, L=33))]
+                 ("fftconv", "edge", dict(batch=2, d=3, L=33)),
+                 # packed rows (data.document_boundaries=reset): a reset on the SSD's chunk edge at 16
+                 ("scan", "documents", dict(batch=2, d=6, L=37, n=5, docs=4)),
+                 ("ssd", "documents", dict(batch=2, L=37, heads=2, headdim=8, groups=1, n=5, docs=4, edges=(16,))),
+                 ("conv1d", "documents", dict(batch=2, d=20, L=70, width=4, docs=5)),
+                 ("fftconv", "documents", dict(batch=2, d=3, L=33, docs=3))]
         big = [("scan", dict(batch=3, d=6, L=37, n=5)), ("ssd", dict(batch=3, L=37, heads=2, headdim=8, groups=1, n=5)),
                ("conv1d", dict(batch=3, d=20, L=70, width=4))]
     else:
@@ -201,7 +229,12 @@ def kernel_cases(tiny: bool) -> list[dict]:
                  ("conv1d", "long", dict(batch=2, d=256, L=8192, width=4)),
                  ("conv1d", "wide", dict(batch=8, d=2048, L=2048, width=4)),
                  ("fftconv", "edge", dict(batch=2, d=64, L=1000)),
-                 ("fftconv", "long", dict(batch=2, d=256, L=8192))]
+                 ("fftconv", "long", dict(batch=2, d=256, L=8192)),
+                 # packed rows (data.document_boundaries=reset): resets inside tiles and on the SSD's chunk edge
+                 ("scan", "documents", dict(batch=4, d=256, L=2048, n=16, docs=8)),
+                 ("ssd", "documents", dict(batch=4, L=2048, heads=8, headdim=64, groups=1, n=64, docs=8, edges=(256,))),
+                 ("conv1d", "documents", dict(batch=4, d=256, L=2048, width=4, docs=8)),
+                 ("fftconv", "documents", dict(batch=2, d=64, L=2048, docs=8))]
         # 129 x 2048 x 8192 = 2.16e9 elements per (batch, d, L) tensor: past int32 offsets from batch 128 on
         big = [("scan", dict(batch=129, d=2048, L=8192, n=16)),
                ("ssd", dict(batch=129, L=8192, heads=32, headdim=64, groups=1, n=64)),
@@ -226,7 +259,7 @@ def values_and_grads(run, inputs: dict, weights=None) -> tuple[dict, dict]:
         weights = {name: _weights(t, torch.cos if i == 0 else torch.sin) for i, (name, t) in enumerate(outputs.items())}
     elif callable(weights):
         weights = weights(outputs)
-    names = [k for k, v in inputs.items() if v is not None]
+    names = [k for k, v in inputs.items() if v is not None and v.requires_grad]
     grads = torch.autograd.grad(list(outputs.values()), [inputs[k] for k in names],
                                 grad_outputs=[weights[k].to(t.dtype) for k, t in outputs.items()])
     results = {k: v.detach() for k, v in outputs.items()}
@@ -256,7 +289,8 @@ def compare(got: dict, want: dict, tol: float) -> dict:
 
 
 def _requiring_grad(inputs: dict) -> dict:
-    return {k: (v.detach().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    """The float inputs as leaves requiring gradients; seq_idx (integers) as it is."""
+    return {k: (v.detach().requires_grad_() if v is not None and v.is_floating_point() else v) for k, v in inputs.items()}
 
 
 def check_case(case: dict, device: torch.device, tiny: bool) -> dict:

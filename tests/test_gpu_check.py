@@ -50,6 +50,8 @@ def test_tiny_cpu_run_fills_every_section(tmp_path):
     scan = next(c for c in cases if c["kernel"] == "scan")
     assert {"out", "last_state", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"} <= set(scan["errors"])
     assert any(c["case"] == "last row" for c in cases)
+    # packed rows with document resets, for every kernel
+    assert {c["kernel"] for c in cases if c["case"] == "documents"} == {"scan", "ssd", "conv1d", "fftconv"}
 
     rows = report["bandwidth"]["rows"]
     assert report["bandwidth"]["copy_GBps"] > 0
@@ -84,9 +86,9 @@ def test_a_wrong_kernel_output_or_gradient_is_reported(tmp_path, monkeypatch):
         out, last = scan(*args, **kwargs)
         return out * 1.1, last
 
-    def wrong_conv_gradient(x, weight, bias=None, activation=None):  # right values, weight gradient 10% off
+    def wrong_conv_gradient(x, weight, bias=None, activation=None, **documents):  # right values, weight gradient 10% off
         weight = weight + 0.1 * (weight - weight.detach())
-        return conv(x, weight, bias, activation=activation)
+        return conv(x, weight, bias, activation=activation, **documents)
 
     monkeypatch.setitem(kernels.SCAN_BACKENDS, "cpu", wrong_scan)
     monkeypatch.setitem(kernels.CONV1D_BACKENDS, "cpu", wrong_conv_gradient)
@@ -114,3 +116,17 @@ def test_a_failed_resume_run_is_reported_with_its_cause(tmp_path, monkeypatch, c
                                "'nonsense' is invalid: one of synthetic, hub, local")
     assert f"the straight run failed: {resume['cause']}" in capsys.readouterr().out
     assert resume["cause"] in (tmp_path / "summary.md").read_text()
+
+
+def test_a_kernel_that_ignores_document_resets_is_reported(tmp_path, monkeypatch):
+    check = gpu_check()
+    scan = kernels.SCAN_BACKENDS["cpu"]
+
+    def scan_across_documents(*args, seq_idx=None, **kwargs):  # the state flows over every boundary
+        return scan(*args, **kwargs)
+
+    monkeypatch.setitem(kernels.SCAN_BACKENDS, "cpu", scan_across_documents)
+    assert check.main(["--device", "cpu", "--tiny", "--parts", "kernels", "--out", str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    for c in report["kernels"]["cases"]:
+        assert c["status"] == ("FAILED" if (c["kernel"], c["case"]) == ("scan", "documents") else "ok"), c

@@ -218,9 +218,9 @@ def test_the_plugin_on_a_hybrid_equals_a_direct_computation(hybrid_export, task_
     assert checked == set(TASKS)
 
 
-def greedy_text(model, tok, context: str, gen_kwargs: dict) -> str:
+def greedy_text(model, tok, context: str, gen_kwargs: dict, max_length: int = 16) -> str:
     """Greedy decoding by full forwards over the growing sequence, cut at EOS or the first stop string."""
-    ids, new = tok.encode(context)[-(16 - gen_kwargs["max_gen_toks"]):], []
+    ids, new = tok.encode(context)[-(max_length - gen_kwargs["max_gen_toks"]):], []
     for _ in range(gen_kwargs["max_gen_toks"]):
         token = int(model(torch.tensor([ids + new]))[0, -1, :tok.vocab_size].argmax())
         if token == tok.eos_id:
@@ -232,6 +232,50 @@ def greedy_text(model, tok, context: str, gen_kwargs: dict) -> str:
     for stop in gen_kwargs["until"]:
         text = text.split(stop)[0]
     return text
+
+
+def test_a_batch_of_generations_equals_each_row_decoded_alone(hybrid_export):
+    """Four contexts of one length share a batch, and their rows end at different steps: one at EOS (the
+    first token), one at the stop string, two at max_gen_toks. Each text equals greedy decoding of its row
+    alone by full forwards."""
+    from lm_eval.api.instance import Instance
+
+    from ssmforge.data_pipeline.tokenizer import ByteTokenizer
+    from ssmforge.evaluation.harness import SsmforgeLM
+    from ssmforge.models import load_pretrained
+
+    lm = SsmforgeLM(pretrained=str(hybrid_export), device="cpu", batch_size=4, max_length=32)
+    model, tok = load_pretrained(hybrid_export).eval(), ByteTokenizer()
+    contexts = ["alpha beta", "gamma delt", "the quick ", "0123456789"]  # 10 bytes each: one batch
+    gen_kwargs = {"until": ["z"], "do_sample": False, "max_gen_toks": 12}
+    requests = [Instance("generate_until", {}, (context, gen_kwargs), i) for i, context in enumerate(contexts)]
+    texts = lm.generate_until(requests, disable_tqdm=True)
+    with torch.no_grad():
+        alone = [greedy_text(model, tok, context, gen_kwargs, max_length=32) for context in contexts]
+    assert texts == alone
+    # (the random model's bytes decode to replacement characters: lengths in characters, not tokens)
+    assert texts[1] == "" and 0 < len(texts[0]) < min(len(texts[2]), len(texts[3])), texts
+
+
+def test_lm_eval_s_command_line_with_the_plugin_gives_the_in_process_results(mamba_export, task_dir, tmp_path):
+    """`python -m ssmforge.evaluation.harness`, lm_eval's own command line for releases that read no entry
+    points, evaluates the export like SsmforgeLM in this process."""
+    from ssmforge.evaluation.harness import SsmforgeLM
+
+    args = ["--model", "ssmforge", "--model_args", f"pretrained={mamba_export},max_length={MAX_LENGTH}",
+            "--tasks", "tiny_ll,tiny_mc", "--include_path", str(task_dir), "--device", "cpu", "--batch_size", "2",
+            "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, "-m", "ssmforge.evaluation.harness", *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **OFFLINE})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    from_command = json.loads(written.read_text())["results"]
+    in_process = evaluate(SsmforgeLM(pretrained=str(mamba_export), device="cpu", max_length=MAX_LENGTH), task_dir,
+                          ("tiny_ll", "tiny_mc"))["results"]
+    assert set(from_command) == {"tiny_ll", "tiny_mc"}
+    for task, metrics in in_process.items():
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        assert numbers and all(from_command[task][k] == pytest.approx(v, abs=1e-6) for k, v in numbers.items()), task
 
 
 def test_the_entry_point_names_the_plugin():
