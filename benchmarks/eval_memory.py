@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -27,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("mamba", "mamba2", "gss", "hybrid")
 
 
-def model_config(family: str, chunk: int) -> dict:
+def model_config(family: str, window: int) -> dict:
     extra = {"mamba2": dict(mamba2=dict(headdim=32, chunk_size=64)),
-             "hybrid": dict(layer_pattern="M*", attention=dict(heads=4, window=chunk))}.get(family, {})
+             "hybrid": dict(layer_pattern="M*", attention=dict(heads=4, window=window))}.get(family, {})
     return dict(family=family, d_model=256, n_layer=2, vocab_size=260, **extra)
 
 
@@ -97,9 +99,13 @@ def main(argv=None) -> int:
                 rows.append(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = dict(command="python benchmarks/eval_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    import torch
+
+    report = dict(command=shlex.join(["python", "benchmarks/eval_memory.py",
+                                      *(argv if argv is not None else sys.argv[1:])]),
                   chunk=args.chunk, model="2 layers, d_model 256, batch 1", rows=rows,
-                  machine=dict(platform=platform.platform(), python=platform.python_version()),
+                  machine=dict(platform=platform.platform(), python=platform.python_version(),
+                               cpus=os.cpu_count(), torch_threads=torch.get_num_threads()),
                   table=table(rows, args.lengths))
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nPeak memory growth while scoring one document (MiB), chunks of {args.chunk}:\n\n{report['table']}\n")

@@ -83,13 +83,15 @@ def _documents(shape: dict, device, generator) -> dict:
     {} for rows of one document."""
     if "docs" not in shape:
         return {}
-    b, L, docs = shape["batch"], shape["L"], shape["docs"]
+    b, L, docs, edges = shape["batch"], shape["L"], shape["docs"], list(shape.get("edges", ()))
+    assert docs - 1 >= len(edges), shape
+    candidates = torch.tensor([t for t in range(1, L) if t not in edges], device=device)
     rows = []
     for _ in range(b):
-        picks = torch.randperm(L - 1, device=device, generator=generator)[: docs - 1 - len(shape.get("edges", ()))] + 1
+        picks = candidates[torch.randperm(len(candidates), device=device, generator=generator)[: docs - 1 - len(edges)]]
         starts = torch.zeros(L, dtype=torch.int32, device=device)
         starts[picks] = 1
-        starts[list(shape.get("edges", ()))] = 1
+        starts[edges] = 1
         rows.append(torch.cumsum(starts, 0, dtype=torch.int32))
     return {"seq_idx": torch.stack(rows)}
 

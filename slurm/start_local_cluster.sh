@@ -227,11 +227,11 @@ SchedulerParameters=bf_interval=1
 ReturnToService=2
 JobRequeue=1
 # job ids from a random start: a job's MASTER_PORT derives from its id, and two clusters on one machine
-# must not give their jobs the same one
+# should not give their jobs the same one (a random start makes a clash unlikely, not impossible)
 FirstJobId=$FIRST_JOB_ID
 MinJobAge=3600
 KillWait=10
-# slurmd answers late on a loaded 2-core machine: a message that times out (10 s by default) is retried
+# slurmd answers late on a loaded host: a message that times out (10 s by default) is retried
 # later, and a late step kill may reach the step of the same id in a job that was requeued meanwhile
 MessageTimeout=30
 InactiveLimit=0

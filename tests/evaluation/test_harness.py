@@ -235,9 +235,9 @@ def greedy_text(model, tok, context: str, gen_kwargs: dict, max_length: int = 16
 
 
 def test_a_batch_of_generations_equals_each_row_decoded_alone(hybrid_export):
-    """Four contexts of one length share a batch, and their rows end at different steps: one at EOS (the
-    first token), one at the stop string, two at max_gen_toks. Each text equals greedy decoding of its row
-    alone by full forwards."""
+    """Four contexts of one length go through one batch, and their rows end at different steps (one with
+    nothing generated, one early, two at max_gen_toks). Each text equals greedy decoding of its row alone by
+    full forwards."""
     from lm_eval.api.instance import Instance
 
     from ssmforge.data_pipeline.tokenizer import ByteTokenizer
@@ -249,7 +249,10 @@ def test_a_batch_of_generations_equals_each_row_decoded_alone(hybrid_export):
     contexts = ["alpha beta", "gamma delt", "the quick ", "0123456789"]  # 10 bytes each: one batch
     gen_kwargs = {"until": ["z"], "do_sample": False, "max_gen_toks": 12}
     requests = [Instance("generate_until", {}, (context, gen_kwargs), i) for i, context in enumerate(contexts)]
+    batches, generate = [], lm._generate
+    lm._generate = lambda rows, *args: batches.append(len(rows)) or generate(rows, *args)
     texts = lm.generate_until(requests, disable_tqdm=True)
+    assert batches == [4]
     with torch.no_grad():
         alone = [greedy_text(model, tok, context, gen_kwargs, max_length=32) for context in contexts]
     assert texts == alone
