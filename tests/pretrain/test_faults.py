@@ -112,13 +112,8 @@ sys.exit(main(sys.argv[3:]))
 
 
 def faulty_pretrain(run_dir, fault: str, step: int, *overrides) -> subprocess.CompletedProcess:
-    import sys
-
-    from .conftest import ROOT
-
     command = [sys.executable, "-c", FAULTY_PRETRAIN, fault, str(step)] + pretrain_command(run_dir, *overrides)[3:]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
