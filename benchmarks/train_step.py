@@ -85,7 +85,7 @@ def matmul_flops_per_token(model: torch.nn.Module) -> int:
 def full_logits_loss(model):
     """A transformers model's next-token loss as its users compute it: the full (batch, L, vocab) logits, then
     fp32 cross-entropy; called as `lm_loss` calls ssmforge's model."""
-    def forward(input_ids, targets, reduction="mean", seq_idx=None):  # one document per row: seq_idx is None
+    def forward(input_ids, targets, reduction="mean", seq_idx=None, context=None):  # whole rows, one document each
         logits = model(input_ids=input_ids).logits
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 

@@ -67,7 +67,8 @@ def open_manifest(shard_dir: str, cache_dir: str) -> Manifest:
 
 
 def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_dir: str, num_workers: int = 0,
-                 shuffle: bool = True, vocab_size: int | None = None, num_canonical_nodes: int = 1):
+                 shuffle: bool = True, vocab_size: int | None = None, num_canonical_nodes: int = 1,
+                 replication: int = 1):
     """A StreamingDataLoader yielding (batch, seq_len + 1) int64 tensors for this rank.
 
     batch_size is per rank. Remote shards are cached under cache_dir/split. With vocab_size, a sample
@@ -79,6 +80,9 @@ def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_d
     batch) hold the same samples on 1, 2 or 4 ranks, whatever the accumulation, as long as
     num_canonical_nodes stays the same and the node count divides it or is a multiple of it. (Within an
     epoch: the few samples left at its end, dropped as an incomplete batch, depend on the rank count.)
+
+    replication: consecutive ranks that receive the same samples (a context-parallel group, which splits each
+    sequence between its ranks); the partition is then that of world size / replication ranks.
     """
     from streaming import StreamingDataLoader
 
@@ -91,7 +95,8 @@ def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_d
         remote, local = None, str(Path(shard_dir) / split)
         verify_shards(Path(local))
     options = dict(remote=remote, local=local, shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
-                   validate_hash="xxh64" if remote else None, num_canonical_nodes=num_canonical_nodes)
+                   validate_hash="xxh64" if remote else None, num_canonical_nodes=num_canonical_nodes,
+                   replication=replication if replication > 1 else None)
     with registering_shared_memory():
         dataset = TokenDataset(vocab_size=vocab_size, **options)
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,

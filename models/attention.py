@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ssmforge.kernels.documents import document_starts
 
 from .config import ModelConfig
+from .context_parallel import ContextParallel
 from .layers import Projection
 from .registry import register_mixer
 
@@ -110,11 +111,15 @@ class CausalSelfAttention(nn.Module):
         return y.transpose(1, 2).flatten(2)
 
     def forward(self, hidden: torch.Tensor, state: KVCache | None = None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                seq_idx: torch.Tensor | None = None, context: ContextParallel | None = None) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
         row; a token attends only within its document (block-diagonal causal mask) and its rotary position
         counts from its document's start. With `state`, the tokens follow those cached in it (attending to
-        them within the window) and are added to it (the last `window` of them with a sliding window)."""
+        them within the window) and are added to it (the last `window` of them with a sliding window). With
+        `context`, hidden is one chunk of the rows and attends to the keys and values of the chunks up to
+        its own, gathered from the group."""
+        if context is not None:
+            return self._forward_context_parallel(hidden, context)
         batch, L, _ = hidden.shape
         if state is not None and seq_idx is not None:
             raise ValueError("attention: a decoding state continues one document per row; seq_idx is for packed "
@@ -140,6 +145,25 @@ class CausalSelfAttention(nn.Module):
         if state is not None:
             self._store(state, k, v, key_index)
         return self.o_proj(y)
+
+    def _forward_context_parallel(self, hidden: torch.Tensor, context: ContextParallel) -> torch.Tensor:
+        """One chunk's queries against the keys and values of every chunk up to this rank's (all-gathered:
+        the exchange grows with L), under the causal, window and document masks of the whole row."""
+        batch, chunk, _ = hidden.shape
+        length = chunk * context.size
+        start, end = context.span(length)
+        full_seq_idx = context.seq_idx
+        positions = document_positions(0, length, full_seq_idx, hidden.device)[..., start:end]
+        q, k, v = self._heads(hidden, positions)
+        # (size, batch, kv_heads, chunk, hd) -> (batch, kv_heads, end, hd): the chunks before and this one
+        k, v = (context.gather(t)[:context.rank + 1].permute(1, 2, 0, 3, 4).flatten(2, 3) for t in (k, v))
+        distance = torch.arange(start, end, device=hidden.device)[:, None] - torch.arange(end, device=hidden.device)
+        mask = distance >= 0
+        if self.window is not None:
+            mask = mask & (distance < self.window)
+        if full_seq_idx is not None:
+            mask = (mask & (full_seq_idx[:, start:end, None] == full_seq_idx[:, None, :end]))[:, None]
+        return self.o_proj(self._attend(q, k, v, mask=mask))
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         empty = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)

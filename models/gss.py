@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ssmforge.kernels.fftconv import fft_causal_conv
 
 from .config import ModelConfig
-from .layers import Projection, RMSNorm, in_first_document, keep_fp32
+from .context_parallel import ContextParallel
+from .layers import Projection, RMSNorm, in_first_document, keep_fp32, recomputed
 from .registry import register_mixer
 
 
@@ -99,9 +99,7 @@ class GSSMixer(nn.Module):
     def dss_kernel(self, length: int) -> torch.Tensor:
         """K (H, length) float32: K_l = Re(sum_n Ct_n exp(dt Lambda_n l)). Built from (H, N, length)
         powers; under autograd they are recomputed in backward rather than kept (N times the size of K)."""
-        if torch.is_grad_enabled():
-            return checkpoint(self._kernel, length, use_reentrant=False)
-        return self._kernel(length)
+        return recomputed(self._kernel, length)
 
     def _kernel(self, length: int) -> torch.Tensor:
         with torch.autocast(device_type=self.C.device.type, enabled=False):
@@ -123,36 +121,50 @@ class GSSMixer(nn.Module):
         return self.out_proj(self.up_proj(y) * gate)
 
     def forward(self, hidden: torch.Tensor, state: GSSState | None = None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                seq_idx: torch.Tensor | None = None, context: ContextParallel | None = None) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
         row; the convolution never reaches across a document boundary (kernels.documents). With `state`, the
         sequence continues from it (unless fresh) and it is left holding the DSS state after the last
         position (closed form: x_L = sum_s exp(dt Lambda (L-1-s)) v_s over the last document, plus the
-        carried state decayed over L steps when no document starts in the row)."""
+        carried state decayed over L steps when no document starts in the row). With `context`, hidden is
+        one chunk of the rows: the earlier chunks' share of the convolution enters as the DSS state
+        exchanged in the group (models.context_parallel)."""
         gate, v = self._branches(hidden)  # (batch, L, gate), (batch, L, H)
         batch, L = hidden.shape[:2]
         v_t = v.transpose(1, 2)  # (batch, H, L)
         y = fft_causal_conv(v_t, self.dss_kernel(L), seq_idx=seq_idx)  # (batch, H, L) float32
-        if state is not None:
+        if state is not None or context is not None:
             with torch.autocast(device_type=hidden.device.type, enabled=False):
-                y, state.ssm = self._with_carried_state(y, v_t, state, seq_idx)
-            state.fresh = False
+                last, transfer = recomputed(self._summary, v_t, seq_idx)
+                h0 = context.entering_state(last, transfer, L) if context is not None else (
+                    None if state.fresh else state.ssm)
+                if h0 is not None:
+                    y = y + recomputed(self._carried, h0, seq_idx, L)
+                    last = last + transfer * h0
+            if state is not None:
+                state.ssm, state.fresh = last, False
         return self._output(y.transpose(1, 2), v, gate)
 
-    def _with_carried_state(self, y, v_t, state: GSSState, seq_idx):
-        """The outputs plus what the carried state x0 adds (Re(sum_n Ct_n exp(dt Lambda_n (t+1)) x0_n) over
-        the first document; nothing for a fresh state), and the state after the last position."""
+    def _summary(self, v_t, seq_idx):
+        """The DSS state after the last position from a zero start (batch, H, N): the inputs of the row's last
+        document, each decayed to the end; and the transfer (batch, H, N) that carries an entering state to
+        the end (exp(dt Lambda L), zero where a document starts in the row)."""
         batch, _, L = v_t.shape
-        _, Ct, dt_lam = self._discrete()
+        _, _, dt_lam = self._discrete()
         powers = self._powers(dt_lam, L + 1)  # exp(dt Lambda l), l = 0..L: (H, N, L + 1)
         last_doc = torch.ones(batch, L, device=v_t.device) if seq_idx is None else (seq_idx == seq_idx[:, -1:]).float()
         inputs = (v_t.float() * last_doc[:, None]).to(powers.dtype)
         last = torch.einsum("bhl,hnl->bhn", inputs, powers[..., :L].flip(-1))
-        if not state.fresh:
-            reach = in_first_document(seq_idx, batch, L, v_t.device)
-            y = y + torch.einsum("bhn,hnl->bhl", state.ssm * Ct, powers[..., 1:]).real * reach[:, None, :]
-            last = last + state.ssm * powers[..., L] * reach[:, -1, None, None]
-        return y, last
+        reach = in_first_document(seq_idx, batch, L, v_t.device)
+        return last, powers[..., L] * reach[:, -1, None, None]
+
+    def _carried(self, h0, seq_idx, L: int):
+        """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
+        Re(sum_n Ct_n exp(dt Lambda_n (t + 1)) h0_n)."""
+        _, Ct, dt_lam = self._discrete()
+        powers = torch.exp(dt_lam[..., None] * torch.arange(1, L + 1, device=h0.device, dtype=torch.float32))
+        reach = in_first_document(seq_idx, h0.shape[0], L, h0.device)
+        return torch.einsum("bhn,hnl->bhl", h0 * Ct, powers).real * reach[:, None, :]
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> GSSState:
         return GSSState(ssm=torch.zeros(batch, self.ssm_dim, self.d_state, device=device, dtype=torch.complex64))

@@ -5,6 +5,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 def keep_fp32(param: nn.Parameter) -> nn.Parameter:
@@ -63,6 +64,45 @@ def with_conv_history(conv_state: torch.Tensor, x: torch.Tensor, seq_idx: torch.
     if seq_idx is None:
         return extended, None
     return extended, torch.cat([seq_idx[:, :1].expand(-1, history.shape[-1]), seq_idx], dim=1)
+
+
+def recomputed(function, *args):
+    """function(*args) keeping, under autograd, only its inputs: its intermediates are recomputed in backward."""
+    return checkpoint(function, *args, use_reentrant=False) if torch.is_grad_enabled() else function(*args)
+
+
+def conv_in_context(conv, x: torch.Tensor, seq_idx: torch.Tensor | None, context, width: int) -> torch.Tensor:
+    """A causal conv of `width` taps, conv(inputs, seq_idx) -> outputs, over one chunk x (batch, channels, L) of a
+    row split between the ranks of a context group: the chunk's conv from zero history, then its first width - 1
+    outputs again with the previous rank's last width - 1 inputs in front (context.halo). The same outputs as
+    the conv of the whole row, and autograd keeps no concatenated copy of the chunk."""
+    reach = width - 1
+    if x.shape[-1] < reach:
+        raise ValueError(f"a chunk of {x.shape[-1]} positions is shorter than the conv's reach of {reach}")
+    out = conv(x, seq_idx)
+    head_in = torch.cat([context.halo(x[..., x.shape[-1] - reach:]), x[..., :reach]], dim=-1)
+    head = conv(head_in, context.halo_seq_idx(reach, None if seq_idx is None else seq_idx[:, :reach]))
+    return torch.cat([head[..., reach:], out[..., reach:]], dim=-1)
+
+
+def causal_conv_silu(conv1d: nn.Conv1d, backend: str | None, x: torch.Tensor, seq_idx: torch.Tensor | None,
+                     state=None, context=None) -> torch.Tensor:
+    """A mixer's depthwise causal conv and SiLU of x (batch, channels, L): over one chunk of a row split between
+    the ranks of a context group (conv_in_context); continuing the conv inputs of a decoding state (unless
+    fresh), which is left holding the new last ones; or from zeros."""
+    from ssmforge import kernels
+
+    def conv(inputs, inputs_seq_idx):
+        return kernels.causal_conv1d(inputs, conv1d.weight.squeeze(1), conv1d.bias, activation="silu", backend=backend,
+                                     seq_idx=inputs_seq_idx)
+
+    if context is not None:
+        return conv_in_context(conv, x, seq_idx, context, conv1d.kernel_size[0])
+    continuing = state is not None and not state.fresh
+    conv_in, conv_seq_idx = with_conv_history(state.conv, x, seq_idx) if continuing else (x, seq_idx)
+    if state is not None:
+        fill_conv_state(state.conv, conv_in, conv_seq_idx)
+    return conv(conv_in, conv_seq_idx)[..., conv_in.shape[-1] - x.shape[-1]:]
 
 
 def in_first_document(seq_idx: torch.Tensor | None, batch: int, L: int, device) -> torch.Tensor:

@@ -11,6 +11,7 @@ from ssmforge.kernels.documents import check_seq_idx
 from ssmforge.kernels.linear_cross_entropy import linear_cross_entropy
 
 from .config import ModelConfig
+from .context_parallel import ContextParallel, split_for_context
 from .layers import RMSNorm
 from .registry import MIXERS, check_complete
 
@@ -29,8 +30,10 @@ class Block(nn.Module):
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() if self.residual_in_fp32 else x
 
-    def forward(self, x: torch.Tensor, state=None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        return self._residual(x) + self.mixer(self.norm(x.to(self.norm.weight.dtype)), state, seq_idx=seq_idx)
+    def forward(self, x: torch.Tensor, state=None, seq_idx: torch.Tensor | None = None,
+                context: ContextParallel | None = None) -> torch.Tensor:
+        return self._residual(x) + self.mixer(self.norm(x.to(self.norm.weight.dtype)), state, seq_idx=seq_idx,
+                                              context=context)
 
     def step(self, x: torch.Tensor, state) -> torch.Tensor:
         return self._residual(x) + self.mixer.step(self.norm(x.to(self.norm.weight.dtype)), state)
@@ -85,15 +88,26 @@ class LanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, state: InferenceState | None = None,
                 targets: torch.Tensor | None = None, reduction: str = "mean",
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                seq_idx: torch.Tensor | None = None, context: ContextParallel | None = None) -> torch.Tensor:
         """input_ids (batch, L) -> logits (batch, L, padded_vocab) in fp32. With `state`, the tokens continue
         the sequence it holds (none when fresh) and it is left ready for `step` or the next chunk: a long
         sequence can be fed chunk by chunk in memory independent of its length (attention layers keep
         their window). With `targets` (batch, L): their cross-entropy instead (fp32 scalar, the mean or sum
         over tokens), without materialising the logits. seq_idx (batch, L), non-decreasing integers per
         row (kernels.documents.document_index builds it from EOS positions): every mixer treats each
-        document of a packed row as if it ran alone (zero state, no conv tap or attention across a boundary)."""
-        hidden = self.hidden_states(input_ids, state, seq_idx)
+        document of a packed row as if it ran alone (zero state, no conv tap or attention across a boundary).
+
+        With `context` (models.context_parallel), this rank computes its chunk of the rows only: input_ids,
+        targets and seq_idx are the whole rows, the logits or the loss (the mean over the chunk's tokens, or
+        their sum) are the chunk's, and every layer exchanges with the ranks holding the other chunks."""
+        if context is not None and context.size > 1:
+            if state is not None:
+                raise ValueError("context parallelism is for training and scoring whole rows, not for decoding")
+            context = context.bind(check_seq_idx(seq_idx, *input_ids.shape))
+            input_ids, targets, seq_idx = (split_for_context(t, context) for t in (input_ids, targets, seq_idx))
+        else:
+            context = None
+        hidden = self.hidden_states(input_ids, state, seq_idx, context)
         if targets is None:
             return self._logits(hidden)
         return self.lm_head(self.norm_f(hidden.to(self.norm_f.weight.dtype)), targets, reduction)
@@ -104,14 +118,14 @@ class LanguageModel(nn.Module):
         return self.norm_f(self.hidden_states(input_ids).to(self.norm_f.weight.dtype))
 
     def hidden_states(self, input_ids: torch.Tensor, state: InferenceState | None = None,
-                      seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                      seq_idx: torch.Tensor | None = None, context: ContextParallel | None = None) -> torch.Tensor:
         seq_idx = check_seq_idx(seq_idx, *input_ids.shape)
         hidden = self.embedding(input_ids)
         for i, block in enumerate(self.layers):
             if state is None and self.checkpoint_blocks and self.training:
-                hidden = checkpoint(block, hidden, None, seq_idx, use_reentrant=False)
+                hidden = checkpoint(block, hidden, None, seq_idx, context, use_reentrant=False)
             else:
-                hidden = block(hidden, None if state is None else state.layers[i], seq_idx)
+                hidden = block(hidden, None if state is None else state.layers[i], seq_idx, context)
         if state is not None:
             state.seqlen += input_ids.shape[1]
         return hidden

@@ -14,9 +14,22 @@ import torch.nn.functional as F
 from ssmforge import kernels
 
 from .config import MambaConfig, ModelConfig
-from .layers import (Projection, dt_bias_init, fill_conv_state, in_first_document, keep_fp32, kernel_backend,
-                     with_conv_history)
+from .context_parallel import ContextParallel
+from .layers import (Projection, causal_conv_silu, dt_bias_init, in_first_document, keep_fp32, kernel_backend,
+                     recomputed)
 from .registry import register_mixer
+
+
+DECAY_FLOOR = -60.0  # exp(-60) = 8.8e-27
+
+
+def _carried_block(h0, cum, A, C):
+    """C_t exp(A cum_t) h0 over a block: (batch, d, T) from h0 (batch, d, n), cum (batch, d, T), C (batch, n, T).
+    Exponents are floored at DECAY_FLOOR: the terms it raises stay below 1e-26 of |C h0|, far under fp32's
+    resolution of any output, and the decays under it would otherwise be denormal numbers, whose arithmetic
+    is several times slower on CPUs."""
+    decay = torch.exp((cum[..., None] * A[:, None, :]).clamp_min(DECAY_FLOOR))  # (batch, d, T, n)
+    return torch.einsum("bdtn,bdn,bnt->bdt", decay, h0, C.float())
 
 
 @dataclass
@@ -87,53 +100,62 @@ class MambaMixer(nn.Module):
         return F.linear(dt, self.dt_proj.weight), B, C
 
     def forward(self, hidden: torch.Tensor, state: MambaState | None = None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                seq_idx: torch.Tensor | None = None, context: ContextParallel | None = None) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
         row; each document starts from a zero state (kernels.documents). With `state`, the sequence
         continues from it (unless fresh) and it is left holding the conv inputs and SSM state after the
-        last position, so decoding or the next chunk can continue."""
+        last position, so decoding or the next chunk can continue. With `context`, hidden is one chunk of
+        the rows and the conv halo and the entering state come from the group (models.context_parallel)."""
         # (batch, d_inner, L) views of the (batch, L, d_inner) halves: the kernels read them in place, and
         # the halves' gradients join into the projection's layout with no transposed copy
         x, z = (half.transpose(1, 2) for half in self.in_proj(hidden).chunk(2, dim=-1))
         continuing = state is not None and not state.fresh
-        conv_in, conv_seq_idx = with_conv_history(state.conv, x, seq_idx) if continuing else (x, seq_idx)
-        if state is not None:
-            fill_conv_state(state.conv, conv_in, conv_seq_idx)
-        x = kernels.causal_conv1d(conv_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
-                                  backend=self.kernel_backend, seq_idx=conv_seq_idx)[..., conv_in.shape[-1] - x.shape[-1]:]
+        x = causal_conv_silu(self.conv1d, self.kernel_backend, x, seq_idx, state, context)
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         y = kernels.selective_scan(
             x, dt.transpose(1, 2), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
-            D=self.D.float(), z=None if continuing else z, delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True, return_last_state=state is not None, backend=self.kernel_backend, seq_idx=seq_idx,
+            D=self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True, return_last_state=state is not None or context is not None,
+            backend=self.kernel_backend, seq_idx=seq_idx,
         )
-        if state is not None:
+        if state is not None or context is not None:
             y, last_state = y
-            if continuing:  # the scan started from zeros: add what the carried state contributes
-                carried, last_carried = self._carried_state(state.ssm, dt.transpose(1, 2), A, C.transpose(1, 2),
-                                                            seq_idx)
-                y = ((y.float() + carried) * F.silu(z.float())).to(y.dtype)
-                last_state = last_state + last_carried
+        if continuing or context is not None:
+            # the scan started from zeros: add what the entering state contributes (by linearity, gated like
+            # the rest); the large intermediates are recomputed in backward from inputs the scan keeps anyway
+            dt, C = dt.transpose(1, 2), C.transpose(1, 2)
+            transfer = recomputed(self._transfer, dt, A, seq_idx)  # (batch, d, n)
+            h0 = state.ssm if continuing else context.entering_state(last_state, transfer, x.shape[-1])
+            y = y + recomputed(self._carried_gated, z, dt, A, C, h0, seq_idx).to(y.dtype)
+            last_state = last_state + transfer * h0
+        if state is not None:
             state.ssm.copy_(last_state)
             state.fresh = False
         return self.out_proj(y.transpose(1, 2))
 
-    def _carried_state(self, h0, dt, A, C, seq_idx, block: int = 256):
-        """What an initial state h0 (batch, d, n) adds, by linearity, to a scan that started from zeros: the
-        outputs C_t exp(A (dt_1 + .. + dt_t)) h0 (batch, d, L) over the first document, and the last state's
-        share (batch, d, n), zero when a later document starts in the row. dt (batch, d, L) before bias and
-        softplus; C (batch, n, L). Computed `block` positions at a time: (batch, d, block, n) at most."""
+    def _cumulative_steps(self, dt, seq_idx):
+        """dt (batch, d, L) before bias and softplus -> the summed steps dt_1 + .. + dt_t (batch, d, L) fp32,
+        and the positions an entering state reaches (batch, L): those of the row's first document."""
         batch, d, L = dt.shape
         reach = in_first_document(seq_idx, batch, L, dt.device)
-        cum = torch.cumsum(F.softplus(dt.float() + self.dt_proj.bias.float()[:, None]), dim=-1)  # (batch, d, L)
-        outs = []
-        for t0 in range(0, L, block):
-            decay = torch.exp(cum[..., t0:t0 + block, None] * A[:, None, :])  # (batch, d, T, n)
-            outs.append(torch.einsum("bdtn,bdn,bnt->bdt", decay, h0, C[..., t0:t0 + block].float()))
-        carried = torch.cat(outs, dim=-1) * reach[:, None, :]
-        last = torch.exp(cum[..., -1:] * A) * h0 * reach[:, -1, None, None]
-        return carried, last
+        return torch.cumsum(F.softplus(dt.float() + self.dt_proj.bias.float()[:, None]), dim=-1), reach
+
+    def _transfer(self, dt, A, seq_idx):
+        """(batch, d, n): what carries a state entering the row to its end, exp(A (dt_1 + .. + dt_L)), zero where
+        a document starts in the row."""
+        cum, reach = self._cumulative_steps(dt, seq_idx)
+        return torch.exp(cum[..., -1:] * A) * reach[:, -1, None, None]
+
+    def _carried_gated(self, z, dt, A, C, h0, seq_idx, block: int = 256):
+        """What an entering state h0 (batch, d, n) adds by linearity to the gated outputs (batch, d, L) of a scan
+        from zeros: C_t exp(A (dt_1 + .. + dt_t)) h0 over the first document, times SiLU(z). Computed `block`
+        positions at a time, each recomputed in backward: (batch, d, block, n) at most, where keeping them
+        would hold the state of every position."""
+        cum, reach = self._cumulative_steps(dt, seq_idx)
+        carried = torch.cat([recomputed(_carried_block, h0, cum[..., t0:t0 + block], A, C[..., t0:t0 + block])
+                             for t0 in range(0, cum.shape[-1], block)], dim=-1)
+        return carried * reach[:, None, :] * F.silu(z.float())
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MambaState:
         return MambaState(

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from ssmforge import kernels
 
 from .config import ModelConfig
-from .layers import Projection, dt_bias_init, fill_conv_state, keep_fp32, kernel_backend, with_conv_history
+from .context_parallel import ContextParallel
+from .layers import Projection, causal_conv_silu, dt_bias_init, in_first_document, keep_fp32, kernel_backend
 from .registry import register_mixer
 
 A_INIT_RANGE = (1.0, 16.0)  # -A is drawn uniformly from this range per head (the paper's code)
@@ -104,30 +105,47 @@ class Mamba2Mixer(nn.Module):
                 C.reshape(*lead, self.ngroups, self.d_state))
 
     def forward(self, hidden: torch.Tensor, state: Mamba2State | None = None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                seq_idx: torch.Tensor | None = None, context: ContextParallel | None = None) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
         row; each document starts from a zero state (kernels.documents). With `state`, the sequence
         continues from it (unless fresh) and it is left holding the conv inputs and SSM state after the
-        last position, so decoding or the next chunk can continue."""
+        last position, so decoding or the next chunk can continue. With `context`, hidden is one chunk of
+        the rows and the conv halo and the entering state come from the group (models.context_parallel)."""
         batch, L, _ = hidden.shape
         z, xBC, dt = self._split(self.in_proj(hidden))
         xBC = xBC.transpose(1, 2)  # (batch, conv_dim, L)
         continuing = state is not None and not state.fresh
-        conv_in, conv_seq_idx = with_conv_history(state.conv, xBC, seq_idx) if continuing else (xBC, seq_idx)
-        if state is not None:
-            fill_conv_state(state.conv, conv_in, conv_seq_idx)
-        xBC = kernels.causal_conv1d(conv_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
-                                    backend=self.kernel_backend, seq_idx=conv_seq_idx)[..., conv_in.shape[-1] - L:]
+        xBC = causal_conv_silu(self.conv1d, self.kernel_backend, xBC, seq_idx, state, context)
         x, B, C = self._split_conv_out(xBC.transpose(1, 2))
-        y = kernels.ssd_scan(x, dt, -torch.exp(self.A_log.float()), B, C, chunk_size=self.chunk_size,
+        A = -torch.exp(self.A_log.float())
+        y = kernels.ssd_scan(x, dt, A, B, C, chunk_size=self.chunk_size,
                              D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True,
                              initial_state=state.ssm.clone() if continuing else None, seq_idx=seq_idx,
-                             return_final_state=state is not None, backend=self.kernel_backend)
-        if state is not None:
+                             return_final_state=state is not None or context is not None, backend=self.kernel_backend)
+        if context is not None:
+            y, last_state = y
+            y = y + self._entering_state_outputs(last_state, dt, A, C, seq_idx, context).to(y.dtype)
+        elif state is not None:
             y, last_state = y
             state.ssm.copy_(last_state)
             state.fresh = False
         return self.out_proj(self.norm(y.reshape(batch, L, self.d_inner), z))
+
+    def _entering_state_outputs(self, last_state, dt, A, C, seq_idx, context: ContextParallel) -> torch.Tensor:
+        """What the state entering this rank's chunk adds, by linearity, to the scan from zeros:
+        C_t exp(A_h (dt_1 + .. + dt_t)) h0 (batch, L, nheads, headdim) over the chunk's first document;
+        h0 from the group's exchange of (last_state, total decay). One contraction over the state instead of a
+        second chunked scan from h0 (benchmarks/context_parallel.py times both)."""
+        batch, L, _ = dt.shape
+        reach = in_first_document(seq_idx, batch, L, dt.device)
+        cum = torch.cumsum(F.softplus(dt.float() + self.dt_bias.float()), dim=1)  # (batch, L, nheads)
+        decay = torch.exp(cum * A) * reach[..., None]
+        h0 = context.entering_state(last_state, decay[:, -1, :, None, None], L)  # (batch, nheads, headdim, n)
+        groups, per_group = self.ngroups, self.nheads // self.ngroups
+        h0 = h0.view(batch, groups, per_group, self.headdim, self.d_state)
+        # one contraction with the decay inside: autograd keeps its small operands, not a (batch, L, ...) product
+        y = torch.einsum("blgn,bgrpn,blgr->blgrp", C.float(), h0, decay.view(batch, L, groups, per_group))
+        return y.reshape(batch, L, self.nheads, self.headdim)
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> Mamba2State:
         return Mamba2State(

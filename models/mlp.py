@@ -29,9 +29,9 @@ class SwiGLU(nn.Module):
     def forward_flops_per_token(self, seq_len: int) -> int:
         return 2 * 3 * self.gate_proj.in_features * self.gate_proj.out_features
 
-    def forward(self, hidden: torch.Tensor, state=None, seq_idx=None) -> torch.Tensor:
-        """hidden (..., d_model) -> (..., d_model); `state` (always None) and `seq_idx` are ignored: each
-        position is mixed with nothing but itself."""
+    def forward(self, hidden: torch.Tensor, state=None, seq_idx=None, context=None) -> torch.Tensor:
+        """hidden (..., d_model) -> (..., d_model); `state` (always None), `seq_idx` and `context` are ignored:
+        each position is mixed with nothing but itself."""
         return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:

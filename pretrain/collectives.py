@@ -33,3 +33,15 @@ def gather_objects(value, world_size: int | None = None) -> list:
     values = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(values, value)
     return values
+
+
+def context_group(rank: int, world_size: int, size: int):
+    """This rank's ContextParallel (models.context_parallel) when sequences are split over `size` > 1 ranks, else
+    None. Groups are consecutive ranks (0..K-1, K..2K-1, ...); every rank creates every group, as
+    torch.distributed requires."""
+    if size == 1:
+        return None
+    from ssmforge.models.context_parallel import ContextParallel
+
+    groups = [torch.distributed.new_group(list(range(start, start + size))) for start in range(0, world_size, size)]
+    return ContextParallel(groups[rank // size], rank % size, size)

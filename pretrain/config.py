@@ -183,6 +183,10 @@ class TrainConfig:
     """Checkpoints kept on disk; older ones are deleted after a save succeeds."""
     collective_timeout_s: int = 600
     """Seconds after which a hung rank fails the others' collectives (a dead one fails them at once)."""
+    context_parallel: int = 1
+    """Ranks that share every sequence, each running the model on 1/K of it and passing SSM states (context
+    parallelism, models.context_parallel): K consecutive ranks of a node form a group that reads the same samples;
+    data-parallel ranks = ranks / K, and ZeRO shards over all ranks. data.seq_len must divide by K."""
 
     def validate(self) -> None:
         for key in ("max_steps", "micro_batch_size", "log_every", "eval_every", "save_every", "keep_checkpoints",
@@ -215,11 +219,22 @@ class TrainConfig:
         _need(self.eval_batches >= 0, "train.eval_batches", self.eval_batches, "must be >= 0")
         _need(self.stop_at_step is None or self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step,
               "must be a positive integer or null")
+        _need(isinstance(self.context_parallel, int) and self.context_parallel >= 1, "train.context_parallel",
+              self.context_parallel, "must be a positive integer (1: every rank holds whole sequences)")
+
+    def data_parallel_ranks(self, ranks: int) -> int:
+        """Ranks that read different samples: ranks / context_parallel. Raises ConfigError when K does not
+        divide the rank count."""
+        if ranks % self.context_parallel:
+            raise ConfigError(f"train.context_parallel={self.context_parallel} does not divide the {ranks} ranks: "
+                              f"run on a multiple of {self.context_parallel} ranks")
+        return ranks // self.context_parallel
 
     def accumulation_steps(self, ranks: int) -> int:
-        """Micro-steps per optimizer step on `ranks` data-parallel ranks: global_batch_size / (micro_batch_size x
+        """Micro-steps per optimizer step on `ranks` ranks: global_batch_size / (micro_batch_size x data-parallel
         ranks), or grad_accum_steps (1 when null) without a global batch. Raises ConfigError, one line naming
         the three numbers, when the global batch does not divide."""
+        ranks = self.data_parallel_ranks(ranks)
         if self.global_batch_size is None:
             return self.grad_accum_steps or 1
         per_step = self.micro_batch_size * ranks
@@ -231,13 +246,16 @@ class TrainConfig:
 
     def sequences_per_step(self, ranks: int) -> int:
         """Sequences per optimizer step over all ranks (global_batch_size when set)."""
-        return self.micro_batch_size * self.accumulation_steps(ranks) * ranks
+        return self.micro_batch_size * self.accumulation_steps(ranks) * self.data_parallel_ranks(ranks)
 
     def check_layout(self, ranks: int, nodes: int, canonical_nodes: int | None = None) -> None:
         """Refuse, with one line, a global batch these ranks cannot split evenly, and a node count over which
         streaming cannot spread its canonical nodes (one must divide the other for the sample order to hold);
         `canonical_nodes` is a checkpoint's value when it differs from the config's."""
         self.accumulation_steps(ranks)
+        if (ranks // nodes) % self.context_parallel:
+            raise ConfigError(f"train.context_parallel={self.context_parallel} with {ranks // nodes} ranks per node: "
+                              f"a context group must lie within a node, so K must divide the ranks per node")
         canonical = canonical_nodes or self.num_canonical_nodes
         if nodes % canonical and canonical % nodes:
             whose = " (the checkpoint's)" if canonical_nodes else ""
@@ -494,6 +512,11 @@ class RunConfig:
         for section in (self.data, self.tokenizer, self.train, self.deepspeed, self.eval, self.harness, self.glue,
                         self.stages, self.slurm, self.wandb):
             section.validate()
+        k = self.train.context_parallel
+        _need(self.data.seq_len % k == 0 and self.data.seq_len // k >= 16, "train.context_parallel", k,
+              f"must divide data.seq_len={self.data.seq_len} into chunks of at least 16 tokens")
+        _need(k == 1 or not self.train.compile, "train.compile", self.train.compile,
+              "must be false with train.context_parallel > 1 (the state exchange is not traced by torch.compile)")
         return self
 
 

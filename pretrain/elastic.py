@@ -114,7 +114,7 @@ def check_resume(config, saved: dict, world_size: int) -> None:
                f"train.global_batch_size={train.global_batch_size}")
         raise ConfigError(f"the checkpoint's run has {recorded} sequences per optimizer step, this resume would "
                           f"have {now} (micro-batch {train.micro_batch_size} x {train.accumulation_steps(world_size)} "
-                          f"accumulation x {world_size} ranks): set {how.split('=')[0]}={recorded} to keep it")
+                          f"accumulation x {train.data_parallel_ranks(world_size)} data-parallel ranks): set {how.split('=')[0]}={recorded} to keep it")
     if saved.get("seed") is not None and saved["seed"] != config.seed:
         raise ConfigError(f"seed={config.seed} but the checkpoint's run has seed={saved['seed']}, which orders its "
                           f"data: resume with seed={saved['seed']}")

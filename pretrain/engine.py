@@ -114,7 +114,9 @@ def deepspeed_config(config, world_size: int, load_universal: bool = False, para
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.accumulation_steps(world_size),
-        "train_batch_size": train.sequences_per_step(world_size),
+        # DeepSpeed's data-parallel world is every rank (ZeRO shards over all of them, also the ranks of a
+        # context group, which hold different chunks of the same sequences): its batch counts each rank's rows
+        "train_batch_size": train.micro_batch_size * train.accumulation_steps(world_size) * world_size,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,

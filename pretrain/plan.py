@@ -136,6 +136,7 @@ def _trace(config, micro_batch: int, checkpointing: bool, target: Target) -> tup
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from ssmforge.models import LanguageModel
+    from ssmforge.models.context_parallel import ContextParallel
 
     from .engine import DroppableAdamW, autocast, param_groups
 
@@ -151,11 +152,14 @@ def _trace(config, micro_batch: int, checkpointing: bool, target: Target) -> tup
         # document resets take the kernels' reset paths (and an explicit block-diagonal mask for attention)
         seq_idx = (torch.zeros(micro_batch, seq_len, dtype=torch.int32)
                    if config.data.document_boundaries == "reset" else None)
+        # with context parallelism, one rank's chunk of the rows and the exchange of the group's last rank
+        k = config.train.context_parallel
+        context = ContextParallel.stand_in(k) if k > 1 else None
         tracker = MemTracker()
         tracker.track_external(model)
         with tracker:
             with autocast(torch.device("cpu"), target.dtype):
-                loss = model(tokens[:, :-1], targets=tokens[:, 1:], seq_idx=seq_idx)
+                loss = model(tokens[:, :-1], targets=tokens[:, 1:], seq_idx=seq_idx, context=context)
             loss.backward()
         activations = _peak_beyond_model(tracker)
         optimizer = DroppableAdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)
@@ -244,6 +248,7 @@ def micro_batch_candidates(config, ranks: int, limit: int = 4096) -> list[int]:
     train = config.train
     if train.global_batch_size is None:
         return list(range(1, limit + 1))
+    ranks = train.data_parallel_ranks(ranks)
     per_rank = train.global_batch_size // ranks if train.global_batch_size % ranks == 0 else 0
     return [b for b in range(1, per_rank + 1) if per_rank % b == 0]
 
@@ -280,7 +285,9 @@ def describe(plan: Plan, config) -> list[str]:
         f"target: {t.ranks} x {t.name}" + (f", {t.memory_bytes / 2**30:.0f} GiB each" if t.memory_bytes else "")
         + f"; peak {t.peak_flops / 1e12:.0f} TFLOP/s ({t.peak_source})",
         f"model: {config.model.family}, {plan.parameters / 1e6:.1f}M parameters; seq_len {config.data.seq_len}, "
-        f"micro-batch {plan.micro_batch} x accumulation {accumulation} x {t.ranks} ranks",
+        f"micro-batch {plan.micro_batch} x accumulation {accumulation} x {train.data_parallel_ranks(t.ranks)} ranks"
+        + (f" x {train.context_parallel} context-parallel (each rank holds {config.data.seq_len // train.context_parallel}"
+           f" tokens of every sequence)" if train.context_parallel > 1 else ""),
         f"per rank (ZeRO-{config.deepspeed.zero_stage}"
         f"{', optimizer offloaded' if config.deepspeed.offload_optimizer else ''}"
         f"{', activation checkpointing' if train.activation_checkpointing else ''}):",

@@ -25,7 +25,7 @@ from .elastic import check_resume, ready_to_resume
 from .config import to_yaml
 from .engine import (autocast, build_engine, drop_next_step, parameter_count, partitioned_construction,
                      resolve_precision, unclipped_grad_norm)
-from .collectives import any_rank, sum_over_ranks
+from .collectives import any_rank, context_group, sum_over_ranks
 from .launch import World, device_for, init_distributed, shutdown, world_from_env
 from .metrics import MetricsLogger, Throughput, peak_flops
 from .runlock import RunLock
@@ -65,27 +65,29 @@ def endless(loader):
 
 
 def lm_loss(engine, tokens: torch.Tensor, device: torch.device, dtype: torch.dtype, reduction="mean",
-            reset_at: int | None = None):
+            reset_at: int | None = None, context=None):
     """Next-token cross-entropy of tokens (batch, seq_len + 1), computed in fp32 without full logits. With
-    reset_at (the EOS id, data.document_boundaries=reset), each EOS starts a document the model sees alone."""
+    reset_at (the EOS id, data.document_boundaries=reset), each EOS starts a document the model sees alone.
+    With a context group (train.context_parallel), the loss of this rank's chunk of the rows."""
     tokens = tokens.to(device, non_blocking=True)
     inputs = tokens[:, :-1]
     seq_idx = None if reset_at is None else document_index(inputs, reset_at)
     with autocast(device, dtype):
-        return engine(inputs, targets=tokens[:, 1:], reduction=reduction, seq_idx=seq_idx)
+        return engine(inputs, targets=tokens[:, 1:], reduction=reduction, seq_idx=seq_idx, context=context)
 
 
 @torch.no_grad()
-def evaluate(engine, loader, device, dtype, max_batches: int, reset_at: int | None = None) -> float | None:
+def evaluate(engine, loader, device, dtype, max_batches: int, reset_at: int | None = None,
+             context=None) -> float | None:
     """Mean validation loss per token over the split (or max_batches per rank), reduced over ranks; reset_at
-    as for `lm_loss`."""
+    and context as for `lm_loss` (each rank of a context group counts its chunk's tokens)."""
     engine.eval()
     total, count = 0.0, 0
     for i, tokens in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        total += lm_loss(engine, tokens, device, dtype, reduction="sum", reset_at=reset_at).item()
-        count += tokens[:, 1:].numel()
+        total += lm_loss(engine, tokens, device, dtype, reduction="sum", reset_at=reset_at, context=context).item()
+        count += tokens[:, 1:].numel() // (context.size if context else 1)
     engine.train()
     total, count = sum_over_ranks([total, count], device)
     return total / count if count else None
@@ -188,14 +190,18 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
 
     shard_dir, cache_dir = config.data.shard_dir, config.data.cache_dir
     vocab = config.model.vocab_size
+    # the ranks of a context group read the same rows and each runs the model on its chunk of them
+    context = context_group(world.rank, world.world_size, train_cfg.context_parallel)
+    replication = train_cfg.context_parallel
     train_loader = build_loader(shard_dir, "train", train_cfg.micro_batch_size, config.seed, cache_dir,
-                                config.data.num_workers, vocab_size=vocab, num_canonical_nodes=canonical)
+                                config.data.num_workers, vocab_size=vocab, num_canonical_nodes=canonical,
+                                replication=replication)
     if state.loader:
         train_loader.load_state_dict(state.loader)
     val_loader = None
-    if manifest.splits["val"].samples >= train_cfg.micro_batch_size * world.world_size:
+    if manifest.splits["val"].samples >= train_cfg.micro_batch_size * train_cfg.data_parallel_ranks(world.world_size):
         val_loader = build_loader(shard_dir, "val", train_cfg.micro_batch_size, config.seed, cache_dir, 0,
-                                  shuffle=False, vocab_size=vocab)
+                                  shuffle=False, vocab_size=vocab, replication=replication)
     else:
         log.warning("validation split has too few samples for one batch per rank: no validation loss")
 
@@ -212,9 +218,11 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
     state.wandb_run_id = metrics.wandb_run_id
     floor = manifest.splits["val"].entropy_floor_nats_per_token
     log.info("training %s: %.2fM parameters, %d steps of %d tokens (%d sequences: micro-batch %d x %d accumulation "
-             "x %d ranks), %s, ZeRO-%d, peak %.3g FLOP/s (%s)", config.model.family, parameter_count(model) / 1e6,
+             "x %d ranks%s), %s, ZeRO-%d, peak %.3g FLOP/s (%s)", config.model.family, parameter_count(model) / 1e6,
              train_cfg.max_steps, tokens_per_step, tokens_per_step // manifest.seq_len, train_cfg.micro_batch_size,
-             accumulation, world.world_size, dtype, config.deepspeed.zero_stage, peak, peak_source)
+             accumulation, train_cfg.data_parallel_ranks(world.world_size),
+             f", each sequence split over {context.size} context-parallel ranks" if context else "",
+             dtype, config.deepspeed.zero_stage, peak, peak_source)
     set_deterministic(train_cfg.deterministic)
     log.info("kernels: %s%s", describe_backends(device, kernel_backend(config.model)),
              " (deterministic backwards)" if deterministic() else "")
@@ -228,7 +236,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
         if val_loader is None:
             return None
         with metrics.excluded("validation"):
-            loss = evaluate(engine, val_loader, device, dtype, train_cfg.eval_batches, reset_at)
+            loss = evaluate(engine, val_loader, device, dtype, train_cfg.eval_batches, reset_at, context)
         if loss is not None:
             metrics.validation(state.step, loss, floor)
         return loss
@@ -240,7 +248,7 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         grad_norm, drop = None, False
         for micro in range(accumulation):
-            loss = lm_loss(engine, next(batches), device, dtype, reset_at=reset_at)
+            loss = lm_loss(engine, next(batches), device, dtype, reset_at=reset_at, context=context)
             loss_sum += loss.detach()
             nonfinite |= ~torch.isfinite(loss.detach())  # on the device: no host sync per micro-step
             engine.backward(loss)  # finite or not, so DeepSpeed's accumulation boundary stays where it is

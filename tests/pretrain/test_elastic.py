@@ -72,7 +72,7 @@ def _run_with_checkpoint(tmp_path, **saved) -> tuple:
 
 @pytest.mark.parametrize("override, message", [
     ("train.global_batch_size=32", "the checkpoint's run has 16 sequences per optimizer step, this resume would have "
-                                   "32 (micro-batch 4 x 8 accumulation x 1 ranks): set train.global_batch_size=16 "
+                                   "32 (micro-batch 4 x 8 accumulation x 1 data-parallel ranks): set train.global_batch_size=16 "
                                    "to keep it"),
     ("seed=7", "seed=7 but the checkpoint's run has seed=1234, which orders its data: resume with seed=1234"),
     ("deepspeed.zero_stage=3", "deepspeed.zero_stage=3 but the checkpoint was saved at ZeRO-1: resume with "
