@@ -5,7 +5,8 @@ of a 2-layer d_model 128 model on its L/K tokens of one sequence, the state exch
 (models.context_parallel). Each rank reports:
 - the activations autograd keeps for backward (bytes of the distinct tensors saved, parameters excluded),
 - how far its peak resident memory rose during the step (VmHWM, benchmarks.memory),
-- the bytes it sent through the group in the forward (the backward sends the same again), per layer,
+- the bytes it sent through the group in the forward, per layer (the backward all-reduces the gradient of
+  every gathered stack, K times those bytes),
 and the group's tokens/s is L over the slowest rank's step time (the second step; the first warms up).
 Every rank runs with cores / K threads, so on a machine with fewer cores than ranks the timing shows
 the cost of sharing them, not of the method.

@@ -136,7 +136,8 @@ class GlueRunner:
             self.config.train, lr=glue.lr, micro_batch_size=glue.batch_size // self.world_size, grad_accum_steps=1,
             global_batch_size=None, weight_decay=glue.weight_decay,
             warmup_steps=max(1, round(glue.warmup_ratio * total_steps)),
-            max_steps=total_steps, min_lr_ratio=0.0, activation_checkpointing=False)
+            max_steps=total_steps, min_lr_ratio=0.0, activation_checkpointing=False,
+            context_parallel=1)  # fine-tuning rows are short: every rank holds whole ones
         return build_engine(model, dataclasses.replace(self.config, train=train), self.world_size)
 
     def _encode(self, examples: list[Example]) -> list[list[int]]:

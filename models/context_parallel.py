@@ -36,7 +36,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # reduced in place: never autograd's own buffer
         dist.all_reduce(grad, group=ctx.group)
         return grad[ctx.rank], None, None, None
 
@@ -75,10 +75,10 @@ class ContextParallel:
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """(size, *tensor.shape): every rank's tensor, differentiable (complex tensors travel as real pairs)."""
-        if self.comm_bytes is not None:
-            self.comm_bytes.append(tensor.numel() * tensor.element_size())
         if tensor.is_complex():
             return torch.view_as_complex(self.gather(torch.view_as_real(tensor)))
+        if self.comm_bytes is not None:
+            self.comm_bytes.append(tensor.numel() * tensor.element_size())
         if self.alone:
             return torch.stack([tensor] * self.size)
         return _AllGather.apply(tensor, self.group, self.rank, self.size)
@@ -99,14 +99,15 @@ class ContextParallel:
     def entering_state(self, last: torch.Tensor, transfer: torch.Tensor, chunk: int) -> torch.Tensor:
         """The state entering this rank's chunk. last (batch, *state): the chunk's final state from a zero
         start; transfer (batch, *state) or broadcastable: what an entering state is multiplied by on its way
-        to the end of the chunk (zero where a document starts inside it). chunk: positions per rank."""
-        lasts, transfers = self.gather(last), self.gather(transfer.expand_as(last).to(last.dtype))
-        flags = self._continues(chunk, last.shape[0], last.device)
-        flags = flags.view(*flags.shape, *[1] * (last.dim() - 1)).to(last.dtype)
+        to the end of the chunk (zero where a document starts inside it), gathered in its own shape (a
+        per-head decay travels as one number per head). chunk: positions per rank."""
+        lasts, transfers = self.gather(last), self.gather(transfer.to(last.dtype))
+        continues = self._continues(chunk, last.shape[0], last.device).bool()
+        continues = continues.view(*continues.shape, *[1] * (last.dim() - 1))
         entering = [torch.zeros_like(last)]
         for s in range(self.size - 1):  # state at the end of chunk s = its own + what entered it, carried
-            entering.append(lasts[s] + transfers[s] * entering[s])
-            entering[s + 1] = entering[s + 1] * flags[s + 1]
+            carried = lasts[s] + transfers[s] * entering[s]
+            entering.append(torch.where(continues[s + 1], carried, torch.zeros_like(carried)))
         return torch.stack(entering)[self.rank]
 
     def halo(self, tail: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, state=None, seq_idx: torch.Tensor | None = None,
                 context: ContextParallel | None = None) -> torch.Tensor:
-        return self._residual(x) + self.mixer(self.norm(x.to(self.norm.weight.dtype)), state, seq_idx=seq_idx,
-                                              context=context)
+        # `context` only when sequences are split, so a mixer without context parallelism keeps its interface
+        extra = {} if context is None else {"context": context}
+        return self._residual(x) + self.mixer(self.norm(x.to(self.norm.weight.dtype)), state, seq_idx=seq_idx, **extra)
 
     def step(self, x: torch.Tensor, state) -> torch.Tensor:
         return self._residual(x) + self.mixer.step(self.norm(x.to(self.norm.weight.dtype)), state)

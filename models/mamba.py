@@ -28,8 +28,9 @@ def _carried_block(h0, cum, A, C):
     Exponents are floored at DECAY_FLOOR: the terms it raises stay below 1e-26 of |C h0|, far under fp32's
     resolution of any output, and the decays under it would otherwise be denormal numbers, whose arithmetic
     is several times slower on CPUs."""
-    decay = torch.exp((cum[..., None] * A[:, None, :]).clamp_min(DECAY_FLOOR))  # (batch, d, T, n)
-    return torch.einsum("bdtn,bdn,bnt->bdt", decay, h0, C.float())
+    with torch.autocast(device_type=cum.device.type, enabled=False):  # fp32, as the scan's own state
+        decay = torch.exp((cum[..., None] * A[:, None, :]).clamp_min(DECAY_FLOOR))  # (batch, d, T, n)
+        return torch.einsum("bdtn,bdn,bnt->bdt", decay, h0.float(), C.float())
 
 
 @dataclass

@@ -16,7 +16,8 @@ from ssmforge import kernels
 
 from .config import ModelConfig
 from .context_parallel import ContextParallel
-from .layers import Projection, causal_conv_silu, dt_bias_init, in_first_document, keep_fp32, kernel_backend
+from .layers import (Projection, causal_conv_silu, dt_bias_init, in_first_document, keep_fp32, kernel_backend,
+                     recomputed)
 from .registry import register_mixer
 
 A_INIT_RANGE = (1.0, 16.0)  # -A is drawn uniformly from this range per head (the paper's code)
@@ -141,10 +142,16 @@ class Mamba2Mixer(nn.Module):
         cum = torch.cumsum(F.softplus(dt.float() + self.dt_bias.float()), dim=1)  # (batch, L, nheads)
         decay = torch.exp(cum * A) * reach[..., None]
         h0 = context.entering_state(last_state, decay[:, -1, :, None, None], L)  # (batch, nheads, headdim, n)
+        return recomputed(self._contract, C, h0, decay)
+
+    def _contract(self, C, h0, decay):
+        """C (batch, L, ngroups, n), h0 (batch, nheads, headdim, n), decay (batch, L, nheads) -> the entering
+        state's outputs (batch, L, nheads, headdim), in fp32 (under recomputed: nothing of size L is kept)."""
+        batch, L = C.shape[:2]
         groups, per_group = self.ngroups, self.nheads // self.ngroups
-        h0 = h0.view(batch, groups, per_group, self.headdim, self.d_state)
-        # one contraction with the decay inside: autograd keeps its small operands, not a (batch, L, ...) product
-        y = torch.einsum("blgn,bgrpn,blgr->blgrp", C.float(), h0, decay.view(batch, L, groups, per_group))
+        with torch.autocast(device_type=C.device.type, enabled=False):
+            h0 = h0.float().view(batch, groups, per_group, self.headdim, self.d_state)
+            y = torch.einsum("blgn,bgrpn,blgr->blgrp", C.float(), h0, decay.float().view(batch, L, groups, per_group))
         return y.reshape(batch, L, self.nheads, self.headdim)
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> Mamba2State:

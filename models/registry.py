@@ -18,7 +18,9 @@ A mixer class must provide:
     the stack-wide fields) and `forward(hidden (batch, L, d_model), state=None, seq_idx=None)`; with a
     `state`, forward continues the sequence it holds (none when freshly allocated) and leaves it ready for
     the next chunk or `step`; with `seq_idx` (batch, L) each document of a packed row is mixed as if it
-    ran alone (kernels.documents);
+    ran alone (kernels.documents); to train with context parallelism (train.context_parallel > 1) it also
+    takes `context` (models.context_parallel.ContextParallel): hidden is then one chunk of the rows and the
+    mixer exchanges what crosses chunk boundaries with the ranks holding the others;
   - `allocate_state(batch, device, dtype)` (None when stateless) and
     `step(hidden (batch, d_model), state)` for decoding one token;
   - `forward_flops_per_token(seq_len)` (for MFU; attention depends on the context length) and

@@ -170,7 +170,7 @@ class TrainConfig:
     nonfinite_loss: str = "stop"
     """On a non-finite loss: stop (name the step and the last good checkpoint) | skip (drop that batch)."""
     eval_batches: int = 0
-    """Validation batches per rank per evaluation; 0: the whole validation split."""
+    """Validation batches per data-parallel rank per evaluation; 0: the whole validation split."""
     stop_at_step: int | None = None
     """Checkpoint and exit with the requeue code at this step (chunked jobs); null: never."""
     log_every: int = 10
@@ -253,14 +253,19 @@ class TrainConfig:
         streaming cannot spread its canonical nodes (one must divide the other for the sample order to hold);
         `canonical_nodes` is a checkpoint's value when it differs from the config's."""
         self.accumulation_steps(ranks)
-        if (ranks // nodes) % self.context_parallel:
-            raise ConfigError(f"train.context_parallel={self.context_parallel} with {ranks // nodes} ranks per node: "
-                              f"a context group must lie within a node, so K must divide the ranks per node")
+        per_node, k = ranks // nodes, self.context_parallel
+        if per_node % k:
+            raise ConfigError(f"train.context_parallel={k} with {per_node} ranks per node: a context group must lie "
+                              f"within a node, so K must divide the ranks per node")
+        # streaming partitions over the data-parallel ranks: with K > 1 it counts ranks / K of them, spread
+        # over as many whole nodes of `per_node` ranks as they fill (one when they fill none)
+        seen = nodes if k == 1 else ((ranks // k) // per_node if (ranks // k) % per_node == 0 else 1)
         canonical = canonical_nodes or self.num_canonical_nodes
-        if nodes % canonical and canonical % nodes:
+        if seen % canonical and canonical % seen:
             whose = " (the checkpoint's)" if canonical_nodes else ""
-            raise ConfigError(f"train.num_canonical_nodes={canonical}{whose} and {nodes} nodes: one must divide "
-                              f"the other for the data order to stay the same; run on a node count that does")
+            counted = "" if k == 1 else f" ({seen} as streaming counts them with train.context_parallel={k})"
+            raise ConfigError(f"train.num_canonical_nodes={canonical}{whose} and {nodes} nodes{counted}: one must "
+                              f"divide the other for the data order to stay the same; run on a node count that does")
 
 
 @dataclass
@@ -513,7 +518,7 @@ class RunConfig:
                         self.stages, self.slurm, self.wandb):
             section.validate()
         k = self.train.context_parallel
-        _need(self.data.seq_len % k == 0 and self.data.seq_len // k >= 16, "train.context_parallel", k,
+        _need(k == 1 or (self.data.seq_len % k == 0 and self.data.seq_len // k >= 16), "train.context_parallel", k,
               f"must divide data.seq_len={self.data.seq_len} into chunks of at least 16 tokens")
         _need(k == 1 or not self.train.compile, "train.compile", self.train.compile,
               "must be false with train.context_parallel > 1 (the state exchange is not traced by torch.compile)")

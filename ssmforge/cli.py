@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "exit code 3 when it does not fit")
     pln.add_argument("config", help="run config (YAML)")
     pln.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    pln.add_argument("--gpus", type=int, required=True, help="GPUs (data-parallel ranks) of the run")
+    pln.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) of the run")
     pln.add_argument("--gpu", help="GPU model, e.g. H100, 'A100 80GB', L40S (memory and peak FLOP/s from tables)")
     pln.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU in GiB (overrides the table)")
     pln.add_argument("--mfu", type=float, default=DEFAULT_MFU,

@@ -21,6 +21,7 @@ LENGTH = 64
 FAMILIES = {
     "mamba": dict(family="mamba", n_layer=2),
     "mamba2": dict(family="mamba2", n_layer=2),
+    "mamba2 2 groups": dict(family="mamba2", n_layer=2, mamba2=dict(ngroups=2)),
     "gss": dict(family="gss", n_layer=2),
     "hybrid": dict(family="hybrid", layer_pattern="M*M-", n_layer=4),
     "every mixer": dict(family="hybrid", layer_pattern="M2G*-", n_layer=5, attention=dict(heads=4, kv_heads=2,
@@ -36,10 +37,10 @@ def config(family: str):
 
 def rows(resets: bool):
     """(input ids, targets, seq_idx) of 2 rows of LENGTH. Row 0 has documents starting at 5, 16 (a chunk edge
-    for K = 2 and 4), 17, 40; row 1 is one document over every chunk."""
+    for K = 4), 17, 32 (a chunk edge for K = 2 and 4), 40; row 1 is one document over every chunk."""
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(1, VOCAB, (2, LENGTH + 1), generator=g)
-    for start in (5, 16, 17, 40):
+    for start in (5, 16, 17, 32, 40):
         tokens[0, start] = EOS
     inputs = tokens[:, :-1]
     return inputs, tokens[:, 1:], document_index(inputs, EOS) if resets else None
@@ -76,6 +77,17 @@ def _worker(rank: int, size: int, init_file: str, out: str):
             "grad": ((grads / size - reference).abs().max() / reference.abs().max()).item(),
             "grad_scale": reference.abs().max().item(),
         }
+    # under bf16 autocast (a GPU's training precision) the chunks' loss stays within bf16's rounding of the whole's
+    torch.manual_seed(0)
+    model = LanguageModel(config("every mixer"))
+    inputs, targets, seq_idx = rows(True)
+    with torch.autocast("cpu", torch.bfloat16):
+        full = model(inputs, targets=targets, seq_idx=seq_idx)
+        loss = model(inputs, targets=targets, seq_idx=seq_idx, context=context)
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    errors["bf16"] = abs(total.item() / size - full.item())
     if rank == size - 1:
         with open(out, "w") as f:
             json.dump(errors, f)
@@ -87,6 +99,7 @@ def test_chunks_on_k_ranks_give_the_loss_logits_and_gradients_of_the_whole_rows(
     out = tmp_path / "errors.json"
     mp.spawn(_worker, args=(size, str(tmp_path / "init"), str(out)), nprocs=size, join=True)
     errors = json.loads(out.read_text())
+    assert errors.pop("bf16") < 1e-3
     assert len(errors) == 2 * len(FAMILIES) + 1
     for case, error in errors.items():
         assert error["loss"] < 1e-5, (case, error)

@@ -79,3 +79,9 @@ def test_the_ranks_must_hold_whole_context_groups():
         train.accumulation_steps(3)
     with pytest.raises(ConfigError, match="a context group must lie within a node"):
         train.check_layout(4, 4)  # 1 rank per node
+    # 6 nodes of 8 ranks, K = 2: streaming partitions 24 data-parallel ranks as 3 nodes of 8, which 2
+    # canonical nodes do not divide (the 6 physical nodes alone would pass)
+    train.num_canonical_nodes, train.global_batch_size = 2, 4 * 48
+    with pytest.raises(ConfigError, match=r"6 nodes \(3 as streaming counts them with train.context_parallel=2\)"):
+        train.check_layout(48, 6)
+    train.check_layout(32, 4)  # 16 data-parallel ranks = 2 nodes of 8 as streaming counts them
