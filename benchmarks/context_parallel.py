@@ -155,19 +155,19 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     rows = []
+    result = dict(machine=dict(cpus=cores, processor=platform.processor() or platform.machine()),
+                  command=" ".join(["python", "benchmarks/context_parallel.py", *sys.argv[1:]]), rows=rows)
+    if not args.skip_correction:
+        result["mamba2_entering_state"] = mamba2_correction()
     for family in args.families:
         for length in args.lengths:
             for size in args.groups:
                 row = measure(family, length, size, cores)
                 rows.append(row)
+                Path(args.out).write_text(json.dumps(result, indent=1))  # each row as it comes: a long run
                 print(f"{family} L={length} K={size}: {row['tokens_per_s']:.0f} tokens/s, saved {row['saved_mib']:.1f} "
                       f"MiB, peak RSS +{row['peak_rss_mib']:.1f} MiB, sent {row['sent_kib_per_layer']:.1f} KiB/layer",
                       flush=True)
-    result = dict(machine=dict(cpus=cores, processor=platform.processor() or platform.machine()),
-                  command=" ".join(["python", "benchmarks/context_parallel.py", *sys.argv[1:]]), rows=rows)
-    if not args.skip_correction:
-        result["mamba2_entering_state"] = mamba2_correction()
-    Path(args.out).write_text(json.dumps(result, indent=1))
     print("\n| family | L | K | activations kept per rank (MiB) | peak RSS growth per rank (MiB) | sent per layer "
           "(KiB) | tokens/s |\n|---|---|---|---|---|---|---|")
     for r in rows:
