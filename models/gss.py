@@ -162,7 +162,7 @@ class GSSMixer(nn.Module):
         """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
         Re(sum_n Ct_n exp(dt Lambda_n (t + 1)) h0_n)."""
         _, Ct, dt_lam = self._discrete()
-        powers = torch.exp(dt_lam[..., None] * torch.arange(1, L + 1, device=h0.device, dtype=torch.float32))
+        powers = self._powers(dt_lam, L + 1)[..., 1:]  # exp(dt Lambda (t + 1)), t = 0..L-1
         reach = in_first_document(seq_idx, h0.shape[0], L, h0.device)
         return torch.einsum("bhn,hnl->bhl", h0 * Ct, powers).real * reach[:, None, :]
 
