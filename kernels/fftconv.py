@@ -2,7 +2,8 @@
 
 A direct depthwise convolution with a length-L kernel costs O(L^2); multiplying spectra costs
 O(L log L). Zero padding to 2L turns the FFT's circular convolution into a linear one, so no output
-position sees inputs from its future. Computed in float32 whatever the input dtype: half-precision FFTs
+position sees inputs from its future. Computed in float32 for every narrower input dtype (float64 inputs stay
+float64, for oracle comparisons): half-precision FFTs
 lose the small tail of long kernels, and cuFFT takes half precision only at power-of-2 sizes.
 
 Documents (seq_idx, see kernels.documents). With resets the operator is block-diagonal Toeplitz: each
@@ -37,6 +38,7 @@ the sync and the ~4 kernels per slot size (up to ~12 sizes) weigh more than on a
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -53,7 +55,7 @@ def fft_causal_conv(u: torch.Tensor, k: torch.Tensor, seq_idx: torch.Tensor | No
     """Depthwise causal convolution y[b, c, t] = sum_{s <= t} k[c, t - s] * u[b, c, s].
 
     u (batch, channels, L), k (channels, Lk) with Lk <= L (taps beyond Lk are zero) ->
-    y (batch, channels, L) float32. Differentiable in both arguments. seq_idx (batch, L) integers or None:
+    y (batch, channels, L) float32 (float64 when u or k is). Differentiable in both arguments. seq_idx (batch, L) integers or None:
     the document of each position (kernels.documents); the sum then runs over s in t's document only
     (`ssmforge.kernels.ref.long_conv_ref`). With seq_idx the host reads the boundaries (one device sync).
     """
@@ -62,13 +64,21 @@ def fft_causal_conv(u: torch.Tensor, k: torch.Tensor, seq_idx: torch.Tensor | No
                          f"{tuple(u.shape)} and {tuple(k.shape)}")
     batch, _, L = u.shape
     seq_idx = check_seq_idx(seq_idx, batch, L)
+    work = torch.float64 if torch.float64 in (u.dtype, k.dtype) else torch.float32
     with torch.autocast(device_type=u.device.type, enabled=False):
         if seq_idx is None:
-            return _fft_conv(u.float(), k.float())
+            return _fft_conv(u.to(work), k.to(work))
         plan = _plan(seq_idx, u.device)
         if plan is None:  # one document per row: the plain convolution is exact
-            return _fft_conv(u.float(), k.float())
-        return _segmented_conv(u, k.float(), plan)
+            return _fft_conv(u.to(work), k.to(work))
+        return _segmented_conv(u, k.to(work), plan)
+
+
+def fft_conv_flops(seq_len: int) -> float:
+    """Forward FLOPs per channel and position of fft_causal_conv over seq_len positions: a real FFT of the input and
+    an inverse one, about 2.5 n log2 n each for n = 2L, so 10 log2(2L) per position, plus 6 for the complex product
+    of the spectra (the kernel's own FFT is once per batch and left out)."""
+    return 10 * math.log2(2 * max(seq_len, 1)) + 6
 
 
 def _fft_conv(u: torch.Tensor, k: torch.Tensor, channel_dim: int = -2) -> torch.Tensor:
@@ -152,10 +162,10 @@ def _segmented_conv(u: torch.Tensor, k: torch.Tensor, plan: _Plan) -> torch.Tens
     return _SegmentedConv.apply(u, k, plan.gather, plan.scatter, plan.buckets)
 
 
-def _flat_with_zero(x: torch.Tensor) -> torch.Tensor:
-    """x (batch, channels, L) -> float32 (channels, batch * L + 1), the last column zero (what padding reads)."""
+def _flat_with_zero(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (batch, channels, L) -> (channels, batch * L + 1) of `dtype`, the last column zero (what padding reads)."""
     batch, channels, L = x.shape
-    flat = x.new_empty(channels, batch * L + 1, dtype=torch.float32)
+    flat = x.new_empty(channels, batch * L + 1, dtype=dtype)
     flat[:, :-1].view(channels, batch, L).copy_(x.transpose(0, 1))
     flat[:, -1] = 0
     return flat
@@ -174,7 +184,7 @@ class _SegmentedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, k, gather, scatter, buckets):
         batch, channels, L = u.shape
-        slots = _flat_with_zero(u).index_select(1, gather)  # (channels, S)
+        slots = _flat_with_zero(u, k.dtype).index_select(1, gather)  # (channels, S)
         spectra = [torch.fft.rfft(k[:, :size], n=2 * size) for size, _ in buckets]  # (channels, size + 1)
         outs = []
         for segment, K, (size, count) in zip(_by_bucket(slots, buckets), spectra, buckets):
@@ -190,7 +200,7 @@ class _SegmentedConv(torch.autograd.Function):
     def backward(ctx, dy):
         slots, gather, scatter, *spectra = ctx.saved_tensors
         batch, channels, L = ctx.shape
-        g = _flat_with_zero(dy).index_select(1, gather)  # slot gradients, padding zero
+        g = _flat_with_zero(dy, slots.dtype).index_select(1, gather)  # slot gradients, padding zero
         dus, dk = [], g.new_zeros(channels, ctx.Lk) if ctx.needs_input_grad[1] else None
         for segment, slot, K, (size, count) in zip(_by_bucket(g, ctx.buckets), _by_bucket(slots, ctx.buckets),
                                                    spectra, ctx.buckets):

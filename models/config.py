@@ -170,6 +170,190 @@ class GSSConfig:
         _check_dt(prefix, self)
 
 
+DISCRETIZATIONS = ("bilinear", "zoh")  # model.s4.discretization values
+LIQUID_KERNELS = ("polyb", "kb")  # model.liquid_s4.liquid_kernel values
+
+
+@mixer_config("s4", symbol="S")
+@dataclass
+class S4Config:
+    """S4 (Gu, Goel & Re 2022): HiPPO-LegS in normal-plus-low-rank form, kernel by the Cauchy generating function.
+
+    Per channel an N-state system A = Lambda - P P*, discretised with step dt, applied by FFT convolution, then
+    GELU and a GLU output projection (the S4 block); decoding runs the recurrence."""
+
+    d_state: int = 64
+    """State size N per channel (N / 2 complex modes and their conjugates)."""
+    dt_min: float = 0.001
+    """Smallest initial step size dt (log-uniform in [dt_min, dt_max])."""
+    dt_max: float = 0.1
+    """Largest initial step size dt."""
+    discretization: str = "bilinear"
+    """bilinear (the paper's, kernel through the Cauchy sums) or zoh (kernel through powers of the state matrix)."""
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        _positive(prefix, self, "d_state")
+        _need(self.d_state % 2 == 0, prefix, self, "d_state", "must be even (complex modes come in conjugate pairs)")
+        _check_dt(prefix, self)
+        _need(self.discretization in DISCRETIZATIONS, prefix, self, "discretization",
+              f"one of {', '.join(DISCRETIZATIONS)}")
+
+
+@mixer_config("liquid_s4", symbol="Q")
+@dataclass
+class LiquidS4Config(S4Config):
+    """Liquid-S4 (Hasani et al. 2023): S4 plus liquid kernel terms on the correlations of consecutive inputs.
+
+    Terms of degree 2..liquid_degree: products of that many consecutive inputs, weighted by the S4 kernel's
+    first tap (polyb) or convolved with the whole kernel (kb), each scaled by the input matrix's sum."""
+
+    liquid_kernel: str = "polyb"
+    """polyb (the reference's default: the kernel's first tap) or kb (the whole S4 kernel)."""
+    liquid_degree: int = 2
+    """Highest degree of the input correlations (>= 2)."""
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        super().validate(model, prefix)
+        _need(self.liquid_kernel in LIQUID_KERNELS, prefix, self, "liquid_kernel", f"one of {', '.join(LIQUID_KERNELS)}")
+        _need(2 <= self.liquid_degree <= 8, prefix, self, "liquid_degree", "must be between 2 and 8")
+
+
+S4D_INITS = ("lin", "inv")  # model.s4d.init values
+
+
+@mixer_config("s4d", symbol="D")
+@dataclass
+class S4DConfig:
+    """S4D (Gu et al. 2022): a diagonal complex SSM per channel, zero-order hold, Vandermonde kernel, FFT conv.
+
+    S4D-Lin or S4D-Inv eigenvalues, B = 1, C complex normal; then GELU and a GLU output projection (the S4 block)."""
+
+    d_state: int = 64
+    """State size N per channel (N / 2 complex modes and their conjugates)."""
+    dt_min: float = 0.001
+    """Smallest initial step size dt (log-uniform in [dt_min, dt_max])."""
+    dt_max: float = 0.1
+    """Largest initial step size dt."""
+    init: str = "lin"
+    """Eigenvalues: lin (-1/2 + i pi n) or inv (-1/2 + i N/pi (N/(2n+1) - 1))."""
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        _positive(prefix, self, "d_state")
+        _need(self.d_state % 2 == 0, prefix, self, "d_state", "must be even (complex modes come in conjugate pairs)")
+        _check_dt(prefix, self)
+        _need(self.init in S4D_INITS, prefix, self, "init", f"one of {', '.join(S4D_INITS)}")
+
+
+DSS_VARIANTS = ("exp", "softmax")  # model.dss.variant values
+
+
+@mixer_config("dss", symbol="E")
+@dataclass
+class DSSConfig:
+    """DSS (Gupta, Gu & Berant 2022): diagonal state spaces, DSS-EXP or DSS-softmax kernel, FFT conv.
+
+    Then GELU and a GLU output projection (the S4 block); decoding runs the diagonal recurrence."""
+
+    d_state: int = 64
+    """Complex modes N per channel."""
+    dt_min: float = 0.001
+    """Smallest initial step size dt (log-uniform in [dt_min, dt_max])."""
+    dt_max: float = 0.1
+    """Largest initial step size dt."""
+    variant: str = "exp"
+    """exp (Re(Lambda) < 0 through -exp) or softmax (Re(Lambda) free, each mode normalised over softmax_length)."""
+    softmax_length: int = 2048
+    """DSS-softmax: the kernel length L each mode's softmax normalises over (the paper: the training length)."""
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        _positive(prefix, self, "d_state", "softmax_length")
+        _check_dt(prefix, self)
+        _need(self.variant in DSS_VARIANTS, prefix, self, "variant", f"one of {', '.join(DSS_VARIANTS)}")
+
+
+@mixer_config("h3", symbol="H")
+@dataclass
+class H3Config:
+    """H3 (Fu et al. 2023): Q, K, V projections; a shift SSM on K, K V products per head, a diagonal SSM, times Q.
+
+    The shift SSM is a learned length-d_state filter, the diagonal SSM S4D-Lin; heads of head_dim channels."""
+
+    d_state: int = 64
+    """State size N of both SSMs (the shift SSM's filter length; the diagonal SSM's N / 2 complex modes)."""
+    head_dim: int = 1
+    """Channels per head: the K V product is a head_dim x head_dim outer product per head."""
+    dt_min: float = 0.001
+    """Smallest initial step size dt of the diagonal SSM."""
+    dt_max: float = 0.1
+    """Largest initial step size dt."""
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        _positive(prefix, self, "d_state", "head_dim")
+        _need(self.d_state % 2 == 0, prefix, self, "d_state", "must be even (complex modes come in conjugate pairs)")
+        _need(model.d_model % self.head_dim == 0, prefix, self, "head_dim", f"must divide d_model ({model.d_model})")
+        _check_dt(prefix, self)
+
+
+@mixer_config("hyena", symbol="Y")
+@dataclass
+class HyenaConfig:
+    """Hyena (Poli et al. 2023): gates and implicit long convolutions in an order-N recurrence, by FFT.
+
+    Filters are a small sine FFN of positional features, windowed by decaying exponentials; short convs first."""
+
+    order: int = 2
+    """Order N (>= 2), as in the reference code: N + 1 projections, N gates, N - 1 implicit long convolutions."""
+    filter_order: int = 64
+    """Width of the filter FFN."""
+    emb_dim: int = 3
+    """Positional features of the filter FFN: t and (emb_dim - 1) / 2 sine-cosine bands (odd, >= 3)."""
+    short_filter_order: int = 3
+    """Width of the short depthwise conv over the projections."""
+    l_max: int = 2048
+    """Longest sequence: the filters are defined on positions 0..l_max - 1."""
+    w: float = 1.0
+    """Frequency of the filter FFN's sine activations."""
+    fast_decay_pct: float = 0.3
+    """The fastest channel's window falls to `decay_target` at this fraction of l_max."""
+    slow_decay_pct: float = 1.5
+    """The slowest channel's window falls to `decay_target` at this fraction of l_max."""
+    decay_target: float = 0.01
+    """Window value that sets the decay rates."""
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        _positive(prefix, self, "filter_order", "l_max")
+        _need(self.order >= 2, prefix, self, "order", "must be an integer >= 2")
+        _need(self.emb_dim >= 3 and self.emb_dim % 2 == 1, prefix, self, "emb_dim", "must be odd and >= 3")
+        _need(2 <= self.short_filter_order <= 8, prefix, self, "short_filter_order", "must be between 2 and 8")
+        _need(0 < self.fast_decay_pct <= self.slow_decay_pct, prefix, self, "fast_decay_pct",
+              f"must satisfy 0 < fast_decay_pct <= slow_decay_pct ({self.slow_decay_pct})")
+        _need(0 < self.decay_target < 1, prefix, self, "decay_target", "must be in (0, 1)")
+
+
+@mixer_config("lru", symbol="L")
+@dataclass
+class LRUConfig:
+    """LRU (Orvieto et al. 2023): a complex diagonal linear recurrence, exponential parameterisation, parallel scan.
+
+    lambda = exp(-exp(nu) + i exp(theta)) on a ring, gamma normalisation, complex B and C, then GELU and a GLU
+    output projection."""
+
+    d_state: int = 256
+    """Complex state size N (shared by the channels: B is N x d_model, C d_model x N)."""
+    r_min: float = 0.0
+    """Smallest initial |lambda|."""
+    r_max: float = 1.0
+    """Largest initial |lambda| (eigenvalues uniform on the ring r_min <= |lambda| <= r_max)."""
+    max_phase: float = 6.283
+    """Largest initial arg(lambda)."""
+
+    def validate(self, model: "ModelConfig", prefix: str) -> None:
+        _positive(prefix, self, "d_state")
+        _need(0 < self.r_max <= 1, prefix, self, "r_max", "must be in (0, 1]")
+        _need(0 <= self.r_min < self.r_max, prefix, self, "r_min", f"must satisfy 0 <= r_min < r_max ({self.r_max})")
+        _need(self.max_phase > 0, prefix, self, "max_phase", "must be > 0")
+
+
 @mixer_config("attention", symbol="*", family=False)
 @dataclass
 class AttentionConfig:
@@ -224,7 +408,7 @@ class ModelConfig:
     """Shape and initialisation of a language model: the stack, and one section per mixer."""
 
     family: str = "mamba"
-    """The stack: a mixer repeated (mamba, mamba2, gss), transformer (attention and MLP), or hybrid."""
+    """The stack: a mixer repeated (mamba, mamba2, gss, s4, s4d, dss, h3, hyena, lru, liquid_s4), transformer (attention and MLP), or hybrid."""
     d_model: int = 768
     """Width of the residual stream."""
     n_layer: int = 24
@@ -259,6 +443,20 @@ class ModelConfig:
     """Keys of the causal self-attention mixer."""
     mlp: MLPConfig = field(default_factory=MLPConfig)
     """Keys of the SwiGLU MLP mixer."""
+    s4: S4Config = field(default_factory=S4Config)
+    """Keys of the S4 mixer."""
+    liquid_s4: LiquidS4Config = field(default_factory=LiquidS4Config)
+    """Keys of the Liquid-S4 mixer."""
+    s4d: S4DConfig = field(default_factory=S4DConfig)
+    """Keys of the S4D mixer."""
+    dss: DSSConfig = field(default_factory=DSSConfig)
+    """Keys of the DSS mixer."""
+    h3: H3Config = field(default_factory=H3Config)
+    """Keys of the H3 mixer."""
+    hyena: HyenaConfig = field(default_factory=HyenaConfig)
+    """Keys of the Hyena mixer."""
+    lru: LRUConfig = field(default_factory=LRUConfig)
+    """Keys of the LRU mixer."""
 
     @property
     def layer_kinds(self) -> list[str]:

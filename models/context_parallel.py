@@ -96,17 +96,19 @@ class ContextParallel:
         flags[0] = 0
         return flags
 
-    def entering_state(self, last: torch.Tensor, transfer: torch.Tensor, chunk: int) -> torch.Tensor:
+    def entering_state(self, last: torch.Tensor, transfer: torch.Tensor, chunk: int, carry=None) -> torch.Tensor:
         """The state entering this rank's chunk. last (batch, *state): the chunk's final state from a zero
         start; transfer (batch, *state) or broadcastable: what an entering state is multiplied by on its way
         to the end of the chunk (zero where a document starts inside it), gathered in its own shape (a
-        per-head decay travels as one number per head). chunk: positions per rank."""
+        per-head decay travels as one number per head). chunk: positions per rank. carry(transfer, state):
+        how a transfer acts on a state, for a non-diagonal one (a matrix per row); default the product."""
+        carry = carry or torch.mul
         lasts, transfers = self.gather(last), self.gather(transfer.to(last.dtype))
         continues = self._continues(chunk, last.shape[0], last.device).bool()
         continues = continues.view(*continues.shape, *[1] * (last.dim() - 1))
         entering = [torch.zeros_like(last)]
         for s in range(self.size - 1):  # state at the end of chunk s = its own + what entered it, carried
-            carried = lasts[s] + transfers[s] * entering[s]
+            carried = lasts[s] + carry(transfers[s], entering[s])
             entering.append(torch.where(continues[s + 1], carried, torch.zeros_like(carried)))
         return torch.stack(entering)[self.rank]
 

@@ -26,26 +26,18 @@ D skip and normalises the DSS input; both are kept. The keys are `model.gss.*` (
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssmforge.kernels.fftconv import fft_causal_conv
+from ssmforge.kernels.fftconv import fft_conv_flops
 
 from .config import ModelConfig
 from .context_parallel import ContextParallel
-from .layers import Projection, RMSNorm, in_first_document, keep_fp32, recomputed
+from .diagonal import (DiagonalState, allocate_diagonal_state, diagonal_conv, diagonal_step, vandermonde_kernel,
+                       zoh_weights)
+from .layers import Projection, RMSNorm, keep_fp32
 from .registry import register_mixer
-
-
-@dataclass
-class GSSState:
-    """Decoding cache of one GSS layer: the DSS state, O(1) in the sequence length."""
-
-    ssm: torch.Tensor  # (batch, H, N) complex64
-    fresh: bool = True  # nothing consumed yet: a forward starts from zeros rather than continuing
 
 
 @register_mixer("gss")
@@ -84,43 +76,30 @@ class GSSMixer(nn.Module):
         2 for the D skip). The kernel itself is built once per batch, not per token, and is left out."""
         d_model, gate, H = self.in_proj.in_features, self.gate_dim, self.ssm_dim
         matmuls = d_model * (gate + H) + H * gate + gate * d_model
-        fft = 10 * math.log2(2 * max(seq_len, 1)) + 6 + 2
-        return 2 * matmuls + gate + round(H * fft)
+        return 2 * matmuls + gate + round(H * (fft_conv_flops(seq_len) + 2))
 
     def _discrete(self):
-        """(z, Ct, dt Lambda), each (H, N) complex64: the per-step decay exp(dt Lambda) and the output
-        weights with the zero-order-hold input factor."""
-        dt = torch.exp(self.log_dt.float())  # (H,)
-        lam = torch.complex(-torch.exp(self.Lambda_re_log.float()), self.Lambda_im.float())  # (N,)
+        """(w, dt Lambda), each (H, N) complex: the output weights with the zero-order-hold input factor
+        (C (exp(dt Lambda) - 1) / Lambda) and the exponent of the per-step decay exp(dt Lambda)."""
+        dt = torch.exp(self.log_dt)  # (H,)
+        lam = torch.complex(-torch.exp(self.Lambda_re_log), self.Lambda_im)  # (N,)
         dt_lam = dt[:, None] * lam  # (H, N)
-        z = torch.exp(dt_lam)
-        return z, torch.view_as_complex(self.C.float()) * (z - 1) / lam, dt_lam
+        return zoh_weights(torch.view_as_complex(self.C), lam, dt_lam), dt_lam
 
     def dss_kernel(self, length: int) -> torch.Tensor:
-        """K (H, length) float32: K_l = Re(sum_n Ct_n exp(dt Lambda_n l)). Built from (H, N, length)
-        powers; under autograd they are recomputed in backward rather than kept (N times the size of K)."""
-        return recomputed(self._kernel, length)
-
-    def _kernel(self, length: int) -> torch.Tensor:
+        """K (H, length): K_l = Re(sum_n Ct_n exp(dt Lambda_n l)) (models.diagonal)."""
         with torch.autocast(device_type=self.C.device.type, enabled=False):
-            _, Ct, dt_lam = self._discrete()
-            return torch.einsum("hn,hnl->hl", Ct, self._powers(dt_lam, length)).real
-
-    @staticmethod
-    def _powers(dt_lam: torch.Tensor, length: int) -> torch.Tensor:
-        """exp(dt Lambda l) for l = 0..length-1, (H, N, length) complex64."""
-        steps = torch.arange(length, device=dt_lam.device, dtype=torch.float32)
-        return torch.exp(dt_lam[..., None] * steps)
+            return vandermonde_kernel(*self._discrete(), length)
 
     def _branches(self, hidden: torch.Tensor):
         gate, v = F.gelu(self.in_proj(hidden)).split([self.gate_dim, self.ssm_dim], dim=-1)
         return gate, self.ssm_norm(v)
 
     def _output(self, y: torch.Tensor, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        y = (y + self.D.float() * v.float()).to(gate.dtype)
+        y = (y + self.D * v.to(self.D.dtype)).to(gate.dtype)
         return self.out_proj(self.up_proj(y) * gate)
 
-    def forward(self, hidden: torch.Tensor, state: GSSState | None = None,
+    def forward(self, hidden: torch.Tensor, state: DiagonalState | None = None,
                 seq_idx: torch.Tensor | None = None, context: ContextParallel | None = None) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
         row; the convolution never reaches across a document boundary (kernels.documents). With `state`, the
@@ -128,54 +107,18 @@ class GSSMixer(nn.Module):
         position (closed form: x_L = sum_s exp(dt Lambda (L-1-s)) v_s over the last document, plus the
         carried state decayed over L steps when no document starts in the row). With `context`, hidden is
         one chunk of the rows: the earlier chunks' share of the convolution enters as the DSS state
-        exchanged in the group (models.context_parallel)."""
+        exchanged in the group (models.context_parallel). The DSS arithmetic is models.diagonal's."""
         gate, v = self._branches(hidden)  # (batch, L, gate), (batch, L, H)
-        batch, L = hidden.shape[:2]
-        v_t = v.transpose(1, 2)  # (batch, H, L)
-        y = fft_causal_conv(v_t, self.dss_kernel(L), seq_idx=seq_idx)  # (batch, H, L) float32
-        if state is not None or context is not None:
-            with torch.autocast(device_type=hidden.device.type, enabled=False):
-                last, transfer = recomputed(self._summary, v_t, seq_idx)
-                h0 = context.entering_state(last, transfer, L) if context is not None else (
-                    None if state.fresh else state.ssm)
-                if h0 is not None:
-                    y = y + recomputed(self._carried, h0, seq_idx, L)
-                    last = last + transfer * h0
-            if state is not None:
-                state.ssm, state.fresh = last, False
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            y = diagonal_conv(v.transpose(1, 2), *self._discrete(), seq_idx=seq_idx, state=state, context=context)
         return self._output(y.transpose(1, 2), v, gate)
 
-    def _summary(self, v_t, seq_idx):
-        """The DSS state after the last position from a zero start (batch, H, N): the inputs of the row's last
-        document, each decayed to the end; and the transfer (batch, H, N) that carries an entering state to
-        the end (exp(dt Lambda L), zero where a document starts in the row)."""
-        batch, _, L = v_t.shape
-        _, _, dt_lam = self._discrete()
-        powers = self._powers(dt_lam, L + 1)  # exp(dt Lambda l), l = 0..L: (H, N, L + 1)
-        last_doc = torch.ones(batch, L, device=v_t.device) if seq_idx is None else (seq_idx == seq_idx[:, -1:]).float()
-        inputs = (v_t.float() * last_doc[:, None]).to(powers.dtype)
-        last = torch.einsum("bhl,hnl->bhn", inputs, powers[..., :L].flip(-1))
-        reach = in_first_document(seq_idx, batch, L, v_t.device)
-        return last, powers[..., L] * reach[:, -1, None, None]
+    def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> DiagonalState:
+        return allocate_diagonal_state(batch, self.ssm_dim, self.d_state, device, self.C.dtype)
 
-    def _carried(self, h0, seq_idx, L: int):
-        """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
-        Re(sum_n Ct_n exp(dt Lambda_n (t + 1)) h0_n)."""
-        _, Ct, dt_lam = self._discrete()
-        powers = self._powers(dt_lam, L + 1)[..., 1:]  # exp(dt Lambda (t + 1)), t = 0..L-1
-        reach = in_first_document(seq_idx, h0.shape[0], L, h0.device)
-        return torch.einsum("bhn,hnl->bhl", h0 * Ct, powers).real * reach[:, None, :]
-
-    def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> GSSState:
-        return GSSState(ssm=torch.zeros(batch, self.ssm_dim, self.d_state, device=device, dtype=torch.complex64))
-
-    def step(self, hidden: torch.Tensor, state: GSSState) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, state: DiagonalState) -> torch.Tensor:
         """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place."""
         gate, v = self._branches(hidden)  # (batch, gate), (batch, H)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            z, Ct, _ = self._discrete()
-            # a new tensor, not in place, so that gradients can flow through a run of steps
-            state.ssm = z * state.ssm + v.float()[..., None]
-            y = (state.ssm * Ct).sum(-1).real
-        state.fresh = False
+            y = diagonal_step(v.to(self.C.dtype), *self._discrete(), state)
         return self._output(y, v, gate)

@@ -5,6 +5,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
@@ -87,17 +88,24 @@ def conv_in_context(conv, x: torch.Tensor, seq_idx: torch.Tensor | None, context
 
 def causal_conv_silu(conv1d: nn.Conv1d, backend: str | None, x: torch.Tensor, seq_idx: torch.Tensor | None,
                      state=None, context=None) -> torch.Tensor:
-    """A mixer's depthwise causal conv and SiLU of x (batch, channels, L): over one chunk of a row split between
-    the ranks of a context group (conv_in_context); continuing the conv inputs of a decoding state (unless
-    fresh), which is left holding the new last ones; or from zeros."""
+    """A mixer's depthwise causal conv and SiLU of x (batch, channels, L) (continued_conv)."""
     from ssmforge import kernels
 
     def conv(inputs, inputs_seq_idx):
         return kernels.causal_conv1d(inputs, conv1d.weight.squeeze(1), conv1d.bias, activation="silu", backend=backend,
                                      seq_idx=inputs_seq_idx)
 
+    return continued_conv(conv, conv1d.kernel_size[0], x, seq_idx, state, context)
+
+
+def continued_conv(conv, width: int, x: torch.Tensor, seq_idx: torch.Tensor | None, state=None,
+                   context=None) -> torch.Tensor:
+    """A causal conv of `width` taps, conv(inputs, seq_idx) -> outputs, of x (batch, channels, L): over one chunk of
+    a row split between the ranks of a context group (conv_in_context); continuing the conv inputs of a decoding
+    state's `conv` (batch, channels, width) (unless the state is fresh), which is left holding the new last ones;
+    or from zeros."""
     if context is not None:
-        return conv_in_context(conv, x, seq_idx, context, conv1d.kernel_size[0])
+        return conv_in_context(conv, x, seq_idx, context, width)
     continuing = state is not None and not state.fresh
     conv_in, conv_seq_idx = with_conv_history(state.conv, x, seq_idx) if continuing else (x, seq_idx)
     if state is not None:
@@ -126,3 +134,19 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+class GLUOutput(nn.Module):
+    """The S4 block's output (state-spaces/s4, and the S4D, DSS, LRU and Liquid-S4 layers built on it):
+    GELU of the SSM's output y (..., d), then a linear map to 2d halved by a GLU: W1 a * sigmoid(W2 a)."""
+
+    def __init__(self, d: int, config):
+        super().__init__()
+        self.proj = Projection(d, 2 * d, config, residual=True)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return F.glu(self.proj(F.gelu(y)), dim=-1)
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per position: the matmul, the GLU's product (the GELU and sigmoid left out)."""
+        return 2 * self.proj.in_features * self.proj.out_features + self.proj.in_features

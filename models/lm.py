@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from . import attention, gss, mamba, mamba2, mlp  # noqa: F401  the mixer modules register themselves
+from . import attention, dss, gss, h3, hyena, liquid_s4, lru, mamba, mamba2, mlp, s4, s4d  # noqa: F401  the mixer modules register themselves
 from ssmforge.kernels.documents import check_seq_idx
 from ssmforge.kernels.linear_cross_entropy import linear_cross_entropy
 

@@ -522,6 +522,13 @@ class RunConfig:
               f"must divide data.seq_len={self.data.seq_len} into chunks of at least 16 tokens")
         _need(k == 1 or not self.train.compile, "train.compile", self.train.compile,
               "must be false with train.context_parallel > 1 (the state exchange is not traced by torch.compile)")
+        if "hyena" in self.model.layer_kinds:
+            _need(self.data.seq_len <= self.model.hyena.l_max, "model.hyena.l_max", self.model.hyena.l_max,
+                  f"must be at least data.seq_len={self.data.seq_len} (Hyena's filters are defined up to l_max)")
+        if "h3" in self.model.layer_kinds and k > 1:
+            _need(self.data.seq_len // k >= self.model.h3.d_state - 1, "model.h3.d_state", self.model.h3.d_state,
+                  f"must be at most data.seq_len / train.context_parallel + 1 = {self.data.seq_len // k + 1} (the "
+                  f"shift filter's history comes from the previous rank's chunk)")
         return self
 
 

@@ -29,6 +29,21 @@ def assert_steps_match_forward(model, ids: torch.Tensor, prefill: int, tol: floa
     assert state.seqlen == length
 
 
+def assert_chunks_then_steps_match_forward(model, ids: torch.Tensor, cuts=(0, 2, 3, 11, 29, 37),
+                                           tol: float = 1e-4):
+    """ids (batch, L) fed through one state in chunks of uneven sizes ([cuts[i], cuts[i + 1])), then one `step`
+    per remaining token, against one forward over everything; the state counts every token. Returns the state."""
+    batch, length = ids.shape
+    with torch.no_grad():
+        whole = model(ids)
+        state = model.allocate_state(batch)
+        pieces = [model(ids[:, a:b], state=state) for a, b in zip(cuts, cuts[1:])]
+        pieces += [model.step(ids[:, t], state)[:, None] for t in range(cuts[-1], length)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=tol, atol=tol)
+    assert state.seqlen == length
+    return state
+
+
 def assert_causal(model, length: int, position: int, vocab: int = 101, seed: int = 4) -> None:
     """Changing the token at `position` leaves every earlier logit unchanged and changes a later one."""
     ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))

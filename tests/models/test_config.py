@@ -51,11 +51,11 @@ def test_every_section_is_registered_with_a_symbol_a_field_and_a_module():
 
 
 def test_a_module_without_a_section_and_a_section_without_a_module_are_refused(monkeypatch):
-    with pytest.raises(ValueError, match=r"mixer 's4' has no config section: add a dataclass decorated "
-                                         r"@mixer_config\('s4'"):
-        registry.register_mixer("s4")(type("S4Mixer", (), {}))
-    monkeypatch.setitem(registry.SECTIONS, "s4", type("S4Config", (), {"__doc__": "S4."}))
-    with pytest.raises(ImportError, match=r"mixer section\(s\) \['s4'\] have no module"):
+    with pytest.raises(ValueError, match=r"mixer 's5' has no config section: add a dataclass decorated "
+                                         r"@mixer_config\('s5'"):
+        registry.register_mixer("s5")(type("S5Mixer", (), {}))
+    monkeypatch.setitem(registry.SECTIONS, "s5", type("S5Config", (), {"__doc__": "S5."}))
+    with pytest.raises(ImportError, match=r"mixer section\(s\) \['s5'\] have no module"):
         registry.check_complete()
     with pytest.raises(ValueError, match="registered twice"):
         registry.mixer_config("other", symbol="M")(type("OtherConfig", (), {"__doc__": "Other."}))

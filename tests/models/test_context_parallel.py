@@ -1,6 +1,7 @@
 """Context parallelism by state passing (models.context_parallel): K gloo ranks, each holding 1/K of every row,
 give the loss, the logits and every gradient of one process holding the whole rows, to 1e-5 in fp32, for
-Mamba, Mamba-2, GSS and a hybrid with attention and an MLP, with and without document resets (documents that
+Mamba, Mamba-2, GSS, a hybrid with attention and an MLP, and the Mamba-360 families (S4 bilinear and ZOH,
+Liquid-S4 polyb and kb, S4D, DSS, H3, Hyena, LRU), with and without document resets (documents that
 cross chunk boundaries, one that starts exactly on one, one that spans every chunk)."""
 import json
 
@@ -26,12 +27,18 @@ FAMILIES = {
     "hybrid": dict(family="hybrid", layer_pattern="M*M-", n_layer=4),
     "every mixer": dict(family="hybrid", layer_pattern="M2G*-", n_layer=5, attention=dict(heads=4, kv_heads=2,
                                                                                           window=20)),
+    "survey": dict(family="hybrid", layer_pattern="DEHLYSQ", n_layer=7, h3=dict(head_dim=2),
+                   liquid_s4=dict(liquid_kernel="kb", liquid_degree=3)),
+    "s4 zoh, liquid polyb": dict(family="hybrid", layer_pattern="SQ", n_layer=2, s4=dict(discretization="zoh")),
 }
 
 
 def config(family: str):
     base = dict(d_model=32, vocab_size=VOCAB, mamba=dict(d_state=8), mamba2=dict(d_state=16, headdim=8, chunk_size=16),
-                gss=dict(d_state=8), attention=dict(heads=4))
+                gss=dict(d_state=8), attention=dict(heads=4), s4d=dict(d_state=8, dt_min=0.05, dt_max=0.5),
+                dss=dict(d_state=8, dt_min=0.05, dt_max=0.5), h3=dict(d_state=8, dt_min=0.05, dt_max=0.5),
+                lru=dict(d_state=8, r_min=0.5, r_max=0.99), hyena=dict(l_max=64),
+                s4=dict(d_state=8, dt_min=0.05, dt_max=0.5), liquid_s4=dict(d_state=8, dt_min=0.05, dt_max=0.5))
     return model_config(base, FAMILIES[family])
 
 

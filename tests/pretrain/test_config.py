@@ -128,3 +128,14 @@ def test_config_show_prints_value_type_default_and_meaning(capsys):
     assert main(["config", "show", str(CONFIGS / "tiny.yaml"), "train.bogus=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bogus" in err
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.family=hyena", "model.hyena.l_max=32", "data.seq_len=64"],
+     r"tiny\.yaml: model\.hyena\.l_max=32 is invalid: must be at least data\.seq_len=64"),
+    (["model.family=h3", "model.h3.d_state=64", "data.seq_len=64", "train.context_parallel=2"],
+     r"tiny\.yaml: model\.h3\.d_state=64 is invalid: must be at most data\.seq_len / train\.context_parallel \+ 1 = 33"),
+])
+def test_mixer_limits_that_depend_on_the_sequence_length_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny.yaml", overrides)

@@ -1,5 +1,5 @@
 """Every mixer through the same commands: a hybrid stack holding all of them (M Mamba, 2 Mamba-2, G GSS,
-* attention, - MLP) trains with document resets under ZeRO-3 to the losses it has under ZeRO-0 (so every
+* attention, - MLP, and the Mamba-360 families S S4, Q Liquid-S4, D S4D, E DSS, H H3, Y Hyena, L LRU) trains with document resets under ZeRO-3 to the losses it has under ZeRO-0 (so every
 weight a kernel reads is gathered), stops and resumes exactly, exports, and its export evaluates, fine-tunes
 on GLUE and generates through the CLI."""
 import json
@@ -16,9 +16,12 @@ from ssmforge.pretrain.export import load_run_model
 from ..evaluation.glue_fixture import write_glue
 from .conftest import ROOT, run_pretrain, train_losses
 
-EVERY_MIXER = ("model.family=hybrid", "model.layer_pattern=M2G*-", "model.n_layer=5", "model.mamba2.headdim=16",
+EVERY_MIXER = ("model.family=hybrid", "model.layer_pattern=M2G*-SQDEHYL", "model.n_layer=12",
+               "model.mamba2.headdim=16",
                "model.mamba2.d_state=16", "model.mamba2.chunk_size=16", "model.gss.d_state=8",
-               "model.attention.heads=4", "model.attention.kv_heads=2", "data.document_boundaries=reset")
+               "model.attention.heads=4", "model.attention.kv_heads=2", "model.s4.d_state=8",
+               "model.liquid_s4.d_state=8", "model.s4d.d_state=8", "model.dss.d_state=8", "model.h3.d_state=8",
+               "model.h3.head_dim=2", "model.lru.d_state=8", "data.document_boundaries=reset")
 STEPS = ("train.max_steps=8", "train.log_every=1", "train.warmup_steps=2", "train.eval_every=100",
          "train.save_every=100")
 
@@ -47,7 +50,7 @@ def test_every_mixer_under_zero3_resumes_exports_evaluates_finetunes_and_generat
     proc = ssmforge("export", zero3, export)
     assert proc.returncode == 0, proc.stderr[-2000:]
     config = json.loads((export / "config.json").read_text())
-    assert config["model_type"] == "ssmforge" and config["ssmforge_model"]["layer_pattern"] == "M2G*-"
+    assert config["model_type"] == "ssmforge" and config["ssmforge_model"]["layer_pattern"] == "M2G*-SQDEHYL"
     exported, (from_run, _, _) = load_pretrained(export).eval(), load_run_model(zero3)
     ids = torch.randint(0, 260, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

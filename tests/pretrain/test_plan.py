@@ -97,3 +97,15 @@ def test_submit_refuses_a_run_that_cannot_fit(tmp_path, capsys):
     assert main([*common, "--gpu", "H100"]) == 0
     captured = capsys.readouterr()
     assert "fits: peak" in captured.err and captured.out.startswith("#!/bin/bash")  # stdout: the script alone
+
+
+@pytest.mark.parametrize("name", ["s4", "liquid-s4", "s4d", "dss", "h3", "hyena", "lru"])
+def test_the_survey_families_plan_on_fake_tensors(name):
+    """Each Mamba-360 family's tiny config traces on fake tensors (S4's HiPPO initialisation included) to the real
+    model's parameter count and a positive activation peak."""
+    from ssmforge.models import LanguageModel
+
+    config = load_config(ROOT / "configs" / f"{name}-tiny.yaml", ["run_dir=unused"])
+    memory, parameters = step_memory(config, Target(1, "cpu", "probe", None, 1e12, ""), 2, False)
+    assert parameters == LanguageModel(config.model).num_parameters()
+    assert memory.activations > 0

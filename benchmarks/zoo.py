@@ -1,0 +1,915 @@
+"""The Mamba-360 survey's comparison of sequence-mixer families, at laptop scale, at a matched parameter count.
+
+Every registered family among mamba, mamba2, gss, s4, s4d, dss, h3, hyena, lru, liquid_s4 and transformer is a
+2-layer models.LanguageModel whose width d_model (a multiple of 8 that the family's sections accept) is chosen
+so that its parameters outside the embedding / LM head are within 10% of one target (default: Mamba's at
+d_model 64); a family whose closest width misses that is refused, one not registered in this installation or
+whose module raises NotImplementedError when built is skipped, each said so in the output and the JSON. Small
+per-family section overrides for this scale are in OVERRIDES below; the transformer's MLP width is fitted to the
+target as well (its count moves ~35% per d_model step of 8, so d_model alone never lands within 10%).
+
+Tasks, each trained with benchmarks/synthetic.py's AdamW loop (warm-up, cosine decay, clipping) on fresh
+batches, after a learning-rate sweep (`--lrs`, `--sweep-steps` each, best by validation loss at the scored
+positions, every point recorded) at the chosen rate for `--steps`:
+
+  lm          language modelling on an order-k Markov chain over a small vocabulary (MarkovSource: sparse
+              Dirichlet rows mixed with a little uniform mass, so the chain is ergodic), sequences started from
+              its stationary distribution; the entropy floor is the chain's entropy rate, computed exactly from
+              the stationary distribution, and chance is the entropy of its unigram marginal (a model that
+              ignores the context). Reported: validation loss in nats beside the floor.
+  copying     selective copying (benchmarks/synthetic.selective_copying_batch): accuracy at the markers;
+              chance 1 / (number of data values). Also stored: the order-blind accuracy (the best guess from
+              the data values' counts alone, which a model that only sums token embeddings can approach).
+  induction   induction heads (benchmarks/synthetic.induction_heads_batch) trained at 64 tokens, tested at 64,
+              256, 1024 and 4096: accuracy at the last position; chance 1 / vocabulary.
+  speed       training tokens/s (forward + backward) and peak memory (the CUDA allocator's peak, or the growth
+              of the process's resident high-water mark, measured in a process of its own) at one length.
+
+A result that is not above chance by more than 2 standard errors (the binomial standard error of a guesser at
+chance, over the scored positions; for the LM the standard error of the per-sequence mean loss) is labelled
+"chance" in every table, figure and JSON row (`at_chance: true`, `value: null`); the counts stay in the row. A
+run is `converged` when its mean training loss over the last 10% of steps moved by less than `--converge-tol`
+relative to the previous 10% (the denominator floored at 0.05 nats); rows that are not are marked.
+
+The printed table sets the Mamba paper's published numbers (PUBLISHED) beside ours. Writes
+benchmarks/results/zoo.json (machine, command line, every row, rewritten as each row completes, so a long run
+can be stopped) and benchmarks/results/zoo.png.
+
+    python benchmarks/zoo.py                                  # every family: roughly an hour on 2 cores (an
+                                                              # estimate from synthetic.py's step times)
+    python benchmarks/zoo.py --families mamba transformer --steps 300 --tasks copying induction
+    python benchmarks/zoo.py --smoke                          # seconds: tiny sizes, a check of the machinery
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.synthetic import IGNORE, induction_heads_batch, selective_copying_batch, train  # noqa: E402
+
+FAMILIES = ("mamba", "mamba2", "gss", "s4", "s4d", "dss", "h3", "hyena", "lru", "liquid_s4", "transformer")
+TASKS = ("lm", "copying", "induction", "speed")
+N_LAYER = 2
+TOLERANCE = 0.10  # matched parameter counts: within 10% of the target
+
+# Resolved when a model is built: the length the task trains at, the longest length any task runs at, and a
+# width fitted to the parameter target (at most one FIT key per family; FIT_RATIO: its default ratio to d_model).
+TRAIN_LENGTH = "<training length>"
+LONGEST = "<longest length>"
+FIT = "<fitted to the parameter target>"
+
+# Per-family section overrides where the papers' defaults are too large for a ~50k-parameter, 2-layer model
+# (the sections' other keys keep their defaults). The transformer's MLP keeps its default width (8/3 d_model).
+OVERRIDES: dict[str, dict[str, dict]] = {
+    "mamba": {"mamba": dict(d_state=16)},
+    "mamba2": {"mamba2": dict(d_state=16, headdim=16, chunk_size=64)},
+    "gss": {"gss": dict(d_state=16)},
+    "s4": {"s4": dict(d_state=16)},
+    "s4d": {"s4d": dict(d_state=16)},
+    "dss": {"dss": dict(d_state=16, softmax_length=TRAIN_LENGTH)},
+    "h3": {"h3": dict(d_state=16)},
+    "hyena": {"hyena": dict(l_max=LONGEST)},  # the implicit filters are defined up to l_max
+    "lru": {"lru": dict(d_state=64)},  # default 256: B and C alone would outweigh the whole budget
+    "liquid_s4": {"liquid_s4": dict(d_state=16)},
+    # d_model in steps of 8 moves a 2-layer transformer's count by ~35% per step at this scale (d_model^2 terms
+    # only), so no width lands within 10%: its MLP width is fitted too (a multiple of 8 between 1 and 4 d_model,
+    # the width/d_model ratio closest to the default 8/3 among the d_model that match)
+    "transformer": {"attention": dict(heads=4), "mlp": dict(hidden=FIT)},
+}
+FIT_RATIO = {"transformer": 8 / 3}
+
+# The Mamba paper's synthetic-task results, quoted beside ours (their scale: 2-layer models of d_model 64,
+# selective copying at length 4096 with 16 data tokens, induction heads trained at 256 and tested to 2^20).
+PUBLISHED = {
+    "citation": ("A. Gu and T. Dao, \"Mamba: Linear-Time Sequence Modeling with Selective State Spaces\", "
+                 "arXiv:2312.00752 (2023), Table 1 (selective copying) and Table 2 (induction heads); the "
+                 "comparison as surveyed in B. N. Patro and V. S. Agneeswaran, \"Mamba-360: Survey of State "
+                 "Space Models as Transformer Alternatives for Long Sequence Modelling\", arXiv:2404.16112 (2024)"),
+    "selective_copying": {  # accuracy
+        "s4": "18.3%",  # S4 layer, no gate
+        "h3": "57.0%",  # H3 architecture, S4 layer
+        "hyena": "30.1%",  # H3 architecture, Hyena layer
+        "mamba": "97.0-99.8%",  # the S6 layer in any of the architectures (Mamba's own: 99.8%)
+    },
+    "induction_heads_train_length": 256,
+    "induction_heads": {
+        "transformer": "attention (MHA-Abs/RoPE/xPos) solves it at the training length, fails beyond ~2x",
+        "h3": "fails beyond the training length",
+        "hyena": "fails beyond the training length",
+        "mamba": "solves it to 1M tokens (2^20, 4000x the training length)",
+    },
+}
+
+SMOKE = dict(steps=3, sweep_steps=1, batch=4, lm_length=24, copy_region=12, copy_tokens=4, induction_len=16,
+             test_lengths=[16, 64, 256], eval_samples=16, eval_min_samples=8, speed_length=64, speed_batch=2,
+             speed_steps=1, log_every=0, threads=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The language-modelling source and its entropy floor
+
+
+class MarkovSource:
+    """An order-`order` Markov chain over `vocab` tokens given by its table (vocab^order contexts, vocab): row s is
+    P(next | context s), context index s = sum_i x_{t-order+i} vocab^(order-1-i) (the oldest token first)."""
+
+    def __init__(self, table: np.ndarray, order: int):
+        table = np.asarray(table, dtype=np.float64)
+        self.order, self.vocab = order, table.shape[1]
+        if table.shape != (self.vocab ** order, self.vocab) or not np.allclose(table.sum(1), 1):
+            raise ValueError(f"table {table.shape}: expected ({self.vocab}^{order}, {self.vocab}) rows summing to 1")
+        self.table = table
+        self.cum = np.cumsum(table, 1)
+        self.stationary = self._stationary()
+        rows = np.where(table > 0, -table * np.log(np.where(table > 0, table, 1)), 0.0).sum(1)
+        self.entropy_rate = float(self.stationary @ rows)  # nats per token: the floor of any model's loss
+        marginal = self.stationary @ table
+        self.unigram_entropy = float(-(marginal[marginal > 0] * np.log(marginal[marginal > 0])).sum())
+
+    @classmethod
+    def random(cls, vocab: int, order: int, branching: int, uniform: float, seed: int) -> "MarkovSource":
+        """`branching` successors per context with Dirichlet(1) weights, mixed with `uniform` of uniform mass
+        (every transition possible: one stationary distribution, which the sequences start from)."""
+        rng = np.random.default_rng(seed)
+        table = np.full((vocab ** order, vocab), uniform / vocab)
+        for row in table:
+            row[rng.choice(vocab, branching, replace=False)] += (1 - uniform) * rng.dirichlet(np.ones(branching))
+        return cls(table, order)
+
+    def _stationary(self, tol: float = 1e-15, max_iter: int = 1_000_000) -> np.ndarray:
+        """The stationary distribution over contexts, by power iteration (to float precision)."""
+        n, v = self.table.shape
+        pi = np.full(n, 1.0 / n)
+        for _ in range(max_iter):
+            new = self._advance(pi)
+            if np.abs(new - pi).sum() < tol:
+                return new / new.sum()
+            pi = new
+        raise RuntimeError("the Markov chain's stationary distribution did not converge")
+
+    def _advance(self, pi: np.ndarray) -> np.ndarray:
+        """Context distribution one step later: (a, rest) -> (rest, c) with probability P[(a, rest), c]."""
+        v = self.vocab
+        joint = (pi[:, None] * self.table).reshape(v, -1, v)
+        return joint.sum(0).reshape(-1)
+
+    def sample(self, n: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """n sequences of `length` tokens started from the stationary distribution, and the exact -ln P of
+        every token given those before it (the first `order` tokens, the initial context: nan)."""
+        k, v = self.order, self.vocab
+        state = rng.choice(len(self.stationary), n, p=self.stationary)
+        ids = np.empty((n, length), dtype=np.int64)
+        nats = np.full((n, length), np.nan)
+        for i in range(k):  # decode the initial context, oldest token first
+            ids[:, i] = (state // v ** (k - 1 - i)) % v
+        for t in range(k, length):
+            u = rng.random(n)
+            token = np.minimum((u[:, None] > self.cum[state]).sum(1), v - 1)
+            ids[:, t] = token
+            nats[:, t] = -np.log(self.table[state, token])
+            state = (state * v) % (v ** k) + token
+        return ids, nats
+
+    def batch(self, n: int, length: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """ids (n, length) and next-token targets, IGNORE where the target is part of the initial context (its
+        loss is not the entropy rate's); and the exact -ln P of every scored target (nan elsewhere)."""
+        seq, nats = self.sample(n, length + 1, rng)
+        ids, targets = torch.from_numpy(seq[:, :-1].copy()), torch.from_numpy(seq[:, 1:].copy())
+        targets[:, : self.order - 1] = IGNORE
+        return ids, targets, nats[:, 1:]
+
+
+def lm_source(args) -> MarkovSource:
+    return MarkovSource.random(args.lm_vocab, args.lm_order, args.lm_branching, args.lm_uniform, args.lm_seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chance labelling
+
+
+def accuracy_score(hits: int, n: int, chance: float) -> dict:
+    """A measured accuracy of `hits` out of `n`, labelled at chance when it is not above chance by more than two
+    standard errors of a guesser at chance (binomial, sqrt(p (1 - p) / n)): then `value` is None."""
+    se = math.sqrt(chance * (1 - chance) / n) if n else float("inf")
+    accuracy = hits / n if n else 0.0
+    at_chance = bool(accuracy <= chance + 2 * se)
+    return dict(value=None if at_chance else accuracy, at_chance=at_chance, chance=chance, se=se, hits=int(hits),
+                n=int(n))
+
+
+def loss_score(sequence_losses: np.ndarray, tokens: int, chance: float) -> dict:
+    """A validation loss (nats per token) from per-sequence mean losses: at chance when it is not below the
+    chance loss by more than two standard errors of the mean over sequences; then `value` is None."""
+    sequence_losses = np.asarray(sequence_losses, dtype=np.float64)
+    n = len(sequence_losses)
+    mean = float(sequence_losses.mean()) if n else float("nan")
+    se = float(sequence_losses.std(ddof=1) / math.sqrt(n)) if n > 1 else float("inf")
+    at_chance = bool(not math.isfinite(mean) or mean >= chance - 2 * se)
+    return dict(value=None if at_chance else mean, at_chance=at_chance, chance=chance, se=se if math.isfinite(se)
+                else None, n=n, tokens=int(tokens), measured_nats=mean if math.isfinite(mean) else None)
+
+
+def order_blind_accuracy(tokens: int, values: int) -> float:
+    """Selective copying's best accuracy without the positions: knowing only which data values occur how often
+    (what a model that merely counts tokens can know), every marker's target is one of them with probability
+    count / tokens, so the best guess is the most frequent value: E[max count] / tokens, exactly (the
+    distribution of the largest multinomial count, by exponential generating functions)."""
+    expected_max = 0.0
+    for m in range(tokens):  # E[max] = sum_{m >= 0} P(max > m); P(max <= m) = k! [x^k] (sum_{j<=m} x^j/j!)^n / n^k
+        poly = np.array([1 / math.factorial(j) for j in range(m + 1)])
+        power = np.array([1.0])
+        for _ in range(values):
+            power = np.convolve(power, poly)[: tokens + 1]
+        at_most = math.factorial(tokens) * power[tokens] / values ** tokens if len(power) > tokens else 0.0
+        expected_max += 1 - at_most
+    return expected_max / tokens
+
+
+def cell(score: dict | None, fmt: str = "{:.3f}") -> str:
+    """A table cell: "chance" for a result at chance, never its number."""
+    if score is None:
+        return "-"
+    return "chance" if score["at_chance"] else fmt.format(score["value"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models at a matched parameter count
+
+
+def resolve(value, train_length: int, longest: int, fit: int | None):
+    if value == FIT and fit is None:
+        raise ValueError("a FIT override needs its fitted value")
+    return {TRAIN_LENGTH: train_length, LONGEST: longest, FIT: fit}.get(value, value) if isinstance(value, str) \
+        else value
+
+
+def fit_key(family: str) -> str | None:
+    """`section.key` of the family's FIT override, or None."""
+    keys = [f"{s}.{k}" for s, o in OVERRIDES.get(family, {}).items() for k, v in o.items() if v == FIT]
+    return keys[0] if keys else None
+
+
+def model_config(family: str, d_model: int, vocab: int, train_length: int, longest: int,
+                 fit: int | None = None) -> dict:
+    """The ModelConfig (as a dict for ModelConfig.from_dict) of `family` at d_model, with its OVERRIDES (`fit`:
+    the value of its FIT key, if it has one)."""
+    sections = {name: {k: resolve(v, train_length, longest, fit) for k, v in keys.items()}
+                for name, keys in OVERRIDES.get(family, {}).items()}
+    return dict(family=family, d_model=d_model, n_layer=N_LAYER, vocab_size=vocab, rescale_out_proj=True, **sections)
+
+
+def build(config: dict):
+    from ssmforge.models import LanguageModel, ModelConfig
+
+    return LanguageModel(ModelConfig.from_dict(copy.deepcopy(config)))
+
+
+def non_embedding_parameters(model) -> int:
+    """Parameters outside the embedding and the LM head (tied or not)."""
+    skip = {id(model.embedding.weight), id(model.lm_head.weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def availability(family: str) -> str | None:
+    """Why `family` cannot run in this installation, or None."""
+    from ssmforge.models import FAMILIES as REGISTERED, SYMBOLS
+
+    unit = REGISTERED.get(family)
+    if unit is None:
+        return "not a registered family in this installation"
+    missing = sorted(set(unit) - set(SYMBOLS))
+    return f"mixer symbol(s) {missing} not registered in this installation" if missing else None
+
+
+def default_target(args) -> int:
+    """Mamba's parameters outside the embedding / LM head at d_model 64, n_layer 2 (with its OVERRIDES)."""
+    return non_embedding_parameters(build(model_config("mamba", 64, 16, args.lm_length, longest_length(args))))
+
+
+def match_parameters(family: str, target: int, args, max_d_model: int = 2048) -> dict:
+    """The d_model (a multiple of 8 the family's sections accept) whose parameter count outside the embedding /
+    LM head is closest to `target` (for a family with a FIT key, that key fitted at each d_model, then the d_model
+    whose fitted width is closest to FIT_RATIO among those within 10%). status: "ok" when within 10%, "refused"
+    when none is, "skipped" when the family cannot be built (NotImplementedError, or no width is valid).
+    Every width tried is in `search` as [d_model, count] or [d_model, count, fitted value]."""
+    from ssmforge.models import ConfigError
+
+    longest, key = longest_length(args), fit_key(family)
+
+    def count(d_model: int, fit: int | None = None) -> int:
+        return non_embedding_parameters(build(model_config(family, d_model, 16, args.lm_length, longest, fit)))
+
+    search, first_error = [], None
+    for d_model in range(8, max_d_model + 1, 8):
+        try:
+            if key is None:
+                n = count(d_model)
+                search.append([d_model, n])
+            else:  # the count is linear in the fitted width: two builds give it, a third checks the fit
+                low, high = 8 * max(1, round(d_model / 8)), 8 * max(2, round(4 * d_model / 8))
+                n_low, n_high = count(d_model, low), count(d_model, high)
+                per = (n_high - n_low) / (high - low)
+                fit = min(high, max(low, 8 * round((low + (target - n_low) / per) / 8)))
+                n = count(d_model, fit)
+                search.append([d_model, n, fit])
+                n = n_low  # for the stop below: the smallest count at this d_model
+        except ConfigError as e:
+            first_error = first_error or str(e)
+            continue
+        except NotImplementedError as e:
+            return dict(status="skipped", reason=f"NotImplementedError at construction: {e}")
+        if n > 1.5 * target:
+            break
+    if not search:
+        return dict(status="skipped", reason=f"no d_model up to {max_d_model} is valid ({first_error})")
+    off = lambda point: abs(point[1] / target - 1)  # noqa: E731
+    best = min(search, key=off)
+    if key is not None:
+        matched = [point for point in search if off(point) <= TOLERANCE]
+        if matched:
+            best = min(matched, key=lambda point: abs(math.log(point[2] / point[0] / FIT_RATIO[family])))
+    d_model, n = best[:2]
+    fit = best[2] if key is not None else None
+    config = model_config(family, d_model, 16, args.lm_length, longest, fit)
+    info = dict(d_model=d_model, n_layer=N_LAYER, parameters=n, target=target, ratio=n / target, fit=fit,
+                fit_key=key, search=search, sections={k: v for k, v in config.items() if isinstance(v, dict)})
+    if off(best) > TOLERANCE:
+        info.update(status="refused", reason=f"closest d_model {d_model} has {n:,} parameters, "
+                    f"{n / target:.2f}x the target {target:,} (more than {TOLERANCE:.0%} off)")
+    else:
+        info["status"] = "ok"
+    return info
+
+
+def longest_length(args) -> int:
+    return max([args.lm_length, args.copy_region + args.copy_tokens, args.induction_len, args.speed_length,
+                *args.test_lengths])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training and scoring
+
+
+def evaluate(model, ids: torch.Tensor, targets: torch.Tensor, batch: int) -> dict:
+    """Per-sequence sums of the loss and of the hits at the scored positions, and their counts."""
+    vocab = model.config.vocab_size
+    nll, hits, counts = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], batch):
+            logits = model(ids[start:start + batch])[..., :vocab].float()
+            t = targets[start:start + batch]
+            mask = t != IGNORE
+            losses = F.cross_entropy(logits.transpose(1, 2), t.clamp(min=0), reduction="none") * mask
+            nll.append(losses.sum(1).double().cpu())
+            hits.append(((logits.argmax(-1) == t) & mask).sum(1).cpu())
+            counts.append(mask.sum(1).cpu())
+    model.train()
+    nll, hits, counts = torch.cat(nll).numpy(), torch.cat(hits).numpy(), torch.cat(counts).numpy()
+    return dict(nll=nll, hits=hits, counts=counts, loss=float(nll.sum() / max(1, counts.sum())))
+
+
+def convergence(losses: list[float], tol: float) -> dict:
+    """Mean training loss over the last 10% of steps against the previous 10%."""
+    window = max(1, len(losses) // 10)
+    if len(losses) < 2 * window or len(losses) < 2:
+        return dict(converged=None, reason="too few steps")
+    last, previous = np.mean(losses[-window:]), np.mean(losses[-2 * window:-window])
+    if not (math.isfinite(last) and math.isfinite(previous)):
+        return dict(converged=False, last=None, previous=None, relative_change=None, threshold=tol, window=window)
+    change = abs(last - previous) / max(abs(previous), 0.05)
+    return dict(converged=bool(change < tol), last=float(last), previous=float(previous),
+                relative_change=float(change), threshold=tol, window=window)
+
+
+def loss_curve(losses: list[float]) -> dict:
+    every = max(1, len(losses) // 100)
+    means = [float(np.mean(losses[i:i + every])) for i in range(0, len(losses), every)]
+    return dict(every=every, mean_loss=[m if math.isfinite(m) else None for m in means])
+
+
+def finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def train_run(family: str, info: dict, task, lr: float, steps: int, args, device) -> tuple:
+    """A fresh model (the same init for every lr) trained for `steps` at `lr` on the task's stream."""
+    torch.manual_seed(args.seed)
+    config = model_config(family, info["d_model"], task.vocab, task.train_length, longest_length(args),
+                          info["fit"])
+    model = build(config).to(device)
+    stream = task.stream(args.seed + 1)
+    start = time.perf_counter()
+    losses = train(model, lambda: tuple(t.to(device) for t in next(stream)), steps, lr, args.log_every,
+                   f"{family} {task.name} lr {lr:g}")
+    return model, losses, time.perf_counter() - start
+
+
+def run_task(family: str, info: dict, task, args, device) -> dict:
+    """The lr sweep, then the main run at the best lr; the row."""
+    val_ids, val_targets = (t.to(device) for t in task.sweep_validation(args))
+    sweep = []
+    for lr in args.lrs:
+        model, losses, seconds = train_run(family, info, task, lr, args.sweep_steps, args, device)
+        ev = evaluate(model, val_ids, val_targets, args.batch)
+        point = dict(lr=lr, steps=args.sweep_steps, val_loss=finite(ev["loss"]),
+                     val_accuracy=float(ev["hits"].sum() / max(1, ev["counts"].sum())),
+                     final_train_loss=finite(float(np.mean(losses[-max(1, len(losses) // 10):]))),
+                     converged=convergence(losses, args.converge_tol)["converged"], seconds=seconds)
+        sweep.append(point)
+        print(f"  {family} {task.name} sweep lr {lr:g}: val loss {ev['loss']:.4f}", flush=True)
+    best = min(sweep, key=lambda p: p["val_loss"] if p["val_loss"] is not None else math.inf)
+    lr = best["lr"]
+    model, losses, seconds = train_run(family, info, task, lr, args.steps, args, device)
+    row = dict(family=family, task=task.name, d_model=info["d_model"], n_layer=N_LAYER,
+               parameters=info["parameters"], parameter_ratio=info["ratio"], lr=lr,
+               lr_selected_by="validation loss at the scored positions after the sweep's steps", sweep=sweep,
+               steps=args.steps, train_seconds=seconds, train_length=task.train_length,
+               final_train_loss=finite(float(np.mean(losses[-max(1, len(losses) // 10):]))),
+               loss_curve=loss_curve(losses), convergence=convergence(losses, args.converge_tol))
+    row["converged"] = row["convergence"]["converged"]
+    row.update(task.result(model, args, device))
+    return row
+
+
+class LMTask:
+    name = "lm"
+
+    def __init__(self, args):
+        self.source = lm_source(args)
+        self.vocab, self.train_length, self.args = args.lm_vocab, args.lm_length, args
+
+    def stream(self, seed: int):
+        rng = np.random.default_rng(seed)
+        while True:
+            ids, targets, _ = self.source.batch(self.args.batch, self.args.lm_length, rng)
+            yield ids, targets
+
+    def sweep_validation(self, args):
+        rng = np.random.default_rng(10_000 + args.seed)
+        ids, targets, _ = self.source.batch(args.eval_samples, args.lm_length, rng)
+        return ids, targets
+
+    def chance(self) -> float:
+        return self.source.unigram_entropy
+
+    def summary(self) -> dict:
+        s = self.source
+        return dict(chance=s.unigram_entropy, chance_is="entropy of the unigram marginal (nats): a model that "
+                    "ignores the context", entropy_floor=s.entropy_rate, uniform=math.log(s.vocab),
+                    source=dict(kind="order-k Markov chain", order=s.order, vocab=s.vocab,
+                                branching=self.args.lm_branching, uniform_mass=self.args.lm_uniform,
+                                seed=self.args.lm_seed, start="stationary distribution"))
+
+    def result(self, model, args, device) -> dict:
+        rng = np.random.default_rng(20_000 + args.seed)  # held out: training uses seed + 1, the sweep 10_000 + seed
+        ids, targets, nats = self.source.batch(args.eval_samples, args.lm_length, rng)
+        ev = evaluate(model, ids.to(device), targets.to(device), args.batch)
+        scored = targets.numpy() != IGNORE
+        floor_on_validation = float(nats[scored].mean())
+        score = loss_score(ev["nll"] / ev["counts"], int(ev["counts"].sum()), self.source.unigram_entropy)
+        return dict(loss=score, entropy_floor=self.source.entropy_rate, floor_on_validation=floor_on_validation,
+                    chance=self.source.unigram_entropy,
+                    gap_to_floor=None if score["value"] is None else score["value"] - self.source.entropy_rate)
+
+
+class CopyingTask:
+    name = "copying"
+
+    def __init__(self, args):
+        self.args = args
+        self.vocab = args.copy_data + 2
+        self.train_length = args.copy_region + args.copy_tokens
+
+    def batch(self, n: int, generator: torch.Generator):
+        a = self.args
+        return selective_copying_batch(n, a.copy_region, a.copy_tokens, a.copy_data, generator)
+
+    def stream(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            yield self.batch(self.args.batch, g)
+
+    def sweep_validation(self, args):
+        return self.batch(args.eval_samples, torch.Generator().manual_seed(10_000 + args.seed))
+
+    def chance(self) -> float:
+        return 1 / self.args.copy_data
+
+    def summary(self) -> dict:
+        a = self.args
+        return dict(chance=self.chance(), chance_is="1 / data values", region=a.copy_region, tokens=a.copy_tokens,
+                    data_values=a.copy_data, order_blind=order_blind_accuracy(a.copy_tokens, a.copy_data),
+                    order_blind_is="the best accuracy from the data values' counts alone, without their positions "
+                    "(the most frequent value at every marker): reachable without selectivity")
+
+    def result(self, model, args, device) -> dict:
+        ids, targets = self.batch(args.eval_samples, torch.Generator().manual_seed(20_000 + args.seed))
+        ev = evaluate(model, ids.to(device), targets.to(device), args.batch)
+        return dict(accuracy=accuracy_score(int(ev["hits"].sum()), int(ev["counts"].sum()), self.chance()),
+                    chance=self.chance())
+
+
+class InductionTask:
+    name = "induction"
+
+    def __init__(self, args):
+        self.args = args
+        self.vocab = args.induction_vocab + 1
+        self.train_length = args.induction_len
+
+    def stream(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            yield induction_heads_batch(self.args.batch, self.args.induction_len, self.args.induction_vocab, g)
+
+    def sweep_validation(self, args):
+        return induction_heads_batch(args.eval_samples, args.induction_len, args.induction_vocab,
+                                     torch.Generator().manual_seed(10_000 + args.seed))
+
+    def chance(self) -> float:
+        return 1 / self.args.induction_vocab
+
+    def summary(self) -> dict:
+        a = self.args
+        return dict(chance=self.chance(), chance_is="1 / vocabulary", train_length=a.induction_len,
+                    test_lengths=a.test_lengths, vocab=a.induction_vocab)
+
+    def result(self, model, args, device) -> dict:
+        by_length = {}
+        g = torch.Generator().manual_seed(20_000 + args.seed)
+        for length in args.test_lengths:
+            factor = max(1, length // args.induction_len)
+            samples = max(args.eval_min_samples, args.eval_samples // factor)
+            ids, targets = induction_heads_batch(samples, length, args.induction_vocab, g)
+            ev = evaluate(model, ids.to(device), targets.to(device), max(1, args.batch // factor))
+            by_length[str(length)] = accuracy_score(int(ev["hits"].sum()), int(ev["counts"].sum()), self.chance())
+        return dict(by_length=by_length, chance=self.chance())
+
+
+TASK_CLASSES = {"lm": LMTask, "copying": CopyingTask, "induction": InductionTask}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed and memory
+
+
+def measure_speed(spec: dict) -> dict:
+    """Training tokens/s (forward with the LM loss + backward, timed after one warm-up step) and the peak memory
+    of the timed steps above the level before them, for the model spec["config"] on spec["device"]."""
+    from benchmarks.memory import peak_memory
+
+    device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    model = build(spec["config"]).to(device)
+    batch, length = spec["batch"], spec["length"]
+    ids = torch.randint(0, spec["config"]["vocab_size"], (batch, length + 1),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def step():
+        model(x, targets=y).backward()
+        model.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()
+    sync()
+    with peak_memory(device) as peak:
+        start = time.perf_counter()
+        for _ in range(spec["steps"]):
+            step()
+        sync()
+        seconds = time.perf_counter() - start
+    return dict(tokens_per_s=batch * length * spec["steps"] / seconds, seconds_per_step=seconds / spec["steps"],
+                peak_memory_mib=peak.bytes / 2**20,
+                memory_source="CUDA allocator peak" if device.type == "cuda" else "resident high-water growth")
+
+
+def run_speed(family: str, info: dict, args, device) -> dict:
+    config = model_config(family, info["d_model"], args.lm_vocab, args.speed_length, longest_length(args),
+                          info["fit"])
+    spec = dict(config=config, device=str(device), batch=args.speed_batch, length=args.speed_length,
+                steps=args.speed_steps, threads=torch.get_num_threads())
+    isolated = device.type == "cpu" and not args.smoke
+    if isolated:  # a process of its own, large blocks returned to the system when freed (benchmarks/memory.py)
+        from benchmarks.memory import MALLOC_ENV
+
+        proc = subprocess.run([sys.executable, __file__, "--speed-one", json.dumps(spec)], capture_output=True,
+                              text=True, cwd=ROOT, env={**os.environ, **MALLOC_ENV}, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{family} speed: {proc.stderr.strip().splitlines()[-1:]}")
+        measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    else:
+        measured = measure_speed(spec)
+    return dict(family=family, task="speed", d_model=info["d_model"], n_layer=N_LAYER, parameters=info["parameters"],
+                parameter_ratio=info["ratio"], length=args.speed_length, batch=args.speed_batch,
+                steps=args.speed_steps, isolated_process=isolated, **measured)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report: JSON, table, figure
+
+
+class Report:
+    """The JSON report, rewritten (atomically) whenever a row or a family's status is added."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = Path(path)
+        self.data = dict(header, families={}, skipped={}, rows=[], complete=False)
+        self.write()
+
+    def family(self, family: str, info: dict) -> None:
+        self.data["families"][family] = info
+        if info["status"] != "ok":
+            self.data["skipped"][family] = info["reason"]
+        self.write()
+
+    def row(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(self.data, indent=1, allow_nan=False) + "\n")
+        os.replace(partial, self.path)
+
+
+def rows_by(data: dict) -> dict:
+    return {(r["family"], r["task"]): r for r in data["rows"]}
+
+
+def table(data: dict) -> str:
+    """The markdown table: ours beside the Mamba paper's, one row per family asked for."""
+    rows, settings, tasks = rows_by(data), data["settings"], data["tasks"]
+    lengths = [str(n) for n in settings["test_lengths"]]
+    lm = tasks.get("lm")
+    head = ["family", "d_model", "params (ratio)"]
+    if lm:
+        head.append(f"LM loss nats (floor {lm['entropy_floor']:.3f}, chance {lm['chance']:.3f})")
+    if "copying" in tasks:
+        head += [f"sel. copying (chance {tasks['copying']['chance']:.3f}, order-blind "
+                 f"{tasks['copying']['order_blind']:.3f})", "paper: sel. copying"]
+    if "induction" in tasks:
+        head += [f"ind@{n}" for n in lengths]
+        head.append(f"paper: induction (trained at {PUBLISHED['induction_heads_train_length']})")
+    if "speed" in tasks:
+        head += [f"tokens/s @{settings['speed_length']}", "peak MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mark = lambda r, text: text + ("" if r.get("converged") in (True, None) else " †")  # noqa: E731
+    for family in settings["families"]:
+        info = data["families"].get(family)
+        if info is None:
+            continue
+        ok = info["status"] == "ok"
+        cells = [family, str(info.get("d_model", "-")) if ok else "-",
+                 f"{info['parameters']:,} ({info['ratio']:.2f})" if ok else info["status"]]
+        if lm:
+            r = rows.get((family, "lm"))
+            cells.append(mark(r, cell(r["loss"])) if r else "-")
+        if "copying" in tasks:
+            r = rows.get((family, "copying"))
+            cells += [mark(r, cell(r["accuracy"])) if r else "-", PUBLISHED["selective_copying"].get(family, "-")]
+        if "induction" in tasks:
+            r = rows.get((family, "induction"))
+            cells += [mark(r, cell(r["by_length"].get(n))) if r else "-" for n in lengths]
+            cells.append(PUBLISHED["induction_heads"].get(family, "-"))
+        if "speed" in tasks:
+            r = rows.get((family, "speed"))
+            cells += [f"{r['tokens_per_s']:,.0f}", f"{max(0.0, r['peak_memory_mib']):.0f}"] if r else ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"Parameters outside the embedding / LM head; target {data['target_parameters']:,} "
+             f"(ratio = ours / target, within {TOLERANCE:.0%}). \"chance\": not above chance by more than 2 standard "
+             f"errors. †: not converged (training loss still moving by >= {settings['converge_tol']:.0%} over the "
+             "last 10% of steps).",
+             f"Ours: trained at {settings['induction_len']} (induction) for {settings['steps']} steps at the lr the "
+             f"sweep picked; paper: {PUBLISHED['citation']}."]
+    lrs = [f"{r['family']}/{r['task']} {r['lr']:g}" for r in data["rows"] if "lr" in r]
+    if lrs:
+        notes.append("Learning rates: " + ", ".join(lrs) + ".")
+    for family, reason in data["skipped"].items():
+        notes.append(f"{family}: {data['families'][family]['status']}: {reason}")
+    for family, reason in data.get("failed", {}).items():
+        notes.append(f"{family}: failed: {reason}")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def plot(data: dict, path: Path) -> bool:
+    """Three panels: LM loss per family against the floor; accuracy per family on the tasks; induction accuracy
+    against the test length. A result at chance is drawn as a hollow marker on the chance line, never as a value."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return False
+    rows, tasks = rows_by(data), data["tasks"]
+    families = [f for f in data["settings"]["families"] if data["families"].get(f, {}).get("status") == "ok"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    x = np.arange(len(families))
+
+    def bars(ax, scores, offset, width, color):
+        for i, s in enumerate(scores):
+            if s is None:
+                continue
+            if s["at_chance"]:
+                ax.plot(x[i] + offset, s["chance"], marker="o", mfc="none", color=color, ls="none")
+            else:
+                ax.bar(x[i] + offset, s["value"], width, color=color)
+
+    ax = axes[0]
+    if "lm" in tasks:
+        bars(ax, [rows.get((f, "lm"), {}).get("loss") for f in families], 0, 0.6, "C0")
+        ax.plot([], [], marker="s", color="C0", ls="none", label="validation loss")
+        ax.set_ylim(0, tasks["lm"]["chance"] * 1.1)
+        ax.axhline(tasks["lm"]["entropy_floor"], color="k", ls="--", label="entropy floor")
+        ax.axhline(tasks["lm"]["chance"], color="gray", ls=":", label="chance (unigram)")
+        ax.legend(fontsize=7)
+    ax.set_title("language modelling (nats/token)")
+    ax = axes[1]
+    for j, (task, key, color) in enumerate((("copying", "accuracy", "C1"), ("induction", None, "C2"))):
+        if task not in tasks:
+            continue
+        train_len = str(data["settings"]["induction_len"])
+        scores = [(rows.get((f, task)) or {}).get(key) if key else
+                  (rows.get((f, task)) or {}).get("by_length", {}).get(train_len) for f in families]
+        name = "selective copying" if task == "copying" else f"induction @{train_len}"
+        bars(ax, scores, (j - 0.5) * 0.4, 0.4, color)
+        ax.axhline(tasks[task]["chance"], color=color, ls=":", lw=1)
+        ax.plot([], [], marker="s", color=color, ls="none", label=name)
+    if "copying" in tasks:
+        ax.axhline(tasks["copying"]["order_blind"], color="C1", ls="--", lw=1, label="sel. copying: order-blind")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("accuracy (hollow: at chance; dotted: chance)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    for a in axes[:2]:
+        a.set_xticks(x, families, rotation=45, ha="right", fontsize=8)
+    ax = axes[2]
+    if "induction" in tasks:
+        lengths = data["settings"]["test_lengths"]
+        for i, f in enumerate(families):
+            r = rows.get((f, "induction"))
+            if not r:
+                continue
+            color = plt.cm.tab20(i % 20)
+            ys = [np.nan if r["by_length"][str(n)]["at_chance"] else r["by_length"][str(n)]["value"] for n in lengths]
+            ax.plot(lengths, ys, marker="o", color=color, label=f)
+            chance_x = [n for n in lengths if r["by_length"][str(n)]["at_chance"]]
+            ax.plot(chance_x, [tasks["induction"]["chance"]] * len(chance_x), marker="o", mfc="none", ls="none",
+                    color=color)
+        ax.axhline(tasks["induction"]["chance"], color="gray", ls=":", label="chance")
+        ax.axvline(data["settings"]["induction_len"], color="k", lw=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=7)
+    ax.set_title(f"induction heads vs test length (trained at {data['settings']['induction_len']})")
+    ax.set_xlabel("test length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--families", nargs="*", default=list(FAMILIES))
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps of the main run per task")
+    p.add_argument("--sweep-steps", type=int, default=None, help="steps per lr of the sweep (default steps / 4)")
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    p.add_argument("--params", type=int, default=None,
+                   help="target parameters outside the embedding / LM head (default: Mamba's at d_model 64)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lm-length", type=int, default=128)
+    p.add_argument("--lm-vocab", type=int, default=32)
+    p.add_argument("--lm-order", type=int, default=2)
+    p.add_argument("--lm-branching", type=int, default=4, help="successors per context with Dirichlet weights")
+    p.add_argument("--lm-uniform", type=float, default=0.02, help="uniform mass mixed into every row")
+    p.add_argument("--lm-seed", type=int, default=0, help="seed of the chain's table (the language)")
+    p.add_argument("--copy-region", type=int, default=64)
+    p.add_argument("--copy-tokens", type=int, default=8)
+    p.add_argument("--copy-data", type=int, default=8)
+    p.add_argument("--induction-len", type=int, default=64)
+    p.add_argument("--induction-vocab", type=int, default=16)
+    p.add_argument("--test-lengths", type=int, nargs="+", default=[64, 256, 1024, 4096])
+    p.add_argument("--eval-samples", type=int, default=512, help="validation sequences (fewer at long lengths)")
+    p.add_argument("--eval-min-samples", type=int, default=64, help="the fewest induction samples at any length")
+    p.add_argument("--speed-length", type=int, default=1024)
+    p.add_argument("--speed-batch", type=int, default=4)
+    p.add_argument("--speed-steps", type=int, default=5)
+    p.add_argument("--converge-tol", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=200)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps: finishes in seconds")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo.json"))
+    p.add_argument("--speed-one", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:  # smaller defaults; flags given explicitly still win
+        for key, value in SMOKE.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    if args.sweep_steps is None:
+        args.sweep_steps = max(1, args.steps // 4)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.speed_one:  # the isolated speed measurement of run_speed
+        print(json.dumps(measure_speed(json.loads(args.speed_one))))
+        return {}
+    torch.set_num_threads(args.threads)
+    from benchmarks.machine import describe
+
+    device = torch.device(args.device)
+    target = args.params or default_target(args)
+    tasks = {name: TASK_CLASSES[name](args) for name in args.tasks if name in TASK_CLASSES}
+    summaries = {name: task.summary() for name, task in tasks.items()}
+    if "speed" in args.tasks:
+        summaries["speed"] = dict(length=args.speed_length, batch=args.speed_batch, steps=args.speed_steps)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "speed_one")}
+    out = Path(args.out)
+    report = Report(out, dict(machine=describe(), command=shlex.join(["python", "benchmarks/zoo.py", *argv]),
+                              settings=settings, target_parameters=target,
+                              target_is="explicit (--params)" if args.params else
+                              "Mamba's parameters outside the embedding / LM head at d_model 64, n_layer 2",
+                              overrides=OVERRIDES,
+                              published=PUBLISHED, tasks=summaries, failed={}))
+    if "lm" in tasks:
+        s = tasks["lm"].source
+        print(f"LM source: order-{s.order} chain over {s.vocab} tokens, entropy floor {s.entropy_rate:.4f} nats, "
+              f"chance (unigram) {s.unigram_entropy:.4f}, uniform {math.log(s.vocab):.4f}")
+    print(f"target: {target:,} parameters outside the embedding / LM head", flush=True)
+    for family in args.families:
+        reason = availability(family)
+        info = dict(status="skipped", reason=reason) if reason else match_parameters(family, target, args)
+        report.family(family, info)
+        if info["status"] != "ok":
+            print(f"{info['status']} {family}: {info['reason']}", flush=True)
+            continue
+        print(f"{family}: d_model {info['d_model']}, {info['parameters']:,} parameters ({info['ratio']:.3f} of the "
+              "target)", flush=True)
+        try:
+            for name in args.tasks:
+                row = run_speed(family, info, args, device) if name == "speed" else \
+                    run_task(family, info, tasks[name], args, device)
+                report.row(row)
+                print(f"  {family} {name}: {summary_line(row)}", flush=True)
+        except Exception as e:  # one family's failure does not lose the others' rows
+            report.data["failed"][family] = f"{type(e).__name__}: {e}"
+            report.write()
+            print(f"FAILED {family}: {type(e).__name__}: {e}", flush=True)
+    report.data["complete"] = True
+    text = table(report.data)
+    report.data["table"] = text
+    report.write()
+    print("\n" + text)
+    png = out.with_suffix(".png")
+    print(f"wrote {out}" + (f" and {png}" if plot(report.data, png) else ""))
+    return report.data
+
+
+def summary_line(row: dict) -> str:
+    conv = {True: "converged", False: "NOT converged", None: "convergence unknown"}[row.get("converged")]
+    if row["task"] == "lm":
+        s = row["loss"]
+        return (f"loss {cell(s, '{:.4f}')} (measured {s['measured_nats']:.4f}, floor {row['entropy_floor']:.4f}, "
+                f"chance {s['chance']:.4f}), lr {row['lr']:g}, {conv}")
+    if row["task"] == "copying":
+        return f"accuracy {cell(row['accuracy'])}, lr {row['lr']:g}, {conv}"
+    if row["task"] == "induction":
+        return ", ".join(f"@{n} {cell(s)}" for n, s in row["by_length"].items()) + f", lr {row['lr']:g}, {conv}"
+    return f"{row['tokens_per_s']:,.0f} tokens/s, peak +{max(0.0, row['peak_memory_mib']):.0f} MiB"
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main().get("failed") else 0)

@@ -1,0 +1,109 @@
+"""Diagonal complex state space systems: the SSM core of S4D, DSS, GSS and H3's second SSM.
+
+Per channel h, N complex modes with the discrete decay z_hn = exp(dt_lam_hn) and output weights w_hn (the
+discretised input and output matrices folded together, so the state takes the input with weight 1):
+
+    x_t,n = z_n x_{t-1},n + u_t,      y_t = Re(sum_n w_n x_t,n)
+
+whose impulse response is the Vandermonde product K_l = Re(sum_n w_n z_n^l). Training and prefill apply K by FFT
+convolution (kernels.fftconv, exact with document resets); decoding runs the recurrence. A state carried in
+(decoding, chunked scoring) or entering from earlier ranks (context parallelism) adds Re(sum_n w_n z_n^(t+1) h0_n)
+over the first document, and the state after the last position is a closed form over the last document.
+Arithmetic runs in the parameters' precision (float32, or float64 in tests) whatever the autocast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ssmforge.kernels.fftconv import fft_causal_conv
+
+from .context_parallel import ContextParallel
+from .layers import in_first_document, recomputed
+
+
+@dataclass
+class DiagonalState:
+    """Decoding cache of one diagonal SSM: its state, O(1) in the sequence length."""
+
+    ssm: torch.Tensor  # (batch, H, N) complex
+    fresh: bool = True  # nothing consumed yet: a forward starts from zeros rather than continuing
+
+
+def allocate_diagonal_state(batch: int, channels: int, modes: int, device, real_dtype: torch.dtype) -> DiagonalState:
+    return DiagonalState(ssm=torch.zeros(batch, channels, modes, device=device, dtype=complex_of(real_dtype)))
+
+
+def complex_of(real_dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if real_dtype == torch.float64 else torch.complex64
+
+
+def zoh_weights(C: torch.Tensor, A: torch.Tensor, dt_A: torch.Tensor) -> torch.Tensor:
+    """Output weights w = C Bbar of a diagonal system with input weight 1 under zero-order hold with step dt:
+    Bbar = (exp(dt A) - 1) / A. C, A, dt_A complex, broadcastable."""
+    return C * torch.expm1(dt_A) / A
+
+
+def powers(dt_lam: torch.Tensor, length: int, start: int = 0) -> torch.Tensor:
+    """exp(dt_lam l) for l = start..start+length-1: (H, N, length) complex."""
+    steps = torch.arange(start, start + length, device=dt_lam.device, dtype=dt_lam.real.dtype)
+    return torch.exp(dt_lam[..., None] * steps)
+
+
+def vandermonde_kernel(w: torch.Tensor, dt_lam: torch.Tensor, length: int) -> torch.Tensor:
+    """K (H, length) real: K_l = Re(sum_n w_n exp(dt_lam_n l)). Built from (H, N, length) powers, which autograd
+    recomputes in backward rather than keeps (N times the size of K)."""
+    return recomputed(_kernel, w, dt_lam, length)
+
+
+def _kernel(w, dt_lam, length):
+    return torch.einsum("hn,hnl->hl", w, powers(dt_lam, length)).real
+
+
+def diagonal_conv(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                  state: DiagonalState | None = None, context: ContextParallel | None = None) -> torch.Tensor:
+    """u (batch, H, L) -> y (batch, H, L) real, the diagonal system (w, dt_lam (H, N) complex) applied from a zero
+    state, or continuing `state` (unless fresh; it is left holding the state after the last position), or with
+    `context` entering from the ranks holding the earlier chunks of the rows."""
+    L = u.shape[-1]
+    y = fft_causal_conv(u, vandermonde_kernel(w, dt_lam, L), seq_idx=seq_idx)
+    if state is None and context is None:
+        return y
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        last, transfer = recomputed(summary, u, dt_lam, seq_idx)
+        h0 = context.entering_state(last, transfer, L) if context is not None else (None if state.fresh else state.ssm)
+        if h0 is not None:
+            y = y + recomputed(carried, h0, w, dt_lam, seq_idx, L)
+            last = last + transfer * h0
+    if state is not None:
+        state.ssm, state.fresh = last, False
+    return y
+
+
+def summary(u: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None):
+    """The state after the last position from a zero start (batch, H, N): the inputs of the row's last document,
+    each decayed to the end; and the transfer (batch, H, N) that carries an entering state to the end
+    (exp(dt_lam L), zero where a document starts in the row)."""
+    batch, _, L = u.shape
+    pw = powers(dt_lam, L + 1)  # (H, N, L + 1)
+    last_doc = torch.ones(batch, L, device=u.device, dtype=u.dtype) if seq_idx is None else (seq_idx == seq_idx[:, -1:]).to(u.dtype)
+    inputs = (u * last_doc[:, None]).to(pw.dtype)
+    last = torch.einsum("bhl,hnl->bhn", inputs, pw[..., :L].flip(-1))
+    reach = in_first_document(seq_idx, batch, L, u.device)
+    return last, pw[..., L] * reach[:, -1, None, None]
+
+
+def carried(h0: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, L: int):
+    """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
+    Re(sum_n w_n exp(dt_lam_n (t + 1)) h0_n)."""
+    reach = in_first_document(seq_idx, h0.shape[0], L, h0.device)
+    return torch.einsum("bhn,hnl->bhl", h0 * w, powers(dt_lam, L, start=1)).real * reach[:, None, :]
+
+
+def diagonal_step(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, state: DiagonalState) -> torch.Tensor:
+    """One position: u (batch, H) -> y (batch, H) real, advancing `state` (a new tensor, not in place, so that
+    gradients can flow through a run of steps)."""
+    state.ssm = torch.exp(dt_lam) * state.ssm + u[..., None]
+    state.fresh = False
+    return (state.ssm * w).sum(-1).real

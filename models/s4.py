@@ -1,0 +1,352 @@
+"""S4 mixer, as in Gu, Goel & Re, "Efficiently Modeling Long Sequences with Structured State Spaces" (ICLR 2022):
+the S4 block y = GLU(W GELU(K * u + D u)), with per channel h (the d_model = H channels of the residual stream, no
+input projection) an N-state linear system x' = A x + B u, y = C x whose state matrix is normal plus low rank.
+
+HiPPO-LegS initialisation (N = d_state). The LegS matrix A_nk = -sqrt(2n+1) sqrt(2k+1) (n > k), -(n + 1)
+(n = k), 0 (n < k), B_n = sqrt(2n+1), and the rank-1 P_n = sqrt(n + 1/2) make S = A + P P^T = -I/2 + skew:
+normal, so S = V diag(Lambda) V* with V unitary, Lambda_n = -1/2 + i w_n (w from `eigh` of -i times the skew
+part, in float64). The eigenvalues come in conjugate pairs; the N/2 modes with w > 0 are kept and the full
+system is each half vector concatenated with its conjugate (conjugate_pairs): in the basis V,
+
+    A = diag(Lambda) - p p*,   p = V* P,   B~ = V* B,   C (complex normal, N/2 per channel, as the reference),
+
+and the output of the full, conjugate-symmetric system is real. The phase of each eigenvector is chosen so that
+p is real and positive; then B~ = sqrt(2) p is real too (B = sqrt(2) P for LegS), so the reference's clip of
+Im B~ at 2 (which depends on the arbitrary phases `eigh` returns) has nothing to clip and is not applied. Every
+channel starts from the same HiPPO values; the trainable float32 parameters per channel are Lambda (Re through
+-exp(Lambda_re_log), Im free, as the reference's real_transform "exp"), p, B~, C, log_dt (dt log-uniform in
+[dt_min, dt_max]) and D (standard normal, as the reference's D).
+
+Discretisation (`model.s4.discretization`):
+  bilinear (the paper's): Abar = (I - dt/2 A)^-1 (I + dt/2 A), Bbar = (I - dt/2 A)^-1 dt B, with
+    (I - dt/2 A)^-1 written out by Woodbury (O(N^2)); the kernel K_l = C Abar^l Bbar, l < L, comes from the
+    truncated generating function at the L-th roots of unity z_k = exp(-2 pi i k / L):
+        G(z) = sum_{l<L} K_l z^l = C~ (I - Abar z)^-1 Bbar,   C~ = C (I - Abar^L)
+    (the parameter C stays the output matrix that decoding uses; C~ is computed as -C (Abar - I) (I + Abar + ...
+    + Abar^(L-1)), the geometric sum by repeated squaring of the dense (H, N, N) Abar, and Abar - I =
+    dt (I - dt/2 A)^-1 A, so nothing cancels where Abar^L is close to I). For the bilinear transform (I - Abar z)^-1 Bbar = [(1 - z) I - (1 + z) dt/2 A]^-1 dt B,
+    and with A = Lambda - p p* Woodbury gives
+        G(z) = dt [k_CB - s k_Cp k_pB / (1 + s k_pp)],   s = (1 + z) dt / 2,
+        k_ab(z) = sum_n a_n b_n / ((1 - z) - (1 + z) dt/2 Lambda_n)      (Cauchy sums over all N states),
+    a form without the pole at z = -1 of the paper's 2/(1 + z) form. K = irfft of G at the L/2 + 1 nodes.
+  zoh: Abar = exp(dt A) (matrix exponential), Bbar = A^-1 (Abar - I) B; the kernel by the Krylov powers
+    C Abar^l Bbar (doubling: log2 L batched matmuls). No Cauchy trick: G(z) has no Cauchy form for zoh.
+Precision: the discretisation (O(H N^2), zoh O(H N^3)) and the bilinear kernel (the Cauchy sums, O(H L N)) run in
+float64 and are cast back to the parameters' precision (float32 in training): Abar - I is of the order of dt, and
+near z = 1 the Woodbury term cancels the diagonal Cauchy sum by a factor ~|p|^2 / |Lambda| (up to ~N^2 for LegS),
+which in float32 leaves gradient errors of 1e-5..1e-4 at the paper's dt (measured; 1e-7..1e-6 this way). The
+convolution, the state summaries and decoding run in the parameters' precision.
+The kernel is built once per call and recomputed in backward (it materialises (H, L, N)), then applied by FFT
+convolution (kernels.fftconv, exact with document resets).
+
+Decoding state: x (batch, H, N) complex, all N states (each mode and its conjugate), x_t = Abar x_{t-1} +
+Bbar u_t, y_t = Re(C x_t) + D u_t with the dense (H, N, N) Abar (O(N^2) per channel and token; (Abar, Bbar)
+cached in the state by the first step). A forward with a state, or a chunk under context parallelism, also
+computes the chunk's summary: the final state from zero, sum_s Abar^(L-1-s) Bbar u_s over the row's last
+document (Krylov powers by doubling), and the transfer Abar^L (zero where a document starts in the chunk); an
+entering state h0 adds Re(C Abar^(t+1) h0) to the outputs of the first document.
+
+Reference whose semantics were checked: state-spaces/s4, models/s4/s4.py (SSMKernelDPLR, the "nplr"/"legs"
+kernel: nplr(), the Cauchy + Woodbury kernel, _setup_C, _setup_state/step, forward_state). Differences: C is
+kept as the true C (the reference stores C~ for a fixed length), the (1 - z) form of the resolvent, the phase
+choice above, one SSM per channel (n_ssm = H), one output channel. The keys are `model.s4.*`
+(models.config.S4Config). Liquid-S4 (models.liquid_s4) builds on this module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
+
+from .config import ModelConfig
+from .context_parallel import ContextParallel
+from .diagonal import complex_of
+from .layers import GLUOutput, in_first_document, keep_fp32, recomputed
+from .registry import register_mixer
+
+
+def _legs(N: int):
+    """HiPPO-LegS in numpy float64 (A, B, P): computed outside torch, so that a model built on fake or meta tensors
+    (the planner) still starts from these constants."""
+    n = np.arange(N, dtype=np.float64)
+    r = np.sqrt(2 * n + 1)
+    A = -(r[:, None] * r[None, :]) * (n[:, None] > n[None, :]) - np.diag(n + 1)
+    return A, r, np.sqrt(n + 0.5)
+
+
+def hippo_legs(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The HiPPO-LegS (A (N, N), B (N,)) and the rank-1 correction P (N,) making A + P P^T normal, float64."""
+    return tuple(torch.tensor(x) for x in _legs(N))
+
+
+def hippo_legs_nplr(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LegS in normal-plus-low-rank form, float64 / complex128: (Lambda (N/2,), p (N/2,), B~ (N/2,), V (N, N/2))
+    with A_legs = Vf diag(Lambdaf) Vf* - P P^T, Vf = [V, conj V], Lambdaf = [Lambda, conj Lambda], p = V* P,
+    B~ = V* B: the N/2 modes with Im Lambda > 0, in increasing Im Lambda, eigenvector phases making p > 0."""
+    A, B, P = _legs(N)
+    S = A + P[:, None] * P[None, :]  # -I/2 + skew-symmetric
+    skew = (S - S.T) / 2
+    w, V = np.linalg.eigh(skew * -1j)  # Hermitian: skew V = i w V, w ascending
+    keep = w > 0
+    w, V = w[keep], V[:, keep]
+    p = V.conj().T @ P
+    phase = np.where(np.abs(p) > 0, p / np.where(np.abs(p) > 0, np.abs(p), 1), 1)
+    V = V * phase  # now V* P = |p|, real and positive
+    lam = np.diagonal(S).mean() + 1j * w  # -1/2 + i w
+    return tuple(torch.tensor(x) for x in (lam, V.conj().T @ P, V.conj().T @ B, V))
+
+
+def conjugate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., N/2) kept modes -> (..., N): the full state's vector, the modes then their conjugates."""
+    return torch.cat([x, x.conj()], dim=-1)
+
+
+def matrix_power(M: torch.Tensor, n: int) -> torch.Tensor:
+    """M^n (..., N, N) by repeated squaring (n >= 0)."""
+    result = None
+    square = M
+    while n:
+        if n & 1:
+            result = square if result is None else square @ result
+        n >>= 1
+        if n:
+            square = square @ square
+    if result is None:
+        return torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)
+    return result
+
+
+def krylov(M: torch.Tensor, b: torch.Tensor, length: int) -> torch.Tensor:
+    """The Krylov powers M^l b, l = 0..length-1, as (..., N, length), from M (..., N, N) and b (..., N):
+    by doubling, [X, M^(2^k) X], so log2(length) batched matmuls and squarings."""
+    X = b[..., None]
+    square = M
+    while X.shape[-1] < length:
+        X = torch.cat([X, square @ X[..., :length - X.shape[-1]]], dim=-1)
+        if X.shape[-1] < length:
+            square = square @ square
+    return X[..., :length]
+
+
+def geometric_sum(M: torch.Tensor, r: torch.Tensor, n: int) -> torch.Tensor:
+    """r (I + M + ... + M^(n-1)) for row vectors r (..., N) and M (..., N, N), by doubling over the bits of n
+    (most significant first): s_2k = s_k + s_k M^k, s_(2k+1) = r + s_2k M; about 2 log2(n) matmuls."""
+    s = torch.zeros_like(r)
+    power = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)  # M^k
+    for bit in bin(n)[2:]:
+        s = s + (s[..., None, :] @ power)[..., 0, :]
+        power = power @ power
+        if bit == "1":
+            s = r + (s[..., None, :] @ M)[..., 0, :]
+            power = power @ M
+    return s
+
+
+def apply_transfer(transfer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A chunk's transfer (batch, H, N, N) acting on a state (batch, H, N) (ContextParallel's `carry`)."""
+    return torch.einsum("bhnm,bhm->bhn", transfer, x)
+
+
+@dataclass
+class S4State:
+    """Decoding cache of one S4 layer: the full N-state x (each mode and its conjugate), O(1) in the length."""
+
+    ssm: torch.Tensor  # (batch, H, N) complex
+    fresh: bool = True  # nothing consumed yet: a forward starts from zeros rather than continuing
+    discrete: tuple | None = None  # (Abar (H, N, N), Bbar (H, N)), computed by the first step, reused by the next
+
+
+@register_mixer("s4")
+class S4Mixer(nn.Module):
+    """The S4 block's mixer; its shapes come from `config.s4` (models.config.S4Config), or from the section of
+    the subclass's mixer (Liquid-S4)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        cfg = config.section(self.mixer_name)
+        self.layer_idx = layer_idx
+        self.d_model = H = config.d_model
+        self.d_state = N = cfg.d_state
+        self.discretization = cfg.discretization
+        lam, p, b, _ = hippo_legs_nplr(N)
+
+        def per_channel(x):  # every channel starts from the same HiPPO values
+            return x.to(torch.float32).expand(H, *x.shape).clone()
+
+        # SSM parameters, float32 whatever the training precision (they set the memory and its stability)
+        self.Lambda_re_log = keep_fp32(nn.Parameter(per_channel(torch.log(-lam.real))))  # (H, N/2)
+        self.Lambda_im = keep_fp32(nn.Parameter(per_channel(lam.imag)))  # (H, N/2)
+        self.P = keep_fp32(nn.Parameter(per_channel(torch.view_as_real(p))))  # (H, N/2, 2): (re, im)
+        self.B = keep_fp32(nn.Parameter(per_channel(torch.view_as_real(b))))  # (H, N/2, 2)
+        self.C = keep_fp32(nn.Parameter(torch.randn(H, N // 2, 2) * math.sqrt(0.5)))  # complex normal
+        log_lo, log_hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
+        self.log_dt = keep_fp32(nn.Parameter(torch.rand(H) * (log_hi - log_lo) + log_lo))
+        self.D = keep_fp32(nn.Parameter(torch.randn(H)))
+        self.output = GLUOutput(H, config)
+
+    def external_parameters(self) -> list[nn.Parameter]:
+        """The GLU output is called through its forward and the SSM parameters are this module's own: nothing
+        extra for ZeRO-3 to gather."""
+        return []
+
+    def forward_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token: per channel the FFT convolution (kernels.fftconv.fft_conv_flops: 10 log2(2L)
+        + 6) and the D skip (2), then the GLU output. The kernel (Cauchy sums, Abar^L) is built once per batch,
+        not per token, and is left out."""
+        return self.output.flops_per_token() + round(self.d_model * (fft_conv_flops(seq_len) + 2))
+
+    # --- the system ------------------------------------------------------------------------------------------
+
+    def system(self):
+        """(dt (H,), Lambda, p, B, C each (H, N)): the continuous system over all N states (the kept modes, then
+        their conjugates), complex in the parameters' precision; A = diag(Lambda) - p p*."""
+        lam = torch.complex(-torch.exp(self.Lambda_re_log), self.Lambda_im)
+        p, b, c = (torch.view_as_complex(x) for x in (self.P, self.B, self.C))
+        return torch.exp(self.log_dt), *(conjugate_pairs(x) for x in (lam, p, b, c))
+
+    def discrete(self):
+        """(Abar (H, N, N), Bbar (H, N)), the discretised system (bilinear or zoh), in the parameters' precision.
+        Computed in float64 (an O(H N^2) or, for zoh, O(H N^3) cost once per call): exp of a dense matrix whose
+        norm reaches dt N^2 / 2 (the rank-1 part) loses ~1e-4 in float32 (scaling and squaring), and Abar - I is
+        of the order of dt, whose relative precision float32 would cut."""
+        dt, lam, p, b, _ = self.system()
+        working = lam.dtype
+        dt, lam, p, b = dt.double(), *(x.to(torch.complex128) for x in (lam, p, b))
+        eye = torch.eye(self.d_state, dtype=lam.dtype, device=lam.device)
+        if self.discretization == "zoh":
+            A = torch.diag_embed(lam) - p[..., :, None] * p.conj()[..., None, :]
+            Abar = torch.linalg.matrix_exp(dt[:, None, None] * A)
+            Bbar = torch.linalg.solve(A, (Abar - eye) @ b[..., None])[..., 0]
+            return Abar.to(working), Bbar.to(working)
+        # (I - dt/2 A)^-1 = diag(d) - dt/2 (d p)(p* d) / (1 + dt/2 p* d p), d = 1 / (1 - dt/2 Lambda); and
+        # I + dt/2 A = 2 I - (I - dt/2 A), so Abar = 2 (I - dt/2 A)^-1 - I
+        half_dt = (dt / 2)[:, None]
+        d = 1 / (1 - half_dt * lam)
+        dp, pd = d * p, p.conj() * d
+        scale = half_dt / (1 + half_dt * (pd * p).sum(-1, keepdim=True))  # (H, 1)
+        inverse = torch.diag_embed(d) - scale[..., None] * dp[..., :, None] * pd[..., None, :]
+        Abar, Bbar = 2 * inverse - eye, (inverse @ (dt[:, None] * b)[..., None])[..., 0]
+        return Abar.to(working), Bbar.to(working)
+
+    def kernel(self, length: int, Abar: torch.Tensor, Bbar: torch.Tensor) -> torch.Tensor:
+        """K (H, length): K_l = Re(C Abar^l Bbar). It materialises (H, length, N) (Cauchy nodes or Krylov powers):
+        under autograd recomputed in backward rather than kept."""
+        return recomputed(self._kernel, length, Abar, Bbar)
+
+    def _kernel(self, length: int, Abar: torch.Tensor, Bbar: torch.Tensor) -> torch.Tensor:
+        dt, lam, p, b, c = self.system()
+        if self.discretization == "zoh":
+            return torch.einsum("hn,hnl->hl", c, krylov(Abar, Bbar, length)).real
+        # In float64 (cast back at the end): near z = 1 the Woodbury term cancels the diagonal Cauchy sum by a
+        # factor ~ |p|^2 / |Lambda| (up to N^2 for LegS), which in float32 leaves gradient errors of 1e-5..1e-4
+        # (forward 1e-6). The kernel is built once per call; its float64 work is O(H L N) plus O(H N^2 log L).
+        working = dt.dtype
+        dt, Abar, lam, p, b, c = dt.double(), *(x.to(torch.complex128) for x in (Abar, lam, p, b, c))
+        # C~ = C (I - Abar^L) = -C (Abar - I)(I + Abar + ... + Abar^(L-1)), with Abar - I = dt (I - dt/2 A)^-1 A
+        # and (I - dt/2 A)^-1 = (I + Abar) / 2: no cancellation where Abar^L is close to I (dt L small)
+        row = (c[:, None, :] @ (Abar + torch.eye(self.d_state, dtype=Abar.dtype, device=Abar.device)))[:, 0]
+        row = row * (dt / 2)[:, None]  # dt C (I - dt/2 A)^-1
+        c_delta = row * lam - (row * p).sum(-1, keepdim=True) * p.conj()  # C (Abar - I)
+        c_tilde = -geometric_sum(Abar, c_delta, length)
+        k = torch.arange(length // 2 + 1, device=lam.device, dtype=dt.dtype)
+        z = torch.exp(torch.complex(torch.zeros_like(k), -2 * math.pi * k / length))  # (K,) roots of unity
+        s = (1 + z) * (dt / 2)[:, None]  # (H, K)
+        resolvent = 1 / ((1 - z)[:, None] - s[..., None] * lam[:, None, :])  # (H, K, N)
+        pc = p.conj()
+        numerators = torch.stack([c_tilde * b, c_tilde * p, pc * b, pc * p], dim=1)  # (H, 4, N)
+        k_cb, k_cp, k_pb, k_pp = torch.einsum("hjn,hkn->jhk", numerators, resolvent)  # Cauchy sums (H, K)
+        G = dt[:, None] * (k_cb - s * k_cp * k_pb / (1 + s * k_pp))
+        return torch.fft.irfft(G, n=length).to(working)
+
+    # --- the sequence map -------------------------------------------------------------------------------------
+
+    def forward(self, hidden: torch.Tensor, state: S4State | None = None, seq_idx: torch.Tensor | None = None,
+                context: ContextParallel | None = None) -> torch.Tensor:
+        """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed row
+        (no state or kernel tap crosses a boundary). With `state`, the sequence continues from it (unless fresh)
+        and it is left holding the state after the last position; with `context`, hidden is one chunk of the
+        rows and the earlier chunks enter as the state exchanged in the group (models.context_parallel)."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            u = hidden.transpose(1, 2).to(self.log_dt.dtype)  # (batch, H, L)
+            y = self.ssm(u, seq_idx, state, context)
+        return self.output(y.transpose(1, 2).to(hidden.dtype))
+
+    def ssm(self, u: torch.Tensor, seq_idx: torch.Tensor | None = None, state: S4State | None = None,
+            context: ContextParallel | None = None) -> torch.Tensor:
+        """The SSM before the GELU: u (batch, H, L) in the parameters' dtype -> y = K * u + D u (batch, H, L)."""
+        Abar, Bbar = self.discrete()
+        return self.respond(u, Abar, Bbar, seq_idx, state, context) + self.D[:, None] * u
+
+    def respond(self, w: torch.Tensor, Abar: torch.Tensor, Bbar: torch.Tensor, seq_idx: torch.Tensor | None,
+                state: S4State | None, context: ContextParallel | None) -> torch.Tensor:
+        """Re(C x_t) of the system fed with w (batch, H, L): K * w, plus what the carried or entering state adds;
+        leaves `state` (if any) holding x after the last position."""
+        L = w.shape[-1]
+        y = fft_causal_conv(w, self.kernel(L, Abar, Bbar), seq_idx=seq_idx).to(w.dtype)
+        if state is None and context is None:
+            return y
+        last, transfer = recomputed(self._summary, w, seq_idx, Abar, Bbar)
+        if context is not None:
+            h0 = context.entering_state(last, transfer, L, carry=apply_transfer)
+        else:
+            h0 = None if state.fresh else state.ssm
+        if h0 is not None:
+            y = y + recomputed(self._carried, h0, seq_idx, Abar, L)
+            last = last + apply_transfer(transfer, h0)
+        if state is not None:
+            state.ssm, state.fresh = last, False
+        return y
+
+    def _summary(self, w, seq_idx, Abar, Bbar):
+        """The state after the last position from a zero start (batch, H, N): sum_s Abar^(L-1-s) Bbar w_s over
+        the row's last document; and the transfer (batch, H, N, N) that carries an entering state to the end
+        (Abar^L, zero where a document starts in the row)."""
+        batch, _, L = w.shape
+        last_doc = torch.ones(batch, L, device=w.device) if seq_idx is None else (seq_idx == seq_idx[:, -1:])
+        inputs = (w * last_doc[:, None].to(w.dtype)).flip(-1).to(Bbar.dtype)  # w_{L-1-j} at j
+        last = torch.einsum("bhl,hnl->bhn", inputs, krylov(Abar, Bbar, L))
+        reach = in_first_document(seq_idx, batch, L, w.device)[:, -1]
+        return last, matrix_power(Abar, L) * reach[:, None, None, None].to(w.dtype)
+
+    def _carried(self, h0, seq_idx, Abar, L: int):
+        """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
+        Re(C Abar^(t+1) h0), the rows C Abar^j as Krylov powers of Abar^T."""
+        c = self.system()[-1]
+        rows = krylov(Abar.transpose(-1, -2), c, L + 1)[..., 1:]  # (H, N, L): (C Abar^(t+1))_n
+        reach = in_first_document(seq_idx, h0.shape[0], L, h0.device)
+        return torch.einsum("bhn,hnl->bhl", h0, rows).real * reach[:, None, :].to(rows.real.dtype)
+
+    # --- decoding -------------------------------------------------------------------------------------------
+
+    def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> S4State:
+        return S4State(ssm=torch.zeros(batch, self.d_model, self.d_state, device=device,
+                                       dtype=complex_of(self.log_dt.dtype)))
+
+    def step_discrete(self, state: S4State):
+        """(Abar, Bbar), cached in the state by the first step (decoding holds the parameters fixed)."""
+        if state.discrete is None:
+            state.discrete = self.discrete()
+        return state.discrete
+
+    def advance(self, w: torch.Tensor, state: S4State) -> torch.Tensor:
+        """One step of the system fed with w (batch, H): x = Abar x + Bbar w, returns Re(C x) (batch, H)."""
+        Abar, Bbar = self.step_discrete(state)
+        # a new tensor, not in place, so that gradients can flow through a run of steps
+        state.ssm = torch.einsum("hnm,bhm->bhn", Abar, state.ssm) + Bbar * w[..., None].to(Bbar.dtype)
+        state.fresh = False
+        return torch.einsum("hn,bhn->bh", self.system()[-1], state.ssm).real
+
+    def step(self, hidden: torch.Tensor, state: S4State) -> torch.Tensor:
+        """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            y = self.step_ssm(hidden.to(self.log_dt.dtype), state)
+        return self.output(y.to(hidden.dtype))
+
+    def step_ssm(self, u: torch.Tensor, state: S4State) -> torch.Tensor:
+        """The SSM before the GELU for one position: u (batch, H) -> (batch, H)."""
+        return self.advance(u, state) + self.D * u

@@ -1,0 +1,175 @@
+"""benchmarks/zoo.py (the Mamba-360 comparison of mixer families) in smoke mode on mamba and the transformer: the
+matched parameter counts recounted here, the LM source's entropy floor against a closed form and a Monte Carlo
+estimate, the chance labelling, and the JSON rows a run writes."""
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import ROOT
+
+
+def zoo_module():
+    sys.path.insert(0, str(ROOT))
+    import benchmarks.zoo as module
+
+    return module
+
+
+def recount(model) -> int:
+    """Parameters outside the embedding / LM head, counted from the blocks and the final norm."""
+    return sum(p.numel() for p in model.layers.parameters()) + sum(p.numel() for p in model.norm_f.parameters())
+
+
+@pytest.mark.parametrize("family", ["mamba", "transformer"])
+def test_matched_parameter_counts_are_within_ten_percent(family):
+    from ssmforge.models import LanguageModel, MambaConfig, ModelConfig
+
+    Z = zoo_module()
+    args = Z.parse_args(["--smoke"])
+    target = Z.default_target(args)
+    mamba = LanguageModel(ModelConfig(family="mamba", d_model=64, n_layer=2, vocab_size=50,
+                                      mamba=MambaConfig(d_state=16)))
+    assert target == recount(mamba)  # the default target: Mamba at d_model 64, n_layer 2
+    info = Z.match_parameters(family, target, args)
+    assert info["status"] == "ok" and info["d_model"] % 8 == 0 and info["n_layer"] == 2
+    # another vocabulary and lengths than the search used: only the embedding differs
+    model = Z.build(Z.model_config(family, info["d_model"], 100, 48, 512, info["fit"]))
+    assert model.config.n_layer == 2 and model.config.d_model == info["d_model"]
+    assert recount(model) == info["parameters"]
+    assert abs(recount(model) / target - 1) <= 0.10 and info["ratio"] == pytest.approx(recount(model) / target)
+    assert [info["d_model"], info["parameters"]] == info["search"][[p[0] for p in info["search"]].index(
+        info["d_model"])][:2]
+
+
+def test_a_target_out_of_reach_is_refused_and_an_unbuilt_family_skipped(monkeypatch):
+    Z = zoo_module()
+    args = Z.parse_args(["--smoke"])
+    refused = Z.match_parameters("mamba", 100, args)  # d_model 8 already has thousands
+    assert refused["status"] == "refused" and "more than 10% off" in refused["reason"]
+    assert refused["ratio"] > 1.1
+
+    def unfinished(config):
+        raise NotImplementedError("mamba is being written")
+
+    monkeypatch.setattr(Z, "build", unfinished)
+    skipped = Z.match_parameters("mamba", 65472, args)
+    assert skipped == dict(status="skipped", reason="NotImplementedError at construction: mamba is being written")
+    assert Z.availability("no_such_family") is not None and Z.availability("mamba") is None
+
+
+def test_entropy_floor_of_a_two_state_chain_is_the_closed_form():
+    Z = zoo_module()
+    a, b = 0.1, 0.3  # P(0 -> 1), P(1 -> 0)
+    source = Z.MarkovSource(np.array([[1 - a, a], [b, 1 - b]]), order=1)
+    h = lambda p: -(p * math.log(p) + (1 - p) * math.log(1 - p))  # noqa: E731
+    pi0 = b / (a + b)
+    np.testing.assert_allclose(source.stationary, [pi0, 1 - pi0], rtol=1e-12)
+    assert source.entropy_rate == pytest.approx(pi0 * h(a) + (1 - pi0) * h(b), rel=1e-12)
+    assert source.unigram_entropy == pytest.approx(h(pi0), rel=1e-12)
+
+
+def test_entropy_floor_matches_a_monte_carlo_estimate():
+    """Sampled sequences, scored here from the table and their own contexts: the mean -ln P is the entropy rate
+    within 4 standard errors, and the token frequencies' entropy is the unigram chance level."""
+    Z = zoo_module()
+    source = Z.MarkovSource.random(vocab=8, order=2, branching=3, uniform=0.05, seed=3)
+    assert 0 < source.entropy_rate < source.unigram_entropy <= math.log(8)
+    ids, targets, nats = source.batch(300, 200, np.random.default_rng(0))
+    ids, targets = ids.numpy(), targets.numpy()
+    scored = targets != -100
+    assert not scored[:, 0].any() and scored[:, 1:].all()  # the first target is part of the initial context
+    context = ids[:, :-1] * 8 + ids[:, 1:]  # (x_{t-1}, x_t) predicts x_{t+1} = targets[:, t]
+    mine = -np.log(source.table[context, targets[:, 1:]])
+    np.testing.assert_allclose(nats[:, 1:], mine)
+    per_sequence = mine.mean(1)
+    se = per_sequence.std(ddof=1) / math.sqrt(len(per_sequence))
+    assert abs(per_sequence.mean() - source.entropy_rate) < 4 * se, (per_sequence.mean(), source.entropy_rate, se)
+    freq = np.bincount(targets[scored], minlength=8) / scored.sum()
+    assert -(freq * np.log(freq)).sum() == pytest.approx(source.unigram_entropy, abs=0.01)
+
+
+def test_chance_labelling():
+    Z = zoo_module()
+    chance, n = 1 / 16, 512
+    se = math.sqrt(chance * (1 - chance) / n)
+    at = Z.accuracy_score(hits=32, n=n, chance=chance)  # exactly chance
+    assert at["at_chance"] and at["value"] is None and Z.cell(at) == "chance"
+    assert Z.accuracy_score(round((chance + 1.9 * se) * n), n, chance)["at_chance"]
+    assert not Z.accuracy_score(round((chance + 2.2 * se) * n), n, chance)["at_chance"]
+    assert Z.accuracy_score(0, n, chance)["at_chance"]  # below chance is no accuracy either
+    perfect = Z.accuracy_score(n, n, chance)
+    assert not perfect["at_chance"] and perfect["value"] == 1.0 and Z.cell(perfect) == "1.000"
+    rng = np.random.default_rng(0)
+    flat = Z.loss_score(3.0 + 0.1 * rng.standard_normal(64), 64 * 100, chance=3.0)
+    assert flat["at_chance"] and flat["value"] is None and Z.cell(flat) == "chance"
+    learned = Z.loss_score(1.5 + 0.1 * rng.standard_normal(64), 64 * 100, chance=3.0)
+    assert not learned["at_chance"] and learned["value"] == pytest.approx(1.5, abs=0.05)
+    # the order-blind baseline of selective copying: one data token is always copied; exact against sampling
+    assert Z.order_blind_accuracy(1, 8) == pytest.approx(1.0)
+    draws = rng.integers(0, 8, (20000, 4))
+    sampled = np.stack([(draws == v).sum(1) for v in range(8)], 1).max(1).mean() / 4
+    assert Z.order_blind_accuracy(4, 8) == pytest.approx(sampled, abs=0.01)
+
+
+def test_convergence_compares_the_last_tenth_with_the_one_before():
+    Z = zoo_module()
+    assert Z.convergence([2.0] * 50 + [1.0] * 50, 0.02)["converged"]
+    assert not Z.convergence(list(np.linspace(3, 1, 100)), 0.02)["converged"]
+    assert Z.convergence([0.001] * 90 + [0.0005] * 10, 0.02)["converged"]  # near zero: the 0.05 nats floor
+    assert not Z.convergence([1.0] * 99 + [float("nan")], 0.02)["converged"]
+
+
+def test_smoke_run_writes_every_row(tmp_path):
+    Z = zoo_module()
+    threads = torch.get_num_threads()
+    try:
+        report = Z.main(["--smoke", "--families", "mamba", "transformer", "no_such_family", "--lrs", "1e-3", "3e-3",
+                         "--out", str(tmp_path / "zoo.json")])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "zoo.json").read_text())
+    assert saved["complete"] and not saved["failed"]
+    assert saved["command"].startswith("python benchmarks/zoo.py --smoke")
+    assert {"cpu", "cores", "torch"} <= set(saved["machine"])
+    assert list(saved["skipped"]) == ["no_such_family"] and saved["families"]["no_such_family"]["status"] == "skipped"
+    assert saved["published"]["selective_copying"]["mamba"] == "97.0-99.8%" and "2312.00752" in \
+        saved["published"]["citation"]
+    rows = {(r["family"], r["task"]): r for r in saved["rows"]}
+    assert list(rows) == [(f, t) for f in ("mamba", "transformer") for t in ("lm", "copying", "induction", "speed")]
+    target = saved["target_parameters"]
+    for (family, task), r in rows.items():
+        info = saved["families"][family]
+        assert (r["d_model"], r["n_layer"], r["parameters"]) == (info["d_model"], 2, info["parameters"])
+        assert r["parameter_ratio"] == pytest.approx(r["parameters"] / target) and abs(r["parameter_ratio"] - 1) <= 0.1
+        if task == "speed":
+            assert r["tokens_per_s"] > 0 and math.isfinite(r["peak_memory_mib"]) and r["length"] == 64
+            continue
+        assert [p["lr"] for p in r["sweep"]] == [1e-3, 3e-3]
+        assert all({"val_loss", "val_accuracy", "final_train_loss", "converged", "steps"} <= set(p) for p in r["sweep"])
+        assert r["lr"] == min(r["sweep"], key=lambda p: p["val_loss"])["lr"]
+        assert r["steps"] == 3 and len(r["loss_curve"]["mean_loss"]) == 3
+        assert r["converged"] in (True, False) and r["convergence"]["threshold"] == 0.02
+        scores = {"lm": lambda: [r["loss"]], "copying": lambda: [r["accuracy"]],
+                  "induction": lambda: list(r["by_length"].values())}[task]()
+        for s in scores:
+            assert s["at_chance"] == (s["value"] is None) and s["chance"] == saved["tasks"][task]["chance"]
+        if task == "lm":
+            assert r["entropy_floor"] == saved["tasks"]["lm"]["entropy_floor"] < r["chance"]
+            assert abs(r["floor_on_validation"] - r["entropy_floor"]) < 0.5
+        if task == "induction":
+            assert list(r["by_length"]) == ["16", "64", "256"]
+    # the table shows "chance" for every result at chance, never its number, and a dagger on a run not converged
+    for family in ("mamba", "transformer"):
+        lm, copying, induction = (rows[family, t] for t in ("lm", "copying", "induction"))
+        cells = [(lm["loss"], lm), (copying["accuracy"], copying),
+                 *((s, induction) for s in induction["by_length"].values())]
+        line = next(line for line in report["table"].splitlines() if line.startswith(f"| {family} |"))
+        assert line.count("chance") == sum(s["at_chance"] for s, _ in cells)
+        assert line.count("†") == sum(not r["converged"] for _, r in cells)
+    assert "| no_such_family | - | skipped |" in report["table"]
+    if (tmp_path / "zoo.png").exists():
+        assert (tmp_path / "zoo.png").stat().st_size > 0
