@@ -10,12 +10,15 @@ kernel, and decoding, do not depend on the input's length). Both are diagonal sy
 and by the recurrence in decoding; then y + D u, GELU and a GLU output projection, the S4 block the paper's
 experiments use. GSS (models.gss) runs DSS-EXP inside a gated block.
 
-Initialisation (the paper's): Lambda_n = -1/2 + i pi n (the skew-HiPPO approximation DSS starts from), W complex
-normal, dt log-uniform in [dt_min, dt_max], D normal; these stay float32 whatever the training precision. DSS-softmax
-takes the paper's regularised reciprocal conj(S) / (|S|^2 + 1e-7) of the normaliser S (a complex sum can vanish);
-a mode whose real part training makes positive grows in decoding as the paper's kernel does, and its powers
-overflow float32 once Re(dt Lambda) L passes about 88. Semantics checked against the paper's Proposition 1 and
-the DSS chapter of srush/annotated-s4 (`s4/dss.py`: dss_kernel, dss_ssm).
+Initialisation (the paper's): Lambda_n = -1/2 + i w_n, the eigenvalues of the skew-HiPPO matrix (the normal part
+of HiPPO-LegS of size 2N, the N with w > 0: models.s4.hippo_legs_nplr), W complex normal, dt log-uniform in
+[dt_min, dt_max], D normal; these stay float32 whatever the training precision. Lambda is per channel here (the
+reference shares one Lambda between the channels). DSS-softmax takes the paper's regularised reciprocal
+conj(S) / (|S|^2 + 1e-7) of the normaliser S (a complex sum can vanish). Its Re(Lambda) is free as in the paper,
+but Re(dt Lambda) is capped at 60 / softmax_length: the weights carry exp(-dt Lambda (L - 1)) and the powers
+exp(dt Lambda l), which beyond that cap under- and overflow float32 (0 times inf); a growing mode then decodes
+up to about 1.4 softmax_length positions before its powers overflow. Semantics checked
+against the paper's Proposition 1 and the DSS chapter of srush/annotated-s4 (`s4/dss.py`: dss_kernel, dss_ssm).
 Keys: `model.dss.*`.
 """
 from __future__ import annotations
@@ -29,9 +32,11 @@ from .config import ModelConfig
 from .diagonal import zoh_weights
 from .layers import keep_fp32
 from .registry import register_mixer
+from .s4 import hippo_legs_nplr
 from .s4d import DiagonalSSMBlock
 
 SOFTMAX_EPS = 1e-7  # the DSS paper's regularised reciprocal: softmax over C can have a vanishing denominator
+SOFTMAX_MAX_EXPONENT = 60.0  # largest Re(dt Lambda) softmax_length: exp(+-60) stays inside float32's range
 
 
 class DSSKernel(nn.Module):
@@ -40,9 +45,11 @@ class DSSKernel(nn.Module):
     def __init__(self, channels: int, d_state: int, dt_min: float, dt_max: float, variant: str, softmax_length: int):
         super().__init__()
         self.variant, self.softmax_length = variant, softmax_length
+        self.modes = d_state  # an int: under ZeRO-3 a partitioned parameter's shape is empty
         re = math.log(0.5) if variant == "exp" else -0.5  # exp: the log of -Re(Lambda)
         self.Lambda_re = keep_fp32(nn.Parameter(torch.full((channels, d_state), re)))
-        self.Lambda_im = keep_fp32(nn.Parameter(math.pi * torch.arange(d_state, dtype=torch.float32).repeat(channels, 1)))
+        skew_hippo = hippo_legs_nplr(2 * d_state)[0].imag.to(torch.float32)  # (N,) ascending
+        self.Lambda_im = keep_fp32(nn.Parameter(skew_hippo.repeat(channels, 1)))
         self.W = keep_fp32(nn.Parameter(torch.randn(channels, d_state, 2) * math.sqrt(0.5)))  # (re, im)
         log_lo, log_hi = math.log(dt_min), math.log(dt_max)
         self.log_dt = keep_fp32(nn.Parameter(torch.rand(channels) * (log_hi - log_lo) + log_lo))
@@ -50,9 +57,11 @@ class DSSKernel(nn.Module):
     def discrete(self):
         """(w, dt Lambda), each (channels, N) complex: the output weights of the variant and the exponent of the
         per-step decay."""
-        re = -torch.exp(self.Lambda_re) if self.variant == "exp" else self.Lambda_re
+        dt = torch.exp(self.log_dt)[:, None]
+        re = -torch.exp(self.Lambda_re) if self.variant == "exp" else torch.minimum(
+            self.Lambda_re, SOFTMAX_MAX_EXPONENT / self.softmax_length / dt)
         lam = torch.complex(re, self.Lambda_im)
-        dt_lam = torch.exp(self.log_dt)[:, None] * lam
+        dt_lam = dt * lam
         W = torch.view_as_complex(self.W)
         if self.variant == "exp":
             return zoh_weights(W, lam, dt_lam), dt_lam
@@ -61,7 +70,7 @@ class DSSKernel(nn.Module):
         return W / lam * reciprocal, dt_lam
 
     def num_modes(self) -> int:
-        return self.Lambda_im.shape[1]
+        return self.modes
 
 
 @register_mixer("dss")

@@ -18,7 +18,8 @@ Initialisation: shift filter and both D skips standard normal, the S4D-Lin SSM a
 mixer's (models.layers.Projection). The SSM parameters stay float32 whatever the training precision. Semantics
 checked against HazyResearch/safari (`src/models/sequence/h3.py`, H3; the shift kernel of its `ss/kernel.py`).
 Keys: `model.h3.*`. With context parallelism each chunk needs at least d_state - 1 positions (the shift filter's
-halo comes from the previous rank only).
+halo comes from the previous rank only). With head_dim > 1 the diagonal SSM's kernel and state summaries are built
+for each of the head_dim^2 products of a head (the same values head_dim^2 times): memory grows with head_dim^2.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ class H3Mixer(nn.Module):
         cfg = config.h3
         d = config.d_model
         self.layer_idx = layer_idx
-        self.head_dim, self.heads, self.d_state = cfg.head_dim, d // cfg.head_dim, cfg.d_state
+        # sizes as ints: under ZeRO-3 a partitioned parameter's shape is empty
+        self.d_model, self.head_dim, self.heads, self.d_state = d, cfg.head_dim, d // cfg.head_dim, cfg.d_state
         self.in_proj = Projection(d, 3 * d, config)  # q, k, v
         self.out_proj = Projection(d, d, config, residual=True)
         self.shift_C = keep_fp32(nn.Parameter(torch.randn(d, cfg.d_state)))  # the shift SSM's kernel taps
@@ -71,7 +73,7 @@ class H3Mixer(nn.Module):
         """The q/k/v and output projections; the shift filter (an FFT convolution per channel) and its skip; the
         outer products, the diagonal SSM's FFT convolution and skip on d_model * head_dim channels; the products
         with q and their sum. The kernels are built once per batch and left out."""
-        d, p = self.D_k.shape[0], self.head_dim
+        d, p = self.d_model, self.head_dim
         fft = fft_conv_flops(seq_len)
         return 2 * 4 * d * d + round(d * (fft + 2) + d * p * (1 + fft + 2) + 2 * d * p)
 
@@ -124,8 +126,7 @@ class H3Mixer(nn.Module):
         return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> H3State:
-        d = self.D_k.shape[0]
-        return H3State(conv=torch.zeros(batch, d, self.d_state, device=device, dtype=self.D.dtype),
+        return H3State(conv=torch.zeros(batch, self.d_model, self.d_state, device=device, dtype=self.D.dtype),
                        diag=allocate_diagonal_state(batch, self.head_dim ** 2 * self.heads, self.kernel.num_modes(),
                                                     device, self.D.dtype))
 

@@ -65,8 +65,7 @@ from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 
 from .config import ModelConfig
 from .context_parallel import ContextParallel
-from .layers import (Projection, conv_in_context, fill_conv_state, keep_fp32, kernel_backend,
-                     with_conv_history)
+from .layers import Projection, continued_conv, keep_fp32, kernel_backend
 from .registry import register_mixer
 
 INNER_LAYERS = 2  # safari HyenaFilter's num_inner_mlps default: hidden Linear + Sin pairs after the first
@@ -180,13 +179,7 @@ class HyenaMixer(nn.Module):
             return kernels.causal_conv1d(inputs, weight, bias, activation=None, backend=self.kernel_backend,
                                          seq_idx=inputs_seq_idx)
 
-        if context is not None:
-            return conv_in_context(conv, p, seq_idx, context, self.short_filter_order)
-        continuing = state is not None and not state.fresh
-        conv_in, conv_seq_idx = with_conv_history(state.conv, p, seq_idx) if continuing else (p, seq_idx)
-        if state is not None:
-            fill_conv_state(state.conv, conv_in, conv_seq_idx)
-        return conv(conv_in, conv_seq_idx)[..., conv_in.shape[-1] - p.shape[-1]:]
+        return continued_conv(conv, self.short_filter_order, p, seq_idx, state, context)
 
     def forward(self, hidden: torch.Tensor, state: HyenaState | None = None,
                 seq_idx: torch.Tensor | None = None, context: ContextParallel | None = None) -> torch.Tensor:

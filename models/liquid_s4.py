@@ -102,7 +102,7 @@ class LiquidS4Mixer(S4Mixer):
             tail = extended[..., -(self.liquid_degree - 1):]
             if ext_seq_idx is not None:
                 tail = tail * (ext_seq_idx[:, -tail.shape[-1]:] == ext_seq_idx[:, -1:])[:, None, :].to(tail.dtype)
-            state.inputs = tail
+            state.inputs = tail.clone()  # not a view keeping the whole chunk alive
         if self.liquid_kernel == "kb":
             y = self.respond(u + v, Abar, Bbar, seq_idx, state, context)
         else:

@@ -45,6 +45,11 @@ cached in the state by the first step). A forward with a state, or a chunk under
 computes the chunk's summary: the final state from zero, sum_s Abar^(L-1-s) Bbar u_s over the row's last
 document (Krylov powers by doubling), and the transfer Abar^L (zero where a document starts in the chunk); an
 entering state h0 adds Re(C Abar^(t+1) h0) to the outputs of the first document.
+Under context parallelism the ranks exchange that dense transfer per row, (batch, H, N, N): 512 MiB per layer at
+d_model 2048, N 64, micro-batch 8, where the diagonal families send (batch, H, N). The bilinear kernel's Cauchy
+sums hold a (H, L/2 + 1, N) complex128 temporary per layer (2.1 GiB at d_model 2048, L 2048, N 64) and the Krylov
+powers of zoh and of the state summaries (H, N, L) complex64: built for laptop-to-small-GPU shapes, not yet
+chunked over channels for 1B-scale widths.
 
 Reference whose semantics were checked: state-spaces/s4, models/s4/s4.py (SSMKernelDPLR, the "nplr"/"legs"
 kernel: nplr(), the Cauchy + Woodbury kernel, _setup_C, _setup_state/step, forward_state). Differences: C is

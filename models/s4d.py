@@ -40,6 +40,7 @@ class S4DKernel(nn.Module):
         self.C = keep_fp32(nn.Parameter(torch.randn(channels, half, 2) * math.sqrt(0.5)))  # (re, im)
         log_lo, log_hi = math.log(dt_min), math.log(dt_max)
         self.log_dt = keep_fp32(nn.Parameter(torch.rand(channels) * (log_hi - log_lo) + log_lo))
+        self.modes = half  # sizes as ints: under ZeRO-3 a partitioned parameter's shape is empty
 
     def discrete(self):
         """(w, dt A), each (channels, N/2) complex: the output weights 2 C Bbar (the factor 2 stands for the
@@ -49,7 +50,7 @@ class S4DKernel(nn.Module):
         return zoh_weights(2 * torch.view_as_complex(self.C), A, dt_A), dt_A
 
     def num_modes(self) -> int:
-        return self.A_imag.shape[1]
+        return self.modes
 
 
 class DiagonalSSMBlock(nn.Module):
@@ -59,6 +60,7 @@ class DiagonalSSMBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, kernel: nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
+        self.channels = config.d_model  # an int: under ZeRO-3 a partitioned parameter's shape is empty
         self.kernel = kernel
         self.D = keep_fp32(nn.Parameter(torch.randn(config.d_model)))
         self.output = GLUOutput(config.d_model, config)
@@ -69,7 +71,7 @@ class DiagonalSSMBlock(nn.Module):
 
     def forward_flops_per_token(self, seq_len: int) -> int:
         """The FFT convolution and D skip per channel, and the GLU output; the kernel is built once per batch."""
-        d = self.D.shape[0]
+        d = self.channels
         return round(d * (fft_conv_flops(seq_len) + 2)) + self.output.flops_per_token()
 
     def ssm(self, u: torch.Tensor, seq_idx=None, state=None, context=None) -> torch.Tensor:
@@ -85,7 +87,7 @@ class DiagonalSSMBlock(nn.Module):
         return self.output(y.to(hidden.dtype))
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> DiagonalState:
-        return allocate_diagonal_state(batch, self.D.shape[0], self.kernel.num_modes(), device, self.D.dtype)
+        return allocate_diagonal_state(batch, self.channels, self.kernel.num_modes(), device, self.D.dtype)
 
     def step(self, hidden: torch.Tensor, state: DiagonalState) -> torch.Tensor:
         """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place."""

@@ -9,6 +9,7 @@ import torch
 
 from ssmforge.kernels.documents import document_index
 from ssmforge.models import LanguageModel
+from ssmforge.models.s4 import hippo_legs
 
 from .contracts import assert_causal, assert_steps_match_forward, model_config
 
@@ -199,7 +200,11 @@ def test_initialisations_are_the_papers():
     assert dt.min() >= 0.001 and dt.max() <= 0.1
     dss = mixer("dss").kernel
     torch.testing.assert_close(-torch.exp(dss.Lambda_re), torch.full((8, 6), -0.5, dtype=torch.float64))
-    torch.testing.assert_close(dss.Lambda_im, (math.pi * torch.arange(6.0, dtype=torch.float64)).repeat(8, 1))
+    # the skew-HiPPO eigenvalues: w with S = A_legs + P P^T = -I/2 + skew of size 2N, i w its eigenvalues, w > 0
+    A, _, P = hippo_legs(12)
+    skew = (A + P[:, None] * P[None, :]) - torch.diag(torch.diagonal(A + P[:, None] * P[None, :]))
+    w = torch.linalg.eigvals(skew).imag.sort().values[6:]
+    torch.testing.assert_close(dss.Lambda_im, w.repeat(8, 1), rtol=1e-6, atol=1e-5)
     assert mixer("dss", dss=dict(variant="softmax")).kernel.Lambda_re.eq(-0.5).all()  # the real part itself
 
 
@@ -209,3 +214,42 @@ def test_ssm_parameters_stay_fp32():
         flagged = {n for n, p in m.named_parameters() if getattr(p, "_ssmforge_fp32", False)}
         projections = {n for n, _ in m.named_parameters() if "proj" in n}
         assert flagged and flagged == {n for n, _ in m.named_parameters()} - projections, family
+
+
+def test_dss_softmax_stays_finite_for_growing_modes():
+    """DSS-softmax leaves Re(Lambda) free; a mode grown far past the float32 range of exp(dt Lambda L) is capped, so
+    the kernel, outputs and gradients stay finite (the uncapped normaliser gave inf / inf)."""
+    m = mixer("dss", dss=dict(variant="softmax", softmax_length=2048, dt_min=0.1, dt_max=0.1)).float()
+    with torch.no_grad():
+        m.kernel.Lambda_re[:, :2] = 5.0
+    u = torch.randn(2, 8, 64, requires_grad=True)
+    y = m.ssm(u)
+    y.square().sum().backward()
+    assert torch.isfinite(y).all() and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert torch.isfinite(u.grad).all()
+
+
+def test_sizes_do_not_come_from_partitioned_parameters():
+    """Under ZeRO-3 a partitioned parameter is an empty tensor: FLOPs per token (MFU) and decoding states must come
+    from the config, for every mixer of the stack."""
+    from .test_document_resets import every_mixer_config
+
+    model = LanguageModel(every_mixer_config())
+    flops = model.forward_flops_per_token(512)
+    shapes = [state_shapes(block.mixer.allocate_state(2, torch.device("cpu"), torch.float32)) for block in model.layers]
+    for p in model.parameters():
+        p.data = torch.empty(0)
+    assert model.forward_flops_per_token(512) == flops
+    assert [state_shapes(block.mixer.allocate_state(2, torch.device("cpu"), torch.float32))
+            for block in model.layers] == shapes
+
+
+def state_shapes(state):
+    """The tensor shapes held by a decoding state (nested dataclasses), in order."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return tuple(state.shape)
+    if hasattr(state, "__dataclass_fields__"):
+        return [state_shapes(getattr(state, f)) for f in state.__dataclass_fields__]
+    return state

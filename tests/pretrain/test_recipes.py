@@ -29,7 +29,8 @@ MAMBA_PAPER = {
     "mamba-1.4b-pile.yaml": (2048, 48, 2e-4),
 }
 SMALL = {"quickstart.yaml", "tiny.yaml", "mamba2-tiny.yaml", "gss-tiny.yaml", "hybrid-tiny.yaml",
-         "transformer-tiny.yaml"}
+         "transformer-tiny.yaml", "s4-tiny.yaml", "liquid-s4-tiny.yaml", "s4d-tiny.yaml", "dss-tiny.yaml",
+         "h3-tiny.yaml", "hyena-tiny.yaml", "lru-tiny.yaml"}
 
 
 def parameters(config) -> int:
