@@ -3,8 +3,9 @@
 For each family, a 2-layer d_model 256 model scores one document of each length through
 evaluation.perplexity.token_nll, once in chunks of `--chunk` tokens (the state carried from chunk to chunk,
 as eval-ppl does past the training length) and once in a single forward. Each measurement runs in a
-process of its own and reports how far the process's peak resident memory rose during scoring
-(ru_maxrss after minus before), so nothing from an earlier measurement is counted. The hybrid (`M*`) has a
+process of its own and reports how far the process's resident high-water mark rose above its resident
+memory at the start of scoring (VmHWM, reset first: benchmarks.memory.peak_memory). Not ru_maxrss: Linux
+carries that across the fork and exec that start the process, so a large parent would hide the growth. The hybrid (`M*`) has a
 sliding attention window of the chunk length, which is what lets its attention layers stay within a chunk.
 
     python benchmarks/eval_memory.py                  # 8k and 32k tokens, four families, about 4 minutes
@@ -18,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 FAMILIES = ("mamba", "mamba2", "gss", "hybrid")
 
 
@@ -39,25 +40,26 @@ def score_once(family: str, length: int, chunk: int | None, window: int) -> dict
     """In this process: the peak memory growth (MiB) and seconds of scoring one document of `length` tokens."""
     import torch
 
+    from benchmarks.memory import peak_memory
     from ssmforge.evaluation.perplexity import token_nll
     from ssmforge.models import LanguageModel, ModelConfig
 
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig.from_dict(model_config(family, window))).eval()
     ids = torch.randint(0, 260, (1, length), generator=torch.Generator().manual_seed(1))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), peak_memory(torch.device("cpu")) as peak:
         nll = token_nll(model, ids, ids, chunk_length=chunk)
     seconds = time.perf_counter() - start
-    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    return dict(peak_growth_mib=round(grown, 1), seconds=round(seconds, 2), mean_nll=float(nll.mean()))
+    return dict(peak_growth_mib=round(peak.bytes / 2**20, 1), seconds=round(seconds, 2), mean_nll=float(nll.mean()))
 
 
 def measure(family: str, length: int, chunk: int | None, window: int) -> dict:
-    """score_once in a fresh process (its peak is its own)."""
+    """score_once in a fresh process (its peak is its own), large blocks returned to the system when freed."""
+    from benchmarks.memory import MALLOC_ENV
+
     proc = subprocess.run([sys.executable, __file__, "--one", family, str(length), str(chunk or 0), str(window)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=1800)
+                          capture_output=True, text=True, cwd=ROOT, timeout=1800, env={**os.environ, **MALLOC_ENV})
     if proc.returncode != 0:
         raise RuntimeError(f"{family} L={length} chunk={chunk}: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
