@@ -108,7 +108,9 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     preemption from a launcher ending the survivors of a lost rank: a worker killed by the signal would
     raise in the middle of either. So a loader worker ignores SIGUSR1 and outlives SIGTERM by
     WORKER_GRACE_S, time for its training process to save or report and shut it down (a worker also
-    ends when its training process is gone)."""
+    ends when its training process is gone). SIGALRM, which ends it then, gets its default action back from
+    the training process's batch deadline (pretrain.peers.bounded), which a worker forked meanwhile inherits."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _end_after_the_grace)
 

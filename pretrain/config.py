@@ -182,7 +182,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Checkpoints kept on disk; older ones are deleted after a save succeeds."""
     collective_timeout_s: int = 600
-    """Seconds after which a hung rank fails the others' collectives (a dead one fails them at once)."""
+    """Seconds after which a hung rank fails the others' collectives and their waits for a batch (a dead one
+    fails them at once)."""
     context_parallel: int = 1
     """Ranks that share every sequence, each running the model on 1/K of it and passing SSM states (context
     parallelism, models.context_parallel): K consecutive ranks of a node form a group that reads the same samples;

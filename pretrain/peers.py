@@ -11,11 +11,57 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 import time
 from datetime import timedelta
+from typing import Iterable, Iterator, TypeVar
 
 CHECK_IN_PREFIX = "ssmforge/alive/"
 CHECK_IN_SECONDS = 5.0  # how long the survivors of a failed collective wait for each other to check in
+
+Item = TypeVar("Item")
+
+
+class PeerWaitTimeout(RuntimeError):
+    """A wait outside any collective that another rank can make endless ran past train.collective_timeout_s."""
+
+
+def bounded(items: Iterable[Item], what: str, timeout_s: float) -> Iterator[Item]:
+    """`items`, each taken within timeout_s or PeerWaitTimeout. The data loader can wait on the other ranks
+    of its node outside any collective: streaming takes one file lock, shared by the node's ranks, for every
+    sample, so a rank stopped while holding it (SIGSTOP, a hang) stalls the others in their loaders, where
+    no collective timeout reaches them. The deadline is a SIGALRM timer, which interrupts the lock's polling
+    in the main thread; elsewhere (no signals) the items come unbounded."""
+    iterator = iter(items)
+    if threading.current_thread() is not threading.main_thread():
+        yield from iterator
+        return
+
+    def expire(signum, frame):
+        raise PeerWaitTimeout(f"no {what} within train.collective_timeout_s={timeout_s:g} s: the data loader "
+                              "waits on another rank of this node or on its storage")
+
+    while True:
+        try:
+            item = _take(iterator, timeout_s, expire)
+        except StopIteration:
+            return
+        yield item
+
+
+def _take(iterator: Iterator[Item], timeout_s: float, expire) -> Item:
+    previous = signal.signal(signal.SIGALRM, expire)
+    earlier, interval = signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    if earlier:  # the embedding program's own timer (a test harness's) runs: it stands, and this wait is unbounded
+        signal.setitimer(signal.ITIMER_REAL, earlier, interval)
+        signal.signal(signal.SIGALRM, previous)
+        return next(iterator)
+    try:
+        return next(iterator)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def lost_peer(error: BaseException) -> str | None:
@@ -29,7 +75,7 @@ def lost_peer(error: BaseException) -> str | None:
         seen.add(id(error))
         text = str(error).strip()
         message = text.splitlines()[0] if text else type(error).__name__
-        distributed = isinstance(error, getattr(torch.distributed, "DistError", ()))
+        distributed = isinstance(error, (PeerWaitTimeout, getattr(torch.distributed, "DistError", ())))
         transport = re.search(r"gloo|nccl|c10d|ProcessGroup|connection (reset|closed|refused)|broken pipe|timed? ?out",
                               message, re.IGNORECASE)
         if distributed or (isinstance(error, RuntimeError) and transport):
@@ -71,5 +117,5 @@ def describe_lost_ranks(rank: int, world_size: int, detail: str) -> str:
     elif silent:
         who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent))
     else:
-        who = "no rank (every rank checked in; the network between them failed)"
+        who = "no rank (every rank checked in: what failed lies between them, the network or shared storage)"
     return f"rank {rank} lost {who} ({detail})"

@@ -29,7 +29,7 @@ from .collectives import any_rank, context_group, sum_over_ranks
 from .launch import World, device_for, init_distributed, shutdown, world_from_env
 from .metrics import MetricsLogger, Throughput, peak_flops
 from .runlock import RunLock
-from .peers import describe_lost_ranks, lost_peer
+from .peers import bounded, describe_lost_ranks, lost_peer
 from .signals import REQUEUE_EXIT_CODE, StopRequest, mark_requeue
 
 log = logging.getLogger(__name__)
@@ -236,12 +236,13 @@ def _train(config, world: World, device: torch.device, stop: StopRequest) -> int
         if val_loader is None:
             return None
         with metrics.excluded("validation"):
-            loss = evaluate(engine, val_loader, device, dtype, train_cfg.eval_batches, reset_at, context)
+            loss = evaluate(engine, bounded(val_loader, "validation batch", train_cfg.collective_timeout_s), device,
+                            dtype, train_cfg.eval_batches, reset_at, context)
         if loss is not None:
             metrics.validation(state.step, loss, floor)
         return loss
 
-    batches = endless(train_loader)
+    batches = bounded(endless(train_loader), "training batch", train_cfg.collective_timeout_s)
     val_loss = None
     while state.step < train_cfg.max_steps:
         loss_sum = torch.zeros((), device=device)

@@ -65,3 +65,10 @@ def tiny_config():
 
     return ModelConfig(family="mamba", d_model=32, n_layer=2, vocab_size=101,
                        mamba=MambaConfig(d_state=8, d_conv=4, expand=2))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests (whole runs: ranks, launchers, jobs) first, each module's in its own order: the two
+    xdist workers then share them out early and end on the many short tests, instead of one worker idling
+    while the other finishes a long run that happened to come last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

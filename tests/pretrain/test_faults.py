@@ -173,12 +173,32 @@ def test_a_full_disk_on_one_of_two_ranks_stops_both_with_one_line_and_keeps_late
     assert integrity.verify(checkpoints / "step_00000010") is None
 
 
+# Rank 1 stops (SIGSTOP) as it starts its first validation: rank 0 then waits for it at the node's data-loader
+# barrier (streaming's, at the start of every pass over a split), outside any collective.
+STOPPED_BEFORE_VALIDATION = r"""
+import os, signal, sys
+import ssmforge.pretrain.trainer as trainer
+
+evaluate = trainer.evaluate
+
+def stopping_evaluate(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return evaluate(*args, **kwargs)
+
+trainer.evaluate = stopping_evaluate
+from ssmforge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["killed", "hung", "network"])
 def test_a_rank_killed_hung_or_cut_off_mid_run_is_named_and_the_run_resumes_as_if_uninterrupted(
         tmp_path, fault, uninterrupted_losses):
-    """SIGKILL of rank 1 of 2, SIGSTOP (a rank stuck outside any collective), or rank 1's node cut off the
-    network (its own network namespace, its link taken down): rank 0 leaves, within the minute or within
+    """SIGKILL of rank 1 of 2, SIGSTOP as it starts validating at step 15 (a rank stuck outside any collective,
+    which rank 0 waits for in its data loader), or rank 1's node cut off the network (its own network
+    namespace, its link taken down: a collective times out): rank 0 leaves, within the minute or within
     train.collective_timeout_s + 30 s, with exit code 3 and one line naming rank 1 and the checkpoint to
     resume from (on which the job script requeues); the rerun's losses equal an uninterrupted run's."""
     from ssmforge.pretrain.launch import free_port
@@ -195,12 +215,19 @@ def test_a_rank_killed_hung_or_cut_off_mid_run_is_named_and_the_run_resumes_as_i
         ranks = nodes.start(pretrain_command(run, *steps), clean_env(), free_port(), cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         inject = nodes.cut
+    elif fault == "hung":
+        nodes, steps = None, (*steps, "train.eval_every=15")  # validation leaves the training losses as they are
+        command = [sys.executable, "-c", STOPPED_BEFORE_VALIDATION] + pretrain_command(run, *steps)[3:]
+        ranks = start_ranks(command, ranks=2)
+
+        def inject():  # rank 1 stops itself at step 15
+            pass
     else:
         nodes = None
         ranks = start_ranks(pretrain_command(run, *steps), ranks=2)
 
         def inject():
-            ranks[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+            ranks[1].send_signal(signal.SIGKILL)
     limit = 60 if fault == "killed" else timeout_s + 30
     try:
         wait_for_step(run, 14, ranks[0])
@@ -222,6 +249,8 @@ def test_a_rank_killed_hung_or_cut_off_mid_run_is_named_and_the_run_resumes_as_i
             nodes.close()
     assert ranks[0].returncode == 3, err[-3000:]
     assert_survivor_named_rank_1(err, resume_from="step_00000010")
+    if fault == "hung":
+        assert "lost rank 1 (no validation batch within train.collective_timeout_s=20 s" in err, err[-3000:]
     print(f"\n{fault}: rank 0 left {elapsed:.0f} s after the fault: "
           + next(line for line in err.splitlines() if "training stopped" in line))
     resumed = run_pretrain(run, *steps, ranks=2)

@@ -1,10 +1,14 @@
-"""Naming a lost rank: the failed collective found in an exception's chain, and the survivors' check-in."""
+"""Naming a lost rank: the failed collective found in an exception's chain, the survivors' check-in, and the
+deadline on waits outside any collective."""
+import signal
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 
-from ssmforge.pretrain.peers import lost_peer
+from ssmforge.pretrain.peers import PeerWaitTimeout, bounded, lost_peer
 
 from .conftest import ROOT
 
@@ -45,3 +49,76 @@ def test_ranks_that_do_not_check_in_are_named():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-2:] == ["[1, 2]", "rank 0 lost ranks 1, 2 (Connection reset by peer)"]
+
+
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+with FileLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_wait_on_a_lock_another_process_holds_ends_after_the_deadline(tmp_path):
+    """streaming's node-wide cache lock held by a stopped rank: the next item fails after the deadline with an
+    error that names the wait and counts as a lost peer; the items before it came through unchanged, and the
+    previous SIGALRM handler is back afterwards with no timer left running."""
+    from filelock import FileLock
+
+    lock_path = str(tmp_path / "cache.lock")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, lock_path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+
+        def items():
+            yield from (1, 2)
+            with FileLock(lock_path):  # polls in Python, as streaming's prepare_shard does
+                yield 3
+
+        before = signal.getsignal(signal.SIGALRM)
+        taken, started = [], time.monotonic()
+        with pytest.raises(PeerWaitTimeout) as caught:
+            for item in bounded(items(), "training batch", 1.5):
+                taken.append(item)
+        waited = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert taken == [1, 2] and 1.5 <= waited < 10, (taken, waited)
+    assert lost_peer(caught.value) == str(caught.value) == (
+        "no training batch within train.collective_timeout_s=1.5 s: the data loader waits on another rank of "
+        "this node or on its storage")
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_timer_the_program_already_runs_stands():
+    """A harness's own SIGALRM timer (pytest-timeout's signal method): bounded leaves it and its handler be."""
+    fired = []
+
+    def harness(signum, frame):
+        fired.append(signum)
+
+    previous = signal.signal(signal.SIGALRM, harness)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30)
+        assert list(bounded(iter([1, 2, 3]), "training batch", 0.5)) == [1, 2, 3]
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 25 < remaining <= 30 and not fired and signal.getsignal(signal.SIGALRM) is harness
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_loader_worker_gets_sigalrms_default_action_back():
+    """A worker forked during a bounded wait inherits the deadline's handler; its grace alarm must end it."""
+    from ssmforge.data_pipeline.loader import _leave_stop_signals_to_the_trainer
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGALRM, signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGALRM, lambda signum, frame: None)
+        _leave_stop_signals_to_the_trainer(0)
+        assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssmforge.models import LanguageModel, ModelConfig, load_pretrained
+from ssmforge.models import LanguageModel, load_pretrained
 from ssmforge.pretrain.engine import autocast, lr_lambda, param_groups
 from ssmforge.pretrain.export import consolidated_state_dict
 from ssmforge.pretrain.config import TrainConfig
@@ -306,9 +306,9 @@ def test_zero3_builds_the_model_partitioned_with_the_weights_of_a_whole_one(conf
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 3])
-def test_a_compiled_model_trains_on_the_same_losses(tmp_path, stage):
-    common = ("train.max_steps=3", "train.log_every=1", "train.eval_every=100", f"deepspeed.zero_stage={stage}")
+def test_a_compiled_model_trains_on_the_same_losses(tmp_path):
+    # under ZeRO-3, whose parameter hooks are what torch.compile must trace around; ZeRO-0 adds no path of its own
+    common = ("train.max_steps=3", "train.log_every=1", "train.eval_every=100", "deepspeed.zero_stage=3")
     run_pretrain(tmp_path / "eager", *common, ranks=2)
     run_pretrain(tmp_path / "compiled", *common, "train.compile=true", ranks=2)
     eager, compiled = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
