@@ -19,7 +19,7 @@ quickstart: $(INSTALLED)
 
 # the SLURM tests start (and stop) a cluster of their own in a temporary folder, never the machine's
 test: $(INSTALLED)
-	$(PY) -m pytest -q -n 2 --durations=40
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1 --durations=40
 
 # the fault soak, a nightly target: 3,000 steps on 2 ranks killed and requeued at random, against an uninterrupted run
 soak: $(INSTALLED)

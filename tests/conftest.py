@@ -68,7 +68,8 @@ def tiny_config():
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests (whole runs: ranks, launchers, jobs) first, each module's in its own order: the two
-    xdist workers then share them out early and end on the many short tests, instead of one worker idling
-    while the other finishes a long run that happened to come last."""
+    """The slow tests (whole runs: ranks, launchers, jobs) first, each module's in its own order: with
+    `--maxschedchunk 1` (make test) each xdist worker takes the next test when it is free, so the two share
+    the long runs early and end together on the many short tests, instead of one idling while the other
+    finishes a long run that came last."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
