@@ -66,10 +66,3 @@ def tiny_config():
     return ModelConfig(family="mamba", d_model=32, n_layer=2, vocab_size=101,
                        mamba=MambaConfig(d_state=8, d_conv=4, expand=2))
 
-
-def pytest_collection_modifyitems(config, items):
-    """The slow tests (whole runs: ranks, launchers, jobs) first, each module's in its own order: with
-    `--maxschedchunk 1` (make test) each xdist worker takes the next test when it is free, so the two share
-    the long runs early and end together on the many short tests, instead of one idling while the other
-    finishes a long run that came last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

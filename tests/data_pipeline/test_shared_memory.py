@@ -160,7 +160,7 @@ def another_job_registering():
 
 
 def node_lock_is_free() -> bool:
-    fd = os.open(lock_path(), os.O_RDONLY)  # a descriptor of its own: flock tells it from this process's others
+    fd = os.open(shared_memory.lock_path(), os.O_RDONLY)  # a descriptor of its own: flock tells it from this process's others
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -170,8 +170,11 @@ def node_lock_is_free() -> bool:
         os.close(fd)
 
 
-def test_a_job_finds_and_creates_its_prefix_under_the_node_lock(shards, monkeypatch):
+def test_a_job_finds_and_creates_its_prefix_under_the_node_lock(shards, monkeypatch, tmp_path):
     import streaming.base.dataset as streaming_dataset
+
+    # a lock of this test's own: the node's is also taken by whatever job another test runs meanwhile
+    monkeypatch.setattr(shared_memory, "lock_path", lambda: tmp_path / "node.lock")
 
     held_while_registering = []
     register = streaming_dataset.get_shm_prefix
