@@ -29,10 +29,11 @@ class PeerWaitTimeout(RuntimeError):
 
 def bounded(items: Iterable[Item], what: str, timeout_s: float) -> Iterator[Item]:
     """`items`, each taken within timeout_s or PeerWaitTimeout. The data loader can wait on the other ranks
-    of its node outside any collective: streaming takes one file lock, shared by the node's ranks, for every
-    sample, so a rank stopped while holding it (SIGSTOP, a hang) stalls the others in their loaders, where
-    no collective timeout reaches them. The deadline is a SIGALRM timer, which interrupts the lock's polling
-    in the main thread; elsewhere (no signals) the items come unbounded."""
+    of its node outside any collective: streaming's ranks of a node meet at a file-lock barrier at the start of
+    every pass over a split (each validation), and wait on each other's preparation of remote shards under one
+    shared lock. A rank stopped there (SIGSTOP, a hang) stalls the others in their loaders, where no collective
+    timeout reaches them. The deadline is a SIGALRM timer, which interrupts those polling waits in the main
+    thread; elsewhere (no signals) the items come unbounded."""
     iterator = iter(items)
     if threading.current_thread() is not threading.main_thread():
         yield from iterator
