@@ -65,4 +65,3 @@ def tiny_config():
 
     return ModelConfig(family="mamba", d_model=32, n_layer=2, vocab_size=101,
                        mamba=MambaConfig(d_state=8, d_conv=4, expand=2))
-
