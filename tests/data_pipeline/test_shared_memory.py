@@ -160,7 +160,8 @@ def another_job_registering():
 
 
 def node_lock_is_free() -> bool:
-    fd = os.open(shared_memory.lock_path(), os.O_RDONLY)  # a descriptor of its own: flock tells it from this process's others
+    # a descriptor of its own: flock tells it from this process's others
+    fd = os.open(shared_memory.lock_path(), os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
