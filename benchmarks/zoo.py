@@ -10,7 +10,9 @@ target as well (its count moves ~35% per d_model step of 8, so d_model alone nev
 
 Tasks, each trained with benchmarks/synthetic.py's AdamW loop (warm-up, cosine decay, clipping) on fresh
 batches, after a learning-rate sweep (`--lrs`, `--sweep-steps` each, best by validation loss at the scored
-positions, every point recorded) at the chosen rate for `--steps`:
+positions, every point recorded) at the chosen rate for `--steps`. With `--sweep-steps` equal to `--steps` every
+rate trains the whole budget and the best run is the result: short probes cannot rank rates on tasks that are
+learnt in a sudden transition after a plateau (selective copying, induction heads).
 
   lm          language modelling on an order-k Markov chain over a small vocabulary (MarkovSource: sparse
               Dirichlet rows mixed with a little uniform mass, so the chain is ergodic), sequences started from
@@ -33,12 +35,16 @@ relative to the previous 10% (the denominator floored at 0.05 nats); rows that a
 
 The printed table sets the Mamba paper's published numbers (PUBLISHED) beside ours. Writes
 benchmarks/results/zoo.json (machine, command line, every row, rewritten as each row completes, so a long run
-can be stopped) and benchmarks/results/zoo.png.
+can be stopped) and benchmarks/results/zoo.png. `--merge A.json B.json ...` joins runs into one report (a later
+file's row replaces an earlier one's; runs with another parameter target or other task settings are refused), so
+a task can be rerun at a larger budget or a stopped run completed without training the rest again.
 
     python benchmarks/zoo.py                                  # every family: roughly an hour on 2 cores (an
                                                               # estimate from synthetic.py's step times)
     python benchmarks/zoo.py --families mamba transformer --steps 300 --tasks copying induction
     python benchmarks/zoo.py --smoke                          # seconds: tiny sizes, a check of the machinery
+    python benchmarks/zoo.py --tasks copying --steps 4000 --sweep-steps 4000 --lrs 1e-3 3e-3 --out copying.json
+    python benchmarks/zoo.py --merge benchmarks/results/zoo.json copying.json   # copying's rows replaced
 """
 from __future__ import annotations
 
@@ -421,9 +427,13 @@ def train_run(family: str, info: dict, task, lr: float, steps: int, args, device
 
 
 def run_task(family: str, info: dict, task, args, device) -> dict:
-    """The lr sweep, then the main run at the best lr; the row."""
+    """The lr sweep, then the main run at the best lr; the row. With --sweep-steps equal to --steps the sweep is
+    the full budget: every lr trains as long as the main run, and the best one's model is the row's (no rerun).
+    Short probes mislead on tasks learnt in a sudden transition after a plateau (copying, induction): every rate
+    still sits on the plateau when the probe stops."""
     val_ids, val_targets = (t.to(device) for t in task.sweep_validation(args))
-    sweep = []
+    full_budget = args.sweep_steps == args.steps
+    sweep, candidates = [], {}
     for lr in args.lrs:
         model, losses, seconds = train_run(family, info, task, lr, args.sweep_steps, args, device)
         ev = evaluate(model, val_ids, val_targets, args.batch)
@@ -432,13 +442,20 @@ def run_task(family: str, info: dict, task, args, device) -> dict:
                      final_train_loss=finite(float(np.mean(losses[-max(1, len(losses) // 10):]))),
                      converged=convergence(losses, args.converge_tol)["converged"], seconds=seconds)
         sweep.append(point)
+        if full_budget:
+            candidates[lr] = model, losses, seconds
         print(f"  {family} {task.name} sweep lr {lr:g}: val loss {ev['loss']:.4f}", flush=True)
     best = min(sweep, key=lambda p: p["val_loss"] if p["val_loss"] is not None else math.inf)
     lr = best["lr"]
-    model, losses, seconds = train_run(family, info, task, lr, args.steps, args, device)
+    if full_budget:
+        model, losses, seconds = candidates[lr]
+        selected_by = "validation loss at the scored positions after the full budget (the sweep is the main run)"
+    else:
+        model, losses, seconds = train_run(family, info, task, lr, args.steps, args, device)
+        selected_by = "validation loss at the scored positions after the sweep's steps"
     row = dict(family=family, task=task.name, d_model=info["d_model"], n_layer=N_LAYER,
                parameters=info["parameters"], parameter_ratio=info["ratio"], lr=lr,
-               lr_selected_by="validation loss at the scored positions after the sweep's steps", sweep=sweep,
+               lr_selected_by=selected_by, sweep=sweep,
                steps=args.steps, train_seconds=seconds, train_length=task.train_length,
                final_train_loss=finite(float(np.mean(losses[-max(1, len(losses) // 10):]))),
                loss_curve=loss_curve(losses), convergence=convergence(losses, args.converge_tol))
@@ -649,14 +666,99 @@ class Report:
         self.write()
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(self.data, indent=1, allow_nan=False) + "\n")
-        os.replace(partial, self.path)
+        write_json(self.path, self.data)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically: a stopped run leaves the previous complete file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    os.replace(partial, path)
 
 
 def rows_by(data: dict) -> dict:
     return {(r["family"], r["task"]): r for r in data["rows"]}
+
+
+class MergeRefused(ValueError):
+    """Runs that do not measure the same thing: one line naming the file and the setting."""
+
+
+def merge(paths: list[Path]) -> dict:
+    """Several runs of this benchmark (each a JSON it wrote) as one report, so a comparison can be measured in
+    parts (a task at a longer budget, the families a stopped run missed). A later file's row replaces an earlier
+    one's for the same family and task. Refused unless every run has the same parameter target and, for each task
+    two runs share, the same task settings (data, lengths, chance): rows side by side must measure the same thing.
+    Each run's command and settings are kept under "runs", each replaced row under "superseded" (with the index
+    of the run that replaced it); the table states each task's steps and sweep."""
+    runs = [(Path(p), read_report(Path(p))) for p in paths]
+    first_path, first = runs[0]
+    data = {key: first[key] for key in ("machine", "target_parameters", "target_is", "overrides", "published")}
+    data.update(runs=[], tasks={}, failed={}, families={}, skipped={}, rows=[], superseded=[])
+    rows = {}
+    for path, run in runs:
+        if run["target_parameters"] != first["target_parameters"]:
+            raise MergeRefused(f"{path}: target_parameters {run['target_parameters']:,} differs from "
+                               f"{first_path}'s {first['target_parameters']:,}")
+        for task, summary in run["tasks"].items():
+            if data["tasks"].setdefault(task, summary) != summary:
+                raise MergeRefused(f"{path}: the {task} task's settings {summary} differ from an earlier run's "
+                                   f"{data['tasks'][task]}")
+        commands = run["command"] if isinstance(run["command"], list) else [run["command"]]
+        data["runs"].append(dict(commands=commands, settings=run["settings"], complete=run["complete"],
+                                 rows=[f"{r['family']}/{r['task']}" for r in run["rows"]]))
+        for family, info in run["families"].items():
+            if info["status"] == "ok" or family not in data["families"]:
+                data["families"][family] = info
+        for r in run["rows"]:
+            if (r["family"], r["task"]) in rows:  # kept, so what a longer budget replaced stays on record
+                data["superseded"].append(dict(rows[r["family"], r["task"]], superseded_by=len(data["runs"]) - 1))
+            rows[r["family"], r["task"]] = r
+        data["failed"].update(run.get("failed", {}))
+    data["skipped"] = {f: i["reason"] for f, i in data["families"].items() if i["status"] != "ok"}
+    order = {name: i for i, name in enumerate(FAMILIES)}
+    families = sorted(data["families"], key=lambda f: order.get(f, len(order)))
+    data["rows"] = sorted(rows.values(), key=lambda r: (order.get(r["family"], len(order)), TASKS.index(r["task"])))
+    for family in list(data["failed"]):
+        if all((family, t) in rows for t in data["tasks"]):  # a later run measured what an earlier one lost
+            del data["failed"][family]
+    data["settings"] = dict(first["settings"], families=families, tasks=[t for t in TASKS if t in data["tasks"]])
+    # complete: every family measured on every task (a run stopped early may be completed by a later one)
+    data["complete"] = all((f, t) in rows for f in families if data["families"][f]["status"] == "ok"
+                           for t in data["tasks"])
+    return data
+
+
+def read_report(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MergeRefused(f"{path}: cannot be read as a zoo.py report ({e})") from None
+    missing = [k for k in ("target_parameters", "tasks", "families", "rows", "settings", "command", "complete")
+               if k not in data]
+    if missing:
+        raise MergeRefused(f"{path}: not a zoo.py report (no {', '.join(missing)})")
+    return data
+
+
+def budgets(data: dict) -> list[str]:
+    """Each task's training budget and lr sweep, from its rows: one phrase per distinct protocol."""
+    phrases = []
+    for task in TASKS:
+        groups: dict[str, list[str]] = {}
+        for r in data["rows"]:
+            if r["task"] != task or "sweep" not in r:
+                continue
+            lrs = "/".join(f"{p['lr']:g}" for p in r["sweep"])
+            probe = r["sweep"][0]["steps"] if r["sweep"] else r["steps"]
+            how = (f"{r['steps']:,} steps for each lr of {lrs}, the best kept" if probe == r["steps"] else
+                   f"{r['steps']:,} steps at the best of {lrs} after {probe:,}-step probes")
+            groups.setdefault(how, []).append(r["family"])
+        for how, families in groups.items():
+            whom = "" if len(groups) == 1 else f" ({', '.join(families)})"
+            phrases.append(f"{task}{whom}: {how}")
+    return phrases
 
 
 def table(data: dict) -> str:
@@ -702,8 +804,8 @@ def table(data: dict) -> str:
              f"(ratio = ours / target, within {TOLERANCE:.0%}). \"chance\": not above chance by more than 2 standard "
              f"errors. †: not converged (training loss still moving by >= {settings['converge_tol']:.0%} over the "
              "last 10% of steps).",
-             f"Ours: trained at {settings['induction_len']} (induction) for {settings['steps']} steps at the lr the "
-             f"sweep picked; paper: {PUBLISHED['citation']}."]
+             f"Ours: induction trained at {settings['induction_len']} tokens; " + "; ".join(budgets(data)) +
+             f". Paper: {PUBLISHED['citation']}."]
     lrs = [f"{r['family']}/{r['task']} {r['lr']:g}" for r in data["rows"] if "lr" in r]
     if lrs:
         notes.append("Learning rates: " + ", ".join(lrs) + ".")
@@ -801,7 +903,8 @@ def parse_args(argv):
     p.add_argument("--families", nargs="*", default=list(FAMILIES))
     p.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
     p.add_argument("--steps", type=int, default=800, help="optimizer steps of the main run per task")
-    p.add_argument("--sweep-steps", type=int, default=None, help="steps per lr of the sweep (default steps / 4)")
+    p.add_argument("--sweep-steps", type=int, default=None,
+                   help="steps per lr of the sweep (default steps / 4; equal to --steps: the sweep is the main run)")
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     p.add_argument("--params", type=int, default=None,
                    help="target parameters outside the embedding / LM head (default: Mamba's at d_model 64)")
@@ -830,6 +933,9 @@ def parse_args(argv):
     p.add_argument("--log-every", type=int, default=200)
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps: finishes in seconds")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo.json"))
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="write one report of these runs' JSON files (a later file's row replaces an earlier one's "
+                        "for the same family and task) and train nothing")
     p.add_argument("--speed-one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:  # smaller defaults; flags given explicitly still win
@@ -847,6 +953,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.speed_one:  # the isolated speed measurement of run_speed
         print(json.dumps(measure_speed(json.loads(args.speed_one))))
         return {}
+    out = Path(args.out)
+    if args.merge:
+        return finish(merge([Path(p) for p in args.merge]), out)
     torch.set_num_threads(args.threads)
     from benchmarks.machine import describe
 
@@ -857,8 +966,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "speed" in args.tasks:
         summaries["speed"] = dict(length=args.speed_length, batch=args.speed_batch, steps=args.speed_steps)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "speed_one")}
-    out = Path(args.out)
-    report = Report(out, dict(machine=describe(), command=shlex.join(["python", "benchmarks/zoo.py", *argv]),
+    report = Report(out, dict(machine=describe(), command=shlex.join(["python", "benchmarks/zoo.py",
+                                                                      *without_out(argv)]),
                               settings=settings, target_parameters=target,
                               target_is="explicit (--params)" if args.params else
                               "Mamba's parameters outside the embedding / LM head at d_model 64, n_layer 2",
@@ -889,13 +998,30 @@ def main(argv: list[str] | None = None) -> dict:
             report.write()
             print(f"FAILED {family}: {type(e).__name__}: {e}", flush=True)
     report.data["complete"] = True
-    text = table(report.data)
-    report.data["table"] = text
-    report.write()
-    print("\n" + text)
+    return finish(report.data, out)
+
+
+def finish(data: dict, out: Path) -> dict:
+    """The table into the report, the report written, the table printed, the figure drawn beside the report."""
+    data["table"] = table(data)
+    write_json(out, data)
+    print("\n" + data["table"])
     png = out.with_suffix(".png")
-    print(f"wrote {out}" + (f" and {png}" if plot(report.data, png) else ""))
-    return report.data
+    print(f"wrote {out}" + (f" and {png}" if plot(data, png) else ""))
+    return data
+
+
+def without_out(argv: list[str]) -> list[str]:
+    """The command line as recorded: where its output went is no setting of the measurement."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--out="):
+            skip = False
+            continue
+        skip = arg == "--out"
+        if not skip:
+            kept.append(arg)
+    return kept
 
 
 def summary_line(row: dict) -> str:
@@ -912,4 +1038,8 @@ def summary_line(row: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(1 if main().get("failed") else 0)
+    try:
+        sys.exit(1 if main().get("failed") else 0)
+    except MergeRefused as e:  # --merge's inputs: the user's mistake, said in one line
+        print(f"zoo.py: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -3,6 +3,7 @@ matched parameter counts recounted here, the LM source's entropy floor against a
 estimate, the chance labelling, and the JSON rows a run writes."""
 import json
 import math
+import subprocess
 import sys
 
 import numpy as np
@@ -133,7 +134,7 @@ def test_smoke_run_writes_every_row(tmp_path):
         torch.set_num_threads(threads)
     saved = json.loads((tmp_path / "zoo.json").read_text())
     assert saved["complete"] and not saved["failed"]
-    assert saved["command"].startswith("python benchmarks/zoo.py --smoke")
+    assert saved["command"].startswith("python benchmarks/zoo.py --smoke") and "--out" not in saved["command"]
     assert {"cpu", "cores", "torch"} <= set(saved["machine"])
     assert list(saved["skipped"]) == ["no_such_family"] and saved["families"]["no_such_family"]["status"] == "skipped"
     assert saved["published"]["selective_copying"]["mamba"] == "97.0-99.8%" and "2312.00752" in \
@@ -173,3 +174,53 @@ def test_smoke_run_writes_every_row(tmp_path):
     assert "| no_such_family | - | skipped |" in report["table"]
     if (tmp_path / "zoo.png").exists():
         assert (tmp_path / "zoo.png").stat().st_size > 0
+
+
+def smoke(Z, tmp_path, name, *argv):
+    threads = torch.get_num_threads()
+    try:
+        return Z.main(["--smoke", *argv, "--out", str(tmp_path / name)])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_full_budget_sweep_keeps_its_best_run_and_runs_merge_into_one_report(tmp_path):
+    """--sweep-steps = --steps: every lr trains the whole budget and the best one is the row, not retrained. --merge:
+    a later run's row replaces an earlier one's, each run's command is kept, the table states each budget."""
+    Z = zoo_module()
+    short = smoke(Z, tmp_path, "short.json", "--families", "mamba", "--tasks", "lm", "copying", "--lrs", "3e-3")
+    full = smoke(Z, tmp_path, "full.json", "--families", "mamba", "transformer", "--tasks", "copying",
+                 "--steps", "4", "--sweep-steps", "4", "--lrs", "1e-3", "3e-3")
+    for r in full["rows"]:
+        assert [(p["lr"], p["steps"]) for p in r["sweep"]] == [(1e-3, 4), (3e-3, 4)] and r["steps"] == 4
+        best = min(r["sweep"], key=lambda p: p["val_loss"])
+        assert r["lr"] == best["lr"] and r["train_seconds"] == best["seconds"]  # the sweep's run, not a rerun
+        assert len(r["loss_curve"]["mean_loss"]) == 4 and "full budget" in r["lr_selected_by"]
+    merged = Z.main(["--merge", str(tmp_path / "short.json"), str(tmp_path / "full.json"),
+                     "--out", str(tmp_path / "zoo.json")])
+    assert merged == json.loads((tmp_path / "zoo.json").read_text()) and (tmp_path / "zoo.json").exists()
+    by = {(r["family"], r["task"]): r for r in merged["rows"]}
+    assert list(by) == [("mamba", "lm"), ("mamba", "copying"), ("transformer", "copying")]
+    assert by["mamba", "lm"] == short["rows"][0] and by["mamba", "copying"] == full["rows"][0]
+    assert merged["superseded"] == [dict(short["rows"][1], superseded_by=1)]  # short's mamba copying, kept
+    assert [run["commands"] for run in merged["runs"]] == [[short["command"]], [full["command"]]]
+    assert merged["settings"]["families"] == ["mamba", "transformer"]
+    assert not merged["complete"]  # the transformer has no LM row
+    notes = merged["table"].split("\n\n")[1]
+    assert "lm: 3 steps at the best of 0.003 after 1-step probes" in notes
+    assert "copying: 4 steps for each lr of 0.001/0.003, the best kept" in notes
+    line = next(line for line in merged["table"].splitlines() if line.startswith("| transformer |"))
+    assert line.split(" | ")[3] == "-"  # no LM row for the transformer: a dash, not another run's number
+
+
+def test_merge_refuses_runs_that_measure_different_things(tmp_path):
+    Z = zoo_module()
+    smoke(Z, tmp_path, "a.json", "--families", "mamba", "--tasks", "copying", "--lrs", "3e-3")
+    smoke(Z, tmp_path, "b.json", "--families", "mamba", "--tasks", "copying", "--lrs", "3e-3", "--copy-region", "10")
+    with pytest.raises(Z.MergeRefused, match=r"b\.json: the copying task's settings .* differ"):
+        Z.merge([tmp_path / "a.json", tmp_path / "b.json"])
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "zoo.py"), "--merge", str(tmp_path / "a.json"),
+                          str(tmp_path / "missing.json"), "--out", str(tmp_path / "m.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and not (tmp_path / "m.json").exists()
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and "missing.json: cannot be read" in run.stderr
