@@ -804,8 +804,8 @@ def table(data: dict) -> str:
              f"(ratio = ours / target, within {TOLERANCE:.0%}). \"chance\": not above chance by more than 2 standard "
              f"errors. †: not converged (training loss still moving by >= {settings['converge_tol']:.0%} over the "
              "last 10% of steps).",
-             f"Ours: induction trained at {settings['induction_len']} tokens; " + "; ".join(budgets(data)) +
-             f". Paper: {PUBLISHED['citation']}."]
+             "Ours: " + (f"induction trained at {settings['induction_len']} tokens; " if "induction" in tasks else "")
+             + "; ".join(budgets(data)) + f". Paper: {PUBLISHED['citation']}."]
     lrs = [f"{r['family']}/{r['task']} {r['lr']:g}" for r in data["rows"] if "lr" in r]
     if lrs:
         notes.append("Learning rates: " + ", ".join(lrs) + ".")
