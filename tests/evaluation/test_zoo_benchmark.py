@@ -124,14 +124,19 @@ def test_convergence_compares_the_last_tenth_with_the_one_before():
     assert not Z.convergence([1.0] * 99 + [float("nan")], 0.02)["converged"]
 
 
-def test_smoke_run_writes_every_row(tmp_path):
-    Z = zoo_module()
+def smoke(Z, tmp_path, name, *argv):
+    """A smoke run of zoo.py, the caller's thread count restored (main sets its own)."""
     threads = torch.get_num_threads()
     try:
-        report = Z.main(["--smoke", "--families", "mamba", "transformer", "no_such_family", "--lrs", "1e-3", "3e-3",
-                         "--out", str(tmp_path / "zoo.json")])
+        return Z.main(["--smoke", *argv, "--out", str(tmp_path / name)])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_smoke_run_writes_every_row(tmp_path):
+    Z = zoo_module()
+    report = smoke(Z, tmp_path, "zoo.json", "--families", "mamba", "transformer", "no_such_family",
+                   "--lrs", "1e-3", "3e-3")
     saved = json.loads((tmp_path / "zoo.json").read_text())
     assert saved["complete"] and not saved["failed"]
     assert saved["command"].startswith("python benchmarks/zoo.py --smoke") and "--out" not in saved["command"]
@@ -174,14 +179,6 @@ def test_smoke_run_writes_every_row(tmp_path):
     assert "| no_such_family | - | skipped |" in report["table"]
     if (tmp_path / "zoo.png").exists():
         assert (tmp_path / "zoo.png").stat().st_size > 0
-
-
-def smoke(Z, tmp_path, name, *argv):
-    threads = torch.get_num_threads()
-    try:
-        return Z.main(["--smoke", *argv, "--out", str(tmp_path / name)])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_a_full_budget_sweep_keeps_its_best_run_and_runs_merge_into_one_report(tmp_path):
