@@ -136,6 +136,12 @@ def init_distributed(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple[W
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     if not torch.distributed.is_initialized():
         import deepspeed
+        # torch.distributed.nn.functional binds group.WORLD as a default argument when it is imported, which
+        # the first custom-op call does (through torch._dynamo). Imported while the group is up, it keeps the
+        # group and its gloo worker threads alive after shutdown(); a worker that frees its last collective
+        # while the interpreter exits then aborts the process (std::terminate, exit code -6). Imported now,
+        # the defaults are None.
+        import torch.distributed.nn.functional  # noqa: F401
 
         # DeepSpeed print()s "DeepSpeed <op> built successfully" on every rank when it loads its CPU
         # communication op: that notice goes to the DEBUG log, anything else it prints (its warnings) to stdout
