@@ -36,8 +36,10 @@ relative to the previous 10% (the denominator floored at 0.05 nats); rows that a
 The printed table sets the Mamba paper's published numbers (PUBLISHED) beside ours. Writes
 benchmarks/results/zoo.json (machine, command line, every row, rewritten as each row completes, so a long run
 can be stopped) and benchmarks/results/zoo.png. `--merge A.json B.json ...` joins runs into one report (a later
-file's row replaces an earlier one's; runs with another parameter target or other task settings are refused), so
-a task can be rerun at a larger budget or a stopped run completed without training the rest again.
+file's row replaces an earlier one's; runs with another parameter target, other task settings or other model
+overrides are refused), so a task can be rerun at a larger budget or a stopped run completed without training the
+rest again. `--table DIR` runs TABLE_RUNS, the per-task budgets of the published table, and merges them: one
+command, resumable part by part.
 
     python benchmarks/zoo.py                                  # every family: roughly an hour on 2 cores (an
                                                               # estimate from synthetic.py's step times)
@@ -45,6 +47,8 @@ a task can be rerun at a larger budget or a stopped run completed without traini
     python benchmarks/zoo.py --smoke                          # seconds: tiny sizes, a check of the machinery
     python benchmarks/zoo.py --tasks copying --steps 4000 --sweep-steps 4000 --lrs 1e-3 3e-3 --out copying.json
     python benchmarks/zoo.py --merge benchmarks/results/zoo.json copying.json   # copying's rows replaced
+    python benchmarks/zoo.py --families gss --tasks induction --override gss.ssm_dim=64   # another model setting
+    python benchmarks/zoo.py --table runs/zoo      # every run behind the README's table (TABLE_RUNS), merged
 """
 from __future__ import annotations
 
@@ -119,6 +123,20 @@ PUBLISHED = {
         "hyena": "fails beyond the training length",
         "mamba": "solves it to 1M tokens (2^20, 4000x the training length)",
     },
+}
+
+# The runs behind the README's table and benchmarks/results/zoo.json, in order (a later part's row replaces an
+# earlier one's): `--table DIR` trains each into DIR and merges them. Families still at chance on induction after
+# 2,000 steps get longer runs.
+TABLE_RUNS = {
+    "lm": ["--tasks", "lm", "--steps", "1000", "--lrs", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2"],
+    "copying": ["--tasks", "copying", "--steps", "4000", "--sweep-steps", "4000", "--lrs", "1e-3", "3e-3"],
+    "induction": ["--tasks", "induction", "--steps", "2000", "--sweep-steps", "2000", "--lrs", "1e-3", "3e-3"],
+    "induction-6k": ["--families", "s4d", "dss", "gss", "--tasks", "induction", "--steps", "6000", "--sweep-steps",
+                     "6000", "--lrs", "1e-3"],
+    "induction-12k": ["--families", "lru", "--tasks", "induction", "--steps", "12000", "--sweep-steps", "12000",
+                      "--lrs", "1e-3"],
+    "speed": ["--tasks", "speed"],  # timings: alone on the machine
 }
 
 SMOKE = dict(steps=3, sweep_steps=1, batch=4, lm_length=24, copy_region=12, copy_tokens=4, induction_len=16,
@@ -257,6 +275,28 @@ def cell(score: dict | None, fmt: str = "{:.3f}") -> str:
 # Models at a matched parameter count
 
 
+def with_user_overrides(overrides: dict, settings: list[str]) -> dict:
+    """`overrides` with each --override SECTION.KEY=VALUE set in every family that has SECTION; ValueError naming
+    the setting when it is malformed or no family has that section."""
+    merged = copy.deepcopy(overrides)
+    for setting in settings:
+        name, sep, text = setting.partition("=")
+        section, dot, key = name.partition(".")
+        if not (sep and dot and section and key):
+            raise ValueError(f"--override {setting!r} is not SECTION.KEY=VALUE")
+        owners = [family for family, sections in merged.items() if section in sections]
+        if not owners:
+            known = sorted({s for sections in merged.values() for s in sections})
+            raise ValueError(f"--override {setting!r}: no family has a section {section!r} (one of {', '.join(known)})")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        for family in owners:
+            merged[family][section][key] = value
+    return merged
+
+
 def resolve(value, train_length: int, longest: int, fit: int | None):
     if value == FIT and fit is None:
         raise ValueError("a FIT override needs its fitted value")
@@ -264,18 +304,18 @@ def resolve(value, train_length: int, longest: int, fit: int | None):
         else value
 
 
-def fit_key(family: str) -> str | None:
+def fit_key(family: str, overrides: dict = OVERRIDES) -> str | None:
     """`section.key` of the family's FIT override, or None."""
-    keys = [f"{s}.{k}" for s, o in OVERRIDES.get(family, {}).items() for k, v in o.items() if v == FIT]
+    keys = [f"{s}.{k}" for s, o in overrides.get(family, {}).items() for k, v in o.items() if v == FIT]
     return keys[0] if keys else None
 
 
 def model_config(family: str, d_model: int, vocab: int, train_length: int, longest: int,
-                 fit: int | None = None) -> dict:
-    """The ModelConfig (as a dict for ModelConfig.from_dict) of `family` at d_model, with its OVERRIDES (`fit`:
-    the value of its FIT key, if it has one)."""
+                 fit: int | None = None, overrides: dict = OVERRIDES) -> dict:
+    """The ModelConfig (as a dict for ModelConfig.from_dict) of `family` at d_model, with its `overrides` (OVERRIDES
+    and any --override; `fit`: the value of its FIT key, if it has one)."""
     sections = {name: {k: resolve(v, train_length, longest, fit) for k, v in keys.items()}
-                for name, keys in OVERRIDES.get(family, {}).items()}
+                for name, keys in overrides.get(family, {}).items()}
     return dict(family=family, d_model=d_model, n_layer=N_LAYER, vocab_size=vocab, rescale_out_proj=True, **sections)
 
 
@@ -303,8 +343,9 @@ def availability(family: str) -> str | None:
 
 
 def default_target(args) -> int:
-    """Mamba's parameters outside the embedding / LM head at d_model 64, n_layer 2 (with its OVERRIDES)."""
-    return non_embedding_parameters(build(model_config("mamba", 64, 16, args.lm_length, longest_length(args))))
+    """Mamba's parameters outside the embedding / LM head at d_model 64, n_layer 2 (with its overrides)."""
+    return non_embedding_parameters(build(model_config("mamba", 64, 16, args.lm_length, longest_length(args),
+                                                       overrides=args.overrides)))
 
 
 def match_parameters(family: str, target: int, args, max_d_model: int = 2048) -> dict:
@@ -315,10 +356,11 @@ def match_parameters(family: str, target: int, args, max_d_model: int = 2048) ->
     Every width tried is in `search` as [d_model, count] or [d_model, count, fitted value]."""
     from ssmforge.models import ConfigError
 
-    longest, key = longest_length(args), fit_key(family)
+    longest, key = longest_length(args), fit_key(family, args.overrides)
 
     def count(d_model: int, fit: int | None = None) -> int:
-        return non_embedding_parameters(build(model_config(family, d_model, 16, args.lm_length, longest, fit)))
+        return non_embedding_parameters(build(model_config(family, d_model, 16, args.lm_length, longest, fit,
+                                                           args.overrides)))
 
     search, first_error = [], None
     for d_model in range(8, max_d_model + 1, 8):
@@ -351,7 +393,7 @@ def match_parameters(family: str, target: int, args, max_d_model: int = 2048) ->
             best = min(matched, key=lambda point: abs(math.log(point[2] / point[0] / FIT_RATIO[family])))
     d_model, n = best[:2]
     fit = best[2] if key is not None else None
-    config = model_config(family, d_model, 16, args.lm_length, longest, fit)
+    config = model_config(family, d_model, 16, args.lm_length, longest, fit, args.overrides)
     info = dict(d_model=d_model, n_layer=N_LAYER, parameters=n, target=target, ratio=n / target, fit=fit,
                 fit_key=key, search=search, sections={k: v for k, v in config.items() if isinstance(v, dict)})
     if off(best) > TOLERANCE:
@@ -417,7 +459,7 @@ def train_run(family: str, info: dict, task, lr: float, steps: int, args, device
     """A fresh model (the same init for every lr) trained for `steps` at `lr` on the task's stream."""
     torch.manual_seed(args.seed)
     config = model_config(family, info["d_model"], task.vocab, task.train_length, longest_length(args),
-                          info["fit"])
+                          info["fit"], args.overrides)
     model = build(config).to(device)
     stream = task.stream(args.seed + 1)
     start = time.perf_counter()
@@ -433,7 +475,8 @@ def run_task(family: str, info: dict, task, args, device) -> dict:
     still sits on the plateau when the probe stops."""
     val_ids, val_targets = (t.to(device) for t in task.sweep_validation(args))
     full_budget = args.sweep_steps == args.steps
-    sweep, candidates = [], {}
+    val_loss = lambda p: p["val_loss"] if p["val_loss"] is not None else math.inf  # noqa: E731
+    sweep, kept = [], None  # kept: the best full-budget run so far (the others' models are dropped)
     for lr in args.lrs:
         model, losses, seconds = train_run(family, info, task, lr, args.sweep_steps, args, device)
         ev = evaluate(model, val_ids, val_targets, args.batch)
@@ -441,14 +484,13 @@ def run_task(family: str, info: dict, task, args, device) -> dict:
                      val_accuracy=float(ev["hits"].sum() / max(1, ev["counts"].sum())),
                      final_train_loss=finite(float(np.mean(losses[-max(1, len(losses) // 10):]))),
                      converged=convergence(losses, args.converge_tol)["converged"], seconds=seconds)
+        if full_budget and (not sweep or val_loss(point) < min(map(val_loss, sweep))):
+            kept = model, losses, seconds
         sweep.append(point)
-        if full_budget:
-            candidates[lr] = model, losses, seconds
         print(f"  {family} {task.name} sweep lr {lr:g}: val loss {ev['loss']:.4f}", flush=True)
-    best = min(sweep, key=lambda p: p["val_loss"] if p["val_loss"] is not None else math.inf)
-    lr = best["lr"]
+    lr = min(sweep, key=val_loss)["lr"]  # the first of equal losses, as kept
     if full_budget:
-        model, losses, seconds = candidates[lr]
+        model, losses, seconds = kept
         selected_by = "validation loss at the scored positions after the full budget (the sweep is the main run)"
     else:
         model, losses, seconds = train_run(family, info, task, lr, args.steps, args, device)
@@ -624,7 +666,7 @@ def measure_speed(spec: dict) -> dict:
 
 def run_speed(family: str, info: dict, args, device) -> dict:
     config = model_config(family, info["d_model"], args.lm_vocab, args.speed_length, longest_length(args),
-                          info["fit"])
+                          info["fit"], args.overrides)
     spec = dict(config=config, device=str(device), batch=args.speed_batch, length=args.speed_length,
                 steps=args.speed_steps, threads=torch.get_num_threads())
     isolated = device.type == "cpu" and not args.smoke
@@ -688,10 +730,11 @@ class MergeRefused(ValueError):
 def merge(paths: list[Path]) -> dict:
     """Several runs of this benchmark (each a JSON it wrote) as one report, so a comparison can be measured in
     parts (a task at a longer budget, the families a stopped run missed). A later file's row replaces an earlier
-    one's for the same family and task. Refused unless every run has the same parameter target and, for each task
-    two runs share, the same task settings (data, lengths, chance): rows side by side must measure the same thing.
-    Each run's command and settings are kept under "runs", each replaced row under "superseded" (with the index
-    of the run that replaced it); the table states each task's steps and sweep."""
+    one's for the same family and task. Refused unless every run has the same parameter target and model overrides
+    and, for each task two runs share, the same task settings (data, lengths, chance): rows side by side must
+    measure the same thing. Each run's command and settings are kept under "runs" (a merged report's runs carry
+    over), each replaced row under "superseded" (with the index of the run, or of a merged report's last run, that
+    replaced it); the table states each task's steps and sweep."""
     runs = [(Path(p), read_report(Path(p))) for p in paths]
     first_path, first = runs[0]
     data = {key: first[key] for key in ("machine", "target_parameters", "target_is", "overrides", "published")}
@@ -701,13 +744,22 @@ def merge(paths: list[Path]) -> dict:
         if run["target_parameters"] != first["target_parameters"]:
             raise MergeRefused(f"{path}: target_parameters {run['target_parameters']:,} differs from "
                                f"{first_path}'s {first['target_parameters']:,}")
+        changed = sorted(f for f in set(run["overrides"]) | set(first["overrides"])
+                         if run["overrides"].get(f) != first["overrides"].get(f))
+        if changed:
+            raise MergeRefused(f"{path}: the model overrides of {', '.join(changed)} differ from {first_path}'s")
         for task, summary in run["tasks"].items():
             if data["tasks"].setdefault(task, summary) != summary:
                 raise MergeRefused(f"{path}: the {task} task's settings {summary} differ from an earlier run's "
                                    f"{data['tasks'][task]}")
-        commands = run["command"] if isinstance(run["command"], list) else [run["command"]]
-        data["runs"].append(dict(commands=commands, settings=run["settings"], complete=run["complete"],
-                                 rows=[f"{r['family']}/{r['task']}" for r in run["rows"]]))
+        if "runs" in run:  # a merged report: its runs, and the rows they replaced, carry over
+            offset = len(data["runs"])
+            data["runs"].extend(run["runs"])
+            data["superseded"].extend(dict(r, superseded_by=r["superseded_by"] + offset) for r in run["superseded"])
+        else:
+            commands = run["command"] if isinstance(run["command"], list) else [run["command"]]
+            data["runs"].append(dict(commands=commands, settings=run["settings"], complete=run["complete"],
+                                     rows=[f"{r['family']}/{r['task']}" for r in run["rows"]]))
         for family, info in run["families"].items():
             if info["status"] == "ok" or family not in data["families"]:
                 data["families"][family] = info
@@ -735,8 +787,8 @@ def read_report(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise MergeRefused(f"{path}: cannot be read as a zoo.py report ({e})") from None
-    missing = [k for k in ("target_parameters", "tasks", "families", "rows", "settings", "command", "complete")
-               if k not in data]
+    missing = [k for k in ("target_parameters", "overrides", "tasks", "families", "rows", "settings", "complete")
+               if k not in data] + ([] if "command" in data or "runs" in data else ["command"])
     if missing:
         raise MergeRefused(f"{path}: not a zoo.py report (no {', '.join(missing)})")
     return data
@@ -933,11 +985,22 @@ def parse_args(argv):
     p.add_argument("--log-every", type=int, default=200)
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps: finishes in seconds")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo.json"))
+    p.add_argument("--table", metavar="DIR",
+                   help="train every run of TABLE_RUNS into DIR (a part whose JSON there is complete is not trained "
+                        "again: a stopped reproduction resumes), then merge them into --out; the other flags given "
+                        "apply to every part, a part's own flags win")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="write one report of these runs' JSON files (a later file's row replaces an earlier one's "
                         "for the same family and task) and train nothing")
+    p.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a model setting on top of OVERRIDES for every family with that section, e.g. gss.ssm_dim=64 "
+                        "(repeatable; VALUE read as JSON, else a string)")
     p.add_argument("--speed-one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    try:
+        args.overrides = with_user_overrides(OVERRIDES, args.override)
+    except ValueError as e:
+        p.error(str(e))
     if args.smoke:  # smaller defaults; flags given explicitly still win
         for key, value in SMOKE.items():
             if getattr(args, key) == p.get_default(key):
@@ -956,6 +1019,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     if args.merge:
         return finish(merge([Path(p) for p in args.merge]), out)
+    if args.table:
+        return reproduce_table(Path(args.table), without(without(argv, "--table"), "--out"), out)
     torch.set_num_threads(args.threads)
     from benchmarks.machine import describe
 
@@ -965,13 +1030,13 @@ def main(argv: list[str] | None = None) -> dict:
     summaries = {name: task.summary() for name, task in tasks.items()}
     if "speed" in args.tasks:
         summaries["speed"] = dict(length=args.speed_length, batch=args.speed_batch, steps=args.speed_steps)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "speed_one")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "speed_one", "overrides", "table")}
     report = Report(out, dict(machine=describe(), command=shlex.join(["python", "benchmarks/zoo.py",
-                                                                      *without_out(argv)]),
+                                                                      *without(argv, "--out")]),
                               settings=settings, target_parameters=target,
                               target_is="explicit (--params)" if args.params else
                               "Mamba's parameters outside the embedding / LM head at d_model 64, n_layer 2",
-                              overrides=OVERRIDES,
+                              overrides=args.overrides,
                               published=PUBLISHED, tasks=summaries, failed={}))
     if "lm" in tasks:
         s = tasks["lm"].source
@@ -1011,17 +1076,33 @@ def finish(data: dict, out: Path) -> dict:
     return data
 
 
-def without_out(argv: list[str]) -> list[str]:
-    """The command line as recorded: where its output went is no setting of the measurement."""
+def reproduce_table(folder: Path, passed: list[str], out: Path) -> dict:
+    """Each part of TABLE_RUNS trained into folder/PART.json unless that file is a complete report already, then
+    all of them merged into `out`. `passed`: flags for every part (before the part's own, which win)."""
+    paths = []
+    for name, part in TABLE_RUNS.items():
+        path = folder / f"{name}.json"
+        if path.exists() and read_report(path)["complete"]:
+            print(f"table part {name}: {path} is complete, not trained again", flush=True)
+        else:
+            print(f"table part {name}: python benchmarks/zoo.py {shlex.join([*passed, *part])}", flush=True)
+            main([*passed, *part, "--out", str(path)])
+        paths.append(path)
+    return finish(merge(paths), out)
+
+
+def without(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag` and its value (given as `flag VALUE` or `flag=VALUE`)."""
     kept, skip = [], False
     for arg in argv:
-        if skip or arg.startswith("--out="):
+        if skip or arg.startswith(flag + "="):
             skip = False
             continue
-        skip = arg == "--out"
+        skip = arg == flag
         if not skip:
             kept.append(arg)
     return kept
+
 
 
 def summary_line(row: dict) -> str:

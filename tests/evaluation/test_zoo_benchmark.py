@@ -208,6 +208,17 @@ def test_a_full_budget_sweep_keeps_its_best_run_and_runs_merge_into_one_report(t
     assert "copying: 4 steps for each lr of 0.001/0.003, the best kept" in notes
     line = next(line for line in merged["table"].splitlines() if line.startswith("| transformer |"))
     assert line.split(" | ")[3] == "-"  # no LM row for the transformer: a dash, not another run's number
+    # a merged report merges again: its runs and superseded rows carry over, a newer run's rows replace its own
+    lm = smoke(Z, tmp_path, "lm.json", "--families", "transformer", "--tasks", "lm", "--lrs", "3e-3")
+    again = Z.merge([tmp_path / "zoo.json", tmp_path / "lm.json"])
+    assert again["runs"] == merged["runs"] + [dict(commands=[lm["command"]], settings=lm["settings"], complete=True,
+                                                   rows=["transformer/lm"])]
+    assert again["superseded"] == merged["superseded"] and again["complete"]
+    assert [(r["family"], r["task"]) for r in again["rows"]] == [("mamba", "lm"), ("mamba", "copying"),
+                                                                 ("transformer", "lm"), ("transformer", "copying")]
+    again_again = Z.merge([tmp_path / "zoo.json", tmp_path / "full.json"])  # full's rows replace themselves
+    assert again_again["superseded"] == merged["superseded"] + [
+        dict(r, superseded_by=2) for r in full["rows"]]
 
 
 def test_merge_refuses_runs_that_measure_different_things(tmp_path):
@@ -221,3 +232,61 @@ def test_merge_refuses_runs_that_measure_different_things(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and not (tmp_path / "m.json").exists()
     assert run.stderr.strip().splitlines() == [run.stderr.strip()] and "missing.json: cannot be read" in run.stderr
+    # the same task settings and target with another transformer: refused as well
+    smoke(Z, tmp_path, "c.json", "--families", "transformer", "--tasks", "copying", "--lrs", "3e-3",
+          "--override", "attention.heads=2")
+    with pytest.raises(Z.MergeRefused, match=r"c\.json: the model overrides of transformer differ"):
+        Z.merge([tmp_path / "a.json", tmp_path / "c.json"])
+
+
+def test_an_override_changes_the_model_of_every_family_with_its_section_and_nothing_else():
+    """--override gss.ssm_dim=64: the GSS model is built with that branch width and matched to the same target
+    (Mamba's, untouched) at another d_model; the other families and OVERRIDES itself stay as they were. A setting
+    that is not SECTION.KEY=VALUE, or names a section no family has, is a usage error (exit code 2)."""
+    Z = zoo_module()
+    plain, wide = Z.parse_args(["--smoke"]), Z.parse_args(["--smoke", "--override", "gss.ssm_dim=64"])
+    assert wide.overrides["gss"]["gss"] == dict(Z.OVERRIDES["gss"]["gss"], ssm_dim=64)
+    assert "ssm_dim" not in Z.OVERRIDES["gss"]["gss"] and wide.overrides["mamba"] == Z.OVERRIDES["mamba"]
+    target = Z.default_target(plain)
+    assert Z.default_target(wide) == target
+    info = Z.match_parameters("gss", target, wide)
+    model = Z.build(Z.model_config("gss", info["d_model"], 16, 64, 256, None, wide.overrides))
+    assert [layer.mixer.ssm_dim for layer in model.layers] == [64, 64]
+    assert recount(model) == info["parameters"] and abs(info["ratio"] - 1) <= 0.10
+    assert info["sections"]["gss"]["ssm_dim"] == 64
+    assert Z.match_parameters("gss", target, plain)["sections"]["gss"] == Z.OVERRIDES["gss"]["gss"]
+    for bad in ("gss.ssm_dim", "ssm_dim=64", "nosuch.key=1"):
+        with pytest.raises(SystemExit) as stop:
+            Z.parse_args(["--override", bad])
+        assert stop.value.code == 2
+
+
+def test_table_trains_each_part_once_and_merges_them(tmp_path, monkeypatch):
+    """--table DIR: every part of TABLE_RUNS trained into DIR with the flags given (a part's own win), merged in
+    order into --out; called again, it trains only a part whose JSON is not complete (a stopped reproduction)."""
+    Z = zoo_module()
+    monkeypatch.setattr(Z, "TABLE_RUNS", {
+        "first": ["--tasks", "copying", "--lrs", "3e-3"],
+        "longer": ["--families", "transformer", "--tasks", "copying", "--steps", "4", "--sweep-steps", "4"]})
+    parts = tmp_path / "parts"
+    flags = ("--families", "mamba", "transformer", "--lrs", "1e-3", "--table", str(parts))
+    report = smoke(Z, tmp_path, "zoo.json", *flags)
+    first, longer = (json.loads((parts / f"{name}.json").read_text()) for name in ("first", "longer"))
+    assert first["complete"] and longer["complete"]
+    assert first["command"] == "python benchmarks/zoo.py --smoke --families mamba transformer --lrs 1e-3 --tasks " \
+                               "copying --lrs 3e-3"
+    assert [p["lr"] for p in first["rows"][0]["sweep"]] == [3e-3]  # the part's --lrs won
+    assert [r["family"] for r in longer["rows"]] == ["transformer"] and longer["rows"][0]["steps"] == 4
+    by = {(r["family"], r["task"]): r for r in report["rows"]}
+    assert by["mamba", "copying"] == first["rows"][0] and by["transformer", "copying"] == longer["rows"][0]
+    assert report["superseded"] == [dict(first["rows"][1], superseded_by=1)]
+    assert report == json.loads((tmp_path / "zoo.json").read_text())
+
+    longer["complete"] = False  # as a run stopped midway leaves it
+    (parts / "longer.json").write_text(json.dumps(longer))
+    trained = []
+    real = Z.run_task
+    monkeypatch.setattr(Z, "run_task", lambda family, *rest: trained.append(family) or real(family, *rest))
+    again = smoke(Z, tmp_path, "zoo.json", *flags)
+    assert trained == ["transformer"] and json.loads((parts / "longer.json").read_text())["complete"]
+    assert {(r["family"], r["task"]) for r in again["rows"]} == set(by)

@@ -1,0 +1,89 @@
+"""Why GSS stays at chance on induction heads in the zoo comparison (benchmarks/zoo.py): zoo.py's GSS row, trained
+with one change to the GSS mixer at a time, in this process only (the model code is not changed):
+
+  per-channel   one set of DSS eigenvalues per channel (the DSS family's layout) instead of one shared set
+  short-conv    the SSM branch reads a depthwise causal convolution (width 4) of the block's input: the short
+                convolution that Mamba, H3 (its shift SSM) and Hyena put before their long-range operator
+
+The width of the SSM branch needs no patch: `zoo.py --override gss.ssm_dim=...`.
+
+    python benchmarks/gss_induction_diagnosis.py short-conv --steps 2000 --sweep-steps 2000 --lrs 1e-3 3e-3 \\
+        --out short-conv.json
+
+Every flag after the variant is zoo.py's; the run is `--families gss --tasks induction`.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ssmforge.models import gss  # noqa: E402
+from ssmforge.models.layers import keep_fp32  # noqa: E402
+
+SHORT_CONV_WIDTH = 4
+
+
+def per_channel_eigenvalues(mixer: gss.GSSMixer) -> None:
+    """The shared eigenvalues (N,) become one copy per channel (H, N): the same kernel at initialisation."""
+    H = mixer.ssm_dim
+    mixer.Lambda_re_log = keep_fp32(nn.Parameter(mixer.Lambda_re_log.detach()[None].repeat(H, 1)))
+    mixer.Lambda_im = keep_fp32(nn.Parameter(mixer.Lambda_im.detach()[None].repeat(H, 1)))
+
+
+def short_conv(mixer: gss.GSSMixer) -> None:
+    """A depthwise causal convolution of the block's input feeds the SSM branch; the gate still reads the input."""
+    d_model = mixer.in_proj.in_features
+    mixer.short_conv = nn.Conv1d(d_model, d_model, SHORT_CONV_WIDTH, groups=d_model, padding=SHORT_CONV_WIDTH - 1)
+
+    def branches(hidden: torch.Tensor):
+        shifted = mixer.short_conv(hidden.transpose(1, 2))[..., :hidden.shape[1]].transpose(1, 2)
+        gate = F.gelu(mixer.in_proj(hidden))[..., :mixer.gate_dim]
+        v = F.gelu(mixer.in_proj(shifted))[..., mixer.gate_dim:]
+        return gate, mixer.ssm_norm(v)
+
+    mixer._branches = branches
+
+
+VARIANTS = {"per-channel": per_channel_eigenvalues, "short-conv": short_conv}
+
+
+def patch(variant: str) -> None:
+    """Every GSSMixer built from now on in this process gets `variant`."""
+    change, build = VARIANTS[variant], gss.GSSMixer.__init__
+
+    def init(self, config, layer_idx):
+        build(self, config, layer_idx)
+        change(self)
+
+    gss.GSSMixer.__init__ = init
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in VARIANTS:
+        print(f"gss_induction_diagnosis.py: the first argument must be one of {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    variant, flags = argv[0], ["--families", "gss", "--tasks", "induction", *argv[1:]]
+    patch(variant)
+    import benchmarks.zoo as zoo
+
+    data = zoo.main(flags)
+    # the report says what ran; the patch counts as part of the model, so --merge refuses to put these rows
+    # beside an unpatched GSS's
+    data["command"] = shlex.join(["python", "benchmarks/gss_induction_diagnosis.py", variant,
+                                  *zoo.without(argv[1:], "--out")])
+    data["overrides"]["gss"] = dict(data["overrides"]["gss"], patched=variant)
+    data["variant"] = " ".join(VARIANTS[variant].__doc__.split())
+    zoo.write_json(Path(zoo.parse_args(flags).out), data)
+    return 1 if data.get("failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
