@@ -5,7 +5,8 @@ with one change to the GSS mixer at a time, in this process only (the model code
   short-conv    the SSM branch reads a depthwise causal convolution (width 4) of the block's input: the short
                 convolution that Mamba, H3 (its shift SSM) and Hyena put before their long-range operator
 
-The width of the SSM branch needs no patch: `zoo.py --override gss.ssm_dim=...`.
+The width of the SSM branch needs no patch: `zoo.py --override gss.ssm_dim=...`. The patches cover the forward
+pass, which is all zoo.py trains and scores with; the short-conv variant does not decode step by step.
 
     python benchmarks/gss_induction_diagnosis.py short-conv --steps 2000 --sweep-steps 2000 --lrs 1e-3 3e-3 \\
         --out short-conv.json
