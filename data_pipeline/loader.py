@@ -100,7 +100,36 @@ def build_loader(shard_dir: str, split: str, batch_size: int, seed: int, cache_d
     with registering_shared_memory():
         dataset = TokenDataset(vocab_size=vocab_size, **options)
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                               drop_last=True, persistent_workers=False, worker_init_fn=_leave_stop_signals_to_the_trainer)
+                               drop_last=True, persistent_workers=False, worker_init_fn=_init_worker)
+
+
+def _init_worker(worker_id: int) -> None:
+    _leave_stop_signals_to_the_trainer(worker_id)
+    close_inherited_network_sockets()
+
+
+def close_inherited_network_sockets() -> None:
+    """A forked worker inherits its training process's TCP sockets (the process group's connections to the other
+    ranks, the rendezvous store's). Kept open, they hold a killed training process's connections up until its
+    workers notice they are orphaned (every 5 s), and the other ranks only see the rank lost then. A worker needs
+    none of them (a remote source opens its own): the worker's copies are closed; Unix sockets and pipes, the
+    worker's queues, are kept. Linux only (/proc/self/fd); elsewhere nothing is closed."""
+    import os
+    import socket
+
+    try:
+        descriptors = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in descriptors:
+        try:
+            probe = socket.socket(fileno=fd)  # raises for a descriptor that is not a socket
+        except OSError:
+            continue
+        family = probe.family
+        probe.detach()  # the descriptor stays open until decided here
+        if family in (socket.AF_INET, socket.AF_INET6):
+            os.close(fd)
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:

@@ -1,6 +1,8 @@
 """The streaming loader: exact resumption, a disjoint per-rank partition, damaged shards named."""
+import json
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,38 @@ def test_a_token_id_outside_the_vocabulary_is_named_with_its_shard_before_it_is_
                                         r"outside the vocabulary \[0, 260\)"):
         for _ in checked:
             pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="descriptors are listed from /proc/self/fd")
+def test_a_forked_worker_closes_its_copies_of_the_network_sockets_only():
+    """The worker's copies of TCP sockets (a rank's process-group connections) are closed, so a killed rank's
+    connections reset at once; its Unix sockets and pipes (the loader's queues) stay, and the parent keeps all."""
+    import socket
+
+    from ssmforge.data_pipeline.loader import close_inherited_network_sockets
+
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    unix_a, unix_b = socket.socketpair()
+    pipe_r, pipe_w = os.pipe()
+    tcp = [server.fileno(), client.fileno(), accepted.fileno()]
+    kept = [unix_a.fileno(), unix_b.fileno(), pipe_r]
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        close_inherited_network_sockets()
+        open_fds = {fd for fd in tcp + kept if os.path.exists(f"/proc/self/fd/{fd}")}
+        os.write(report_w, json.dumps(sorted(open_fds)).encode())
+        os._exit(0)
+    os.close(report_w)
+    child_open = json.loads(os.read(report_r, 4096).decode())
+    os.waitpid(pid, 0)
+    assert child_open == sorted(kept)
+    assert all(os.path.exists(f"/proc/self/fd/{fd}") for fd in tcp + kept)  # the parent's stay open
+    client.sendall(b"x")
+    assert accepted.recv(1) == b"x"  # and still connected
+    for item in (server, client, accepted, unix_a, unix_b):
+        item.close()
+    for fd in (pipe_r, pipe_w, report_r):
+        os.close(fd)
