@@ -1,15 +1,14 @@
 """Why GSS stays at chance on induction heads in the zoo comparison (benchmarks/zoo.py): zoo.py's GSS row, trained
-with one change to the GSS mixer at a time, in this process only (the model code is not changed):
+with one change to the GSS mixer, in this process only (the model code is not changed):
 
   per-channel   one set of DSS eigenvalues per channel (the DSS family's layout) instead of one shared set
-  short-conv    the SSM branch reads a depthwise causal convolution (width 4) of the block's input: the short
-                convolution that Mamba, H3 (its shift SSM) and Hyena put before their long-range operator
 
-The width of the SSM branch needs no patch: `zoo.py --override gss.ssm_dim=...`. The patches cover the forward
-pass, which is all zoo.py trains and scores with; the short-conv variant does not decode step by step.
+The other candidates need no patch: the width of the SSM branch is `zoo.py --override gss.ssm_dim=...`, and the
+short convolution that the paper's GSS lacks is the model option `--override gss.d_conv=4`. The patch covers the
+forward pass, which is all zoo.py trains and scores with.
 
-    python benchmarks/gss_induction_diagnosis.py short-conv --steps 2000 --sweep-steps 2000 --lrs 1e-3 3e-3 \\
-        --out short-conv.json
+    python benchmarks/gss_induction_diagnosis.py per-channel --steps 6000 --sweep-steps 6000 --lrs 1e-3 \\
+        --out per-channel.json
 
 Every flag after the variant is zoo.py's; the run is `--families gss --tasks induction`.
 """
@@ -19,17 +18,13 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssmforge.models import gss  # noqa: E402
 from ssmforge.models.layers import keep_fp32  # noqa: E402
-
-SHORT_CONV_WIDTH = 4
 
 
 def per_channel_eigenvalues(mixer: gss.GSSMixer) -> None:
@@ -39,21 +34,7 @@ def per_channel_eigenvalues(mixer: gss.GSSMixer) -> None:
     mixer.Lambda_im = keep_fp32(nn.Parameter(mixer.Lambda_im.detach()[None].repeat(H, 1)))
 
 
-def short_conv(mixer: gss.GSSMixer) -> None:
-    """A depthwise causal convolution of the block's input feeds the SSM branch; the gate still reads the input."""
-    d_model = mixer.in_proj.in_features
-    mixer.short_conv = nn.Conv1d(d_model, d_model, SHORT_CONV_WIDTH, groups=d_model, padding=SHORT_CONV_WIDTH - 1)
-
-    def branches(hidden: torch.Tensor):
-        shifted = mixer.short_conv(hidden.transpose(1, 2))[..., :hidden.shape[1]].transpose(1, 2)
-        gate = F.gelu(mixer.in_proj(hidden))[..., :mixer.gate_dim]
-        v = F.gelu(mixer.in_proj(shifted))[..., mixer.gate_dim:]
-        return gate, mixer.ssm_norm(v)
-
-    mixer._branches = branches
-
-
-VARIANTS = {"per-channel": per_channel_eigenvalues, "short-conv": short_conv}
+VARIANTS = {"per-channel": per_channel_eigenvalues}
 
 
 def patch(variant: str) -> None:

@@ -45,9 +45,12 @@ def _check_dt(prefix: str, config: Any) -> None:
         _need(config.dt_init_floor > 0, prefix, config, "dt_init_floor", "must be > 0")
 
 
-def _check_conv(prefix: str, config: Any, model: "ModelConfig") -> None:
-    """The depthwise conv width: 2..8, and 2..4 where the Triton conv1d must run it."""
-    _need(2 <= config.d_conv <= 8, prefix, config, "d_conv", "must be between 2 and 8")
+def _check_conv(prefix: str, config: Any, model: "ModelConfig", optional: bool = False) -> None:
+    """The depthwise conv width: 2..8, and 2..4 where the Triton conv1d must run it; 0 (no conv) too if optional."""
+    if optional and config.d_conv == 0:
+        return
+    _need(2 <= config.d_conv <= 8, prefix, config, "d_conv",
+          "must be 0 (no conv) or between 2 and 8" if optional else "must be between 2 and 8")
     _need(model.kernel_backend != "triton" or config.d_conv <= 4, prefix, config, "d_conv",
           "must be between 2 and 4 with model.kernel_backend=triton (the Triton conv1d's widths)")
 
@@ -159,6 +162,9 @@ class GSSConfig:
     """Smallest initial DSS step size (log-uniform in [dt_min, dt_max])."""
     dt_max: float = 0.1
     """Largest initial DSS step size."""
+    d_conv: int = 0
+    """Width of a causal depthwise convolution on the SSM branch before its GELU (Mamba's short conv); 0: none,
+    the paper's GSS. Without it GSS does not learn induction heads (README, "Model zoo"); with 4 it does."""
 
     def resolved_ssm_dim(self, d_model: int) -> int:
         return self.ssm_dim if self.ssm_dim is not None else max(1, d_model // 2)
@@ -168,6 +174,7 @@ class GSSConfig:
         _need(self.ssm_dim is None or self.ssm_dim >= 1, prefix, self, "ssm_dim",
               "must be a positive integer or null (d_model // 2)")
         _check_dt(prefix, self)
+        _check_conv(prefix, self, model, optional=True)
 
 
 DISCRETIZATIONS = ("bilinear", "zoh")  # model.s4.discretization values

@@ -22,22 +22,39 @@ so the FFT convolution (training, prefill) and the recurrence (decoding) are the
 Initialisation: Lambda_n = -1/2 + i pi n (S4D-Lin, the approximation of the skew-HiPPO spectrum that DSS
 starts from), dt log-uniform in [dt_min, dt_max], C complex normal, D = 1. The paper's pseudocode uses the
 D skip and normalises the DSS input; both are kept. The keys are `model.gss.*` (models.config.GSSConfig).
+
+`model.gss.d_conv` > 0 adds what the paper's GSS lacks, a causal depthwise convolution of that many taps (with a
+bias) on the SSM branch before its GELU, v = norm(GELU(conv(W_ssm x))), as Mamba puts one before its SiLU.
+Without it the long DSS kernel must learn the previous-token shift that induction heads need, and at laptop scale
+it does not (README, "Model zoo").
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ssmforge import kernels
 from ssmforge.kernels.fftconv import fft_conv_flops
 
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import (DiagonalState, allocate_diagonal_state, diagonal_conv, diagonal_step, vandermonde_kernel,
                        zoh_weights)
-from .layers import Projection, RMSNorm, keep_fp32
+from .layers import Projection, RMSNorm, continued_conv, keep_fp32, kernel_backend
 from .registry import register_mixer
+
+
+@dataclass
+class GSSState:
+    """Decoding cache of one GSS layer: the short conv's last inputs (None without one) and the DSS state."""
+
+    conv: torch.Tensor | None  # (batch, ssm_dim, d_conv), oldest first
+    diag: DiagonalState
+    fresh: bool = True  # nothing consumed yet: a forward starts from zeros rather than continuing
 
 
 @register_mixer("gss")
@@ -51,8 +68,12 @@ class GSSMixer(nn.Module):
         self.gate_dim = gate = cfg.expand * config.d_model
         self.ssm_dim = H = cfg.resolved_ssm_dim(config.d_model)
         self.d_state = N = cfg.d_state
+        self.d_conv = cfg.d_conv
+        self.kernel_backend = kernel_backend(config)
 
         self.in_proj = Projection(config.d_model, gate + H, config)
+        # the optional short conv of the SSM branch (model.gss.d_conv; None: the paper's GSS)
+        self.conv1d = nn.Conv1d(H, H, cfg.d_conv, groups=H, padding=cfg.d_conv - 1) if cfg.d_conv else None
         self.ssm_norm = RMSNorm(H, config.rms_norm_eps)
         self.up_proj = Projection(H, gate, config)
         self.out_proj = Projection(gate, config.d_model, config, residual=True)
@@ -65,18 +86,19 @@ class GSSMixer(nn.Module):
         self.D = keep_fp32(nn.Parameter(torch.ones(H)))
 
     def external_parameters(self) -> list[nn.Parameter]:
-        """Every child module is called through its forward, so ZeRO-3 has nothing extra to gather
-        (the DSS parameters belong to this module itself)."""
-        return []
+        """The short conv's weight and bias, read directly by the conv kernel (not through its forward); the DSS
+        parameters belong to this module itself."""
+        return [] if self.conv1d is None else [self.conv1d.weight, self.conv1d.bias]
 
     def forward_flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token: the projections, the gate product, and per SSM channel the FFT
         convolution (a real FFT of size n = 2L costs about 2.5 n log2 n: one forward transform of the
         input and one inverse, so 10 log2(2L) per token, plus 6 for the complex product of spectra and
-        2 for the D skip). The kernel itself is built once per batch, not per token, and is left out."""
+        2 for the D skip), and the short conv if any (2 per tap). The kernel itself is built once per batch, not
+        per token, and is left out."""
         d_model, gate, H = self.in_proj.in_features, self.gate_dim, self.ssm_dim
         matmuls = d_model * (gate + H) + H * gate + gate * d_model
-        return 2 * matmuls + gate + round(H * (fft_conv_flops(seq_len) + 2))
+        return 2 * matmuls + gate + round(H * (fft_conv_flops(seq_len) + 2)) + 2 * H * self.d_conv
 
     def _discrete(self):
         """(w, dt Lambda), each (H, N) complex: the output weights with the zero-order-hold input factor
@@ -91,15 +113,30 @@ class GSSMixer(nn.Module):
         with torch.autocast(device_type=self.C.device.type, enabled=False):
             return vandermonde_kernel(*self._discrete(), length)
 
-    def _branches(self, hidden: torch.Tensor):
-        gate, v = F.gelu(self.in_proj(hidden)).split([self.gate_dim, self.ssm_dim], dim=-1)
-        return gate, self.ssm_norm(v)
+    def _branches(self, hidden: torch.Tensor, short_conv=None):
+        """(gate, v): the GELU gate and the normalised SSM-branch input, the branch passed through
+        short_conv(branch) -> branch before its GELU when the mixer has the short conv."""
+        gate, v = self.in_proj(hidden).split([self.gate_dim, self.ssm_dim], dim=-1)
+        if self.conv1d is not None:
+            v = short_conv(v)
+        return F.gelu(gate), self.ssm_norm(F.gelu(v))
+
+    def _short_conv(self, v: torch.Tensor, seq_idx, state: GSSState | None, context) -> torch.Tensor:
+        """The short conv of v (batch, L, H), no activation: over one chunk of a context group (halo from the
+        previous rank), continuing a decoding state's conv inputs, or from zeros."""
+        weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+
+        def conv(inputs, inputs_seq_idx):
+            return kernels.causal_conv1d(inputs, weight, bias, activation=None, backend=self.kernel_backend,
+                                         seq_idx=inputs_seq_idx)
+
+        return continued_conv(conv, self.d_conv, v.transpose(1, 2), seq_idx, state, context).transpose(1, 2)
 
     def _output(self, y: torch.Tensor, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         y = (y + self.D * v.to(self.D.dtype)).to(gate.dtype)
         return self.out_proj(self.up_proj(y) * gate)
 
-    def forward(self, hidden: torch.Tensor, state: DiagonalState | None = None,
+    def forward(self, hidden: torch.Tensor, state: GSSState | None = None,
                 seq_idx: torch.Tensor | None = None, context: ContextParallel | None = None) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
         row; the convolution never reaches across a document boundary (kernels.documents). With `state`, the
@@ -107,18 +144,28 @@ class GSSMixer(nn.Module):
         position (closed form: x_L = sum_s exp(dt Lambda (L-1-s)) v_s over the last document, plus the
         carried state decayed over L steps when no document starts in the row). With `context`, hidden is
         one chunk of the rows: the earlier chunks' share of the convolution enters as the DSS state
-        exchanged in the group (models.context_parallel). The DSS arithmetic is models.diagonal's."""
-        gate, v = self._branches(hidden)  # (batch, L, gate), (batch, L, H)
+        exchanged in the group (models.context_parallel), and the short conv (if any) takes its halo from the
+        previous rank. The DSS arithmetic is models.diagonal's."""
+        gate, v = self._branches(hidden, lambda v: self._short_conv(v, seq_idx, state, context))
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            y = diagonal_conv(v.transpose(1, 2), *self._discrete(), seq_idx=seq_idx, state=state, context=context)
+            y = diagonal_conv(v.transpose(1, 2), *self._discrete(), seq_idx=seq_idx,
+                              state=None if state is None else state.diag, context=context)
+        if state is not None:
+            state.fresh = False
         return self._output(y.transpose(1, 2), v, gate)
 
-    def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> DiagonalState:
-        return allocate_diagonal_state(batch, self.ssm_dim, self.d_state, device, self.C.dtype)
+    def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> GSSState:
+        conv = None if self.conv1d is None else torch.zeros(batch, self.ssm_dim, self.d_conv, device=device, dtype=dtype)
+        return GSSState(conv=conv, diag=allocate_diagonal_state(batch, self.ssm_dim, self.d_state, device, self.C.dtype))
 
-    def step(self, hidden: torch.Tensor, state: DiagonalState) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, state: GSSState) -> torch.Tensor:
         """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place."""
-        gate, v = self._branches(hidden)  # (batch, gate), (batch, H)
+
+        def short_conv(v):  # (batch, H): the conv inputs shift by one
+            return kernels.causal_conv1d_update_ref(state.conv, v, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+
+        gate, v = self._branches(hidden, short_conv)  # (batch, gate), (batch, H)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            y = diagonal_step(v.to(self.C.dtype), *self._discrete(), state)
+            y = diagonal_step(v.to(self.C.dtype), *self._discrete(), state.diag)
+        state.fresh = False
         return self._output(y, v, gate)

@@ -1,4 +1,5 @@
-"""benchmarks/gss_induction_diagnosis.py: the two GSS variants it trains change what they claim and nothing else."""
+"""benchmarks/gss_induction_diagnosis.py: the GSS variant it trains changes what it claims and nothing else, and its
+report says so."""
 import json
 import sys
 
@@ -34,28 +35,6 @@ def test_per_channel_eigenvalues_start_as_the_shared_ones():
     assert torch.autograd.grad(shared(hidden).sum(), shared.Lambda_im)[0].shape == (shared.ssm_dim, 4)
 
 
-def test_short_conv_feeds_only_the_ssm_branch_with_the_shifted_input():
-    """With the one-step-delay filter, the gate is the unpatched gate of the input and the SSM branch the
-    unpatched branch of the input delayed by one position (zero first); the block stays causal."""
-    D = diagnosis()
-    plain, patched = mixer(), mixer()
-    D.short_conv(patched)
-    with torch.no_grad():
-        patched.short_conv.weight.zero_()
-        patched.short_conv.weight[:, 0, D.SHORT_CONV_WIDTH - 2] = 1.0  # y_t = x_{t-1}
-        patched.short_conv.bias.zero_()
-    hidden = torch.randn(2, 10, 16)
-    delayed = torch.cat([torch.zeros(2, 1, 16), hidden[:, :-1]], dim=1)
-    gate, v = patched._branches(hidden)
-    torch.testing.assert_close(gate, plain._branches(hidden)[0])
-    torch.testing.assert_close(v, plain._branches(delayed)[1])
-    changed = hidden.clone()
-    changed[:, 6] += 1.0
-    before, after = patched(hidden), patched(changed)
-    torch.testing.assert_close(before[:, :6], after[:, :6])  # nothing before position 6 moved
-    assert not torch.allclose(before[:, 6:], after[:, 6:])
-
-
 def test_a_run_records_its_variant_and_refuses_to_merge_with_plain_gss(tmp_path, monkeypatch):
     from ssmforge.models import gss
 
@@ -64,7 +43,7 @@ def test_a_run_records_its_variant_and_refuses_to_merge_with_plain_gss(tmp_path,
     monkeypatch.setattr(gss.GSSMixer, "__init__", original)  # whatever main patches is undone after the test
     threads = torch.get_num_threads()
     try:
-        assert D.main(["short-conv", "--smoke", "--lrs", "3e-3", "--out", str(tmp_path / "patched.json")]) == 0
+        assert D.main(["per-channel", "--smoke", "--lrs", "3e-3", "--out", str(tmp_path / "patched.json")]) == 0
         import benchmarks.zoo as zoo
 
         gss.GSSMixer.__init__ = original  # the paper's GSS again
@@ -73,13 +52,14 @@ def test_a_run_records_its_variant_and_refuses_to_merge_with_plain_gss(tmp_path,
     finally:
         torch.set_num_threads(threads)
     saved, plain = (json.loads((tmp_path / name).read_text()) for name in ("patched.json", "plain.json"))
-    assert saved["command"] == "python benchmarks/gss_induction_diagnosis.py short-conv --smoke --lrs 3e-3"
-    assert saved["overrides"]["gss"]["patched"] == "short-conv" and "depthwise causal" in saved["variant"]
+    assert saved["command"] == "python benchmarks/gss_induction_diagnosis.py per-channel --smoke --lrs 3e-3"
+    assert saved["overrides"]["gss"]["patched"] == "per-channel" and "per channel" in saved["variant"]
     assert [(r["family"], r["task"]) for r in saved["rows"]] == [("gss", "induction")]
-    # the parameter match counted the convolution: 2 layers of d_model filters of width 4 and their biases
+    # the parameter match counted the per-channel eigenvalues: 2 layers of (re, im) for H - 1 more channels
     plain_counts = {point[0]: point[1] for point in plain["families"]["gss"]["search"]}
+    d_state = saved["families"]["gss"]["sections"]["gss"]["d_state"]
     for d_model, count in saved["families"]["gss"]["search"]:
-        assert count - plain_counts[d_model] == 2 * d_model * (D.SHORT_CONV_WIDTH + 1)
+        assert count - plain_counts[d_model] == 2 * 2 * d_state * (d_model // 2 - 1)  # H = d_model // 2
     with pytest.raises(zoo.MergeRefused, match="model overrides of gss differ"):
         zoo.merge([tmp_path / "plain.json", tmp_path / "patched.json"])
     assert D.main(["no-such-variant"]) == 2

@@ -1,8 +1,8 @@
 """Context parallelism by state passing (models.context_parallel): K gloo ranks, each holding 1/K of every row,
 give the loss, the logits and every gradient of one process holding the whole rows, to 1e-5 in fp32, for
-Mamba, Mamba-2, GSS, a hybrid with attention and an MLP, and the Mamba-360 families (S4 bilinear and ZOH,
-Liquid-S4 polyb and kb, S4D, DSS, H3, Hyena, LRU), with and without document resets (documents that
-cross chunk boundaries, one that starts exactly on one, one that spans every chunk)."""
+Mamba, Mamba-2, GSS (with and without its short conv), a hybrid with attention and an MLP, and the Mamba-360
+families (S4 bilinear and ZOH, Liquid-S4 polyb and kb, S4D, DSS, H3, Hyena, LRU), with and without document
+resets (documents that cross chunk boundaries, one that starts exactly on one, one that spans every chunk)."""
 import json
 
 import pytest
@@ -24,6 +24,7 @@ FAMILIES = {
     "mamba2": dict(family="mamba2", n_layer=2),
     "mamba2 2 groups": dict(family="mamba2", n_layer=2, mamba2=dict(ngroups=2)),
     "gss": dict(family="gss", n_layer=2),
+    "gss short conv": dict(family="gss", n_layer=2, gss=dict(d_conv=4)),
     "hybrid": dict(family="hybrid", layer_pattern="M*M-", n_layer=4),
     "every mixer": dict(family="hybrid", layer_pattern="M2G*-", n_layer=5, attention=dict(heads=4, kv_heads=2,
                                                                                           window=20)),

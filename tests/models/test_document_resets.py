@@ -124,6 +124,15 @@ def test_chunk_by_chunk_through_a_state_equals_the_whole_sequence(window):
     assert_chunks_then_steps_match_forward(model, ids)
 
 
+def test_gss_with_its_short_conv_keeps_documents_apart_and_continues_chunks():
+    """model.gss.d_conv > 0 adds a conv to GSS (the stack above has the paper's GSS, without one)."""
+    model = build(every_mixer_config(layer_pattern="GG", n_layer=2, gss=dict(d_conv=4)))
+    assert model.layers[0].mixer.conv1d is not None
+    assert_documents_run_alone(model)
+    ids = torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(6))
+    assert_chunks_then_steps_match_forward(model, ids)
+
+
 def test_a_carried_state_with_seq_idx_reaches_only_the_first_document():
     """For the SSM mixers (what context parallelism passes between ranks): a chunk that continues a state and
     holds a document boundary equals the whole row with the same boundary."""

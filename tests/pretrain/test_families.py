@@ -1,5 +1,6 @@
 """Every mixer through the same commands: a hybrid stack holding all of them (M Mamba, 2 Mamba-2, G GSS,
-* attention, - MLP, and the Mamba-360 families S S4, Q Liquid-S4, D S4D, E DSS, H H3, Y Hyena, L LRU) trains with document resets under ZeRO-3 to the losses it has under ZeRO-0 (so every
+* attention, - MLP, and the Mamba-360 families S S4, Q Liquid-S4, D S4D, E DSS, H H3, Y Hyena, L LRU; GSS with its
+optional short conv) trains with document resets under ZeRO-3 to the losses it has under ZeRO-0 (so every
 weight a kernel reads is gathered), stops and resumes exactly, exports, and its export evaluates, fine-tunes
 on GLUE and generates through the CLI."""
 import json
@@ -18,7 +19,7 @@ from .conftest import ROOT, run_pretrain, train_losses
 
 EVERY_MIXER = ("model.family=hybrid", "model.layer_pattern=M2G*-SQDEHYL", "model.n_layer=12",
                "model.mamba2.headdim=16",
-               "model.mamba2.d_state=16", "model.mamba2.chunk_size=16", "model.gss.d_state=8",
+               "model.mamba2.d_state=16", "model.mamba2.chunk_size=16", "model.gss.d_state=8", "model.gss.d_conv=4",
                "model.attention.heads=4", "model.attention.kv_heads=2", "model.s4.d_state=8",
                "model.liquid_s4.d_state=8", "model.s4d.d_state=8", "model.dss.d_state=8", "model.h3.d_state=8",
                "model.h3.head_dim=2", "model.lru.d_state=8", "data.document_boundaries=reset")
