@@ -95,7 +95,9 @@ def scored_accuracy(model, ids: torch.Tensor, targets: torch.Tensor, batch: int)
 
 
 def train(model, make_batch, steps: int, lr: float, log_every: int, name: str) -> list[float]:
-    """AdamW on fresh batches, loss on the scored positions only; linear warmup then cosine decay."""
+    """AdamW on fresh batches, loss on the scored positions only; linear warmup then cosine decay. A run whose loss
+    is no longer a number stops there (its weights are lost; hours of further steps would change nothing): the
+    losses returned are then fewer than `steps`, the last one not finite."""
     optim = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -106,12 +108,15 @@ def train(model, make_batch, steps: int, lr: float, log_every: int, name: str) -
         ids, targets = make_batch()
         logits = model(ids)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            print(f"  {name} step {step + 1}/{steps}: loss {losses[-1]}: diverged, stopped", flush=True)
+            break
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         schedule.step()
-        losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             print(f"  {name} step {step + 1}/{steps}: loss {sum(losses[-log_every:]) / log_every:.3f}", flush=True)
     return losses

@@ -455,6 +455,11 @@ def finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def diverged_at(losses: list[float]) -> int | None:
+    """The step (from 1) whose loss was not finite, where synthetic.train stopped the run; None if none was."""
+    return len(losses) if losses and not math.isfinite(losses[-1]) else None
+
+
 def train_run(family: str, info: dict, task, lr: float, steps: int, args, device) -> tuple:
     """A fresh model (the same init for every lr) trained for `steps` at `lr` on the task's stream."""
     torch.manual_seed(args.seed)
@@ -483,7 +488,8 @@ def run_task(family: str, info: dict, task, args, device) -> dict:
         point = dict(lr=lr, steps=args.sweep_steps, val_loss=finite(ev["loss"]),
                      val_accuracy=float(ev["hits"].sum() / max(1, ev["counts"].sum())),
                      final_train_loss=finite(float(np.mean(losses[-max(1, len(losses) // 10):]))),
-                     converged=convergence(losses, args.converge_tol)["converged"], seconds=seconds)
+                     converged=convergence(losses, args.converge_tol)["converged"], seconds=seconds,
+                     diverged_at_step=diverged_at(losses))
         if full_budget and (not sweep or val_loss(point) < min(map(val_loss, sweep))):
             kept = model, losses, seconds
         sweep.append(point)
@@ -500,7 +506,8 @@ def run_task(family: str, info: dict, task, args, device) -> dict:
                lr_selected_by=selected_by, sweep=sweep,
                steps=args.steps, train_seconds=seconds, train_length=task.train_length,
                final_train_loss=finite(float(np.mean(losses[-max(1, len(losses) // 10):]))),
-               loss_curve=loss_curve(losses), convergence=convergence(losses, args.converge_tol))
+               loss_curve=loss_curve(losses), convergence=convergence(losses, args.converge_tol),
+               diverged_at_step=diverged_at(losses))
     row["converged"] = row["convergence"]["converged"]
     row.update(task.result(model, args, device))
     return row
@@ -1107,6 +1114,8 @@ def without(argv: list[str], flag: str) -> list[str]:
 
 def summary_line(row: dict) -> str:
     conv = {True: "converged", False: "NOT converged", None: "convergence unknown"}[row.get("converged")]
+    if row.get("diverged_at_step"):
+        conv = f"DIVERGED at step {row['diverged_at_step']}"
     if row["task"] == "lm":
         s = row["loss"]
         return (f"loss {cell(s, '{:.4f}')} (measured {s['measured_nats']:.4f}, floor {row['entropy_floor']:.4f}, "

@@ -124,6 +124,29 @@ def test_convergence_compares_the_last_tenth_with_the_one_before():
     assert not Z.convergence([1.0] * 99 + [float("nan")], 0.02)["converged"]
 
 
+def test_a_diverged_run_stops_at_its_first_non_finite_loss():
+    """synthetic.train (the zoo's loop) stops once the loss is not a number; the zoo records the step."""
+    Z = zoo_module()
+    from benchmarks.synthetic import train
+
+    class BlowsUp(torch.nn.Module):  # logits NaN from the third call on
+        def __init__(self):
+            super().__init__()
+            self.w, self.calls = torch.nn.Parameter(torch.zeros(4)), 0
+
+        def forward(self, ids):
+            self.calls += 1
+            return self.w.expand(*ids.shape, 4) * (float("nan") if self.calls >= 3 else 1.0)
+
+    model = BlowsUp()
+    batch = lambda: (torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long))  # noqa: E731
+    losses = train(model, batch, steps=10, lr=1e-2, log_every=0, name="blows up")
+    assert model.calls == 3 and len(losses) == 3 and math.isnan(losses[-1])
+    assert all(math.isfinite(x) for x in losses[:2]) and losses[1] < losses[0]  # it did train before
+    assert Z.diverged_at(losses) == 3 and Z.diverged_at(losses[:2]) is None and Z.diverged_at([]) is None
+    assert Z.convergence(losses, 0.02)["converged"] is False
+
+
 def smoke(Z, tmp_path, name, *argv):
     """A smoke run of zoo.py, the caller's thread count restored (main sets its own)."""
     threads = torch.get_num_threads()
