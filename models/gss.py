@@ -155,8 +155,10 @@ class GSSMixer(nn.Module):
         return self._output(y.transpose(1, 2), v, gate)
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> GSSState:
-        conv = None if self.conv1d is None else torch.zeros(batch, self.ssm_dim, self.d_conv, device=device, dtype=dtype)
-        return GSSState(conv=conv, diag=allocate_diagonal_state(batch, self.ssm_dim, self.d_state, device, self.C.dtype))
+        conv = None if self.conv1d is None else torch.zeros(batch, self.ssm_dim, self.d_conv, device=device,
+                                                             dtype=dtype)
+        diag = allocate_diagonal_state(batch, self.ssm_dim, self.d_state, device, self.C.dtype)
+        return GSSState(conv=conv, diag=diag)
 
     def step(self, hidden: torch.Tensor, state: GSSState) -> torch.Tensor:
         """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place."""

@@ -89,7 +89,8 @@ def test_fft_forward_and_prefill_state_equal_the_sequential_oracle(d_conv):
     # the model keeps x without the input factor b_bar = (z - 1)/lam; the oracle keeps it on the state
     dt, lam = mixer.log_dt.exp().double(), torch.complex(-mixer.Lambda_re_log.exp(), mixer.Lambda_im).detach()
     b_bar = (torch.exp(dt[:, None] * lam) - 1) / lam
-    torch.testing.assert_close((state.diag.ssm * b_bar).to(torch.complex128), torch.tensor(finals, dtype=torch.complex128), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((state.diag.ssm * b_bar).to(torch.complex128),
+                               torch.tensor(finals, dtype=torch.complex128), rtol=1e-4, atol=1e-5)
     assert state.diag.ssm.abs().max() > 0.1  # a real state, not decayed to nothing
     if d_conv:  # the conv's last inputs, oldest first, for decoding to continue
         branch = (hidden @ mixer.in_proj.weight.T)[..., mixer.gate_dim:]
