@@ -164,7 +164,8 @@ class GSSConfig:
     """Largest initial DSS step size."""
     d_conv: int = 0
     """Width of a causal depthwise convolution on the SSM branch before its GELU (Mamba's short conv); 0: none,
-    the paper's GSS. Without it GSS does not learn induction heads (README, "Model zoo"); with 4 it does."""
+    the paper's GSS. Without it GSS does not learn induction heads (README, "The survey's comparison"); with 4
+    it does."""
 
     def resolved_ssm_dim(self, d_model: int) -> int:
         return self.ssm_dim if self.ssm_dim is not None else max(1, d_model // 2)

@@ -26,7 +26,7 @@ D skip and normalises the DSS input; both are kept. The keys are `model.gss.*` (
 `model.gss.d_conv` > 0 adds what the paper's GSS lacks, a causal depthwise convolution of that many taps (with a
 bias) on the SSM branch before its GELU, v = norm(GELU(conv(W_ssm x))), as Mamba puts one before its SiLU.
 Without it the long DSS kernel must learn the previous-token shift that induction heads need, and at laptop scale
-it does not (README, "Model zoo").
+it does not (README, "The survey's comparison").
 """
 from __future__ import annotations
 
