@@ -44,7 +44,7 @@ from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import (DiagonalState, allocate_diagonal_state, diagonal_conv, diagonal_step, vandermonde_kernel,
                        zoh_weights)
-from .layers import Projection, RMSNorm, continued_conv, keep_fp32, kernel_backend
+from .layers import Projection, RMSNorm, depthwise_causal_conv, keep_fp32, kernel_backend
 from .registry import register_mixer
 
 
@@ -122,15 +122,9 @@ class GSSMixer(nn.Module):
         return F.gelu(gate), self.ssm_norm(F.gelu(v))
 
     def _short_conv(self, v: torch.Tensor, seq_idx, state: GSSState | None, context) -> torch.Tensor:
-        """The short conv of v (batch, L, H), no activation: over one chunk of a context group (halo from the
-        previous rank), continuing a decoding state's conv inputs, or from zeros."""
-        weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
-
-        def conv(inputs, inputs_seq_idx):
-            return kernels.causal_conv1d(inputs, weight, bias, activation=None, backend=self.kernel_backend,
-                                         seq_idx=inputs_seq_idx)
-
-        return continued_conv(conv, self.d_conv, v.transpose(1, 2), seq_idx, state, context).transpose(1, 2)
+        """The short conv of v (batch, L, H), no activation."""
+        return depthwise_causal_conv(self.conv1d, self.kernel_backend, v.transpose(1, 2), seq_idx, state,
+                                     context).transpose(1, 2)
 
     def _output(self, y: torch.Tensor, v: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         y = (y + self.D * v.to(self.D.dtype)).to(gate.dtype)

@@ -65,7 +65,7 @@ from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 
 from .config import ModelConfig
 from .context_parallel import ContextParallel
-from .layers import Projection, continued_conv, keep_fp32, kernel_backend
+from .layers import Projection, depthwise_causal_conv, keep_fp32, kernel_backend
 from .registry import register_mixer
 
 INNER_LAYERS = 2  # safari HyenaFilter's num_inner_mlps default: hidden Linear + Sin pairs after the first
@@ -170,17 +170,6 @@ class HyenaMixer(nn.Module):
 
     # ---- forward ----
 
-    def _short_conv(self, p: torch.Tensor, seq_idx, state: HyenaState | None, context) -> torch.Tensor:
-        """The short causal depthwise conv of p (batch, (order + 1) d, L), no activation: over one chunk of a
-        context group (halo from the previous rank), continuing a decoding state, or from zeros."""
-        weight, bias = self.short_filter.weight.squeeze(1), self.short_filter.bias
-
-        def conv(inputs, inputs_seq_idx):
-            return kernels.causal_conv1d(inputs, weight, bias, activation=None, backend=self.kernel_backend,
-                                         seq_idx=inputs_seq_idx)
-
-        return continued_conv(conv, self.short_filter_order, p, seq_idx, state, context)
-
     def forward(self, hidden: torch.Tensor, state: HyenaState | None = None,
                 seq_idx: torch.Tensor | None = None, context: ContextParallel | None = None) -> torch.Tensor:
         """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
@@ -200,7 +189,9 @@ class HyenaMixer(nn.Module):
         self._check_length(length)  # before the state is touched
         p = self.in_proj(hidden)
         dtype_out = p.dtype
-        p = self._short_conv(p.transpose(1, 2), seq_idx, state, context)  # (batch, (order + 1) d, L)
+        # the short conv, no activation: halo from the previous rank, a decoding state's inputs, or zeros
+        p = depthwise_causal_conv(self.short_filter, self.kernel_backend, p.transpose(1, 2), seq_idx, state,
+                                  context)  # (batch, (order + 1) d, L)
         *x, v = p.split(self.d_model, dim=1)
         real = self._real_dtype()
         with torch.autocast(device_type=hidden.device.type, enabled=False):

@@ -86,14 +86,15 @@ def conv_in_context(conv, x: torch.Tensor, seq_idx: torch.Tensor | None, context
     return torch.cat([head[..., reach:], out[..., reach:]], dim=-1)
 
 
-def causal_conv_silu(conv1d: nn.Conv1d, backend: str | None, x: torch.Tensor, seq_idx: torch.Tensor | None,
-                     state=None, context=None) -> torch.Tensor:
-    """A mixer's depthwise causal conv and SiLU of x (batch, channels, L) (continued_conv)."""
+def depthwise_causal_conv(conv1d: nn.Conv1d, backend: str | None, x: torch.Tensor, seq_idx: torch.Tensor | None,
+                          state=None, context=None, activation: str | None = None) -> torch.Tensor:
+    """A mixer's depthwise causal conv (conv1d's taps and bias, then `activation`: None or "silu") of x (batch,
+    channels, L): over one chunk of a context group, continuing a decoding state, or from zeros (continued_conv)."""
     from ssmforge import kernels
 
     def conv(inputs, inputs_seq_idx):
-        return kernels.causal_conv1d(inputs, conv1d.weight.squeeze(1), conv1d.bias, activation="silu", backend=backend,
-                                     seq_idx=inputs_seq_idx)
+        return kernels.causal_conv1d(inputs, conv1d.weight.squeeze(1), conv1d.bias, activation=activation,
+                                     backend=backend, seq_idx=inputs_seq_idx)
 
     return continued_conv(conv, conv1d.kernel_size[0], x, seq_idx, state, context)
 

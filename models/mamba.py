@@ -15,7 +15,7 @@ from ssmforge import kernels
 
 from .config import MambaConfig, ModelConfig
 from .context_parallel import ContextParallel
-from .layers import (Projection, causal_conv_silu, dt_bias_init, in_first_document, keep_fp32, kernel_backend,
+from .layers import (Projection, depthwise_causal_conv, dt_bias_init, in_first_document, keep_fp32, kernel_backend,
                      recomputed)
 from .registry import register_mixer
 
@@ -111,7 +111,7 @@ class MambaMixer(nn.Module):
         # the halves' gradients join into the projection's layout with no transposed copy
         x, z = (half.transpose(1, 2) for half in self.in_proj(hidden).chunk(2, dim=-1))
         continuing = state is not None and not state.fresh
-        x = causal_conv_silu(self.conv1d, self.kernel_backend, x, seq_idx, state, context)
+        x = depthwise_causal_conv(self.conv1d, self.kernel_backend, x, seq_idx, state, context, activation="silu")
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         y = kernels.selective_scan(

@@ -16,7 +16,7 @@ from ssmforge import kernels
 
 from .config import ModelConfig
 from .context_parallel import ContextParallel
-from .layers import (Projection, causal_conv_silu, dt_bias_init, in_first_document, keep_fp32, kernel_backend,
+from .layers import (Projection, depthwise_causal_conv, dt_bias_init, in_first_document, keep_fp32, kernel_backend,
                      recomputed)
 from .registry import register_mixer
 
@@ -116,7 +116,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self._split(self.in_proj(hidden))
         xBC = xBC.transpose(1, 2)  # (batch, conv_dim, L)
         continuing = state is not None and not state.fresh
-        xBC = causal_conv_silu(self.conv1d, self.kernel_backend, xBC, seq_idx, state, context)
+        xBC = depthwise_causal_conv(self.conv1d, self.kernel_backend, xBC, seq_idx, state, context, activation="silu")
         x, B, C = self._split_conv_out(xBC.transpose(1, 2))
         A = -torch.exp(self.A_log.float())
         y = kernels.ssd_scan(x, dt, A, B, C, chunk_size=self.chunk_size,
