@@ -54,7 +54,12 @@ class GSSState:
 
     conv: torch.Tensor | None  # (batch, ssm_dim, d_conv), oldest first
     diag: DiagonalState
-    fresh: bool = True  # nothing consumed yet: a forward starts from zeros rather than continuing
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing consumed yet (a forward starts from zeros): the DSS state's flag, which every forward and step
+        clears, so the conv (read first) and the DSS always agree."""
+        return self.diag.fresh
 
 
 @register_mixer("gss")
@@ -144,8 +149,6 @@ class GSSMixer(nn.Module):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             y = diagonal_conv(v.transpose(1, 2), *self._discrete(), seq_idx=seq_idx,
                               state=None if state is None else state.diag, context=context)
-        if state is not None:
-            state.fresh = False
         return self._output(y.transpose(1, 2), v, gate)
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> GSSState:
@@ -163,5 +166,4 @@ class GSSMixer(nn.Module):
         gate, v = self._branches(hidden, short_conv)  # (batch, gate), (batch, H)
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             y = diagonal_step(v.to(self.C.dtype), *self._discrete(), state.diag)
-        state.fresh = False
         return self._output(y, v, gate)
