@@ -8,7 +8,9 @@ sizes and xxh64 hashes of their index before the first batch.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -114,9 +116,6 @@ def close_inherited_network_sockets() -> None:
     workers notice they are orphaned (every 5 s), and the other ranks only see the rank lost then. A worker needs
     none of them (a remote source opens its own): the worker's copies are closed; Unix sockets and pipes, the
     worker's queues, are kept. Linux only (/proc/self/fd); elsewhere nothing is closed."""
-    import os
-    import socket
-
     try:
         descriptors = [int(fd) for fd in os.listdir("/proc/self/fd")]
     except OSError:
