@@ -6,8 +6,9 @@ exchanges one summary per rank and layer: the state at the chunk's end and the c
 entering state is carried to the end: the total decay, zero where a document starts inside the chunk). An
 exclusive scan over those summaries gives every rank the true state entering its chunk, and the layer adds
 what that state contributes to its outputs. The exchange is O(batch x state) per layer, independent of the
-sequence length (S4 and Liquid-S4, whose state matrix is dense, send their (batch, H, N, N) transfer: O(batch H N^2)); a causal conv takes a halo of its width - 1 inputs from the previous rank, and attention
-gathers the keys and values of the group (O(L): the one layer kind whose exchange grows with the length).
+sequence length (S4 and Liquid-S4, whose transfer Abar^L is a dense (H, N, N) matrix the same on every rank,
+send only its per-row document flag and compute the matrix themselves); a causal conv takes a halo of its
+width - 1 inputs from the previous rank, and attention gathers the keys and values of the group (O(L): the one layer kind whose exchange grows with the length).
 
 Every collective here is an all-gather whose backward all-reduces the gradients of the gathered pieces, so
 the state adjoint flows back to the ranks that produced each state. Each rank builds the same graph (it

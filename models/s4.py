@@ -45,8 +45,9 @@ cached in the state by the first step). A forward with a state, or a chunk under
 computes the chunk's summary: the final state from zero, sum_s Abar^(L-1-s) Bbar u_s over the row's last
 document (Krylov powers by doubling), and the transfer Abar^L (zero where a document starts in the chunk); an
 entering state h0 adds Re(C Abar^(t+1) h0) to the outputs of the first document.
-Under context parallelism the ranks exchange that dense transfer per row, (batch, H, N, N): 512 MiB per layer at
-d_model 2048, N 64, micro-batch 8, where the diagonal families send (batch, H, N). The bilinear kernel's Cauchy
+Under context parallelism the ranks exchange only the final states (batch, H, N) and one flag per row (does a
+document start in the chunk?): Abar and the chunk length are the same on every rank, so each computes the
+transfer Abar^L itself rather than receiving (batch, H, N, N) of it. The bilinear kernel's Cauchy
 sums hold a (H, L/2 + 1, N) complex128 temporary per layer (2.1 GiB at d_model 2048, L 2048, N 64) and the Krylov
 powers of zoh and of the state summaries (H, N, L) complex64: built for laptop-to-small-GPU shapes, not yet
 chunked over channels for 1B-scale widths.
@@ -152,9 +153,10 @@ def geometric_sum(M: torch.Tensor, r: torch.Tensor, n: int) -> torch.Tensor:
     return s
 
 
-def apply_transfer(transfer: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A chunk's transfer (batch, H, N, N) acting on a state (batch, H, N) (ContextParallel's `carry`)."""
-    return torch.einsum("bhnm,bhm->bhn", transfer, x)
+def carried_by(power: torch.Tensor, reach: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A state x (batch, H, N) carried through a chunk: Abar^L x with power = Abar^L (H, N, N), times reach
+    (batch, 1, 1): 0 where a document starts inside the chunk, 1 where x reaches its end."""
+    return reach * torch.einsum("hnm,bhm->bhn", power, x)
 
 
 @dataclass
@@ -295,28 +297,30 @@ class S4Mixer(nn.Module):
         y = fft_causal_conv(w, self.kernel(L, Abar, Bbar), seq_idx=seq_idx).to(w.dtype)
         if state is None and context is None:
             return y
-        last, transfer = recomputed(self._summary, w, seq_idx, Abar, Bbar)
+        last, power, reach = recomputed(self._summary, w, seq_idx, Abar, Bbar)
         if context is not None:
-            h0 = context.entering_state(last, transfer, L, carry=apply_transfer)
+            # Abar and the chunk length are the same on every rank, so each computes Abar^L itself: only the
+            # per-row flags (whether a document starts inside the chunk) travel with the final states
+            h0 = context.entering_state(last, reach, L, carry=lambda flags, x: carried_by(power, flags, x))
         else:
             h0 = None if state.fresh else state.ssm
         if h0 is not None:
             y = y + recomputed(self._carried, h0, seq_idx, Abar, L)
-            last = last + apply_transfer(transfer, h0)
+            last = last + carried_by(power, reach, h0)
         if state is not None:
             state.ssm, state.fresh = last, False
         return y
 
     def _summary(self, w, seq_idx, Abar, Bbar):
         """The state after the last position from a zero start (batch, H, N): sum_s Abar^(L-1-s) Bbar w_s over
-        the row's last document; and the transfer (batch, H, N, N) that carries an entering state to the end
-        (Abar^L, zero where a document starts in the row)."""
+        the row's last document; Abar^L (H, N, N), which carries an entering state to the end; and reach
+        (batch, 1, 1): 0 where a document starts in the row, so that no entering state reaches the end."""
         batch, _, L = w.shape
         last_doc = torch.ones(batch, L, device=w.device) if seq_idx is None else (seq_idx == seq_idx[:, -1:])
         inputs = (w * last_doc[:, None].to(w.dtype)).flip(-1).to(Bbar.dtype)  # w_{L-1-j} at j
         last = torch.einsum("bhl,hnl->bhn", inputs, krylov(Abar, Bbar, L))
         reach = in_first_document(seq_idx, batch, L, w.device)[:, -1]
-        return last, matrix_power(Abar, L) * reach[:, None, None, None].to(w.dtype)
+        return last, matrix_power(Abar, L), reach[:, None, None].to(w.dtype)
 
     def _carried(self, h0, seq_idx, Abar, L: int):
         """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:

@@ -4,6 +4,7 @@ Mamba, Mamba-2, GSS (with and without its short conv), a hybrid with attention a
 families (S4 bilinear and ZOH, Liquid-S4 polyb and kb, S4D, DSS, H3, Hyena, LRU), with and without document
 resets (documents that cross chunk boundaries, one that starts exactly on one, one that spans every chunk)."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -125,3 +126,18 @@ def test_the_state_exchange_is_what_the_chunks_need():
         whole = model(inputs)[:, 32:]
         alone = model(inputs[:, 32:])
     assert (whole - alone).abs().max() > 1e-2
+
+
+def test_s4_sends_its_final_states_and_a_flag_per_row_not_its_dense_transfer():
+    """S4's transfer Abar^L is the same (H, N, N) matrix on every rank: a rank sends its chunk's final state
+    (batch, H, N) and a document flag per row, O(batch H N) like the diagonal families, not (batch, H, N, N)."""
+    torch.manual_seed(0)
+    model = LanguageModel(config("s4 zoh, liquid polyb"))
+    model.layers = model.layers[:1]  # the S layer alone
+    sent = []
+    context = replace(ContextParallel.stand_in(2), comm_bytes=sent)
+    inputs, _, seq_idx = rows(True)
+    with torch.no_grad():
+        model(inputs, seq_idx=seq_idx, context=context)
+    batch, H, N, complex64 = inputs.shape[0], 32, 8, 8
+    assert sent == [batch * H * N * complex64, batch * complex64]
