@@ -793,10 +793,59 @@ def merge(paths: list[Path]) -> dict:
         if all((family, t) in rows for t in data["tasks"]):  # a later run measured what an earlier one lost
             del data["failed"][family]
     data["settings"] = dict(first["settings"], families=families, tasks=[t for t in TASKS if t in data["tasks"]])
+    data["budget_checks"] = budget_checks(data)
     # complete: every family measured on every task (a run stopped early may be completed by a later one)
     data["complete"] = all((f, t) in rows for f in families if data["families"][f]["status"] == "ok"
                            for t in data["tasks"])
     return data
+
+
+def estimates(row: dict) -> dict:
+    """A trained row's scores as (estimate, standard error of that run's measurement), by name: the accuracy's
+    binomial error at the measured rate, the LM loss's error of the mean over sequences."""
+    if row["task"] == "lm":
+        s = row["loss"]
+        return {"loss": (s["measured_nats"], s["se"])}
+    scores = {"accuracy": row["accuracy"]} if row["task"] == "copying" else \
+        {f"@{n}": s for n, s in row["by_length"].items()}
+    return {name: (s["hits"] / s["n"], math.sqrt(s["hits"] / s["n"] * (1 - s["hits"] / s["n"]) / s["n"]))
+            for name, s in scores.items() if s["n"]}
+
+
+def budget_checks(data: dict) -> dict:
+    """For each row that replaced a run of the same family, task and lr at half its steps or fewer: did the longer
+    budget change the result? `same_result`: every score within 2 standard errors of the difference of the two
+    (independent) measurements. Keyed "family/task"; the shorter run compared is the longest such one."""
+    checks = {}
+    for row in data["rows"]:
+        if row["task"] not in TASK_CLASSES or row.get("diverged_at_step"):
+            continue
+        shorter = [s for s in data["superseded"] if (s["family"], s["task"], s.get("lr")) ==
+                   (row["family"], row["task"], row["lr"]) and 2 * s["steps"] <= row["steps"]
+                   and not s.get("diverged_at_step")]
+        if not shorter:
+            continue
+        before_row = max(shorter, key=lambda s: s["steps"])
+        before, after = estimates(before_row), estimates(row)
+        scores = {}
+        for name in [n for n in after if n in before]:
+            (b, b_se), (a, a_se) = before[name], after[name]
+            if b_se is None or a_se is None:
+                continue
+            limit = 2 * math.hypot(b_se, a_se)
+            scores[name] = dict(before=b, after=a, change=a - b, limit=limit, same=bool(abs(a - b) <= limit))
+        if scores:
+            checks[f"{row['family']}/{row['task']}"] = dict(
+                steps_before=before_row["steps"], steps=row["steps"], lr=row["lr"], scores=scores,
+                same_result=all(s["same"] for s in scores.values()))
+    return checks
+
+
+def converged(data: dict, row: dict) -> bool | None:
+    """The table's verdict: the training loss flat over the last 10% of steps, or a longer budget that did not
+    change the result (budget_checks)."""
+    check = data.get("budget_checks", {}).get(f"{row['family']}/{row['task']}")
+    return True if check and check["same_result"] else row.get("converged")
 
 
 def read_report(path: Path) -> dict:
@@ -847,7 +896,7 @@ def table(data: dict) -> str:
     if "speed" in tasks:
         head += [f"tokens/s @{settings['speed_length']}", "peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    mark = lambda r, text: text + ("" if r.get("converged") in (True, None) else " †")  # noqa: E731
+    mark = lambda r, text: text + ("" if converged(data, r) in (True, None) else " †")  # noqa: E731
     for family in settings["families"]:
         info = data["families"].get(family)
         if info is None:
@@ -872,9 +921,16 @@ def table(data: dict) -> str:
     notes = [f"Parameters outside the embedding / LM head; target {data['target_parameters']:,} "
              f"(ratio = ours / target, within {TOLERANCE:.0%}). \"chance\": not above chance by more than 2 standard "
              f"errors. †: not converged (training loss still moving by >= {settings['converge_tol']:.0%} over the "
-             "last 10% of steps).",
+             "last 10% of steps, and no run at half the budget or less that scored the same within 2 standard "
+             "errors).",
              "Ours: " + (f"induction trained at {settings['induction_len']} tokens; " if "induction" in tasks else "")
              + "; ".join(budgets(data)) + f". Paper: {PUBLISHED['citation']}."]
+    checks = data.get("budget_checks", {})
+    if checks:
+        notes.append("Longer budgets, same lr: " + "; ".join(
+            f"{key} " + ", ".join(f"{name} {s['before']:.3f} -> {s['after']:.3f}" for name, s in c["scores"].items())
+            + f" ({c['steps_before']:,} -> {c['steps']:,} steps, {'same' if c['same_result'] else 'changed'})"
+            for key, c in checks.items()) + ".")
     lrs = [f"{r['family']}/{r['task']} {r['lr']:g}" for r in data["rows"] if "lr" in r]
     if lrs:
         notes.append("Learning rates: " + ", ".join(lrs) + ".")

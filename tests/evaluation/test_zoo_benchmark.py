@@ -124,6 +124,48 @@ def test_convergence_compares_the_last_tenth_with_the_one_before():
     assert not Z.convergence([1.0] * 99 + [float("nan")], 0.02)["converged"]
 
 
+def test_a_longer_budget_that_does_not_change_the_result_counts_as_converged():
+    """budget_checks: a row against the longest superseded run of its family, task and lr at half its steps or
+    fewer; the same result (every score within 2 standard errors of the difference) clears the table's dagger."""
+    Z = zoo_module()
+
+    def copying(family, steps, hits, lr=3e-3, converged=False):
+        return dict(family=family, task="copying", steps=steps, lr=lr, converged=converged,
+                    accuracy=Z.accuracy_score(hits, 4096, 0.125))
+
+    def induction(family, steps, hits):
+        return dict(family=family, task="induction", steps=steps, lr=1e-3, converged=False,
+                    by_length={"64": Z.accuracy_score(hits[0], 256, 1 / 16),
+                               "256": Z.accuracy_score(hits[1], 64, 1 / 16)})
+
+    rows = [copying("s4", 24000, 4060), copying("lru", 24000, 4000), copying("dss", 12000, 4050),
+            copying("gss", 24000, 3900), induction("mamba", 4000, (256, 40))]
+    superseded = [copying("s4", 4000, 3000), copying("s4", 12000, 4048),  # 12,000 is the one compared
+                  copying("lru", 12000, 3602),  # changed: 0.879 -> 0.977
+                  copying("dss", 8000, 4050),  # more than half the steps: no check
+                  copying("gss", 12000, 3900, lr=1e-3),  # another lr: no check
+                  induction("mamba", 2000, (256, 20))]  # the same at 64, changed at 256
+    data = dict(rows=rows, superseded=superseded)
+    checks = Z.budget_checks(data)
+    assert list(checks) == ["s4/copying", "lru/copying", "mamba/induction"]
+    s4 = checks["s4/copying"]
+    assert (s4["steps_before"], s4["steps"], s4["same_result"]) == (12000, 24000, True)
+    a, b = 4060 / 4096, 4048 / 4096  # the limit: 2 sqrt(se_a^2 + se_b^2), each the binomial error at its rate
+    limit = 2 * math.sqrt(a * (1 - a) / 4096 + b * (1 - b) / 4096)
+    assert s4["scores"]["accuracy"] == pytest.approx(dict(before=b, after=a, change=a - b, limit=limit, same=True))
+    assert not checks["lru/copying"]["same_result"]
+    mamba = checks["mamba/induction"]["scores"]
+    assert mamba["@64"]["same"] and not mamba["@256"]["same"] and not checks["mamba/induction"]["same_result"]
+    data["budget_checks"] = checks
+    assert [Z.converged(data, r) for r in rows] == [True, False, False, False, False]
+    # an LM row compares its measured loss with the errors of the two means
+    lm = lambda steps, nats: dict(family="h3", task="lm", steps=steps, lr=1e-2,  # noqa: E731
+                                  loss=dict(measured_nats=nats, se=0.002))
+    check = Z.budget_checks(dict(rows=[lm(2000, 1.250)], superseded=[lm(1000, 1.254)]))["h3/lm"]
+    assert check["same_result"] and check["scores"]["loss"]["limit"] == pytest.approx(4 * math.sqrt(2) * 0.001)
+    assert not Z.budget_checks(dict(rows=[lm(2000, 1.250)], superseded=[lm(1000, 1.260)]))["h3/lm"]["same_result"]
+
+
 def test_a_diverged_run_stops_at_its_first_non_finite_loss():
     """synthetic.train (the zoo's loop) stops once the loss is not a number; the zoo records the step."""
     Z = zoo_module()
@@ -223,6 +265,7 @@ def test_a_full_budget_sweep_keeps_its_best_run_and_runs_merge_into_one_report(t
     assert list(by) == [("mamba", "lm"), ("mamba", "copying"), ("transformer", "copying")]
     assert by["mamba", "lm"] == short["rows"][0] and by["mamba", "copying"] == full["rows"][0]
     assert merged["superseded"] == [dict(short["rows"][1], superseded_by=1)]  # short's mamba copying, kept
+    assert merged["budget_checks"] == {}  # 3 steps are more than half of 4: no longer-budget comparison
     assert [run["commands"] for run in merged["runs"]] == [[short["command"]], [full["command"]]]
     assert merged["settings"]["families"] == ["mamba", "transformer"]
     assert not merged["complete"]  # the transformer has no LM row
