@@ -45,6 +45,10 @@ def _check_dt(prefix: str, config: Any) -> None:
         _need(config.dt_init_floor > 0, prefix, config, "dt_init_floor", "must be > 0")
 
 
+def _check_ssm_lr(prefix: str, config: Any) -> None:
+    _need(config.ssm_lr is None or config.ssm_lr > 0, prefix, config, "ssm_lr", "must be > 0, or null (train.lr)")
+
+
 def _check_conv(prefix: str, config: Any, model: "ModelConfig", optional: bool = False) -> None:
     """The depthwise conv width: 2..8, and 2..4 where the Triton conv1d must run it; 0 (no conv) too if optional."""
     if optional and config.d_conv == 0:
@@ -198,6 +202,9 @@ class S4Config:
     """Largest initial step size dt."""
     discretization: str = "bilinear"
     """bilinear (the paper's, kernel through the Cauchy sums) or zoh (kernel through powers of the state matrix)."""
+    ssm_lr: float | None = 0.001
+    """The SSM's Lambda, P, B and dt train at min(train.lr, ssm_lr), without weight decay, as the reference
+    trains them (0.001); null: at train.lr like every other parameter."""
 
     def validate(self, model: "ModelConfig", prefix: str) -> None:
         _positive(prefix, self, "d_state")
@@ -205,6 +212,7 @@ class S4Config:
         _check_dt(prefix, self)
         _need(self.discretization in DISCRETIZATIONS, prefix, self, "discretization",
               f"one of {', '.join(DISCRETIZATIONS)}")
+        _check_ssm_lr(prefix, self)
 
 
 @mixer_config("liquid_s4", symbol="Q")
@@ -244,12 +252,16 @@ class S4DConfig:
     """Largest initial step size dt."""
     init: str = "lin"
     """Eigenvalues: lin (-1/2 + i pi n) or inv (-1/2 + i N/pi (N/(2n+1) - 1))."""
+    ssm_lr: float | None = 0.001
+    """The SSM's A and dt train at min(train.lr, ssm_lr), without weight decay, as the reference
+    trains them (0.001); null: at train.lr like every other parameter."""
 
     def validate(self, model: "ModelConfig", prefix: str) -> None:
         _positive(prefix, self, "d_state")
         _need(self.d_state % 2 == 0, prefix, self, "d_state", "must be even (complex modes come in conjugate pairs)")
         _check_dt(prefix, self)
         _need(self.init in S4D_INITS, prefix, self, "init", f"one of {', '.join(S4D_INITS)}")
+        _check_ssm_lr(prefix, self)
 
 
 DSS_VARIANTS = ("exp", "softmax")  # model.dss.variant values
@@ -272,11 +284,15 @@ class DSSConfig:
     """exp (Re(Lambda) < 0 through -exp) or softmax (Re(Lambda) free, each mode normalised over softmax_length)."""
     softmax_length: int = 2048
     """DSS-softmax: the kernel length L each mode's softmax normalises over (the paper: the training length)."""
+    ssm_lr: float | None = 0.001
+    """The SSM's Lambda and dt train at min(train.lr, ssm_lr), without weight decay, as the reference
+    trains them (0.001); null: at train.lr like every other parameter."""
 
     def validate(self, model: "ModelConfig", prefix: str) -> None:
         _positive(prefix, self, "d_state", "softmax_length")
         _check_dt(prefix, self)
         _need(self.variant in DSS_VARIANTS, prefix, self, "variant", f"one of {', '.join(DSS_VARIANTS)}")
+        _check_ssm_lr(prefix, self)
 
 
 @mixer_config("h3", symbol="H")
@@ -294,12 +310,16 @@ class H3Config:
     """Smallest initial step size dt of the diagonal SSM."""
     dt_max: float = 0.1
     """Largest initial step size dt."""
+    ssm_lr: float | None = 0.001
+    """The SSM's diagonal A and dt train at min(train.lr, ssm_lr), without weight decay, as the reference
+    trains them (0.001); null: at train.lr like every other parameter."""
 
     def validate(self, model: "ModelConfig", prefix: str) -> None:
         _positive(prefix, self, "d_state", "head_dim")
         _need(self.d_state % 2 == 0, prefix, self, "d_state", "must be even (complex modes come in conjugate pairs)")
         _need(model.d_model % self.head_dim == 0, prefix, self, "head_dim", f"must divide d_model ({model.d_model})")
         _check_dt(prefix, self)
+        _check_ssm_lr(prefix, self)
 
 
 @mixer_config("hyena", symbol="Y")

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .diagonal import zoh_weights
-from .layers import keep_fp32
+from .layers import cap_lr, keep_fp32
 from .registry import register_mixer
 from .s4 import hippo_legs_nplr
 from .s4d import DiagonalSSMBlock
@@ -81,3 +81,4 @@ class DSSMixer(DiagonalSSMBlock):
         cfg = config.dss
         kernel = DSSKernel(config.d_model, cfg.d_state, cfg.dt_min, cfg.dt_max, cfg.variant, cfg.softmax_length)
         super().__init__(config, layer_idx, kernel)
+        cap_lr([kernel.Lambda_re, kernel.Lambda_im, kernel.log_dt], cfg.ssm_lr)

@@ -33,7 +33,7 @@ from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import DiagonalState, allocate_diagonal_state, diagonal_conv, diagonal_step
-from .layers import Projection, continued_conv, keep_fp32
+from .layers import Projection, cap_lr, continued_conv, keep_fp32
 from .registry import register_mixer
 from .s4d import S4DKernel
 
@@ -63,6 +63,7 @@ class H3Mixer(nn.Module):
         self.shift_C = keep_fp32(nn.Parameter(torch.randn(d, cfg.d_state)))  # the shift SSM's kernel taps
         self.D_k = keep_fp32(nn.Parameter(torch.randn(d)))
         self.kernel = S4DKernel(self.heads, cfg.d_state, cfg.dt_min, cfg.dt_max, "lin")
+        cap_lr([self.kernel.log_A_real, self.kernel.A_imag, self.kernel.log_dt], cfg.ssm_lr)
         self.D = keep_fp32(nn.Parameter(torch.randn(self.heads)))
 
     def external_parameters(self) -> list[nn.Parameter]:

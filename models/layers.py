@@ -16,6 +16,14 @@ def keep_fp32(param: nn.Parameter) -> nn.Parameter:
     return param
 
 
+def cap_lr(params: list[nn.Parameter], cap: float | None) -> None:
+    """Train `params` at min(train.lr, cap) (pretrain.engine.param_groups): the S4-family convention of a smaller
+    rate for the SSM's state matrix, input matrix and step size. None: no cap."""
+    if cap is not None:
+        for param in params:
+            param._ssmforge_lr_cap = float(cap)
+
+
 def dt_bias_init(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
     """n biases b with softplus(b) log-uniform in [dt_min, dt_max], floored at `floor` (Mamba paper,
     section 3.6): the step sizes a selective SSM starts from."""

@@ -72,7 +72,7 @@ from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import complex_of
-from .layers import GLUOutput, in_first_document, keep_fp32, recomputed
+from .layers import GLUOutput, cap_lr, in_first_document, keep_fp32, recomputed
 from .registry import register_mixer
 
 
@@ -194,6 +194,7 @@ class S4Mixer(nn.Module):
         log_lo, log_hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
         self.log_dt = keep_fp32(nn.Parameter(torch.rand(H) * (log_hi - log_lo) + log_lo))
         self.D = keep_fp32(nn.Parameter(torch.randn(H)))
+        cap_lr([self.Lambda_re_log, self.Lambda_im, self.P, self.B, self.log_dt], cfg.ssm_lr)
         self.output = GLUOutput(H, config)
 
     def external_parameters(self) -> list[nn.Parameter]:

@@ -24,7 +24,7 @@ from ssmforge.kernels.fftconv import fft_conv_flops
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import DiagonalState, allocate_diagonal_state, diagonal_conv, diagonal_step, zoh_weights
-from .layers import GLUOutput, keep_fp32
+from .layers import GLUOutput, cap_lr, keep_fp32
 from .registry import register_mixer
 
 class S4DKernel(nn.Module):
@@ -104,3 +104,4 @@ class S4DMixer(DiagonalSSMBlock):
     def __init__(self, config: ModelConfig, layer_idx: int):
         cfg = config.s4d
         super().__init__(config, layer_idx, S4DKernel(config.d_model, cfg.d_state, cfg.dt_min, cfg.dt_max, cfg.init))
+        cap_lr([self.kernel.log_A_real, self.kernel.A_imag, self.kernel.log_dt], cfg.ssm_lr)

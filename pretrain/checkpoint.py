@@ -253,13 +253,14 @@ def weights_only_loading():
         torch.load = original
 
 
-def _repair_universal_zero3_load(optimizer, weight_decays: list[float]) -> None:
+def _repair_universal_zero3_load(optimizer, weight_decays: list[float], lrs: list[float]) -> None:
     """Two slips of DeepSpeed's ZeRO-3 universal loader that would change the run after the resume: it gives
-    every parameter group the first group's hyperparameters (weight decay on A_log, D, norms and biases),
-    and one `step` tensor to every group's state, which AdamW then advances once per group each step
-    (wrong bias correction). Restore each group's weight decay and give each state its own step."""
-    for group, weight_decay in zip(optimizer.param_groups, weight_decays):
-        group["weight_decay"] = weight_decay
+    every parameter group the first group's hyperparameters (weight decay on A_log, D, norms and biases; the
+    uncapped rate on the S4 families' SSM parameters), and one `step` tensor to every group's state, which
+    AdamW then advances once per group each step (wrong bias correction). Restore each group's weight decay and
+    rate (the restored scheduler's last, per group) and give each state its own step."""
+    for group, weight_decay, lr in zip(optimizer.param_groups, weight_decays, lrs):
+        group["weight_decay"], group["lr"] = weight_decay, lr
     inner = getattr(optimizer, "optimizer", optimizer)
     for state in inner.state.values():
         if torch.is_tensor(state.get("step")):
@@ -280,7 +281,7 @@ def load(engine, checkpoint_dir: Path, rank: int, universal: bool = False) -> Tr
         path, _ = (engine.load_checkpoint(str(folder), tag=UNIVERSAL_DIR) if universal
                    else engine.load_checkpoint(str(checkpoint_dir), tag=tag))
     if universal:
-        _repair_universal_zero3_load(engine.optimizer, weight_decays)
+        _repair_universal_zero3_load(engine.optimizer, weight_decays, engine.lr_scheduler.get_last_lr())
     if path is None:
         raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
     state = read_state(folder)

@@ -57,20 +57,24 @@ def drop_next_step(engine, drop: bool) -> None:
     optimizer.drop_next_step = drop
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list[dict]:
     """Weight decay on matrices only: off for biases, norms, embeddings, A_log and D (parameters marked
-    `_no_weight_decay`, or of fewer than 2 dimensions)."""
-    decay, no_decay, seen = [], [], set()
+    `_no_weight_decay`, or of fewer than 2 dimensions). Parameters with a learning-rate cap (models.layers.cap_lr:
+    the S4 families' SSM parameters) form groups of their own at min(lr, cap); the scheduler scales every
+    group's rate by the same factor. The first two groups are always the decayed and the undecayed ones."""
+    groups: dict[tuple, list] = {(True, None): [], (False, None): []}  # (decayed, capped rate): parameters
+    seen = set()
     for param in model.parameters():
         if id(param) in seen or not param.requires_grad:
             continue  # a tied weight appears once
         seen.add(id(param))
         shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partition is flat: its whole shape counts
-        if len(shape) < 2 or getattr(param, "_no_weight_decay", False):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decayed = len(shape) >= 2 and not getattr(param, "_no_weight_decay", False)
+        cap = getattr(param, "_ssmforge_lr_cap", None)
+        groups.setdefault((decayed, None if cap is None else min(lr, cap)), []).append(param)
+    return [dict(params=params, weight_decay=weight_decay if decayed else 0.0,
+                 **({} if group_lr is None else {"lr": group_lr}))
+            for (decayed, group_lr), params in groups.items()]
 
 
 def lr_lambda(train) -> callable:
@@ -166,8 +170,8 @@ def build_engine(model: torch.nn.Module, config, world_size: int, load_universal
         model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
     if config.deepspeed.zero_stage == 3:
         register_external_parameters(model)
-    optimizer = DroppableAdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.betas),
-                                  eps=1e-8)
+    optimizer = DroppableAdamW(param_groups(model, train.weight_decay, train.lr), lr=train.lr,
+                               betas=tuple(train.betas), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,

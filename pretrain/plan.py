@@ -162,7 +162,8 @@ def _trace(config, micro_batch: int, checkpointing: bool, target: Target) -> tup
                 loss = model(tokens[:, :-1], targets=tokens[:, 1:], seq_idx=seq_idx, context=context)
             loss.backward()
         activations = _peak_beyond_model(tracker)
-        optimizer = DroppableAdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)
+        train = config.train
+        optimizer = DroppableAdamW(param_groups(model, train.weight_decay, train.lr), lr=train.lr)
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
         with tracker:

@@ -60,6 +60,25 @@ def test_two_ranks_then_one_then_two_give_the_uninterrupted_losses(stage, refere
     assert state["global_batch_size"] == 16 and state["zero_stage"] == stage
 
 
+@pytest.mark.slow
+def test_s4s_capped_rate_survives_a_resume_on_another_rank_count(tmp_path):
+    """S4's SSM parameters train in a group of their own at min(train.lr, ssm_lr) = 1e-3 (train.lr 3e-3). DeepSpeed's
+    ZeRO-3 universal loader hands every group the first group's rate; the resume restores each group's, so 2
+    ranks then 1 give the uninterrupted losses (with the first group's rate on the SSM group they differ)."""
+    settings = (*SETTINGS, f"data.shard_dir={tmp_path / 'data'}", "deepspeed.zero_stage=3", "model.family=s4",
+                "model.s4.d_state=8", "train.lr=3e-3", "train.max_steps=5")
+    run_pretrain(tmp_path / "straight", *settings, timeout=600)
+    losses = train_losses(tmp_path / "straight")
+    run_dir = tmp_path / "run"
+    run_pretrain(run_dir, *settings, "train.stop_at_step=2", ranks=2, expect=75, timeout=600)
+    one = run_pretrain(run_dir, *settings, timeout=600)
+    assert "step_00000002 was saved on 2 data-parallel ranks: converting" in one.stderr
+    resumed = train_losses(run_dir)
+    assert sorted(resumed) == sorted(losses) == list(range(1, 6))
+    for step in losses:
+        assert resumed[step] == pytest.approx(losses[step], abs=1e-5), step
+
+
 def _run_with_checkpoint(tmp_path, **saved) -> tuple:
     """A run folder whose latest checkpoint records `saved` (only its trainer state: the refusals come first)."""
     run_dir = tmp_path / "run"

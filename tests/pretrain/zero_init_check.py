@@ -25,9 +25,9 @@ def main() -> None:
     local = sum(p.numel() for p in parted.parameters())
     held = sum(p.ds_tensor.numel() for p in parted.parameters())
     names = {id(p): n for n, p in parted.named_parameters()}
-    decayed = sorted(names[id(p)] for p in param_groups(parted, 0.1)[0]["params"])
+    decayed = sorted(names[id(p)] for p in param_groups(parted, 0.1, 1e-3)[0]["params"])
     whole_names = {id(p): n for n, p in whole.named_parameters()}
-    whole_decayed = sorted(whole_names[id(p)] for p in param_groups(whole, 0.1)[0]["params"])
+    whole_decayed = sorted(whole_names[id(p)] for p in param_groups(whole, 0.1, 1e-3)[0]["params"])
     equal = True
     for (name, a), b in zip(parted.named_parameters(), whole.parameters()):
         with deepspeed.zero.GatheredParameters([a]):
