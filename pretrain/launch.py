@@ -14,9 +14,13 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from ssmforge.errors import ConfigError
 from ssmforge.launcher_env import export_launcher_env
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +168,25 @@ def shutdown() -> None:
 
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def exit_without_teardown(code: int) -> None:
+    """End a process whose process group has lost a member, now. Destroying that group and the interpreter's
+    teardown wait on gloo's threads, which are tied to the dead rank: a survivor has been seen to outlast the
+    launcher's grace between SIGTERM and SIGKILL there (30 s for torchrun and SLURM), turning its exit code 3
+    into a kill. Nothing is lost by skipping them: checkpoints are written whole and metrics flushed line by
+    line (a wandb run is left as crashed, which it is); the loader's workers still running are killed (they
+    outlive SIGTERM by design, data_pipeline.loader) and the shared memory left behind is removed by the next
+    start on this node (data_pipeline.shared_memory)."""
+    import multiprocessing
+    import signal
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(OSError):
+            os.kill(child.pid, signal.SIGKILL)
+    os._exit(code)

@@ -13,7 +13,7 @@ import torch
 
 from ssmforge.data_pipeline.loader import build_loader, open_manifest
 from ssmforge.data_pipeline.pack import prepare, prepare_in_job
-from ssmforge.errors import CheckpointError, ConfigError, DataError, SsmforgeError, TrainingError
+from ssmforge.errors import CheckpointError, ConfigError, DataError, LostRankError, SsmforgeError, TrainingError
 from ssmforge.kernels import deterministic, set_deterministic
 from ssmforge.kernels.documents import document_index
 from ssmforge.kernels.backends import describe_backends
@@ -106,6 +106,7 @@ def train(config) -> int:
     world, device = init_distributed(config.train.collective_timeout_s)
     stop = StopRequest()
     lock = RunLock(config.run_dir)
+    lost = None
     try:
         try:
             lock_run_dir(lock, world, device)
@@ -120,12 +121,13 @@ def train(config) -> int:
         # than at exit, where SIGTERM would not end them (data_pipeline.loader)
         gc.collect()
         latest = checkpoint.latest_tag(Path(config.run_dir) / "checkpoints")
-        raise TrainingError(f"{describe_lost_ranks(world.rank, world.world_size, lost)}; run the same command "
+        raise LostRankError(f"{describe_lost_ranks(world.rank, world.world_size, lost)}; run the same command "
                             f"again to resume from {latest or 'the start (no checkpoint yet)'}")
     finally:
         lock.release()
         stop.close()
-        shutdown()
+        if lost is None:  # a group with a lost member is not destroyed: the CLI ends the process without teardown
+            shutdown()
 
 
 def lock_run_dir(lock: RunLock, world: World, device: torch.device) -> None:

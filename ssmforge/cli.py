@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ssmforge import __version__
-from ssmforge.errors import SsmforgeError, TrainingError
+from ssmforge.errors import LostRankError, SsmforgeError, TrainingError
 from ssmforge.pretrain.launch import configure_logging
 
 log = logging.getLogger("ssmforge")
@@ -364,6 +364,10 @@ def cmd_pretrain(args) -> int:
         return train(config)
     except TrainingError as e:
         print(f"ssmforge: training stopped: {e}", file=sys.stderr)
+        if isinstance(e, LostRankError):
+            from ssmforge.pretrain.launch import exit_without_teardown
+
+            exit_without_teardown(3)
         return 3
 
 

@@ -17,5 +17,10 @@ class TrainingError(SsmforgeError):
     """Training cannot go on (a lost rank, a non-finite loss under nonfinite_loss=stop); the CLI exits with 3."""
 
 
+class LostRankError(TrainingError):
+    """Another rank of the run is lost: this process's group has a dead member, so the CLI ends the process
+    at once with 3 instead of tearing the group down (pretrain.launch.exit_without_teardown)."""
+
+
 class CheckpointError(SsmforgeError):
     """A checkpoint or model directory is missing, malformed, or does not match the model."""

@@ -28,14 +28,15 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_", "MASTER_"))}
 
 
-def start_ranks(command: list[str], ranks: int) -> list[subprocess.Popen]:
+def start_ranks(command: list[str], ranks: int, rank_0_command: list[str] | None = None) -> list[subprocess.Popen]:
     """One process per rank with the variables a launcher sets (as srun's tasks get them), so that each
-    rank's own exit code is visible."""
+    rank's own exit code is visible; rank 0 runs rank_0_command when one is given."""
     from ssmforge.pretrain.launch import free_port
 
     base = clean_env()
     base.update(WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    return [subprocess.Popen(command, cwd=ROOT, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+    return [subprocess.Popen(rank_0_command if r == 0 and rank_0_command else command, cwd=ROOT,
+                             env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
 
 

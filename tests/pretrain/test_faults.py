@@ -191,6 +191,16 @@ from ssmforge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+# The interpreter's teardown blocks for 10 minutes, as it can on a gloo thread that waits on a dead rank: a
+# survivor that leaves through it misses the launcher's 30 s between SIGTERM and SIGKILL.
+BLOCKING_TEARDOWN = r"""
+import atexit, sys, time
+
+atexit.register(time.sleep, 600)
+from ssmforge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["killed", "hung", "network"])
@@ -200,7 +210,8 @@ def test_a_rank_killed_hung_or_cut_off_mid_run_is_named_and_the_run_resumes_as_i
     which rank 0 waits for in its data loader), or rank 1's node cut off the network (its own network
     namespace, its link taken down: a collective times out): rank 0 leaves, within the minute or within
     train.collective_timeout_s + 30 s, with exit code 3 and one line naming rank 1 and the checkpoint to
-    resume from (on which the job script requeues); the rerun's losses equal an uninterrupted run's."""
+    resume from (on which the job script requeues); the rerun's losses equal an uninterrupted run's. After a
+    kill, rank 0's interpreter teardown would block for 10 minutes (BLOCKING_TEARDOWN): it leaves without it."""
     from ssmforge.pretrain.launch import free_port
 
     from .. import network_nodes
@@ -224,7 +235,8 @@ def test_a_rank_killed_hung_or_cut_off_mid_run_is_named_and_the_run_resumes_as_i
             pass
     else:
         nodes = None
-        ranks = start_ranks(pretrain_command(run, *steps), ranks=2)
+        ranks = start_ranks(pretrain_command(run, *steps), ranks=2,
+                            rank_0_command=[sys.executable, "-c", BLOCKING_TEARDOWN] + pretrain_command(run, *steps)[3:])
 
         def inject():
             ranks[1].send_signal(signal.SIGKILL)
