@@ -10,8 +10,8 @@ target as well (its count moves ~35% per d_model step of 8, so d_model alone nev
 
 Tasks, each trained with benchmarks/synthetic.py's AdamW loop (warm-up, cosine decay, clipping) on fresh
 batches, after a learning-rate sweep (`--lrs`, `--sweep-steps` each, best by validation loss at the scored
-positions, every point recorded) at the chosen rate for `--steps`: one rate for every parameter (the S4 families'
-`ssm_lr` cap is a setting of `ssmforge pretrain`, not applied here). With `--sweep-steps` equal to `--steps` every
+positions, every point recorded) at the chosen rate for `--steps`: one rate for every parameter (the per-parameter
+rates, `ssm_lr`, `filter_lr` and `ssm_lr_factor`, are settings of `ssmforge pretrain`, not applied here). With `--sweep-steps` equal to `--steps` every
 rate trains the whole budget and the best run is the result: short probes cannot rank rates on tasks that are
 learnt in a sudden transition after a plateau (selective copying, induction heads).
 

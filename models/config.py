@@ -347,6 +347,9 @@ class HyenaConfig:
     """The slowest channel's window falls to `decay_target` at this fraction of l_max."""
     decay_target: float = 0.01
     """Window value that sets the decay rates."""
+    filter_lr: float | None = 0.001
+    """The filter FFN (its linear layers and sine frequencies) trains at min(train.lr, filter_lr), without weight
+    decay, as the reference trains it (0.001); null: at train.lr like every other parameter."""
 
     def validate(self, model: "ModelConfig", prefix: str) -> None:
         _positive(prefix, self, "filter_order", "l_max")
@@ -356,6 +359,7 @@ class HyenaConfig:
         _need(0 < self.fast_decay_pct <= self.slow_decay_pct, prefix, self, "fast_decay_pct",
               f"must satisfy 0 < fast_decay_pct <= slow_decay_pct ({self.slow_decay_pct})")
         _need(0 < self.decay_target < 1, prefix, self, "decay_target", "must be in (0, 1)")
+        _need(self.filter_lr is None or self.filter_lr > 0, prefix, self, "filter_lr", "must be > 0, or null (train.lr)")
 
 
 @mixer_config("lru", symbol="L")
@@ -374,9 +378,14 @@ class LRUConfig:
     """Largest initial |lambda| (eigenvalues uniform on the ring r_min <= |lambda| <= r_max)."""
     max_phase: float = 6.283
     """Largest initial arg(lambda)."""
+    ssm_lr_factor: float | None = 0.5
+    """The recurrence (nu, theta, gamma and B) trains at train.lr * ssm_lr_factor, without weight decay, as the
+    reference trains it (0.5); null: at train.lr like every other parameter."""
 
     def validate(self, model: "ModelConfig", prefix: str) -> None:
         _positive(prefix, self, "d_state")
+        _need(self.ssm_lr_factor is None or self.ssm_lr_factor > 0, prefix, self, "ssm_lr_factor",
+              "must be > 0, or null (train.lr)")
         _need(0 < self.r_max <= 1, prefix, self, "r_max", "must be in (0, 1]")
         _need(0 <= self.r_min < self.r_max, prefix, self, "r_min", f"must satisfy 0 <= r_min < r_max ({self.r_max})")
         _need(self.max_phase > 0, prefix, self, "max_phase", "must be > 0")

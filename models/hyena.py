@@ -65,7 +65,7 @@ from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 
 from .config import ModelConfig
 from .context_parallel import ContextParallel
-from .layers import Projection, depthwise_causal_conv, keep_fp32, kernel_backend
+from .layers import Projection, cap_lr, depthwise_causal_conv, keep_fp32, kernel_backend
 from .registry import register_mixer
 
 INNER_LAYERS = 2  # safari HyenaFilter's num_inner_mlps default: hidden Linear + Sin pairs after the first
@@ -112,6 +112,8 @@ class HyenaMixer(nn.Module):
         for param in [*self.filter_in.parameters(), *self.filter_hidden.parameters(), *self.filter_out.parameters()]:
             keep_fp32(param)
         self.filter_freq = keep_fp32(nn.Parameter(torch.full((cfg.filter_order,), float(cfg.w))))
+        cap_lr([*self.filter_in.parameters(), *self.filter_hidden.parameters(), *self.filter_out.parameters(),
+                self.filter_freq], cfg.filter_lr)
         # each long conv's skip term, safari's filter `bias`, laid out (d, n) flattened as safari's '(v o)'
         self.filter_bias = keep_fp32(nn.Parameter(torch.randn(d * n)))
 

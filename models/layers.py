@@ -18,10 +18,24 @@ def keep_fp32(param: nn.Parameter) -> nn.Parameter:
 
 def cap_lr(params: list[nn.Parameter], cap: float | None) -> None:
     """Train `params` at min(train.lr, cap) (pretrain.engine.param_groups): the S4-family convention of a smaller
-    rate for the SSM's state matrix, input matrix and step size. None: no cap."""
+    rate for the SSM's state matrix, input matrix and step size, and Hyena's for its filter FFN. None: no cap."""
     if cap is not None:
         for param in params:
             param._ssmforge_lr_cap = float(cap)
+
+
+def scale_lr(params: list[nn.Parameter], factor: float | None) -> None:
+    """Train `params` at train.lr * factor (pretrain.engine.param_groups): LRU's convention for its recurrence.
+    None: at train.lr."""
+    if factor is not None:
+        for param in params:
+            param._ssmforge_lr_factor = float(factor)
+
+
+def rate_of(param: nn.Parameter, lr: float) -> float | None:
+    """The learning rate cap_lr or scale_lr set for `param` at train.lr `lr`; None: train.lr itself."""
+    cap, factor = getattr(param, "_ssmforge_lr_cap", None), getattr(param, "_ssmforge_lr_factor", None)
+    return min(lr, cap) if cap is not None else lr * factor if factor is not None else None
 
 
 def dt_bias_init(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:

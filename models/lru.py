@@ -46,7 +46,7 @@ from ssmforge.kernels.documents import document_starts
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import complex_of
-from .layers import GLUOutput, in_first_document, keep_fp32, recomputed
+from .layers import GLUOutput, in_first_document, keep_fp32, recomputed, scale_lr
 from .registry import register_mixer
 
 
@@ -131,6 +131,7 @@ class LRUMixer(nn.Module):
         self.C_re = keep_fp32(nn.Parameter(torch.randn(H, N) / math.sqrt(N)))
         self.C_im = keep_fp32(nn.Parameter(torch.randn(H, N) / math.sqrt(N)))
         self.D = keep_fp32(nn.Parameter(torch.randn(H)))
+        scale_lr([self.nu_log, self.theta_log, self.gamma_log, self.B_re, self.B_im], cfg.ssm_lr_factor)
         self.out = GLUOutput(H, config)
 
     def external_parameters(self) -> list[nn.Parameter]:

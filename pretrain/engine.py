@@ -14,6 +14,7 @@ import math
 import torch
 
 from ssmforge.errors import ConfigError
+from ssmforge.models.layers import rate_of
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,10 @@ def drop_next_step(engine, drop: bool) -> None:
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list[dict]:
     """Weight decay on matrices only: off for biases, norms, embeddings, A_log and D (parameters marked
-    `_no_weight_decay`, or of fewer than 2 dimensions). Parameters with a learning-rate cap (models.layers.cap_lr:
-    the S4 families' SSM parameters) form groups of their own at min(lr, cap); the scheduler scales every
-    group's rate by the same factor. The first two groups are always the decayed and the undecayed ones."""
+    `_no_weight_decay`, or of fewer than 2 dimensions). Parameters with a rate of their own (models.layers.cap_lr:
+    the S4 families' SSM parameters and Hyena's filter FFN at min(lr, cap); scale_lr: LRU's recurrence at
+    lr * factor) form groups of their own; the scheduler scales every group's rate by the same factor. The first
+    two groups are always the decayed and the undecayed ones."""
     groups: dict[tuple, list] = {(True, None): [], (False, None): []}  # (decayed, capped rate): parameters
     seen = set()
     for param in model.parameters():
@@ -70,8 +72,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list
         seen.add(id(param))
         shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partition is flat: its whole shape counts
         decayed = len(shape) >= 2 and not getattr(param, "_no_weight_decay", False)
-        cap = getattr(param, "_ssmforge_lr_cap", None)
-        groups.setdefault((decayed, None if cap is None else min(lr, cap)), []).append(param)
+        groups.setdefault((decayed, rate_of(param, lr)), []).append(param)
     return [dict(params=params, weight_decay=weight_decay if decayed else 0.0,
                  **({} if group_lr is None else {"lr": group_lr}))
             for (decayed, group_lr), params in groups.items()]

@@ -205,47 +205,58 @@ def test_weight_decay_groups(tiny_config):
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied head once
 
 
-def test_the_s4_families_ssm_parameters_train_at_their_capped_rate():
+def test_ssm_parameters_train_at_their_own_rate():
     """model.<family>.ssm_lr: S4's Lambda, P, B and dt, S4D's, H3's and Liquid-S4's A and dt, DSS's Lambda and dt
-    form a group at min(train.lr, ssm_lr) without weight decay; the scheduler scales it with the others, and
-    AdamW's first step moves each parameter by its group's rate."""
+    form a group at min(train.lr, ssm_lr), joined by Hyena's filter FFN (model.hyena.filter_lr); LRU's nu, theta,
+    gamma and B one at train.lr * model.lru.ssm_lr_factor; all without weight decay. The scheduler scales these
+    groups with the others, and AdamW's first step moves each parameter by its group's rate."""
     from ssmforge.models import ModelConfig
     from ssmforge.pretrain.engine import DroppableAdamW
 
-    sections = {name: dict(d_state=8) for name in ("s4", "s4d", "dss", "h3", "liquid_s4")}
-    config = ModelConfig.from_dict(dict(family="hybrid", layer_pattern="SDEHQ-", n_layer=6, d_model=16,
+    sections = {name: dict(d_state=8) for name in ("s4", "s4d", "dss", "h3", "liquid_s4", "lru")}
+    sections["hyena"] = dict(filter_order=8, l_max=16)
+    config = ModelConfig.from_dict(dict(family="hybrid", layer_pattern="SDEHQYL-", n_layer=8, d_model=16,
                                         vocab_size=31, **sections))
     torch.manual_seed(0)
     model = LanguageModel(config)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups(model, 0.1, 3e-3)
-    assert [(g["weight_decay"], g.get("lr")) for g in groups] == [(0.1, None), (0.0, None), (0.0, 1e-3)]
+    assert [(g["weight_decay"], g.get("lr")) for g in groups] == [(0.1, None), (0.0, None), (0.0, 1e-3), (0.0, 1.5e-3)]
     capped = sorted(names[id(p)] for p in groups[2]["params"])
+    scaled = sorted(names[id(p)] for p in groups[3]["params"])
+    filter_ffn = ["filter_in.weight", "filter_in.bias", "filter_hidden.0.weight", "filter_hidden.0.bias",
+                  "filter_hidden.1.weight", "filter_hidden.1.bias", "filter_out.weight", "filter_freq"]
     expected = sorted([f"layers.0.mixer.{n}" for n in ("Lambda_re_log", "Lambda_im", "P", "B", "log_dt")]
                       + [f"layers.1.mixer.kernel.{n}" for n in ("log_A_real", "A_imag", "log_dt")]
                       + [f"layers.2.mixer.kernel.{n}" for n in ("Lambda_re", "Lambda_im", "log_dt")]
                       + [f"layers.3.mixer.kernel.{n}" for n in ("log_A_real", "A_imag", "log_dt")]
-                      + [f"layers.4.mixer.{n}" for n in ("Lambda_re_log", "Lambda_im", "P", "B", "log_dt")])
+                      + [f"layers.4.mixer.{n}" for n in ("Lambda_re_log", "Lambda_im", "P", "B", "log_dt")]
+                      + [f"layers.5.mixer.{n}" for n in filter_ffn])
     assert capped == expected
+    assert scaled == sorted(f"layers.6.mixer.{n}" for n in ("nu_log", "theta_log", "gamma_log", "B_re", "B_im"))
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    # below the cap the group keeps train.lr; ssm_lr null puts S4's parameters back with the others
-    assert [g.get("lr") for g in param_groups(model, 0.1, 6e-4)] == [None, None, 6e-4]
-    sections["s4"]["ssm_lr"] = None
-    uncapped = LanguageModel(ModelConfig.from_dict(dict(family="hybrid", layer_pattern="S-", n_layer=2, d_model=16,
-                                                        vocab_size=31, **sections)))
-    assert len(param_groups(uncapped, 0.1, 3e-3)) == 2
+    # below the cap the capped group keeps train.lr, the scaled one follows it; null puts a family's back
+    assert [g.get("lr") for g in param_groups(model, 0.1, 6e-4)] == [None, None, 6e-4, 3e-4]
+    sections["s4"]["ssm_lr"], sections["hyena"]["filter_lr"], sections["lru"]["ssm_lr_factor"] = None, None, None
+    plain = LanguageModel(ModelConfig.from_dict(dict(family="hybrid", layer_pattern="SYL-", n_layer=4, d_model=16,
+                                                     vocab_size=31, **sections)))
+    assert len(param_groups(plain, 0.1, 3e-3)) == 2
     # one step: Adam's first update is lr * g / (|g| + eps), about the rate itself, for every parameter
     optimizer = DroppableAdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-12)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
-    assert [g["lr"] for g in optimizer.param_groups] == [1.5e-3, 1.5e-3, 0.5e-3]
+    assert [g["lr"] for g in optimizer.param_groups] == [1.5e-3, 1.5e-3, 0.5e-3, 0.75e-3]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(torch.randint(0, 31, (2, 12)), targets=torch.randint(0, 31, (2, 12))).backward()
     optimizer.step()
     scheduler.step()
     moved = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters() if p.grad is not None}
-    for name, rate in [(n, 0.5e-3) for n in capped] + [("layers.0.mixer.C", 1.5e-3), ("layers.0.mixer.D", 1.5e-3)]:
-        step = moved[name][model.get_parameter(name).grad != 0]  # float32 rounding of values up to ~10: 1%
-        assert step.numel() and torch.allclose(step, torch.full_like(step, rate), rtol=1e-2), name
+    rates = ([(n, 0.5e-3) for n in capped] + [(n, 0.75e-3) for n in scaled]
+             + [(f"layers.{i}.mixer.{n}", 1.5e-3) for i, n in [(0, "C"), (0, "D"), (5, "filter_bias"), (6, "C_re")]])
+    for name, rate in rates:
+        param = model.get_parameter(name)
+        step = moved[name][param.grad.abs() > 1e-9]  # a gradient near eps (1e-12) moves its parameter less
+        ulp = torch.finfo(torch.float32).eps * param.detach().abs().max().item()  # the rounding of the new value
+        assert step.numel() and torch.allclose(step, torch.full_like(step, rate), rtol=1e-2, atol=ulp), name
 
 
 def test_warmup_then_cosine_to_the_floor():
