@@ -64,7 +64,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list
     the S4 families' SSM parameters and Hyena's filter FFN at min(lr, cap); scale_lr: LRU's recurrence at
     lr * factor) form groups of their own; the scheduler scales every group's rate by the same factor. The first
     two groups are always the decayed and the undecayed ones."""
-    groups: dict[tuple, list] = {(True, None): [], (False, None): []}  # (decayed, capped rate): parameters
+    groups: dict[tuple, list] = {(True, None): [], (False, None): []}  # (decayed, own rate): parameters
     seen = set()
     for param in model.parameters():
         if id(param) in seen or not param.requires_grad:

@@ -172,9 +172,9 @@ def shutdown() -> None:
 
 def exit_without_teardown(code: int) -> None:
     """End a process whose process group has lost a member, now. Destroying that group and the interpreter's
-    teardown wait on gloo's threads, which are tied to the dead rank: a survivor has been seen to outlast the
-    launcher's grace between SIGTERM and SIGKILL there (30 s for torchrun and SLURM), turning its exit code 3
-    into a kill. Nothing is lost by skipping them: checkpoints are written whole and metrics flushed line by
+    teardown join gloo's threads, whose peer is dead: a survivor has been seen to outlast the launcher's grace
+    between SIGTERM and SIGKILL (30 s for torchrun and SLURM) in one of them, turning its exit code 3 into a
+    kill. Nothing is lost by skipping them: checkpoints are written whole and metrics flushed line by
     line (a wandb run is left as crashed, which it is); the loader's workers still running are killed (they
     outlive SIGTERM by design, data_pipeline.loader) and the shared memory left behind is removed by the next
     start on this node (data_pipeline.shared_memory)."""
