@@ -45,8 +45,10 @@ def _check_dt(prefix: str, config: Any) -> None:
         _need(config.dt_init_floor > 0, prefix, config, "dt_init_floor", "must be > 0")
 
 
-def _check_ssm_lr(prefix: str, config: Any) -> None:
-    _need(config.ssm_lr is None or config.ssm_lr > 0, prefix, config, "ssm_lr", "must be > 0, or null (train.lr)")
+def _check_own_rate(prefix: str, config: Any, key: str = "ssm_lr") -> None:
+    """A per-parameter learning rate (a cap or a factor of train.lr): positive, or null for train.lr itself."""
+    value = getattr(config, key)
+    _need(value is None or value > 0, prefix, config, key, "must be > 0, or null (train.lr)")
 
 
 def _check_conv(prefix: str, config: Any, model: "ModelConfig", optional: bool = False) -> None:
@@ -212,7 +214,7 @@ class S4Config:
         _check_dt(prefix, self)
         _need(self.discretization in DISCRETIZATIONS, prefix, self, "discretization",
               f"one of {', '.join(DISCRETIZATIONS)}")
-        _check_ssm_lr(prefix, self)
+        _check_own_rate(prefix, self)
 
 
 @mixer_config("liquid_s4", symbol="Q")
@@ -261,7 +263,7 @@ class S4DConfig:
         _need(self.d_state % 2 == 0, prefix, self, "d_state", "must be even (complex modes come in conjugate pairs)")
         _check_dt(prefix, self)
         _need(self.init in S4D_INITS, prefix, self, "init", f"one of {', '.join(S4D_INITS)}")
-        _check_ssm_lr(prefix, self)
+        _check_own_rate(prefix, self)
 
 
 DSS_VARIANTS = ("exp", "softmax")  # model.dss.variant values
@@ -292,7 +294,7 @@ class DSSConfig:
         _positive(prefix, self, "d_state", "softmax_length")
         _check_dt(prefix, self)
         _need(self.variant in DSS_VARIANTS, prefix, self, "variant", f"one of {', '.join(DSS_VARIANTS)}")
-        _check_ssm_lr(prefix, self)
+        _check_own_rate(prefix, self)
 
 
 @mixer_config("h3", symbol="H")
@@ -319,7 +321,7 @@ class H3Config:
         _need(self.d_state % 2 == 0, prefix, self, "d_state", "must be even (complex modes come in conjugate pairs)")
         _need(model.d_model % self.head_dim == 0, prefix, self, "head_dim", f"must divide d_model ({model.d_model})")
         _check_dt(prefix, self)
-        _check_ssm_lr(prefix, self)
+        _check_own_rate(prefix, self)
 
 
 @mixer_config("hyena", symbol="Y")
@@ -359,7 +361,7 @@ class HyenaConfig:
         _need(0 < self.fast_decay_pct <= self.slow_decay_pct, prefix, self, "fast_decay_pct",
               f"must satisfy 0 < fast_decay_pct <= slow_decay_pct ({self.slow_decay_pct})")
         _need(0 < self.decay_target < 1, prefix, self, "decay_target", "must be in (0, 1)")
-        _need(self.filter_lr is None or self.filter_lr > 0, prefix, self, "filter_lr", "must be > 0, or null (train.lr)")
+        _check_own_rate(prefix, self, "filter_lr")
 
 
 @mixer_config("lru", symbol="L")
@@ -384,8 +386,7 @@ class LRUConfig:
 
     def validate(self, model: "ModelConfig", prefix: str) -> None:
         _positive(prefix, self, "d_state")
-        _need(self.ssm_lr_factor is None or self.ssm_lr_factor > 0, prefix, self, "ssm_lr_factor",
-              "must be > 0, or null (train.lr)")
+        _check_own_rate(prefix, self, "ssm_lr_factor")
         _need(0 < self.r_max <= 1, prefix, self, "r_max", "must be in (0, 1]")
         _need(0 <= self.r_min < self.r_max, prefix, self, "r_min", f"must satisfy 0 <= r_min < r_max ({self.r_max})")
         _need(self.max_phase > 0, prefix, self, "max_phase", "must be > 0")
