@@ -151,9 +151,11 @@ TABLE_RUNS = {
                         "--lrs", "1e-3"],
     "copying-24k-h3": ["--families", "h3", "--tasks", "copying", "--steps", "24000", "--sweep-steps", "24000",
                        "--lrs", "3e-3"],
-    # GSS, the furthest from 1.000 at 24,000 steps, once more doubled
+    # GSS and LRU, the furthest from 1.000 at 24,000 steps, once more doubled
     "copying-48k-gss": ["--families", "gss", "--tasks", "copying", "--steps", "48000", "--sweep-steps", "48000",
                         "--lrs", "3e-3"],
+    "copying-48k-lru": ["--families", "lru", "--tasks", "copying", "--steps", "48000", "--sweep-steps", "48000",
+                        "--lrs", "1e-3"],
     "induction": ["--tasks", "induction", "--steps", "2000", "--sweep-steps", "2000", "--lrs", "1e-3", "3e-3"],
     "induction-6k": ["--families", "s4d", "dss", "gss", "--tasks", "induction", "--steps", "6000", "--sweep-steps",
                      "6000", "--lrs", "1e-3"],
