@@ -109,11 +109,12 @@ class HyenaMixer(nn.Module):
         self.filter_in = nn.Linear(cfg.emb_dim, cfg.filter_order)
         self.filter_hidden = nn.ModuleList(nn.Linear(cfg.filter_order, cfg.filter_order) for _ in range(INNER_LAYERS))
         self.filter_out = nn.Linear(cfg.filter_order, n * d, bias=False)
-        for param in [*self.filter_in.parameters(), *self.filter_hidden.parameters(), *self.filter_out.parameters()]:
+        self.filter_freq = nn.Parameter(torch.full((cfg.filter_order,), float(cfg.w)))
+        filter_ffn = [*self.filter_in.parameters(), *self.filter_hidden.parameters(), *self.filter_out.parameters(),
+                      self.filter_freq]
+        for param in filter_ffn:
             keep_fp32(param)
-        self.filter_freq = keep_fp32(nn.Parameter(torch.full((cfg.filter_order,), float(cfg.w))))
-        cap_lr([*self.filter_in.parameters(), *self.filter_hidden.parameters(), *self.filter_out.parameters(),
-                self.filter_freq], cfg.filter_lr)
+        cap_lr(filter_ffn, cfg.filter_lr)
         # each long conv's skip term, safari's filter `bias`, laid out (d, n) flattened as safari's '(v o)'
         self.filter_bias = keep_fp32(nn.Parameter(torch.randn(d * n)))
 
