@@ -61,12 +61,14 @@ def test_two_ranks_then_one_then_two_give_the_uninterrupted_losses(stage, refere
 
 
 @pytest.mark.slow
-def test_s4s_capped_rate_survives_a_resume_on_another_rank_count(tmp_path):
-    """S4's SSM parameters train in a group of their own at min(train.lr, ssm_lr) = 1e-3 (train.lr 3e-3). DeepSpeed's
-    ZeRO-3 universal loader hands every group the first group's rate; the resume restores each group's, so 2
-    ranks then 1 give the uninterrupted losses (with the first group's rate on the SSM group they differ)."""
-    settings = (*SETTINGS, f"data.shard_dir={tmp_path / 'data'}", "deepspeed.zero_stage=3", "model.family=s4",
-                "model.s4.d_state=8", "train.lr=3e-3", "train.max_steps=5")
+def test_capped_and_scaled_rates_survive_a_resume_on_another_rank_count(tmp_path):
+    """An S4 layer's SSM parameters train in a group of their own at min(train.lr, ssm_lr) = 1e-3 and an LRU
+    layer's at train.lr * ssm_lr_factor = 1.5e-3 (train.lr 3e-3). DeepSpeed's ZeRO-3 universal loader hands
+    every group the first group's rate; the resume restores each group's, so 2 ranks then 1 give the
+    uninterrupted losses (with the first group's rate on either group they differ)."""
+    settings = (*SETTINGS, f"data.shard_dir={tmp_path / 'data'}", "deepspeed.zero_stage=3", "model.family=hybrid",
+                "model.layer_pattern=SL", "model.n_layer=2", "model.s4.d_state=8", "model.lru.d_state=8",
+                "train.lr=3e-3", "train.max_steps=5")
     run_pretrain(tmp_path / "straight", *settings, timeout=600)
     losses = train_losses(tmp_path / "straight")
     run_dir = tmp_path / "run"
