@@ -35,7 +35,8 @@ run is `converged` when its mean training loss over the last 10% of steps moved 
 relative to the previous 10% (the denominator floored at 0.05 nats). Under the cosine schedule the loss also
 falls as the rate anneals, so a merged report adds a second test (`budget_checks`): a row that replaced a run of
 the same family, task and lr at half its steps or fewer, and scored the same within 2 standard errors of the
-difference, is converged too (more training did not change the result). Rows that pass neither are marked.
+difference, is converged too (more training did not change the result). Rows that pass neither are marked: "‡"
+when every score is within SATURATED_WITHIN of 1.000 (more training can raise it by at most that), "†" otherwise.
 
 The printed table sets the Mamba paper's published numbers (PUBLISHED) beside ours. Writes
 benchmarks/results/zoo.json (machine, command line, every row, rewritten as each row completes, so a long run
@@ -80,6 +81,9 @@ FAMILIES = ("mamba", "mamba2", "gss", "s4", "s4d", "dss", "h3", "hyena", "lru", 
 TASKS = ("lm", "copying", "induction", "speed")
 N_LAYER = 2
 TOLERANCE = 0.10  # matched parameter counts: within 10% of the target
+# an accuracy within this of 1.000 is marked saturated (‡) rather than unconverged (†): more training can raise
+# it by at most this much
+SATURATED_WITHIN = 0.01
 
 # Resolved when a model is built: the length the task trains at, the longest length any task runs at, and a
 # width fitted to the parameter target (at most one FIT key per family; FIT_RATIO: its default ratio to d_model).
@@ -865,6 +869,24 @@ def converged(data: dict, row: dict) -> bool | None:
     return True if check and check["same_result"] else row.get("converged")
 
 
+def saturated(row: dict) -> bool:
+    """An accuracy row whose every score is within SATURATED_WITHIN of 1.000: however much its loss still moves,
+    more training can raise none of its scores by more than that, so its place in the table is not an artefact
+    of its budget beyond that margin."""
+    if row["task"] == "lm":
+        return False
+    scores = estimates(row)
+    return bool(scores) and all(value >= 1 - SATURATED_WITHIN for value, _ in scores.values())
+
+
+def budget_mark(data: dict, row: dict) -> str:
+    """The table's mark after a row's number: none when converged (or unknown), "‡" when not converged but
+    saturated, "†" otherwise."""
+    if converged(data, row) in (True, None):
+        return ""
+    return "‡" if saturated(row) else "†"
+
+
 def read_report(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -913,7 +935,7 @@ def table(data: dict) -> str:
     if "speed" in tasks:
         head += [f"tokens/s @{settings['speed_length']}", "peak MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    mark = lambda r, text: text + ("" if converged(data, r) in (True, None) else " †")  # noqa: E731
+    mark = lambda r, text: " ".join(filter(None, (text, budget_mark(data, r))))  # noqa: E731
     for family in settings["families"]:
         info = data["families"].get(family)
         if info is None:
@@ -939,7 +961,8 @@ def table(data: dict) -> str:
              f"(ratio = ours / target, within {TOLERANCE:.0%}). \"chance\": not above chance by more than 2 standard "
              f"errors. †: not converged (training loss still moving by >= {settings['converge_tol']:.0%} over the "
              "last 10% of steps, and no run at half the budget or less that scored the same within 2 standard "
-             "errors).",
+             f"errors). ‡: not converged by either test, but every score within {SATURATED_WITHIN:g} of 1.000, "
+             "so more training can raise it by at most that.",
              "Ours: " + (f"induction trained at {settings['induction_len']} tokens; " if "induction" in tasks else "")
              + "; ".join(budgets(data)) + f". Paper: {PUBLISHED['citation']}."]
     checks = data.get("budget_checks", {})

@@ -158,6 +158,11 @@ def test_a_longer_budget_that_does_not_change_the_result_counts_as_converged():
     assert mamba["@64"]["same"] and not mamba["@256"]["same"] and not checks["mamba/induction"]["same_result"]
     data["budget_checks"] = checks
     assert [Z.converged(data, r) for r in rows] == [True, False, False, False, False]
+    # not converged: saturated (every score within 0.01 of 1.000) is "‡", anything below "†"
+    near = [copying("h3", 24000, 4056), copying("h3", 24000, 4055), induction("lru", 4000, (256, 64)),
+            induction("lru", 4000, (256, 63))]  # 4055/4096 = 0.98999 < 0.99 <= 4056/4096; 63/64 = 0.984
+    assert [Z.budget_mark(data, r) for r in rows + near] == ["", "†", "†", "†", "†", "‡", "†", "‡", "†"]
+    assert Z.budget_mark(data, dict(copying("s4", 1000, 4096), converged=None)) == ""
     # an LM row compares its measured loss with the errors of the two means
     lm = lambda steps, nats: dict(family="h3", task="lm", steps=steps, lr=1e-2,  # noqa: E731
                                   loss=dict(measured_nats=nats, se=0.002))
@@ -240,7 +245,8 @@ def test_smoke_run_writes_every_row(tmp_path):
                  *((s, induction) for s in induction["by_length"].values())]
         line = next(line for line in report["table"].splitlines() if line.startswith(f"| {family} |"))
         assert line.count("chance") == sum(s["at_chance"] for s, _ in cells)
-        assert line.count("†") == sum(not r["converged"] for _, r in cells)
+        assert line.count("†") + line.count("‡") == sum(not r["converged"] for _, r in cells)
+        assert line.count("‡") == sum(not r["converged"] and Z.saturated(r) for _, r in cells)
     assert "| no_such_family | - | skipped |" in report["table"]
     if (tmp_path / "zoo.png").exists():
         assert (tmp_path / "zoo.png").stat().st_size > 0
