@@ -160,6 +160,11 @@ TABLE_RUNS = {
                         "--lrs", "3e-3"],
     "copying-48k-lru": ["--families", "lru", "--tasks", "copying", "--steps", "48000", "--sweep-steps", "48000",
                         "--lrs", "1e-3"],
+    # H3 and GSS, still more than 0.01 short of 1.000, doubled once more
+    "copying-48k-h3": ["--families", "h3", "--tasks", "copying", "--steps", "48000", "--sweep-steps", "48000",
+                       "--lrs", "3e-3"],
+    "copying-96k-gss": ["--families", "gss", "--tasks", "copying", "--steps", "96000", "--sweep-steps", "96000",
+                        "--lrs", "3e-3"],
     "induction": ["--tasks", "induction", "--steps", "2000", "--sweep-steps", "2000", "--lrs", "1e-3", "3e-3"],
     "induction-6k": ["--families", "s4d", "dss", "gss", "--tasks", "induction", "--steps", "6000", "--sweep-steps",
                      "6000", "--lrs", "1e-3"],
