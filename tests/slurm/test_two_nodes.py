@@ -37,9 +37,11 @@ def _launch(run_dir, nodes: int, per_node: int) -> dict[int, float]:
         procs.append(subprocess.Popen((PRIVATE_SHM if nodes > 1 else []) + command, cwd=ROOT, text=True,
                                       env={**env, "RANK": str(rank), "LOCAL_RANK": str(local), "NODE_RANK": str(node)},
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    for proc in procs:
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-3000:]
+    errors = [proc.communicate(timeout=900)[1] for proc in procs]
+    # every rank's end: a rank that names a lost peer says nothing of why the peer ended
+    assert [proc.returncode for proc in procs] == [0] * world, \
+        "\n".join(f"rank {rank} (exit {proc.returncode}): {err[-3000:]}"
+                  for rank, (proc, err) in enumerate(zip(procs, errors)) if proc.returncode)
     return train_losses(run_dir)
 
 
