@@ -172,6 +172,9 @@ class GSSConfig:
     """Width of a causal depthwise convolution on the SSM branch before its GELU (Mamba's short conv); 0: none,
     the paper's GSS. Without it GSS does not learn induction heads (README, "The survey's comparison"); with 4
     it does."""
+    ssm_lr: float | None = None
+    """The DSS's Lambda and dt train at min(train.lr, ssm_lr), without weight decay; null (the default): at train.lr
+    like every other parameter. 0.001 is the rate the DSS reference gives them (`model.dss.ssm_lr`'s default)."""
 
     def resolved_ssm_dim(self, d_model: int) -> int:
         return self.ssm_dim if self.ssm_dim is not None else max(1, d_model // 2)
@@ -182,6 +185,7 @@ class GSSConfig:
               "must be a positive integer or null (d_model // 2)")
         _check_dt(prefix, self)
         _check_conv(prefix, self, model, optional=True)
+        _check_own_rate(prefix, self)
 
 
 DISCRETIZATIONS = ("bilinear", "zoh")  # model.s4.discretization values

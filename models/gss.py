@@ -44,7 +44,7 @@ from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import (DiagonalState, allocate_diagonal_state, diagonal_conv, diagonal_step, vandermonde_kernel,
                        zoh_weights)
-from .layers import Projection, RMSNorm, depthwise_causal_conv, keep_fp32, kernel_backend
+from .layers import Projection, RMSNorm, cap_lr, depthwise_causal_conv, keep_fp32, kernel_backend
 from .registry import register_mixer
 
 
@@ -89,6 +89,7 @@ class GSSMixer(nn.Module):
         self.log_dt = keep_fp32(nn.Parameter(torch.rand(H) * (log_hi - log_lo) + log_lo))
         self.C = keep_fp32(nn.Parameter(torch.randn(H, N, 2) * math.sqrt(0.5)))  # (re, im): complex normal
         self.D = keep_fp32(nn.Parameter(torch.ones(H)))
+        cap_lr([self.Lambda_re_log, self.Lambda_im, self.log_dt], cfg.ssm_lr)
 
     def external_parameters(self) -> list[nn.Parameter]:
         """The short conv's weight and bias, read directly by the conv kernel (not through its forward); the DSS

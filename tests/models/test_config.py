@@ -69,7 +69,7 @@ def test_each_section_validates_itself_naming_the_full_key():
         ModelConfig(family="mamba2", d_model=64, mamba2=Mamba2Config(headdim=48)).validate()
     with pytest.raises(ConfigError, match=r"^model\.mamba\.d_state=0 is invalid: must be a positive integer$"):
         ModelConfig(mamba=MambaConfig(d_state=0)).validate()
-    rates = [(family, "ssm_lr") for family in ("s4", "s4d", "dss", "h3", "liquid_s4")]
+    rates = [(family, "ssm_lr") for family in ("s4", "s4d", "dss", "h3", "liquid_s4", "gss")]
     for family, key in rates + [("hyena", "filter_lr"), ("lru", "ssm_lr_factor")]:
         with pytest.raises(ConfigError, match=rf"^model\.{family}\.{key}=0\.0 is invalid: must be > 0, or null "
                                               r"\(train\.lr\)$"):

@@ -207,7 +207,8 @@ def test_weight_decay_groups(tiny_config):
 
 def test_ssm_parameters_train_at_their_own_rate():
     """model.<family>.ssm_lr: S4's Lambda, P, B and dt, S4D's, H3's and Liquid-S4's A and dt, DSS's Lambda and dt
-    form a group at min(train.lr, ssm_lr), joined by Hyena's filter FFN (model.hyena.filter_lr); LRU's nu, theta,
+    and, when set, GSS's (null by default) form a group at min(train.lr, ssm_lr), joined by Hyena's filter FFN
+    (model.hyena.filter_lr); LRU's nu, theta,
     gamma and B one at train.lr * model.lru.ssm_lr_factor; all without weight decay. The scheduler scales these
     groups with the others, and AdamW's first step moves each parameter by its group's rate."""
     from ssmforge.models import ModelConfig
@@ -215,7 +216,8 @@ def test_ssm_parameters_train_at_their_own_rate():
 
     sections = {name: dict(d_state=8) for name in ("s4", "s4d", "dss", "h3", "liquid_s4", "lru")}
     sections["hyena"] = dict(filter_order=8, l_max=16)
-    config = ModelConfig.from_dict(dict(family="hybrid", layer_pattern="SDEHQYL-", n_layer=8, d_model=16,
+    sections["gss"] = dict(d_state=8, ssm_lr=1e-3)
+    config = ModelConfig.from_dict(dict(family="hybrid", layer_pattern="SDEHQYLG-", n_layer=9, d_model=16,
                                         vocab_size=31, **sections))
     torch.manual_seed(0)
     model = LanguageModel(config)
@@ -231,14 +233,16 @@ def test_ssm_parameters_train_at_their_own_rate():
                       + [f"layers.2.mixer.kernel.{n}" for n in ("Lambda_re", "Lambda_im", "log_dt")]
                       + [f"layers.3.mixer.kernel.{n}" for n in ("log_A_real", "A_imag", "log_dt")]
                       + [f"layers.4.mixer.{n}" for n in ("Lambda_re_log", "Lambda_im", "P", "B", "log_dt")]
-                      + [f"layers.5.mixer.{n}" for n in filter_ffn])
+                      + [f"layers.5.mixer.{n}" for n in filter_ffn]
+                      + [f"layers.7.mixer.{n}" for n in ("Lambda_re_log", "Lambda_im", "log_dt")])
     assert capped == expected
     assert scaled == sorted(f"layers.6.mixer.{n}" for n in ("nu_log", "theta_log", "gamma_log", "B_re", "B_im"))
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     # below the cap the capped group keeps train.lr, the scaled one follows it; null puts a family's back
     assert [g.get("lr") for g in param_groups(model, 0.1, 6e-4)] == [None, None, 6e-4, 3e-4]
     sections["s4"]["ssm_lr"], sections["hyena"]["filter_lr"], sections["lru"]["ssm_lr_factor"] = None, None, None
-    plain = LanguageModel(ModelConfig.from_dict(dict(family="hybrid", layer_pattern="SYL-", n_layer=4, d_model=16,
+    del sections["gss"]["ssm_lr"]  # GSS's default: no group of its own
+    plain = LanguageModel(ModelConfig.from_dict(dict(family="hybrid", layer_pattern="SYLG-", n_layer=5, d_model=16,
                                                      vocab_size=31, **sections)))
     assert len(param_groups(plain, 0.1, 3e-3)) == 2
     # one step: Adam's first update is lr * g / (|g| + eps), about the rate itself, for every parameter
@@ -251,7 +255,8 @@ def test_ssm_parameters_train_at_their_own_rate():
     scheduler.step()
     moved = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters() if p.grad is not None}
     rates = ([(n, 0.5e-3) for n in capped] + [(n, 0.75e-3) for n in scaled]
-             + [(f"layers.{i}.mixer.{n}", 1.5e-3) for i, n in [(0, "C"), (0, "D"), (5, "filter_bias"), (6, "C_re")]])
+             + [(f"layers.{i}.mixer.{n}", 1.5e-3)
+                for i, n in [(0, "C"), (0, "D"), (5, "filter_bias"), (6, "C_re"), (7, "C"), (7, "D")]])
     for name, rate in rates:
         param = model.get_parameter(name)
         step = moved[name][param.grad.abs() > 1e-9]  # a gradient near eps (1e-12) moves its parameter less
