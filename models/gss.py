@@ -21,7 +21,10 @@ dt_h and output weights C_hn. Zero-order hold with input weights 1 gives the rec
 so the FFT convolution (training, prefill) and the recurrence (decoding) are the same map.
 Initialisation: Lambda_n = -1/2 + i pi n (S4D-Lin, the approximation of the skew-HiPPO spectrum that DSS
 starts from), dt log-uniform in [dt_min, dt_max], C complex normal, D = 1. The paper's pseudocode uses the
-D skip and normalises the DSS input; both are kept. The keys are `model.gss.*` (models.config.GSSConfig).
+D skip and normalises the DSS input; both are kept. Its pseudocode (appendix A.2) also drops dt (dt = 1, with
+Lambda's imaginary part learnt through exp) and starts Lambda at random; here DSS-EXP keeps the learned
+per-channel step and the S4D-Lin start, so dt = 1 is one point of this module's family. The keys are `model.gss.*`
+(models.config.GSSConfig).
 
 `model.gss.d_conv` > 0 adds what the paper's GSS lacks, a causal depthwise convolution of that many taps (with a
 bias) on the SSM branch before its GELU, v = norm(GELU(conv(W_ssm x))), as Mamba puts one before its SiLU.
