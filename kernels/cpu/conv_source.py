@@ -4,7 +4,8 @@
 Channels-last: x is read as (batch, L, d) with unit channel stride and any batch/step strides, so
 the x half of Mamba's in_proj output is used in place; the loops run over channels and vectorise.
 The output is (batch, L, d) contiguous, the layout x_proj reads. Backward recomputes the
-pre-activation (four multiply-adds per element) instead of saving it, a tile of steps at a time.
+pre-activation (four multiply-adds per element) instead of saving it, a tile of steps at a time. SiLU uses the
+scan part's overflow-safe sigmoid_f (one translation unit).
 
 Documents (seq_idx, see ssmforge.kernels.documents): tap k of step t reads x_s, s = t - (W - 1 - k), only
 where seq_idx[b, s] == seq_idx[b, t]; the backward drops the same (t, s) pairs from dw and dx. The test is
@@ -49,7 +50,7 @@ void conv_fwd(const conv_args *a, float *restrict out, int n_threads) {
     for (int64_t bt = 0; bt < a->batch * a->L; ++bt) {
         float *restrict o = out + bt * dim;
         conv_pre(a, bt / a->L, bt % a->L, o);
-        if (a->silu) for (int64_t c = 0; c < dim; ++c) o[c] = o[c] / (1.f + expf(-o[c]));
+        if (a->silu) for (int64_t c = 0; c < dim; ++c) o[c] = o[c] * sigmoid_f(o[c]);
     }
 }
 
@@ -80,7 +81,7 @@ void conv_bwd(const conv_args *a, const float *restrict dout, float *restrict dx
                 if (a->silu) {
                     conv_pre(a, b, t, gpt);
                     for (int64_t c = 0; c < dim; ++c) {
-                        const float s = 1.f / (1.f + expf(-gpt[c]));
+                        const float s = sigmoid_f(gpt[c]);
                         gpt[c] = g[c] * s * (1.f + gpt[c] * (1.f - s));
                     }
                 } else {

@@ -35,7 +35,11 @@ ALWAYS_INLINE vf splat(float x) { return (vf){0} + x; }
 ALWAYS_INLINE vf select(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
 
 static inline float softplus_f(float x) { return x > 20.f ? x : logf(1.f + expf(x)); }
-static inline float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
+/* 1 / (1 + exp(-x)) with the exponent capped at 88, so that expf never overflows: -ffast-math assumes finite
+   values, and there 1 / (1 + inf) came out NaN, not 0, for x below -88.72. The conv's SiLU, Mamba's z gate and
+   the softplus derivative then turned a finite input into a NaN output. Below the cap the result is 6e-39
+   instead of a smaller subnormal: an absolute error under 1e-38. */
+static inline float sigmoid_f(float x) { return 1.f / (1.f + expf(fminf(-x, 88.f))); }
 
 /* exp of every lane, for the decays exp(delta A): inlined, so that the state loop keeps its vectors
    in registers (a call into libmvec would spill them). Cody-Waite reduction and Cephes' degree-7

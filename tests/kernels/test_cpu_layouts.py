@@ -14,12 +14,15 @@ from .oracle import assert_matches, conv_grads, values_and_grads
 pytestmark = pytest.mark.skipif(load_library() is None, reason="no C compiler: the fused CPU kernels are not built")
 
 
-def mamba_scan_inputs(batch, d, L, n, groups, seed=0):
+def mamba_scan_inputs(batch, d, L, n, groups, seed=0, z_scale=1.0, dt_scale=0.5):
     """u and z: (batch, d, L) views of the halves of a (batch, L, 2d) projection; delta: a view of a
-    (batch, L, d) one; B and C grouped (batch, groups, n, L), or (batch, n, L) when groups is None."""
+    (batch, L, d) one; B and C grouped (batch, groups, n, L), or (batch, n, L) when groups is None. z and delta
+    are standard normal times z_scale and dt_scale."""
     g = torch.Generator().manual_seed(seed)
-    xz = torch.randn(batch, L, 2 * d, generator=g).requires_grad_()
-    dt = (torch.randn(batch, L, d, generator=g) * 0.5).requires_grad_()
+    xz = torch.randn(batch, L, 2 * d, generator=g)
+    xz[..., d:] *= z_scale
+    xz.requires_grad_()
+    dt = (torch.randn(batch, L, d, generator=g) * dt_scale).requires_grad_()
     bc_shape = (batch, n, L) if groups is None else (batch, groups, n, L)
     return dict(
         u=xz[..., :d].transpose(1, 2), delta=dt.transpose(1, 2),
@@ -77,3 +80,22 @@ def test_conv_backward_across_tiles_matches_torch(channels_last, L):
     want = conv_grads(causal_conv1d_ref, x, weight, bias, "silu")
     got = conv_grads(lambda *a, **k: causal_conv1d(*a, backend="cpu", **k), x, weight, bias, "silu")
     assert_matches(got, want, 1e-5, same_dtype=True)
+
+
+def test_gates_far_below_the_range_of_exp_stay_finite():
+    """exp(-x) overflows float32 for x below -88.72. Built with -ffast-math, 1 / (1 + expf(-x)) came out NaN there,
+    not 0: a 2-layer Mamba training on CPU went NaN at step 5,037 when one pre-activation of its conv reached
+    -88.74. The conv's SiLU, the scan's z gate and delta's softplus, on inputs reaching +-300, against the
+    oracle, values and every gradient."""
+    inputs = mamba_scan_inputs(batch=2, d=40, L=70, n=16, groups=None, z_scale=100.0, dt_scale=100.0)
+    assert inputs["z"].min() < -89 and inputs["delta"].min() < -89
+    _, want = scan_results(selective_scan_ref, inputs)
+    _, got = scan_results(selective_scan_cpu, inputs)
+    assert_matches(got, want, 1e-4)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 70, 80, generator=g) * 100)[..., :40].transpose(1, 2).requires_grad_()
+    weight, bias = torch.randn(40, 4, generator=g).requires_grad_(), torch.randn(40, generator=g).requires_grad_()
+    assert causal_conv1d_ref(x, weight, bias).min() < -89  # the pre-activation
+    want = conv_grads(causal_conv1d_ref, x, weight, bias, "silu")
+    got = conv_grads(lambda *a, **k: causal_conv1d(*a, backend="cpu", **k), x, weight, bias, "silu")
+    assert_matches(got, want, 1e-4, same_dtype=True)  # SiLU's derivative x s (1 - s) at |x| ~ 100: fp32 rounding
