@@ -38,10 +38,10 @@ w = cfg.w, the projections through models.layers.Projection (bias per model.bias
 Differences from safari: the positional features are fixed here (safari trains them at lr 1e-5, a rate
 `model.hyena.filter_lr` does not cover), and the modulation deltas are fixed constants recomputed from the
 config (safari: a buffer at lr 0, the same values). The filter FFN and its frequencies train at
-min(train.lr, `model.hyena.filter_lr`), safari's filter rate, the skip b at train.lr; all three are kept float32
-without weight decay (keep_fp32; safari trains the FFN at weight decay 0), and the filter, gates and long convolutions run in the parameters' precision (float32,
-float64 in tests) whatever the autocast. Sequences longer than l_max are refused: the filters exist on
-lags 0 .. l_max - 1 only.
+min(train.lr, `model.hyena.filter_lr`), safari's filter rate, the skip b at train.lr; all three are kept
+float32 without weight decay (keep_fp32; safari trains the FFN at weight decay 0), and the filter, gates and
+long convolutions run in the parameters' precision (float32, float64 in tests) whatever the autocast.
+Sequences longer than l_max are refused: the filters exist on lags 0 .. l_max - 1 only.
 
 Long convolutions by kernels.fftconv.fft_causal_conv, exact with document resets (seq_idx). Decoding: Hyena
 has no finite state. The decoding state keeps, per long conv, every earlier input of it (batch, N - 1, d, T)

@@ -208,9 +208,9 @@ def test_weight_decay_groups(tiny_config):
 def test_ssm_parameters_train_at_their_own_rate():
     """model.<family>.ssm_lr: S4's Lambda, P, B and dt, S4D's, H3's and Liquid-S4's A and dt, DSS's Lambda and dt
     and, when set, GSS's (null by default) form a group at min(train.lr, ssm_lr), joined by Hyena's filter FFN
-    (model.hyena.filter_lr); LRU's nu, theta,
-    gamma and B one at train.lr * model.lru.ssm_lr_factor; all without weight decay. The scheduler scales these
-    groups with the others, and AdamW's first step moves each parameter by its group's rate."""
+    (model.hyena.filter_lr); LRU's nu, theta, gamma and B one at train.lr * model.lru.ssm_lr_factor; all without
+    weight decay. The scheduler scales these groups with the others, and AdamW's first step moves each parameter
+    by its group's rate."""
     from ssmforge.models import ModelConfig
     from ssmforge.pretrain.engine import DroppableAdamW
 
