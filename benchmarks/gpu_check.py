@@ -3,7 +3,8 @@
   kernels     every kernel (selective scan, SSD, causal conv1d, FFT conv) on the GPU against its oracle
               (`ssmforge.kernels.ref`, the sequential definition; a direct conv for the FFT conv): the outputs
               and every gradient, fp32 and bf16, L up to 8192, d up to 2048, batch up to 8, packed rows with
-              document resets (seq_idx, data.document_boundaries=reset), and one bf16 shape
+              document resets (seq_idx, data.document_boundaries=reset), gates and activations fed inputs
+              of +-300 (sigmoid's exp(-x) overflows float32 below -88.7), and one bf16 shape
               past 2^31 elements per tensor where memory allows (its last batch row, whose offsets overflow
               int32, against the oracle on that row alone)
   bandwidth   the scan, SSD and conv kernels timed, as GB/s of the bytes a fused kernel must move and as a
@@ -98,13 +99,16 @@ def _documents(shape: dict, device, generator) -> dict:
 
 def scan_inputs(shape: dict, dtype, device, generator) -> dict:
     """Mamba's selective scan: u, delta, z (batch, d, L); B, C (batch, n, L) or (batch, groups, n, L); A (d, n),
-    D and delta_bias (d,) in fp32 as in the model."""
+    D and delta_bias (d,) in fp32 as in the model. shape["scale"] multiplies z and delta: at 100 the z gate's
+    sigmoid and delta's softplus see inputs far below -88.7, where exp(-x) overflows float32."""
     b, d, L, n, groups = shape["batch"], shape["d"], shape["L"], shape["n"], shape.get("groups")
     bc = (b, n, L) if groups is None else (b, groups, n, L)
-    return dict(u=_randn((b, d, L), device, dtype, generator), delta=_randn((b, d, L), device, dtype, generator, 0.5),
+    scale = shape.get("scale", 1.0)
+    return dict(u=_randn((b, d, L), device, dtype, generator),
+                delta=_randn((b, d, L), device, dtype, generator, 0.5 * scale),
                 A=-(torch.rand(d, n, device=device, generator=generator) * 2 + 0.1),
                 B=_randn(bc, device, dtype, generator), C=_randn(bc, device, dtype, generator),
-                D=_randn(d, device, torch.float32, generator), z=_randn((b, d, L), device, dtype, generator),
+                D=_randn(d, device, torch.float32, generator), z=_randn((b, d, L), device, dtype, generator, scale),
                 delta_bias=_randn(d, device, torch.float32, generator, 0.3), **_documents(shape, device, generator))
 
 
@@ -120,8 +124,10 @@ def ssd_inputs(shape: dict, dtype, device, generator) -> dict:
 
 
 def conv_inputs(shape: dict, dtype, device, generator) -> dict:
+    """shape["scale"] multiplies x: at 100 the SiLU's pre-activations reach far below -88.7 (see scan_inputs)."""
     b, d, L, width = shape["batch"], shape["d"], shape["L"], shape["width"]
-    return dict(x=_randn((b, d, L), device, dtype, generator), weight=_randn((d, width), device, dtype, generator, 0.5),
+    x = _randn((b, d, L), device, dtype, generator, shape.get("scale", 1.0))
+    return dict(x=x, weight=_randn((d, width), device, dtype, generator, 0.5),
                 bias=_randn(d, device, dtype, generator), **_documents(shape, device, generator))
 
 
@@ -214,7 +220,10 @@ def kernel_cases(tiny: bool) -> list[dict]:
                  ("scan", "documents", dict(batch=2, d=6, L=37, n=5, docs=4)),
                  ("ssd", "documents", dict(batch=2, L=37, heads=2, headdim=8, groups=1, n=5, docs=4, edges=(16,))),
                  ("conv1d", "documents", dict(batch=2, d=20, L=70, width=4, docs=5)),
-                 ("fftconv", "documents", dict(batch=2, d=3, L=33, docs=3))]
+                 ("fftconv", "documents", dict(batch=2, d=3, L=33, docs=3)),
+                 # gates far below exp's float32 range (a CPU build once gave NaN there)
+                 ("scan", "extreme", dict(batch=2, d=6, L=37, n=5, scale=100.0)),
+                 ("conv1d", "extreme", dict(batch=2, d=20, L=70, width=4, scale=100.0))]
         big = [("scan", dict(batch=3, d=6, L=37, n=5)), ("ssd", dict(batch=3, L=37, heads=2, headdim=8, groups=1, n=5)),
                ("conv1d", dict(batch=3, d=20, L=70, width=4))]
     else:
@@ -236,7 +245,10 @@ def kernel_cases(tiny: bool) -> list[dict]:
                  ("scan", "documents", dict(batch=4, d=256, L=2048, n=16, docs=8)),
                  ("ssd", "documents", dict(batch=4, L=2048, heads=8, headdim=64, groups=1, n=64, docs=8, edges=(256,))),
                  ("conv1d", "documents", dict(batch=4, d=256, L=2048, width=4, docs=8)),
-                 ("fftconv", "documents", dict(batch=2, d=64, L=2048, docs=8))]
+                 ("fftconv", "documents", dict(batch=2, d=64, L=2048, docs=8)),
+                 # the z gate's sigmoid, delta's softplus and the conv's SiLU far below exp's float32 range
+                 ("scan", "extreme", dict(batch=2, d=72, L=1000, n=16, scale=100.0)),
+                 ("conv1d", "extreme", dict(batch=2, d=72, L=1000, width=4, scale=100.0))]
         # 129 x 2048 x 8192 = 2.16e9 elements per (batch, d, L) tensor: past int32 offsets from batch 128 on
         big = [("scan", dict(batch=129, d=2048, L=8192, n=16)),
                ("ssd", dict(batch=129, L=8192, heads=32, headdim=64, groups=1, n=64)),

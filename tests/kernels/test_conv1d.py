@@ -29,6 +29,18 @@ def test_triton_conv1d_matches_torch(width, activation, with_bias, dtype, tol):
     assert_matches(got, want, tol, same_dtype=True)
 
 
+def test_silu_far_below_the_range_of_exp_stays_finite():
+    """Pre-activations below -88.7, where sigmoid's exp(-x) overflows float32: output and gradients finite and
+    equal to the oracle's."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 20, 70, generator=g) * 100).requires_grad_()
+    weight, bias = torch.randn(20, 4, generator=g).requires_grad_(), torch.randn(20, generator=g).requires_grad_()
+    assert causal_conv1d_ref(x, weight, bias).min() < -89
+    want = conv_grads(causal_conv1d_ref, x, weight, bias, "silu")
+    got = conv_grads(lambda *a, **k: causal_conv1d(*a, backend="triton", **k), x, weight, bias, "silu")
+    assert_matches(got, want, 1e-4, same_dtype=True)
+
+
 def test_dispatch_defaults_to_the_fused_kernel_on_cpu(monkeypatch):
     calls = []
     fused = kernels.CONV1D_BACKENDS["cpu"]

@@ -119,6 +119,19 @@ def test_strong_decay_is_stable(path):
 
 
 @pytest.mark.parametrize("path", PATH_PARAMS)
+def test_gates_far_below_the_range_of_exp_stay_finite(path):
+    """z and delta reaching +-300: the z gate's sigmoid and delta's softplus (and their derivatives) where
+    exp(-x) overflows float32 (below -88.7). A build with -ffast-math once gave NaN there."""
+    inputs = make_inputs(bc="var", L=37)
+    with torch.no_grad():
+        inputs["z"].mul_(100)
+        inputs["delta"].mul_(200)
+    assert inputs["z"].min() < -89 and inputs["delta"].min() < -89
+    want = run_with_grads(selective_scan_ref, inputs, True, True)
+    assert_matches(run_with_grads(path, inputs, True, True), want, 1e-4)
+
+
+@pytest.mark.parametrize("path", PATH_PARAMS)
 @pytest.mark.parametrize("B_kind", ["fixed", "var"])
 def test_mixed_B_with_grouped_C(path, B_kind):
     """B fixed (d, n) or shared (batch, n, L) while C is grouped (batch, groups, n, L)."""
