@@ -20,7 +20,7 @@ import torch
 from ssmforge.kernels.fftconv import fft_causal_conv
 
 from .context_parallel import ContextParallel
-from .layers import in_first_document, recomputed
+from .layers import in_first_document, recomputed, recomputed_by_channels
 
 
 @dataclass
@@ -53,8 +53,8 @@ def powers(dt_lam: torch.Tensor, length: int, start: int = 0) -> torch.Tensor:
 
 def vandermonde_kernel(w: torch.Tensor, dt_lam: torch.Tensor, length: int) -> torch.Tensor:
     """K (H, length) real: K_l = Re(sum_n w_n exp(dt_lam_n l)). Built from (H, N, length) powers, which autograd
-    recomputes in backward rather than keeps (N times the size of K)."""
-    return recomputed(_kernel, w, dt_lam, length)
+    recomputes in backward rather than keeps (N times the size of K), a block of channels at a time."""
+    return recomputed_by_channels(_kernel, length, w.shape[-1] * length * w.element_size(), w, dt_lam)
 
 
 def _kernel(w, dt_lam, length):

@@ -94,6 +94,24 @@ def recomputed(function, *args):
     return checkpoint(function, *args, use_reentrant=False) if torch.is_grad_enabled() else function(*args)
 
 
+# The most bytes of (channels, length, states) work an SSM kernel builds at once (recomputed_by_channels)
+KERNEL_BLOCK_BYTES = 256 * 2**20
+
+
+def recomputed_by_channels(function, length: int, bytes_per_channel: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """function(*tensors, length) -> (channels, ...), for a function whose channels (dim 0 of every tensor) are
+    independent: applied to blocks of channels whose work (bytes_per_channel each) stays within
+    KERNEL_BLOCK_BYTES, each block recomputed in backward on its own. An SSM kernel's (channels, length, states)
+    temporaries then peak at one block's, forward and backward, not the whole layer's (2 GiB and more at
+    d_model 2048, L 2048)."""
+    channels = tensors[0].shape[0]
+    block = max(1, KERNEL_BLOCK_BYTES // max(bytes_per_channel, 1))
+    if block >= channels:
+        return recomputed(function, *tensors, length)
+    return torch.cat([recomputed(function, *(t[start:start + block] for t in tensors), length)
+                      for start in range(0, channels, block)])
+
+
 def conv_in_context(conv, x: torch.Tensor, seq_idx: torch.Tensor | None, context, width: int) -> torch.Tensor:
     """A causal conv of `width` taps, conv(inputs, seq_idx) -> outputs, over one chunk x (batch, channels, L) of a
     row split between the ranks of a context group: the chunk's conv from zero history, then its first width - 1

@@ -47,10 +47,12 @@ document (Krylov powers by doubling), and the transfer Abar^L (zero where a docu
 entering state h0 adds Re(C Abar^(t+1) h0) to the outputs of the first document.
 Under context parallelism the ranks exchange only the final states (batch, H, N) and one flag per row (does a
 document start in the chunk?): Abar and the chunk length are the same on every rank, so each computes the
-transfer Abar^L itself rather than receiving (batch, H, N, N) of it. The bilinear kernel's Cauchy
-sums hold a (H, L/2 + 1, N) complex128 temporary per layer (2.1 GiB at d_model 2048, L 2048, N 64) and the Krylov
-powers of zoh and of the state summaries (H, N, L) complex64: built for laptop-to-small-GPU shapes, not yet
-chunked over channels for 1B-scale widths.
+transfer Abar^L itself rather than receiving (batch, H, N, N) of it.
+Memory: the bilinear kernel's Cauchy sums need a (H, L/2 + 1, N) complex128 resolvent (2.1 GiB at d_model 2048,
+L 2048, N 64) and zoh's Krylov powers (H, N, L): the kernel is built a block of channels at a time, each block
+recomputed in backward on its own (models.layers.recomputed_by_channels, KERNEL_BLOCK_BYTES = 256 MiB per
+block). The state summaries' Krylov powers (H, N, L) (with a carried state or under context parallelism) are
+built whole.
 
 Reference whose semantics were checked: state-spaces/s4, models/s4/s4.py (SSMKernelDPLR, the "nplr"/"legs"
 kernel: nplr(), the Cauchy + Woodbury kernel, _setup_C, _setup_state/step, forward_state). Differences: C is
@@ -72,7 +74,7 @@ from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import complex_of
-from .layers import GLUOutput, cap_lr, in_first_document, keep_fp32, recomputed
+from .layers import GLUOutput, cap_lr, in_first_document, keep_fp32, recomputed, recomputed_by_channels
 from .registry import register_mixer
 
 
@@ -151,6 +153,37 @@ def geometric_sum(M: torch.Tensor, r: torch.Tensor, n: int) -> torch.Tensor:
             s = r + (s[..., None, :] @ M)[..., 0, :]
             power = power @ M
     return s
+
+
+def zoh_kernel(c: torch.Tensor, Abar: torch.Tensor, Bbar: torch.Tensor, length: int) -> torch.Tensor:
+    """K (H, length) = Re(C Abar^l Bbar) from the Krylov powers: c, Bbar (H, N), Abar (H, N, N)."""
+    return torch.einsum("hn,hnl->hl", c, krylov(Abar, Bbar, length)).real
+
+
+def bilinear_kernel(dt: torch.Tensor, Abar: torch.Tensor, lam: torch.Tensor, p: torch.Tensor, b: torch.Tensor,
+                    c: torch.Tensor, length: int) -> torch.Tensor:
+    """K (H, length) of the bilinear system A = diag(lam) - p p*, B = b, C = c (each (H, N); dt (H,), Abar
+    (H, N, N)) through the Cauchy sums at the length-th roots of unity and an inverse FFT (module docstring).
+    In float64 (cast back at the end): near z = 1 the Woodbury term cancels the diagonal Cauchy sum by a factor
+    ~ |p|^2 / |Lambda| (up to N^2 for LegS), which in float32 leaves gradient errors of 1e-5..1e-4 (forward
+    1e-6). Its float64 work is O(H L N) plus O(H N^2 log L)."""
+    working = dt.dtype
+    dt, Abar, lam, p, b, c = dt.double(), *(x.to(torch.complex128) for x in (Abar, lam, p, b, c))
+    # C~ = C (I - Abar^L) = -C (Abar - I)(I + Abar + ... + Abar^(L-1)), with Abar - I = dt (I - dt/2 A)^-1 A
+    # and (I - dt/2 A)^-1 = (I + Abar) / 2: no cancellation where Abar^L is close to I (dt L small)
+    row = (c[:, None, :] @ (Abar + torch.eye(Abar.shape[-1], dtype=Abar.dtype, device=Abar.device)))[:, 0]
+    row = row * (dt / 2)[:, None]  # dt C (I - dt/2 A)^-1
+    c_delta = row * lam - (row * p).sum(-1, keepdim=True) * p.conj()  # C (Abar - I)
+    c_tilde = -geometric_sum(Abar, c_delta, length)
+    k = torch.arange(length // 2 + 1, device=lam.device, dtype=dt.dtype)
+    z = torch.exp(torch.complex(torch.zeros_like(k), -2 * math.pi * k / length))  # (K,) roots of unity
+    s = (1 + z) * (dt / 2)[:, None]  # (H, K)
+    resolvent = 1 / ((1 - z)[:, None] - s[..., None] * lam[:, None, :])  # (H, K, N)
+    pc = p.conj()
+    numerators = torch.stack([c_tilde * b, c_tilde * p, pc * b, pc * p], dim=1)  # (H, 4, N)
+    k_cb, k_cp, k_pb, k_pp = torch.einsum("hjn,hkn->jhk", numerators, resolvent)  # Cauchy sums (H, K)
+    G = dt[:, None] * (k_cb - s * k_cp * k_pb / (1 + s * k_pp))
+    return torch.fft.irfft(G, n=length).to(working)
 
 
 def carried_by(power: torch.Tensor, reach: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -243,33 +276,12 @@ class S4Mixer(nn.Module):
 
     def kernel(self, length: int, Abar: torch.Tensor, Bbar: torch.Tensor) -> torch.Tensor:
         """K (H, length): K_l = Re(C Abar^l Bbar). It materialises (H, length, N) (Cauchy nodes or Krylov powers):
-        under autograd recomputed in backward rather than kept."""
-        return recomputed(self._kernel, length, Abar, Bbar)
-
-    def _kernel(self, length: int, Abar: torch.Tensor, Bbar: torch.Tensor) -> torch.Tensor:
+        a block of channels at a time, each recomputed in backward rather than kept (recomputed_by_channels)."""
         dt, lam, p, b, c = self.system()
         if self.discretization == "zoh":
-            return torch.einsum("hn,hnl->hl", c, krylov(Abar, Bbar, length)).real
-        # In float64 (cast back at the end): near z = 1 the Woodbury term cancels the diagonal Cauchy sum by a
-        # factor ~ |p|^2 / |Lambda| (up to N^2 for LegS), which in float32 leaves gradient errors of 1e-5..1e-4
-        # (forward 1e-6). The kernel is built once per call; its float64 work is O(H L N) plus O(H N^2 log L).
-        working = dt.dtype
-        dt, Abar, lam, p, b, c = dt.double(), *(x.to(torch.complex128) for x in (Abar, lam, p, b, c))
-        # C~ = C (I - Abar^L) = -C (Abar - I)(I + Abar + ... + Abar^(L-1)), with Abar - I = dt (I - dt/2 A)^-1 A
-        # and (I - dt/2 A)^-1 = (I + Abar) / 2: no cancellation where Abar^L is close to I (dt L small)
-        row = (c[:, None, :] @ (Abar + torch.eye(self.d_state, dtype=Abar.dtype, device=Abar.device)))[:, 0]
-        row = row * (dt / 2)[:, None]  # dt C (I - dt/2 A)^-1
-        c_delta = row * lam - (row * p).sum(-1, keepdim=True) * p.conj()  # C (Abar - I)
-        c_tilde = -geometric_sum(Abar, c_delta, length)
-        k = torch.arange(length // 2 + 1, device=lam.device, dtype=dt.dtype)
-        z = torch.exp(torch.complex(torch.zeros_like(k), -2 * math.pi * k / length))  # (K,) roots of unity
-        s = (1 + z) * (dt / 2)[:, None]  # (H, K)
-        resolvent = 1 / ((1 - z)[:, None] - s[..., None] * lam[:, None, :])  # (H, K, N)
-        pc = p.conj()
-        numerators = torch.stack([c_tilde * b, c_tilde * p, pc * b, pc * p], dim=1)  # (H, 4, N)
-        k_cb, k_cp, k_pb, k_pp = torch.einsum("hjn,hkn->jhk", numerators, resolvent)  # Cauchy sums (H, K)
-        G = dt[:, None] * (k_cb - s * k_cp * k_pb / (1 + s * k_pp))
-        return torch.fft.irfft(G, n=length).to(working)
+            return recomputed_by_channels(zoh_kernel, length, self.d_state * length * c.element_size(), c, Abar, Bbar)
+        nodes = length // 2 + 1  # the Cauchy sums' (H, nodes, N) complex128 resolvent
+        return recomputed_by_channels(bilinear_kernel, length, self.d_state * nodes * 16, dt, Abar, lam, p, b, c)
 
     # --- the sequence map -------------------------------------------------------------------------------------
 

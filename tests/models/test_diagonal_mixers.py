@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssmforge.kernels.documents import document_index
-from ssmforge.models import LanguageModel
+from ssmforge.models import LanguageModel, layers
 from ssmforge.models.s4 import hippo_legs
 
 from .contracts import assert_causal, assert_steps_match_forward, model_config
@@ -115,15 +115,22 @@ def assert_same_with_gradients(m, fast, oracle, inputs, tol=1e-9):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7 * b.abs().max().item())
 
 
+@pytest.fixture(params=[False, True], ids=["whole", "channel_blocks"])
+def kernel_blocks(request, monkeypatch):
+    """The Vandermonde kernel built whole, or one channel at a time (recomputed_by_channels), as wide layers are."""
+    if request.param:
+        monkeypatch.setattr(layers, "KERNEL_BLOCK_BYTES", 1)
+
+
 @pytest.mark.parametrize("init", ["lin", "inv"])
-def test_s4d_equals_its_recurrence(init):
+def test_s4d_equals_its_recurrence(init, kernel_blocks):
     m = mixer("s4d", s4d=dict(init=init))
     u = torch.randn(2, 8, 40, dtype=torch.float64)
     assert_same_with_gradients(m, m.ssm, lambda x: s4d_oracle(m, x), u)
 
 
 @pytest.mark.parametrize("variant", ["exp", "softmax"])
-def test_dss_equals_its_kernel_definition(variant):
+def test_dss_equals_its_kernel_definition(variant, kernel_blocks):
     m = mixer("dss", dss=dict(variant=variant, softmax_length=48))
     if variant == "softmax":  # a mode with a growing real part, which only the softmax variant allows
         with torch.no_grad():
@@ -133,7 +140,7 @@ def test_dss_equals_its_kernel_definition(variant):
 
 
 @pytest.mark.parametrize("head_dim", [1, 2])
-def test_h3_equals_its_equations(head_dim):
+def test_h3_equals_its_equations(head_dim, kernel_blocks):
     m = mixer("h3", h3=dict(head_dim=head_dim))
     hidden = torch.randn(2, 20, 8, dtype=torch.float64)
     assert_same_with_gradients(m, m, lambda x: h3_oracle(m, x), hidden)

@@ -11,6 +11,7 @@ import torch
 from ssmforge.errors import ConfigError
 from ssmforge.kernels.documents import document_index
 from ssmforge.models import LanguageModel, ModelConfig
+from ssmforge.models import layers
 from ssmforge.models import s4 as s4_module
 from ssmforge.models.hf import cast_model
 
@@ -112,7 +113,10 @@ def packed_seq_idx(L: int, starts, batch: int = 2) -> torch.Tensor:
 
 @pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
 @pytest.mark.parametrize("resets", [False, True])
-def test_ssm_and_gradients_equal_the_sequential_oracle(discretization, resets):
+@pytest.mark.parametrize("channel_blocks", [False, True])
+def test_ssm_and_gradients_equal_the_sequential_oracle(discretization, resets, channel_blocks, monkeypatch):
+    if channel_blocks:  # the kernel built one channel at a time (recomputed_by_channels), as wide layers are
+        monkeypatch.setattr(layers, "KERNEL_BLOCK_BYTES", 1)
     mixer = mixer_of(s4_config(s4=dict(discretization=discretization)))
     g = torch.Generator().manual_seed(1)
     u = torch.randn(2, 8, 40, generator=g, dtype=torch.float64, requires_grad=True)
