@@ -51,8 +51,8 @@ transfer Abar^L itself rather than receiving (batch, H, N, N) of it.
 Memory: the bilinear kernel's Cauchy sums need a (H, L/2 + 1, N) complex128 resolvent (2.1 GiB at d_model 2048,
 L 2048, N 64) and zoh's Krylov powers (H, N, L): the kernel is built a block of channels at a time, each block
 recomputed in backward on its own (models.layers.recomputed_by_channels, KERNEL_BLOCK_BYTES = 256 MiB per
-block). The state summaries' Krylov powers (H, N, L) (with a carried state or under context parallelism) are
-built whole.
+block), as are the state summaries' Krylov powers (H, N, L) (with a carried state or under context
+parallelism).
 
 Reference whose semantics were checked: state-spaces/s4, models/s4/s4.py (SSMKernelDPLR, the "nplr"/"legs"
 kernel: nplr(), the Cauchy + Woodbury kernel, _setup_C, _setup_state/step, forward_state). Differences: C is
@@ -186,6 +186,22 @@ def bilinear_kernel(dt: torch.Tensor, Abar: torch.Tensor, lam: torch.Tensor, p: 
     return torch.fft.irfft(G, n=length).to(working)
 
 
+def final_state(w: torch.Tensor, last_doc: torch.Tensor, Abar: torch.Tensor, Bbar: torch.Tensor,
+                length: int) -> torch.Tensor:
+    """The state after the last of `length` positions from a zero start, sum_s Abar^(L-1-s) Bbar w_s over the
+    positions where last_doc is 1: w and last_doc (H, batch, L), Abar (H, N, N), Bbar (H, N) -> (H, batch, N)."""
+    inputs = (w * last_doc).flip(-1).to(Bbar.dtype)  # w_{L-1-j} at j
+    return torch.einsum("hbl,hnl->hbn", inputs, krylov(Abar, Bbar, length))
+
+
+def entering_response(h0: torch.Tensor, reach: torch.Tensor, Abar: torch.Tensor, c: torch.Tensor,
+                      length: int) -> torch.Tensor:
+    """Re(C Abar^(t+1) h0) for t < length where reach is 1: h0 (H, batch, N), reach (H, batch, L), Abar (H, N, N),
+    c (H, N) -> (H, batch, L); the rows C Abar^j as Krylov powers of Abar^T."""
+    rows = krylov(Abar.transpose(-1, -2), c, length + 1)[..., 1:]  # (H, N, L): (C Abar^(t+1))_n
+    return torch.einsum("hbn,hnl->hbl", h0, rows).real * reach
+
+
 def carried_by(power: torch.Tensor, reach: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A state x (batch, H, N) carried through a chunk: Abar^L x with power = Abar^L (H, N, N), times reach
     (batch, 1, 1): 0 where a document starts inside the chunk, 1 where x reaches its end."""
@@ -310,7 +326,7 @@ class S4Mixer(nn.Module):
         y = fft_causal_conv(w, self.kernel(L, Abar, Bbar), seq_idx=seq_idx).to(w.dtype)
         if state is None and context is None:
             return y
-        last, power, reach = recomputed(self._summary, w, seq_idx, Abar, Bbar)
+        last, power, reach = self._summary(w, seq_idx, Abar, Bbar)
         if context is not None:
             # Abar and the chunk length are the same on every rank, so each computes Abar^L itself: only the
             # per-row flags (whether a document starts inside the chunk) travel with the final states
@@ -318,7 +334,7 @@ class S4Mixer(nn.Module):
         else:
             h0 = None if state.fresh else state.ssm
         if h0 is not None:
-            y = y + recomputed(self._carried, h0, seq_idx, Abar, L)
+            y = y + self._carried(h0, seq_idx, Abar, L)
             last = last + carried_by(power, reach, h0)
         if state is not None:
             state.ssm, state.fresh = last, False
@@ -327,21 +343,23 @@ class S4Mixer(nn.Module):
     def _summary(self, w, seq_idx, Abar, Bbar):
         """The state after the last position from a zero start (batch, H, N): sum_s Abar^(L-1-s) Bbar w_s over
         the row's last document; Abar^L (H, N, N), which carries an entering state to the end; and reach
-        (batch, 1, 1): 0 where a document starts in the row, so that no entering state reaches the end."""
-        batch, _, L = w.shape
+        (batch, 1, 1): 0 where a document starts in the row, so that no entering state reaches the end. The
+        (H, N, L) Krylov powers are built a block of channels at a time and, like Abar^L's squarings,
+        recomputed in backward."""
+        batch, H, L = w.shape
         last_doc = torch.ones(batch, L, device=w.device) if seq_idx is None else (seq_idx == seq_idx[:, -1:])
-        inputs = (w * last_doc[:, None].to(w.dtype)).flip(-1).to(Bbar.dtype)  # w_{L-1-j} at j
-        last = torch.einsum("bhl,hnl->bhn", inputs, krylov(Abar, Bbar, L))
+        last = recomputed_by_channels(final_state, L, self.d_state * L * Bbar.element_size(), w.transpose(0, 1),
+                                      last_doc.to(w.dtype).expand(H, batch, L), Abar, Bbar).transpose(0, 1)
         reach = in_first_document(seq_idx, batch, L, w.device)[:, -1]
-        return last, matrix_power(Abar, L), reach[:, None, None].to(w.dtype)
+        return last, recomputed(matrix_power, Abar, L), reach[:, None, None].to(w.dtype)
 
     def _carried(self, h0, seq_idx, Abar, L: int):
-        """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
-        Re(C Abar^(t+1) h0), the rows C Abar^j as Krylov powers of Abar^T."""
+        """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document."""
         c = self.system()[-1]
-        rows = krylov(Abar.transpose(-1, -2), c, L + 1)[..., 1:]  # (H, N, L): (C Abar^(t+1))_n
-        reach = in_first_document(seq_idx, h0.shape[0], L, h0.device)
-        return torch.einsum("bhn,hnl->bhl", h0, rows).real * reach[:, None, :].to(rows.real.dtype)
+        batch, H, _ = h0.shape
+        reach = in_first_document(seq_idx, batch, L, h0.device).to(c.real.dtype).expand(H, batch, L)
+        return recomputed_by_channels(entering_response, L, self.d_state * (L + 1) * c.element_size(),
+                                      h0.transpose(0, 1), reach, Abar, c).transpose(0, 1)
 
     # --- decoding -------------------------------------------------------------------------------------------
 

@@ -213,6 +213,28 @@ def test_chunks_through_a_state_equal_the_oracle_and_leave_its_state(discretizat
     torch.testing.assert_close(y, want[..., 0] + mixer.D.detach() * x, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
+def test_chunks_in_one_channel_blocks_keep_the_whole_rows_values_and_gradients(discretization, monkeypatch):
+    """Every Krylov power and Cauchy sum built one channel at a time (recomputed_by_channels): chunks through a
+    state, with document boundaries inside and between them, give the whole row's outputs and gradients."""
+    mixer = mixer_of(s4_config(s4=dict(discretization=discretization)))
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(2, 8, 37, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 8, 37, generator=g, dtype=torch.float64)
+    seq_idx = packed_seq_idx(37, [5, 12, 13, 30])
+    inputs = [u] + [getattr(mixer, name) for name in SSM_PARAMETERS]
+    whole = mixer.ssm(u, seq_idx)
+    want = torch.autograd.grad((whole * weights).sum(), inputs)
+    monkeypatch.setattr(layers, "KERNEL_BLOCK_BYTES", 1)
+    state = mixer.allocate_state(2, u.device, u.dtype)
+    cuts = [0, 3, 11, 20, 37]
+    chunks = torch.cat([mixer.ssm(u[..., a:b], seq_idx[:, a:b], state) for a, b in zip(cuts, cuts[1:])], -1)
+    got = torch.autograd.grad((chunks * weights).sum(), inputs)
+    torch.testing.assert_close(chunks, whole, rtol=1e-10, atol=1e-10)
+    for name, a, b in zip(["u", *SSM_PARAMETERS], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * b.abs().max().item(), msg=name)
+
+
 @pytest.mark.parametrize("discretization,prefill", [("bilinear", 0), ("bilinear", 7), ("zoh", 7)])
 def test_step_decoding_equals_parallel_forward(discretization, prefill):
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
