@@ -20,7 +20,7 @@ import torch
 from ssmforge.kernels.fftconv import fft_causal_conv
 
 from .context_parallel import ContextParallel
-from .layers import in_first_document, recomputed, recomputed_by_channels
+from .layers import in_first_document, recomputed_by_channels
 
 
 @dataclass
@@ -71,10 +71,10 @@ def diagonal_conv(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_id
     if state is None and context is None:
         return y
     with torch.autocast(device_type=u.device.type, enabled=False):
-        last, transfer = recomputed(summary, u, dt_lam, seq_idx)
+        last, transfer = summary(u, dt_lam, seq_idx)
         h0 = context.entering_state(last, transfer, L) if context is not None else (None if state.fresh else state.ssm)
         if h0 is not None:
-            y = y + recomputed(carried, h0, w, dt_lam, seq_idx, L)
+            y = y + carried(h0, w, dt_lam, seq_idx, L)
             last = last + transfer * h0
     if state is not None:
         state.ssm, state.fresh = last, False
@@ -84,21 +84,34 @@ def diagonal_conv(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_id
 def summary(u: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None):
     """The state after the last position from a zero start (batch, H, N): the inputs of the row's last document,
     each decayed to the end; and the transfer (batch, H, N) that carries an entering state to the end
-    (exp(dt_lam L), zero where a document starts in the row)."""
-    batch, _, L = u.shape
-    pw = powers(dt_lam, L + 1)  # (H, N, L + 1)
-    last_doc = torch.ones(batch, L, device=u.device, dtype=u.dtype) if seq_idx is None else (seq_idx == seq_idx[:, -1:]).to(u.dtype)
-    inputs = (u * last_doc[:, None]).to(pw.dtype)
-    last = torch.einsum("bhl,hnl->bhn", inputs, pw[..., :L].flip(-1))
+    (exp(dt_lam L), zero where a document starts in the row). The (H, N, L) powers are built a block of
+    channels at a time, recomputed in backward (recomputed_by_channels)."""
+    batch, H, L = u.shape
+    last_doc = torch.ones(batch, L, device=u.device) if seq_idx is None else (seq_idx == seq_idx[:, -1:])
+    last = recomputed_by_channels(_last_state, L, dt_lam.shape[-1] * L * dt_lam.element_size(), u.transpose(0, 1),
+                                  last_doc.to(u.dtype).expand(H, batch, L), dt_lam).transpose(0, 1)
     reach = in_first_document(seq_idx, batch, L, u.device)
-    return last, pw[..., L] * reach[:, -1, None, None]
+    return last, powers(dt_lam, 1, start=L)[..., 0] * reach[:, -1, None, None]
+
+
+def _last_state(u, last_doc, dt_lam, length):
+    """u, last_doc (H, batch, L), dt_lam (H, N) -> (H, batch, N): sum_s exp(dt_lam (L-1-s)) u_s where last_doc."""
+    pw = powers(dt_lam, length)
+    return torch.einsum("hbl,hnl->hbn", (u * last_doc).to(pw.dtype), pw.flip(-1))
 
 
 def carried(h0: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, L: int):
     """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
-    Re(sum_n w_n exp(dt_lam_n (t + 1)) h0_n)."""
-    reach = in_first_document(seq_idx, h0.shape[0], L, h0.device)
-    return torch.einsum("bhn,hnl->bhl", h0 * w, powers(dt_lam, L, start=1)).real * reach[:, None, :]
+    Re(sum_n w_n exp(dt_lam_n (t + 1)) h0_n), a block of channels at a time."""
+    batch, H, _ = h0.shape
+    reach = in_first_document(seq_idx, batch, L, h0.device).to(w.real.dtype).expand(H, batch, L)
+    return recomputed_by_channels(_carried, L, dt_lam.shape[-1] * L * dt_lam.element_size(), h0.transpose(0, 1),
+                                  reach, w, dt_lam).transpose(0, 1)
+
+
+def _carried(h0, reach, w, dt_lam, length):
+    """h0 (H, batch, N), reach (H, batch, L), w and dt_lam (H, N) -> (H, batch, L)."""
+    return torch.einsum("hbn,hnl->hbl", h0 * w[:, None], powers(dt_lam, length, start=1)).real * reach
 
 
 def diagonal_step(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, state: DiagonalState) -> torch.Tensor:
