@@ -168,6 +168,11 @@ TABLE_RUNS = {
     # H3, still more than 0.01 short at 48,000 steps
     "copying-96k-h3": ["--families", "h3", "--tasks", "copying", "--steps", "96000", "--sweep-steps", "96000",
                        "--lrs", "3e-3"],
+    # the saturated rows (‡), S4, S4D and DSS at 24,000 steps and LRU at 48,000, doubled once more
+    "copying-48k": ["--families", "s4", "s4d", "dss", "--tasks", "copying", "--steps", "48000", "--sweep-steps",
+                    "48000", "--lrs", "3e-3"],
+    "copying-96k-lru": ["--families", "lru", "--tasks", "copying", "--steps", "96000", "--sweep-steps", "96000",
+                        "--lrs", "1e-3"],
     "induction": ["--tasks", "induction", "--steps", "2000", "--sweep-steps", "2000", "--lrs", "1e-3", "3e-3"],
     "induction-6k": ["--families", "s4d", "dss", "gss", "--tasks", "induction", "--steps", "6000", "--sweep-steps",
                      "6000", "--lrs", "1e-3"],
