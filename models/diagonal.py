@@ -20,7 +20,7 @@ import torch
 from ssmforge.kernels.fftconv import fft_causal_conv
 
 from .context_parallel import ContextParallel
-from .layers import in_first_document, recomputed_by_channels
+from .layers import in_first_document, in_last_document, recomputed_by_channels
 
 
 @dataclass
@@ -87,7 +87,7 @@ def summary(u: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None)
     (exp(dt_lam L), zero where a document starts in the row). The (H, N, L) powers are built a block of
     channels at a time, recomputed in backward (recomputed_by_channels)."""
     batch, H, L = u.shape
-    last_doc = torch.ones(batch, L, device=u.device) if seq_idx is None else (seq_idx == seq_idx[:, -1:])
+    last_doc = in_last_document(seq_idx, batch, L, u.device)
     last = recomputed_by_channels(_last_state, L, dt_lam.shape[-1] * L * dt_lam.element_size(), u.transpose(0, 1),
                                   last_doc.to(u.dtype).expand(H, batch, L), dt_lam).transpose(0, 1)
     reach = in_first_document(seq_idx, batch, L, u.device)

@@ -162,6 +162,14 @@ def in_first_document(seq_idx: torch.Tensor | None, batch: int, L: int, device) 
     return seq_idx == seq_idx[:, :1]
 
 
+def in_last_document(seq_idx: torch.Tensor | None, batch: int, L: int, device) -> torch.Tensor:
+    """(batch, L) bool: the positions whose inputs reach the state after the last position (all of them without
+    seq_idx; with it, those of each row's last document)."""
+    if seq_idx is None:
+        return torch.ones(batch, L, dtype=torch.bool, device=device)
+    return seq_idx == seq_idx[:, -1:]
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, returned in the input dtype."""
 

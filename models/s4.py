@@ -74,7 +74,8 @@ from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import complex_of
-from .layers import GLUOutput, cap_lr, in_first_document, keep_fp32, recomputed, recomputed_by_channels
+from .layers import (GLUOutput, cap_lr, in_first_document, in_last_document, keep_fp32, recomputed,
+                     recomputed_by_channels)
 from .registry import register_mixer
 
 
@@ -347,7 +348,7 @@ class S4Mixer(nn.Module):
         (H, N, L) Krylov powers are built a block of channels at a time and, like Abar^L's squarings,
         recomputed in backward."""
         batch, H, L = w.shape
-        last_doc = torch.ones(batch, L, device=w.device) if seq_idx is None else (seq_idx == seq_idx[:, -1:])
+        last_doc = in_last_document(seq_idx, batch, L, w.device)
         last = recomputed_by_channels(final_state, L, self.d_state * L * Bbar.element_size(), w.transpose(0, 1),
                                       last_doc.to(w.dtype).expand(H, batch, L), Abar, Bbar).transpose(0, 1)
         reach = in_first_document(seq_idx, batch, L, w.device)[:, -1]

@@ -3,12 +3,12 @@ gradients as one call over every channel, and a training step's peak memory boun
 than the whole layer's, measured by torch's memory tracker (the one `ssmforge plan` uses)."""
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
 
-from ssmforge.models import LanguageModel, layers
+from ssmforge.models import layers
+from ssmforge.pretrain.config import load_config
+from ssmforge.pretrain.plan import Target, step_memory
 
-from .contracts import model_config
+from ..pretrain.conftest import ROOT
 
 
 def channelwise(x: torch.Tensor, y: torch.Tensor, length: int) -> torch.Tensor:
@@ -35,36 +35,30 @@ def test_ragged_blocks_equal_one_call_values_and_gradients(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def step_peak_bytes(family: str, section: dict, seq_len: int) -> int:
-    """The most bytes alive during forward + backward of one sequence through a 1-layer model, beyond its
-    parameters and gradients, traced on fake tensors."""
-    config = model_config(dict(family=family, d_model=64, n_layer=1, vocab_size=32, **section), {})
-    with FakeTensorMode():
-        model = LanguageModel(config)
-        tokens = torch.zeros(1, seq_len + 1, dtype=torch.long)
-        tracker = MemTracker()
-        tracker.track_external(model)
-        with tracker:
-            model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
-    from ssmforge.pretrain.plan import _peak_beyond_model
-
-    return _peak_beyond_model(tracker)
+def step_peak_bytes(config_name: str, d_state: int, seq_len: int) -> int:
+    """Activation bytes of one training step of one sequence through a 1-layer, d_model 64 version of
+    configs/<config_name>-tiny.yaml, as `ssmforge plan` traces it (fake tensors, the CPU's kernels)."""
+    family = config_name.replace("-", "_")
+    config = load_config(ROOT / "configs" / f"{config_name}-tiny.yaml", [
+        "run_dir=unused", "model.d_model=64", "model.n_layer=1", f"model.{family}.d_state={d_state}",
+        f"data.seq_len={seq_len}"])
+    return step_memory(config, Target(1, "cpu", "probe", None, 1e12, ""), 1, False)[0].activations
 
 
-@pytest.mark.parametrize("family,section,per_channel", [
+@pytest.mark.parametrize("config_name,per_channel", [
     # S4's Cauchy sums: a (channels, L/2 + 1, N) complex128 resolvent, 513 x 64 x 16 bytes per channel
-    ("s4", dict(s4=dict(d_state=64)), 513 * 64 * 16),
+    ("s4", 513 * 64 * 16),
     # S4D's Vandermonde powers: (channels, N/2, L) complex64
-    ("s4d", dict(s4d=dict(d_state=64)), 32 * 1024 * 8),
+    ("s4d", 32 * 1024 * 8),
 ])
-def test_step_peak_is_one_block_of_the_kernel_not_the_layer(family, section, per_channel, monkeypatch):
+def test_step_peak_is_one_block_of_the_kernel_not_the_layer(config_name, per_channel, monkeypatch):
     """d_model 64, L 1024, N 64. What the kernel adds to the peak, measured against the floor of one-channel
     blocks: with blocks of 8 of the 64 channels it is about an eighth of what the whole layer's kernel adds
-    (measured: S4 246 MiB whole, 36 MiB in blocks of 8, floor 17.6 MiB; S4D 65, 9.4 and 5.4 MiB)."""
+    (measured: S4 246 MiB whole, 36 MiB in blocks of 8, floor 17.6 MiB; S4D 65, 9.5 and 6.0 MiB)."""
     peaks = {}
     for channels in (64, 8, 1):
         monkeypatch.setattr(layers, "KERNEL_BLOCK_BYTES", channels * per_channel)
-        peaks[channels] = step_peak_bytes(family, section, 1024)
+        peaks[channels] = step_peak_bytes(config_name, 64, 1024)
     whole, blocked = peaks[64] - peaks[1], peaks[8] - peaks[1]
     assert whole > 64 * per_channel  # the whole layer's kernel work was alive at the peak
     assert 0 < blocked < 1.25 * whole / 8

@@ -10,8 +10,7 @@ import torch
 
 from ssmforge.errors import ConfigError
 from ssmforge.kernels.documents import document_index
-from ssmforge.models import LanguageModel, ModelConfig
-from ssmforge.models import layers
+from ssmforge.models import LanguageModel, ModelConfig, layers
 from ssmforge.models import s4 as s4_module
 from ssmforge.models.hf import cast_model
 
