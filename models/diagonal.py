@@ -9,6 +9,8 @@ whose impulse response is the Vandermonde product K_l = Re(sum_n w_n z_n^l). Tra
 convolution (kernels.fftconv, exact with document resets); decoding runs the recurrence. A state carried in
 (decoding, chunked scoring) or entering from earlier ranks (context parallelism) adds Re(sum_n w_n z_n^(t+1) h0_n)
 over the first document, and the state after the last position is a closed form over the last document.
+Channels may share their parameters in `groups` (H3's head_dim^2 products of a head share its SSM): the powers of
+z, the costly part, are then built once per distinct channel, the groups folded into the batch.
 Arithmetic runs in the parameters' precision (float32, or float64 in tests) whatever the autocast.
 """
 from __future__ import annotations
@@ -51,6 +53,26 @@ def powers(dt_lam: torch.Tensor, length: int, start: int = 0) -> torch.Tensor:
     return torch.exp(dt_lam[..., None] * steps)
 
 
+def tiled(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(heads, ...) per-channel parameters or kernels -> (groups * heads, ...): channel c uses row c mod heads."""
+    return x if groups == 1 else x.repeat(groups, *[1] * (x.dim() - 1))
+
+
+def grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(batch, groups * heads, ...) -> (heads, groups * batch, ...): channels that share parameters side by side
+    along the second axis, the distinct channels first (the layout recomputed_by_channels blocks over)."""
+    batch, H, rest = x.shape[0], x.shape[1], x.shape[2:]
+    tail = range(3, 3 + len(rest))
+    return x.reshape(batch, groups, H // groups, *rest).permute(2, 1, 0, *tail).reshape(H // groups, -1, *rest)
+
+
+def ungrouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of `grouped`: (heads, groups * batch, ...) -> (batch, groups * heads, ...)."""
+    heads, rest = x.shape[0], x.shape[2:]
+    tail = range(3, 3 + len(rest))
+    return x.reshape(heads, groups, -1, *rest).permute(2, 1, 0, *tail).reshape(-1, groups * heads, *rest)
+
+
 def vandermonde_kernel(w: torch.Tensor, dt_lam: torch.Tensor, length: int) -> torch.Tensor:
     """K (H, length) real: K_l = Re(sum_n w_n exp(dt_lam_n l)). Built from (H, N, length) powers, which autograd
     recomputes in backward rather than keeps (N times the size of K), a block of channels at a time."""
@@ -62,36 +84,38 @@ def _kernel(w, dt_lam, length):
 
 
 def diagonal_conv(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None = None,
-                  state: DiagonalState | None = None, context: ContextParallel | None = None) -> torch.Tensor:
-    """u (batch, H, L) -> y (batch, H, L) real, the diagonal system (w, dt_lam (H, N) complex) applied from a zero
-    state, or continuing `state` (unless fresh; it is left holding the state after the last position), or with
-    `context` entering from the ranks holding the earlier chunks of the rows."""
+                  state: DiagonalState | None = None, context: ContextParallel | None = None,
+                  groups: int = 1) -> torch.Tensor:
+    """u (batch, H, L) -> y (batch, H, L) real, the diagonal system (w, dt_lam (H / groups, N) complex, channel c
+    using row c mod H / groups) applied from a zero state, or continuing `state` (unless fresh; it is left holding
+    the state after the last position), or with `context` entering from the ranks holding the earlier chunks of
+    the rows."""
     L = u.shape[-1]
-    y = fft_causal_conv(u, vandermonde_kernel(w, dt_lam, L), seq_idx=seq_idx)
+    y = fft_causal_conv(u, tiled(vandermonde_kernel(w, dt_lam, L), groups), seq_idx=seq_idx)
     if state is None and context is None:
         return y
     with torch.autocast(device_type=u.device.type, enabled=False):
-        last, transfer = summary(u, dt_lam, seq_idx)
+        last, transfer = summary(u, dt_lam, seq_idx, groups)
         h0 = context.entering_state(last, transfer, L) if context is not None else (None if state.fresh else state.ssm)
         if h0 is not None:
-            y = y + carried(h0, w, dt_lam, seq_idx, L)
+            y = y + carried(h0, w, dt_lam, seq_idx, L, groups)
             last = last + transfer * h0
     if state is not None:
         state.ssm, state.fresh = last, False
     return y
 
 
-def summary(u: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None):
+def summary(u: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, groups: int = 1):
     """The state after the last position from a zero start (batch, H, N): the inputs of the row's last document,
     each decayed to the end; and the transfer (batch, H, N) that carries an entering state to the end
     (exp(dt_lam L), zero where a document starts in the row). The (H, N, L) powers are built a block of
-    channels at a time, recomputed in backward (recomputed_by_channels)."""
+    channels at a time, recomputed in backward (recomputed_by_channels), once per distinct channel."""
     batch, H, L = u.shape
-    last_doc = in_last_document(seq_idx, batch, L, u.device)
-    last = recomputed_by_channels(_last_state, L, dt_lam.shape[-1] * L * dt_lam.element_size(), u.transpose(0, 1),
-                                  last_doc.to(u.dtype).expand(H, batch, L), dt_lam).transpose(0, 1)
+    last_doc = in_last_document(seq_idx, batch, L, u.device).to(u.dtype).repeat(groups, 1)
+    last = recomputed_by_channels(_last_state, L, dt_lam.shape[-1] * L * dt_lam.element_size(), grouped(u, groups),
+                                  last_doc.expand(H // groups, *last_doc.shape), dt_lam)
     reach = in_first_document(seq_idx, batch, L, u.device)
-    return last, powers(dt_lam, 1, start=L)[..., 0] * reach[:, -1, None, None]
+    return ungrouped(last, groups), tiled(powers(dt_lam, 1, start=L)[..., 0], groups) * reach[:, -1, None, None]
 
 
 def _last_state(u, last_doc, dt_lam, length):
@@ -100,13 +124,15 @@ def _last_state(u, last_doc, dt_lam, length):
     return torch.einsum("hbl,hnl->hbn", (u * last_doc).to(pw.dtype), pw.flip(-1))
 
 
-def carried(h0: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, L: int):
+def carried(h0: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, L: int,
+            groups: int = 1):
     """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
-    Re(sum_n w_n exp(dt_lam_n (t + 1)) h0_n), a block of channels at a time."""
+    Re(sum_n w_n exp(dt_lam_n (t + 1)) h0_n), a block of distinct channels at a time."""
     batch, H, _ = h0.shape
-    reach = in_first_document(seq_idx, batch, L, h0.device).to(w.real.dtype).expand(H, batch, L)
-    return recomputed_by_channels(_carried, L, dt_lam.shape[-1] * L * dt_lam.element_size(), h0.transpose(0, 1),
-                                  reach, w, dt_lam).transpose(0, 1)
+    reach = in_first_document(seq_idx, batch, L, h0.device).to(w.real.dtype).repeat(groups, 1)
+    return ungrouped(recomputed_by_channels(_carried, L, dt_lam.shape[-1] * L * dt_lam.element_size(),
+                                            grouped(h0, groups), reach.expand(H // groups, *reach.shape), w, dt_lam),
+                     groups)
 
 
 def _carried(h0, reach, w, dt_lam, length):
@@ -114,9 +140,10 @@ def _carried(h0, reach, w, dt_lam, length):
     return torch.einsum("hbn,hnl->hbl", h0 * w[:, None], powers(dt_lam, length, start=1)).real * reach
 
 
-def diagonal_step(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, state: DiagonalState) -> torch.Tensor:
+def diagonal_step(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, state: DiagonalState,
+                  groups: int = 1) -> torch.Tensor:
     """One position: u (batch, H) -> y (batch, H) real, advancing `state` (a new tensor, not in place, so that
-    gradients can flow through a run of steps)."""
-    state.ssm = torch.exp(dt_lam) * state.ssm + u[..., None]
+    gradients can flow through a run of steps); w, dt_lam (H / groups, N) as in diagonal_conv."""
+    state.ssm = tiled(torch.exp(dt_lam), groups) * state.ssm + u[..., None]
     state.fresh = False
-    return (state.ssm * w).sum(-1).real
+    return (state.ssm * tiled(w, groups)).sum(-1).real

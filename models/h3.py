@@ -18,8 +18,8 @@ Initialisation: shift filter and both D skips standard normal, the S4D-Lin SSM a
 mixer's (models.layers.Projection). The SSM parameters stay float32 whatever the training precision. Semantics
 checked against HazyResearch/safari (`src/models/sequence/h3.py`, H3; the shift kernel of its `ss/kernel.py`).
 Keys: `model.h3.*`. With context parallelism each chunk needs at least d_state - 1 positions (the shift filter's
-halo comes from the previous rank only). With head_dim > 1 the diagonal SSM's kernel and state summaries are built
-for each of the head_dim^2 products of a head (the same values head_dim^2 times): memory grows with head_dim^2.
+halo comes from the previous rank only). With head_dim > 1 the head_dim^2 products of a head share its SSM: its
+kernel and state summaries are built once per head (models.diagonal's `groups`), not once per product.
 """
 from __future__ import annotations
 
@@ -78,12 +78,6 @@ class H3Mixer(nn.Module):
         fft = fft_conv_flops(seq_len)
         return 2 * 4 * d * d + round(d * (fft + 2) + d * p * (1 + fft + 2) + 2 * d * p)
 
-    def _diag_params(self):
-        """(w, dt A) of the diagonal SSM, repeated over the head_dim^2 products of each head: channel order (i, j, h)."""
-        w, dt_A = self.kernel.discrete()
-        reps = self.head_dim * self.head_dim
-        return w.repeat(reps, 1), dt_A.repeat(reps, 1)
-
     def _shift(self, k: torch.Tensor, seq_idx, state, context) -> torch.Tensor:
         """k (batch, d_model, L) -> the shift SSM's output plus its skip."""
         taps = self.shift_C
@@ -119,8 +113,8 @@ class H3Mixer(nn.Module):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             kv = self._heads(self._shift(k, seq_idx, state, context), v)
-            w, dt_A = self._diag_params()
-            s = diagonal_conv(kv, w, dt_A, seq_idx, None if state is None else state.diag, context) + self.D.repeat(self.head_dim ** 2)[:, None] * kv
+            s = diagonal_conv(kv, *self.kernel.discrete(), seq_idx, None if state is None else state.diag, context,
+                              groups=self.head_dim ** 2) + self.D.repeat(self.head_dim ** 2)[:, None] * kv
             y = self._read(s, q)
         if state is not None:
             state.fresh = False
@@ -140,7 +134,8 @@ class H3Mixer(nn.Module):
             state.conv = torch.cat([state.conv[..., 1:], k[..., None]], dim=-1)
             shifted = (state.conv * self.shift_C.flip(-1)).sum(-1) + self.D_k * k
             kv = self._heads(shifted, v)
-            s = diagonal_step(kv, *self._diag_params(), state.diag) + self.D.repeat(self.head_dim ** 2) * kv
+            s = diagonal_step(kv, *self.kernel.discrete(), state.diag, groups=self.head_dim ** 2)
+            s = s + self.D.repeat(self.head_dim ** 2) * kv
             y = self._read(s, q)
         state.fresh = False
         return self.out_proj(y.to(hidden.dtype))

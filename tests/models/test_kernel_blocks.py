@@ -35,13 +35,13 @@ def test_ragged_blocks_equal_one_call_values_and_gradients(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def step_peak_bytes(config_name: str, d_state: int, seq_len: int) -> int:
+def step_peak_bytes(config_name: str, d_state: int, seq_len: int, *overrides: str) -> int:
     """Activation bytes of one training step of one sequence through a 1-layer, d_model 64 version of
     configs/<config_name>-tiny.yaml, as `ssmforge plan` traces it (fake tensors, the CPU's kernels)."""
     family = config_name.replace("-", "_")
     config = load_config(ROOT / "configs" / f"{config_name}-tiny.yaml", [
         "run_dir=unused", "model.d_model=64", "model.n_layer=1", f"model.{family}.d_state={d_state}",
-        f"data.seq_len={seq_len}"])
+        f"data.seq_len={seq_len}", *overrides])
     return step_memory(config, Target(1, "cpu", "probe", None, 1e12, ""), 1, False)[0].activations
 
 
@@ -62,3 +62,12 @@ def test_step_peak_is_one_block_of_the_kernel_not_the_layer(config_name, per_cha
     whole, blocked = peaks[64] - peaks[1], peaks[8] - peaks[1]
     assert whole > 64 * per_channel  # the whole layer's kernel work was alive at the peak
     assert 0 < blocked < 1.25 * whole / 8
+
+
+def test_h3_builds_its_kernel_once_per_head_not_per_product():
+    """H3's head_dim^2 products of a head share its SSM, so the kernel is built for d_model / head_dim channels:
+    a wider head_dim lowers the step's peak rather than multiplying it by head_dim^2 (measured at d_model 64,
+    L 1024, N 64: 68.7 MiB at head_dim 1, 21.4 MiB at head_dim 4; 261.5 MiB at 4 when built per product)."""
+    narrow = step_peak_bytes("h3", 64, 1024, "model.h3.head_dim=1")
+    wide = step_peak_bytes("h3", 64, 1024, "model.h3.head_dim=4")
+    assert wide < narrow / 2
