@@ -74,7 +74,7 @@ from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import complex_of
-from .layers import (GLUOutput, cap_lr, in_first_document, in_last_document, keep_fp32, recomputed,
+from .layers import (GLUOutput, cap_lr, in_first_document, in_last_document, keep_fp32,
                      recomputed_by_channels)
 from .registry import register_mixer
 
@@ -345,14 +345,15 @@ class S4Mixer(nn.Module):
         """The state after the last position from a zero start (batch, H, N): sum_s Abar^(L-1-s) Bbar w_s over
         the row's last document; Abar^L (H, N, N), which carries an entering state to the end; and reach
         (batch, 1, 1): 0 where a document starts in the row, so that no entering state reaches the end. The
-        (H, N, L) Krylov powers are built a block of channels at a time and, like Abar^L's squarings,
-        recomputed in backward."""
+        (H, N, L) Krylov powers and Abar^L's squarings are built a block of channels at a time, recomputed in
+        backward."""
         batch, H, L = w.shape
         last_doc = in_last_document(seq_idx, batch, L, w.device)
         last = recomputed_by_channels(final_state, L, self.d_state * L * Bbar.element_size(), w.transpose(0, 1),
                                       last_doc.to(w.dtype).expand(H, batch, L), Abar, Bbar).transpose(0, 1)
         reach = in_first_document(seq_idx, batch, L, w.device)[:, -1]
-        return last, recomputed(matrix_power, Abar, L), reach[:, None, None].to(w.dtype)
+        squarings = self.d_state ** 2 * L.bit_length() * Abar.element_size()  # per channel
+        return last, recomputed_by_channels(matrix_power, L, squarings, Abar), reach[:, None, None].to(w.dtype)
 
     def _carried(self, h0, seq_idx, Abar, L: int):
         """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document."""
