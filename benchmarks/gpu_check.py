@@ -1,7 +1,8 @@
 """The GPU acceptance check (`make gpu-check`): what only a GPU can show, in under 8 minutes on one of them.
 
-  kernels     every kernel (selective scan, SSD, causal conv1d, FFT conv) on the GPU against its oracle
-              (`ssmforge.kernels.ref`, the sequential definition; a direct conv for the FFT conv): the outputs
+  kernels     every kernel (selective scan, SSD, causal conv1d, FFT conv, Vandermonde, Cauchy) on the GPU against
+              its oracle (`ssmforge.kernels.ref`, the sequential definition; a direct conv for the FFT conv; the
+              Vandermonde powers in float64; the Cauchy sums in float64, as S4 runs them): the outputs
               and every gradient, fp32 and bf16, L up to 8192, d up to 2048, batch up to 8, packed rows with
               document resets (seq_idx, data.document_boundaries=reset), gates and activations fed inputs
               of +-300 (sigmoid's exp(-x) overflows float32 below -88.7), and one bf16 shape
@@ -46,10 +47,13 @@ PARTS = ("kernels", "bandwidth", "train_step", "resume")
 BUDGET_S = {"kernels": 210, "bandwidth": 45, "train_step": 150, "resume": 60}  # 465 s: 8 minutes with a margin
 TOTAL_S = 480
 TARGETS = {"scan_bandwidth_fraction": 0.70, "mfu_370m": 0.40}
-TOL = {torch.float32: 5e-4, torch.bfloat16: 5e-2}  # max error / the oracle's max magnitude (tests: 1e-4, 3e-2 at L 37)
+# max error / the oracle's max magnitude (tests: 1e-4, 3e-2 at L 37); float64: S4's Cauchy sums
+TOL = {torch.float32: 5e-4, torch.bfloat16: 5e-2, torch.float64: 1e-9}
 RESUME_TOL = {"cuda": 1e-4, "cpu": 1e-6}  # GPU backward kernels accumulate with atomics: not bit-reproducible
-FAST = {"cuda": {"scan": "triton", "ssd": "triton", "conv1d": "triton", "fftconv": "torch"},
-        "cpu": {"scan": "cpu", "ssd": "torch", "conv1d": "cpu", "fftconv": "torch"}}
+FAST = {"cuda": {"scan": "triton", "ssd": "triton", "conv1d": "triton", "fftconv": "torch", "vandermonde": "triton",
+                 "cauchy": "triton"},
+        "cpu": {"scan": "cpu", "ssd": "torch", "conv1d": "cpu", "fftconv": "torch", "vandermonde": "ref",
+                "cauchy": "ref"}}
 INT32_ELEMENTS = 2**31
 
 
@@ -138,6 +142,57 @@ def fft_inputs(shape: dict, dtype, device, generator) -> dict:
                 **_documents(shape, device, generator))
 
 
+def vandermonde_inputs(shape: dict, dtype, device, generator) -> dict:
+    """A diagonal SSM's parameters as S4D-Lin starts them (dt log-uniform in [0.001, 0.1], modes -1/2 + i pi n),
+    as (H, N, 2) real pairs, and w complex normal; float32 whatever `dtype` (the models keep them so)."""
+    H, N = shape["H"], shape["N"]
+    dt = torch.exp(torch.rand(H, 1, device=device, generator=generator) * math.log(100.0) + math.log(1e-3))
+    modes = torch.stack([torch.full((N,), -0.5, device=device), math.pi * torch.arange(N, device=device)], -1)
+    return dict(w=_randn((H, N, 2), device, torch.float32, generator), dt_lam=dt[..., None] * modes,
+                positions=torch.arange(shape["L"], device=device))
+
+
+def cauchy_inputs(shape: dict, dtype, device, generator) -> dict:
+    """S4's Cauchy sums as models.s4 forms them: four numerator rows, HiPPO-like poles (real parts below -0.5),
+    dt log-uniform in [0.001, 0.1] (the nodes and scales come from it and K = L/2 + 1 in `_s4_nodes`), as real
+    pairs in float64 whatever `dtype` (S4 builds its kernel in float64)."""
+    H, N = shape["H"], shape["N"]
+    f64 = dict(device=device, dtype=torch.float64)
+    poles = torch.stack([-0.5 - torch.rand(H, N, generator=generator, **f64),
+                         10 * torch.randn(H, N, generator=generator, **f64)], -1)
+    dt = torch.exp(torch.rand(H, generator=generator, **f64) * math.log(100.0) + math.log(1e-3))
+    return dict(numerators=torch.randn(H, 4, N, 2, generator=generator, **f64), poles=poles, dt=dt,
+                nodes=torch.arange(shape["K"], device=device))
+
+
+def _s4_nodes(i):
+    """S4's nodes 1 - z and scales (1 + z) dt / 2 at the L-th roots of unity z_k, k < K = L/2 + 1."""
+    K = i["nodes"].numel()
+    z = torch.exp(-2j * math.pi * i["nodes"].to(torch.float64) / (2 * max(K - 1, 1)))
+    return 1 - z, (1 + z) * (i["dt"] / 2)[:, None]
+
+
+def _cauchy(backend):
+    from ssmforge import kernels
+
+    def run(i):
+        nodes, scales = _s4_nodes(i)
+        sums = kernels.cauchy(torch.view_as_complex(i["numerators"]), torch.view_as_complex(i["poles"]), nodes,
+                              scales, backend=backend)
+        return {"sums": torch.view_as_real(sums)}
+
+    return run
+
+
+def _cauchy_oracle(i):
+    """The sums pole by pole: no (H, K, N) resolvent, and another order of additions than either backend's."""
+    nodes, scales = _s4_nodes(i)
+    numerators, poles = torch.view_as_complex(i["numerators"]), torch.view_as_complex(i["poles"])
+    sums = sum(numerators[:, :, n, None] / (nodes - scales * poles[:, n, None])[:, None, :]
+               for n in range(poles.shape[1]))
+    return {"sums": torch.view_as_real(sums)}
+
+
 def _scan(backend):
     from ssmforge import kernels
 
@@ -192,6 +247,21 @@ def _fft_oracle(i):
     return {"out": causal_conv1d_ref(i["u"].float(), i["k"].flip(-1), seq_idx=i.get("seq_idx"))}
 
 
+def _vandermonde(backend):
+    from ssmforge import kernels
+
+    return lambda i: {"K": kernels.vandermonde(torch.view_as_complex(i["w"]), torch.view_as_complex(i["dt_lam"]),
+                                               i["positions"].numel(), backend=backend)}
+
+
+def _vandermonde_oracle(i):
+    from ssmforge.kernels import vandermonde_ref
+
+    # the powers in float64: the definition, not float32's rounding of the phase b l
+    w, dt_lam = (torch.view_as_complex(i[k].double()) for k in ("w", "dt_lam"))
+    return {"K": vandermonde_ref(w, dt_lam, i["positions"].numel())}
+
+
 # per kernel: inputs, the fast path (by backend name), the oracle, and which inputs have a batch dimension
 KERNELS = {
     "scan": dict(inputs=scan_inputs, fast=lambda backend, tiny: _scan(backend), oracle=_scan_oracle,
@@ -202,6 +272,11 @@ KERNELS = {
                    batched={"x", "seq_idx"}),
     "fftconv": dict(inputs=fft_inputs, fast=lambda backend, tiny: _fft(backend), oracle=_fft_oracle,
                     batched={"u", "seq_idx"}),
+    # the diagonal SSMs' parameters stay float32 under bf16 training: one dtype
+    "vandermonde": dict(inputs=vandermonde_inputs, fast=lambda backend, tiny: _vandermonde(backend),
+                        oracle=_vandermonde_oracle, batched=set(), dtypes=(torch.float32,)),
+    "cauchy": dict(inputs=cauchy_inputs, fast=lambda backend, tiny: _cauchy(backend), oracle=_cauchy_oracle,
+                   batched=set(), dtypes=(torch.float64,)),
 }
 
 
@@ -223,7 +298,9 @@ def kernel_cases(tiny: bool) -> list[dict]:
                  ("fftconv", "documents", dict(batch=2, d=3, L=33, docs=3)),
                  # gates far below exp's float32 range (a CPU build once gave NaN there)
                  ("scan", "extreme", dict(batch=2, d=6, L=37, n=5, scale=100.0)),
-                 ("conv1d", "extreme", dict(batch=2, d=20, L=70, width=4, scale=100.0))]
+                 ("conv1d", "extreme", dict(batch=2, d=20, L=70, width=4, scale=100.0)),
+                 ("vandermonde", "edge", dict(H=3, N=37, L=200)),
+                 ("cauchy", "edge", dict(H=3, N=37, K=70))]
         big = [("scan", dict(batch=3, d=6, L=37, n=5)), ("ssd", dict(batch=3, L=37, heads=2, headdim=8, groups=1, n=5)),
                ("conv1d", dict(batch=3, d=20, L=70, width=4))]
     else:
@@ -248,12 +325,21 @@ def kernel_cases(tiny: bool) -> list[dict]:
                  ("fftconv", "documents", dict(batch=2, d=64, L=2048, docs=8)),
                  # the z gate's sigmoid, delta's softplus and the conv's SiLU far below exp's float32 range
                  ("scan", "extreme", dict(batch=2, d=72, L=1000, n=16, scale=100.0)),
-                 ("conv1d", "extreme", dict(batch=2, d=72, L=1000, width=4, scale=100.0))]
+                 ("conv1d", "extreme", dict(batch=2, d=72, L=1000, width=4, scale=100.0)),
+                 # S4D's, DSS's and H3's kernel (N/2 modes of d_state 64), and GSS's (d_state 512 at L 8192)
+                 ("vandermonde", "edge", dict(H=72, N=37, L=1000)),
+                 ("vandermonde", "wide", dict(H=2048, N=32, L=2048)),
+                 ("vandermonde", "long", dict(H=32, N=512, L=8192)),
+                 # S4's (N 64 at L 2048 and 8192)
+                 ("cauchy", "edge", dict(H=72, N=37, K=70)),
+                 ("cauchy", "wide", dict(H=2048, N=64, K=1025)),
+                 ("cauchy", "long", dict(H=256, N=64, K=4097))]
         # 129 x 2048 x 8192 = 2.16e9 elements per (batch, d, L) tensor: past int32 offsets from batch 128 on
         big = [("scan", dict(batch=129, d=2048, L=8192, n=16)),
                ("ssd", dict(batch=129, L=8192, heads=32, headdim=64, groups=1, n=64)),
                ("conv1d", dict(batch=129, d=2048, L=8192, width=4))]
-    out = [dict(kernel=k, label=label, shape=shape, dtype=dtype, big=False) for k, label, shape in cases for dtype in both]
+    out = [dict(kernel=k, label=label, shape=shape, dtype=dtype, big=False) for k, label, shape in cases
+           for dtype in KERNELS[k].get("dtypes", both)]
     out += [dict(kernel=k, label="int32" if not tiny else "last row", shape=shape, dtype=torch.bfloat16, big=True)
             for k, shape in big]
     return out
@@ -292,7 +378,8 @@ def compare(got: dict, want: dict, tol: float) -> dict:
             errors[name] = f"shape {None if g is None else tuple(g.shape)} != {tuple(w.shape)}"
             ok = False
             continue
-        g, w = g.float(), w.float()
+        precision = torch.float64 if torch.float64 in (g.dtype, w.dtype) else torch.float32  # S4's Cauchy sums
+        g, w = g.to(precision), w.to(precision)
         if not bool(torch.isfinite(g).all()):
             errors[name], ok = "non-finite values", False
             continue
@@ -415,6 +502,19 @@ def _time_fwd_bwd(run, inputs: dict, device: torch.device, repeats: int, min_tot
             timed(fwd_bwd, repeats, device.type, min_total_s=min_total_s))
 
 
+def _only_output(run):
+    """run(inputs) -> {name: tensor} as the one output tensor the timer wants."""
+    return lambda i: next(iter(run(i).values()))
+
+
+def _vandermonde_kernel(backend):
+    """The kernel as models.diagonal builds it on `backend` ("ref": the powers in blocks of channels)."""
+    from ssmforge.models.diagonal import vandermonde_kernel
+
+    return lambda i: vandermonde_kernel(torch.view_as_complex(i["w"]), torch.view_as_complex(i["dt_lam"]),
+                                        i["positions"].numel(), backend)
+
+
 def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -478,9 +578,30 @@ def run_bandwidth(device: torch.device, tiny: bool, budget: Budget) -> dict:
                     fwd_bwd_ms=t_fb * 1e3, fwd_GBps=2 * x / t_f / 1e9, fwd_bwd_GBps=5 * x / t_fb / 1e9,
                     fwd_bytes=2 * x, fwd_bwd_bytes=5 * x))  # fwd: x, out; bwd: x, dout read, dx written
 
+    # the S4 family's kernels (compute-bound: times, not GB/s), fused against PyTorch's path: the Vandermonde
+    # kernel as the models build it (the powers in blocks of channels), S4D at d_model 2048 (N/2 = 32 modes), and
+    # S4's Cauchy sums at d_model 2048, N 64, L 2048 (a 2.1 GiB resolvent on PyTorch's path)
+    ssm_kernel_rows = []
+    timed_kernels = [("vandermonde", vandermonde_inputs, torch.float32, _vandermonde_kernel,
+                      dict(H=16, N=8, L=128) if tiny else dict(H=2048, N=32, L=2048)),
+                     ("cauchy", cauchy_inputs, torch.float64, lambda backend: _only_output(_cauchy(backend)),
+                      dict(H=16, N=8, K=65) if tiny else dict(H=2048, N=64, K=1025))]
+    for kernel, make_inputs, dtype, make_run, shape in timed_kernels:
+        for backend in dict.fromkeys((backends[kernel], "ref")):
+            if budget.over():
+                ssm_kernel_rows.append(dict(kernel=kernel, backend=backend, status="skipped",
+                                            note="over the part's time budget"))
+                continue
+            inputs = _requiring_grad(make_inputs(shape, dtype, device, generator))
+            t_f, t_fb = _time_fwd_bwd(make_run(backend), inputs, device, repeats, min_s)
+            ssm_kernel_rows.append(dict(kernel=kernel, backend=backend, dtype=str(dtype).replace("torch.", ""),
+                                        shape=shape, fwd_ms=t_f * 1e3, fwd_bwd_ms=t_fb * 1e3))
+            print(f"  {kernel:11} {backend:6} {str(shape):40} fwd {t_f * 1e3:8.3f} ms  fwd+bwd {t_fb * 1e3:8.3f} ms",
+                  flush=True)
+
     target = next((r for r in rows if r["kernel"] == "scan" and r.get("L") == (64 if tiny else 2048)
                    and "fwd_frac_bw" in r), None)
-    return dict(copy_GBps=peak, rows=rows,
+    return dict(copy_GBps=peak, rows=rows, ssm_kernels=ssm_kernel_rows,
                 scan_L2048_fwd_frac_bw=None if target is None else target["fwd_frac_bw"],
                 scan_L2048_fwd_bwd_frac_bw=None if target is None else target["fwd_bwd_frac_bw"])
 
@@ -743,6 +864,15 @@ def summary_markdown(report: dict) -> str:
             lines.append(f"| {r['kernel']} | {r['dtype']} | {shape} | {r['fwd_ms']:.3f} | {r['fwd_GBps']:.0f} | "
                          f"{100 * r['fwd_frac_bw']:.0f}% | {r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_GBps']:.0f} | "
                          f"{100 * r['fwd_bwd_frac_bw']:.0f}% |")
+        lines += ["", "The S4 family's kernels, fused against PyTorch's path:", "",
+                  "| kernel | backend | dtype | shape | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|"]
+        for r in bw.get("ssm_kernels", []):
+            if "fwd_ms" not in r:
+                lines.append(f"| {r['kernel']} | {r['backend']} | | skipped: {r.get('note', '')} | | |")
+                continue
+            shape = ", ".join(f"{a} {b}" for a, b in r["shape"].items())
+            lines.append(f"| {r['kernel']} | {r['backend']} | {r['dtype']} | {shape} | {r['fwd_ms']:.3f} | "
+                         f"{r['fwd_bwd_ms']:.3f} |")
     ts = report.get("train_step")
     if ts:
         lines += ["", "## One training step (DeepSpeed, micro-batch 8, no accumulation)", "",

@@ -177,7 +177,42 @@ def drive_conv1d(act, flags: bool):
     _backward(causal_conv1d_triton(activation(1, d, L), param(d, cfg.d_conv), param(d), "silu", seq_idx=seq_idx))
 
 
-DRIVES = (drive_selective_scan, drive_ssd, drive_conv1d)
+def drive_vandermonde(act, flags: bool):
+    """The diagonal SSMs' kernel (S4D, DSS, H3, GSS): w, dt_lam (H, N) complex64 whatever the activations (the
+    SSM parameters stay fp32 under bf16), GSS's d_state 512 modes; forward and backward. No flags."""
+    import torch
+
+    from ssmforge.kernels.triton.vandermonde import BLOCK_L, vandermonde_triton
+
+    g = torch.Generator().manual_seed(0)
+    H, N = 16, 512
+
+    def complex_param(real_scale):
+        return torch.complex(torch.randn(H, N, generator=g) * real_scale, torch.randn(H, N, generator=g))
+
+    w, dt_lam = complex_param(1.0).requires_grad_(), complex_param(0.0).requires_grad_()
+    _backward(vandermonde_triton(w, dt_lam - 0.01, 2 * BLOCK_L))
+
+
+def drive_cauchy(act, flags: bool):
+    """S4's Cauchy sums (S4, Liquid-S4): four numerator rows, d_state 64 poles, the L/2 + 1 nodes of L 256, all
+    complex128 whatever the activations (S4 builds its kernel in float64); forward and backward. No flags."""
+    import torch
+
+    from ssmforge.kernels.triton.cauchy import cauchy_triton
+
+    g = torch.Generator().manual_seed(0)
+    H, J, N, K = 16, 4, 64, 129
+
+    def complex_param(*shape):
+        return torch.complex(torch.randn(*shape, generator=g, dtype=torch.float64),
+                             torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+
+    _backward(cauchy_triton(complex_param(H, J, N), complex_param(H, N), complex_param(K).detach(),
+                            complex_param(H, K)).abs())
+
+
+DRIVES = (drive_selective_scan, drive_ssd, drive_conv1d, drive_vandermonde, drive_cauchy)
 
 
 @contextlib.contextmanager

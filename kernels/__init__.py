@@ -1,6 +1,7 @@
-"""Sequence-mixing kernels: the selective scan (Mamba), the SSD (Mamba-2) and causal depthwise conv1d,
-with reference oracles. The fast backends (C and Triton) are torch custom operators, ssmforge::<kernel>
-(see `custom_op`), so they run on fake tensors and torch.compile traces them without graph breaks."""
+"""Sequence-mixing kernels: the selective scan (Mamba), the SSD (Mamba-2), causal depthwise conv1d and the
+S4 family's Vandermonde and Cauchy kernels, with reference oracles. The fast backends (C and Triton) are torch custom
+operators, ssmforge::<kernel> (see `custom_op`), so they run on fake tensors and torch.compile traces them
+without graph breaks."""
 from ssmforge import refuse_bare_import
 
 refuse_bare_import(__name__)
@@ -8,17 +9,21 @@ refuse_bare_import(__name__)
 import torch
 
 from .ref import (
+    cauchy_ref,
     causal_conv1d_ref,
     causal_conv1d_update_ref,
     selective_scan_ref,
     selective_state_update_ref,
     ssd_scan_ref,
     ssd_state_update_ref,
+    vandermonde_ref,
 )
 from .backends import BackendUnavailableError, describe_backends
 from .conv1d import CONV1D_BACKENDS, causal_conv1d, conv1d_default_backend
 from .selective_scan import SCAN_BACKENDS, scan_default_backend, selective_scan
 from .ssd import SSD_BACKENDS, ssd_default_backend, ssd_scan
+from .ssm_kernels import (CAUCHY_BACKENDS, VANDERMONDE_BACKENDS, cauchy, cauchy_default_backend, vandermonde,
+                          vandermonde_default_backend)
 
 _deterministic = False
 
@@ -42,9 +47,14 @@ def deterministic() -> bool:
 
 __all__ = [
     "BackendUnavailableError",
+    "CAUCHY_BACKENDS",
     "CONV1D_BACKENDS",
     "SCAN_BACKENDS",
     "SSD_BACKENDS",
+    "VANDERMONDE_BACKENDS",
+    "cauchy",
+    "cauchy_default_backend",
+    "cauchy_ref",
     "causal_conv1d",
     "causal_conv1d_ref",
     "causal_conv1d_update_ref",
@@ -60,4 +70,7 @@ __all__ = [
     "ssd_scan",
     "ssd_scan_ref",
     "ssd_state_update_ref",
+    "vandermonde",
+    "vandermonde_default_backend",
+    "vandermonde_ref",
 ]

@@ -39,24 +39,27 @@ def missing_triton(kernel: str, device: torch.device) -> BackendUnavailableError
 
 def describe_backends(device: torch.device | str, backend: str | None = None, conv_width: int = 4) -> str:
     """The backend each kernel runs on `device`, as one line for the start-up log, e.g. "selective scan:
-    triton, ssd: triton, causal conv1d: triton, fft conv: torch".
+    triton, ssd: triton, causal conv1d: triton, vandermonde: triton, cauchy: triton, fft conv: torch".
 
     backend: the name every kernel is forced to (model.kernel_backend other than auto), or None for each
     kernel's default on the device; conv_width: the causal conv's width (the Triton conv takes 2..4)."""
     from .conv1d import CONV1D_BACKENDS, conv1d_default_backend
     from .selective_scan import scan_default_backend
     from .ssd import SSD_BACKENDS, ssd_default_backend
+    from .ssm_kernels import (CAUCHY_BACKENDS, VANDERMONDE_BACKENDS, cauchy_default_backend,
+                              vandermonde_default_backend)
 
     device = torch.device(device)
     if backend is not None:
-        names = dict.fromkeys(("selective scan", "ssd", "causal conv1d"), backend)
+        names = dict.fromkeys(("selective scan", "ssd", "causal conv1d", "vandermonde", "cauchy"), backend)
     else:
         try:
             scan = scan_default_backend(device)
         except BackendUnavailableError:
             scan = "none (triton is not installed: the run stops at the first scan)"
         names = {"selective scan": scan, "ssd": ssd_default_backend(device),
-                 "causal conv1d": conv1d_default_backend(device, conv_width)}
+                 "causal conv1d": conv1d_default_backend(device, conv_width),
+                 "vandermonde": vandermonde_default_backend(device), "cauchy": cauchy_default_backend(device)}
         if device.type == "cuda":
             if "triton" not in SSD_BACKENDS:
                 names["ssd"] += " (triton is not installed: the PyTorch chunked algorithm)"
@@ -64,5 +67,8 @@ def describe_backends(device: torch.device | str, backend: str | None = None, co
                 names["causal conv1d"] += " (triton is not installed: torch's conv1d)"
             elif names["causal conv1d"] == "ref":
                 names["causal conv1d"] += f" (torch's conv1d: the Triton kernel takes widths 2..4, not {conv_width})"
+            for kernel, backends in (("vandermonde", VANDERMONDE_BACKENDS), ("cauchy", CAUCHY_BACKENDS)):
+                if "triton" not in backends:
+                    names[kernel] += " (triton is not installed: PyTorch's, in blocks of channels)"
     names["fft conv"] = "torch"  # torch.fft on every device (cuFFT on CUDA)
     return ", ".join(f"{kernel}: {name}" for kernel, name in names.items())

@@ -156,6 +156,27 @@ def long_conv_ref(u: torch.Tensor, k: torch.Tensor, seq_idx: torch.Tensor | None
     return torch.einsum("cts,bts,bcs->bct", taps, mask.float(), u.float())
 
 
+def mode_powers(dt_lam: torch.Tensor, length: int, start: int = 0) -> torch.Tensor:
+    """exp(dt_lam l) for l = start..start+length-1: (H, N, length) complex, from dt_lam (H, N) complex."""
+    steps = torch.arange(start, start + length, device=dt_lam.device, dtype=dt_lam.real.dtype)
+    return torch.exp(dt_lam[..., None] * steps)
+
+
+def vandermonde_ref(w: torch.Tensor, dt_lam: torch.Tensor, length: int) -> torch.Tensor:
+    """The convolution kernel of a diagonal SSM (S4D, DSS, H3, GSS): K (H, length) real, K_l = Re(sum_n w_n
+    exp(dt_lam_n l)), from w, dt_lam (H, N) complex, through the (H, N, length) powers."""
+    return torch.einsum("hn,hnl->hl", w, mode_powers(dt_lam, length)).real
+
+
+def cauchy_ref(numerators: torch.Tensor, poles: torch.Tensor, nodes: torch.Tensor,
+               scales: torch.Tensor) -> torch.Tensor:
+    """The Cauchy sums of S4's bilinear kernel: out[h, j, k] = sum_n numerators[h, j, n] / (nodes[k] - scales[h, k]
+    poles[h, n]), from numerators (H, J, N), poles (H, N), nodes (K,), scales (H, K) complex -> (H, J, K) complex,
+    through the (H, K, N) resolvent."""
+    resolvent = 1 / (nodes[:, None] - scales[..., None] * poles[:, None, :])
+    return torch.einsum("hjn,hkn->hjk", numerators, resolvent)
+
+
 def causal_conv1d_update_ref(
     conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
     activation: str | None = None,

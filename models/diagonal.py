@@ -5,8 +5,8 @@ discretised input and output matrices folded together, so the state takes the in
 
     x_t,n = z_n x_{t-1},n + u_t,      y_t = Re(sum_n w_n x_t,n)
 
-whose impulse response is the Vandermonde product K_l = Re(sum_n w_n z_n^l). Training and prefill apply K by FFT
-convolution (kernels.fftconv, exact with document resets); decoding runs the recurrence. A state carried in
+whose impulse response is the Vandermonde product K_l = Re(sum_n w_n z_n^l) (kernels.vandermonde: a fused Triton
+kernel on CUDA, `model.kernel_backend` choosing). Training and prefill apply K by FFT convolution (kernels.fftconv, exact with document resets); decoding runs the recurrence. A state carried in
 (decoding, chunked scoring) or entering from earlier ranks (context parallelism) adds Re(sum_n w_n z_n^(t+1) h0_n)
 over the first document, and the state after the last position is a closed form over the last document.
 Channels may share their parameters in `groups` (H3's head_dim^2 products of a head share its SSM): the powers of
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ssmforge.kernels import vandermonde, vandermonde_default_backend, vandermonde_ref
 from ssmforge.kernels.fftconv import fft_causal_conv
+from ssmforge.kernels.ref import mode_powers
 
 from .context_parallel import ContextParallel
 from .layers import in_first_document, in_last_document, recomputed_by_channels
@@ -47,12 +49,6 @@ def zoh_weights(C: torch.Tensor, A: torch.Tensor, dt_A: torch.Tensor) -> torch.T
     return C * torch.expm1(dt_A) / A
 
 
-def powers(dt_lam: torch.Tensor, length: int, start: int = 0) -> torch.Tensor:
-    """exp(dt_lam l) for l = start..start+length-1: (H, N, length) complex."""
-    steps = torch.arange(start, start + length, device=dt_lam.device, dtype=dt_lam.real.dtype)
-    return torch.exp(dt_lam[..., None] * steps)
-
-
 def tiled(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(heads, ...) per-channel parameters or kernels -> (groups * heads, ...): channel c uses row c mod heads."""
     return x if groups == 1 else x.repeat(groups, *[1] * (x.dim() - 1))
@@ -73,25 +69,24 @@ def ungrouped(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(heads, groups, -1, *rest).permute(2, 1, 0, *tail).reshape(-1, groups * heads, *rest)
 
 
-def vandermonde_kernel(w: torch.Tensor, dt_lam: torch.Tensor, length: int) -> torch.Tensor:
-    """K (H, length) real: K_l = Re(sum_n w_n exp(dt_lam_n l)). Built from (H, N, length) powers, which autograd
-    recomputes in backward rather than keeps (N times the size of K), a block of channels at a time."""
-    return recomputed_by_channels(_kernel, length, w.shape[-1] * length * w.element_size(), w, dt_lam)
-
-
-def _kernel(w, dt_lam, length):
-    return torch.einsum("hn,hnl->hl", w, powers(dt_lam, length)).real
+def vandermonde_kernel(w: torch.Tensor, dt_lam: torch.Tensor, length: int, backend: str | None = None) -> torch.Tensor:
+    """K (H, length) real: K_l = Re(sum_n w_n exp(dt_lam_n l)) (kernels.vandermonde; backend None: the device's
+    default). The fused Triton kernel never materialises the (H, N, length) powers; PyTorch's path builds them a
+    block of channels at a time and recomputes them in backward rather than keeps them (N times the size of K)."""
+    if (backend or vandermonde_default_backend(w.device)) != "ref":
+        return vandermonde(w, dt_lam, length, backend)
+    return recomputed_by_channels(vandermonde_ref, length, w.shape[-1] * length * w.element_size(), w, dt_lam)
 
 
 def diagonal_conv(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None = None,
                   state: DiagonalState | None = None, context: ContextParallel | None = None,
-                  groups: int = 1) -> torch.Tensor:
+                  groups: int = 1, backend: str | None = None) -> torch.Tensor:
     """u (batch, H, L) -> y (batch, H, L) real, the diagonal system (w, dt_lam (H / groups, N) complex, channel c
     using row c mod H / groups) applied from a zero state, or continuing `state` (unless fresh; it is left holding
     the state after the last position), or with `context` entering from the ranks holding the earlier chunks of
-    the rows."""
+    the rows. backend: the kernel's (vandermonde_kernel)."""
     L = u.shape[-1]
-    y = fft_causal_conv(u, tiled(vandermonde_kernel(w, dt_lam, L), groups), seq_idx=seq_idx)
+    y = fft_causal_conv(u, tiled(vandermonde_kernel(w, dt_lam, L, backend), groups), seq_idx=seq_idx)
     if state is None and context is None:
         return y
     with torch.autocast(device_type=u.device.type, enabled=False):
@@ -115,12 +110,12 @@ def summary(u: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None,
     last = recomputed_by_channels(_last_state, L, dt_lam.shape[-1] * L * dt_lam.element_size(), grouped(u, groups),
                                   last_doc.expand(H // groups, *last_doc.shape), dt_lam)
     reach = in_first_document(seq_idx, batch, L, u.device)
-    return ungrouped(last, groups), tiled(powers(dt_lam, 1, start=L)[..., 0], groups) * reach[:, -1, None, None]
+    return ungrouped(last, groups), tiled(mode_powers(dt_lam, 1, start=L)[..., 0], groups) * reach[:, -1, None, None]
 
 
 def _last_state(u, last_doc, dt_lam, length):
     """u, last_doc (H, batch, L), dt_lam (H, N) -> (H, batch, N): sum_s exp(dt_lam (L-1-s)) u_s where last_doc."""
-    pw = powers(dt_lam, length)
+    pw = mode_powers(dt_lam, length)
     return torch.einsum("hbl,hnl->hbn", (u * last_doc).to(pw.dtype), pw.flip(-1))
 
 
@@ -137,7 +132,7 @@ def carried(h0: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: to
 
 def _carried(h0, reach, w, dt_lam, length):
     """h0 (H, batch, N), reach (H, batch, L), w and dt_lam (H, N) -> (H, batch, L)."""
-    return torch.einsum("hbn,hnl->hbl", h0 * w[:, None], powers(dt_lam, length, start=1)).real * reach
+    return torch.einsum("hbn,hnl->hbl", h0 * w[:, None], mode_powers(dt_lam, length, start=1)).real * reach
 
 
 def diagonal_step(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, state: DiagonalState,

@@ -120,7 +120,7 @@ class GSSMixer(nn.Module):
     def dss_kernel(self, length: int) -> torch.Tensor:
         """K (H, length): K_l = Re(sum_n Ct_n exp(dt Lambda_n l)) (models.diagonal)."""
         with torch.autocast(device_type=self.C.device.type, enabled=False):
-            return vandermonde_kernel(*self._discrete(), length)
+            return vandermonde_kernel(*self._discrete(), length, self.kernel_backend)
 
     def _branches(self, hidden: torch.Tensor, short_conv=None):
         """(gate, v): the GELU gate and the normalised SSM-branch input, the branch passed through
@@ -152,7 +152,8 @@ class GSSMixer(nn.Module):
         gate, v = self._branches(hidden, lambda v: self._short_conv(v, seq_idx, state, context))
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             y = diagonal_conv(v.transpose(1, 2), *self._discrete(), seq_idx=seq_idx,
-                              state=None if state is None else state.diag, context=context)
+                              state=None if state is None else state.diag, context=context,
+                              backend=self.kernel_backend)
         return self._output(y.transpose(1, 2), v, gate)
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> GSSState:

@@ -49,7 +49,8 @@ Under context parallelism the ranks exchange only the final states (batch, H, N)
 document start in the chunk?): Abar and the chunk length are the same on every rank, so each computes the
 transfer Abar^L itself rather than receiving (batch, H, N, N) of it.
 Memory: the bilinear kernel's Cauchy sums need a (H, L/2 + 1, N) complex128 resolvent (2.1 GiB at d_model 2048,
-L 2048, N 64) and zoh's Krylov powers (H, N, L): the kernel is built a block of channels at a time, each block
+L 2048, N 64), except on the fused Triton kernel (kernels.cauchy, the default on CUDA), which never holds it,
+and zoh's Krylov powers (H, N, L): the kernel is built a block of channels at a time, each block
 recomputed in backward on its own (models.layers.recomputed_by_channels, KERNEL_BLOCK_BYTES = 256 MiB per
 block), as are the state summaries' Krylov powers (H, N, L) (with a carried state or under context
 parallelism).
@@ -64,17 +65,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ssmforge.kernels import cauchy
 from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import complex_of
-from .layers import (GLUOutput, cap_lr, in_first_document, in_last_document, keep_fp32,
+from .layers import (GLUOutput, cap_lr, in_first_document, in_last_document, keep_fp32, kernel_backend,
                      recomputed_by_channels)
 from .registry import register_mixer
 
@@ -162,12 +165,13 @@ def zoh_kernel(c: torch.Tensor, Abar: torch.Tensor, Bbar: torch.Tensor, length: 
 
 
 def bilinear_kernel(dt: torch.Tensor, Abar: torch.Tensor, lam: torch.Tensor, p: torch.Tensor, b: torch.Tensor,
-                    c: torch.Tensor, length: int) -> torch.Tensor:
+                    c: torch.Tensor, length: int, backend: str | None = None) -> torch.Tensor:
     """K (H, length) of the bilinear system A = diag(lam) - p p*, B = b, C = c (each (H, N); dt (H,), Abar
     (H, N, N)) through the Cauchy sums at the length-th roots of unity and an inverse FFT (module docstring).
     In float64 (cast back at the end): near z = 1 the Woodbury term cancels the diagonal Cauchy sum by a factor
     ~ |p|^2 / |Lambda| (up to N^2 for LegS), which in float32 leaves gradient errors of 1e-5..1e-4 (forward
-    1e-6). Its float64 work is O(H L N) plus O(H N^2 log L)."""
+    1e-6). Its float64 work is O(H L N) plus O(H N^2 log L). backend: the Cauchy sums' (kernels.cauchy; None:
+    the device's default, the fused Triton kernel on CUDA)."""
     working = dt.dtype
     dt, Abar, lam, p, b, c = dt.double(), *(x.to(torch.complex128) for x in (Abar, lam, p, b, c))
     # C~ = C (I - Abar^L) = -C (Abar - I)(I + Abar + ... + Abar^(L-1)), with Abar - I = dt (I - dt/2 A)^-1 A
@@ -179,10 +183,10 @@ def bilinear_kernel(dt: torch.Tensor, Abar: torch.Tensor, lam: torch.Tensor, p: 
     k = torch.arange(length // 2 + 1, device=lam.device, dtype=dt.dtype)
     z = torch.exp(torch.complex(torch.zeros_like(k), -2 * math.pi * k / length))  # (K,) roots of unity
     s = (1 + z) * (dt / 2)[:, None]  # (H, K)
-    resolvent = 1 / ((1 - z)[:, None] - s[..., None] * lam[:, None, :])  # (H, K, N)
     pc = p.conj()
     numerators = torch.stack([c_tilde * b, c_tilde * p, pc * b, pc * p], dim=1)  # (H, 4, N)
-    k_cb, k_cp, k_pb, k_pp = torch.einsum("hjn,hkn->jhk", numerators, resolvent)  # Cauchy sums (H, K)
+    # sum_n numerator_n / ((1 - z) - s Lambda_n), the Cauchy sums (H, K) each
+    k_cb, k_cp, k_pb, k_pp = cauchy(numerators, lam, 1 - z, s, backend).unbind(1)
     G = dt[:, None] * (k_cb - s * k_cp * k_pb / (1 + s * k_pp))
     return torch.fft.irfft(G, n=length).to(working)
 
@@ -230,6 +234,7 @@ class S4Mixer(nn.Module):
         self.d_model = H = config.d_model
         self.d_state = N = cfg.d_state
         self.discretization = cfg.discretization
+        self.kernel_backend = kernel_backend(config)
         lam, p, b, _ = hippo_legs_nplr(N)
 
         def per_channel(x):  # every channel starts from the same HiPPO values
@@ -292,13 +297,15 @@ class S4Mixer(nn.Module):
         return Abar.to(working), Bbar.to(working)
 
     def kernel(self, length: int, Abar: torch.Tensor, Bbar: torch.Tensor) -> torch.Tensor:
-        """K (H, length): K_l = Re(C Abar^l Bbar). It materialises (H, length, N) (Cauchy nodes or Krylov powers):
-        a block of channels at a time, each recomputed in backward rather than kept (recomputed_by_channels)."""
+        """K (H, length): K_l = Re(C Abar^l Bbar). It materialises (H, length, N) (Cauchy nodes or Krylov powers),
+        except the fused Cauchy kernel (CUDA): a block of channels at a time, each recomputed in backward rather
+        than kept (recomputed_by_channels)."""
         dt, lam, p, b, c = self.system()
         if self.discretization == "zoh":
             return recomputed_by_channels(zoh_kernel, length, self.d_state * length * c.element_size(), c, Abar, Bbar)
         nodes = length // 2 + 1  # the Cauchy sums' (H, nodes, N) complex128 resolvent
-        return recomputed_by_channels(bilinear_kernel, length, self.d_state * nodes * 16, dt, Abar, lam, p, b, c)
+        return recomputed_by_channels(partial(bilinear_kernel, backend=self.kernel_backend), length,
+                                      self.d_state * nodes * 16, dt, Abar, lam, p, b, c)
 
     # --- the sequence map -------------------------------------------------------------------------------------
 

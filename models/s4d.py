@@ -24,7 +24,7 @@ from ssmforge.kernels.fftconv import fft_conv_flops
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import DiagonalState, allocate_diagonal_state, diagonal_conv, diagonal_step, zoh_weights
-from .layers import GLUOutput, cap_lr, keep_fp32
+from .layers import GLUOutput, cap_lr, keep_fp32, kernel_backend
 from .registry import register_mixer
 
 class S4DKernel(nn.Module):
@@ -62,6 +62,7 @@ class DiagonalSSMBlock(nn.Module):
         self.layer_idx = layer_idx
         self.channels = config.d_model  # an int: under ZeRO-3 a partitioned parameter's shape is empty
         self.kernel = kernel
+        self.kernel_backend = kernel_backend(config)
         self.D = keep_fp32(nn.Parameter(torch.randn(config.d_model)))
         self.output = GLUOutput(config.d_model, config)
 
@@ -78,7 +79,8 @@ class DiagonalSSMBlock(nn.Module):
         """u (batch, d_model, L) -> y = K * u + D u (batch, d_model, L) in the parameters' precision."""
         with torch.autocast(device_type=u.device.type, enabled=False):
             u = u.to(self.D.dtype)
-            return diagonal_conv(u, *self.kernel.discrete(), seq_idx, state, context) + self.D[:, None] * u
+            y = diagonal_conv(u, *self.kernel.discrete(), seq_idx, state, context, backend=self.kernel_backend)
+            return y + self.D[:, None] * u
 
     def forward(self, hidden: torch.Tensor, state: DiagonalState | None = None, seq_idx: torch.Tensor | None = None,
                 context: ContextParallel | None = None) -> torch.Tensor:

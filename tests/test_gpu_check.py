@@ -43,8 +43,13 @@ def test_tiny_cpu_run_fills_every_section(tmp_path):
     assert all(section in report for section in SECTIONS)
 
     cases = report["kernels"]["cases"]
-    assert {c["kernel"] for c in cases} == {"scan", "ssd", "conv1d", "fftconv"}
-    assert {c["dtype"] for c in cases} == {"float32", "bfloat16"}
+    assert {c["kernel"] for c in cases} == {"scan", "ssd", "conv1d", "fftconv", "vandermonde", "cauchy"}
+    assert {c["dtype"] for c in cases} == {"float32", "bfloat16", "float64"}
+    # the S4 family's kernels in the one precision the models run them in, every gradient
+    ssm = {c["kernel"]: c for c in cases if c["kernel"] in ("vandermonde", "cauchy")}
+    assert ssm["vandermonde"]["dtype"] == "float32" and set(ssm["vandermonde"]["errors"]) == {"K", "dw", "ddt_lam"}
+    assert ssm["cauchy"]["dtype"] == "float64"
+    assert set(ssm["cauchy"]["errors"]) == {"sums", "dnumerators", "dpoles", "ddt"}
     assert all(c["status"] == "ok" and c["errors"] for c in cases), cases
     # every gradient was compared, not only the outputs
     scan = next(c for c in cases if c["kernel"] == "scan")
@@ -60,6 +65,9 @@ def test_tiny_cpu_run_fills_every_section(tmp_path):
     assert {r["kernel"] for r in rows} == {"scan", "ssd", "conv1d"}
     assert all(r["fwd_GBps"] > 0 and r["fwd_bwd_GBps"] > 0 and r["fwd_frac_bw"] > 0 for r in rows)
     assert report["bandwidth"]["scan_L2048_fwd_frac_bw"] > 0
+    timed = report["bandwidth"]["ssm_kernels"]
+    assert [(r["kernel"], r["backend"]) for r in timed] == [("vandermonde", "ref"), ("cauchy", "ref")]  # no fused on CPU
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in timed)
 
     for recipe in ("130m", "370m"):
         step = report["train_step"][recipe]
@@ -82,7 +90,8 @@ def test_tiny_cpu_run_fills_every_section(tmp_path):
 
 def test_a_wrong_kernel_output_or_gradient_is_reported(tmp_path, monkeypatch):
     check = gpu_check()
-    scan, conv = kernels.SCAN_BACKENDS["cpu"], kernels.CONV1D_BACKENDS["cpu"]
+    scan, conv, vandermonde = kernels.SCAN_BACKENDS["cpu"], kernels.CONV1D_BACKENDS["cpu"], kernels.vandermonde_ref
+    cauchy = kernels.cauchy_ref
 
     def wrong_scan(*args, **kwargs):  # an output 10% off (past the bf16 tolerance too)
         out, last = scan(*args, **kwargs)
@@ -92,15 +101,25 @@ def test_a_wrong_kernel_output_or_gradient_is_reported(tmp_path, monkeypatch):
         weight = weight + 0.1 * (weight - weight.detach())
         return conv(x, weight, bias, activation=activation, **documents)
 
+    def wrong_mode_gradient(w, dt_lam, length):  # right values, dt_lam's gradient 10% off
+        return vandermonde(w, dt_lam + 0.1 * (dt_lam - dt_lam.detach()), length)
+
     monkeypatch.setitem(kernels.SCAN_BACKENDS, "cpu", wrong_scan)
     monkeypatch.setitem(kernels.CONV1D_BACKENDS, "cpu", wrong_conv_gradient)
+    def wrong_sums(numerators, poles, nodes, scales):  # values 10% off
+        return 1.1 * cauchy(numerators, poles, nodes, scales)
+
+    monkeypatch.setitem(kernels.VANDERMONDE_BACKENDS, "ref", wrong_mode_gradient)
+    monkeypatch.setitem(kernels.CAUCHY_BACKENDS, "ref", wrong_sums)
     assert check.main(["--device", "cpu", "--tiny", "--parts", "kernels", "--out", str(tmp_path)]) == 1
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     status = {(c["kernel"], c["case"], c["dtype"]): c for c in report["kernels"]["cases"]}
     for (kernel, _, dtype), c in status.items():
-        assert c["status"] == ("FAILED" if kernel in ("scan", "conv1d") else "ok"), c
+        assert c["status"] == ("FAILED" if kernel in ("scan", "conv1d", "vandermonde", "cauchy") else "ok"), c
     conv_fp32 = status[("conv1d", "edge", "float32")]["errors"]
     assert conv_fp32["out"] < 1e-5 and conv_fp32["dx"] < 1e-5 and conv_fp32["dweight"] > 0.05
+    modes = status[("vandermonde", "edge", "float32")]["errors"]
+    assert modes["K"] < 1e-5 and modes["dw"] < 1e-5 and modes["ddt_lam"] > 0.05
     assert not report["targets"]["kernels_equal_oracle"]["ok"]
     assert "| kernels_equal_oracle |" in (tmp_path / "summary.md").read_text()
 

@@ -285,3 +285,4 @@ def state_shapes(state):
     if hasattr(state, "__dataclass_fields__"):
         return [state_shapes(getattr(state, f)) for f in state.__dataclass_fields__]
     return state
+

@@ -1,0 +1,72 @@
+"""Public entry points of the S4 family's convolution kernels, each one signature over two backends:
+
+- `vandermonde(w, dt_lam, length)`: a diagonal SSM's kernel K_l = Re(sum_n w_n exp(dt_lam_n l)) (S4D, DSS, H3,
+  GSS);
+- `cauchy(numerators, poles, nodes, scales)`: the Cauchy sums of S4's bilinear kernel (S4, Liquid-S4).
+
+"ref" is the definition in `ssmforge.kernels.ref` (vandermonde_ref, cauchy_ref), through an (H, N, length)
+tensor of powers or resolvents (the models build it a block of channels at a time,
+models.layers.recomputed_by_channels); "triton" is a fused Triton kernel that never materialises it, the default
+on CUDA. Without triton a GPU runs "ref", which is usable there (PyTorch).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .backends import triton_available
+from .ref import cauchy_ref, vandermonde_ref
+
+
+def _triton_vandermonde(*args):
+    from .triton.vandermonde import vandermonde_triton  # lazy: importing triton is slow and may fail
+
+    return vandermonde_triton(*args)
+
+
+def _triton_cauchy(*args):
+    from .triton.cauchy import cauchy_triton
+
+    return cauchy_triton(*args)
+
+
+VANDERMONDE_BACKENDS: dict[str, Callable] = {"ref": vandermonde_ref}
+CAUCHY_BACKENDS: dict[str, Callable] = {"ref": cauchy_ref}
+if triton_available():
+    VANDERMONDE_BACKENDS["triton"] = _triton_vandermonde
+    CAUCHY_BACKENDS["triton"] = _triton_cauchy
+
+
+def _default(backends: dict, device: torch.device) -> str:
+    return "triton" if device.type == "cuda" and "triton" in backends else "ref"
+
+
+def _chosen(backends: dict, kernel: str, device: torch.device, backend: str | None) -> Callable:
+    name = backend or _default(backends, device)
+    if name not in backends:
+        raise ValueError(f"unknown {kernel} backend {name!r}; available: {sorted(backends)}")
+    return backends[name]
+
+
+def vandermonde_default_backend(device: torch.device) -> str:
+    """"triton" for CUDA tensors where triton is installed, else "ref"."""
+    return _default(VANDERMONDE_BACKENDS, device)
+
+
+def cauchy_default_backend(device: torch.device) -> str:
+    """"triton" for CUDA tensors where triton is installed, else "ref"."""
+    return _default(CAUCHY_BACKENDS, device)
+
+
+def vandermonde(w: torch.Tensor, dt_lam: torch.Tensor, length: int, backend: str | None = None) -> torch.Tensor:
+    """w, dt_lam (H, N) complex -> K (H, length) real (`ssmforge.kernels.ref.vandermonde_ref`). backend None
+    picks by device (`vandermonde_default_backend`); a name forces one."""
+    return _chosen(VANDERMONDE_BACKENDS, "vandermonde", w.device, backend)(w, dt_lam, length)
+
+
+def cauchy(numerators: torch.Tensor, poles: torch.Tensor, nodes: torch.Tensor, scales: torch.Tensor,
+           backend: str | None = None) -> torch.Tensor:
+    """numerators (H, J, N), poles (H, N), nodes (K,), scales (H, K) complex -> (H, J, K) complex
+    (`ssmforge.kernels.ref.cauchy_ref`). backend None picks by device (`cauchy_default_backend`)."""
+    return _chosen(CAUCHY_BACKENDS, "cauchy", poles.device, backend)(numerators, poles, nodes, scales)

@@ -1,0 +1,167 @@
+"""The S4 family's convolution kernels (kernels.ssm_kernels). The diagonal SSMs' Vandermonde kernel: its definition
+(kernels.ref.vandermonde_ref) is the impulse response of the recurrence it stands for. Both fused Triton kernels,
+Vandermonde and S4's Cauchy sums (run in the interpreter here), equal their definitions in values and every
+gradient at ragged shapes; the dispatch picks Triton for CUDA tensors only. (S4's whole kernel, Cauchy sums
+included, is checked against its recurrence in tests/models/test_s4.py.)"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run kernels on CPU tensors
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ssmforge import kernels
+from ssmforge.kernels import cauchy, cauchy_ref, vandermonde, vandermonde_ref
+from ssmforge.kernels.backends import triton_available
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+def parameters(H, N, dtype=torch.complex128, seed=0):
+    """w and dt_lam (H, N) as the diagonal families make them: decaying modes (Re dt_lam < 0) of any frequency."""
+    g = torch.Generator().manual_seed(seed)
+    real = torch.float64 if dtype == torch.complex128 else torch.float32
+
+    def normal():
+        return torch.randn(H, N, generator=g, dtype=real)
+
+    w = torch.complex(normal(), normal())
+    dt_lam = torch.complex(-torch.rand(H, N, generator=g, dtype=real) * 0.2, normal() * 3)
+    return w.requires_grad_(), dt_lam.requires_grad_()
+
+
+def impulse_response(w, dt_lam, length):
+    """K_l from the recurrence x_l = z x_{l-1} + u_l, y_l = Re(sum_n w_n x_l,n), z = exp(dt_lam), fed a unit
+    impulse at l = 0: one step at a time."""
+    z, x, taps = torch.exp(dt_lam), torch.zeros_like(w), []
+    for step in range(length):
+        x = z * x + (1.0 if step == 0 else 0.0)
+        taps.append((w * x).sum(-1).real)
+    return torch.stack(taps, -1)
+
+
+def test_the_definition_is_the_recurrences_impulse_response():
+    w, dt_lam = parameters(3, 5)
+    torch.testing.assert_close(vandermonde_ref(w, dt_lam, 50), impulse_response(w, dt_lam, 50), rtol=1e-12,
+                               atol=1e-12)
+
+
+def values_and_gradients(function, w, dt_lam, length):
+    K = function(w, dt_lam, length)
+    weights = torch.randn(K.shape, generator=torch.Generator().manual_seed(1), dtype=K.dtype)
+    return (K, *torch.autograd.grad((K * weights).sum(), [w, dt_lam]))
+
+
+@needs_triton
+@pytest.mark.parametrize("H,N,length", [
+    (3, 37, 200),  # modes and positions past the tiles' edges (16 or 32 modes, 64 positions)
+    (2, 64, 128),  # whole tiles
+    (1, 1, 1),
+    (4, 5, 300),
+])
+@pytest.mark.parametrize("dtype,tol", [(torch.complex128, 1e-12), (torch.complex64, 2e-5)])
+def test_triton_equals_the_definition_values_and_gradients(H, N, length, dtype, tol):
+    w, dt_lam = parameters(H, N, dtype)
+    got = values_and_gradients(lambda *a: vandermonde(*a, backend="triton"), w, dt_lam, length)
+    want = values_and_gradients(vandermonde_ref, w, dt_lam, length)
+    for name, a, b in zip(("K", "dw", "ddt_lam"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=name)
+
+
+@needs_triton
+def test_a_conjugated_view_is_read_as_its_values():
+    """A parameter handed over as a lazily conjugated view (what w.conj() gives) is resolved, not read raw."""
+    w, dt_lam = parameters(2, 7)
+    w = w.detach().conj()
+    torch.testing.assert_close(vandermonde(w, dt_lam.detach(), 30, backend="triton"),
+                               vandermonde_ref(w.resolve_conj(), dt_lam.detach(), 30), rtol=1e-12, atol=1e-12)
+
+
+@needs_triton
+def test_the_custom_op_passes_opcheck_and_traces_on_fake_tensors():
+    from ssmforge.kernels.triton.vandermonde import vandermonde_triton_op
+
+    w, dt_lam = (torch.view_as_real(t.detach()).contiguous().requires_grad_() for t in parameters(3, 37))
+    torch.library.opcheck(vandermonde_triton_op, (w, dt_lam, 70))
+    with FakeTensorMode() as mode:
+        fake = vandermonde_triton_op(mode.from_tensor(w), mode.from_tensor(dt_lam), 70)
+    assert fake.shape == (3, 70) and fake.dtype == torch.float64
+
+
+def test_the_default_backend_is_triton_for_cuda_tensors_only(monkeypatch):
+    assert kernels.vandermonde_default_backend(torch.device("cpu")) == "ref"
+    monkeypatch.setitem(kernels.VANDERMONDE_BACKENDS, "triton", vandermonde_ref)  # as if triton were installed
+    assert kernels.vandermonde_default_backend(torch.device("cuda")) == "triton"
+    monkeypatch.delitem(kernels.VANDERMONDE_BACKENDS, "triton")  # without triton: PyTorch's path, usable on a GPU
+    assert kernels.vandermonde_default_backend(torch.device("cuda")) == "ref"
+
+
+def test_an_unknown_backend_is_refused():
+    w, dt_lam = parameters(1, 2)
+    with pytest.raises(ValueError, match="unknown vandermonde backend 'cpu'"):
+        vandermonde(w, dt_lam, 4, backend="cpu")
+
+
+@needs_triton
+def test_torch_compile_traces_it_whole():
+    """fullgraph: no graph break at the complex-to-pairs views or the custom op; values and gradients as eager."""
+    def loss(w, dt_lam):
+        return vandermonde(w, dt_lam, 50, backend="triton").square().sum()
+
+    w, dt_lam = parameters(3, 7, torch.complex64)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(w, dt_lam)
+    want = loss(w, dt_lam)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, [w, dt_lam]), torch.autograd.grad(want, [w, dt_lam])):
+        torch.testing.assert_close(a, b)
+
+
+def complex_normal(*shape, dtype=torch.complex128, generator):
+    real = torch.float64 if dtype == torch.complex128 else torch.float32
+    return torch.complex(torch.randn(*shape, generator=generator, dtype=real),
+                         torch.randn(*shape, generator=generator, dtype=real))
+
+
+def cauchy_inputs(H, J, N, K, dtype=torch.complex128):
+    """S4's shapes: nodes 1 - z at the roots of unity z_k, scales (1 + z) dt / 2, HiPPO-like poles (Re < 0)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.exp(-2j * torch.pi * torch.arange(K, dtype=torch.float64) / (2 * max(K - 1, 1))).to(dtype)
+    dt = torch.rand(H, 1, generator=g, dtype=torch.float64) * 0.1 + 0.001
+    poles = torch.complex(-0.5 - torch.rand(H, N, generator=g, dtype=torch.float64),
+                          torch.randn(H, N, generator=g, dtype=torch.float64) * 10).to(dtype)
+    scales = ((1 + z) * dt / 2).to(dtype)
+    numerators = complex_normal(H, J, N, dtype=dtype, generator=g)
+    return numerators.requires_grad_(), poles.requires_grad_(), 1 - z, scales.requires_grad_()
+
+
+@needs_triton
+@pytest.mark.parametrize("H,J,N,K", [
+    (3, 4, 37, 70),  # poles and nodes past the tiles' edges (16 poles, 32 nodes)
+    (2, 4, 64, 129),  # S4's N 64 (whole tiles of poles) at L 256: L/2 + 1 nodes
+    (1, 1, 1, 1),
+])
+@pytest.mark.parametrize("dtype,tol", [(torch.complex128, 1e-12), (torch.complex64, 2e-5)])
+def test_fused_cauchy_sums_equal_the_definition_values_and_gradients(H, J, N, K, dtype, tol):
+    numerators, poles, nodes, scales = cauchy_inputs(H, J, N, K, dtype)
+    weights = complex_normal(H, J, K, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    results = []
+    for function in (lambda *a: cauchy(*a, backend="triton"), cauchy_ref):
+        out = function(numerators, poles, nodes, scales)
+        loss = (out * weights).real.sum()
+        results.append((out, *torch.autograd.grad(loss, [numerators, poles, scales])))
+    for name, a, b in zip(("sums", "dnumerators", "dpoles", "dscales"), *results):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item(), msg=name)
+
+
+@needs_triton
+def test_the_cauchy_op_passes_opcheck():
+    from ssmforge.kernels.triton.cauchy import cauchy_triton_op
+
+    numerators, poles, nodes, scales = cauchy_inputs(2, 4, 19, 40)
+    pairs = [torch.view_as_real(t.detach()).contiguous() for t in (numerators, poles, scales, nodes)]
+    torch.library.opcheck(cauchy_triton_op, (*(t.requires_grad_() for t in pairs[:3]), pairs[3]))

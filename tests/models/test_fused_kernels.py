@@ -1,0 +1,52 @@
+"""model.kernel_backend=triton: the S4 family's mixers build their convolution kernels with the fused Triton
+kernels (kernels.ssm_kernels: the Vandermonde kernel for S4D, DSS, H3 and GSS, the Cauchy sums for S4 and
+Liquid-S4; run in the interpreter here) and give what the PyTorch path gives, with packed documents and with
+chunks through a state, in float64, values and every parameter's gradient."""
+import pytest
+import torch
+
+from ssmforge import kernels
+from ssmforge.kernels.backends import triton_available
+from ssmforge.kernels.documents import document_index
+from ssmforge.models import LanguageModel
+
+from .contracts import model_config
+
+VOCAB = 37
+SMALL = dict(dt_min=0.05, dt_max=0.5)
+CASES = [  # (family, model settings, the kernel it builds)
+    ("s4d", dict(s4d=dict(d_state=8, **SMALL)), "vandermonde"),
+    ("dss", dict(dss=dict(d_state=6, **SMALL)), "vandermonde"),
+    ("dss", dict(dss=dict(d_state=6, variant="softmax", softmax_length=64, **SMALL)), "vandermonde"),
+    ("h3", dict(h3=dict(d_state=6, **SMALL)), "vandermonde"),
+    ("h3", dict(h3=dict(d_state=6, head_dim=2, **SMALL)), "vandermonde"),
+    ("gss", dict(gss=dict(d_state=8)), "vandermonde"),
+    ("s4", dict(s4=dict(d_state=8, **SMALL)), "cauchy"),
+    ("liquid_s4", dict(liquid_s4=dict(d_state=8, liquid_kernel="kb", **SMALL)), "cauchy"),
+]
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("family,settings,kernel", CASES)
+def test_the_fused_kernels_give_the_pytorch_paths_values_and_gradients(family, settings, kernel, monkeypatch):
+    registry = getattr(kernels, f"{kernel.upper()}_BACKENDS")
+    calls, fused = [], registry["triton"]
+    monkeypatch.setitem(registry, "triton", lambda *a: calls.append(1) or fused(*a))
+    ids = torch.randint(1, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
+    ids[0, [5, 22]] = ids[1, 12] = 0
+    seq_idx = document_index(ids, 0)
+    results = {}
+    for backend in ("ref", "triton"):
+        torch.manual_seed(1)
+        base = dict(family=family, d_model=16, n_layer=1, vocab_size=VOCAB, kernel_backend=backend)
+        model = LanguageModel(model_config(base, settings)).double()
+        state = model.allocate_state(2)
+        chunks = torch.cat([model(ids[:, a:b], state=state, seq_idx=seq_idx[:, a:b]) for a, b in [(0, 11), (11, 30)]], 1)
+        logits = torch.cat([model(ids, seq_idx=seq_idx), chunks])
+        params = [p for p in model.parameters() if p.requires_grad]
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        results[backend] = (logits, *torch.autograd.grad((logits * weights).sum(), params))
+    # the whole rows and each chunk on the fused kernel; S4's kernel is built once more in backward (recomputed)
+    assert len(calls) == (6 if kernel == "cauchy" else 3)
+    for a, b in zip(results["triton"], results["ref"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * b.abs().max().item())
