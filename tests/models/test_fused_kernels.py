@@ -21,8 +21,9 @@ CASES = [  # (family, model settings, the kernel it builds)
     ("h3", dict(h3=dict(d_state=6, **SMALL)), "vandermonde"),
     ("h3", dict(h3=dict(d_state=6, head_dim=2, **SMALL)), "vandermonde"),
     ("gss", dict(gss=dict(d_state=8)), "vandermonde"),
-    ("s4", dict(s4=dict(d_state=8, **SMALL)), "cauchy"),
-    ("liquid_s4", dict(liquid_s4=dict(d_state=8, liquid_kernel="kb", **SMALL)), "cauchy"),
+    # d_model 8: the interpreter runs the Cauchy kernels' programs one by one
+    ("s4", dict(d_model=8, s4=dict(d_state=8, **SMALL)), "cauchy"),
+    ("liquid_s4", dict(d_model=8, liquid_s4=dict(d_state=8, liquid_kernel="kb", **SMALL)), "cauchy"),
 ]
 
 
