@@ -6,9 +6,10 @@ discretised input and output matrices folded together, so the state takes the in
     x_t,n = z_n x_{t-1},n + u_t,      y_t = Re(sum_n w_n x_t,n)
 
 whose impulse response is the Vandermonde product K_l = Re(sum_n w_n z_n^l) (kernels.vandermonde: a fused Triton
-kernel on CUDA, `model.kernel_backend` choosing). Training and prefill apply K by FFT convolution (kernels.fftconv, exact with document resets); decoding runs the recurrence. A state carried in
-(decoding, chunked scoring) or entering from earlier ranks (context parallelism) adds Re(sum_n w_n z_n^(t+1) h0_n)
-over the first document, and the state after the last position is a closed form over the last document.
+kernel on CUDA, `model.kernel_backend` choosing). Training and prefill apply K by FFT convolution (kernels.fftconv,
+exact with document resets); decoding runs the recurrence. A state carried in (decoding, chunked scoring) or
+entering from earlier ranks (context parallelism) adds Re(sum_n w_n z_n^(t+1) h0_n) over the first document, and
+the state after the last position is a closed form over the last document.
 Channels may share their parameters in `groups` (H3's head_dim^2 products of a head share its SSM): the powers of
 z, the costly part, are then built once per distinct channel, the groups folded into the batch.
 Arithmetic runs in the parameters' precision (float32, or float64 in tests) whatever the autocast.
