@@ -173,6 +173,11 @@ TABLE_RUNS = {
                     "48000", "--lrs", "3e-3"],
     "copying-96k-lru": ["--families", "lru", "--tasks", "copying", "--steps", "96000", "--sweep-steps", "96000",
                         "--lrs", "1e-3"],
+    # Liquid-S4 (‡ at 24,000) and S4D (‡ at 48,000), doubled once more
+    "copying-48k-liquid": ["--families", "liquid_s4", "--tasks", "copying", "--steps", "48000", "--sweep-steps",
+                           "48000", "--lrs", "3e-3"],
+    "copying-96k-s4d": ["--families", "s4d", "--tasks", "copying", "--steps", "96000", "--sweep-steps", "96000",
+                        "--lrs", "3e-3"],
     "induction": ["--tasks", "induction", "--steps", "2000", "--sweep-steps", "2000", "--lrs", "1e-3", "3e-3"],
     "induction-6k": ["--families", "s4d", "dss", "gss", "--tasks", "induction", "--steps", "6000", "--sweep-steps",
                      "6000", "--lrs", "1e-3"],
