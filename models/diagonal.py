@@ -56,18 +56,16 @@ def tiled(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(batch, groups * heads, ...) -> (heads, groups * batch, ...): channels that share parameters side by side
-    along the second axis, the distinct channels first (the layout recomputed_by_channels blocks over)."""
+    """(batch, groups * heads, ...) -> (heads, groups, batch, ...), a view: the distinct channels first (the axis
+    recomputed_by_channels blocks over), the channels that share their parameters beside the batch."""
     batch, H, rest = x.shape[0], x.shape[1], x.shape[2:]
-    tail = range(3, 3 + len(rest))
-    return x.reshape(batch, groups, H // groups, *rest).permute(2, 1, 0, *tail).reshape(H // groups, -1, *rest)
+    return x.reshape(batch, groups, H // groups, *rest).permute(2, 1, 0, *range(3, 3 + len(rest)))
 
 
-def ungrouped(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """The inverse of `grouped`: (heads, groups * batch, ...) -> (batch, groups * heads, ...)."""
-    heads, rest = x.shape[0], x.shape[2:]
-    tail = range(3, 3 + len(rest))
-    return x.reshape(heads, groups, -1, *rest).permute(2, 1, 0, *tail).reshape(-1, groups * heads, *rest)
+def ungrouped(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `grouped`: (heads, groups, batch, ...) -> (batch, groups * heads, ...)."""
+    heads, groups, batch, rest = *x.shape[:3], x.shape[3:]
+    return x.permute(2, 1, 0, *range(3, 3 + len(rest))).reshape(batch, groups * heads, *rest)
 
 
 def vandermonde_kernel(w: torch.Tensor, dt_lam: torch.Tensor, length: int, backend: str | None = None) -> torch.Tensor:
@@ -107,17 +105,18 @@ def summary(u: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None,
     (exp(dt_lam L), zero where a document starts in the row). The (H, N, L) powers are built a block of
     channels at a time, recomputed in backward (recomputed_by_channels), once per distinct channel."""
     batch, H, L = u.shape
-    last_doc = in_last_document(seq_idx, batch, L, u.device).to(u.dtype).repeat(groups, 1)
+    last_doc = in_last_document(seq_idx, batch, L, u.device).to(u.dtype).expand(H // groups, groups, batch, L)
     last = recomputed_by_channels(_last_state, L, dt_lam.shape[-1] * L * dt_lam.element_size(), grouped(u, groups),
-                                  last_doc.expand(H // groups, *last_doc.shape), dt_lam)
+                                  last_doc, dt_lam)
     reach = in_first_document(seq_idx, batch, L, u.device)
-    return ungrouped(last, groups), tiled(mode_powers(dt_lam, 1, start=L)[..., 0], groups) * reach[:, -1, None, None]
+    return ungrouped(last), tiled(mode_powers(dt_lam, 1, start=L)[..., 0], groups) * reach[:, -1, None, None]
 
 
 def _last_state(u, last_doc, dt_lam, length):
-    """u, last_doc (H, batch, L), dt_lam (H, N) -> (H, batch, N): sum_s exp(dt_lam (L-1-s)) u_s where last_doc."""
+    """u, last_doc (H, groups, batch, L), dt_lam (H, N) -> (H, groups, batch, N): sum_s exp(dt_lam (L-1-s)) u_s
+    where last_doc."""
     pw = mode_powers(dt_lam, length)
-    return torch.einsum("hbl,hnl->hbn", (u * last_doc).to(pw.dtype), pw.flip(-1))
+    return torch.einsum("h...l,hnl->h...n", (u * last_doc).to(pw.dtype), pw.flip(-1))
 
 
 def carried(h0: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, L: int,
@@ -125,15 +124,14 @@ def carried(h0: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: to
     """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
     Re(sum_n w_n exp(dt_lam_n (t + 1)) h0_n), a block of distinct channels at a time."""
     batch, H, _ = h0.shape
-    reach = in_first_document(seq_idx, batch, L, h0.device).to(w.real.dtype).repeat(groups, 1)
+    reach = in_first_document(seq_idx, batch, L, h0.device).to(w.real.dtype).expand(H // groups, groups, batch, L)
     return ungrouped(recomputed_by_channels(_carried, L, dt_lam.shape[-1] * L * dt_lam.element_size(),
-                                            grouped(h0, groups), reach.expand(H // groups, *reach.shape), w, dt_lam),
-                     groups)
+                                            grouped(h0, groups), reach, w, dt_lam))
 
 
 def _carried(h0, reach, w, dt_lam, length):
-    """h0 (H, batch, N), reach (H, batch, L), w and dt_lam (H, N) -> (H, batch, L)."""
-    return torch.einsum("hbn,hnl->hbl", h0 * w[:, None], mode_powers(dt_lam, length, start=1)).real * reach
+    """h0 (H, groups, batch, N), reach (H, groups, batch, L), w and dt_lam (H, N) -> (H, groups, batch, L)."""
+    return torch.einsum("h...n,hn,hnl->h...l", h0, w, mode_powers(dt_lam, length, start=1)).real * reach
 
 
 def diagonal_step(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, state: DiagonalState,
