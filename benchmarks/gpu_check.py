@@ -166,10 +166,10 @@ def cauchy_inputs(shape: dict, dtype, device, generator) -> dict:
 
 
 def _s4_nodes(i):
-    """S4's nodes 1 - z and scales (1 + z) dt / 2 at the L-th roots of unity z_k, k < K = L/2 + 1."""
-    K = i["nodes"].numel()
-    z = torch.exp(-2j * math.pi * i["nodes"].to(torch.float64) / (2 * max(K - 1, 1)))
-    return 1 - z, (1 + z) * (i["dt"] / 2)[:, None]
+    """S4's nodes and scales (models.s4.bilinear_nodes) for the K = L/2 + 1 nodes of an even length L."""
+    from ssmforge.models.s4 import bilinear_nodes
+
+    return bilinear_nodes(i["dt"], 2 * (i["nodes"].numel() - 1))
 
 
 def _cauchy(backend):

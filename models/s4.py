@@ -164,6 +164,14 @@ def zoh_kernel(c: torch.Tensor, Abar: torch.Tensor, Bbar: torch.Tensor, length: 
     return torch.einsum("hn,hnl->hl", c, krylov(Abar, Bbar, length)).real
 
 
+def bilinear_nodes(dt: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Cauchy sums' nodes 1 - z (K,) and scales s = (1 + z) dt / 2 (H, K) at the length-th roots of unity
+    z_k = exp(-2 pi i k / length), k < K = length // 2 + 1, from dt (H,) real."""
+    k = torch.arange(length // 2 + 1, device=dt.device, dtype=dt.dtype)
+    z = torch.exp(torch.complex(torch.zeros_like(k), -2 * math.pi * k / length))
+    return 1 - z, (1 + z) * (dt / 2)[:, None]
+
+
 def bilinear_kernel(dt: torch.Tensor, Abar: torch.Tensor, lam: torch.Tensor, p: torch.Tensor, b: torch.Tensor,
                     c: torch.Tensor, length: int, backend: str | None = None) -> torch.Tensor:
     """K (H, length) of the bilinear system A = diag(lam) - p p*, B = b, C = c (each (H, N); dt (H,), Abar
@@ -180,13 +188,11 @@ def bilinear_kernel(dt: torch.Tensor, Abar: torch.Tensor, lam: torch.Tensor, p: 
     row = row * (dt / 2)[:, None]  # dt C (I - dt/2 A)^-1
     c_delta = row * lam - (row * p).sum(-1, keepdim=True) * p.conj()  # C (Abar - I)
     c_tilde = -geometric_sum(Abar, c_delta, length)
-    k = torch.arange(length // 2 + 1, device=lam.device, dtype=dt.dtype)
-    z = torch.exp(torch.complex(torch.zeros_like(k), -2 * math.pi * k / length))  # (K,) roots of unity
-    s = (1 + z) * (dt / 2)[:, None]  # (H, K)
+    nodes, s = bilinear_nodes(dt, length)
     pc = p.conj()
     numerators = torch.stack([c_tilde * b, c_tilde * p, pc * b, pc * p], dim=1)  # (H, 4, N)
     # sum_n numerator_n / ((1 - z) - s Lambda_n), the Cauchy sums (H, K) each
-    k_cb, k_cp, k_pb, k_pp = cauchy(numerators, lam, 1 - z, s, backend).unbind(1)
+    k_cb, k_cp, k_pb, k_pp = cauchy(numerators, lam, nodes, s, backend).unbind(1)
     G = dt[:, None] * (k_cb - s * k_cp * k_pb / (1 + s * k_pp))
     return torch.fft.irfft(G, n=length).to(working)
 
