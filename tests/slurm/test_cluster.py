@@ -68,9 +68,16 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_c
         stopped_at = logged_step(run_dir)
         assert 10 <= stopped_at < 60
         assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
-        # 5 steps into the requeued run, rank 1 is killed as the OOM killer would: srun ends rank 0 at once
-        wait_for(lambda: logged_step(run_dir) >= stopped_at + 5, 900, "the requeued job to train 5 steps")
-        victim = wait_for(lambda: training_process(run_dir, 1), 60, "rank 1's training process")
+        # 2 steps into the requeued run, rank 1 is killed as the OOM killer would: srun ends rank 0 at once.
+        # It is frozen first, which holds rank 0 at its next collective: the run cannot reach its last step and
+        # final checkpoint while the test checks it has not (a kill after that would be a different story)
+        wait_for(lambda: logged_step(run_dir) >= stopped_at + 2, 900, "the requeued job to train 2 steps", 0.1)
+        victim = wait_for(lambda: training_process(run_dir, 1), 60, "rank 1's training process", 0.1)
+        os.kill(victim, signal.SIGSTOP)
+        time.sleep(1.0)  # a step rank 1 had finished ends on rank 0 too
+        frozen_at = logged_step(run_dir)
+        assert stopped_at + 2 <= frozen_at < 60, f"the requeued run was at step {frozen_at} when rank 1 froze"
+        assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: (j := _job(job_id)).get("Restarts") == "2" and j.get("JobState") == "PENDING", 300,
                  "the job to be requeued again (PENDING, Restarts 2)")
