@@ -51,9 +51,9 @@ TARGETS = {"scan_bandwidth_fraction": 0.70, "mfu_370m": 0.40}
 TOL = {torch.float32: 5e-4, torch.bfloat16: 5e-2, torch.float64: 1e-9}
 RESUME_TOL = {"cuda": 1e-4, "cpu": 1e-6}  # GPU backward kernels accumulate with atomics: not bit-reproducible
 FAST = {"cuda": {"scan": "triton", "ssd": "triton", "conv1d": "triton", "fftconv": "torch", "vandermonde": "triton",
-                 "cauchy": "triton"},
+                 "cauchy": "triton", "linear_scan": "triton"},
         "cpu": {"scan": "cpu", "ssd": "torch", "conv1d": "cpu", "fftconv": "torch", "vandermonde": "ref",
-                "cauchy": "ref"}}
+                "cauchy": "ref", "linear_scan": "ref"}}
 INT32_ELEMENTS = 2**31
 
 
@@ -193,6 +193,39 @@ def _cauchy_oracle(i):
     return {"sums": torch.view_as_real(sums)}
 
 
+def linear_scan_inputs(shape: dict, dtype, device, generator) -> dict:
+    """The LRU's scan: a = lambda on the ring 0.9 <= |lambda| <= 0.999 (long memories), one row for the batch when
+    shape["shared"], else per row and 0 where a document starts (shape["docs"]); b complex normal; complex64 as
+    (..., 2) real pairs whatever `dtype` (the LRU keeps its recurrence so)."""
+    batch, L, N = shape["batch"], shape["L"], shape["N"]
+    radius = 0.9 + 0.099 * torch.rand(N, device=device, generator=generator)
+    phase = 2 * math.pi * torch.rand(N, device=device, generator=generator)
+    lam = torch.polar(radius, phase).expand(1 if shape.get("shared") else batch, L, N).clone()
+    documents = _documents(shape, device, generator)
+    if documents:
+        starts = torch.ones_like(documents["seq_idx"], dtype=torch.bool)
+        starts[:, 1:] = documents["seq_idx"][:, 1:] != documents["seq_idx"][:, :-1]
+        lam = lam * (~starts)[..., None]
+    return dict(a=torch.view_as_real(lam).contiguous(), b=_randn((batch, L, N, 2), device, torch.float32, generator))
+
+
+def _linear_scan(backend):
+    from ssmforge import kernels
+
+    return lambda i: {"x": torch.view_as_real(kernels.linear_scan(torch.view_as_complex(i["a"]),
+                                                                  torch.view_as_complex(i["b"]), backend))}
+
+
+def _linear_scan_oracle(i):
+    """The recurrence one position at a time, in complex128."""
+    a, b = (torch.view_as_complex(i[k].double()) for k in ("a", "b"))
+    x, states = torch.zeros_like(b[:, 0]), []
+    for t in range(b.shape[1]):
+        x = a[:, t] * x + b[:, t]
+        states.append(x)
+    return {"x": torch.view_as_real(torch.stack(states, 1))}
+
+
 def _scan(backend):
     from ssmforge import kernels
 
@@ -277,6 +310,8 @@ KERNELS = {
                         oracle=_vandermonde_oracle, batched=set(), dtypes=(torch.float32,)),
     "cauchy": dict(inputs=cauchy_inputs, fast=lambda backend, tiny: _cauchy(backend), oracle=_cauchy_oracle,
                    batched=set(), dtypes=(torch.float64,)),
+    "linear_scan": dict(inputs=linear_scan_inputs, fast=lambda backend, tiny: _linear_scan(backend),
+                        oracle=_linear_scan_oracle, batched={"a", "b"}, dtypes=(torch.float32,)),
 }
 
 
@@ -300,7 +335,10 @@ def kernel_cases(tiny: bool) -> list[dict]:
                  ("scan", "extreme", dict(batch=2, d=6, L=37, n=5, scale=100.0)),
                  ("conv1d", "extreme", dict(batch=2, d=20, L=70, width=4, scale=100.0)),
                  ("vandermonde", "edge", dict(H=3, N=37, L=200)),
-                 ("cauchy", "edge", dict(H=3, N=37, K=70))]
+                 ("cauchy", "edge", dict(H=3, N=37, K=70)),
+                 ("linear_scan", "edge", dict(batch=2, L=70, N=37)),
+                 ("linear_scan", "shared", dict(batch=2, L=70, N=37, shared=True)),
+                 ("linear_scan", "documents", dict(batch=2, L=70, N=37, docs=4))]
         big = [("scan", dict(batch=3, d=6, L=37, n=5)), ("ssd", dict(batch=3, L=37, heads=2, headdim=8, groups=1, n=5)),
                ("conv1d", dict(batch=3, d=20, L=70, width=4))]
     else:
@@ -333,7 +371,12 @@ def kernel_cases(tiny: bool) -> list[dict]:
                  # S4's (N 64 at L 2048 and 8192)
                  ("cauchy", "edge", dict(H=72, N=37, K=70)),
                  ("cauchy", "wide", dict(H=2048, N=64, K=1025)),
-                 ("cauchy", "long", dict(H=256, N=64, K=4097))]
+                 ("cauchy", "long", dict(H=256, N=64, K=4097)),
+                 # the LRU's (d_state 256; one lambda for the batch, or zeros at document starts)
+                 ("linear_scan", "edge", dict(batch=2, L=1000, N=37)),
+                 ("linear_scan", "shared", dict(batch=8, L=2048, N=256, shared=True)),
+                 ("linear_scan", "long", dict(batch=2, L=8192, N=256, shared=True)),
+                 ("linear_scan", "documents", dict(batch=4, L=2048, N=256, docs=8))]
         # 129 x 2048 x 8192 = 2.16e9 elements per (batch, d, L) tensor: past int32 offsets from batch 128 on
         big = [("scan", dict(batch=129, d=2048, L=8192, n=16)),
                ("ssd", dict(batch=129, L=8192, heads=32, headdim=64, groups=1, n=64)),
@@ -578,14 +621,17 @@ def run_bandwidth(device: torch.device, tiny: bool, budget: Budget) -> dict:
                     fwd_bwd_ms=t_fb * 1e3, fwd_GBps=2 * x / t_f / 1e9, fwd_bwd_GBps=5 * x / t_fb / 1e9,
                     fwd_bytes=2 * x, fwd_bwd_bytes=5 * x))  # fwd: x, out; bwd: x, dout read, dx written
 
-    # the S4 family's kernels (compute-bound: times, not GB/s), fused against PyTorch's path: the Vandermonde
-    # kernel as the models build it (the powers in blocks of channels), S4D at d_model 2048 (N/2 = 32 modes), and
-    # S4's Cauchy sums at d_model 2048, N 64, L 2048 (a 2.1 GiB resolvent on PyTorch's path)
+    # the survey families' kernels (times, not GB/s), fused against PyTorch's path: the Vandermonde kernel as the
+    # models build it (the powers in blocks of channels), S4D at d_model 2048 (N/2 = 32 modes), S4's Cauchy sums
+    # at d_model 2048, N 64, L 2048 (a 2.1 GiB resolvent on PyTorch's path), and the LRU's scan at d_state 256
     ssm_kernel_rows = []
     timed_kernels = [("vandermonde", vandermonde_inputs, torch.float32, _vandermonde_kernel,
                       dict(H=16, N=8, L=128) if tiny else dict(H=2048, N=32, L=2048)),
                      ("cauchy", cauchy_inputs, torch.float64, lambda backend: _only_output(_cauchy(backend)),
-                      dict(H=16, N=8, K=65) if tiny else dict(H=2048, N=64, K=1025))]
+                      dict(H=16, N=8, K=65) if tiny else dict(H=2048, N=64, K=1025)),
+                     ("linear_scan", linear_scan_inputs, torch.float32,
+                      lambda backend: _only_output(_linear_scan(backend)),
+                      dict(batch=2, L=128, N=16, shared=True) if tiny else dict(batch=8, L=2048, N=256, shared=True))]
     for kernel, make_inputs, dtype, make_run, shape in timed_kernels:
         for backend in dict.fromkeys((backends[kernel], "ref")):
             if budget.over():

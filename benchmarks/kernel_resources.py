@@ -212,7 +212,30 @@ def drive_cauchy(act, flags: bool):
                             complex_param(H, K)).abs())
 
 
-DRIVES = (drive_selective_scan, drive_ssd, drive_conv1d, drive_vandermonde, drive_cauchy)
+def drive_linear_scan(act, flags: bool):
+    """The LRU's scan: a and b (batch, L, N) complex64 whatever the activations (the LRU runs its recurrence in
+    float32), the default d_state 256, `a` one lambda for the batch expanded over time (no document resets); with
+    flags, `a` per row and real inputs (the COMPLEX=False variants). Forward and backward."""
+    import torch
+
+    from ssmforge.kernels.triton.linear_scan import BLOCK_L, linear_scan_triton
+    from ssmforge.models.config import LRUConfig
+
+    g = torch.Generator().manual_seed(0)
+    batch, L, N = 2, 2 * BLOCK_L, LRUConfig().d_state
+
+    def inputs(rows, dtype):
+        return (torch.randn(rows, L, N, generator=g, dtype=dtype) * 0.5).requires_grad_()
+
+    if not flags:  # lambda (N,) expanded over time, as the LRU passes it
+        lam = (torch.randn(N, generator=g, dtype=torch.complex64) * 0.5).requires_grad_()
+        _backward(linear_scan_triton(lam.expand(1, L, N), inputs(batch, torch.complex64)).abs())
+    else:
+        _backward(linear_scan_triton(inputs(batch, torch.float32), inputs(batch, torch.float32)))
+
+
+DRIVES = (drive_selective_scan, drive_ssd, drive_conv1d, drive_vandermonde, drive_cauchy, drive_linear_scan)
+
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
-"""Sequence-mixing kernels: the selective scan (Mamba), the SSD (Mamba-2), causal depthwise conv1d and the
-S4 family's Vandermonde and Cauchy kernels, with reference oracles. The fast backends (C and Triton) are torch custom
-operators, ssmforge::<kernel> (see `custom_op`), so they run on fake tensors and torch.compile traces them
-without graph breaks."""
+"""Sequence-mixing kernels: the selective scan (Mamba), the SSD (Mamba-2), causal depthwise conv1d, the S4
+family's Vandermonde and Cauchy kernels and the LRU's linear scan, with reference oracles. The fast backends (C
+and Triton) are torch custom operators, ssmforge::<kernel> (see `custom_op`), so they run on fake tensors and
+torch.compile traces them without graph breaks."""
 from ssmforge import refuse_bare_import
 
 refuse_bare_import(__name__)
@@ -12,6 +12,7 @@ from .ref import (
     cauchy_ref,
     causal_conv1d_ref,
     causal_conv1d_update_ref,
+    linear_scan_ref,
     selective_scan_ref,
     selective_state_update_ref,
     ssd_scan_ref,
@@ -22,8 +23,8 @@ from .backends import BackendUnavailableError, describe_backends
 from .conv1d import CONV1D_BACKENDS, causal_conv1d, conv1d_default_backend
 from .selective_scan import SCAN_BACKENDS, scan_default_backend, selective_scan
 from .ssd import SSD_BACKENDS, ssd_default_backend, ssd_scan
-from .ssm_kernels import (CAUCHY_BACKENDS, VANDERMONDE_BACKENDS, cauchy, cauchy_default_backend, vandermonde,
-                          vandermonde_default_backend)
+from .ssm_kernels import (CAUCHY_BACKENDS, LINEAR_SCAN_BACKENDS, VANDERMONDE_BACKENDS, cauchy, cauchy_default_backend,
+                          linear_scan, linear_scan_default_backend, vandermonde, vandermonde_default_backend)
 
 _deterministic = False
 
@@ -49,6 +50,7 @@ __all__ = [
     "BackendUnavailableError",
     "CAUCHY_BACKENDS",
     "CONV1D_BACKENDS",
+    "LINEAR_SCAN_BACKENDS",
     "SCAN_BACKENDS",
     "SSD_BACKENDS",
     "VANDERMONDE_BACKENDS",
@@ -61,6 +63,9 @@ __all__ = [
     "conv1d_default_backend",
     "describe_backends",
     "deterministic",
+    "linear_scan",
+    "linear_scan_default_backend",
+    "linear_scan_ref",
     "scan_default_backend",
     "selective_scan",
     "selective_scan_ref",

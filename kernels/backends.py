@@ -39,19 +39,21 @@ def missing_triton(kernel: str, device: torch.device) -> BackendUnavailableError
 
 def describe_backends(device: torch.device | str, backend: str | None = None, conv_width: int = 4) -> str:
     """The backend each kernel runs on `device`, as one line for the start-up log, e.g. "selective scan:
-    triton, ssd: triton, causal conv1d: triton, vandermonde: triton, cauchy: triton, fft conv: torch".
+    triton, ssd: triton, causal conv1d: triton, vandermonde: triton, cauchy: triton, linear scan: triton, fft conv:
+    torch".
 
     backend: the name every kernel is forced to (model.kernel_backend other than auto), or None for each
     kernel's default on the device; conv_width: the causal conv's width (the Triton conv takes 2..4)."""
     from .conv1d import CONV1D_BACKENDS, conv1d_default_backend
     from .selective_scan import scan_default_backend
     from .ssd import SSD_BACKENDS, ssd_default_backend
-    from .ssm_kernels import (CAUCHY_BACKENDS, VANDERMONDE_BACKENDS, cauchy_default_backend,
-                              vandermonde_default_backend)
+    from .ssm_kernels import (CAUCHY_BACKENDS, LINEAR_SCAN_BACKENDS, VANDERMONDE_BACKENDS, cauchy_default_backend,
+                              linear_scan_default_backend, vandermonde_default_backend)
 
     device = torch.device(device)
     if backend is not None:
-        names = dict.fromkeys(("selective scan", "ssd", "causal conv1d", "vandermonde", "cauchy"), backend)
+        names = dict.fromkeys(("selective scan", "ssd", "causal conv1d", "vandermonde", "cauchy", "linear scan"),
+                              backend)
     else:
         try:
             scan = scan_default_backend(device)
@@ -59,7 +61,8 @@ def describe_backends(device: torch.device | str, backend: str | None = None, co
             scan = "none (triton is not installed: the run stops at the first scan)"
         names = {"selective scan": scan, "ssd": ssd_default_backend(device),
                  "causal conv1d": conv1d_default_backend(device, conv_width),
-                 "vandermonde": vandermonde_default_backend(device), "cauchy": cauchy_default_backend(device)}
+                 "vandermonde": vandermonde_default_backend(device), "cauchy": cauchy_default_backend(device),
+                 "linear scan": linear_scan_default_backend(device)}
         if device.type == "cuda":
             if "triton" not in SSD_BACKENDS:
                 names["ssd"] += " (triton is not installed: the PyTorch chunked algorithm)"
@@ -70,5 +73,7 @@ def describe_backends(device: torch.device | str, backend: str | None = None, co
             for kernel, backends in (("vandermonde", VANDERMONDE_BACKENDS), ("cauchy", CAUCHY_BACKENDS)):
                 if "triton" not in backends:
                     names[kernel] += " (triton is not installed: PyTorch's, in blocks of channels)"
+            if "triton" not in LINEAR_SCAN_BACKENDS:
+                names["linear scan"] += " (triton is not installed: PyTorch's doubling scan)"
     names["fft conv"] = "torch"  # torch.fft on every device (cuFFT on CUDA)
     return ", ".join(f"{kernel}: {name}" for kernel, name in names.items())

@@ -31,7 +31,14 @@ def _as_returned(results: tuple):
     return results[0] if len(results) == 1 else results
 
 
-def kernel_op(name: str, inputs: str, options: str, outputs: int, residuals: int, forward, backward):
+def _shape_only(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A stand-in with t's shape, dtype and device over one element of storage: what backward may read of an
+    input whose values it does not need."""
+    return None if t is None else torch.empty_strided(t.shape, (0,) * t.dim(), dtype=t.dtype, device=t.device)
+
+
+def kernel_op(name: str, inputs: str, options: str, outputs: int, residuals: int, forward, backward,
+              saves_outputs: bool = False, shape_only: tuple[int, ...] = ()):
     """Define ssmforge::<name> and ssmforge::<name>_backward, tie them with register_autograd and return
     the forward operator.
 
@@ -40,7 +47,9 @@ def kernel_op(name: str, inputs: str, options: str, outputs: int, residuals: int
     forward(*inputs, *options, launch) -> (`outputs` outputs..., `residuals` residuals...); the operator
     returns that tuple, or its one tensor alone.
     backward(grads, inputs, residuals, *options, launch) -> a gradient per input, None for those not given;
-    grads holds None for outputs that received no gradient.
+    grads holds None for outputs that received no gradient. saves_outputs: backward needs the outputs too (a
+    scan's states are its output); they come first in its residuals. shape_only: the positions of inputs whose
+    values backward does not read: autograd keeps a one-element stand-in of their shape, not the tensor.
     """
     n_inputs = inputs.count("Tensor")
     returns = ", ".join(["Tensor"] * (outputs + residuals))
@@ -61,7 +70,8 @@ def kernel_op(name: str, inputs: str, options: str, outputs: int, residuals: int
         output = output if isinstance(output, tuple) else (output,)
         ctx.mark_non_differentiable(*output[outputs:])
         ctx.set_materialize_grads(False)  # an unused output costs no zero-filled gradient
-        ctx.save_for_backward(*inputs[:n_inputs], *output[outputs:])
+        kept = [_shape_only(t) if i in shape_only else t for i, t in enumerate(inputs[:n_inputs])]
+        ctx.save_for_backward(*kept, *(output if saves_outputs else output[outputs:]))
         ctx.options = inputs[n_inputs:]
 
     def differentiate(ctx, *grads):

@@ -177,6 +177,54 @@ def cauchy_ref(numerators: torch.Tensor, poles: torch.Tensor, nodes: torch.Tenso
     return torch.einsum("hjn,hkn->hjk", numerators, resolvent)
 
 
+def _doubling_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x_t = a_t x_{t-1} + b_t along dim 1 from x_{-1} = 0: a (batch or 1, L, N), b (batch, L, N) -> x like b.
+    Hillis-Steele doubling: after the level of span d, (A_t, x_t) is the composition of the pairs at
+    t - 2d + 1 .. t, so ceil(log2 L) levels give every prefix. Positions t < d are already complete."""
+    x, A = b.clone(), a.clone()
+    L, d = b.shape[1], 1
+    while d < L:
+        x[:, d:] = A[:, d:] * x[:, :-d] + x[:, d:]  # the right side is evaluated before it is written
+        if 2 * d < L:  # the last level's prefix products are not needed
+            A[:, d:] = A[:, d:] * A[:, :-d]
+        d *= 2
+    return x
+
+
+class _DoublingScan(torch.autograd.Function):
+    """x = scan of (a, b) from zero, differentiable in a and b. With PyTorch's complex gradient convention
+    (the gradient of a holomorphic w = f(z) is grad_w * conj(f'(z))), the gradient G_t reaching x_t is
+    G_t = gx_t + conj(a_{t+1}) G_{t+1}: the same scan backwards in time over conj(a). Then grad b_t = G_t and
+    grad a_t = G_t conj(x_{t-1}). Backward keeps only a and the states, not the log2 L levels."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        x = _doubling_scan(a, b)
+        ctx.save_for_backward(a, x)
+        return x
+
+    @staticmethod
+    def backward(ctx, gx):
+        a, x = ctx.saved_tensors
+        following = torch.zeros_like(a)  # conj(a_{t+1}); nothing follows the last position
+        following[:, :-1] = a[:, 1:].conj()
+        G = _doubling_scan(following.flip(1), gx.flip(1)).flip(1)
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            before = torch.zeros_like(x)  # x_{t-1}; zero before the first position
+            before[:, 1:] = x[:, :-1]
+            grad_a = (G * before.conj()).sum_to_size(a.shape)
+        return grad_a, G
+
+
+def linear_scan_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The linear recurrence of the LRU, x_t = a_t x_{t-1} + b_t for t = 0..L-1 from a zero state, over dim 1:
+    a (batch or 1, L, N), b (batch, L, N), real or complex of one dtype -> x (batch, L, N). A parallel scan
+    (Hillis-Steele doubling, ceil(log2 L) levels of O(L N) torch ops) whose backward is the same scan run
+    backwards in time over conj(a) (tests/models/test_lru.py checks both against a step-by-step loop)."""
+    return _DoublingScan.apply(a, b)
+
+
 def causal_conv1d_update_ref(
     conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
     activation: str | None = None,

@@ -1,13 +1,15 @@
-"""Public entry points of the S4 family's convolution kernels, each one signature over two backends:
+"""Public entry points of the survey families' kernels, each one signature over two backends:
 
 - `vandermonde(w, dt_lam, length)`: a diagonal SSM's kernel K_l = Re(sum_n w_n exp(dt_lam_n l)) (S4D, DSS, H3,
   GSS);
-- `cauchy(numerators, poles, nodes, scales)`: the Cauchy sums of S4's bilinear kernel (S4, Liquid-S4).
+- `cauchy(numerators, poles, nodes, scales)`: the Cauchy sums of S4's bilinear kernel (S4, Liquid-S4);
+- `linear_scan(a, b)`: the recurrence x_t = a_t x_{t-1} + b_t from a zero state (LRU).
 
-"ref" is the definition in `ssmforge.kernels.ref` (vandermonde_ref, cauchy_ref), through an (H, N, length)
-tensor of powers or resolvents (the models build it a block of channels at a time,
-models.layers.recomputed_by_channels); "triton" is a fused Triton kernel that never materialises it, the default
-on CUDA. Without triton a GPU runs "ref", which is usable there (PyTorch).
+"ref" is PyTorch's, in `ssmforge.kernels.ref`: vandermonde_ref and cauchy_ref through an (H, N, length) tensor
+of powers or resolvents (the models build it a block of channels at a time, models.layers.recomputed_by_channels),
+linear_scan_ref a parallel scan of ceil(log2 L) passes over (batch, L, N) tensors. "triton" is a fused Triton
+kernel that materialises none of that, the default on CUDA. Without triton a GPU runs "ref", which is usable
+there.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Callable
 import torch
 
 from .backends import triton_available
-from .ref import cauchy_ref, vandermonde_ref
+from .ref import cauchy_ref, linear_scan_ref, vandermonde_ref
 
 
 def _triton_vandermonde(*args):
@@ -31,11 +33,19 @@ def _triton_cauchy(*args):
     return cauchy_triton(*args)
 
 
+def _triton_linear_scan(*args):
+    from .triton.linear_scan import linear_scan_triton
+
+    return linear_scan_triton(*args)
+
+
 VANDERMONDE_BACKENDS: dict[str, Callable] = {"ref": vandermonde_ref}
 CAUCHY_BACKENDS: dict[str, Callable] = {"ref": cauchy_ref}
+LINEAR_SCAN_BACKENDS: dict[str, Callable] = {"ref": linear_scan_ref}
 if triton_available():
     VANDERMONDE_BACKENDS["triton"] = _triton_vandermonde
     CAUCHY_BACKENDS["triton"] = _triton_cauchy
+    LINEAR_SCAN_BACKENDS["triton"] = _triton_linear_scan
 
 
 def _default(backends: dict, device: torch.device) -> str:
@@ -59,6 +69,11 @@ def cauchy_default_backend(device: torch.device) -> str:
     return _default(CAUCHY_BACKENDS, device)
 
 
+def linear_scan_default_backend(device: torch.device) -> str:
+    """"triton" for CUDA tensors where triton is installed, else "ref"."""
+    return _default(LINEAR_SCAN_BACKENDS, device)
+
+
 def vandermonde(w: torch.Tensor, dt_lam: torch.Tensor, length: int, backend: str | None = None) -> torch.Tensor:
     """w, dt_lam (H, N) complex -> K (H, length) real (`ssmforge.kernels.ref.vandermonde_ref`). backend None
     picks by device (`vandermonde_default_backend`); a name forces one."""
@@ -70,3 +85,10 @@ def cauchy(numerators: torch.Tensor, poles: torch.Tensor, nodes: torch.Tensor, s
     """numerators (H, J, N), poles (H, N), nodes (K,), scales (H, K) complex -> (H, J, K) complex
     (`ssmforge.kernels.ref.cauchy_ref`). backend None picks by device (`cauchy_default_backend`)."""
     return _chosen(CAUCHY_BACKENDS, "cauchy", poles.device, backend)(numerators, poles, nodes, scales)
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """x_t = a_t x_{t-1} + b_t over dim 1 from a zero state: a (batch or 1, L, N), b (batch, L, N) of one dtype ->
+    x (batch, L, N) (`ssmforge.kernels.ref.linear_scan_ref`). backend None picks by device
+    (`linear_scan_default_backend`)."""
+    return _chosen(LINEAR_SCAN_BACKENDS, "linear scan", b.device, backend)(a, b)

@@ -12,9 +12,10 @@ the state's variance (it starts at sqrt(1 - |lambda|^2)), so eigenvalues near th
 the state up.
 
 Training runs the recurrence as a PARALLEL SCAN over pairs (a_t, b_t) = (lambda, gamma B u_t) with the
-associative operator (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2) (`linear_scan`: Hillis-Steele doubling,
-ceil(log2 L) levels of O(L N) torch ops). Its backward is the same scan run backwards in time over
-conj(a) (a custom autograd Function), so backward keeps only a and the states, not the log2 L levels.
+associative operator (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2) (`kernels.linear_scan`; `model.kernel_backend`
+chooses): on CUDA a fused Triton kernel that scans tiles of positions in registers and carries the state between
+them (one pass over a and b), elsewhere PyTorch's Hillis-Steele doubling, ceil(log2 L) levels of O(L N) torch ops.
+Either's backward is the same scan run backwards in time over conj(a), and keeps only a and the states.
 Document resets (seq_idx): a_t = 0 where a document starts, so no state crosses a boundary. An entering
 state h0 (a decoding state, or the state gathered from the earlier chunks under context parallelism)
 adds lambda^(t+1) h0 to the state at position t of the first document (it is the scan's linear input).
@@ -41,59 +42,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ssmforge.kernels import linear_scan, linear_scan_default_backend
 from ssmforge.kernels.documents import document_starts
 
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import complex_of
-from .layers import GLUOutput, in_first_document, keep_fp32, recomputed, scale_lr
+from .layers import GLUOutput, in_first_document, keep_fp32, kernel_backend, recomputed, scale_lr
 from .registry import register_mixer
-
-
-def _scan_from_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """x_t = a_t x_{t-1} + b_t along dim 1 from x_{-1} = 0: a (batch or 1, L, N), b (batch, L, N) -> x like b.
-    Hillis-Steele doubling: after the level of span d, (A_t, x_t) is the composition of the pairs at
-    t - 2d + 1 .. t, so ceil(log2 L) levels give every prefix. Positions t < d are already complete."""
-    x, A = b.clone(), a.clone()
-    L, d = b.shape[1], 1
-    while d < L:
-        x[:, d:] = A[:, d:] * x[:, :-d] + x[:, d:]  # the right side is evaluated before it is written
-        if 2 * d < L:  # the last level's prefix products are not needed
-            A[:, d:] = A[:, d:] * A[:, :-d]
-        d *= 2
-    return x
-
-
-class _LinearScan(torch.autograd.Function):
-    """x = scan of (a, b) from zero, differentiable in a and b. With PyTorch's complex gradient convention
-    (the gradient of a holomorphic w = f(z) is grad_w * conj(f'(z))), the gradient G_t reaching x_t is
-    G_t = gx_t + conj(a_{t+1}) G_{t+1}: the same scan backwards in time over conj(a). Then grad b_t = G_t and
-    grad a_t = G_t conj(x_{t-1})."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        x = _scan_from_zero(a, b)
-        ctx.save_for_backward(a, x)
-        return x
-
-    @staticmethod
-    def backward(ctx, gx):
-        a, x = ctx.saved_tensors
-        following = torch.zeros_like(a)  # conj(a_{t+1}); nothing follows the last position
-        following[:, :-1] = a[:, 1:].conj()
-        G = _scan_from_zero(following.flip(1), gx.flip(1)).flip(1)
-        grad_a = None
-        if ctx.needs_input_grad[0]:
-            before = torch.zeros_like(x)  # x_{t-1}; zero before the first position
-            before[:, 1:] = x[:, :-1]
-            grad_a = (G * before.conj()).sum_to_size(a.shape)
-        return grad_a, G
-
-
-def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The states x_t = a_t x_{t-1} + b_t, t = 0..L-1, from a zero state, by a parallel scan over dim 1:
-    a (batch or 1, L, N), b (batch, L, N), real or complex, of one dtype -> x (batch, L, N)."""
-    return _LinearScan.apply(a, b)
 
 
 @dataclass
@@ -133,6 +89,7 @@ class LRUMixer(nn.Module):
         self.D = keep_fp32(nn.Parameter(torch.randn(H)))
         scale_lr([self.nu_log, self.theta_log, self.gamma_log, self.B_re, self.B_im], cfg.ssm_lr_factor)
         self.out = GLUOutput(H, config)
+        self.kernel_backend = kernel_backend(config)
 
     def external_parameters(self) -> list[nn.Parameter]:
         """The GLU output is called through its forward and the SSM parameters belong to this module: ZeRO-3
@@ -141,14 +98,19 @@ class LRUMixer(nn.Module):
 
     def forward_flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token, counting what the code runs: gamma B u as one real matmul H -> 2N (the re
-        and im parts), 4 N H; Re(C x) as one real matmul over (re, im) of x, 2N -> H, 4 N H; the scan's
-        ceil(log2 L) Hillis-Steele levels, each at most a complex multiply-add for x (8) and a complex product
-        for the prefix of a (6) per state, 14 N per level (an upper bound: positions t < d are copied);
-        D u 2 H; the GLU output. Building lambda and gamma B happens once per batch and is left out, as is
-        the entering state's lambda^(t+1) h0 (only when a state is carried in)."""
+        and im parts), 4 N H; Re(C x) as one real matmul over (re, im) of x, 2N -> H, 4 N H; D u 2 H; the GLU
+        output; and the scan, where one composition of pairs is a complex multiply-add for x (8) and a complex
+        product for the prefix of a (6), 14 N. PyTorch's scan runs ceil(log2 L) Hillis-Steele levels of at most
+        one composition per state (an upper bound: positions t < d are copied); the Triton kernel composes each
+        position into its tile's prefix once and applies the carried state (a complex multiply-add, 8 N).
+        Building lambda and gamma B happens once per batch and is left out, as is the entering state's
+        lambda^(t+1) h0 (only when a state is carried in)."""
         H, N = self.d_model, self.d_state
-        levels = max(seq_len - 1, 0).bit_length()  # ceil(log2 L)
-        return 8 * N * H + 14 * N * levels + 2 * H + self.out.flops_per_token()
+        if (self.kernel_backend or linear_scan_default_backend(self.nu_log.device)) == "triton":
+            scan = 14 * N + 8 * N
+        else:
+            scan = 14 * N * max(seq_len - 1, 0).bit_length()  # ceil(log2 L) levels
+        return 8 * N * H + scan + 2 * H + self.out.flops_per_token()
 
     def _ssm(self):
         """(log lambda (N,) complex, the input weights (2N, H) real, the output weights (H, 2N) real). The input
@@ -188,7 +150,7 @@ class LRUMixer(nn.Module):
                 a = lam.expand(1, L, -1)
             else:  # a_t = 0 where a document starts: the state before it is dropped
                 a = lam * (~document_starts(seq_idx))[..., None].to(lam.real.dtype)
-            x = linear_scan(a, bu)  # (batch, L, N) from a zero state
+            x = linear_scan(a, bu, self.kernel_backend)  # (batch, L, N) from a zero state
             h0 = None
             if context is not None:
                 # lambda^L, zero in rows where a document starts inside the chunk: (batch, N)

@@ -43,20 +43,22 @@ def test_tiny_cpu_run_fills_every_section(tmp_path):
     assert all(section in report for section in SECTIONS)
 
     cases = report["kernels"]["cases"]
-    assert {c["kernel"] for c in cases} == {"scan", "ssd", "conv1d", "fftconv", "vandermonde", "cauchy"}
+    assert {c["kernel"] for c in cases} == {"scan", "ssd", "conv1d", "fftconv", "vandermonde", "cauchy", "linear_scan"}
     assert {c["dtype"] for c in cases} == {"float32", "bfloat16", "float64"}
-    # the S4 family's kernels in the one precision the models run them in, every gradient
-    ssm = {c["kernel"]: c for c in cases if c["kernel"] in ("vandermonde", "cauchy")}
+    # the survey families' kernels in the one precision the models run them in, every gradient
+    ssm = {c["kernel"]: c for c in cases if c["kernel"] in ("vandermonde", "cauchy", "linear_scan")}
     assert ssm["vandermonde"]["dtype"] == "float32" and set(ssm["vandermonde"]["errors"]) == {"K", "dw", "ddt_lam"}
     assert ssm["cauchy"]["dtype"] == "float64"
     assert set(ssm["cauchy"]["errors"]) == {"sums", "dnumerators", "dpoles", "ddt"}
+    assert ssm["linear_scan"]["dtype"] == "float32" and set(ssm["linear_scan"]["errors"]) == {"x", "da", "db"}
+    assert {c["case"] for c in cases if c["kernel"] == "linear_scan"} == {"edge", "shared", "documents"}
     assert all(c["status"] == "ok" and c["errors"] for c in cases), cases
     # every gradient was compared, not only the outputs
     scan = next(c for c in cases if c["kernel"] == "scan")
     assert {"out", "last_state", "du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias"} <= set(scan["errors"])
     assert any(c["case"] == "last row" for c in cases)
     # packed rows with document resets, for every kernel
-    assert {c["kernel"] for c in cases if c["case"] == "documents"} == {"scan", "ssd", "conv1d", "fftconv"}
+    assert {c["kernel"] for c in cases if c["case"] == "documents"} == {"scan", "ssd", "conv1d", "fftconv", "linear_scan"}
     # the gates and the conv's SiLU on inputs far below exp's float32 range
     assert {c["kernel"] for c in cases if c["case"] == "extreme"} == {"scan", "conv1d"}
 
@@ -66,7 +68,8 @@ def test_tiny_cpu_run_fills_every_section(tmp_path):
     assert all(r["fwd_GBps"] > 0 and r["fwd_bwd_GBps"] > 0 and r["fwd_frac_bw"] > 0 for r in rows)
     assert report["bandwidth"]["scan_L2048_fwd_frac_bw"] > 0
     timed = report["bandwidth"]["ssm_kernels"]
-    assert [(r["kernel"], r["backend"]) for r in timed] == [("vandermonde", "ref"), ("cauchy", "ref")]  # no fused on CPU
+    # no fused kernel on CPU
+    assert [(r["kernel"], r["backend"]) for r in timed] == [("vandermonde", "ref"), ("cauchy", "ref"), ("linear_scan", "ref")]
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in timed)
 
     for recipe in ("130m", "370m"):

@@ -29,7 +29,7 @@ def test_default_backend_by_device(monkeypatch):
 def without_triton(monkeypatch):
     """The kernels' registries as they are where triton is not installed."""
     for registry in (kernels.SCAN_BACKENDS, kernels.SSD_BACKENDS, kernels.CONV1D_BACKENDS, kernels.VANDERMONDE_BACKENDS,
-                     kernels.CAUCHY_BACKENDS):
+                     kernels.CAUCHY_BACKENDS, kernels.LINEAR_SCAN_BACKENDS):
         monkeypatch.delitem(registry, "triton", raising=False)
 
 
@@ -63,16 +63,20 @@ def test_cuda_without_triton_keeps_the_usable_pytorch_fallbacks(monkeypatch):
     assert kernels.cauchy_default_backend(torch.device("cuda")) == "ref"
     for kernel in ("vandermonde", "cauchy"):
         assert f"{kernel}: ref (triton is not installed: PyTorch's, in blocks of channels)" in line
+    assert kernels.linear_scan_default_backend(torch.device("cuda")) == "ref"
+    assert "linear scan: ref (triton is not installed: PyTorch's doubling scan)" in line
 
 
 def test_describe_backends():
     assert describe_backends(torch.device("cpu")) == \
-        "selective scan: cpu, ssd: torch, causal conv1d: cpu, vandermonde: ref, cauchy: ref, fft conv: torch"
+        "selective scan: cpu, ssd: torch, causal conv1d: cpu, vandermonde: ref, cauchy: ref, linear scan: ref, " \
+        "fft conv: torch"
     assert describe_backends("cpu", backend="ref") == \
-        "selective scan: ref, ssd: ref, causal conv1d: ref, vandermonde: ref, cauchy: ref, fft conv: torch"
+        "selective scan: ref, ssd: ref, causal conv1d: ref, vandermonde: ref, cauchy: ref, linear scan: ref, " \
+        "fft conv: torch"
     if kernels.backends.triton_available():
         assert describe_backends("cuda") == "selective scan: triton, ssd: triton, causal conv1d: triton, " \
-            "vandermonde: triton, cauchy: triton, fft conv: torch"
+            "vandermonde: triton, cauchy: triton, linear scan: triton, fft conv: torch"
         assert "causal conv1d: ref (torch's conv1d: the Triton kernel takes widths 2..4, not 6)" in \
             describe_backends("cuda", conv_width=6)
 

@@ -1,7 +1,8 @@
-"""The S4 family's convolution kernels (kernels.ssm_kernels). The diagonal SSMs' Vandermonde kernel: its definition
-(kernels.ref.vandermonde_ref) is the impulse response of the recurrence it stands for. Both fused Triton kernels,
+"""The survey families' kernels (kernels.ssm_kernels). The diagonal SSMs' Vandermonde kernel: its definition
+(kernels.ref.vandermonde_ref) is the impulse response of the recurrence it stands for. The fused Triton kernels,
 Vandermonde and S4's Cauchy sums (run in the interpreter here), equal their definitions in values and every
-gradient at ragged shapes; the dispatch picks Triton for CUDA tensors only. (S4's whole kernel, Cauchy sums
+gradient at ragged shapes; the dispatch picks Triton for CUDA tensors only. The LRU's linear scan, PyTorch's
+doubling and the Triton kernel, equals a step-by-step loop in values and gradients. (S4's whole kernel, Cauchy sums
 included, is checked against its recurrence in tests/models/test_s4.py.)"""
 import os
 
@@ -165,3 +166,103 @@ def test_the_cauchy_op_passes_opcheck():
     numerators, poles, nodes, scales = cauchy_inputs(2, 4, 19, 40)
     pairs = [torch.view_as_real(t.detach()).contiguous() for t in (numerators, poles, scales, nodes)]
     torch.library.opcheck(cauchy_triton_op, (*(t.requires_grad_() for t in pairs[:3]), pairs[3]))
+
+
+def loop_scan(a, b):
+    """x_t = a_t x_{t-1} + b_t over dim 1 from zero, one step at a time."""
+    x, out = torch.zeros_like(b[:, 0]), []
+    for t in range(b.shape[1]):
+        x = a[:, t] * x + b[:, t]
+        out.append(x)
+    return torch.stack(out, 1)
+
+
+SCAN_BACKENDS = ["ref", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("length,states", [(1, 3), (2, 3), (5, 3), (16, 3), (37, 5), (64, 32), (70, 40)])
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.float64])
+def test_scan_equals_the_sequential_loop_forward_and_backward(backend, length, states, dtype):
+    """Lengths and state counts past the Triton kernel's (32, 32) tiles, resets (a_t = 0, at t = 0 too), zero
+    inputs, and one `a` broadcast over the batch (its gradient summed over the rows)."""
+    g = torch.Generator().manual_seed(length)
+    a = torch.randn(2, length, states, generator=g, dtype=dtype)
+    b = torch.randn(2, length, states, generator=g, dtype=dtype)
+    a[:, ::5] = 0
+    a[1, 3:7] = 0
+    b[0, 2:6] = 0
+    shared = torch.randn(1, length, states, generator=g, dtype=dtype) * 0.9
+    weight = torch.randn(2, length, states, generator=g, dtype=dtype)
+
+    def loss(x):  # a real loss of complex outputs: its gradients follow PyTorch's conjugate convention in both
+        return (torch.view_as_real(x) * torch.view_as_real(weight)).sum() if x.is_complex() else (x * weight).sum()
+
+    for a_ in (a, shared):
+        a_, b_ = a_.clone().requires_grad_(), b.clone().requires_grad_()
+        fast, slow = kernels.linear_scan(a_, b_, backend), loop_scan(a_, b_)
+        scale = slow.abs().max().item()
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12 * scale)
+        for got, want in zip(torch.autograd.grad(loss(fast), [a_, b_]), torch.autograd.grad(loss(slow), [a_, b_])):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+def test_scan_gradcheck(backend):
+    g = torch.Generator().manual_seed(0)
+    a = (complex_normal(2, 9, 3, generator=g) * 0.5).requires_grad_()
+    b = complex_normal(2, 9, 3, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: kernels.linear_scan(a, b, backend), (a, b), fast_mode=True)
+
+
+@needs_triton
+def test_the_fused_scan_in_float32_is_as_close_as_rounding_and_reads_conjugated_views():
+    g = torch.Generator().manual_seed(0)
+    a = complex_normal(3, 100, 40, dtype=torch.complex64, generator=g) * 0.7
+    b = complex_normal(3, 100, 40, dtype=torch.complex64, generator=g)
+    want = loop_scan(a.conj().resolve_conj().to(torch.complex128), b.to(torch.complex128))
+    got = kernels.linear_scan(a.conj(), b, "triton")  # a lazily conjugated view, resolved, not read raw
+    assert got.dtype == torch.complex64
+    torch.testing.assert_close(got.to(torch.complex128), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_triton
+def test_the_scan_op_passes_opcheck_traces_on_fake_tensors_and_compiles_whole():
+    from ssmforge.kernels.triton.linear_scan import linear_scan_triton_op
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.view_as_real(complex_normal(2, 40, 5, generator=g)).contiguous().requires_grad_() for _ in "ab")
+    torch.library.opcheck(linear_scan_triton_op, (a, b, True))
+    with FakeTensorMode() as mode:
+        fake = linear_scan_triton_op(mode.from_tensor(a), mode.from_tensor(b), True)
+    assert fake.shape == (2, 40, 5, 2) and fake.dtype == torch.float64
+
+    def loss(a, b):
+        return kernels.linear_scan(a, b, "triton").abs().square().sum()
+
+    a, b = (complex_normal(2, 40, 5, dtype=torch.complex64, generator=g).requires_grad_() for _ in "ab")
+    got, want = torch.compile(loss, fullgraph=True, backend="aot_eager")(a, b), loss(a, b)
+    torch.testing.assert_close(got, want)
+    for x, y in zip(torch.autograd.grad(got, [a, b]), torch.autograd.grad(want, [a, b])):
+        torch.testing.assert_close(x, y)
+
+
+@needs_triton
+@pytest.mark.parametrize("a_shape,b_shape,dtypes", [
+    ((2, 8, 3), (3, 8, 3), (torch.complex64,) * 2),  # a's batch neither 1 nor b's
+    ((1, 8, 4), (2, 8, 3), (torch.complex64,) * 2),  # a's states not b's
+    ((1, 8, 3), (2, 8, 3), (torch.complex64, torch.complex128)),
+])
+def test_the_fused_scan_refuses_mismatched_inputs_in_one_line(a_shape, b_shape, dtypes):
+    with pytest.raises(ValueError, match=r"^linear_scan takes a \(batch or 1, L, N\) and b \(batch, L, N\) of one "
+                                         r"dtype; got a "):
+        kernels.linear_scan(torch.zeros(a_shape, dtype=dtypes[0]), torch.zeros(b_shape, dtype=dtypes[1]), "triton")
+
+
+def test_the_scans_default_backend_is_triton_for_cuda_tensors_only(monkeypatch):
+    assert kernels.linear_scan_default_backend(torch.device("cpu")) == "ref"
+    monkeypatch.setitem(kernels.LINEAR_SCAN_BACKENDS, "triton", kernels.linear_scan_ref)
+    assert kernels.linear_scan_default_backend(torch.device("cuda")) == "triton"
+    monkeypatch.delitem(kernels.LINEAR_SCAN_BACKENDS, "triton")
+    assert kernels.linear_scan_default_backend(torch.device("cuda")) == "ref"

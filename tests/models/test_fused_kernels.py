@@ -1,7 +1,7 @@
-"""model.kernel_backend=triton: the S4 family's mixers build their convolution kernels with the fused Triton
-kernels (kernels.ssm_kernels: the Vandermonde kernel for S4D, DSS, H3 and GSS, the Cauchy sums for S4 and
-Liquid-S4; run in the interpreter here) and give what the PyTorch path gives, with packed documents and with
-chunks through a state, in float64, values and every parameter's gradient."""
+"""model.kernel_backend=triton: the survey families' mixers run the fused Triton kernels (kernels.ssm_kernels:
+the Vandermonde kernel for S4D, DSS, H3 and GSS, the Cauchy sums for S4 and Liquid-S4, the linear scan for LRU;
+run in the interpreter here) and give what the PyTorch path gives, with packed documents and with chunks through
+a state, in float64, values and every parameter's gradient."""
 import pytest
 import torch
 
@@ -24,6 +24,7 @@ CASES = [  # (family, model settings, the kernel it builds)
     # d_model 8: the interpreter runs the Cauchy kernels' programs one by one
     ("s4", dict(d_model=8, s4=dict(d_state=8, **SMALL)), "cauchy"),
     ("liquid_s4", dict(d_model=8, liquid_s4=dict(d_state=8, liquid_kernel="kb", **SMALL)), "cauchy"),
+    ("lru", dict(lru=dict(d_state=8, r_min=0.5, r_max=0.99)), "linear_scan"),
 ]
 
 

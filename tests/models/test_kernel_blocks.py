@@ -88,3 +88,14 @@ def test_the_fused_kernels_keep_no_powers_or_resolvent(config_name, work):
     blocked = step_peak_bytes(config_name, 64, 1024, device="cpu")
     fused = step_peak_bytes(config_name, 64, 1024, device="cuda")
     assert fused < blocked - work / 2
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_the_fused_scan_keeps_only_lambda_and_the_states():
+    """LRU at d_state 256, L 2048 (d_model 64): PyTorch's doubling scan clones its inputs and builds the adjoint
+    scan's flipped copies, (L, N) complex64 each (4 MiB); the fused Triton scan (on CUDA, traced on fake tensors)
+    reads lambda expanded over time in place and keeps neither b nor copies (measured: 38.8 against 18.8 MiB)."""
+    one = 2048 * 256 * 8
+    blocked = step_peak_bytes("lru", 256, 2048, device="cpu")
+    fused = step_peak_bytes("lru", 256, 2048, device="cuda")
+    assert fused < blocked - 4 * one

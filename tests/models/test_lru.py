@@ -1,8 +1,9 @@
-"""The LRU mixer: the parallel scan against a sequential loop; the mixer's forward and every parameter's
-gradient against the paper's recurrence run step by step in float64 (plain, with document resets, continuing a
-state); decoding and chunked feeding against the parallel forward; packed documents against each document
-alone; context parallelism on 4 simulated ranks (tests/models/test_context_parallel.py runs it on gloo); the ring initialisation; parameter and FLOP counts; fp32
-parameters; config errors and the tiny config."""
+"""The LRU mixer: its forward and every parameter's gradient against the paper's recurrence run step by step in
+float64 (plain, with document resets, continuing a state); decoding and chunked feeding against the parallel
+forward; packed documents against each document alone; context parallelism on 4 simulated ranks
+(tests/models/test_context_parallel.py runs it on gloo); the ring initialisation; parameter and FLOP counts;
+fp32 parameters; config errors and the tiny config. Its scan, both backends, against a sequential loop:
+tests/kernels/test_ssm_kernels.py; on the fused Triton scan: tests/models/test_fused_kernels.py."""
 import math
 from pathlib import Path
 
@@ -14,7 +15,6 @@ from ssmforge.errors import ConfigError
 from ssmforge.kernels.documents import document_index
 from ssmforge.models import LanguageModel, ModelConfig
 from ssmforge.models.hf import cast_model
-from ssmforge.models.lru import linear_scan
 
 from .contracts import assert_causal, assert_chunks_then_steps_match_forward, assert_steps_match_forward, model_config
 from .test_document_resets import assert_documents_run_alone, documents
@@ -33,39 +33,6 @@ def lru_config(**overrides) -> ModelConfig:
 def build(config: ModelConfig, seed: int = 0) -> LanguageModel:
     torch.manual_seed(seed)
     return LanguageModel(config).eval()
-
-
-def loop_scan(a, b):
-    """x_t = a_t x_{t-1} + b_t over dim 1 from zero, one step at a time."""
-    x, out = torch.zeros_like(b[:, 0]), []
-    for t in range(b.shape[1]):
-        x = a[:, t] * x + b[:, t]
-        out.append(x)
-    return torch.stack(out, 1)
-
-
-@pytest.mark.parametrize("length", [1, 2, 5, 16, 37, 64])
-@pytest.mark.parametrize("dtype", [torch.complex128, torch.float64])
-def test_scan_equals_the_sequential_loop_forward_and_backward(length, dtype):
-    g = torch.Generator().manual_seed(length)
-    a = torch.randn(2, length, 3, generator=g, dtype=dtype)
-    b = torch.randn(2, length, 3, generator=g, dtype=dtype)
-    a[:, ::5] = 0  # resets, including at t = 0
-    a[1, 3:7] = 0
-    b[0, 2:6] = 0  # zero inputs
-    shared = torch.randn(1, length, 3, generator=g, dtype=dtype)  # one `a` broadcast over the batch
-    weight = torch.randn(2, length, 3, generator=g, dtype=dtype)
-
-    def loss(x):  # a real loss of complex outputs: its gradients follow PyTorch's conjugate convention in both
-        return (torch.view_as_real(x) * torch.view_as_real(weight)).sum() if x.is_complex() else (x * weight).sum()
-
-    for a_ in (a, shared):
-        a_, b_ = a_.clone().requires_grad_(), b.clone().requires_grad_()
-        fast, slow = linear_scan(a_, b_), loop_scan(a_, b_)
-        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
-        for got, want in zip(torch.autograd.grad(loss(fast), [a_, b_]), torch.autograd.grad(loss(slow), [a_, b_])):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(linear_scan, (a[:, :9].clone().requires_grad_(), b[:, :9].clone().requires_grad_()))
 
 
 def oracle_mixer(mixer, hidden, seq_idx=None, h0=None):
@@ -202,6 +169,9 @@ def test_flops_count_the_matmuls_the_scan_levels_and_the_glu():
     assert mixer.forward_flops_per_token(65) == want(7)
     assert mixer.forward_flops_per_token(1) == want(0)
     assert mixer.external_parameters() == []
+    # the fused Triton scan: one composition per position (14 N) and the carried state applied (8 N), any length
+    fused = build(lru_config(kernel_backend="triton")).layers[0].mixer
+    assert fused.forward_flops_per_token(64) == fused.forward_flops_per_token(4096) == want(1) + 8 * N
 
 
 NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im", "D")
