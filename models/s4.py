@@ -49,11 +49,11 @@ Under context parallelism the ranks exchange only the final states (batch, H, N)
 document start in the chunk?): Abar and the chunk length are the same on every rank, so each computes the
 transfer Abar^L itself rather than receiving (batch, H, N, N) of it.
 Memory: the bilinear kernel's Cauchy sums need a (H, L/2 + 1, N) complex128 resolvent (2.1 GiB at d_model 2048,
-L 2048, N 64), except on the fused Triton kernel (kernels.cauchy, the default on CUDA), which never holds it,
-and zoh's Krylov powers (H, N, L): the kernel is built a block of channels at a time, each block
-recomputed in backward on its own (models.layers.recomputed_by_channels, KERNEL_BLOCK_BYTES = 256 MiB per
-block), as are the state summaries' Krylov powers (H, N, L) (with a carried state or under context
-parallelism).
+L 2048, N 64), except on the fused Triton kernel (kernels.cauchy, the default on CUDA), which never holds it; its
+geometric sum keeps log2 L to 2 log2 L (H, N, N) matrix powers for backward (1.6 GiB there); zoh needs the Krylov
+powers (H, N, L). The kernel is built a block of channels at a time, each block recomputed in backward on its own
+(models.layers.recomputed_by_channels, KERNEL_BLOCK_BYTES = 256 MiB per block), as are the state summaries'
+Krylov powers (H, N, L) (with a carried state or under context parallelism).
 
 Reference whose semantics were checked: state-spaces/s4, models/s4/s4.py (SSMKernelDPLR, the "nplr"/"legs"
 kernel: nplr(), the Cauchy + Woodbury kernel, _setup_C, _setup_state/step, forward_state). Differences: C is
@@ -71,7 +71,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ssmforge.kernels import cauchy
+from ssmforge.kernels import cauchy, cauchy_default_backend
 from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 
 from .config import ModelConfig
@@ -303,15 +303,20 @@ class S4Mixer(nn.Module):
         return Abar.to(working), Bbar.to(working)
 
     def kernel(self, length: int, Abar: torch.Tensor, Bbar: torch.Tensor) -> torch.Tensor:
-        """K (H, length): K_l = Re(C Abar^l Bbar). It materialises (H, length, N) (Cauchy nodes or Krylov powers),
-        except the fused Cauchy kernel (CUDA): a block of channels at a time, each recomputed in backward rather
-        than kept (recomputed_by_channels)."""
+        """K (H, length): K_l = Re(C Abar^l Bbar). It materialises (H, length, N) (Cauchy nodes or Krylov powers;
+        not on the fused Cauchy kernel, CUDA's default) and (H, N, N) matrix powers: a block of channels at a time,
+        each recomputed in backward rather than kept (recomputed_by_channels)."""
         dt, lam, p, b, c = self.system()
         if self.discretization == "zoh":
             return recomputed_by_channels(zoh_kernel, length, self.d_state * length * c.element_size(), c, Abar, Bbar)
-        nodes = length // 2 + 1  # the Cauchy sums' (H, nodes, N) complex128 resolvent
-        return recomputed_by_channels(partial(bilinear_kernel, backend=self.kernel_backend), length,
-                                      self.d_state * nodes * 16, dt, Abar, lam, p, b, c)
+        # per channel, in complex128: geometric_sum's (N, N) matrix powers, one per bit of the length and one per
+        # 1 bit, kept for backward; and on PyTorch's path the Cauchy sums' (nodes, N) resolvent (the fused kernel
+        # holds none)
+        work = self.d_state ** 2 * (length.bit_length() + bin(length).count("1")) * 16
+        if (self.kernel_backend or cauchy_default_backend(dt.device)) == "ref":
+            work += self.d_state * (length // 2 + 1) * 16
+        return recomputed_by_channels(partial(bilinear_kernel, backend=self.kernel_backend), length, work, dt, Abar,
+                                      lam, p, b, c)
 
     # --- the sequence map -------------------------------------------------------------------------------------
 
