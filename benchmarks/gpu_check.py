@@ -202,10 +202,10 @@ def linear_scan_inputs(shape: dict, dtype, device, generator) -> dict:
     phase = 2 * math.pi * torch.rand(N, device=device, generator=generator)
     lam = torch.polar(radius, phase).expand(1 if shape.get("shared") else batch, L, N).clone()
     documents = _documents(shape, device, generator)
-    if documents:
-        starts = torch.ones_like(documents["seq_idx"], dtype=torch.bool)
-        starts[:, 1:] = documents["seq_idx"][:, 1:] != documents["seq_idx"][:, :-1]
-        lam = lam * (~starts)[..., None]
+    if documents:  # as models/lru.py cuts the recurrence at a document start
+        from ssmforge.kernels.documents import document_starts
+
+        lam = lam * (~document_starts(documents["seq_idx"]))[..., None]
     return dict(a=torch.view_as_real(lam).contiguous(), b=_randn((batch, L, N, 2), device, torch.float32, generator))
 
 
