@@ -92,12 +92,14 @@ def test_the_custom_op_passes_opcheck_and_traces_on_fake_tensors():
     assert fake.shape == (3, 70) and fake.dtype == torch.float64
 
 
-def test_the_default_backend_is_triton_for_cuda_tensors_only(monkeypatch):
-    assert kernels.vandermonde_default_backend(torch.device("cpu")) == "ref"
-    monkeypatch.setitem(kernels.VANDERMONDE_BACKENDS, "triton", vandermonde_ref)  # as if triton were installed
-    assert kernels.vandermonde_default_backend(torch.device("cuda")) == "triton"
-    monkeypatch.delitem(kernels.VANDERMONDE_BACKENDS, "triton")  # without triton: PyTorch's path, usable on a GPU
-    assert kernels.vandermonde_default_backend(torch.device("cuda")) == "ref"
+@pytest.mark.parametrize("kernel", ["vandermonde", "cauchy", "linear_scan"])
+def test_the_default_backend_is_triton_for_cuda_tensors_only(kernel, monkeypatch):
+    registry, default = getattr(kernels, f"{kernel.upper()}_BACKENDS"), getattr(kernels, f"{kernel}_default_backend")
+    assert default(torch.device("cpu")) == "ref"
+    monkeypatch.setitem(registry, "triton", registry["ref"])  # as if triton were installed
+    assert default(torch.device("cuda")) == "triton"
+    monkeypatch.delitem(registry, "triton")  # without triton: PyTorch's path, usable on a GPU
+    assert default(torch.device("cuda")) == "ref"
 
 
 def test_an_unknown_backend_is_refused():
@@ -177,10 +179,10 @@ def loop_scan(a, b):
     return torch.stack(out, 1)
 
 
-SCAN_BACKENDS = ["ref", pytest.param("triton", marks=needs_triton)]
+BOTH_BACKENDS = ["ref", pytest.param("triton", marks=needs_triton)]
 
 
-@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("backend", BOTH_BACKENDS)
 @pytest.mark.parametrize("length,states", [(1, 3), (2, 3), (5, 3), (16, 3), (37, 5), (64, 32), (70, 40)])
 @pytest.mark.parametrize("dtype", [torch.complex128, torch.float64])
 def test_scan_equals_the_sequential_loop_forward_and_backward(backend, length, states, dtype):
@@ -208,7 +210,7 @@ def test_scan_equals_the_sequential_loop_forward_and_backward(backend, length, s
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("backend", BOTH_BACKENDS)
 def test_scan_gradcheck(backend):
     g = torch.Generator().manual_seed(0)
     a = (complex_normal(2, 9, 3, generator=g) * 0.5).requires_grad_()
@@ -258,11 +260,3 @@ def test_the_fused_scan_refuses_mismatched_inputs_in_one_line(a_shape, b_shape, 
     with pytest.raises(ValueError, match=r"^linear_scan takes a \(batch or 1, L, N\) and b \(batch, L, N\) of one "
                                          r"dtype; got a "):
         kernels.linear_scan(torch.zeros(a_shape, dtype=dtypes[0]), torch.zeros(b_shape, dtype=dtypes[1]), "triton")
-
-
-def test_the_scans_default_backend_is_triton_for_cuda_tensors_only(monkeypatch):
-    assert kernels.linear_scan_default_backend(torch.device("cpu")) == "ref"
-    monkeypatch.setitem(kernels.LINEAR_SCAN_BACKENDS, "triton", kernels.linear_scan_ref)
-    assert kernels.linear_scan_default_backend(torch.device("cuda")) == "triton"
-    monkeypatch.delitem(kernels.LINEAR_SCAN_BACKENDS, "triton")
-    assert kernels.linear_scan_default_backend(torch.device("cuda")) == "ref"
