@@ -21,8 +21,10 @@ from .backends import triton_available
 from .ref import cauchy_ref, linear_scan_ref, vandermonde_ref
 
 
+# One wrapper per kernel, each a plain lazy import (importing triton is slow and may fail): torch.compile traces
+# an import statement, but not importlib.import_module, so a shared factory breaks fullgraph compilation
 def _triton_vandermonde(*args):
-    from .triton.vandermonde import vandermonde_triton  # lazy: importing triton is slow and may fail
+    from .triton.vandermonde import vandermonde_triton
 
     return vandermonde_triton(*args)
 
