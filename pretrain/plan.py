@@ -126,6 +126,15 @@ def gpu_target(ranks: int, name: str | None, memory_gb: float | None, dtype: tor
     return Target(ranks, "cuda", name or "GPU", int(memory_gb * 2**30), peak[0], source, dtype)
 
 
+def model_on_target(model_config, target: Target):
+    """The model config as it runs on the target: model.kernel_backend auto resolves there to the GPU's Triton
+    kernels. A plan builds its models on fake or meta tensors, whose device would otherwise pick PyTorch's paths
+    (and their memory and FLOPs, which differ: the LRU's scan)."""
+    if target.device == "cuda" and model_config.kernel_backend == "auto":
+        return dataclasses.replace(model_config, kernel_backend="triton")
+    return model_config
+
+
 def _trace(config, micro_batch: int, checkpointing: bool, target: Target) -> tuple[int, int, int]:
     """(parameter bytes, activation peak, optimizer-step temporaries) of one training step of the configured
     model, traced on fake tensors. Activations: the most bytes alive beyond parameters and gradients during
@@ -140,12 +149,9 @@ def _trace(config, micro_batch: int, checkpointing: bool, target: Target) -> tup
 
     from .engine import DroppableAdamW, autocast, param_groups
 
-    model_config = config.model
-    if target.device == "cuda" and model_config.kernel_backend == "auto":
-        model_config = dataclasses.replace(model_config, kernel_backend="triton")
     seq_len = config.data.seq_len
     with FakeTensorMode():
-        model = LanguageModel(model_config)
+        model = LanguageModel(model_on_target(config.model, target))
         model.checkpoint_blocks = checkpointing
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         tokens = torch.zeros(micro_batch, seq_len + 1, dtype=torch.long)
@@ -261,7 +267,7 @@ def make_plan(config, target: Target, mfu: float, search: bool = True) -> Plan:
     train = config.train
     memory, parameters = step_memory(config, target, train.micro_batch_size, train.activation_checkpointing)
     with torch.device("meta"):
-        model = LanguageModel(config.model)
+        model = LanguageModel(model_on_target(config.model, target))
     seq_len = config.data.seq_len
     plan = Plan(target=target, parameters=parameters, memory=memory,
                 flops_per_token=3 * model.forward_flops_per_token(seq_len),
