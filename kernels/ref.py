@@ -217,6 +217,17 @@ class _DoublingScan(torch.autograd.Function):
         return grad_a, G
 
 
+def linear_scan_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a and b as the fused linear-scan kernels read them, after checking their shapes: a (batch or 1, L, N) with
+    any strides but adjacent states, b (batch, L, N) contiguous, conjugation resolved."""
+    if a.dtype != b.dtype or a.dim() != 3 or b.dim() != 3 or a.shape[1:] != b.shape[1:] \
+            or a.shape[0] not in (1, b.shape[0]):
+        raise ValueError(f"linear_scan takes a (batch or 1, L, N) and b (batch, L, N) of one dtype; got a "
+                         f"{tuple(a.shape)} {a.dtype}, b {tuple(b.shape)} {b.dtype}")
+    a, b = a.resolve_conj(), b.resolve_conj().contiguous()
+    return (a if a.stride(-1) == 1 else a.contiguous()), b
+
+
 def linear_scan_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The linear recurrence of the LRU, x_t = a_t x_{t-1} + b_t for t = 0..L-1 from a zero state, over dim 1:
     a (batch or 1, L, N), b (batch, L, N), real or complex of one dtype -> x (batch, L, N). A parallel scan

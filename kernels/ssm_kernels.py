@@ -9,7 +9,8 @@
 of powers or resolvents (the models build it a block of channels at a time, models.layers.recomputed_by_channels),
 linear_scan_ref a parallel scan of ceil(log2 L) passes over (batch, L, N) tensors. "triton" is a fused Triton
 kernel that materialises none of that, the default on CUDA. Without triton a GPU runs "ref", which is usable
-there.
+there. The linear scan has a third, "cpu": a C kernel of one sequential pass (`ssmforge.kernels.cpu`), the
+default on CPU.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 
 from .backends import triton_available
+from .cpu import linear_scan_cpu
 from .ref import cauchy_ref, linear_scan_ref, vandermonde_ref
 
 
@@ -43,7 +45,7 @@ def _triton_linear_scan(*args):
 
 VANDERMONDE_BACKENDS: dict[str, Callable] = {"ref": vandermonde_ref}
 CAUCHY_BACKENDS: dict[str, Callable] = {"ref": cauchy_ref}
-LINEAR_SCAN_BACKENDS: dict[str, Callable] = {"ref": linear_scan_ref}
+LINEAR_SCAN_BACKENDS: dict[str, Callable] = {"ref": linear_scan_ref, "cpu": linear_scan_cpu}
 if triton_available():
     VANDERMONDE_BACKENDS["triton"] = _triton_vandermonde
     CAUCHY_BACKENDS["triton"] = _triton_cauchy
@@ -51,7 +53,9 @@ if triton_available():
 
 
 def _default(backends: dict, device: torch.device) -> str:
-    return "triton" if device.type == "cuda" and "triton" in backends else "ref"
+    """The device's fused kernel where this kernel has one ("triton" on CUDA, "cpu" on CPU), else "ref"."""
+    fused = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+    return fused if fused in backends else "ref"
 
 
 def _chosen(backends: dict, kernel: str, device: torch.device, backend: str | None) -> Callable:
@@ -72,7 +76,7 @@ def cauchy_default_backend(device: torch.device) -> str:
 
 
 def linear_scan_default_backend(device: torch.device) -> str:
-    """"triton" for CUDA tensors where triton is installed, else "ref"."""
+    """"triton" for CUDA tensors where triton is installed, "cpu" for CPU tensors, else "ref"."""
     return _default(LINEAR_SCAN_BACKENDS, device)
 
 

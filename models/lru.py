@@ -14,8 +14,9 @@ the state up.
 Training runs the recurrence as a PARALLEL SCAN over pairs (a_t, b_t) = (lambda, gamma B u_t) with the
 associative operator (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2) (`kernels.linear_scan`; `model.kernel_backend`
 chooses): on CUDA a fused Triton kernel that scans tiles of positions in registers and carries the state between
-them (one pass over a and b), elsewhere PyTorch's Hillis-Steele doubling, ceil(log2 L) levels of O(L N) torch ops.
-Either's backward is the same scan run backwards in time over conj(a), and keeps only a and the states.
+them (one pass over a and b), on CPU a C kernel that walks the positions in order (one pass too), and with
+model.kernel_backend=ref PyTorch's Hillis-Steele doubling, ceil(log2 L) levels of O(L N) torch ops. Each one's
+backward is the same recurrence run backwards in time over conj(a), and keeps only a and the states.
 Document resets (seq_idx): a_t = 0 where a document starts, so no state crosses a boundary. An entering
 state h0 (a decoding state, or the state gathered from the earlier chunks under context parallelism)
 adds lambda^(t+1) h0 to the state at position t of the first document (it is the scan's linear input).
@@ -102,12 +103,16 @@ class LRUMixer(nn.Module):
         output; and the scan, where one composition of pairs is a complex multiply-add for x (8) and a complex
         product for the prefix of a (6), 14 N. PyTorch's scan runs ceil(log2 L) Hillis-Steele levels of at most
         one composition per state (an upper bound: positions t < d are copied); the Triton kernel composes each
-        position into its tile's prefix once and applies the carried state (a complex multiply-add, 8 N).
+        position into its tile's prefix once and applies the carried state (a complex multiply-add, 8 N); the C
+        kernel only applies the recurrence, one complex multiply-add per state (8 N).
         Building lambda and gamma B happens once per batch and is left out, as is the entering state's
         lambda^(t+1) h0 (only when a state is carried in)."""
         H, N = self.d_model, self.d_state
-        if (self.kernel_backend or linear_scan_default_backend(self.nu_log.device)) == "triton":
+        backend = self.kernel_backend or linear_scan_default_backend(self.nu_log.device)
+        if backend == "triton":
             scan = 14 * N + 8 * N
+        elif backend == "cpu":
+            scan = 8 * N
         else:
             scan = 14 * N * max(seq_len - 1, 0).bit_length()  # ceil(log2 L) levels
         return 8 * N * H + scan + 2 * H + self.out.flops_per_token()

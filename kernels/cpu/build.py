@@ -1,4 +1,5 @@
-"""Compile the C kernels (the scan of `scan_source` and the conv of `conv_source`, one library) once
+"""Compile the C kernels (the scan of `scan_source`, the conv of `conv_source` and the linear scan of
+`linear_scan_source`, one library) once
 per machine and load it with ctypes.
 
 No torch headers are involved, so the build takes about a second with the system C compiler (the
@@ -20,11 +21,12 @@ import tempfile
 from pathlib import Path
 
 from .conv_source import CONV_SOURCE
+from .linear_scan_source import LINEAR_SCAN_SOURCE
 from .scan_source import C_SOURCE as SCAN_SOURCE
 
 log = logging.getLogger(__name__)
 
-C_SOURCE = SCAN_SOURCE + CONV_SOURCE  # the scan's part holds the #includes
+C_SOURCE = SCAN_SOURCE + CONV_SOURCE + LINEAR_SCAN_SOURCE  # the scan's part holds the #includes
 
 # -ffast-math for libmvec's vector expf/logf and for contracted multiply-adds; -fno-associative-math so
 # that the kernels' exp keeps its reduction and polynomial in the order written.
@@ -34,6 +36,11 @@ if platform.machine() in ("x86_64", "AMD64"):
 # Linking is a separate step without -ffast-math: linked with it, gcc adds crtfastmath.o, whose
 # constructor turns on flush-to-zero for the whole process when the library loads.
 LINK_FLAGS = ["-shared", "-fopenmp"]
+
+
+class LinearScanArgs(ctypes.Structure):
+    """Mirror of the C `linear_scan_args` struct."""
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "L", "N", "a_sb", "a_sl")]
 
 
 class Tensor3(ctypes.Structure):
@@ -129,6 +136,11 @@ def load_library() -> ctypes.CDLL | None:
     lib.conv_fwd.argtypes = [ctypes.POINTER(ConvArgs), ptr, ctypes.c_int]
     lib.conv_bwd.argtypes = [ctypes.POINTER(ConvArgs)] + [ptr] * 4 + [ctypes.c_int]
     lib.scan_fwd.restype = lib.scan_bwd.restype = lib.conv_fwd.restype = lib.conv_bwd.restype = None
+    for real in ("float", "double"):
+        forward, backward = getattr(lib, f"linear_scan_fwd_{real}"), getattr(lib, f"linear_scan_bwd_{real}")
+        forward.argtypes = [ctypes.POINTER(LinearScanArgs)] + [ptr] * 3 + [ctypes.c_int]
+        backward.argtypes = [ctypes.POINTER(LinearScanArgs)] + [ptr] * 5 + [ctypes.c_int]
+        forward.restype = backward.restype = None
     return lib
 
 

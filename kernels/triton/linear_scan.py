@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..custom_op import kernel_op
+from ..ref import linear_scan_operands
 from .scan_kernels import _compose
 
 # a tile of (positions, states): compiles for sm_80 and sm_90 without spills (benchmarks/kernel_resources.py)
@@ -167,19 +168,11 @@ linear_scan_triton_op = kernel_op("linear_scan_triton", "Tensor a, Tensor b", "b
                                   shape_only=(1,))
 
 
-def _unit_last_stride(a: torch.Tensor) -> torch.Tensor:
-    """a as the kernel reads it: any strides, but (re, im) pairs or real states next to each other."""
-    return a if a.stride(-1) == 1 else a.contiguous()
-
-
 def linear_scan_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Same signature and semantics as `ssmforge.kernels.ref.linear_scan_ref`: a (batch or 1, L, N), b (batch, L,
     N), real or complex of one dtype -> x (batch, L, N)."""
-    if a.dtype != b.dtype or a.dim() != 3 or b.dim() != 3 or a.shape[1:] != b.shape[1:] \
-            or a.shape[0] not in (1, b.shape[0]):
-        raise ValueError(f"linear_scan takes a (batch or 1, L, N) and b (batch, L, N) of one dtype; got a "
-                         f"{tuple(a.shape)} {a.dtype}, b {tuple(b.shape)} {b.dtype}")
+    a, b = linear_scan_operands(a, b)
     if not b.is_complex():
-        return linear_scan_triton_op(_unit_last_stride(a), b.contiguous(), False)
-    a, b = torch.view_as_real(a.resolve_conj()), torch.view_as_real(b.resolve_conj()).contiguous()
-    return torch.view_as_complex(linear_scan_triton_op(_unit_last_stride(a), b, True))
+        return linear_scan_triton_op(a, b, False)
+    # (re, im) pairs: a view_as_real of a stays in place (its states, now pairs, adjacent)
+    return torch.view_as_complex(linear_scan_triton_op(torch.view_as_real(a), torch.view_as_real(b), True))

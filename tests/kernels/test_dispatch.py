@@ -69,7 +69,7 @@ def test_cuda_without_triton_keeps_the_usable_pytorch_fallbacks(monkeypatch):
 
 def test_describe_backends():
     assert describe_backends(torch.device("cpu")) == \
-        "selective scan: cpu, ssd: torch, causal conv1d: cpu, vandermonde: ref, cauchy: ref, linear scan: ref, " \
+        "selective scan: cpu, ssd: torch, causal conv1d: cpu, vandermonde: ref, cauchy: ref, linear scan: cpu, " \
         "fft conv: torch"
     assert describe_backends("cpu", backend="ref") == \
         "selective scan: ref, ssd: ref, causal conv1d: ref, vandermonde: ref, cauchy: ref, linear scan: ref, " \

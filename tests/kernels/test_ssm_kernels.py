@@ -2,7 +2,8 @@
 (kernels.ref.vandermonde_ref) is the impulse response of the recurrence it stands for. The fused Triton kernels,
 Vandermonde and S4's Cauchy sums (run in the interpreter here), equal their definitions in values and every
 gradient at ragged shapes; the dispatch picks Triton for CUDA tensors only. The LRU's linear scan, PyTorch's
-doubling and the Triton kernel, equals a step-by-step loop in values and gradients. (S4's whole kernel, Cauchy sums
+doubling, the C kernel (the CPU default) and the Triton kernel, equals a step-by-step loop in values and
+gradients. (S4's whole kernel, Cauchy sums
 included, is checked against its recurrence in tests/models/test_s4.py.)"""
 import os
 
@@ -92,10 +93,11 @@ def test_the_custom_op_passes_opcheck_and_traces_on_fake_tensors():
     assert fake.shape == (3, 70) and fake.dtype == torch.float64
 
 
-@pytest.mark.parametrize("kernel", ["vandermonde", "cauchy", "linear_scan"])
-def test_the_default_backend_is_triton_for_cuda_tensors_only(kernel, monkeypatch):
+@pytest.mark.parametrize("kernel,on_cpu", [("vandermonde", "ref"), ("cauchy", "ref"), ("linear_scan", "cpu")])
+def test_the_default_backend_is_triton_for_cuda_tensors_only(kernel, on_cpu, monkeypatch):
+    """Triton on CUDA where it is installed, else PyTorch's; on CPU the C kernel where the kernel has one."""
     registry, default = getattr(kernels, f"{kernel.upper()}_BACKENDS"), getattr(kernels, f"{kernel}_default_backend")
-    assert default(torch.device("cpu")) == "ref"
+    assert default(torch.device("cpu")) == on_cpu
     monkeypatch.setitem(registry, "triton", registry["ref"])  # as if triton were installed
     assert default(torch.device("cuda")) == "triton"
     monkeypatch.delitem(registry, "triton")  # without triton: PyTorch's path, usable on a GPU
@@ -179,10 +181,11 @@ def loop_scan(a, b):
     return torch.stack(out, 1)
 
 
-BOTH_BACKENDS = ["ref", pytest.param("triton", marks=needs_triton)]
+SCAN_TEST_BACKENDS = ["ref", "cpu", pytest.param("triton", marks=needs_triton)]
+FUSED_SCANS = ["cpu", pytest.param("triton", marks=needs_triton)]
 
 
-@pytest.mark.parametrize("backend", BOTH_BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_TEST_BACKENDS)
 @pytest.mark.parametrize("length,states", [(1, 3), (2, 3), (5, 3), (16, 3), (37, 5), (64, 32), (70, 40)])
 @pytest.mark.parametrize("dtype", [torch.complex128, torch.float64])
 def test_scan_equals_the_sequential_loop_forward_and_backward(backend, length, states, dtype):
@@ -210,7 +213,7 @@ def test_scan_equals_the_sequential_loop_forward_and_backward(backend, length, s
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("backend", BOTH_BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_TEST_BACKENDS)
 def test_scan_gradcheck(backend):
     g = torch.Generator().manual_seed(0)
     a = (complex_normal(2, 9, 3, generator=g) * 0.5).requires_grad_()
@@ -218,30 +221,56 @@ def test_scan_gradcheck(backend):
     assert torch.autograd.gradcheck(lambda a, b: kernels.linear_scan(a, b, backend), (a, b), fast_mode=True)
 
 
-@needs_triton
-def test_the_fused_scan_in_float32_is_as_close_as_rounding_and_reads_conjugated_views():
+@pytest.mark.parametrize("backend", SCAN_TEST_BACKENDS)
+def test_lambda_expanded_over_time_is_read_in_place_with_its_gradient(backend):
+    """The LRU's `a` without document resets: one (N,) lambda expanded to (1, L, N) (strides 0, 0, 1), its
+    gradient the sum over every row and position; past one block of the C kernel's states (64)."""
+    g = torch.Generator().manual_seed(1)
+    lam = (torch.polar(torch.rand(70, generator=g, dtype=torch.float64),
+                       torch.rand(70, generator=g, dtype=torch.float64) * 6)).requires_grad_()
+    b = complex_normal(3, 45, 70, generator=g).requires_grad_()
+    fast, slow = kernels.linear_scan(lam.expand(1, 45, 70), b, backend), loop_scan(lam.expand(1, 45, 70), b)
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    weight = complex_normal(3, 45, 70, generator=g)
+    grads = [torch.autograd.grad((x * weight).real.sum(), [lam, b]) for x in (fast, slow)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", FUSED_SCANS)
+def test_the_fused_scan_in_float32_is_as_close_as_rounding_and_reads_conjugated_views(backend):
     g = torch.Generator().manual_seed(0)
     a = complex_normal(3, 100, 40, dtype=torch.complex64, generator=g) * 0.7
     b = complex_normal(3, 100, 40, dtype=torch.complex64, generator=g)
     want = loop_scan(a.conj().resolve_conj().to(torch.complex128), b.to(torch.complex128))
-    got = kernels.linear_scan(a.conj(), b, "triton")  # a lazily conjugated view, resolved, not read raw
+    got = kernels.linear_scan(a.conj(), b, backend)  # a lazily conjugated view, resolved, not read raw
     assert got.dtype == torch.complex64
     torch.testing.assert_close(got.to(torch.complex128), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-@needs_triton
-def test_the_scan_op_passes_opcheck_traces_on_fake_tensors_and_compiles_whole():
+def scan_op_and_inputs(backend: str, g: torch.Generator):
+    """The backend's custom op and arguments for it: Triton's takes (re, im) pairs, the C kernel's complex."""
+    if backend == "cpu":
+        from ssmforge.kernels.cpu.linear_scan import linear_scan_cpu_op
+
+        return linear_scan_cpu_op, [complex_normal(2, 40, 5, generator=g).requires_grad_() for _ in "ab"], (2, 40, 5)
     from ssmforge.kernels.triton.linear_scan import linear_scan_triton_op
 
+    pairs = [torch.view_as_real(complex_normal(2, 40, 5, generator=g)).contiguous().requires_grad_() for _ in "ab"]
+    return linear_scan_triton_op, [*pairs, True], (2, 40, 5, 2)
+
+
+@pytest.mark.parametrize("backend", FUSED_SCANS)
+def test_the_scan_op_passes_opcheck_traces_on_fake_tensors_and_compiles_whole(backend):
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.view_as_real(complex_normal(2, 40, 5, generator=g)).contiguous().requires_grad_() for _ in "ab")
-    torch.library.opcheck(linear_scan_triton_op, (a, b, True))
+    op, args, shape = scan_op_and_inputs(backend, g)
+    torch.library.opcheck(op, tuple(args))
     with FakeTensorMode() as mode:
-        fake = linear_scan_triton_op(mode.from_tensor(a), mode.from_tensor(b), True)
-    assert fake.shape == (2, 40, 5, 2) and fake.dtype == torch.float64
+        fake = op(*(mode.from_tensor(t) if torch.is_tensor(t) else t for t in args))
+    assert fake.shape == shape and fake.dtype == args[0].dtype
 
     def loss(a, b):
-        return kernels.linear_scan(a, b, "triton").abs().square().sum()
+        return kernels.linear_scan(a, b, backend).abs().square().sum()
 
     a, b = (complex_normal(2, 40, 5, dtype=torch.complex64, generator=g).requires_grad_() for _ in "ab")
     got, want = torch.compile(loss, fullgraph=True, backend="aot_eager")(a, b), loss(a, b)
@@ -250,13 +279,13 @@ def test_the_scan_op_passes_opcheck_traces_on_fake_tensors_and_compiles_whole():
         torch.testing.assert_close(x, y)
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", FUSED_SCANS)
 @pytest.mark.parametrize("a_shape,b_shape,dtypes", [
     ((2, 8, 3), (3, 8, 3), (torch.complex64,) * 2),  # a's batch neither 1 nor b's
     ((1, 8, 4), (2, 8, 3), (torch.complex64,) * 2),  # a's states not b's
     ((1, 8, 3), (2, 8, 3), (torch.complex64, torch.complex128)),
 ])
-def test_the_fused_scan_refuses_mismatched_inputs_in_one_line(a_shape, b_shape, dtypes):
+def test_the_fused_scan_refuses_mismatched_inputs_in_one_line(backend, a_shape, b_shape, dtypes):
     with pytest.raises(ValueError, match=r"^linear_scan takes a \(batch or 1, L, N\) and b \(batch, L, N\) of one "
                                          r"dtype; got a "):
-        kernels.linear_scan(torch.zeros(a_shape, dtype=dtypes[0]), torch.zeros(b_shape, dtype=dtypes[1]), "triton")
+        kernels.linear_scan(torch.zeros(a_shape, dtype=dtypes[0]), torch.zeros(b_shape, dtype=dtypes[1]), backend)

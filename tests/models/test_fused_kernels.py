@@ -1,7 +1,7 @@
 """model.kernel_backend=triton: the survey families' mixers run the fused Triton kernels (kernels.ssm_kernels:
 the Vandermonde kernel for S4D, DSS, H3 and GSS, the Cauchy sums for S4 and Liquid-S4, the linear scan for LRU;
-run in the interpreter here) and give what the PyTorch path gives, with packed documents and with chunks through
-a state, in float64, values and every parameter's gradient."""
+run in the interpreter here), and the LRU on CPU its C scan, and give what the PyTorch path gives, with packed
+documents and with chunks through a state, in float64, values and every parameter's gradient."""
 import pytest
 import torch
 
@@ -28,17 +28,18 @@ CASES = [  # (family, model settings, the kernel it builds)
 ]
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-@pytest.mark.parametrize("family,settings,kernel", CASES)
-def test_the_fused_kernels_give_the_pytorch_paths_values_and_gradients(family, settings, kernel, monkeypatch):
+def fused_against_pytorch(family, settings, kernel, fused, monkeypatch):
+    """The model on the `fused` backend of `kernel` against model.kernel_backend=ref: whole rows of packed
+    documents and the same rows in two chunks through a state, logits and every parameter's gradient."""
     registry = getattr(kernels, f"{kernel.upper()}_BACKENDS")
-    calls, fused = [], registry["triton"]
-    monkeypatch.setitem(registry, "triton", lambda *a: calls.append(1) or fused(*a))
+    calls, fused_kernel = [], registry[fused]
+    monkeypatch.setitem(registry, fused, lambda *a: calls.append(1) or fused_kernel(*a))
     ids = torch.randint(1, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
     ids[0, [5, 22]] = ids[1, 12] = 0
     seq_idx = document_index(ids, 0)
     results = {}
-    for backend in ("ref", "triton"):
+    # the C kernels are no model.kernel_backend value: auto picks them for CPU tensors
+    for backend in ("ref", "auto" if fused == "cpu" else fused):
         torch.manual_seed(1)
         base = dict(family=family, d_model=16, n_layer=1, vocab_size=VOCAB, kernel_backend=backend)
         model = LanguageModel(model_config(base, settings)).double()
@@ -50,5 +51,16 @@ def test_the_fused_kernels_give_the_pytorch_paths_values_and_gradients(family, s
         results[backend] = (logits, *torch.autograd.grad((logits * weights).sum(), params))
     # the whole rows and each chunk on the fused kernel; S4's kernel is built once more in backward (recomputed)
     assert len(calls) == (6 if kernel == "cauchy" else 3)
-    for a, b in zip(results["triton"], results["ref"]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * b.abs().max().item())
+    fast, slow = results.values()
+    for a, b in zip(slow, fast):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10 * a.abs().max().item())
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("family,settings,kernel", CASES)
+def test_the_fused_kernels_give_the_pytorch_paths_values_and_gradients(family, settings, kernel, monkeypatch):
+    fused_against_pytorch(family, settings, kernel, "triton", monkeypatch)
+
+
+def test_the_lru_on_cpu_runs_the_c_scan_and_gives_the_pytorch_paths_values_and_gradients(monkeypatch):
+    fused_against_pytorch(*CASES[-1], "cpu", monkeypatch)

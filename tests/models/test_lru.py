@@ -159,7 +159,7 @@ def test_parameter_count(bias):
 
 
 def test_flops_count_the_matmuls_the_scan_levels_and_the_glu():
-    mixer = build(lru_config()).layers[0].mixer
+    mixer = build(lru_config(kernel_backend="ref")).layers[0].mixer
     d, N = 16, 8
 
     def want(levels):
@@ -172,6 +172,9 @@ def test_flops_count_the_matmuls_the_scan_levels_and_the_glu():
     # the fused Triton scan: one composition per position (14 N) and the carried state applied (8 N), any length
     fused = build(lru_config(kernel_backend="triton")).layers[0].mixer
     assert fused.forward_flops_per_token(64) == fused.forward_flops_per_token(4096) == want(1) + 8 * N
+    # the C kernel, CPU's default: one complex multiply-add per state and position
+    on_cpu = build(lru_config()).layers[0].mixer
+    assert on_cpu.forward_flops_per_token(64) == on_cpu.forward_flops_per_token(4096) == want(0) + 8 * N
 
 
 NAMES = ("nu_log", "theta_log", "gamma_log", "B_re", "B_im", "C_re", "C_im", "D")
