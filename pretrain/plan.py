@@ -128,7 +128,7 @@ def gpu_target(ranks: int, name: str | None, memory_gb: float | None, dtype: tor
 
 def model_on_target(model_config, target: Target):
     """The model config as it runs on the target: model.kernel_backend auto resolves there to the GPU's Triton
-    kernels. A plan builds its models on fake or meta tensors, whose device would otherwise pick PyTorch's paths
+    kernels. A plan builds its models on fake CPU tensors, whose device would otherwise pick the CPU's paths
     (and their memory and FLOPs, which differ: the LRU's scan)."""
     if target.device == "cuda" and model_config.kernel_backend == "auto":
         return dataclasses.replace(model_config, kernel_backend="triton")
@@ -266,7 +266,9 @@ def make_plan(config, target: Target, mfu: float, search: bool = True) -> Plan:
 
     train = config.train
     memory, parameters = step_memory(config, target, train.micro_batch_size, train.activation_checkpointing)
-    with torch.device("meta"):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # fake CPU tensors: a kernel's default backend (and FLOPs) follows the device
         model = LanguageModel(model_on_target(config.model, target))
     seq_len = config.data.seq_len
     plan = Plan(target=target, parameters=parameters, memory=memory,
