@@ -38,6 +38,11 @@ if platform.machine() in ("x86_64", "AMD64"):
 LINK_FLAGS = ["-shared", "-fopenmp"]
 
 
+def pointer(t) -> ctypes.c_void_p | None:
+    """A tensor's data as a C pointer argument; None (NULL) for None."""
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
 class LinearScanArgs(ctypes.Structure):
     """Mirror of the C `linear_scan_args` struct."""
     _fields_ = [(name, ctypes.c_int64) for name in ("batch", "L", "N", "a_sb", "a_sl")]

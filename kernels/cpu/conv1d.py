@@ -17,11 +17,7 @@ import torch
 from ..custom_op import kernel_op
 from ..documents import check_seq_idx
 from ..ref import causal_conv1d_ref
-from .build import ConvArgs, cpu_kernels_available, load_library
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+from .build import ConvArgs, cpu_kernels_available, load_library, pointer
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -33,8 +29,8 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 def _args(xl: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, silu: bool,
           seq_idx: torch.Tensor | None) -> ConvArgs:
     batch, L, dim = xl.shape
-    return ConvArgs(batch, L, dim, w.shape[0], xl.stride(0), xl.stride(1), _ptr(xl), _ptr(w), _ptr(bias), int(silu),
-                    _ptr(seq_idx))
+    return ConvArgs(batch, L, dim, w.shape[0], xl.stride(0), xl.stride(1), pointer(xl), pointer(w), pointer(bias),
+                    int(silu), pointer(seq_idx))
 
 
 def _kernel_inputs(x, weight, bias):
@@ -46,7 +42,7 @@ def _forward(x, weight, bias, silu, seq_idx=None, *, launch):
     xl, w, biasf = _kernel_inputs(x, weight, bias)
     out = torch.empty(xl.shape, dtype=torch.float32)
     if launch:
-        load_library().conv_fwd(ctypes.byref(_args(xl, w, biasf, silu, seq_idx)), _ptr(out), torch.get_num_threads())
+        load_library().conv_fwd(ctypes.byref(_args(xl, w, biasf, silu, seq_idx)), pointer(out), torch.get_num_threads())
     return (out.transpose(1, 2).to(x.dtype),)
 
 
@@ -59,8 +55,8 @@ def _backward(grads, inputs, residuals, silu, seq_idx=None, *, launch):
     dw = torch.empty_like(w)
     dbias = None if biasf is None else torch.empty_like(biasf)
     if launch:
-        load_library().conv_bwd(ctypes.byref(_args(xl, w, biasf, silu, seq_idx)), _ptr(g), _ptr(dx), _ptr(dw),
-                                _ptr(dbias), torch.get_num_threads())
+        load_library().conv_bwd(ctypes.byref(_args(xl, w, biasf, silu, seq_idx)), pointer(g), pointer(dx),
+                                pointer(dw), pointer(dbias), torch.get_num_threads())
     return dx.transpose(1, 2).to(x.dtype), dw.t().to(weight.dtype), None if bias is None else dbias.to(bias.dtype)
 
 

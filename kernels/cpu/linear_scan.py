@@ -12,7 +12,7 @@ import torch
 
 from ..custom_op import kernel_op
 from ..ref import linear_scan_operands, linear_scan_ref
-from .build import LinearScanArgs, cpu_kernels_available, load_library
+from .build import LinearScanArgs, cpu_kernels_available, load_library, pointer
 
 _REAL = {torch.complex64: "float", torch.complex128: "double"}  # the C type of each complex dtype's parts
 _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
@@ -25,15 +25,11 @@ def _args(a: torch.Tensor, b: torch.Tensor) -> LinearScanArgs:
     return LinearScanArgs(batch, L, N, 0 if a.shape[0] != batch else a.stride(0), a.stride(1))
 
 
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
-
-
 def _forward(a, b, *, launch):
     x = torch.empty_like(b)
     if launch and x.numel():
         getattr(load_library(), f"linear_scan_fwd_{_REAL[b.dtype]}")(
-            ctypes.byref(_args(a, b)), _ptr(a), _ptr(b), _ptr(x), torch.get_num_threads())
+            ctypes.byref(_args(a, b)), pointer(a), pointer(b), pointer(x), torch.get_num_threads())
     return (x,)
 
 
@@ -47,7 +43,8 @@ def _backward(grads, inputs, residuals, *, launch):
     da, db = torch.empty_like(b), torch.empty_like(b)  # da per batch row
     if launch and b.numel():
         getattr(load_library(), f"linear_scan_bwd_{_REAL[b.dtype]}")(
-            ctypes.byref(_args(a, b)), _ptr(a), _ptr(x), _ptr(gx), _ptr(da), _ptr(db), torch.get_num_threads())
+            ctypes.byref(_args(a, b)), pointer(a), pointer(x), pointer(gx), pointer(da), pointer(db),
+            torch.get_num_threads())
     return (da.sum(0, keepdim=True) if a.shape[0] != b.shape[0] else da), db
 
 

@@ -18,7 +18,7 @@ import torch
 from ..custom_op import kernel_op
 from ..documents import check_seq_idx
 from ..fused_scan import SCAN_INPUTS, SCAN_OPTIONS, ScanGrads, num_groups
-from .build import ScanArgs, Tensor3, cpu_kernels_available, load_library
+from .build import ScanArgs, Tensor3, cpu_kernels_available, load_library, pointer
 from .chunked import selective_scan_chunked
 
 CHUNK = 64  # steps between saved states: backward recomputes at most this many per row at a time
@@ -32,10 +32,6 @@ def _bc_layout(X: torch.Tensor, groups: int) -> tuple[torch.Tensor, bool]:
     if X.dim() == 3:
         X = X.unsqueeze(1).expand(-1, groups, -1, -1)
     return X.float().transpose(-1, -2).contiguous(), False
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -62,7 +58,7 @@ def _kernel_args(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, c
     def args() -> ScanArgs:
         n_chunks = (L + chunk - 1) // chunk
         return ScanArgs(batch, dim, L, A.shape[1], groups, chunk, n_chunks, Tensor3.of(uf), Tensor3.of(deltaf),
-                        Tensor3.of(zf), *map(_ptr, (Af, Bf, Cf, Df, biasf, seq)), int(B_fixed), int(C_fixed),
+                        Tensor3.of(zf), *map(pointer, (Af, Bf, Cf, Df, biasf, seq)), int(B_fixed), int(C_fixed),
                         int(delta_softplus))
 
     return args
@@ -78,8 +74,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, seq_idx, delta_softplus, chunk
     chunk_states = torch.empty(batch, dim, (L + chunk - 1) // chunk, n, dtype=torch.float32)
     last_state = torch.empty(batch, dim, n, dtype=torch.float32)
     if launch:
-        load_library().scan_fwd(ctypes.byref(args()), ctypes.byref(Tensor3.of(out)), _ptr(chunk_states),
-                                _ptr(last_state), torch.get_num_threads())
+        load_library().scan_fwd(ctypes.byref(args()), ctypes.byref(Tensor3.of(out)), pointer(chunk_states),
+                                pointer(last_state), torch.get_num_threads())
     return out.to(u.dtype), last_state, chunk_states
 
 
@@ -96,9 +92,9 @@ def _backward(grads, inputs, residuals, delta_softplus, chunk, launch):
         du=_empty_channels_last(batch, dim, L), ddelta=_empty_channels_last(batch, dim, L),
         dz=None if z is None else _empty_channels_last(batch, dim, L))
     if launch:
-        load_library().scan_bwd(ctypes.byref(args()), _ptr(chunk_states), ctypes.byref(Tensor3.of(dout)),
-                                _ptr(dlast), *(ctypes.byref(Tensor3.of(t)) for t in result[:3]),
-                                *map(_ptr, result[3:]), torch.get_num_threads())
+        load_library().scan_bwd(ctypes.byref(args()), pointer(chunk_states), ctypes.byref(Tensor3.of(dout)),
+                                pointer(dlast), *(ctypes.byref(Tensor3.of(t)) for t in result[:3]),
+                                *map(pointer, result[3:]), torch.get_num_threads())
     return result.input_grads(*inputs)
 
 
