@@ -88,7 +88,7 @@ def selective_scan_ref(
     return (out, x) if return_last_state else out
 
 
-def selective_state_update_ref(
+def selective_state_step(
     state: torch.Tensor,
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -99,23 +99,23 @@ def selective_state_update_ref(
     z: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
-) -> torch.Tensor:
-    """One recurrent step of the selective scan, updating `state` (batch, d, n, fp32) in place.
-
-    u, delta, z: (batch, d); B, C: (batch, n); A: (d, n); D, delta_bias: (d,). Returns y (batch, d)
-    in u's dtype. Equal to one column of `selective_scan_ref` given the previous state.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recurrent step of the selective scan from `state` (batch, d, n, fp32): returns y (batch, d) in u's
+    dtype and the next state, a new tensor (the given one is left as it was, so that gradients flow through a
+    run of steps). u, delta, z: (batch, d); B, C: (batch, n); A: (d, n); D, delta_bias: (d,). Equal to one
+    column of `selective_scan_ref` given the previous state.
     """
     delta = discretize_dt(delta, delta_bias, delta_softplus)
     uf = u.float()
     dA = torch.exp(delta[:, :, None] * A.float())
     dBu = (delta * uf)[:, :, None] * B.float()[:, None, :]
-    state.mul_(dA).add_(dBu)
+    state = state * dA + dBu
     y = torch.einsum("bdn,bn->bd", state, C.float())
     if D is not None:
         y = y + uf * D.float()
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(u.dtype)
+    return y.to(u.dtype), state
 
 
 def causal_conv1d_ref(
@@ -236,18 +236,17 @@ def linear_scan_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _DoublingScan.apply(a, b)
 
 
-def causal_conv1d_update_ref(
+def causal_conv1d_step(
     conv_state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
     activation: str | None = None,
-) -> torch.Tensor:
-    """One step of `causal_conv1d_ref`: conv_state (batch, d, width) holds the last inputs and is
-    shifted in place; x (batch, d) is the new input. Returns (batch, d)."""
-    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-    conv_state[:, :, -1] = x
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of `causal_conv1d_ref`: conv_state (batch, d, width) holds the last inputs, oldest first; x
+    (batch, d) is the new input. Returns the output (batch, d) and the next conv state, a new tensor."""
+    conv_state = torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1)
     out = (conv_state * weight).sum(-1)
     if bias is not None:
         out = out + bias
-    return F.silu(out) if activation == "silu" else out
+    return (F.silu(out) if activation == "silu" else out), conv_state
 
 
 def _heads_from_groups(BC: torch.Tensor, nheads: int) -> torch.Tensor:
@@ -303,7 +302,7 @@ def ssd_scan_ref(
     return (y, h) if return_final_state else y
 
 
-def ssd_state_update_ref(
+def ssd_state_step(
     state: torch.Tensor,
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -313,20 +312,19 @@ def ssd_state_update_ref(
     D: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
-) -> torch.Tensor:
-    """One step of `ssd_scan_ref`, updating `state` (batch, nheads, headdim, dstate; fp32) in place.
-
-    x: (batch, nheads, headdim); dt: (batch, nheads); B, C: (batch, ngroups, dstate); A, D, dt_bias:
-    (nheads,). Returns y (batch, nheads, headdim) in x's dtype.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of `ssd_scan_ref` from `state` (batch, nheads, headdim, dstate; fp32): returns y (batch, nheads,
+    headdim) in x's dtype and the next state, a new tensor. x: (batch, nheads, headdim); dt: (batch, nheads);
+    B, C: (batch, ngroups, dstate); A, D, dt_bias: (nheads,).
     """
     nheads = x.shape[1]
     xf = x.float()
     dt = discretize_dt(dt, dt_bias, dt_softplus)
     B = _heads_from_groups(B.float(), nheads)
     C = _heads_from_groups(C.float(), nheads)
-    state.mul_(torch.exp(dt * A.float())[:, :, None, None])
-    state.add_((dt[:, :, None] * xf)[..., None] * B[:, :, None, :])
+    state = (state * torch.exp(dt * A.float())[:, :, None, None]
+             + (dt[:, :, None] * xf)[..., None] * B[:, :, None, :])
     y = torch.einsum("bhpn,bhn->bhp", state, C)
     if D is not None:
         y = y + xf * D.float()[:, None]
-    return y.to(x.dtype)
+    return y.to(x.dtype), state

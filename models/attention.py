@@ -208,8 +208,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._heads(hidden[:, None], torch.tensor([pos], device=hidden.device))
         slot = pos if self.window is None else pos % self.window
         self._grow(state, slot + 1)
-        state.k[:, :, slot] = k[:, :, 0].to(state.k.dtype)
-        state.v[:, :, slot] = v[:, :, 0].to(state.v.dtype)
+        if torch.is_grad_enabled():  # a new cache: the one it replaces may be saved for backward by earlier steps
+            at = torch.tensor([slot], device=k.device)
+            state.k = state.k.index_copy(2, at, k.to(state.k.dtype))
+            state.v = state.v.index_copy(2, at, v.to(state.v.dtype))
+        else:  # decoding (LanguageModel.step): in place, no copy of the cache per token
+            state.k[:, :, slot] = k[:, :, 0].to(state.k.dtype)
+            state.v[:, :, slot] = v[:, :, 0].to(state.v.dtype)
         state.length = pos + 1
         # filled slots are the first min(pos + 1, capacity); keys carry their own rotation, so the
         # ring buffer's order does not matter to softmax

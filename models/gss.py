@@ -163,10 +163,12 @@ class GSSMixer(nn.Module):
         return GSSState(conv=conv, diag=diag)
 
     def step(self, hidden: torch.Tensor, state: GSSState) -> torch.Tensor:
-        """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place."""
+        """One token: hidden (batch, d_model) -> (batch, d_model), advancing `state` (to new tensors)."""
 
         def short_conv(v):  # (batch, H): the conv inputs shift by one
-            return kernels.causal_conv1d_update_ref(state.conv, v, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+            out, state.conv = kernels.causal_conv1d_step(state.conv, v, self.conv1d.weight.squeeze(1),
+                                                         self.conv1d.bias)
+            return out
 
         gate, v = self._branches(hidden, short_conv)  # (batch, gate), (batch, H)
         with torch.autocast(device_type=hidden.device.type, enabled=False):

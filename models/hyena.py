@@ -258,15 +258,15 @@ class HyenaMixer(nn.Module):
         )
 
     def step(self, hidden: torch.Tensor, state: HyenaState) -> torch.Tensor:
-        """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place (its long-conv
+        """One token: hidden (batch, d_model) -> (batch, d_model), advancing `state` to new tensors (its long-conv
         inputs grow by one position). Each long conv's output at the new position T is
         sum_{s <= T} h[T - s] u_s + b u_T, read from the cached inputs."""
         length = state.inputs.shape[-1] + 1
         self._check_length(length)  # before the state is touched
         p = self.in_proj(hidden)
         dtype_out = p.dtype
-        p = kernels.causal_conv1d_update_ref(state.conv, p, self.short_filter.weight.squeeze(1),
-                                             self.short_filter.bias)
+        p, state.conv = kernels.causal_conv1d_step(state.conv, p, self.short_filter.weight.squeeze(1),
+                                                   self.short_filter.bias)
         *x, v = p.split(self.d_model, dim=-1)
         real = self._real_dtype()
         with torch.autocast(device_type=hidden.device.type, enabled=False):

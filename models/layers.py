@@ -66,16 +66,17 @@ class Projection(nn.Linear):
                 self.bias.zero_()
 
 
-def fill_conv_state(conv_state: torch.Tensor, conv_inputs: torch.Tensor, seq_idx: torch.Tensor | None = None) -> None:
-    """Leave the last d_conv conv inputs (batch, channels, L) in a decoding cache (batch, channels, d_conv),
-    oldest first, zeros in front when L < d_conv: what the next `step` convolves with. With seq_idx (batch, L),
-    inputs of documents before the last one are left out too (decoding continues the last document)."""
+def conv_state_after(conv_state: torch.Tensor, conv_inputs: torch.Tensor,
+                     seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoding cache (batch, channels, d_conv) like `conv_state` that follows conv inputs (batch, channels,
+    L): their last d_conv, oldest first, zeros in front when L < d_conv, what the next `step` convolves with. With
+    seq_idx (batch, L), inputs of documents before the last one are left out too (decoding continues the last
+    document). A new tensor: the cache it replaces may be saved for backward."""
     width = conv_state.shape[-1]
-    tail = conv_inputs[..., -width:]
+    tail = conv_inputs[..., -width:].to(conv_state.dtype)
     if seq_idx is not None:
         tail = tail * (seq_idx[:, -tail.shape[-1]:] == seq_idx[:, -1:])[:, None, :].to(tail.dtype)
-    conv_state.zero_()
-    conv_state[..., width - tail.shape[-1]:] = tail
+    return F.pad(tail, (width - tail.shape[-1], 0))
 
 
 def with_conv_history(conv_state: torch.Tensor, x: torch.Tensor, seq_idx: torch.Tensor | None):
@@ -150,7 +151,7 @@ def continued_conv(conv, width: int, x: torch.Tensor, seq_idx: torch.Tensor | No
     continuing = state is not None and not state.fresh
     conv_in, conv_seq_idx = with_conv_history(state.conv, x, seq_idx) if continuing else (x, seq_idx)
     if state is not None:
-        fill_conv_state(state.conv, conv_in, conv_seq_idx)
+        state.conv = conv_state_after(state.conv, conv_in, conv_seq_idx)
     return conv(conv_in, conv_seq_idx)[..., conv_in.shape[-1] - x.shape[-1]:]
 
 

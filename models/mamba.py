@@ -131,8 +131,7 @@ class MambaMixer(nn.Module):
             y = y + recomputed(self._carried_gated, z, dt, A, C, h0, seq_idx).to(y.dtype)
             last_state = last_state + transfer * h0
         if state is not None:
-            state.ssm.copy_(last_state)
-            state.fresh = False
+            state.ssm, state.fresh = last_state, False
         return self.out_proj(y.transpose(1, 2))
 
     def _cumulative_steps(self, dt, seq_idx):
@@ -165,12 +164,12 @@ class MambaMixer(nn.Module):
         )
 
     def step(self, hidden: torch.Tensor, state: MambaState) -> torch.Tensor:
-        """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place."""
+        """One token: hidden (batch, d_model) -> (batch, d_model), advancing `state` (to new tensors)."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, d_inner)
-        x = kernels.causal_conv1d_update_ref(state.conv, x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                             activation="silu")
+        x, state.conv = kernels.causal_conv1d_step(state.conv, x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                                   activation="silu")
         dt, B, C = self._ssm_inputs(x)
-        y = kernels.selective_state_update_ref(
+        y, state.ssm = kernels.selective_state_step(
             state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
         )

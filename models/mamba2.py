@@ -121,14 +121,13 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         y = kernels.ssd_scan(x, dt, A, B, C, chunk_size=self.chunk_size,
                              D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True,
-                             initial_state=state.ssm.clone() if continuing else None, seq_idx=seq_idx,
+                             initial_state=state.ssm if continuing else None, seq_idx=seq_idx,
                              return_final_state=state is not None or context is not None, backend=self.kernel_backend)
         if context is not None:
             y, last_state = y
             y = y + self._entering_state_outputs(last_state, dt, A, C, seq_idx, context).to(y.dtype)
         elif state is not None:
-            y, last_state = y
-            state.ssm.copy_(last_state)
+            y, state.ssm = y
             state.fresh = False
         return self.out_proj(self.norm(y.reshape(batch, L, self.d_inner), z))
 
@@ -161,12 +160,12 @@ class Mamba2Mixer(nn.Module):
         )
 
     def step(self, hidden: torch.Tensor, state: Mamba2State) -> torch.Tensor:
-        """One token: hidden (batch, d_model) -> (batch, d_model), updating `state` in place."""
+        """One token: hidden (batch, d_model) -> (batch, d_model), advancing `state` (to new tensors)."""
         z, xBC, dt = self._split(self.in_proj(hidden))
-        xBC = kernels.causal_conv1d_update_ref(state.conv, xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                               activation="silu")
+        xBC, state.conv = kernels.causal_conv1d_step(state.conv, xBC, self.conv1d.weight.squeeze(1),
+                                                     self.conv1d.bias, activation="silu")
         x, B, C = self._split_conv_out(xBC)
-        y = kernels.ssd_state_update_ref(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C, D=self.D.float(),
-                                         dt_bias=self.dt_bias.float(), dt_softplus=True)
+        y, state.ssm = kernels.ssd_state_step(state.ssm, x, dt, -torch.exp(self.A_log.float()), B, C,
+                                              D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True)
         state.fresh = False
         return self.out_proj(self.norm(y.reshape(-1, self.d_inner), z))

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssmforge.kernels import causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref, selective_state_update_ref
+from ssmforge.kernels import causal_conv1d_ref, causal_conv1d_step, selective_scan_ref, selective_state_step
 
 
 def scalar_scan(u, delta, A, B, C, D, z, delta_bias, softplus):
@@ -85,10 +85,16 @@ def test_state_update_continues_the_scan():
     A, D, bias = -torch.rand(d, n, generator=g), torch.randn(d, generator=g), torch.randn(d, generator=g)
     B, C = torch.randn(batch, n, L, generator=g), torch.randn(batch, n, L, generator=g)
     full = selective_scan_ref(u, delta, A, B, C, D, z, bias, True)
-    state = torch.zeros(batch, d, n)
-    steps = [selective_state_update_ref(state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D, z[..., t],
-                                        bias, True) for t in range(L)]
+    state, steps = torch.zeros(batch, d, n), []
+    for t in range(L):
+        y, state = selective_state_step(state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D, z[..., t],
+                                        bias, True)
+        steps.append(y)
     torch.testing.assert_close(torch.stack(steps, -1), full, rtol=1e-5, atol=1e-6)
+    # a new state each step: the one passed in is left as it was
+    before = state.clone()
+    selective_state_step(state, u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], D, z[..., 0], bias, True)
+    assert torch.equal(state, before)
 
 
 @pytest.mark.parametrize("width", [2, 3, 4])
@@ -108,6 +114,11 @@ def test_causal_conv1d_ref_matches_loop_and_update(width, activation):
         want = F.silu(want)
     out = causal_conv1d_ref(x, w, bias, activation)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-    state = torch.zeros(batch, d, width)
-    steps = torch.stack([causal_conv1d_update_ref(state, x[..., t], w, bias, activation) for t in range(L)], -1)
-    torch.testing.assert_close(steps, want, rtol=1e-5, atol=1e-6)
+    state, steps = torch.zeros(batch, d, width), []
+    for t in range(L):
+        y, next_state = causal_conv1d_step(state, x[..., t], w, bias, activation)
+        torch.testing.assert_close(next_state[..., :-1], state[..., 1:])  # shifted, the given one untouched
+        state = next_state
+        steps.append(y)
+    torch.testing.assert_close(torch.stack(steps, -1), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state, x[..., -width:])

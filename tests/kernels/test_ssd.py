@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ssmforge import kernels
-from ssmforge.kernels import ssd_scan, ssd_scan_ref, ssd_state_update_ref
+from ssmforge.kernels import ssd_scan, ssd_scan_ref, ssd_state_step
 from ssmforge.kernels.selective_scan import triton_available
 from ssmforge.kernels.ssd import ssd_chunked
 
@@ -173,9 +173,10 @@ def test_oracle_equals_the_scalar_recurrence():
 def test_state_update_steps_equal_the_scan():
     inputs = {k: v.detach() for k, v in make_inputs(L=9, nheads=4, ngroups=2).items()}
     want, want_last = ssd_scan_ref(**inputs, dt_softplus=True, return_final_state=True)
-    state = inputs["initial_state"].clone()
-    steps = [ssd_state_update_ref(state, inputs["x"][:, t], inputs["dt"][:, t], inputs["A"], inputs["B"][:, t],
+    state, steps = inputs["initial_state"], []
+    for t in range(9):
+        y, state = ssd_state_step(state, inputs["x"][:, t], inputs["dt"][:, t], inputs["A"], inputs["B"][:, t],
                                   inputs["C"][:, t], D=inputs["D"], dt_bias=inputs["dt_bias"], dt_softplus=True)
-             for t in range(9)]
+        steps.append(y)
     torch.testing.assert_close(torch.stack(steps, 1), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, want_last, rtol=1e-5, atol=1e-5)

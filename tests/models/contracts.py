@@ -3,6 +3,9 @@ forward that fills a fresh state, then one `step` per token, gives the logits of
 import torch
 
 from ssmforge.models import ModelConfig
+from ssmforge.models.registry import SYMBOLS
+
+VOCAB = 61  # every_mixer_config's vocabulary
 
 
 def model_config(base: dict, overrides: dict) -> ModelConfig:
@@ -14,6 +17,18 @@ def model_config(base: dict, overrides: dict) -> ModelConfig:
             value = {**kwargs[key], **value}
         kwargs[key] = value
     return ModelConfig.from_dict(kwargs)
+
+
+def every_mixer_config(**kw):
+    """A hybrid with one layer of every registered mixer (new mixers join by registering) and an attention
+    window long enough to never cut a document here, in fp32."""
+    pattern = "".join(sorted(SYMBOLS))
+    base = dict(family="hybrid", layer_pattern=pattern, n_layer=len(pattern), d_model=32, vocab_size=VOCAB,
+                mamba=dict(d_state=8), mamba2=dict(d_state=16, headdim=8, chunk_size=16), gss=dict(d_state=8),
+                attention=dict(heads=4, kv_heads=2), s4=dict(d_state=8), liquid_s4=dict(d_state=8, liquid_kernel="kb"),
+                s4d=dict(d_state=8), dss=dict(d_state=8), h3=dict(d_state=8, head_dim=2), hyena=dict(l_max=64),
+                lru=dict(d_state=8))
+    return model_config(base, kw)
 
 
 def assert_steps_match_forward(model, ids: torch.Tensor, prefill: int, tol: float = 1e-4) -> None:

@@ -264,7 +264,7 @@ def test_dss_softmax_stays_finite_for_growing_modes():
 def test_sizes_do_not_come_from_partitioned_parameters():
     """Under ZeRO-3 a partitioned parameter is an empty tensor: FLOPs per token (MFU) and decoding states must come
     from the config, for every mixer of the stack."""
-    from .test_document_resets import every_mixer_config
+    from .contracts import every_mixer_config
 
     model = LanguageModel(every_mixer_config())
     flops = model.forward_flops_per_token(512)
