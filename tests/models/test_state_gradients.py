@@ -38,9 +38,12 @@ def assert_all_close(got, want, names):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(scale, 1e-3), msg=name)
 
 
-@pytest.mark.parametrize("symbol", sorted(SYMBOLS))
-def test_chunks_and_steps_through_a_state_give_the_whole_forwards_gradients(symbol, one_intra_op_thread):
-    model = build()
+CASES = [(symbol, {}) for symbol in sorted(SYMBOLS)] + [("G", dict(gss=dict(d_conv=4)))]  # GSS's optional conv
+
+
+@pytest.mark.parametrize("symbol, options", CASES, ids=[f"{s}{'-' if o else ''}{'-'.join(o)}" for s, o in CASES])
+def test_chunks_and_steps_through_a_state_give_the_whole_forwards_gradients(symbol, options, one_intra_op_thread):
+    model = build(**options)
     mixer = next(block.mixer for block, kind in zip(model.layers, model.config.layer_kinds) if kind == SYMBOLS[symbol])
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, LENGTH, model.config.d_model, generator=g, requires_grad=True)
