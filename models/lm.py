@@ -2,6 +2,8 @@
 (RMSNorm -> mixer), final RMSNorm and a (tied) LM head, plus the decoding state of a mixed stack."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -67,6 +69,34 @@ class InferenceState:
     def __init__(self, model: "LanguageModel", batch: int, device: torch.device, dtype: torch.dtype):
         self.layers = [block.mixer.allocate_state(batch, device, dtype) for block in model.layers]
         self.seqlen = 0
+        self.document: torch.Tensor | None = None  # (batch,): seq_idx at the last position a chunk fed with one
+
+    def enter(self, seq_idx: torch.Tensor | None) -> None:
+        """Before a chunk with seq_idx (batch, L): a row whose first position's document differs from the one
+        the previous chunk ended in starts that document from a cleared state (chunks cut at a boundary)."""
+        if seq_idx is not None and self.document is not None:
+            new = seq_idx[:, 0] != self.document
+            if bool(new.any()):
+                for layer in self.layers:
+                    _clear_rows(layer, new)
+        self.document = None if seq_idx is None else seq_idx[:, -1]
+
+
+def _clear_rows(cache, rows: torch.Tensor) -> None:
+    """Zero the rows (batch,) of a mixer's decoding state, into new tensors: for a recurrence, a conv history
+    or Hyena's cached inputs, zeros are exactly a fresh start. Not for an attention cache, whose zero keys
+    would still be attended to."""
+    if cache is None:
+        return
+    if isinstance(cache, attention.KVCache):
+        raise ValueError("attention: a decoding state continues one document per row; a chunk with seq_idx "
+                         "cannot start a new one")
+    for field in dataclasses.fields(cache):
+        value = getattr(cache, field.name)
+        if torch.is_tensor(value):
+            setattr(cache, field.name, value.masked_fill(rows.view(-1, *[1] * (value.dim() - 1)), 0))
+        elif dataclasses.is_dataclass(value):
+            _clear_rows(value, rows)
 
 
 class LanguageModel(nn.Module):
@@ -97,6 +127,9 @@ class LanguageModel(nn.Module):
         over tokens), without materialising the logits. seq_idx (batch, L), non-decreasing integers per
         row (kernels.documents.document_index builds it from EOS positions): every mixer treats each
         document of a packed row as if it ran alone (zero state, no conv tap or attention across a boundary).
+        With `state` too, the chunk's first document continues the previous chunk's last one if their seq_idx
+        values are equal and starts afresh if not, so a stream's seq_idx cut into chunks anywhere gives what
+        the whole stream gives (not with attention layers, which refuse seq_idx with a state).
 
         With `context` (models.context_parallel), this rank computes its chunk of the rows only: input_ids,
         targets and seq_idx are the whole rows, the logits or the loss (the mean over the chunk's tokens, or
@@ -121,6 +154,8 @@ class LanguageModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, state: InferenceState | None = None,
                       seq_idx: torch.Tensor | None = None, context: ContextParallel | None = None) -> torch.Tensor:
         seq_idx = check_seq_idx(seq_idx, *input_ids.shape)
+        if state is not None:
+            state.enter(seq_idx)
         hidden = self.embedding(input_ids)
         for i, block in enumerate(self.layers):
             if state is None and self.checkpoint_blocks and self.training:

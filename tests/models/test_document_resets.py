@@ -136,6 +136,40 @@ def test_a_carried_state_with_seq_idx_reaches_only_the_first_document():
     torch.testing.assert_close(torch.cat([first, rest], dim=1), whole, rtol=1e-5, atol=1e-5)
 
 
+STREAM_CUTS = (0, 3, 7, 12, 16, 18, 24)  # row 0's documents start at 7 and 16, row 1's at 5 and 18
+
+
+def stream_through_a_state(model, ids, seq_idx):
+    state = model.allocate_state(ids.shape[0])
+    return torch.cat([model(ids[:, a:b], state=state, seq_idx=seq_idx[:, a:b])
+                      for a, b in zip(STREAM_CUTS, STREAM_CUTS[1:])], dim=1)
+
+
+def test_a_stream_cut_into_chunks_anywhere_equals_it_whole():
+    """A stream's seq_idx cut into chunks: a chunk whose first position starts a document (in one row, not the
+    other) starts it from a cleared state, one that continues a document continues it."""
+    model = build(every_mixer_config(layer_pattern="M2GSQDEHYL", n_layer=10, gss=dict(d_conv=4)))
+    ids = torch.stack([torch.cat(documents(lengths, seed=9 + r)) for r, lengths in enumerate([[7, 9, 8], [5, 13, 6]])])
+    seq_idx = document_index(ids, EOS)
+    assert seq_idx[0, 7] != seq_idx[0, 6] and seq_idx[1, 7] == seq_idx[1, 6]
+    with torch.no_grad():
+        whole = model(ids, seq_idx=seq_idx)
+        torch.testing.assert_close(stream_through_a_state(model, ids, seq_idx), whole, rtol=1e-5, atol=1e-5)
+        # the negative: each chunk's seq_idx renumbered from 0 says every chunk continues the last document
+        renumbered = torch.cat([seq_idx[:, a:b] - seq_idx[:, a:a + 1]
+                                for a, b in zip(STREAM_CUTS, STREAM_CUTS[1:])], dim=1)
+        leaked = stream_through_a_state(model, ids, renumbered)
+    torch.testing.assert_close(leaked[:, :7], whole[:, :7], rtol=1e-5, atol=1e-5)
+    assert (leaked[0, 7:12] - whole[0, 7:12]).abs().max() > 1e-3
+
+
+def test_attention_refuses_a_stream_with_a_state():
+    model = build(every_mixer_config(layer_pattern="M*", n_layer=2))
+    ids = torch.randint(1, VOCAB, (1, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), pytest.raises(ValueError, match="attention: a decoding state continues one document"):
+        model(ids, state=model.allocate_state(1), seq_idx=torch.zeros(1, 8, dtype=torch.int32))
+
+
 def test_document_index_starts_a_document_at_each_eos():
     ids = torch.tensor([[5, 6, EOS, 7, EOS, EOS, 8], [EOS, 1, 2, 3, 4, 5, 6]])
     assert document_index(ids, EOS).tolist() == [[0, 0, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1]]
