@@ -127,10 +127,12 @@ def test_a_starting_job_keeps_a_running_jobs_shared_memory_and_removes_a_killed_
         # a job maps the segments of the prefixes that streaming walked past to find a free one
         killed = {path: inode for path, inode in mapped_segments(jobs["killed"].pid).items() if path not in running}
         assert len(running) >= 6 and len(killed) >= 6  # locals, barrier, next_epoch, cache_usage, shard_states, ...
-        # as SLURM ends a job: every process of it, Python's resource tracker too (which would unlink the segments)
-        os.killpg(jobs["killed"].pid, signal.SIGKILL)
-        jobs["killed"].wait(timeout=60)
-        assert still_there(killed) == sorted(killed)  # left behind
+        # as SLURM ends a job: every process of it, Python's resource tracker too (which would unlink the segments);
+        # under the node lock, so that no job another test starts meanwhile removes them before they are counted
+        with another_job_registering():
+            os.killpg(jobs["killed"].pid, signal.SIGKILL)
+            jobs["killed"].wait(timeout=60)
+            assert still_there(killed) == sorted(killed)  # left behind
 
         jobs["starting"] = start_job(shards, tmp_path / "starting")
         assert still_there(killed) == []
