@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ssmforge import kernels
 from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 
 from .config import ModelConfig
@@ -133,8 +134,8 @@ class H3Mixer(nn.Module):
         q, k, v = self.in_proj(hidden).chunk(3, dim=-1)  # (batch, d_model) each
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-            state.conv = torch.cat([state.conv[..., 1:], k[..., None]], dim=-1)
-            shifted = (state.conv * self.shift_C.flip(-1)).sum(-1) + self.D_k * k
+            shifted, state.conv = kernels.causal_conv1d_step(state.conv, k, self.shift_C.flip(-1))
+            shifted = shifted + self.D_k * k
             kv = self._heads(shifted, v)
             s = diagonal_step(kv, *self.kernel.discrete(), state.diag, groups=self.head_dim ** 2)
             s = s + self.D.repeat(self.head_dim ** 2) * kv
