@@ -84,13 +84,10 @@ class InferenceState:
 
 def _clear_rows(cache, rows: torch.Tensor) -> None:
     """Zero the rows (batch,) of a mixer's decoding state, into new tensors: for a recurrence, a conv history
-    or Hyena's cached inputs, zeros are exactly a fresh start. Not for an attention cache, whose zero keys
-    would still be attended to."""
-    if cache is None:
+    or Hyena's cached inputs, zeros are exactly a fresh start. An attention cache is left alone (its zero keys
+    would still be attended to): attention's forward refuses seq_idx with a state itself."""
+    if cache is None or isinstance(cache, attention.KVCache):
         return
-    if isinstance(cache, attention.KVCache):
-        raise ValueError("attention: a decoding state continues one document per row; a chunk with seq_idx "
-                         "cannot start a new one")
     for field in dataclasses.fields(cache):
         value = getattr(cache, field.name)
         if torch.is_tensor(value):
