@@ -29,15 +29,17 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
     return angles.cos(), angles.sin()
 
 
-def document_positions(start: int, L: int, seq_idx: torch.Tensor | None, device) -> torch.Tensor:
-    """Rotary positions of L tokens that follow `start` earlier ones: (L,) start..start+L-1, or with seq_idx
-    (batch, L) each document after a boundary counts from 0 (a packed document is positioned as if alone)."""
+def document_positions(first, L: int, seq_idx: torch.Tensor | None, device) -> torch.Tensor:
+    """Rotary positions of L tokens whose first sits at position `first` of its document (an int, or a (batch,)
+    tensor, one per row): (L,) or (batch, L) first..first+L-1; with seq_idx (batch, L) each document that
+    starts inside the L tokens counts from 0 (a packed document is positioned as if alone)."""
     t = torch.arange(L, device=device)
+    base = first + t if isinstance(first, int) else first[:, None] + t
     if seq_idx is None:
-        return start + t
+        return base
     starts = document_starts(seq_idx)
     last_start = torch.cummax(torch.where(starts, t, 0), dim=1).values
-    return torch.where(starts.cummax(dim=1).values, t - last_start, start + t)
+    return torch.where(starts.cummax(dim=1).values, t - last_start, base)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -51,11 +53,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Decoding cache of one attention layer: rotated keys and values of past tokens. With a sliding
     window it is a ring buffer of at most `window` slots (token p in slot p % window), so memory stays
-    O(window); without one it grows by doubling."""
+    O(window); without one it grows by doubling. `document_start` (batch,) is the stream index where each
+    row's current document began, once a chunk with seq_idx has been fed (None: every row at 0): earlier
+    keys are masked, and positions count from it."""
 
     k: torch.Tensor  # (batch, kv_heads, capacity, head_dim)
     v: torch.Tensor  # (batch, kv_heads, capacity, head_dim)
     length: int = 0  # tokens seen so far: the position of the next token
+    document_start: torch.Tensor | None = None
+
+    def restart(self, rows: torch.Tensor) -> None:
+        """The next token of the rows (batch,) starts a new document: it sees none of the cached keys."""
+        begun = self.document_start if self.document_start is not None else \
+            torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+        self.document_start = torch.where(rows, self.length, begun)
+
+    def in_document(self, index: torch.Tensor) -> torch.Tensor | None:
+        """(batch, 1, n) bool: the stream positions `index` (n,) that lie in each row's current document
+        (None when every row's document began at 0)."""
+        if self.document_start is None:
+            return None
+        return (index[None, :] >= self.document_start[:, None])[:, None]
 
 
 @register_mixer("attention")
@@ -115,23 +133,23 @@ class CausalSelfAttention(nn.Module):
         """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
         row; a token attends only within its document (block-diagonal causal mask) and its rotary position
         counts from its document's start. With `state`, the tokens follow those cached in it (attending to
-        them within the window) and are added to it (the last `window` of them with a sliding window). With
+        them within the window, and with seq_idx, the first document only to those of its own document, the
+        state's current one) and are added to it (the last `window` of them with a sliding window). With
         `context`, hidden is one chunk of the rows and attends to the keys and values of the chunks up to
         its own, gathered from the group."""
         if context is not None:
             return self._forward_context_parallel(hidden, context)
         batch, L, _ = hidden.shape
-        if state is not None and seq_idx is not None:
-            raise ValueError("attention: a decoding state continues one document per row; seq_idx is for packed "
-                             "rows without a state")
         start = 0 if state is None else state.length
-        q, k, v = self._heads(hidden, document_positions(start, L, seq_idx, hidden.device))
+        first = start if state is None or state.document_start is None else start - state.document_start
+        q, k, v = self._heads(hidden, document_positions(first, L, seq_idx, hidden.device))
         if state is not None and state.length > 0:
             k_past, v_past, past_index = self._ordered_cache(state)
             k, v = torch.cat([k_past, k.to(k_past.dtype)], dim=2), torch.cat([v_past, v.to(v_past.dtype)], dim=2)
         else:
             past_index = torch.arange(0, device=hidden.device)
         key_index = torch.cat([past_index, start + torch.arange(L, device=hidden.device)])
+        in_document = None if state is None else state.in_document(key_index)
         if past_index.numel() == 0 and seq_idx is None and (self.window is None or self.window >= L):
             y = self._attend(q, k, v, is_causal=True)
         else:
@@ -139,12 +157,25 @@ class CausalSelfAttention(nn.Module):
             mask = distance >= 0
             if self.window is not None:
                 mask = mask & (distance < self.window)
-            if seq_idx is not None:  # block-diagonal: (batch, 1, L, L)
-                mask = (mask & (seq_idx[:, :, None] == seq_idx[:, None, :]))[:, None]
+            if in_document is not None:  # (batch, 1, L, keys)
+                mask = mask & in_document[..., None, :]
+            if seq_idx is not None:  # block-diagonal; cached keys in the document belong to the chunk's first
+                key_documents = torch.cat([seq_idx[:, :1].expand(batch, past_index.numel()), seq_idx], dim=1)
+                mask = mask & (seq_idx[:, :, None] == key_documents[:, None, :])[:, None]
             y = self._attend(q, k, v, mask=mask)
         if state is not None:
             self._store(state, k, v, key_index)
+            if seq_idx is not None:
+                self._enter_documents(state, start, seq_idx)
         return self.o_proj(y)
+
+    @staticmethod
+    def _enter_documents(state: KVCache, start: int, seq_idx: torch.Tensor) -> None:
+        """After a chunk from stream position `start`: each row's current document is the last one it began."""
+        t = torch.arange(seq_idx.shape[1], device=seq_idx.device)
+        last = torch.where(document_starts(seq_idx), t, -1).max(dim=1).values
+        begun = state.document_start if state.document_start is not None else torch.zeros_like(last)
+        state.document_start = torch.where(last >= 0, start + last, begun)
 
     def _forward_context_parallel(self, hidden: torch.Tensor, context: ContextParallel) -> torch.Tensor:
         """One chunk's queries against the keys and values of every chunk up to this rank's (all-gathered:
@@ -205,7 +236,9 @@ class CausalSelfAttention(nn.Module):
         """One token: hidden (batch, d_model) -> (batch, d_model); appends its key and value to `state`
         and attends over the cache (at most `window` tokens, itself included)."""
         pos = state.length
-        q, k, v = self._heads(hidden[:, None], torch.tensor([pos], device=hidden.device))
+        positions = torch.tensor([pos], device=hidden.device) if state.document_start is None else \
+            (pos - state.document_start)[:, None]
+        q, k, v = self._heads(hidden[:, None], positions)
         slot = pos if self.window is None else pos % self.window
         self._grow(state, slot + 1)
         if torch.is_grad_enabled():  # a new cache: the one it replaces may be saved for backward by earlier steps
@@ -219,5 +252,9 @@ class CausalSelfAttention(nn.Module):
         # filled slots are the first min(pos + 1, capacity); keys carry their own rotation, so the
         # ring buffer's order does not matter to softmax
         filled = min(pos + 1, state.k.shape[2])
-        y = self._attend(q, state.k[:, :, :filled], state.v[:, :, :filled])
+        slots = torch.arange(filled, device=hidden.device)
+        index = slots if self.window is None else pos - (pos - slots) % self.window  # the token each slot holds
+        mask = state.in_document(index)
+        y = self._attend(q, state.k[:, :, :filled], state.v[:, :, :filled],
+                         mask=None if mask is None else mask[..., None, :])
         return self.o_proj(y[:, 0])

@@ -83,10 +83,13 @@ class InferenceState:
 
 
 def _clear_rows(cache, rows: torch.Tensor) -> None:
-    """Zero the rows (batch,) of a mixer's decoding state, into new tensors: for a recurrence, a conv history
-    or Hyena's cached inputs, zeros are exactly a fresh start. An attention cache is left alone (its zero keys
-    would still be attended to): attention's forward refuses seq_idx with a state itself."""
-    if cache is None or isinstance(cache, attention.KVCache):
+    """Start a new document in the rows (batch,) of a mixer's decoding state. A recurrence's state, a conv
+    history or Hyena's cached inputs are zeroed, into new tensors: zeros are exactly a fresh start. An
+    attention cache masks its keys from then on instead (zero keys would still be attended to)."""
+    if cache is None:
+        return
+    if isinstance(cache, attention.KVCache):
+        cache.restart(rows)
         return
     for field in dataclasses.fields(cache):
         value = getattr(cache, field.name)
@@ -126,7 +129,7 @@ class LanguageModel(nn.Module):
         document of a packed row as if it ran alone (zero state, no conv tap or attention across a boundary).
         With `state` too, the chunk's first document continues the previous chunk's last one if their seq_idx
         values are equal and starts afresh if not, so a stream's seq_idx cut into chunks anywhere gives what
-        the whole stream gives (not with attention layers, which refuse seq_idx with a state).
+        the whole stream gives.
 
         With `context` (models.context_parallel), this rank computes its chunk of the rows only: input_ids,
         targets and seq_idx are the whole rows, the logits or the loss (the mean over the chunk's tokens, or

@@ -121,10 +121,9 @@ def test_gss_with_its_short_conv_keeps_documents_apart_and_continues_chunks():
 
 
 def test_a_carried_state_with_seq_idx_reaches_only_the_first_document():
-    """For the SSM mixers (what context parallelism passes between ranks): a chunk that continues a state and
+    """For every mixer (the SSMs' states are what context parallelism passes between ranks): a chunk that continues a state and
     holds a document boundary equals the whole row with the same boundary."""
-    config = every_mixer_config(layer_pattern="M2GSQDEHYL", n_layer=10)
-    model = build(config)
+    model = build(every_mixer_config())
     docs = documents([7, 9, 8], seed=8)
     ids = torch.cat(docs)[None]
     seq_idx = document_index(ids, EOS)
@@ -139,19 +138,30 @@ def test_a_carried_state_with_seq_idx_reaches_only_the_first_document():
 STREAM_CUTS = (0, 3, 7, 12, 16, 18, 24)  # row 0's documents start at 7 and 16, row 1's at 5 and 18
 
 
-def stream_through_a_state(model, ids, seq_idx):
+def stream_through_a_state(model, ids, seq_idx, steps_from=None):
+    """Logits of ids fed through one state as the chunks STREAM_CUTS (up to `steps_from`), then one `step` per
+    remaining token."""
+    steps_from = ids.shape[1] if steps_from is None else steps_from
+    cuts = [c for c in STREAM_CUTS if c < steps_from] + [steps_from]
     state = model.allocate_state(ids.shape[0])
-    return torch.cat([model(ids[:, a:b], state=state, seq_idx=seq_idx[:, a:b])
-                      for a, b in zip(STREAM_CUTS, STREAM_CUTS[1:])], dim=1)
+    pieces = [model(ids[:, a:b], state=state, seq_idx=seq_idx[:, a:b]) for a, b in zip(cuts, cuts[1:])]
+    return torch.cat(pieces + [model.step(ids[:, t], state)[:, None] for t in range(steps_from, ids.shape[1])], dim=1)
 
 
-def test_a_stream_cut_into_chunks_anywhere_equals_it_whole():
-    """A stream's seq_idx cut into chunks: a chunk whose first position starts a document (in one row, not the
-    other) starts it from a cleared state, one that continues a document continues it."""
-    model = build(every_mixer_config(layer_pattern="M2GSQDEHYL", n_layer=10, gss=dict(d_conv=4)))
+def stream_rows():
     ids = torch.stack([torch.cat(documents(lengths, seed=9 + r)) for r, lengths in enumerate([[7, 9, 8], [5, 13, 6]])])
     seq_idx = document_index(ids, EOS)
     assert seq_idx[0, 7] != seq_idx[0, 6] and seq_idx[1, 7] == seq_idx[1, 6]
+    return ids, seq_idx
+
+
+@pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
+def test_a_stream_cut_into_chunks_anywhere_equals_it_whole(window):
+    """A stream's seq_idx cut into chunks: a chunk whose first position starts a document (in one row, not the
+    other) starts it from a cleared state (attention: from no visible key), one that continues a document
+    continues it; every mixer, attention's cache whole and as a ring buffer shorter than the chunks."""
+    model = build(every_mixer_config(gss=dict(d_conv=4), attention=dict(window=window)))
+    ids, seq_idx = stream_rows()
     with torch.no_grad():
         whole = model(ids, seq_idx=seq_idx)
         torch.testing.assert_close(stream_through_a_state(model, ids, seq_idx), whole, rtol=1e-5, atol=1e-5)
@@ -163,11 +173,31 @@ def test_a_stream_cut_into_chunks_anywhere_equals_it_whole():
     assert (leaked[0, 7:12] - whole[0, 7:12]).abs().max() > 1e-3
 
 
-def test_attention_refuses_a_stream_with_a_state():
-    model = build(every_mixer_config(layer_pattern="M*", n_layer=2))
-    ids = torch.randint(1, VOCAB, (1, 8), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad(), pytest.raises(ValueError, match="attention: a decoding state continues one document"):
-        model(ids, state=model.allocate_state(1), seq_idx=torch.zeros(1, 8, dtype=torch.int32))
+@pytest.mark.parametrize("steps_from, until", [(9, 16), (20, 24)])
+def test_decoding_steps_continue_the_document_a_chunk_began(steps_from, until):
+    """Chunks with seq_idx, then one `step` per token: the steps continue each row's last document (attention
+    sees only its keys, its positions count from its start), from inside a document (9, up to the next
+    boundary: a step has no seq_idx) and after each row's last boundary (20)."""
+    model = build(every_mixer_config(gss=dict(d_conv=4)))
+    ids, seq_idx = stream_rows()
+    with torch.no_grad():
+        whole = model(ids, seq_idx=seq_idx)
+        streamed = stream_through_a_state(model, ids, seq_idx, steps_from=steps_from)
+    torch.testing.assert_close(streamed[:, steps_from:until], whole[:, steps_from:until], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_alone_streams_documents_as_if_each_ran_alone():
+    """An attention-only model (no SSM mixer to carry a leak it would hide): the streamed logits of each
+    document equal that document fed alone from a fresh state."""
+    model = build(every_mixer_config(layer_pattern="**", n_layer=2))
+    ids, seq_idx = stream_rows()
+    with torch.no_grad():
+        streamed = stream_through_a_state(model, ids, seq_idx, steps_from=20)
+        for row in range(2):
+            bounds = torch.nonzero(document_index(ids[row:row + 1], EOS)[0].diff()).flatten().add(1).tolist()
+            for a, b in zip([0] + bounds, bounds + [ids.shape[1]]):
+                alone = model(ids[row:row + 1, a:b])
+                torch.testing.assert_close(streamed[row:row + 1, a:b], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_document_index_starts_a_document_at_each_eos():
