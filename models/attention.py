@@ -53,14 +53,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class KVCache:
     """Decoding cache of one attention layer: rotated keys and values of past tokens. With a sliding
     window it is a ring buffer of at most `window` slots (token p in slot p % window), so memory stays
-    O(window); without one it grows by doubling. `document_start` (batch,) is the stream index where each
-    row's current document began, once a chunk with seq_idx has been fed (None: every row at 0): earlier
-    keys are masked, and positions count from it."""
+    O(window); without one it grows by doubling, token p in slot p - offset. `document_start` (batch,) is the
+    stream index where each row's current document began, once a chunk with seq_idx has been fed (None:
+    every row at 0): earlier keys are masked, positions count from it, and without a window a chunk drops the
+    keys that precede every row's document (offset), so a packed stream keeps only its current documents."""
 
     k: torch.Tensor  # (batch, kv_heads, capacity, head_dim)
     v: torch.Tensor  # (batch, kv_heads, capacity, head_dim)
     length: int = 0  # tokens seen so far: the position of the next token
     document_start: torch.Tensor | None = None
+    offset: int = 0  # without a window: the stream index of slot 0
 
     def restart(self, rows: torch.Tensor) -> None:
         """The next token of the rows (batch,) starts a new document: it sees none of the cached keys."""
@@ -133,8 +135,9 @@ class CausalSelfAttention(nn.Module):
         """hidden (batch, L, d_model) -> (batch, L, d_model). seq_idx (batch, L): document index of a packed
         row; a token attends only within its document (block-diagonal causal mask) and its rotary position
         counts from its document's start. With `state`, the tokens follow those cached in it (attending to
-        them within the window, and with seq_idx, the first document only to those of its own document, the
-        state's current one) and are added to it (the last `window` of them with a sliding window). With
+        them within the window, only to the keys of each row's current document once a chunk with seq_idx has
+        begun one, and with seq_idx, only from the chunk's first document) and are added to it (the last
+        `window` of them with a sliding window). With
         `context`, hidden is one chunk of the rows and attends to the keys and values of the chunks up to
         its own, gathered from the group."""
         if context is not None:
@@ -164,9 +167,9 @@ class CausalSelfAttention(nn.Module):
                 mask = mask & (seq_idx[:, :, None] == key_documents[:, None, :])[:, None]
             y = self._attend(q, k, v, mask=mask)
         if state is not None:
-            self._store(state, k, v, key_index)
             if seq_idx is not None:
                 self._enter_documents(state, start, seq_idx)
+            self._store(state, k, v, key_index)
         return self.o_proj(y)
 
     @staticmethod
@@ -201,19 +204,25 @@ class CausalSelfAttention(nn.Module):
         return KVCache(k=empty, v=empty.clone())
 
     def _ordered_cache(self, state: KVCache):
-        """The cached keys and values in stream order, with their stream indices (the last min(length,
+        """The cached keys and values in stream order, with their stream indices (the last min(length - offset,
         capacity) tokens; slot p % window holds token p in a sliding window's ring buffer)."""
-        filled = min(state.length, state.k.shape[2])
+        filled = min(state.length - state.offset, state.k.shape[2])
         index = torch.arange(state.length - filled, state.length, device=state.k.device)
-        slots = index if self.window is None else index % self.window
+        slots = index - state.offset if self.window is None else index % self.window
         return state.k[:, :, slots], state.v[:, :, slots], index
 
     def _store(self, state: KVCache, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> None:
-        """Refill the cache from keys and values (batch, kv_heads, n, hd) of the stream positions `index` (n,):
-        keep the last `window` of them (all without a window)."""
+        """Refill the cache from keys and values (batch, kv_heads, n, hd) of the stream positions `index` (n,
+        consecutive): keep the last `window` of them, or without a window those from the earliest current
+        document on (all of them without seq_idx)."""
         keep = index.numel() if self.window is None else min(index.numel(), self.window)
+        if self.window is None and state.document_start is not None and index.numel():
+            keep = min(keep, int(index[-1]) + 1 - int(state.document_start.min()))
         slots = index[index.numel() - keep:]
-        if self.window is not None:
+        if self.window is None:
+            state.offset = int(slots[0]) if keep else state.offset
+            slots = slots - state.offset
+        else:
             slots = slots % self.window
         state.k = k.new_zeros(*k.shape[:2], keep, k.shape[3], dtype=state.k.dtype)
         state.v = torch.zeros_like(state.k)
@@ -234,12 +243,13 @@ class CausalSelfAttention(nn.Module):
 
     def step(self, hidden: torch.Tensor, state: KVCache) -> torch.Tensor:
         """One token: hidden (batch, d_model) -> (batch, d_model); appends its key and value to `state`
-        and attends over the cache (at most `window` tokens, itself included)."""
+        and attends over the cache (at most `window` tokens, itself included), continuing each row's current
+        document (only its keys, positions from its start) once chunks with seq_idx have begun one."""
         pos = state.length
         positions = torch.tensor([pos], device=hidden.device) if state.document_start is None else \
             (pos - state.document_start)[:, None]
         q, k, v = self._heads(hidden[:, None], positions)
-        slot = pos if self.window is None else pos % self.window
+        slot = pos - state.offset if self.window is None else pos % self.window
         self._grow(state, slot + 1)
         if torch.is_grad_enabled():  # a new cache: the one it replaces may be saved for backward by earlier steps
             at = torch.tensor([slot], device=k.device)
@@ -249,11 +259,11 @@ class CausalSelfAttention(nn.Module):
             state.k[:, :, slot] = k[:, :, 0].to(state.k.dtype)
             state.v[:, :, slot] = v[:, :, 0].to(state.v.dtype)
         state.length = pos + 1
-        # filled slots are the first min(pos + 1, capacity); keys carry their own rotation, so the
+        # filled slots are the first min(pos + 1 - offset, capacity); keys carry their own rotation, so the
         # ring buffer's order does not matter to softmax
-        filled = min(pos + 1, state.k.shape[2])
+        filled = min(pos + 1 - state.offset, state.k.shape[2])
         slots = torch.arange(filled, device=hidden.device)
-        index = slots if self.window is None else pos - (pos - slots) % self.window  # the token each slot holds
+        index = slots + state.offset if self.window is None else pos - (pos - slots) % self.window  # token in slot
         mask = state.in_document(index)
         y = self._attend(q, state.k[:, :, :filled], state.v[:, :, :filled],
                          mask=None if mask is None else mask[..., None, :])

@@ -173,12 +173,13 @@ def test_a_stream_cut_into_chunks_anywhere_equals_it_whole(window):
     assert (leaked[0, 7:12] - whole[0, 7:12]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
 @pytest.mark.parametrize("steps_from, until", [(9, 16), (20, 24)])
-def test_decoding_steps_continue_the_document_a_chunk_began(steps_from, until):
+def test_decoding_steps_continue_the_document_a_chunk_began(steps_from, until, window):
     """Chunks with seq_idx, then one `step` per token: the steps continue each row's last document (attention
-    sees only its keys, its positions count from its start), from inside a document (9, up to the next
-    boundary: a step has no seq_idx) and after each row's last boundary (20)."""
-    model = build(every_mixer_config(gss=dict(d_conv=4)))
+    sees only its keys, its positions count from its start, whole cache or wrapped ring buffer), from inside
+    a document (9, up to the next boundary: a step has no seq_idx) and after each row's last boundary (20)."""
+    model = build(every_mixer_config(gss=dict(d_conv=4), attention=dict(window=window)))
     ids, seq_idx = stream_rows()
     with torch.no_grad():
         whole = model(ids, seq_idx=seq_idx)
@@ -186,10 +187,11 @@ def test_decoding_steps_continue_the_document_a_chunk_began(steps_from, until):
     torch.testing.assert_close(streamed[:, steps_from:until], whole[:, steps_from:until], rtol=1e-5, atol=1e-5)
 
 
-def test_attention_alone_streams_documents_as_if_each_ran_alone():
+@pytest.mark.parametrize("window", [None, 6], ids=["full", "window6"])
+def test_attention_alone_streams_documents_as_if_each_ran_alone(window):
     """An attention-only model (no SSM mixer to carry a leak it would hide): the streamed logits of each
     document equal that document fed alone from a fresh state."""
-    model = build(every_mixer_config(layer_pattern="**", n_layer=2))
+    model = build(every_mixer_config(layer_pattern="**", n_layer=2, attention=dict(window=window)))
     ids, seq_idx = stream_rows()
     with torch.no_grad():
         streamed = stream_through_a_state(model, ids, seq_idx, steps_from=20)
@@ -198,6 +200,25 @@ def test_attention_alone_streams_documents_as_if_each_ran_alone():
             for a, b in zip([0] + bounds, bounds + [ids.shape[1]]):
                 alone = model(ids[row:row + 1, a:b])
                 torch.testing.assert_close(streamed[row:row + 1, a:b], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_full_cache_keeps_only_the_current_documents():
+    """Without a window, a chunk drops the keys before every row's current document: after the stream's
+    chunks the cache holds positions 16.. (row 0's last document starts at 16, row 1's at 18), and steps
+    after it give what each row's last document, continued by the same tokens, gives alone."""
+    model = build(every_mixer_config(layer_pattern="**", n_layer=2))
+    ids, seq_idx = stream_rows()
+    more = torch.randint(1, VOCAB, (2, 3), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        state = model.allocate_state(2)
+        for a, b in zip(STREAM_CUTS, STREAM_CUTS[1:]):
+            model(ids[:, a:b], state=state, seq_idx=seq_idx[:, a:b])
+        assert [(cache.offset, cache.k.shape[2]) for cache in state.layers] == [(16, 8), (16, 8)]
+        assert state.layers[0].document_start.tolist() == [16, 18]
+        stepped = torch.stack([model.step(more[:, t], state) for t in range(3)], dim=1)
+        for row, start in ((0, 16), (1, 18)):
+            alone = model(torch.cat([ids[row, start:], more[row]])[None])[:, -3:]
+            torch.testing.assert_close(stepped[row:row + 1], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_document_index_starts_a_document_at_each_eos():
