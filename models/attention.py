@@ -71,11 +71,11 @@ class KVCache:
         self.document_start = torch.where(rows, self.length, begun)
 
     def in_document(self, index: torch.Tensor) -> torch.Tensor | None:
-        """(batch, 1, n) bool: the stream positions `index` (n,) that lie in each row's current document
-        (None when every row's document began at 0)."""
+        """(batch, 1, 1, n) bool, an attention mask over heads and queries: the stream positions `index` (n,)
+        that lie in each row's current document (None when every row's document began at 0)."""
         if self.document_start is None:
             return None
-        return (index[None, :] >= self.document_start[:, None])[:, None]
+        return (index[None, :] >= self.document_start[:, None])[:, None, None]
 
 
 @register_mixer("attention")
@@ -161,7 +161,7 @@ class CausalSelfAttention(nn.Module):
             if self.window is not None:
                 mask = mask & (distance < self.window)
             if in_document is not None:  # (batch, 1, L, keys)
-                mask = mask & in_document[..., None, :]
+                mask = mask & in_document
             if seq_idx is not None:  # block-diagonal; cached keys in the document belong to the chunk's first
                 key_documents = torch.cat([seq_idx[:, :1].expand(batch, past_index.numel()), seq_idx], dim=1)
                 mask = mask & (seq_idx[:, :, None] == key_documents[:, None, :])[:, None]
@@ -262,9 +262,10 @@ class CausalSelfAttention(nn.Module):
         # filled slots are the first min(pos + 1 - offset, capacity); keys carry their own rotation, so the
         # ring buffer's order does not matter to softmax
         filled = min(pos + 1 - state.offset, state.k.shape[2])
-        slots = torch.arange(filled, device=hidden.device)
-        index = slots + state.offset if self.window is None else pos - (pos - slots) % self.window  # token in slot
-        mask = state.in_document(index)
-        y = self._attend(q, state.k[:, :, :filled], state.v[:, :, :filled],
-                         mask=None if mask is None else mask[..., None, :])
+        mask = None
+        if state.document_start is not None:  # plain decoding builds no mask
+            slots = torch.arange(filled, device=hidden.device)
+            mask = state.in_document(slots + state.offset if self.window is None
+                                     else pos - (pos - slots) % self.window)  # the token each slot holds
+        y = self._attend(q, state.k[:, :, :filled], state.v[:, :, :filled], mask=mask)
         return self.o_proj(y[:, 0])
