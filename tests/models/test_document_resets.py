@@ -121,8 +121,8 @@ def test_gss_with_its_short_conv_keeps_documents_apart_and_continues_chunks():
 
 
 def test_a_carried_state_with_seq_idx_reaches_only_the_first_document():
-    """For every mixer (the SSMs' states are what context parallelism passes between ranks): a chunk that continues a state and
-    holds a document boundary equals the whole row with the same boundary."""
+    """For every mixer (the SSMs' states are what context parallelism passes between ranks): a chunk that
+    continues a state and holds a document boundary equals the whole row with the same boundary."""
     model = build(every_mixer_config())
     docs = documents([7, 9, 8], seed=8)
     ids = torch.cat(docs)[None]
