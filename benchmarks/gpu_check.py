@@ -552,10 +552,13 @@ def _only_output(run):
 
 def _vandermonde_kernel(backend):
     """The kernel as models.diagonal builds it on `backend` ("ref": the powers in blocks of channels)."""
+    from ssmforge.models.config import ModelConfig
     from ssmforge.models.diagonal import vandermonde_kernel
+    from ssmforge.models.layers import kernel_block_bytes
 
+    block_bytes = kernel_block_bytes(ModelConfig())  # the default block, as a model builds it
     return lambda i: vandermonde_kernel(torch.view_as_complex(i["w"]), torch.view_as_complex(i["dt_lam"]),
-                                        i["positions"].numel(), backend)
+                                        i["positions"].numel(), backend, block_bytes=block_bytes)
 
 
 def _nbytes(*tensors) -> int:

@@ -475,6 +475,8 @@ class ModelConfig:
     """Scale each mixer's output projection by 1/sqrt(number of blocks) at init."""
     kernel_backend: str = "auto"
     """Kernels the mixers' scans and convs call: auto (fastest for the device), ref (the sequential oracles), triton (CUDA, or CPU under TRITON_INTERPRET=1); decoding steps and the FFT conv have one implementation."""
+    kernel_block_mib: float = 256.0
+    """The most MiB of (channels, length, states) work the FFT families (S4, S4D, DSS, H3, GSS, Liquid-S4) build at once where no fused kernel does it (Vandermonde powers on the ref path, S4's Krylov powers and matrix powers, the carried-state summaries): a block of channels at a time, each recomputed in backward. Larger blocks: fewer, larger launches; smaller: a lower peak."""
     mamba: MambaConfig = field(default_factory=MambaConfig)
     """Keys of the Mamba mixer."""
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
@@ -547,6 +549,7 @@ class ModelConfig:
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.initializer_range > 0, "initializer_range", "must be > 0")
         need(self.kernel_backend in KERNEL_BACKENDS, "kernel_backend", f"one of {', '.join(KERNEL_BACKENDS)}")
+        need(self.kernel_block_mib > 0, "kernel_block_mib", "must be > 0 (MiB of kernel work per block of channels)")
         need(self.kernel_backend != "triton" or importlib.util.find_spec("triton") is not None, "kernel_backend",
              "triton is not installed")
         for name in dict.fromkeys(self.layer_kinds):

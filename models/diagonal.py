@@ -68,46 +68,52 @@ def ungrouped(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 1, 0, *range(3, 3 + len(rest))).reshape(batch, groups * heads, *rest)
 
 
-def vandermonde_kernel(w: torch.Tensor, dt_lam: torch.Tensor, length: int, backend: str | None = None) -> torch.Tensor:
+def vandermonde_kernel(w: torch.Tensor, dt_lam: torch.Tensor, length: int, backend: str | None = None, *,
+                       block_bytes: int) -> torch.Tensor:
     """K (H, length) real: K_l = Re(sum_n w_n exp(dt_lam_n l)) (kernels.vandermonde; backend None: the device's
     default). The fused Triton kernel never materialises the (H, N, length) powers; PyTorch's path builds them a
-    block of channels at a time and recomputes them in backward rather than keeps them (N times the size of K)."""
+    block of channels (at most block_bytes of powers) at a time and recomputes them in backward rather than keeps
+    them (N times the size of K)."""
     if (backend or vandermonde_default_backend(w.device)) != "ref":
         return vandermonde(w, dt_lam, length, backend)
-    return recomputed_by_channels(vandermonde_ref, length, w.shape[-1] * length * w.element_size(), w, dt_lam)
+    return recomputed_by_channels(vandermonde_ref, length, w.shape[-1] * length * w.element_size(), w, dt_lam,
+                                  block_bytes=block_bytes)
 
 
 def diagonal_conv(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None = None,
                   state: DiagonalState | None = None, context: ContextParallel | None = None,
-                  groups: int = 1, backend: str | None = None) -> torch.Tensor:
+                  groups: int = 1, backend: str | None = None, *, block_bytes: int) -> torch.Tensor:
     """u (batch, H, L) -> y (batch, H, L) real, the diagonal system (w, dt_lam (H / groups, N) complex, channel c
     using row c mod H / groups) applied from a zero state, or continuing `state` (unless fresh; it is left holding
     the state after the last position), or with `context` entering from the ranks holding the earlier chunks of
-    the rows. backend: the kernel's (vandermonde_kernel)."""
+    the rows. backend, block_bytes: the kernel's (vandermonde_kernel), block_bytes the state summaries' too."""
     L = u.shape[-1]
-    y = fft_causal_conv(u, tiled(vandermonde_kernel(w, dt_lam, L, backend), groups), seq_idx=seq_idx)
+    y = fft_causal_conv(u, tiled(vandermonde_kernel(w, dt_lam, L, backend, block_bytes=block_bytes), groups),
+                        seq_idx=seq_idx)
     if state is None and context is None:
         return y
     with torch.autocast(device_type=u.device.type, enabled=False):
-        last, transfer = summary(u, dt_lam, seq_idx, groups)
+        last, transfer = summary(u, dt_lam, seq_idx, groups, block_bytes=block_bytes)
         h0 = context.entering_state(last, transfer, L) if context is not None else (None if state.fresh else state.ssm)
         if h0 is not None:
-            y = y + carried(h0, w, dt_lam, seq_idx, L, groups)
+            y = y + carried(h0, w, dt_lam, seq_idx, L, groups, block_bytes=block_bytes)
             last = last + transfer * h0
     if state is not None:
         state.ssm, state.fresh = last, False
     return y
 
 
-def summary(u: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, groups: int = 1):
+def summary(u: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, groups: int = 1, *,
+            block_bytes: int):
     """The state after the last position from a zero start (batch, H, N): the inputs of the row's last document,
     each decayed to the end; and the transfer (batch, H, N) that carries an entering state to the end
     (exp(dt_lam L), zero where a document starts in the row). The (H, N, L) powers are built a block of
-    channels at a time, recomputed in backward (recomputed_by_channels), once per distinct channel."""
+    channels (at most block_bytes of work) at a time, recomputed in backward (recomputed_by_channels), once per
+    distinct channel."""
     batch, H, L = u.shape
     last_doc = in_last_document(seq_idx, batch, L, u.device).to(u.dtype).expand(H // groups, groups, batch, L)
     last = recomputed_by_channels(_last_state, L, dt_lam.shape[-1] * L * dt_lam.element_size(), grouped(u, groups),
-                                  last_doc, dt_lam)
+                                  last_doc, dt_lam, block_bytes=block_bytes)
     reach = in_first_document(seq_idx, batch, L, u.device)
     return ungrouped(last), tiled(mode_powers(dt_lam, 1, start=L)[..., 0], groups) * reach[:, -1, None, None]
 
@@ -120,13 +126,13 @@ def _last_state(u, last_doc, dt_lam, length):
 
 
 def carried(h0: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, L: int,
-            groups: int = 1):
+            groups: int = 1, *, block_bytes: int):
     """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
-    Re(sum_n w_n exp(dt_lam_n (t + 1)) h0_n), a block of distinct channels at a time."""
+    Re(sum_n w_n exp(dt_lam_n (t + 1)) h0_n), a block of distinct channels (at most block_bytes) at a time."""
     batch, H, _ = h0.shape
     reach = in_first_document(seq_idx, batch, L, h0.device).to(w.real.dtype).expand(H // groups, groups, batch, L)
     return ungrouped(recomputed_by_channels(_carried, L, dt_lam.shape[-1] * L * dt_lam.element_size(),
-                                            grouped(h0, groups), reach, w, dt_lam))
+                                            grouped(h0, groups), reach, w, dt_lam, block_bytes=block_bytes))
 
 
 def _carried(h0, reach, w, dt_lam, length):

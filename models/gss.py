@@ -47,7 +47,8 @@ from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import (DiagonalState, allocate_diagonal_state, diagonal_conv, diagonal_step, vandermonde_kernel,
                        zoh_weights)
-from .layers import Projection, RMSNorm, cap_lr, depthwise_causal_conv, keep_fp32, kernel_backend
+from .layers import (Projection, RMSNorm, cap_lr, depthwise_causal_conv, keep_fp32, kernel_backend,
+                     kernel_block_bytes)
 from .registry import register_mixer
 
 
@@ -78,6 +79,7 @@ class GSSMixer(nn.Module):
         self.d_state = N = cfg.d_state
         self.d_conv = cfg.d_conv
         self.kernel_backend = kernel_backend(config)
+        self.kernel_block_bytes = kernel_block_bytes(config)
 
         self.in_proj = Projection(config.d_model, gate + H, config)
         # the optional short conv of the SSM branch (model.gss.d_conv; None: the paper's GSS)
@@ -120,7 +122,8 @@ class GSSMixer(nn.Module):
     def dss_kernel(self, length: int) -> torch.Tensor:
         """K (H, length): K_l = Re(sum_n Ct_n exp(dt Lambda_n l)) (models.diagonal)."""
         with torch.autocast(device_type=self.C.device.type, enabled=False):
-            return vandermonde_kernel(*self._discrete(), length, self.kernel_backend)
+            return vandermonde_kernel(*self._discrete(), length, self.kernel_backend,
+                                      block_bytes=self.kernel_block_bytes)
 
     def _branches(self, hidden: torch.Tensor, short_conv=None):
         """(gate, v): the GELU gate and the normalised SSM-branch input, the branch passed through
@@ -153,7 +156,7 @@ class GSSMixer(nn.Module):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             y = diagonal_conv(v.transpose(1, 2), *self._discrete(), seq_idx=seq_idx,
                               state=None if state is None else state.diag, context=context,
-                              backend=self.kernel_backend)
+                              backend=self.kernel_backend, block_bytes=self.kernel_block_bytes)
         return self._output(y.transpose(1, 2), v, gate)
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> GSSState:

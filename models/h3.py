@@ -34,7 +34,7 @@ from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import DiagonalState, allocate_diagonal_state, diagonal_conv, diagonal_step
-from .layers import Projection, cap_lr, continued_conv, keep_fp32, kernel_backend
+from .layers import Projection, cap_lr, continued_conv, keep_fp32, kernel_backend, kernel_block_bytes
 from .registry import register_mixer
 from .s4d import S4DKernel
 
@@ -58,6 +58,7 @@ class H3Mixer(nn.Module):
         d = config.d_model
         self.layer_idx = layer_idx
         self.kernel_backend = kernel_backend(config)
+        self.kernel_block_bytes = kernel_block_bytes(config)
         # sizes as ints: under ZeRO-3 a partitioned parameter's shape is empty
         self.d_model, self.head_dim, self.heads, self.d_state = d, cfg.head_dim, d // cfg.head_dim, cfg.d_state
         self.in_proj = Projection(d, 3 * d, config)  # q, k, v
@@ -116,7 +117,8 @@ class H3Mixer(nn.Module):
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
             kv = self._heads(self._shift(k, seq_idx, state, context), v)
             s = diagonal_conv(kv, *self.kernel.discrete(), seq_idx, None if state is None else state.diag, context,
-                              groups=self.head_dim ** 2, backend=self.kernel_backend)
+                              groups=self.head_dim ** 2, backend=self.kernel_backend,
+                              block_bytes=self.kernel_block_bytes)
             s = s + self.D.repeat(self.head_dim ** 2)[:, None] * kv
             y = self._read(s, q)
         if state is not None:

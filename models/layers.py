@@ -95,18 +95,20 @@ def recomputed(function, *args):
     return checkpoint(function, *args, use_reentrant=False) if torch.is_grad_enabled() else function(*args)
 
 
-# The most bytes of (channels, length, states) work an SSM kernel builds at once (recomputed_by_channels)
-KERNEL_BLOCK_BYTES = 256 * 2**20
+def kernel_block_bytes(config) -> int:
+    """The most bytes of (channels, length, states) work an SSM kernel builds at once (model.kernel_block_mib)."""
+    return max(1, round(config.kernel_block_mib * 2**20))
 
 
-def recomputed_by_channels(function, length: int, bytes_per_channel: int, *tensors: torch.Tensor) -> torch.Tensor:
+def recomputed_by_channels(function, length: int, bytes_per_channel: int, *tensors: torch.Tensor,
+                           block_bytes: int) -> torch.Tensor:
     """function(*tensors, length) -> (channels, ...), for a function whose channels (dim 0 of every tensor) are
-    independent: applied to blocks of channels whose work (bytes_per_channel each) stays within
-    KERNEL_BLOCK_BYTES, each block recomputed in backward on its own. An SSM kernel's (channels, length, states)
-    temporaries then peak at one block's, forward and backward, not the whole layer's (2 GiB and more at
+    independent: applied to blocks of channels whose work (bytes_per_channel each) stays within block_bytes
+    (kernel_block_bytes), each block recomputed in backward on its own. An SSM kernel's (channels, length,
+    states) temporaries then peak at one block's, forward and backward, not the whole layer's (2 GiB and more at
     d_model 2048, L 2048)."""
     channels = tensors[0].shape[0]
-    block = max(1, KERNEL_BLOCK_BYTES // max(bytes_per_channel, 1))
+    block = max(1, block_bytes // max(bytes_per_channel, 1))
     if block >= channels:
         return recomputed(function, *tensors, length)
     return torch.cat([recomputed(function, *(t[start:start + block] for t in tensors), length)

@@ -75,11 +75,21 @@ class InferenceState:
         """Before a chunk with seq_idx (batch, L): a row whose first position's document differs from the one
         the previous chunk ended in starts that document from a cleared state (chunks cut at a boundary)."""
         if seq_idx is not None and self.document is not None:
-            new = seq_idx[:, 0] != self.document
-            if bool(new.any()):
-                for layer in self.layers:
-                    _clear_rows(layer, new)
+            self._clear(seq_idx[:, 0] != self.document)
         self.document = None if seq_idx is None else seq_idx[:, -1]
+
+    def restart(self, rows: torch.Tensor) -> None:
+        """Before a step whose token starts a new document in the rows (batch,) bool: their states are cleared,
+        and their document index moves on by one, as document_index counts, so that a later chunk whose seq_idx
+        begins with that index continues the document the step began."""
+        self._clear(rows)
+        if self.document is not None:
+            self.document = self.document + rows.to(self.document.dtype)
+
+    def _clear(self, rows: torch.Tensor) -> None:
+        if bool(rows.any()):
+            for layer in self.layers:
+                _clear_rows(layer, rows)
 
 
 def _clear_rows(cache, rows: torch.Tensor) -> None:
@@ -171,9 +181,16 @@ class LanguageModel(nn.Module):
         return InferenceState(self, batch, param.device, param.dtype)
 
     @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, state: InferenceState) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, state: InferenceState, starts: torch.Tensor | None = None) -> torch.Tensor:
         """One token per sequence: input_ids (batch,) -> logits (batch, padded_vocab). O(1) in the length
-        for SSM layers; an attention layer attends over its KV cache (at most model.attention.window tokens)."""
+        for SSM layers; an attention layer attends over its KV cache (at most model.attention.window tokens).
+        Each row continues its current document, except where starts (batch,) bool is set: there the token
+        begins a new one (an EOS in a packed stream, as document_index counts), from a cleared state."""
+        if starts is not None:
+            if starts.shape != input_ids.shape or starts.dtype != torch.bool:
+                raise ValueError(f"starts must be a bool tensor of shape {tuple(input_ids.shape)}, got "
+                                 f"{starts.dtype} {tuple(starts.shape)}")
+            state.restart(starts)
         hidden = self.embedding(input_ids)
         for block, layer_state in zip(self.layers, state.layers):
             hidden = block.step(hidden, layer_state)

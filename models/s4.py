@@ -52,8 +52,8 @@ Memory: the bilinear kernel's Cauchy sums need a (H, L/2 + 1, N) complex128 reso
 L 2048, N 64), except on the fused Triton kernel (kernels.cauchy, the default on CUDA), which never holds it; its
 geometric sum keeps log2 L to 2 log2 L (H, N, N) matrix powers for backward (1.6 GiB there); zoh needs the Krylov
 powers (H, N, L). The kernel is built a block of channels at a time, each block recomputed in backward on its own
-(models.layers.recomputed_by_channels, KERNEL_BLOCK_BYTES = 256 MiB per block), as are the state summaries'
-Krylov powers (H, N, L) (with a carried state or under context parallelism).
+(models.layers.recomputed_by_channels; model.kernel_block_mib, 256 MiB per block by default), as are the state
+summaries' Krylov powers (H, N, L) (with a carried state or under context parallelism).
 
 Reference whose semantics were checked: state-spaces/s4, models/s4/s4.py (SSMKernelDPLR, the "nplr"/"legs"
 kernel: nplr(), the Cauchy + Woodbury kernel, _setup_C, _setup_state/step, forward_state). Differences: C is
@@ -78,7 +78,7 @@ from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import complex_of
 from .layers import (GLUOutput, cap_lr, in_first_document, in_last_document, keep_fp32, kernel_backend,
-                     recomputed_by_channels)
+                     kernel_block_bytes, recomputed_by_channels)
 from .registry import register_mixer
 
 
@@ -241,6 +241,7 @@ class S4Mixer(nn.Module):
         self.d_state = N = cfg.d_state
         self.discretization = cfg.discretization
         self.kernel_backend = kernel_backend(config)
+        self.kernel_block_bytes = kernel_block_bytes(config)
         lam, p, b, _ = hippo_legs_nplr(N)
 
         def per_channel(x):  # every channel starts from the same HiPPO values
@@ -308,7 +309,8 @@ class S4Mixer(nn.Module):
         each recomputed in backward rather than kept (recomputed_by_channels)."""
         dt, lam, p, b, c = self.system()
         if self.discretization == "zoh":
-            return recomputed_by_channels(zoh_kernel, length, self.d_state * length * c.element_size(), c, Abar, Bbar)
+            return recomputed_by_channels(zoh_kernel, length, self.d_state * length * c.element_size(), c, Abar, Bbar,
+                                          block_bytes=self.kernel_block_bytes)
         # per channel, in complex128: geometric_sum's (N, N) matrix powers, one per bit of the length and one per
         # 1 bit, kept for backward; and on PyTorch's path the Cauchy sums' (nodes, N) resolvent (the fused kernel
         # holds none)
@@ -316,7 +318,7 @@ class S4Mixer(nn.Module):
         if (self.kernel_backend or cauchy_default_backend(dt.device)) == "ref":
             work += self.d_state * (length // 2 + 1) * 16
         return recomputed_by_channels(partial(bilinear_kernel, backend=self.kernel_backend), length, work, dt, Abar,
-                                      lam, p, b, c)
+                                      lam, p, b, c, block_bytes=self.kernel_block_bytes)
 
     # --- the sequence map -------------------------------------------------------------------------------------
 
@@ -368,10 +370,12 @@ class S4Mixer(nn.Module):
         batch, H, L = w.shape
         last_doc = in_last_document(seq_idx, batch, L, w.device)
         last = recomputed_by_channels(final_state, L, self.d_state * L * Bbar.element_size(), w.transpose(0, 1),
-                                      last_doc.to(w.dtype).expand(H, batch, L), Abar, Bbar).transpose(0, 1)
+                                      last_doc.to(w.dtype).expand(H, batch, L), Abar, Bbar,
+                                      block_bytes=self.kernel_block_bytes).transpose(0, 1)
         reach = in_first_document(seq_idx, batch, L, w.device)[:, -1]
         squarings = self.d_state ** 2 * L.bit_length() * Abar.element_size()  # per channel
-        return last, recomputed_by_channels(matrix_power, L, squarings, Abar), reach[:, None, None].to(w.dtype)
+        power = recomputed_by_channels(matrix_power, L, squarings, Abar, block_bytes=self.kernel_block_bytes)
+        return last, power, reach[:, None, None].to(w.dtype)
 
     def _carried(self, h0, seq_idx, Abar, L: int):
         """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document."""
@@ -379,7 +383,8 @@ class S4Mixer(nn.Module):
         batch, H, _ = h0.shape
         reach = in_first_document(seq_idx, batch, L, h0.device).to(c.real.dtype).expand(H, batch, L)
         return recomputed_by_channels(entering_response, L, self.d_state * (L + 1) * c.element_size(),
-                                      h0.transpose(0, 1), reach, Abar, c).transpose(0, 1)
+                                      h0.transpose(0, 1), reach, Abar, c,
+                                      block_bytes=self.kernel_block_bytes).transpose(0, 1)
 
     # --- decoding -------------------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from ssmforge.kernels.fftconv import fft_conv_flops
 from .config import ModelConfig
 from .context_parallel import ContextParallel
 from .diagonal import DiagonalState, allocate_diagonal_state, diagonal_conv, diagonal_step, zoh_weights
-from .layers import GLUOutput, cap_lr, keep_fp32, kernel_backend
+from .layers import GLUOutput, cap_lr, keep_fp32, kernel_backend, kernel_block_bytes
 from .registry import register_mixer
 
 class S4DKernel(nn.Module):
@@ -63,6 +63,7 @@ class DiagonalSSMBlock(nn.Module):
         self.channels = config.d_model  # an int: under ZeRO-3 a partitioned parameter's shape is empty
         self.kernel = kernel
         self.kernel_backend = kernel_backend(config)
+        self.kernel_block_bytes = kernel_block_bytes(config)
         self.D = keep_fp32(nn.Parameter(torch.randn(config.d_model)))
         self.output = GLUOutput(config.d_model, config)
 
@@ -79,7 +80,8 @@ class DiagonalSSMBlock(nn.Module):
         """u (batch, d_model, L) -> y = K * u + D u (batch, d_model, L) in the parameters' precision."""
         with torch.autocast(device_type=u.device.type, enabled=False):
             u = u.to(self.D.dtype)
-            y = diagonal_conv(u, *self.kernel.discrete(), seq_idx, state, context, backend=self.kernel_backend)
+            y = diagonal_conv(u, *self.kernel.discrete(), seq_idx, state, context, backend=self.kernel_backend,
+                              block_bytes=self.kernel_block_bytes)
             return y + self.D[:, None] * u
 
     def forward(self, hidden: torch.Tensor, state: DiagonalState | None = None, seq_idx: torch.Tensor | None = None,

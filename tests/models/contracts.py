@@ -6,6 +6,7 @@ from ssmforge.models import ModelConfig
 from ssmforge.models.registry import SYMBOLS
 
 VOCAB = 61  # every_mixer_config's vocabulary
+ONE_BYTE_MIB = 2.0**-20  # model.kernel_block_mib of one byte: SSM kernels built one channel at a time
 
 
 def model_config(base: dict, overrides: dict) -> ModelConfig:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ssmforge.kernels.documents import document_index
-from ssmforge.models import LanguageModel, layers
+from ssmforge.models import LanguageModel
 from ssmforge.models.s4 import hippo_legs
 
-from .contracts import assert_causal, assert_steps_match_forward, model_config
+from .contracts import ONE_BYTE_MIB, assert_causal, assert_steps_match_forward, model_config
 
 VOCAB = 37
 SECTIONS = dict(s4d=dict(d_state=8, dt_min=0.05, dt_max=0.5), dss=dict(d_state=6, dt_min=0.05, dt_max=0.5),
@@ -116,22 +116,22 @@ def assert_same_with_gradients(m, fast, oracle, inputs, tol=1e-9):
 
 
 @pytest.fixture(params=[False, True], ids=["whole", "channel_blocks"])
-def kernel_blocks(request, monkeypatch):
-    """The Vandermonde kernel built whole, or one channel at a time (recomputed_by_channels), as wide layers are."""
-    if request.param:
-        monkeypatch.setattr(layers, "KERNEL_BLOCK_BYTES", 1)
+def kernel_blocks(request):
+    """Model keys that build the Vandermonde kernel whole, or one channel at a time (recomputed_by_channels, a
+    block of one byte), as wide layers are."""
+    return dict(kernel_block_mib=ONE_BYTE_MIB) if request.param else {}
 
 
 @pytest.mark.parametrize("init", ["lin", "inv"])
 def test_s4d_equals_its_recurrence(init, kernel_blocks):
-    m = mixer("s4d", s4d=dict(init=init))
+    m = mixer("s4d", s4d=dict(init=init), **kernel_blocks)
     u = torch.randn(2, 8, 40, dtype=torch.float64)
     assert_same_with_gradients(m, m.ssm, lambda x: s4d_oracle(m, x), u)
 
 
 @pytest.mark.parametrize("variant", ["exp", "softmax"])
 def test_dss_equals_its_kernel_definition(variant, kernel_blocks):
-    m = mixer("dss", dss=dict(variant=variant, softmax_length=48))
+    m = mixer("dss", dss=dict(variant=variant, softmax_length=48), **kernel_blocks)
     if variant == "softmax":  # a mode with a growing real part, which only the softmax variant allows
         with torch.no_grad():
             m.kernel.Lambda_re[:, 0] = 0.3
@@ -141,7 +141,7 @@ def test_dss_equals_its_kernel_definition(variant, kernel_blocks):
 
 @pytest.mark.parametrize("head_dim", [1, 2])
 def test_h3_equals_its_equations(head_dim, kernel_blocks):
-    m = mixer("h3", h3=dict(head_dim=head_dim))
+    m = mixer("h3", h3=dict(head_dim=head_dim), **kernel_blocks)
     hidden = torch.randn(2, 20, 8, dtype=torch.float64)
     assert_same_with_gradients(m, m, lambda x: h3_oracle(m, x), hidden)
 
@@ -164,12 +164,14 @@ def test_decoding_and_chunks_equal_the_parallel_forward(family, overrides):
 
 
 @pytest.mark.parametrize("family,overrides", CASES)
-def test_chunks_in_one_channel_blocks_keep_the_whole_rows_values_and_gradients(family, overrides, monkeypatch):
+def test_chunks_in_one_channel_blocks_keep_the_whole_rows_values_and_gradients(family, overrides):
     """The kernel, the state summary and the entering state's response built one channel at a time
-    (recomputed_by_channels): chunks through a state, with documents starting inside them, give the whole row's
-    outputs and every parameter's gradient."""
+    (recomputed_by_channels, model.kernel_block_mib of one byte): chunks through a state, with documents starting
+    inside them, give the whole row's outputs and every parameter's gradient (the same parameters, built whole)."""
     torch.manual_seed(1)
     model = LanguageModel(config(family, d_model=16, n_layer=2, **overrides)).double()
+    blocked = LanguageModel(config(family, d_model=16, n_layer=2, kernel_block_mib=ONE_BYTE_MIB, **overrides)).double()
+    blocked.load_state_dict(model.state_dict())
     ids = torch.randint(1, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
     # documents start inside chunks (a chunk's first position continues the state's document, by the API)
     ids[0, [5, 12, 22]] = ids[1, [2, 25]] = 0
@@ -178,11 +180,10 @@ def test_chunks_in_one_channel_blocks_keep_the_whole_rows_values_and_gradients(f
     whole = model(ids, seq_idx=seq_idx)
     weights = torch.randn(whole.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     want = torch.autograd.grad((whole * weights).sum(), params)
-    monkeypatch.setattr(layers, "KERNEL_BLOCK_BYTES", 1)
-    state = model.allocate_state(2)
+    state = blocked.allocate_state(2)
     cuts = [0, 3, 4, 21, 30]
-    chunks = torch.cat([model(ids[:, a:b], state=state, seq_idx=seq_idx[:, a:b]) for a, b in zip(cuts, cuts[1:])], 1)
-    got = torch.autograd.grad((chunks * weights).sum(), params)
+    chunks = torch.cat([blocked(ids[:, a:b], state=state, seq_idx=seq_idx[:, a:b]) for a, b in zip(cuts, cuts[1:])], 1)
+    got = torch.autograd.grad((chunks * weights).sum(), [p for p in blocked.parameters() if p.requires_grad])
     torch.testing.assert_close(chunks, whole, rtol=1e-9, atol=1e-9)
     # measured 5e-8 relative with the kernel built whole as well: the chunks take the carried-state path
     assert max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)) < 1e-6

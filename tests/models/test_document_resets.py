@@ -187,6 +187,42 @@ def test_decoding_steps_continue_the_document_a_chunk_began(steps_from, until, w
     torch.testing.assert_close(streamed[:, steps_from:until], whole[:, steps_from:until], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
+def test_steps_that_start_documents_equal_the_whole_stream(window):
+    """`step(..., starts=...)` where a token begins a document (each EOS): steps across both rows' boundaries,
+    then a chunk whose seq_idx continues the documents the steps began, equal the whole stream; so do steps
+    alone from a fresh state. Every mixer, attention's cache whole and as a ring buffer."""
+    model = build(every_mixer_config(gss=dict(d_conv=4), attention=dict(window=window)))
+    ids, seq_idx = stream_rows()
+    starts = torch.cat([torch.zeros(2, 1, dtype=torch.bool), seq_idx.diff(dim=1) != 0], dim=1)
+    assert starts.sum(1).tolist() == [2, 2] and bool(starts[:, 3:19].any(0).sum() == 4)
+
+    def steps(state, a, b, with_starts=True):
+        return [model.step(ids[:, t], state, starts[:, t] if with_starts else None)[:, None] for t in range(a, b)]
+
+    with torch.no_grad():
+        whole = model(ids, seq_idx=seq_idx)
+        state = model.allocate_state(2)
+        first = model(ids[:, :3], state=state, seq_idx=seq_idx[:, :3])
+        middle = steps(state, 3, 19)  # row 0's documents start at 7 and 16, row 1's at 5 and 18
+        assert state.document.tolist() == seq_idx[:, 18].tolist()
+        last = model(ids[:, 19:], state=state, seq_idx=seq_idx[:, 19:])
+        torch.testing.assert_close(torch.cat([first, *middle, last], dim=1), whole, rtol=1e-5, atol=1e-5)
+        fresh = torch.cat(steps(model.allocate_state(2), 0, 24), dim=1)
+        torch.testing.assert_close(fresh, whole, rtol=1e-5, atol=1e-5)
+        # the negative: steps without starts carry each row's first document into the next
+        leaked = torch.cat(steps(model.allocate_state(2), 0, 24, with_starts=False), dim=1)
+    torch.testing.assert_close(leaked[:, :5], whole[:, :5], rtol=1e-5, atol=1e-5)
+    assert (leaked[1, 5:] - whole[1, 5:]).abs().max() > 1e-3
+
+
+def test_step_refuses_starts_of_the_wrong_shape_or_type():
+    model = build(every_mixer_config())
+    state = model.allocate_state(2)
+    with pytest.raises(ValueError, match=r"^starts must be a bool tensor of shape \(2,\), got torch.int64 \(2,\)$"):
+        model.step(torch.ones(2, dtype=torch.long), state, starts=torch.ones(2, dtype=torch.long))
+
+
 @pytest.mark.parametrize("window", [None, 6], ids=["full", "window6"])
 def test_attention_alone_streams_documents_as_if_each_ran_alone(window):
     """An attention-only model (no SSM mixer to carry a leak it would hide): the streamed logits of each

@@ -18,16 +18,15 @@ def channelwise(x: torch.Tensor, y: torch.Tensor, length: int) -> torch.Tensor:
     return (x[:, :, None] * torch.cos(y[:, :, None] * steps)).sum(1)
 
 
-def test_ragged_blocks_equal_one_call_values_and_gradients(monkeypatch):
+def test_ragged_blocks_equal_one_call_values_and_gradients():
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     weight = torch.randn(8, 11, generator=g, dtype=torch.float64)
-    whole = layers.recomputed_by_channels(channelwise, 11, 10, x, y)
+    whole = layers.recomputed_by_channels(channelwise, 11, 10, x, y, block_bytes=80)
     want = torch.autograd.grad((whole * weight).sum(), [x, y])
     blocks = []
-    monkeypatch.setattr(layers, "KERNEL_BLOCK_BYTES", 30)  # 3 channels of 10 bytes per block
     counted = lambda x, y, length: blocks.append(x.shape[0]) or channelwise(x, y, length)  # noqa: E731
-    split = layers.recomputed_by_channels(counted, 11, 10, x, y)
+    split = layers.recomputed_by_channels(counted, 11, 10, x, y, block_bytes=30)  # 3 channels of 10 bytes
     got = torch.autograd.grad((split * weight).sum(), [x, y])
     assert blocks[:3] == [3, 3, 2]  # forward; backward recomputes each block once more
     assert blocks[3:] and sorted(blocks[3:]) == [2, 3, 3]
@@ -53,14 +52,15 @@ def step_peak_bytes(config_name: str, d_state: int, seq_len: int, *overrides: st
     # S4D's Vandermonde powers: (channels, N/2, L) complex64
     ("s4d", 32 * 1024 * 8),
 ])
-def test_step_peak_is_one_block_of_the_kernel_not_the_layer(config_name, per_channel, monkeypatch):
+def test_step_peak_is_one_block_of_the_kernel_not_the_layer(config_name, per_channel):
     """d_model 64, L 1024, N 64. What the kernel adds to the peak, measured against the floor of one-channel
-    blocks: with blocks of 8 of the 64 channels it is about an eighth of what the whole layer's kernel adds
-    (measured: S4 246 MiB whole, 36 MiB in blocks of 8, floor 17.6 MiB; S4D 65, 9.5 and 6.0 MiB)."""
+    blocks (model.kernel_block_mib set to 64, 8 and 1 channels' work): with blocks of 8 of the 64 channels it is
+    about an eighth of what the whole layer's kernel adds (measured: S4 246 MiB whole, 36 MiB in blocks of 8,
+    floor 17.6 MiB; S4D 65, 9.5 and 6.0 MiB)."""
     peaks = {}
     for channels in (64, 8, 1):
-        monkeypatch.setattr(layers, "KERNEL_BLOCK_BYTES", channels * per_channel)
-        peaks[channels] = step_peak_bytes(config_name, 64, 1024)
+        peaks[channels] = step_peak_bytes(config_name, 64, 1024,
+                                          f"model.kernel_block_mib={channels * per_channel / 2**20!r}")
     whole, blocked = peaks[64] - peaks[1], peaks[8] - peaks[1]
     assert whole > 64 * per_channel  # the whole layer's kernel work was alive at the peak
     assert 0 < blocked < 1.25 * whole / 8

@@ -10,11 +10,12 @@ import torch
 
 from ssmforge.errors import ConfigError
 from ssmforge.kernels.documents import document_index
-from ssmforge.models import LanguageModel, ModelConfig, layers
+from ssmforge.models import LanguageModel, ModelConfig
 from ssmforge.models import s4 as s4_module
 from ssmforge.models.hf import cast_model
 
-from .contracts import assert_causal, assert_chunks_then_steps_match_forward, assert_steps_match_forward, model_config
+from .contracts import (ONE_BYTE_MIB, assert_causal, assert_chunks_then_steps_match_forward, assert_steps_match_forward,
+                        model_config)
 from .test_document_resets import assert_documents_run_alone
 
 VOCAB = 61
@@ -113,10 +114,10 @@ def packed_seq_idx(L: int, starts, batch: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
 @pytest.mark.parametrize("resets", [False, True])
 @pytest.mark.parametrize("channel_blocks", [False, True])
-def test_ssm_and_gradients_equal_the_sequential_oracle(discretization, resets, channel_blocks, monkeypatch):
-    if channel_blocks:  # the kernel built one channel at a time (recomputed_by_channels), as wide layers are
-        monkeypatch.setattr(layers, "KERNEL_BLOCK_BYTES", 1)
-    mixer = mixer_of(s4_config(s4=dict(discretization=discretization)))
+def test_ssm_and_gradients_equal_the_sequential_oracle(discretization, resets, channel_blocks):
+    # channel_blocks: the kernel built one channel at a time (recomputed_by_channels), as wide layers are
+    blocks = dict(kernel_block_mib=ONE_BYTE_MIB) if channel_blocks else {}
+    mixer = mixer_of(s4_config(s4=dict(discretization=discretization), **blocks))
     g = torch.Generator().manual_seed(1)
     u = torch.randn(2, 8, 40, generator=g, dtype=torch.float64, requires_grad=True)
     seq_idx = packed_seq_idx(40, [1, 9, 10, 31]) if resets else None
@@ -213,22 +214,23 @@ def test_chunks_through_a_state_equal_the_oracle_and_leave_its_state(discretizat
 
 
 @pytest.mark.parametrize("discretization", ["bilinear", "zoh"])
-def test_chunks_in_one_channel_blocks_keep_the_whole_rows_values_and_gradients(discretization, monkeypatch):
-    """Every Krylov power and Cauchy sum built one channel at a time (recomputed_by_channels): chunks through a
-    state, with document boundaries inside and between them, give the whole row's outputs and gradients."""
+def test_chunks_in_one_channel_blocks_keep_the_whole_rows_values_and_gradients(discretization):
+    """Every Krylov power and Cauchy sum built one channel at a time (recomputed_by_channels, model.kernel_block_mib
+    of one byte): chunks through a state, with document boundaries inside and between them, give the whole row's
+    outputs and gradients (the same parameters, built whole)."""
     mixer = mixer_of(s4_config(s4=dict(discretization=discretization)))
+    blocked = mixer_of(s4_config(s4=dict(discretization=discretization), kernel_block_mib=ONE_BYTE_MIB))
+    assert (mixer.kernel_block_bytes, blocked.kernel_block_bytes) == (256 * 2**20, 1)
     g = torch.Generator().manual_seed(5)
     u = torch.randn(2, 8, 37, generator=g, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(2, 8, 37, generator=g, dtype=torch.float64)
     seq_idx = packed_seq_idx(37, [5, 12, 13, 30])
-    inputs = [u] + [getattr(mixer, name) for name in SSM_PARAMETERS]
     whole = mixer.ssm(u, seq_idx)
-    want = torch.autograd.grad((whole * weights).sum(), inputs)
-    monkeypatch.setattr(layers, "KERNEL_BLOCK_BYTES", 1)
-    state = mixer.allocate_state(2, u.device, u.dtype)
+    want = torch.autograd.grad((whole * weights).sum(), [u] + [getattr(mixer, name) for name in SSM_PARAMETERS])
+    state = blocked.allocate_state(2, u.device, u.dtype)
     cuts = [0, 3, 11, 20, 37]
-    chunks = torch.cat([mixer.ssm(u[..., a:b], seq_idx[:, a:b], state) for a, b in zip(cuts, cuts[1:])], -1)
-    got = torch.autograd.grad((chunks * weights).sum(), inputs)
+    chunks = torch.cat([blocked.ssm(u[..., a:b], seq_idx[:, a:b], state) for a, b in zip(cuts, cuts[1:])], -1)
+    got = torch.autograd.grad((chunks * weights).sum(), [u] + [getattr(blocked, name) for name in SSM_PARAMETERS])
     torch.testing.assert_close(chunks, whole, rtol=1e-10, atol=1e-10)
     for name, a, b in zip(["u", *SSM_PARAMETERS], got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * b.abs().max().item(), msg=name)
