@@ -54,21 +54,27 @@ class KVCache:
     """Decoding cache of one attention layer: rotated keys and values of past tokens. With a sliding
     window it is a ring buffer of at most `window` slots (token p in slot p % window), so memory stays
     O(window); without one it grows by doubling, token p in slot p - offset. `document_start` (batch,) is the
-    stream index where each row's current document began, once a chunk with seq_idx has been fed (None:
-    every row at 0): earlier keys are masked, positions count from it, and without a window a chunk drops the
-    keys that precede every row's document (offset), so a packed stream keeps only its current documents."""
+    stream index where each row's current document began, once a document has begun after the first token
+    (None: every row at 0): earlier keys are masked, positions count from it, and without a window the keys
+    that precede every row's document are dropped (offset), so a packed stream keeps only its current
+    documents."""
 
     k: torch.Tensor  # (batch, kv_heads, capacity, head_dim)
     v: torch.Tensor  # (batch, kv_heads, capacity, head_dim)
+    window: int | None = None  # the layer's sliding window (a ring buffer) or None (grows)
     length: int = 0  # tokens seen so far: the position of the next token
     document_start: torch.Tensor | None = None
     offset: int = 0  # without a window: the stream index of slot 0
 
     def restart(self, rows: torch.Tensor) -> None:
-        """The next token of the rows (batch,) starts a new document: it sees none of the cached keys."""
+        """The next token of the rows (batch,) starts a new document: it sees none of the cached keys. Without
+        a window, the keys before every row's current document are dropped."""
         begun = self.document_start if self.document_start is not None else \
             torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
         self.document_start = torch.where(rows, self.length, begun)
+        if self.window is None:
+            unused = int(self.document_start.min()) - self.offset  # one sync per start
+            self.k, self.v, self.offset = self.k[:, :, unused:], self.v[:, :, unused:], self.offset + unused
 
     def in_document(self, index: torch.Tensor) -> torch.Tensor | None:
         """(batch, 1, 1, n) bool, an attention mask over heads and queries: the stream positions `index` (n,)
@@ -201,7 +207,7 @@ class CausalSelfAttention(nn.Module):
 
     def allocate_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         empty = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
-        return KVCache(k=empty, v=empty.clone())
+        return KVCache(k=empty, v=empty.clone(), window=self.window)
 
     def _ordered_cache(self, state: KVCache):
         """The cached keys and values in stream order, with their stream indices (the last min(length - offset,

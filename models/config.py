@@ -549,7 +549,8 @@ class ModelConfig:
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         need(self.initializer_range > 0, "initializer_range", "must be > 0")
         need(self.kernel_backend in KERNEL_BACKENDS, "kernel_backend", f"one of {', '.join(KERNEL_BACKENDS)}")
-        need(self.kernel_block_mib > 0, "kernel_block_mib", "must be > 0 (MiB of kernel work per block of channels)")
+        need(isinstance(self.kernel_block_mib, (int, float)) and 0 < self.kernel_block_mib < math.inf,
+             "kernel_block_mib", "must be a number > 0 (MiB of kernel work per block of channels)")
         need(self.kernel_backend != "triton" or importlib.util.find_spec("triton") is not None, "kernel_backend",
              "triton is not installed")
         for name in dict.fromkeys(self.layer_kinds):

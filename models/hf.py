@@ -205,10 +205,12 @@ def config_to_hf(config: ModelConfig, token_ids: dict | None = None) -> dict:
 
 
 def _our_config(config: ModelConfig) -> dict:
-    """Our ModelConfig as config.json stores it: nested sections, without kernel_backend (which kernels run
-    is a choice of the machine that loads the model, not part of it; a loaded model starts at `auto`)."""
+    """Our ModelConfig as config.json stores it: nested sections, without kernel_backend and kernel_block_mib
+    (which kernels run and how much memory they may take are choices of the machine that loads the model, not
+    part of it; a loaded model starts at their defaults)."""
     ours = dataclasses.asdict(config)
     ours.pop("kernel_backend")
+    ours.pop("kernel_block_mib")
     return ours
 
 

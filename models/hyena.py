@@ -80,6 +80,16 @@ class HyenaState:
     inputs: torch.Tensor  # (batch, order - 1, d, T) the long convs' inputs so far, in the filters' dtype
     fresh: bool = True  # nothing consumed yet: a forward starts from zeros rather than continuing
 
+    def restart(self, rows: torch.Tensor) -> None:
+        """The next token of the rows (batch,) bool starts a new document: their short-conv history and cached
+        inputs are zeroed, and the leading positions then zero in every row are dropped (one sync): a zero
+        input adds nothing to any later output and the lags of the rest are unchanged, so the cache stays as
+        long as the longest current document."""
+        self.conv = self.conv.masked_fill(rows[:, None, None], 0)
+        inputs = self.inputs.masked_fill(rows[:, None, None, None], 0)
+        used = inputs.ne(0).flatten(0, 2).any(0)  # (T,)
+        self.inputs = inputs[..., int(used.int().argmax()) if bool(used.any()) else used.numel():]
+
 
 @register_mixer("hyena")
 class HyenaMixer(nn.Module):

@@ -69,22 +69,24 @@ class InferenceState:
     def __init__(self, model: "LanguageModel", batch: int, device: torch.device, dtype: torch.dtype):
         self.layers = [block.mixer.allocate_state(batch, device, dtype) for block in model.layers]
         self.seqlen = 0
-        self.document: torch.Tensor | None = None  # (batch,): seq_idx at the last position a chunk fed with one
+        # (batch,): the index of each row's current document, as document_index numbers a stream from its start:
+        # 0 on a fresh state, a chunk's last seq_idx, one more at each step that starts a document
+        self.document = torch.zeros(batch, dtype=torch.long, device=device)
 
     def enter(self, seq_idx: torch.Tensor | None) -> None:
-        """Before a chunk with seq_idx (batch, L): a row whose first position's document differs from the one
-        the previous chunk ended in starts that document from a cleared state (chunks cut at a boundary)."""
-        if seq_idx is not None and self.document is not None:
+        """Before a chunk: with seq_idx (batch, L), a row whose first position's document differs from the
+        current one starts that document from a cleared state (chunks cut at a boundary); without, every row
+        continues its current document."""
+        if seq_idx is not None:
             self._clear(seq_idx[:, 0] != self.document)
-        self.document = None if seq_idx is None else seq_idx[:, -1]
+            self.document = seq_idx[:, -1]
 
     def restart(self, rows: torch.Tensor) -> None:
         """Before a step whose token starts a new document in the rows (batch,) bool: their states are cleared,
         and their document index moves on by one, as document_index counts, so that a later chunk whose seq_idx
         begins with that index continues the document the step began."""
         self._clear(rows)
-        if self.document is not None:
-            self.document = self.document + rows.to(self.document.dtype)
+        self.document = self.document + rows.to(self.document.dtype)
 
     def _clear(self, rows: torch.Tensor) -> None:
         if bool(rows.any()):
@@ -93,12 +95,13 @@ class InferenceState:
 
 
 def _clear_rows(cache, rows: torch.Tensor) -> None:
-    """Start a new document in the rows (batch,) of a mixer's decoding state. A recurrence's state, a conv
-    history or Hyena's cached inputs are zeroed, into new tensors: zeros are exactly a fresh start. An
-    attention cache masks its keys from then on instead (zero keys would still be attended to)."""
+    """Start a new document in the rows (batch,) of a mixer's decoding state. A recurrence's state or a conv
+    history is zeroed, into new tensors: zeros are exactly a fresh start. A cache that grows with the length
+    starts the document itself (`restart`): attention masks its keys from then on (zero keys would still be
+    attended to), Hyena zeroes its inputs; both drop what precedes every row's current document."""
     if cache is None:
         return
-    if isinstance(cache, attention.KVCache):
+    if hasattr(cache, "restart"):
         cache.restart(rows)
         return
     for field in dataclasses.fields(cache):
@@ -185,11 +188,12 @@ class LanguageModel(nn.Module):
         """One token per sequence: input_ids (batch,) -> logits (batch, padded_vocab). O(1) in the length
         for SSM layers; an attention layer attends over its KV cache (at most model.attention.window tokens).
         Each row continues its current document, except where starts (batch,) bool is set: there the token
-        begins a new one (an EOS in a packed stream, as document_index counts), from a cleared state."""
+        begins a new one (an EOS in a packed stream: starts = input_ids == EOS, as document_index counts), from a
+        cleared state, as a chunk with seq_idx would begin it."""
         if starts is not None:
-            if starts.shape != input_ids.shape or starts.dtype != torch.bool:
-                raise ValueError(f"starts must be a bool tensor of shape {tuple(input_ids.shape)}, got "
-                                 f"{starts.dtype} {tuple(starts.shape)}")
+            if not (torch.is_tensor(starts) and starts.dtype == torch.bool and starts.shape == input_ids.shape):
+                got = f"{starts.dtype} {tuple(starts.shape)}" if torch.is_tensor(starts) else type(starts).__name__
+                raise ValueError(f"starts must be a bool tensor of shape {tuple(input_ids.shape)}, got {got}")
             state.restart(starts)
         hidden = self.embedding(input_ids)
         for block, layer_state in zip(self.layers, state.layers):

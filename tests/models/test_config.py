@@ -165,11 +165,13 @@ def test_an_unknown_key_in_an_export_is_one_checkpoint_error(tmp_path):
         load_pretrained(folder)
 
 
-def test_kernel_backend_is_not_exported(tmp_path):
-    model = LanguageModel(ModelConfig(d_model=16, n_layer=1, vocab_size=64, kernel_backend="ref"))
+def test_kernel_backend_and_block_are_not_exported(tmp_path):
+    model = LanguageModel(ModelConfig(d_model=16, n_layer=1, vocab_size=64, kernel_backend="ref", kernel_block_mib=1))
     folder = save_pretrained(model, tmp_path / "m")
-    assert "kernel_backend" not in json.loads((folder / "config.json").read_text())["ssmforge_model"]
-    assert load_pretrained(folder).config.kernel_backend == "auto"  # the loading machine's choice
+    exported = json.loads((folder / "config.json").read_text())["ssmforge_model"]
+    assert "kernel_backend" not in exported and "kernel_block_mib" not in exported
+    loaded = load_pretrained(folder).config  # the loading machine's choices
+    assert (loaded.kernel_backend, loaded.kernel_block_mib) == ("auto", 256)
 
 
 MARKERS = ("<!-- mixer-table", "<!-- /mixer-table -->")

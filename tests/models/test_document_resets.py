@@ -210,17 +210,52 @@ def test_steps_that_start_documents_equal_the_whole_stream(window):
         torch.testing.assert_close(torch.cat([first, *middle, last], dim=1), whole, rtol=1e-5, atol=1e-5)
         fresh = torch.cat(steps(model.allocate_state(2), 0, 24), dim=1)
         torch.testing.assert_close(fresh, whole, rtol=1e-5, atol=1e-5)
+        # steps from a fresh state, then a chunk whose first position starts row 0's second document
+        state = model.allocate_state(2)
+        stepped = steps(state, 0, 7)
+        rest = model(ids[:, 7:], state=state, seq_idx=seq_idx[:, 7:])
+        torch.testing.assert_close(torch.cat([*stepped, rest], dim=1), whole, rtol=1e-5, atol=1e-5)
         # the negative: steps without starts carry each row's first document into the next
         leaked = torch.cat(steps(model.allocate_state(2), 0, 24, with_starts=False), dim=1)
     torch.testing.assert_close(leaked[:, :5], whole[:, :5], rtol=1e-5, atol=1e-5)
     assert (leaked[1, 5:] - whole[1, 5:]).abs().max() > 1e-3
 
 
+def test_steps_that_start_documents_keep_only_the_current_documents():
+    """Steps that start documents drop what precedes every row's current document, as chunks do: Hyena's
+    inputs and attention's cache without a window follow the documents, not the stream, so a stream longer
+    than Hyena's filters (l_max 16) steps through, each document's logits those of it alone."""
+    model = build(every_mixer_config(hyena=dict(l_max=16)))
+    ids, seq_idx = stream_rows()  # 24 tokens; documents of at most 13
+    starts = ids == EOS
+    with torch.no_grad():
+        state = model.allocate_state(2)
+        stepped = torch.stack([model.step(ids[:, t], state, starts[:, t]) for t in range(24)], dim=1)
+        kinds = model.config.layer_kinds
+        hyena, attention = (state.layers[kinds.index(kind)] for kind in ("hyena", "attention"))
+        assert hyena.inputs.shape[-1] == 8  # row 0's last document began at 16, row 1's at 18
+        assert attention.offset == 16 and attention.document_start.tolist() == [16, 18]
+        for row in range(2):
+            bounds = torch.nonzero(seq_idx[row].diff()).flatten().add(1).tolist()
+            for a, b in zip([0] + bounds, bounds + [24]):
+                torch.testing.assert_close(stepped[row:row + 1, a:b], model(ids[row:row + 1, a:b]), rtol=1e-5,
+                                           atol=1e-5)
+        plain = model.allocate_state(2)  # the negative: without starts the stream outgrows Hyena's filters
+        with pytest.raises(ValueError, match=r"a sequence of 17 positions is longer than model.hyena.l_max=16"):
+            for t in range(17):
+                model.step(ids[:, t], plain)
+
+
 def test_step_refuses_starts_of_the_wrong_shape_or_type():
     model = build(every_mixer_config())
     state = model.allocate_state(2)
+    token = torch.ones(2, dtype=torch.long)
     with pytest.raises(ValueError, match=r"^starts must be a bool tensor of shape \(2,\), got torch.int64 \(2,\)$"):
-        model.step(torch.ones(2, dtype=torch.long), state, starts=torch.ones(2, dtype=torch.long))
+        model.step(token, state, starts=torch.ones(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^starts must be a bool tensor of shape \(2,\), got torch.bool \(3,\)$"):
+        model.step(token, state, starts=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^starts must be a bool tensor of shape \(2,\), got list$"):
+        model.step(token, state, starts=[True, False])
 
 
 @pytest.mark.parametrize("window", [None, 6], ids=["full", "window6"])

@@ -72,7 +72,8 @@ def test_auto_dispatches_by_device(monkeypatch):
     (dict(kernel_backend="triton", mamba=dict(d_conv=6)),
      r"^model\.mamba\.d_conv=6 is invalid: must be between 2 and 4 with model\.kernel_backend=triton"),
     (dict(kernel_backend="triton", mamba2=dict(d_conv=5)), r"^model\.mamba2\.d_conv=5 is invalid"),
-    (dict(kernel_block_mib=0), r"^model\.kernel_block_mib=0 is invalid: must be > 0 \(MiB of kernel work per block"),
+    (dict(kernel_block_mib=0), r"^model\.kernel_block_mib=0 is invalid: must be a number > 0 \(MiB of kernel work"),
+    (dict(kernel_block_mib=float("inf")), r"^model\.kernel_block_mib=inf is invalid: must be a number > 0"),
 ])
 def test_impossible_backends_are_config_errors(overrides, message):
     if overrides.get("kernel_backend") == "triton" and not triton_available():
