@@ -139,6 +139,18 @@ PUBLISHED = {
 TABLE_RUNS = {
     "lm": ["--tasks", "lm", "--steps", "1000", "--lrs", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"],
     "copying": ["--tasks", "copying", "--steps", "4000", "--sweep-steps", "4000", "--lrs", "1e-3", "3e-3"],
+    # the same sweep widened where its best rate sat on the grid's edge (--merge joins them): 1e-2 for eight of the
+    # nine families that chose 3e-3 (not Mamba-2, whose row is 1.000 at 1e-3), 3e-2 for the six that then chose
+    # 1e-2, 1e-1 for the two that then chose 3e-2, 3e-4 for the two that chose 1e-3. The longer runs below were
+    # chosen by the two-rate sweep, before it was widened
+    "copying-1e-2": ["--families", "mamba", "gss", "s4", "s4d", "dss", "h3", "hyena", "liquid_s4", "--tasks",
+                     "copying", "--steps", "4000", "--sweep-steps", "4000", "--lrs", "1e-2"],
+    "copying-3e-2": ["--families", "gss", "s4", "s4d", "dss", "h3", "liquid_s4", "--tasks", "copying", "--steps",
+                     "4000", "--sweep-steps", "4000", "--lrs", "3e-2"],
+    "copying-1e-1": ["--families", "dss", "liquid_s4", "--tasks", "copying", "--steps", "4000", "--sweep-steps",
+                     "4000", "--lrs", "1e-1"],
+    "copying-3e-4": ["--families", "lru", "transformer", "--tasks", "copying", "--steps", "4000", "--sweep-steps",
+                     "4000", "--lrs", "3e-4"],
     # 12,000 steps at the rate the 4,000-step sweep chose, for every family still short of 1.000 there; Mamba-2's
     # 3e-3 went NaN over 12,000 steps (the CPU kernels' SiLU overflow, fixed since), so it ran 8,000 at 1e-3
     "copying-12k": ["--families", "gss", "s4", "s4d", "dss", "h3", "hyena", "liquid_s4", "--tasks", "copying",
@@ -786,13 +798,15 @@ class MergeRefused(ValueError):
 
 
 def merge(paths: list[Path]) -> dict:
-    """Several runs of this benchmark (each a JSON it wrote) as one report, so a comparison can be measured in
-    parts (a task at a longer budget, the families a stopped run missed). A later file's row replaces an earlier
-    one's for the same family and task. Refused unless every run has the same parameter target and model overrides
-    and, for each task two runs share, the same task settings (data, lengths, chance): rows side by side must
-    measure the same thing. Each run's command and settings are kept under "runs" (a merged report's runs carry
-    over), each replaced row under "superseded" (with the index of the run, or of a merged report's last run, that
-    replaced it); the table states each task's steps and sweep."""
+    """Several runs of this benchmark (each a JSON it wrote) as one report, so a comparison can be measured in parts (a
+    task at a longer budget, more rates, the families a stopped run missed). A later file's row replaces an earlier
+    one's for the same family and task, except that a full-budget sweep over other rates at the same steps joins it
+    (the better run is kept, its sweep lists both rates' points), and one at fewer steps than the row joins the
+    replaced row of those steps it widens, leaving the longer budget's row in place. Refused unless every run has
+    the same parameter target and model overrides and, for each task two runs share, the same task settings (data,
+    lengths, chance): rows side by side must measure the same thing. Each run's command and settings are kept under
+    "runs" (a merged report's runs carry over), each replaced row under "superseded" (with the index of the run, or
+    of a merged report's last run, that replaced it); the table states each task's steps and sweep."""
     runs = [(Path(p), read_report(Path(p))) for p in paths]
     first_path, first = runs[0]
     data = {key: first[key] for key in ("machine", "target_parameters", "target_is", "overrides", "published")}
@@ -822,9 +836,18 @@ def merge(paths: list[Path]) -> dict:
             if info["status"] == "ok" or family not in data["families"]:
                 data["families"][family] = info
         for r in run["rows"]:
-            if (r["family"], r["task"]) in rows:  # kept, so what a longer budget replaced stays on record
-                data["superseded"].append(dict(rows[r["family"], r["task"]], superseded_by=len(data["runs"]) - 1))
-            rows[r["family"], r["task"]] = r
+            key, by = (r["family"], r["task"]), len(data["runs"]) - 1
+            if key not in rows:
+                rows[key] = r
+            elif extends_sweep(rows[key], r):  # more rates of the row's sweep: the better run is the row
+                rows[key] = joined_sweep(rows[key], r)
+            elif (i := widened_superseded(data["superseded"], rows[key], r)) is not None:
+                # more rates of a sweep a longer budget has replaced since: that row stays, the sweep is widened
+                data["superseded"][i] = dict(joined_sweep(data["superseded"][i], r),
+                                             superseded_by=data["superseded"][i]["superseded_by"])
+            else:  # kept, so what a longer budget replaced stays on record
+                data["superseded"].append(dict(rows[key], superseded_by=by))
+                rows[key] = r
         data["failed"].update(run.get("failed", {}))
     data["skipped"] = {f: i["reason"] for f, i in data["families"].items() if i["status"] != "ok"}
     order = {name: i for i, name in enumerate(FAMILIES)}
@@ -839,6 +862,45 @@ def merge(paths: list[Path]) -> dict:
     data["complete"] = all((f, t) in rows for f in families if data["families"][f]["status"] == "ok"
                            for t in data["tasks"])
     return data
+
+
+def full_budget_sweep(row: dict) -> bool:
+    return bool(row.get("sweep")) and all(p["steps"] == row["steps"] for p in row["sweep"])
+
+
+def extends_sweep(earlier: dict, later: dict) -> bool:
+    """Whether a later row is more rates of the same full-budget sweep (the same steps, none of its rates swept
+    before), so a grid whose best rate sits on its edge can be widened without training its rates again."""
+    rates = {p["lr"] for p in earlier.get("sweep", ())}
+    return (full_budget_sweep(earlier) and full_budget_sweep(later) and earlier["steps"] == later["steps"]
+            and not rates & {p["lr"] for p in later["sweep"]})
+
+
+def widened_superseded(superseded: list[dict], row: dict, later: dict) -> int | None:
+    """The index of the superseded row whose sweep a later, shorter one widens (the last of its family and task
+    at its steps, see extends_sweep) while `row`, a longer budget, is the table's; None if there is none."""
+    same = [i for i, s in enumerate(superseded)
+            if (s["family"], s["task"], s["steps"]) == (later["family"], later["task"], later["steps"])]
+    if later["steps"] < row["steps"] and same and extends_sweep(superseded[same[-1]], later):
+        return same[-1]
+    return None
+
+
+def wider_sweeps(data: dict) -> list[tuple[dict, dict]]:
+    """(row, superseded row) for each row at a rate other than the best of a sweep of its family and task widened
+    (joined_sweep) after the row had replaced it: the longer budget ran at the narrower sweep's choice."""
+    return [(row, s) for row in data["rows"] for s in data.get("superseded", ())
+            if (s["family"], s["task"]) == (row["family"], row["task"]) and s.get("sweep_widened")
+            and s["lr"] != row.get("lr")]
+
+
+def joined_sweep(earlier: dict, later: dict) -> dict:
+    """The row of the two sweeps' best rate by validation loss (the earlier of equal losses) carrying both sweeps'
+    points in order of rate: as run_task keeps a sweep, the other rate's run stays only as its point."""
+    best = lambda row: min(p["val_loss"] if p["val_loss"] is not None else math.inf  # noqa: E731
+                           for p in row["sweep"])
+    kept = later if best(later) < best(earlier) else earlier
+    return dict(kept, sweep=sorted(earlier["sweep"] + later["sweep"], key=lambda p: p["lr"]), sweep_widened=True)
 
 
 def estimates(row: dict) -> dict:
@@ -994,6 +1056,11 @@ def table(data: dict) -> str:
     lrs = [f"{r['family']}/{r['task']} {r['lr']:g}" for r in data["rows"] if "lr" in r]
     if lrs:
         notes.append("Learning rates: " + ", ".join(lrs) + ".")
+    rates = lambda row: "/".join(f"{p['lr']:g}" for p in row["sweep"])  # noqa: E731
+    wider = [f"{r['family']}/{r['task']} {s['lr']:g} of {rates(s)} at {s['steps']:,} steps (the row's {r['lr']:g} "
+             "was the narrower sweep's)" for r, s in wider_sweeps(data)]
+    if wider:
+        notes.append("Sweeps widened after their longer runs prefer another rate: " + "; ".join(wider) + ".")
     for family, reason in data["skipped"].items():
         notes.append(f"{family}: {data['families'][family]['status']}: {reason}")
     for family, reason in data.get("failed", {}).items():

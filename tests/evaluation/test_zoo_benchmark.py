@@ -293,6 +293,63 @@ def test_a_full_budget_sweep_keeps_its_best_run_and_runs_merge_into_one_report(t
         dict(r, superseded_by=2) for r in full["rows"]]
 
 
+def test_a_later_sweep_over_other_rates_at_the_same_budget_widens_the_grid(tmp_path):
+    """--merge of a full-budget sweep at 1e-2 after one at 1e-3/3e-3 of the same steps: one row, the best of the
+    three runs by validation loss, listing all three (the other run stays only as its point, as in one sweep).
+    Other steps, or a rate swept already, replace the row as before; a wider sweep at fewer steps than a longer
+    budget merged since widens the replaced row under superseded and leaves the longer one's."""
+    Z = zoo_module()
+    grid = smoke(Z, tmp_path, "grid.json", "--families", "mamba", "transformer", "--tasks", "copying",
+                 "--steps", "4", "--sweep-steps", "4", "--lrs", "1e-3", "3e-3")
+    edge = smoke(Z, tmp_path, "edge.json", "--families", "mamba", "transformer", "--tasks", "copying",
+                 "--steps", "4", "--sweep-steps", "4", "--lrs", "1e-2")
+    merged = Z.merge([tmp_path / "grid.json", tmp_path / "edge.json"])
+    assert [run["rows"] for run in merged["runs"]] == [["mamba/copying", "transformer/copying"]] * 2
+    for i, r in enumerate(merged["rows"]):
+        before, after = grid["rows"][i], edge["rows"][i]
+        points = before["sweep"] + after["sweep"]
+        assert r["sweep"] == sorted(points, key=lambda p: p["lr"]) and [p["lr"] for p in r["sweep"]] == [1e-3, 3e-3,
+                                                                                                       1e-2]
+        best = min(points, key=lambda p: p["val_loss"])
+        source = after if best["lr"] == 1e-2 else before
+        assert r["lr"] == best["lr"] and r == dict(source, sweep=r["sweep"], sweep_widened=True)  # its run, widened
+    assert merged["superseded"] == []
+    assert Z.budgets(merged) == ["copying: 4 steps for each lr of 0.001/0.003/0.01, the best kept"]
+    # a rate already swept, or another budget, is a new run of the row: it replaces it
+    smoke(Z, tmp_path, "again.json", "--families", "mamba", "--tasks", "copying", "--steps", "4", "--sweep-steps",
+          "4", "--lrs", "3e-3", "1e-1")
+    longer = smoke(Z, tmp_path, "longer.json", "--families", "mamba", "--tasks", "copying", "--steps", "5",
+                   "--sweep-steps", "5", "--lrs", "1e-1")
+    for name, replacing in (("again.json", None), ("longer.json", longer["rows"][0])):
+        replaced = Z.merge([tmp_path / "grid.json", tmp_path / name])
+        row = replaced["rows"][0]
+        assert [p["lr"] for p in row["sweep"]] == ([3e-3, 1e-1] if replacing is None else [1e-1])
+        assert replaced["superseded"] == [dict(grid["rows"][0], superseded_by=1)]
+    # more rates at fewer steps than a longer budget merged since: that row stays, the replaced one's sweep widens
+    smoke(Z, tmp_path, "longer-1e-3.json", "--families", "mamba", "--tasks", "copying", "--steps", "5",
+          "--sweep-steps", "5", "--lrs", "1e-3")
+    late = Z.merge([tmp_path / "grid.json", tmp_path / "longer-1e-3.json", tmp_path / "edge.json"])
+    assert late["rows"][0] == json.loads((tmp_path / "longer-1e-3.json").read_text())["rows"][0]
+    (before, after), transformer = (grid["rows"][0], edge["rows"][0]), merged["rows"][1]
+    assert late["rows"][1] == transformer  # its 4-step row widened as before
+    best = min(before["sweep"] + after["sweep"], key=lambda p: p["val_loss"])
+    source = after if best["lr"] == 1e-2 else before
+    points = sorted(before["sweep"] + after["sweep"], key=lambda p: p["lr"])
+    assert late["superseded"] == [dict(source, sweep=points, sweep_widened=True, superseded_by=1)]
+    assert [p["lr"] for p in points] == [1e-3, 3e-3, 1e-2]
+    # the table notes a longer row whose rate is not the widened sweep's best
+    noted = [(late["rows"][0], late["superseded"][0])] if best["lr"] != 1e-3 else []
+    assert Z.wider_sweeps(late) == noted and Z.wider_sweeps(merged) == []
+    assert ("Sweeps widened after their longer runs prefer another rate: mamba/copying" in Z.table(late)) == bool(noted)
+    # a third rate widens the same row again
+    smoke(Z, tmp_path, "wider.json", "--families", "mamba", "--tasks", "copying", "--steps", "4", "--sweep-steps",
+          "4", "--lrs", "3e-2")
+    wider = Z.merge([tmp_path / "grid.json", tmp_path / "longer-1e-3.json", tmp_path / "edge.json",
+                     tmp_path / "wider.json"])
+    assert [p["lr"] for p in wider["superseded"][0]["sweep"]] == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert len(wider["superseded"]) == 1 and wider["rows"][0] == late["rows"][0]
+
+
 def test_merge_refuses_runs_that_measure_different_things(tmp_path):
     Z = zoo_module()
     smoke(Z, tmp_path, "a.json", "--families", "mamba", "--tasks", "copying", "--lrs", "3e-3")
