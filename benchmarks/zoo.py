@@ -536,6 +536,11 @@ def train_run(family: str, info: dict, task, lr: float, steps: int, args, device
     return model, losses, time.perf_counter() - start
 
 
+def sweep_loss(point: dict) -> float:
+    """A sweep point's validation loss, a diverged run's (None) ranking last."""
+    return point["val_loss"] if point["val_loss"] is not None else math.inf
+
+
 def run_task(family: str, info: dict, task, args, device) -> dict:
     """The lr sweep, then the main run at the best lr; the row. With --sweep-steps equal to --steps the sweep is
     the full budget: every lr trains as long as the main run, and the best one's model is the row's (no rerun).
@@ -543,7 +548,6 @@ def run_task(family: str, info: dict, task, args, device) -> dict:
     still sits on the plateau when the probe stops."""
     val_ids, val_targets = (t.to(device) for t in task.sweep_validation(args))
     full_budget = args.sweep_steps == args.steps
-    val_loss = lambda p: p["val_loss"] if p["val_loss"] is not None else math.inf  # noqa: E731
     sweep, kept = [], None  # kept: the best full-budget run so far (the others' models are dropped)
     for lr in args.lrs:
         model, losses, seconds = train_run(family, info, task, lr, args.sweep_steps, args, device)
@@ -553,11 +557,11 @@ def run_task(family: str, info: dict, task, args, device) -> dict:
                      final_train_loss=finite(float(np.mean(losses[-max(1, len(losses) // 10):]))),
                      converged=convergence(losses, args.converge_tol)["converged"], seconds=seconds,
                      diverged_at_step=diverged_at(losses))
-        if full_budget and (not sweep or val_loss(point) < min(map(val_loss, sweep))):
+        if full_budget and (not sweep or sweep_loss(point) < min(map(sweep_loss, sweep))):
             kept = model, losses, seconds
         sweep.append(point)
         print(f"  {family} {task.name} sweep lr {lr:g}: val loss {ev['loss']:.4f}", flush=True)
-    lr = min(sweep, key=val_loss)["lr"]  # the first of equal losses, as kept
+    lr = min(sweep, key=sweep_loss)["lr"]  # the first of equal losses, as kept
     if full_budget:
         model, losses, seconds = kept
         selected_by = "validation loss at the scored positions after the full budget (the sweep is the main run)"
@@ -897,8 +901,7 @@ def wider_sweeps(data: dict) -> list[tuple[dict, dict]]:
 def joined_sweep(earlier: dict, later: dict) -> dict:
     """The row of the two sweeps' best rate by validation loss (the earlier of equal losses) carrying both sweeps'
     points in order of rate: as run_task keeps a sweep, the other rate's run stays only as its point."""
-    best = lambda row: min(p["val_loss"] if p["val_loss"] is not None else math.inf  # noqa: E731
-                           for p in row["sweep"])
+    best = lambda row: min(map(sweep_loss, row["sweep"]))  # noqa: E731
     kept = later if best(later) < best(earlier) else earlier
     return dict(kept, sweep=sorted(earlier["sweep"] + later["sweep"], key=lambda p: p["lr"]), sweep_widened=True)
 
