@@ -135,16 +135,17 @@ PUBLISHED = {
 
 # The runs behind the README's table and benchmarks/results/zoo.json, in order (a later part's row replaces an
 # earlier one's): `--table DIR` trains each into DIR and merges them. Families still short of the task after the
-# first budget (copying below 1.000, induction at chance or its loss still moving) get longer runs.
+# first budget (copying below 1.000, induction at chance or its loss still moving) get longer runs; benchmarks/zoo.md
+# says why each.
 TABLE_RUNS = {
     "lm": ["--tasks", "lm", "--steps", "1000", "--lrs", "3e-4", "1e-3", "3e-3", "1e-2", "3e-2", "1e-1", "3e-1"],
     "copying": ["--tasks", "copying", "--steps", "4000", "--sweep-steps", "4000", "--lrs", "1e-3", "3e-3"],
-    # the same sweep widened where its best rate sat on the grid's edge (--merge joins them): 1e-2 for eight of the
-    # nine families that chose 3e-3 (not Mamba-2, whose row is 1.000 at 1e-3), 3e-2 for the six that then chose
-    # 1e-2, 1e-1 for the two that then chose 3e-2, 3e-4 for the two that chose 1e-3. The longer runs below were
-    # chosen by the two-rate sweep, before it was widened
-    "copying-1e-2": ["--families", "mamba", "gss", "s4", "s4d", "dss", "h3", "hyena", "liquid_s4", "--tasks",
-                     "copying", "--steps", "4000", "--sweep-steps", "4000", "--lrs", "1e-2"],
+    # the same sweep widened where its best rate sat on the grid's edge (--merge joins them): 1e-2 for the nine
+    # families that chose 3e-3, 3e-2 for the six that then chose 1e-2, 1e-1 for the two that then chose 3e-2,
+    # 3e-4 for the two that chose 1e-3. The longer runs below were chosen by the two-rate sweep, before it was
+    # widened, except GSS's last two
+    "copying-1e-2": ["--families", "mamba", "mamba2", "gss", "s4", "s4d", "dss", "h3", "hyena", "liquid_s4",
+                     "--tasks", "copying", "--steps", "4000", "--sweep-steps", "4000", "--lrs", "1e-2"],
     "copying-3e-2": ["--families", "gss", "s4", "s4d", "dss", "h3", "liquid_s4", "--tasks", "copying", "--steps",
                      "4000", "--sweep-steps", "4000", "--lrs", "3e-2"],
     "copying-1e-1": ["--families", "dss", "liquid_s4", "--tasks", "copying", "--steps", "4000", "--sweep-steps",
@@ -190,6 +191,12 @@ TABLE_RUNS = {
                            "48000", "--lrs", "3e-3"],
     "copying-96k-s4d": ["--families", "s4d", "--tasks", "copying", "--steps", "96000", "--sweep-steps", "96000",
                         "--lrs", "3e-3"],
+    # GSS, still more than 0.01 short at 96,000 steps, at the rate its widened sweep prefers: 96,000 steps (joining
+    # the 96,000-step sweep, the half-budget check of the next) and 192,000
+    "copying-96k-gss-1e-2": ["--families", "gss", "--tasks", "copying", "--steps", "96000", "--sweep-steps",
+                             "96000", "--lrs", "1e-2"],
+    "copying-192k-gss-1e-2": ["--families", "gss", "--tasks", "copying", "--steps", "192000", "--sweep-steps",
+                              "192000", "--lrs", "1e-2"],
     # induction scored on 512 sequences at every length (2 standard errors of chance: 0.021)
     "induction": ["--tasks", "induction", "--steps", "2000", "--sweep-steps", "2000", "--lrs", "1e-3", "3e-3",
                   "--eval-min-samples", "512"],
@@ -805,7 +812,8 @@ def merge(paths: list[Path]) -> dict:
     """Several runs of this benchmark (each a JSON it wrote) as one report, so a comparison can be measured in parts (a
     task at a longer budget, more rates, the families a stopped run missed). A later file's row replaces an earlier
     one's for the same family and task, except that a full-budget sweep over other rates at the same steps joins it
-    (the better run is kept, its sweep lists both rates' points), and one at fewer steps than the row joins the
+    (the better run is kept, its sweep lists both rates' points, the other run's row goes under superseded marked
+    `lost_sweep`), and one at fewer steps than the row joins the
     replaced row of those steps it widens, leaving the longer budget's row in place. Refused unless every run has
     the same parameter target and model overrides and, for each task two runs share, the same task settings (data,
     lengths, chance): rows side by side must measure the same thing. Each run's command and settings are kept under
@@ -844,11 +852,13 @@ def merge(paths: list[Path]) -> dict:
             if key not in rows:
                 rows[key] = r
             elif extends_sweep(rows[key], r):  # more rates of the row's sweep: the better run is the row
-                rows[key] = joined_sweep(rows[key], r)
+                rows[key], lost = joined_sweep(rows[key], r)
+                data["superseded"].append(dict(lost, superseded_by=by))
             elif (i := widened_superseded(data["superseded"], rows[key], r)) is not None:
                 # more rates of a sweep a longer budget has replaced since: that row stays, the sweep is widened
-                data["superseded"][i] = dict(joined_sweep(data["superseded"][i], r),
-                                             superseded_by=data["superseded"][i]["superseded_by"])
+                kept, lost = joined_sweep(data["superseded"][i], r)
+                data["superseded"][i] = dict(kept, superseded_by=data["superseded"][i]["superseded_by"])
+                data["superseded"].append(dict(lost, superseded_by=by))
             else:  # kept, so what a longer budget replaced stays on record
                 data["superseded"].append(dict(rows[key], superseded_by=by))
                 rows[key] = r
@@ -883,8 +893,8 @@ def extends_sweep(earlier: dict, later: dict) -> bool:
 def widened_superseded(superseded: list[dict], row: dict, later: dict) -> int | None:
     """The index of the superseded row whose sweep a later, shorter one widens (the last of its family and task
     at its steps, see extends_sweep) while `row`, a longer budget, is the table's; None if there is none."""
-    same = [i for i, s in enumerate(superseded)
-            if (s["family"], s["task"], s["steps"]) == (later["family"], later["task"], later["steps"])]
+    same = [i for i, s in enumerate(superseded) if not s.get("lost_sweep")
+            and (s["family"], s["task"], s["steps"]) == (later["family"], later["task"], later["steps"])]
     if later["steps"] < row["steps"] and same and extends_sweep(superseded[same[-1]], later):
         return same[-1]
     return None
@@ -895,15 +905,17 @@ def wider_sweeps(data: dict) -> list[tuple[dict, dict]]:
     (joined_sweep) after the row had replaced it: the longer budget ran at the narrower sweep's choice."""
     return [(row, s) for row in data["rows"] for s in data.get("superseded", ())
             if (s["family"], s["task"]) == (row["family"], row["task"]) and s.get("sweep_widened")
-            and s["lr"] != row.get("lr")]
+            and not s.get("lost_sweep") and s["lr"] != row.get("lr")]
 
 
-def joined_sweep(earlier: dict, later: dict) -> dict:
-    """The row of the two sweeps' best rate by validation loss (the earlier of equal losses) carrying both sweeps'
-    points in order of rate: as run_task keeps a sweep, the other rate's run stays only as its point."""
+def joined_sweep(earlier: dict, later: dict) -> tuple[dict, dict]:
+    """(kept, lost): the row of the two sweeps' best rate by validation loss (the earlier of equal losses) carrying
+    both sweeps' points in order of rate, as run_task keeps a sweep, and the other run's row, marked `lost_sweep`:
+    merge keeps it under superseded, where a longer run at its rate finds its half-budget check (budget_checks)."""
     best = lambda row: min(map(sweep_loss, row["sweep"]))  # noqa: E731
-    kept = later if best(later) < best(earlier) else earlier
-    return dict(kept, sweep=sorted(earlier["sweep"] + later["sweep"], key=lambda p: p["lr"]), sweep_widened=True)
+    kept, lost = (later, earlier) if best(later) < best(earlier) else (earlier, later)
+    points = sorted(earlier["sweep"] + later["sweep"], key=lambda p: p["lr"])
+    return dict(kept, sweep=points, sweep_widened=True), dict(lost, lost_sweep=True)
 
 
 def estimates(row: dict) -> dict:

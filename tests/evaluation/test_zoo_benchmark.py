@@ -295,9 +295,10 @@ def test_a_full_budget_sweep_keeps_its_best_run_and_runs_merge_into_one_report(t
 
 def test_a_later_sweep_over_other_rates_at_the_same_budget_widens_the_grid(tmp_path):
     """--merge of a full-budget sweep at 1e-2 after one at 1e-3/3e-3 of the same steps: one row, the best of the
-    three runs by validation loss, listing all three (the other run stays only as its point, as in one sweep).
+    three runs by validation loss, listing all three, the other run's row kept under superseded (`lost_sweep`).
     Other steps, or a rate swept already, replace the row as before; a wider sweep at fewer steps than a longer
-    budget merged since widens the replaced row under superseded and leaves the longer one's."""
+    budget merged since widens the replaced row under superseded and leaves the longer one's. A longer run at a
+    rate that lost the widened sweep is checked against that rate's run (budget_checks)."""
     Z = zoo_module()
     grid = smoke(Z, tmp_path, "grid.json", "--families", "mamba", "transformer", "--tasks", "copying",
                  "--steps", "4", "--sweep-steps", "4", "--lrs", "1e-3", "3e-3")
@@ -305,15 +306,17 @@ def test_a_later_sweep_over_other_rates_at_the_same_budget_widens_the_grid(tmp_p
                  "--steps", "4", "--sweep-steps", "4", "--lrs", "1e-2")
     merged = Z.merge([tmp_path / "grid.json", tmp_path / "edge.json"])
     assert [run["rows"] for run in merged["runs"]] == [["mamba/copying", "transformer/copying"]] * 2
+    lost = []
     for i, r in enumerate(merged["rows"]):
         before, after = grid["rows"][i], edge["rows"][i]
         points = before["sweep"] + after["sweep"]
         assert r["sweep"] == sorted(points, key=lambda p: p["lr"]) and [p["lr"] for p in r["sweep"]] == [1e-3, 3e-3,
                                                                                                        1e-2]
         best = min(points, key=lambda p: p["val_loss"])
-        source = after if best["lr"] == 1e-2 else before
+        source, other = (after, before) if best["lr"] == 1e-2 else (before, after)
         assert r["lr"] == best["lr"] and r == dict(source, sweep=r["sweep"], sweep_widened=True)  # its run, widened
-    assert merged["superseded"] == []
+        lost.append(dict(other, lost_sweep=True, superseded_by=1))
+    assert merged["superseded"] == lost  # the other run's row, whole
     assert Z.budgets(merged) == ["copying: 4 steps for each lr of 0.001/0.003/0.01, the best kept"]
     # a rate already swept, or another budget, is a new run of the row: it replaces it
     smoke(Z, tmp_path, "again.json", "--families", "mamba", "--tasks", "copying", "--steps", "4", "--sweep-steps",
@@ -333,9 +336,11 @@ def test_a_later_sweep_over_other_rates_at_the_same_budget_widens_the_grid(tmp_p
     (before, after), transformer = (grid["rows"][0], edge["rows"][0]), merged["rows"][1]
     assert late["rows"][1] == transformer  # its 4-step row widened as before
     best = min(before["sweep"] + after["sweep"], key=lambda p: p["val_loss"])
-    source = after if best["lr"] == 1e-2 else before
+    source, other = (after, before) if best["lr"] == 1e-2 else (before, after)
     points = sorted(before["sweep"] + after["sweep"], key=lambda p: p["lr"])
-    assert late["superseded"] == [dict(source, sweep=points, sweep_widened=True, superseded_by=1)]
+    mamba = lambda report: [s for s in report["superseded"] if s["family"] == "mamba"]  # noqa: E731
+    assert mamba(late) == [dict(source, sweep=points, sweep_widened=True, superseded_by=1),
+                           dict(other, lost_sweep=True, superseded_by=2)]
     assert [p["lr"] for p in points] == [1e-3, 3e-3, 1e-2]
     # the table notes a longer row whose rate is not the widened sweep's best
     noted = [(late["rows"][0], late["superseded"][0])] if best["lr"] != 1e-3 else []
@@ -347,7 +352,18 @@ def test_a_later_sweep_over_other_rates_at_the_same_budget_widens_the_grid(tmp_p
     wider = Z.merge([tmp_path / "grid.json", tmp_path / "longer-1e-3.json", tmp_path / "edge.json",
                      tmp_path / "wider.json"])
     assert [p["lr"] for p in wider["superseded"][0]["sweep"]] == [1e-3, 3e-3, 1e-2, 3e-2]
-    assert len(wider["superseded"]) == 1 and wider["rows"][0] == late["rows"][0]
+    assert [s.get("lost_sweep", False) for s in mamba(wider)] == [False, True, True]
+    assert wider["rows"][0] == late["rows"][0]
+    assert [s for _, s in Z.wider_sweeps(wider)] in ([], [mamba(wider)[0]])  # a lost run is no widened sweep
+    # a longer run at the rate that lost: its half-budget check is that rate's lost run, not an older one
+    loser = mamba(late)[1]
+    smoke(Z, tmp_path, "long-loser.json", "--families", "mamba", "--tasks", "copying", "--steps", "8",
+          "--sweep-steps", "8", "--lrs", f"{loser['lr']:g}")
+    checked = Z.merge([tmp_path / "grid.json", tmp_path / "longer-1e-3.json", tmp_path / "edge.json",
+                       tmp_path / "long-loser.json"])
+    check = Z.budget_checks(checked)["mamba/copying"]
+    assert (check["steps_before"], check["lr"]) == (4, loser["lr"])
+    assert check["scores"]["accuracy"]["before"] == loser["accuracy"]["hits"] / loser["accuracy"]["n"]
 
 
 def test_merge_refuses_runs_that_measure_different_things(tmp_path):
