@@ -902,7 +902,8 @@ def widened_superseded(superseded: list[dict], row: dict, later: dict) -> int | 
 
 def wider_sweeps(data: dict) -> list[tuple[dict, dict]]:
     """(row, superseded row) for each row at a rate other than the best of a sweep of its family and task widened
-    (joined_sweep) after the row had replaced it: the longer budget ran at the narrower sweep's choice."""
+    (joined_sweep) after the row had replaced it: the longer budget ran at another rate (the narrower sweep's
+    choice, or one picked for it)."""
     return [(row, s) for row in data["rows"] for s in data.get("superseded", ())
             if (s["family"], s["task"]) == (row["family"], row["task"]) and s.get("sweep_widened")
             and not s.get("lost_sweep") and s["lr"] != row.get("lr")]
@@ -1072,8 +1073,8 @@ def table(data: dict) -> str:
     if lrs:
         notes.append("Learning rates: " + ", ".join(lrs) + ".")
     rates = lambda row: "/".join(f"{p['lr']:g}" for p in row["sweep"])  # noqa: E731
-    wider = [f"{r['family']}/{r['task']} {s['lr']:g} of {rates(s)} at {s['steps']:,} steps (the row's {r['lr']:g} "
-             "was the narrower sweep's)" for r, s in wider_sweeps(data)]
+    wider = [f"{r['family']}/{r['task']} {s['lr']:g} of {rates(s)} at {s['steps']:,} steps (the row ran at "
+             f"{r['lr']:g})" for r, s in wider_sweeps(data)]
     if wider:
         notes.append("Sweeps widened after their longer runs prefer another rate: " + "; ".join(wider) + ".")
     for family, reason in data["skipped"].items():
