@@ -813,12 +813,12 @@ def merge(paths: list[Path]) -> dict:
     task at a longer budget, more rates, the families a stopped run missed). A later file's row replaces an earlier
     one's for the same family and task, except that a full-budget sweep over other rates at the same steps joins it
     (the better run is kept, its sweep lists both rates' points, the other run's row goes under superseded marked
-    `lost_sweep`), and one at fewer steps than the row joins the
-    replaced row of those steps it widens, leaving the longer budget's row in place. Refused unless every run has
-    the same parameter target and model overrides and, for each task two runs share, the same task settings (data,
-    lengths, chance): rows side by side must measure the same thing. Each run's command and settings are kept under
-    "runs" (a merged report's runs carry over), each replaced row under "superseded" (with the index of the run, or
-    of a merged report's last run, that replaced it); the table states each task's steps and sweep."""
+    `lost_sweep`), and one at fewer steps than the row joins the replaced row of those steps it widens, leaving
+    the longer budget's row in place. Refused unless every run has the same parameter target and model overrides
+    and, for each task two runs share, the same task settings (data, lengths, chance): rows side by side must
+    measure the same thing. Each run's command and settings are kept under "runs" (a merged report's runs carry
+    over), each replaced row under "superseded" (with the index of the run, or of a merged report's last run, that
+    replaced it); the table states each task's steps and sweep."""
     runs = [(Path(p), read_report(Path(p))) for p in paths]
     first_path, first = runs[0]
     data = {key: first[key] for key in ("machine", "target_parameters", "target_is", "overrides", "published")}
