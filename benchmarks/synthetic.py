@@ -25,9 +25,13 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from benchmarks.run_checkpoint import RunCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = -100  # target of positions that are not scored
@@ -94,17 +98,26 @@ def scored_accuracy(model, ids: torch.Tensor, targets: torch.Tensor, batch: int)
     return correct / total
 
 
-def train(model, make_batch, steps: int, lr: float, log_every: int, name: str) -> list[float]:
+def train(model, make_batch, steps: int, lr: float, log_every: int, name: str,
+          checkpoint: RunCheckpoint | None = None) -> list[float]:
     """AdamW on fresh batches, loss on the scored positions only; linear warmup then cosine decay. A run whose loss
     is no longer a number stops there (its weights are lost; hours of further steps would change nothing): the
-    losses returned are then fewer than `steps`, the last one not finite."""
+    losses returned are then fewer than `steps`, the last one not finite. With a checkpoint the run saves itself
+    every `checkpoint.every` steps and at its end, and a run stopped on the way continues from its last save
+    exactly as if it had not stopped (run_checkpoint); `checkpoint.seconds` is then its training time over every
+    sitting."""
     optim = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    losses = []
+    losses = checkpoint.load(model, optim, schedule) if checkpoint else []
+    if losses:
+        for _ in losses:  # the batches the stopped run consumed, drawn again so the data order is unchanged
+            make_batch()
+        print(f"  {name}: resumed at step {len(losses)}/{steps} from {checkpoint.path}", flush=True)
+    start = time.perf_counter() - (checkpoint.seconds if checkpoint else 0.0)
     model.train()
-    for step in range(steps):
+    for step in range(len(losses), steps if not losses or math.isfinite(losses[-1]) else 0):
         ids, targets = make_batch()
         logits = model(ids)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
@@ -119,6 +132,10 @@ def train(model, make_batch, steps: int, lr: float, log_every: int, name: str) -
         schedule.step()
         if log_every and (step + 1) % log_every == 0:
             print(f"  {name} step {step + 1}/{steps}: loss {sum(losses[-log_every:]) / log_every:.3f}", flush=True)
+        if checkpoint and (step + 1) % checkpoint.every == 0 and step + 1 < steps:
+            checkpoint.save(model, optim, schedule, losses, time.perf_counter() - start)
+    if checkpoint:
+        checkpoint.save(model, optim, schedule, losses, time.perf_counter() - start)
     return losses
 
 

@@ -75,6 +75,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.run_checkpoint import CheckpointMismatch, RunCheckpoint  # noqa: E402
 from benchmarks.synthetic import IGNORE, induction_heads_batch, selective_copying_batch, train  # noqa: E402
 
 FAMILIES = ("mamba", "mamba2", "gss", "s4", "s4d", "dss", "h3", "hyena", "lru", "liquid_s4", "transformer")
@@ -531,16 +532,31 @@ def diverged_at(losses: list[float]) -> int | None:
 
 
 def train_run(family: str, info: dict, task, lr: float, steps: int, args, device) -> tuple:
-    """A fresh model (the same init for every lr) trained for `steps` at `lr` on the task's stream."""
+    """A fresh model (the same init for every lr) trained for `steps` at `lr` on the task's stream: (model, losses,
+    training seconds, the steps it resumed from). With --checkpoint-dir the run saves itself there and a rerun of
+    the same command continues it from its last save (run_checkpoint)."""
     torch.manual_seed(args.seed)
     config = model_config(family, info["d_model"], task.vocab, task.train_length, longest_length(args),
                           info["fit"], args.overrides)
     model = build(config).to(device)
     stream = task.stream(args.seed + 1)
+    checkpoint = None
+    if args.checkpoint_dir:
+        identity = dict(family=family, task=task.summary(), lr=lr, steps=steps, seed=args.seed, batch=args.batch,
+                        model=config)
+        checkpoint = RunCheckpoint(Path(args.checkpoint_dir) / f"{family}-{task.name}-lr{lr:g}-{steps}steps.pt",
+                                   identity, args.checkpoint_every)
     start = time.perf_counter()
     losses = train(model, lambda: tuple(t.to(device) for t in next(stream)), steps, lr, args.log_every,
-                   f"{family} {task.name} lr {lr:g}")
-    return model, losses, time.perf_counter() - start
+                   f"{family} {task.name} lr {lr:g}", checkpoint)
+    if checkpoint:
+        return model, losses, checkpoint.seconds, checkpoint.resumed_at
+    return model, losses, time.perf_counter() - start, []
+
+
+def resumed(resumed_at: list[int]) -> dict:
+    """A run's record of the steps it was resumed from (run_checkpoint), absent for a run trained in one go."""
+    return dict(resumed_at_steps=resumed_at) if resumed_at else {}
 
 
 def sweep_loss(point: dict) -> float:
@@ -557,23 +573,23 @@ def run_task(family: str, info: dict, task, args, device) -> dict:
     full_budget = args.sweep_steps == args.steps
     sweep, kept = [], None  # kept: the best full-budget run so far (the others' models are dropped)
     for lr in args.lrs:
-        model, losses, seconds = train_run(family, info, task, lr, args.sweep_steps, args, device)
+        model, losses, seconds, resumed_at = train_run(family, info, task, lr, args.sweep_steps, args, device)
         ev = evaluate(model, val_ids, val_targets, args.batch)
         point = dict(lr=lr, steps=args.sweep_steps, val_loss=finite(ev["loss"]),
                      val_accuracy=float(ev["hits"].sum() / max(1, ev["counts"].sum())),
                      final_train_loss=finite(float(np.mean(losses[-max(1, len(losses) // 10):]))),
                      converged=convergence(losses, args.converge_tol)["converged"], seconds=seconds,
-                     diverged_at_step=diverged_at(losses))
+                     diverged_at_step=diverged_at(losses), **resumed(resumed_at))
         if full_budget and (not sweep or sweep_loss(point) < min(map(sweep_loss, sweep))):
-            kept = model, losses, seconds
+            kept = model, losses, seconds, resumed_at
         sweep.append(point)
         print(f"  {family} {task.name} sweep lr {lr:g}: val loss {ev['loss']:.4f}", flush=True)
     lr = min(sweep, key=sweep_loss)["lr"]  # the first of equal losses, as kept
     if full_budget:
-        model, losses, seconds = kept
+        model, losses, seconds, resumed_at = kept
         selected_by = "validation loss at the scored positions after the full budget (the sweep is the main run)"
     else:
-        model, losses, seconds = train_run(family, info, task, lr, args.steps, args, device)
+        model, losses, seconds, resumed_at = train_run(family, info, task, lr, args.steps, args, device)
         selected_by = "validation loss at the scored positions after the sweep's steps"
     row = dict(family=family, task=task.name, d_model=info["d_model"], n_layer=N_LAYER,
                parameters=info["parameters"], parameter_ratio=info["ratio"], lr=lr,
@@ -581,7 +597,7 @@ def run_task(family: str, info: dict, task, args, device) -> dict:
                steps=args.steps, train_seconds=seconds, train_length=task.train_length,
                final_train_loss=finite(float(np.mean(losses[-max(1, len(losses) // 10):]))),
                loss_curve=loss_curve(losses), convergence=convergence(losses, args.converge_tol),
-               diverged_at_step=diverged_at(losses))
+               diverged_at_step=diverged_at(losses), **resumed(resumed_at))
     row["converged"] = row["convergence"]["converged"]
     row.update(task.result(model, args, device))
     return row
@@ -1199,6 +1215,10 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=200)
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save each training run there every --checkpoint-every steps; the same command run again "
+                        "resumes each from its last save, exactly (--table DIR: DIR/checkpoints)")
+    p.add_argument("--checkpoint-every", type=int, default=1000, metavar="STEPS")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps: finishes in seconds")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo.json"))
     p.add_argument("--table", metavar="DIR",
@@ -1223,6 +1243,8 @@ def parse_args(argv):
                 setattr(args, key, value)
     if args.sweep_steps is None:
         args.sweep_steps = max(1, args.steps // 4)
+    if args.checkpoint_every < 1:
+        p.error(f"--checkpoint-every {args.checkpoint_every}: must be a positive number of steps")
     return args
 
 
@@ -1246,9 +1268,12 @@ def main(argv: list[str] | None = None) -> dict:
     summaries = {name: task.summary() for name, task in tasks.items()}
     if "speed" in args.tasks:
         summaries["speed"] = dict(length=args.speed_length, batch=args.speed_batch, steps=args.speed_steps)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "speed_one", "overrides", "table")}
-    report = Report(out, dict(machine=describe(), command=shlex.join(["python", "benchmarks/zoo.py",
-                                                                      *without(argv, "--out")]),
+    # where a run saves itself changes none of its results: not a setting, not in the recorded command
+    local = ("out", "speed_one", "overrides", "table", "checkpoint_dir", "checkpoint_every")
+    settings = {k: v for k, v in vars(args).items() if k not in local}
+    command = ["python", "benchmarks/zoo.py", *without(without(without(argv, "--out"), "--checkpoint-dir"),
+                                                       "--checkpoint-every")]
+    report = Report(out, dict(machine=describe(), command=shlex.join(command),
                               settings=settings, target_parameters=target,
                               target_is="explicit (--params)" if args.params else
                               "Mamba's parameters outside the embedding / LM head at d_model 64, n_layer 2",
@@ -1274,6 +1299,8 @@ def main(argv: list[str] | None = None) -> dict:
                     run_task(family, info, tasks[name], args, device)
                 report.row(row)
                 print(f"  {family} {name}: {summary_line(row)}", flush=True)
+        except CheckpointMismatch:  # the user's folder, not the family: stop and say so
+            raise
         except Exception as e:  # one family's failure does not lose the others' rows
             report.data["failed"][family] = f"{type(e).__name__}: {e}"
             report.write()
@@ -1296,6 +1323,8 @@ def reproduce_table(folder: Path, passed: list[str], out: Path) -> dict:
     """Each part of TABLE_RUNS trained into folder/PART.json unless that file is a complete report already, then
     all of them merged into `out`. `passed`: flags for every part (before the part's own, which win)."""
     paths = []
+    if not any(a == "--checkpoint-dir" or a.startswith("--checkpoint-dir=") for a in passed):
+        passed = [*passed, "--checkpoint-dir", str(folder / "checkpoints")]
     for name, part in TABLE_RUNS.items():
         path = folder / f"{name}.json"
         if path.exists() and read_report(path)["complete"]:
@@ -1339,6 +1368,6 @@ def summary_line(row: dict) -> str:
 if __name__ == "__main__":
     try:
         sys.exit(1 if main().get("failed") else 0)
-    except MergeRefused as e:  # --merge's inputs: the user's mistake, said in one line
+    except (MergeRefused, CheckpointMismatch) as e:  # the user's files: said in one line
         print(f"zoo.py: {e}", file=sys.stderr)
         sys.exit(2)
