@@ -54,6 +54,8 @@ command, resumable part by part.
     python benchmarks/zoo.py --merge benchmarks/results/zoo.json copying.json   # copying's rows replaced
     python benchmarks/zoo.py --families gss --tasks induction --override gss.ssm_dim=64   # another model setting
     python benchmarks/zoo.py --table runs/zoo      # every run behind the README's table (TABLE_RUNS), merged
+    python benchmarks/zoo.py --families gss --tasks copying --steps 384000 --sweep-steps 384000 --lrs 1e-2 \
+        --checkpoint-dir runs/saved                   # saved every 1,000 steps: run again, it resumes exactly
 """
 from __future__ import annotations
 
