@@ -200,6 +200,12 @@ TABLE_RUNS = {
                              "96000", "--lrs", "1e-2"],
     "copying-192k-gss-1e-2": ["--families", "gss", "--tasks", "copying", "--steps", "192000", "--sweep-steps",
                               "192000", "--lrs", "1e-2"],
+    # DSS and Liquid-S4 at 3e-2, the rate their widened 4,000-step sweep prefers, joining the 24,000-step sweeps
+    # (it wins DSS's, loses Liquid-S4's), and DSS at 48,000, joining that sweep (3e-3 keeps the row)
+    "copying-24k-3e-2": ["--families", "dss", "liquid_s4", "--tasks", "copying", "--steps", "24000", "--sweep-steps",
+                         "24000", "--lrs", "3e-2"],
+    "copying-48k-dss-3e-2": ["--families", "dss", "--tasks", "copying", "--steps", "48000", "--sweep-steps",
+                             "48000", "--lrs", "3e-2"],
     # induction scored on 512 sequences at every length (2 standard errors of chance: 0.021)
     "induction": ["--tasks", "induction", "--steps", "2000", "--sweep-steps", "2000", "--lrs", "1e-3", "3e-3",
                   "--eval-min-samples", "512"],
@@ -921,10 +927,11 @@ def widened_superseded(superseded: list[dict], row: dict, later: dict) -> int | 
 def wider_sweeps(data: dict) -> list[tuple[dict, dict]]:
     """(row, superseded row) for each row at a rate other than the best of a sweep of its family and task widened
     (joined_sweep) after the row had replaced it: the longer budget ran at another rate (the narrower sweep's
-    choice, or one picked for it)."""
+    choice, or one picked for it). Not when the row's own sweep tried that rate: its longer budget settled it."""
     return [(row, s) for row in data["rows"] for s in data.get("superseded", ())
             if (s["family"], s["task"]) == (row["family"], row["task"]) and s.get("sweep_widened")
-            and not s.get("lost_sweep") and s["lr"] != row.get("lr")]
+            and not s.get("lost_sweep") and s["lr"] != row.get("lr")
+            and s["lr"] not in {p["lr"] for p in row.get("sweep", ())}]
 
 
 def joined_sweep(earlier: dict, later: dict) -> tuple[dict, dict]:

@@ -346,6 +346,12 @@ def test_a_later_sweep_over_other_rates_at_the_same_budget_widens_the_grid(tmp_p
     noted = [(late["rows"][0], late["superseded"][0])] if best["lr"] != 1e-3 else []
     assert Z.wider_sweeps(late) == noted and Z.wider_sweeps(merged) == []
     assert ("Sweeps widened after their longer runs prefer another rate: mamba/copying" in Z.table(late)) == bool(noted)
+    # unless the longer row's own sweep tried that rate: the longer budget settled it
+    row = dict(family="h3", task="copying", lr=3e-3, sweep=[dict(lr=3e-3)])
+    shorter = dict(family="h3", task="copying", lr=1e-2, sweep_widened=True)
+    assert Z.wider_sweeps(dict(rows=[row], superseded=[shorter])) == [(row, shorter)]
+    settled = dict(row, sweep=[dict(lr=3e-3), dict(lr=1e-2)])
+    assert Z.wider_sweeps(dict(rows=[settled], superseded=[shorter])) == []
     # a third rate widens the same row again
     smoke(Z, tmp_path, "wider.json", "--families", "mamba", "--tasks", "copying", "--steps", "4", "--sweep-steps",
           "4", "--lrs", "3e-2")
