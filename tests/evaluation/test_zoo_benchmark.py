@@ -432,6 +432,10 @@ def test_table_trains_each_part_once_and_merges_them(tmp_path, monkeypatch):
     assert by["mamba", "copying"] == first["rows"][0] and by["transformer", "copying"] == longer["rows"][0]
     assert report["superseded"] == [dict(first["rows"][1], superseded_by=1)]
     assert report == json.loads((tmp_path / "zoo.json").read_text())
+    # each training run saved under DIR/checkpoints, so a part stopped midway resumes inside it
+    assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == sorted(
+        [f"{f}-copying-lr0.003-{n}steps.pt" for f in ("mamba", "transformer") for n in (1, 3)]
+        + ["transformer-copying-lr0.001-4steps.pt"])  # the first part's sweep (1 step) and main run, the longer's
 
     longer["complete"] = False  # as a run stopped midway leaves it
     (parts / "longer.json").write_text(json.dumps(longer))
