@@ -48,9 +48,9 @@ class RunCheckpoint:
     def save(self, model, optim, schedule, losses: list[float], seconds: float) -> None:
         """Written to a temporary file, then renamed: a stop mid-write leaves the last checkpoint whole."""
         self.seconds = seconds
-        state = dict(identity=json.dumps(self.identity), losses=list(losses), seconds=seconds, resumed_at=self.resumed_at,
-                     model=model.state_dict(), optim=optim.state_dict(), schedule=schedule.state_dict(),
-                     rng=torch.get_rng_state(),
+        state = dict(identity=json.dumps(self.identity), losses=list(losses), seconds=seconds,
+                     resumed_at=self.resumed_at, model=model.state_dict(), optim=optim.state_dict(),
+                     schedule=schedule.state_dict(), rng=torch.get_rng_state(),
                      cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
