@@ -116,8 +116,9 @@ def train(model, make_batch, steps: int, lr: float, log_every: int, name: str,
             make_batch()
         print(f"  {name}: resumed at step {len(losses)}/{steps} from {checkpoint.path}", flush=True)
     start = time.perf_counter() - (checkpoint.seconds if checkpoint else 0.0)
+    diverged = bool(losses) and not math.isfinite(losses[-1])  # a run saved after diverging stays stopped
     model.train()
-    for step in range(len(losses), steps if not losses or math.isfinite(losses[-1]) else 0):
+    for step in range(len(losses), len(losses) if diverged else steps):
         ids, targets = make_batch()
         logits = model(ids)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)

@@ -2,6 +2,7 @@
 ends exactly where the same run trained in one go ends, losses and weights bit for bit; a checkpoint of another
 run is refused; zoo.py --checkpoint-dir resumes each of its runs and records where."""
 import json
+import math
 import subprocess
 import sys
 
@@ -107,3 +108,21 @@ def test_zoo_resumes_its_runs_from_the_checkpoint_folder(tmp_path):
     assert other.returncode == 2 and other.stderr.strip().splitlines() == [
         "zoo.py: saved/mamba-copying-lr0.003-4steps.pt: written by a run with another batch; "
         "remove it or save this run's checkpoints in another folder"]
+
+
+def test_a_run_saved_after_diverging_is_not_trained_again(tmp_path):
+    class BlowsUp(torch.nn.Module):  # logits NaN from the third call on
+        def __init__(self):
+            super().__init__()
+            self.w, self.calls = torch.nn.Parameter(torch.zeros(4)), 0
+
+        def forward(self, ids):
+            self.calls += 1
+            return self.w.expand(*ids.shape, 4) * (float("nan") if self.calls >= 3 else 1.0)
+
+    batch = lambda: (torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long))  # noqa: E731
+    first = train(BlowsUp(), batch, 10, 1e-2, 0, "blows up", RunCheckpoint(tmp_path / "run.pt", {}, every=1))
+    assert len(first) == 3 and math.isnan(first[-1])
+    model = BlowsUp()
+    again = train(model, batch, 10, 1e-2, 0, "blows up", RunCheckpoint(tmp_path / "run.pt", {}, every=1))
+    assert model.calls == 0 and again[:2] == first[:2] and len(again) == 3 and math.isnan(again[-1])
