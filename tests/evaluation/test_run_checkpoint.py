@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from .conftest import ROOT
+from .test_zoo_benchmark import BlowsUp, constant_batch
 
 sys.path.insert(0, str(ROOT))
 from benchmarks.run_checkpoint import CheckpointMismatch, RunCheckpoint  # noqa: E402
@@ -111,18 +112,8 @@ def test_zoo_resumes_its_runs_from_the_checkpoint_folder(tmp_path):
 
 
 def test_a_run_saved_after_diverging_is_not_trained_again(tmp_path):
-    class BlowsUp(torch.nn.Module):  # logits NaN from the third call on
-        def __init__(self):
-            super().__init__()
-            self.w, self.calls = torch.nn.Parameter(torch.zeros(4)), 0
-
-        def forward(self, ids):
-            self.calls += 1
-            return self.w.expand(*ids.shape, 4) * (float("nan") if self.calls >= 3 else 1.0)
-
-    batch = lambda: (torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long))  # noqa: E731
-    first = train(BlowsUp(), batch, 10, 1e-2, 0, "blows up", RunCheckpoint(tmp_path / "run.pt", {}, every=1))
+    first = train(BlowsUp(), constant_batch, 10, 1e-2, 0, "blows up", RunCheckpoint(tmp_path / "run.pt", {}, every=1))
     assert len(first) == 3 and math.isnan(first[-1])
     model = BlowsUp()
-    again = train(model, batch, 10, 1e-2, 0, "blows up", RunCheckpoint(tmp_path / "run.pt", {}, every=1))
+    again = train(model, constant_batch, 10, 1e-2, 0, "blows up", RunCheckpoint(tmp_path / "run.pt", {}, every=1))
     assert model.calls == 0 and again[:2] == first[:2] and len(again) == 3 and math.isnan(again[-1])

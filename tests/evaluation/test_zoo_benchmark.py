@@ -171,22 +171,29 @@ def test_a_longer_budget_that_does_not_change_the_result_counts_as_converged():
     assert not Z.budget_checks(dict(rows=[lm(2000, 1.250)], superseded=[lm(1000, 1.260)]))["h3/lm"]["same_result"]
 
 
+class BlowsUp(torch.nn.Module):
+    """Logits NaN from the third call on: a run that diverges at step 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.calls = torch.nn.Parameter(torch.zeros(4)), 0
+
+    def forward(self, ids):
+        self.calls += 1
+        return self.w.expand(*ids.shape, 4) * (float("nan") if self.calls >= 3 else 1.0)
+
+
+def constant_batch():
+    return torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
+
+
 def test_a_diverged_run_stops_at_its_first_non_finite_loss():
     """synthetic.train (the zoo's loop) stops once the loss is not a number; the zoo records the step."""
     Z = zoo_module()
     from benchmarks.synthetic import train
 
-    class BlowsUp(torch.nn.Module):  # logits NaN from the third call on
-        def __init__(self):
-            super().__init__()
-            self.w, self.calls = torch.nn.Parameter(torch.zeros(4)), 0
-
-        def forward(self, ids):
-            self.calls += 1
-            return self.w.expand(*ids.shape, 4) * (float("nan") if self.calls >= 3 else 1.0)
-
     model = BlowsUp()
-    batch = lambda: (torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long))  # noqa: E731
+    batch = constant_batch
     losses = train(model, batch, steps=10, lr=1e-2, log_every=0, name="blows up")
     assert model.calls == 3 and len(losses) == 3 and math.isnan(losses[-1])
     assert all(math.isfinite(x) for x in losses[:2]) and losses[1] < losses[0]  # it did train before
