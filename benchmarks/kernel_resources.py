@@ -179,10 +179,11 @@ def drive_conv1d(act, flags: bool):
 
 def drive_vandermonde(act, flags: bool):
     """The diagonal SSMs' kernel (S4D, DSS, H3, GSS): w, dt_lam (H, N) complex64 whatever the activations (the
-    SSM parameters stay fp32 under bf16), GSS's d_state 512 modes; forward and backward. No flags."""
+    SSM parameters stay fp32 under bf16), GSS's d_state 512 modes; forward and backward. With flags, the state
+    summary of a carried state (its forward: the backward kernel without the dt_lam half) and its backward."""
     import torch
 
-    from ssmforge.kernels.triton.vandermonde import BLOCK_L, vandermonde_triton
+    from ssmforge.kernels.triton.vandermonde import BLOCK_L, vandermonde_summary_triton, vandermonde_triton
 
     g = torch.Generator().manual_seed(0)
     H, N = 16, 512
@@ -191,7 +192,11 @@ def drive_vandermonde(act, flags: bool):
         return torch.complex(torch.randn(H, N, generator=g) * real_scale, torch.randn(H, N, generator=g))
 
     w, dt_lam = complex_param(1.0).requires_grad_(), complex_param(0.0).requires_grad_()
-    _backward(vandermonde_triton(w, dt_lam - 0.01, 2 * BLOCK_L))
+    if flags:
+        inputs = torch.randn(2, H, 2 * BLOCK_L, generator=g).requires_grad_()  # (batch, H, L), as the model folds it
+        _backward(vandermonde_summary_triton(inputs.transpose(0, 1), dt_lam - 0.01).abs())
+    else:
+        _backward(vandermonde_triton(w, dt_lam - 0.01, 2 * BLOCK_L))
 
 
 def drive_cauchy(act, flags: bool):

@@ -18,13 +18,15 @@ from .ref import (
     ssd_scan_ref,
     ssd_state_step,
     vandermonde_ref,
+    vandermonde_summary_ref,
 )
 from .backends import BackendUnavailableError, describe_backends
 from .conv1d import CONV1D_BACKENDS, causal_conv1d, conv1d_default_backend
 from .selective_scan import SCAN_BACKENDS, scan_default_backend, selective_scan
 from .ssd import SSD_BACKENDS, ssd_default_backend, ssd_scan
-from .ssm_kernels import (CAUCHY_BACKENDS, LINEAR_SCAN_BACKENDS, VANDERMONDE_BACKENDS, cauchy, cauchy_default_backend,
-                          linear_scan, linear_scan_default_backend, vandermonde, vandermonde_default_backend)
+from .ssm_kernels import (CAUCHY_BACKENDS, LINEAR_SCAN_BACKENDS, VANDERMONDE_BACKENDS, VANDERMONDE_SUMMARY_BACKENDS,
+                          cauchy, cauchy_default_backend, linear_scan, linear_scan_default_backend, vandermonde,
+                          vandermonde_default_backend, vandermonde_summary)
 
 _deterministic = False
 
@@ -54,6 +56,7 @@ __all__ = [
     "SCAN_BACKENDS",
     "SSD_BACKENDS",
     "VANDERMONDE_BACKENDS",
+    "VANDERMONDE_SUMMARY_BACKENDS",
     "cauchy",
     "cauchy_default_backend",
     "cauchy_ref",
@@ -78,4 +81,6 @@ __all__ = [
     "vandermonde",
     "vandermonde_default_backend",
     "vandermonde_ref",
+    "vandermonde_summary",
+    "vandermonde_summary_ref",
 ]

@@ -164,8 +164,17 @@ def mode_powers(dt_lam: torch.Tensor, length: int, start: int = 0) -> torch.Tens
 
 def vandermonde_ref(w: torch.Tensor, dt_lam: torch.Tensor, length: int) -> torch.Tensor:
     """The convolution kernel of a diagonal SSM (S4D, DSS, H3, GSS): K (H, length) real, K_l = Re(sum_n w_n
-    exp(dt_lam_n l)), from w, dt_lam (H, N) complex, through the (H, N, length) powers."""
-    return torch.einsum("hn,hnl->hl", w, mode_powers(dt_lam, length)).real
+    exp(dt_lam_n l)), from w, dt_lam (H, N) complex, through the (H, N, length) powers. w may hold several rows
+    per channel, (H, ..., N) -> K (H, ..., length): what an entering state adds to each row."""
+    return torch.einsum("h...n,hnl->h...l", w, mode_powers(dt_lam, length)).real
+
+
+def vandermonde_summary_ref(v: torch.Tensor, dt_lam: torch.Tensor) -> torch.Tensor:
+    """The Vandermonde product's transpose, a diagonal SSM's state summary: S_n = sum_l v_l exp(dt_lam_n l), from
+    v (H, ..., L) real and dt_lam (H, N) complex -> S (H, ..., N) complex, through the (H, N, L) powers. With v
+    the inputs in reverse order, S is the state they leave after the last position."""
+    powers = mode_powers(dt_lam, v.shape[-1])
+    return torch.einsum("h...l,hnl->h...n", v.to(powers.dtype), powers)
 
 
 def cauchy_ref(numerators: torch.Tensor, poles: torch.Tensor, nodes: torch.Tensor,

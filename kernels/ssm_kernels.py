@@ -1,11 +1,12 @@
 """Public entry points of the survey families' kernels, each one signature over two backends:
 
 - `vandermonde(w, dt_lam, length)`: a diagonal SSM's kernel K_l = Re(sum_n w_n exp(dt_lam_n l)) (S4D, DSS, H3,
-  GSS);
+  GSS), and `vandermonde_summary(v, dt_lam)` its transpose S_n = sum_l v_l exp(dt_lam_n l), the state that
+  inputs leave (a carried state, context parallelism), on the same backends;
 - `cauchy(numerators, poles, nodes, scales)`: the Cauchy sums of S4's bilinear kernel (S4, Liquid-S4);
 - `linear_scan(a, b)`: the recurrence x_t = a_t x_{t-1} + b_t from a zero state (LRU).
 
-"ref" is PyTorch's, in `ssmforge.kernels.ref`: vandermonde_ref and cauchy_ref through an (H, N, length) tensor
+"ref" is PyTorch's, in `ssmforge.kernels.ref`: the Vandermonde pair and cauchy_ref through an (H, N, length) tensor
 of powers or resolvents (the models build it a block of channels at a time, models.layers.recomputed_by_channels),
 linear_scan_ref a parallel scan of ceil(log2 L) passes over (batch, L, N) tensors. "triton" is a fused Triton
 kernel that materialises none of that, the default on CUDA. Without triton a GPU runs "ref", which is usable
@@ -20,7 +21,7 @@ import torch
 
 from .backends import triton_available
 from .cpu import linear_scan_cpu
-from .ref import cauchy_ref, linear_scan_ref, vandermonde_ref
+from .ref import cauchy_ref, linear_scan_ref, vandermonde_ref, vandermonde_summary_ref
 
 
 # One wrapper per kernel, each a plain lazy import (importing triton is slow and may fail): torch.compile traces
@@ -29,6 +30,12 @@ def _triton_vandermonde(*args):
     from .triton.vandermonde import vandermonde_triton
 
     return vandermonde_triton(*args)
+
+
+def _triton_vandermonde_summary(*args):
+    from .triton.vandermonde import vandermonde_summary_triton
+
+    return vandermonde_summary_triton(*args)
 
 
 def _triton_cauchy(*args):
@@ -44,10 +51,12 @@ def _triton_linear_scan(*args):
 
 
 VANDERMONDE_BACKENDS: dict[str, Callable] = {"ref": vandermonde_ref}
+VANDERMONDE_SUMMARY_BACKENDS: dict[str, Callable] = {"ref": vandermonde_summary_ref}
 CAUCHY_BACKENDS: dict[str, Callable] = {"ref": cauchy_ref}
 LINEAR_SCAN_BACKENDS: dict[str, Callable] = {"ref": linear_scan_ref, "cpu": linear_scan_cpu}
 if triton_available():
     VANDERMONDE_BACKENDS["triton"] = _triton_vandermonde
+    VANDERMONDE_SUMMARY_BACKENDS["triton"] = _triton_vandermonde_summary
     CAUCHY_BACKENDS["triton"] = _triton_cauchy
     LINEAR_SCAN_BACKENDS["triton"] = _triton_linear_scan
 
@@ -81,9 +90,15 @@ def linear_scan_default_backend(device: torch.device) -> str:
 
 
 def vandermonde(w: torch.Tensor, dt_lam: torch.Tensor, length: int, backend: str | None = None) -> torch.Tensor:
-    """w, dt_lam (H, N) complex -> K (H, length) real (`ssmforge.kernels.ref.vandermonde_ref`). backend None
-    picks by device (`vandermonde_default_backend`); a name forces one."""
+    """w (H, ..., N), dt_lam (H, N) complex -> K (H, ..., length) real (`ssmforge.kernels.ref.vandermonde_ref`).
+    backend None picks by device (`vandermonde_default_backend`); a name forces one."""
     return _chosen(VANDERMONDE_BACKENDS, "vandermonde", w.device, backend)(w, dt_lam, length)
+
+
+def vandermonde_summary(v: torch.Tensor, dt_lam: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """v (H, ..., L) real, dt_lam (H, N) complex -> S (H, ..., N) complex
+    (`ssmforge.kernels.ref.vandermonde_summary_ref`), on the Vandermonde kernel's backends."""
+    return _chosen(VANDERMONDE_SUMMARY_BACKENDS, "vandermonde", v.device, backend)(v, dt_lam)
 
 
 def cauchy(numerators: torch.Tensor, poles: torch.Tensor, nodes: torch.Tensor, scales: torch.Tensor,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssmforge.kernels import vandermonde, vandermonde_default_backend, vandermonde_ref
+from ssmforge.kernels import vandermonde, vandermonde_default_backend, vandermonde_summary
 from ssmforge.kernels.fftconv import fft_causal_conv
 from ssmforge.kernels.ref import mode_powers
 
@@ -68,16 +68,24 @@ def ungrouped(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 1, 0, *range(3, 3 + len(rest))).reshape(batch, groups * heads, *rest)
 
 
+def over_powers(function, length: int, x: torch.Tensor, dt_lam: torch.Tensor, backend: str | None, *,
+                block_bytes: int) -> torch.Tensor:
+    """function(x, dt_lam, backend), a product of x (H, ...) with the (H, N, length) powers of exp(dt_lam) (the
+    kernel, the state summary, an entering state's response). A fused backend (Triton on CUDA; backend None: the
+    device's default) runs it whole and never materialises the powers; PyTorch's path builds them a block of
+    channels (at most block_bytes of powers) at a time and recomputes them in backward rather than keeps them."""
+    if (backend or vandermonde_default_backend(x.device)) != "ref":
+        return function(x, dt_lam, backend)
+    return recomputed_by_channels(lambda x, dt_lam, _: function(x, dt_lam, "ref"), length,
+                                  dt_lam.shape[-1] * length * dt_lam.element_size(), x, dt_lam,
+                                  block_bytes=block_bytes)
+
+
 def vandermonde_kernel(w: torch.Tensor, dt_lam: torch.Tensor, length: int, backend: str | None = None, *,
                        block_bytes: int) -> torch.Tensor:
-    """K (H, length) real: K_l = Re(sum_n w_n exp(dt_lam_n l)) (kernels.vandermonde; backend None: the device's
-    default). The fused Triton kernel never materialises the (H, N, length) powers; PyTorch's path builds them a
-    block of channels (at most block_bytes of powers) at a time and recomputes them in backward rather than keeps
-    them (N times the size of K)."""
-    if (backend or vandermonde_default_backend(w.device)) != "ref":
-        return vandermonde(w, dt_lam, length, backend)
-    return recomputed_by_channels(vandermonde_ref, length, w.shape[-1] * length * w.element_size(), w, dt_lam,
-                                  block_bytes=block_bytes)
+    """K (H, length) real: K_l = Re(sum_n w_n exp(dt_lam_n l)) (kernels.vandermonde), over_powers."""
+    return over_powers(lambda w, dt_lam, backend: vandermonde(w, dt_lam, length, backend), length, w, dt_lam,
+                       backend, block_bytes=block_bytes)
 
 
 def diagonal_conv(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None = None,
@@ -86,58 +94,48 @@ def diagonal_conv(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_id
     """u (batch, H, L) -> y (batch, H, L) real, the diagonal system (w, dt_lam (H / groups, N) complex, channel c
     using row c mod H / groups) applied from a zero state, or continuing `state` (unless fresh; it is left holding
     the state after the last position), or with `context` entering from the ranks holding the earlier chunks of
-    the rows. backend, block_bytes: the kernel's (vandermonde_kernel), block_bytes the state summaries' too."""
+    the rows. backend, block_bytes: over_powers' (the kernel's, the state summary's and the entering state's)."""
     L = u.shape[-1]
     y = fft_causal_conv(u, tiled(vandermonde_kernel(w, dt_lam, L, backend, block_bytes=block_bytes), groups),
                         seq_idx=seq_idx)
     if state is None and context is None:
         return y
     with torch.autocast(device_type=u.device.type, enabled=False):
-        last, transfer = summary(u, dt_lam, seq_idx, groups, block_bytes=block_bytes)
+        last, transfer = summary(u, dt_lam, seq_idx, groups, backend, block_bytes=block_bytes)
         h0 = context.entering_state(last, transfer, L) if context is not None else (None if state.fresh else state.ssm)
         if h0 is not None:
-            y = y + carried(h0, w, dt_lam, seq_idx, L, groups, block_bytes=block_bytes)
+            y = y + carried(h0, w, dt_lam, seq_idx, L, groups, backend, block_bytes=block_bytes)
             last = last + transfer * h0
     if state is not None:
         state.ssm, state.fresh = last, False
     return y
 
 
-def summary(u: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, groups: int = 1, *,
-            block_bytes: int):
+def summary(u: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, groups: int = 1,
+            backend: str | None = None, *, block_bytes: int):
     """The state after the last position from a zero start (batch, H, N): the inputs of the row's last document,
-    each decayed to the end; and the transfer (batch, H, N) that carries an entering state to the end
-    (exp(dt_lam L), zero where a document starts in the row). The (H, N, L) powers are built a block of
-    channels (at most block_bytes of work) at a time, recomputed in backward (recomputed_by_channels), once per
-    distinct channel."""
+    each decayed to the end (kernels.vandermonde_summary of the inputs in reverse order, once per distinct
+    channel, over_powers); and the transfer (batch, H, N) that carries an entering state to the end
+    (exp(dt_lam L), zero where a document starts in the row)."""
     batch, H, L = u.shape
-    last_doc = in_last_document(seq_idx, batch, L, u.device).to(u.dtype).expand(H // groups, groups, batch, L)
-    last = recomputed_by_channels(_last_state, L, dt_lam.shape[-1] * L * dt_lam.element_size(), grouped(u, groups),
-                                  last_doc, dt_lam, block_bytes=block_bytes)
+    last_doc = in_last_document(seq_idx, batch, L, u.device).to(u.dtype)
+    reversed_inputs = grouped(u * last_doc[:, None], groups).flip(-1)
+    last = over_powers(vandermonde_summary, L, reversed_inputs, dt_lam, backend, block_bytes=block_bytes)
     reach = in_first_document(seq_idx, batch, L, u.device)
     return ungrouped(last), tiled(mode_powers(dt_lam, 1, start=L)[..., 0], groups) * reach[:, -1, None, None]
 
 
-def _last_state(u, last_doc, dt_lam, length):
-    """u, last_doc (H, groups, batch, L), dt_lam (H, N) -> (H, groups, batch, N): sum_s exp(dt_lam (L-1-s)) u_s
-    where last_doc."""
-    pw = mode_powers(dt_lam, length)
-    return torch.einsum("h...l,hnl->h...n", (u * last_doc).to(pw.dtype), pw.flip(-1))
-
-
 def carried(h0: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: torch.Tensor | None, L: int,
-            groups: int = 1, *, block_bytes: int):
+            groups: int = 1, backend: str | None = None, *, block_bytes: int):
     """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
-    Re(sum_n w_n exp(dt_lam_n (t + 1)) h0_n), a block of distinct channels (at most block_bytes) at a time."""
+    Re(sum_n w_n exp(dt_lam_n (t + 1)) h0_n), a Vandermonde kernel per row (weights w exp(dt_lam) h0), once per
+    distinct channel, over_powers."""
     batch, H, _ = h0.shape
-    reach = in_first_document(seq_idx, batch, L, h0.device).to(w.real.dtype).expand(H // groups, groups, batch, L)
-    return ungrouped(recomputed_by_channels(_carried, L, dt_lam.shape[-1] * L * dt_lam.element_size(),
-                                            grouped(h0, groups), reach, w, dt_lam, block_bytes=block_bytes))
-
-
-def _carried(h0, reach, w, dt_lam, length):
-    """h0 (H, groups, batch, N), reach (H, groups, batch, L), w and dt_lam (H, N) -> (H, groups, batch, L)."""
-    return torch.einsum("h...n,hn,hnl->h...l", h0, w, mode_powers(dt_lam, length, start=1)).real * reach
+    reach = in_first_document(seq_idx, batch, L, h0.device).to(w.real.dtype)
+    weights = grouped(h0, groups) * (w * torch.exp(dt_lam))[:, None, None]
+    response = over_powers(lambda x, dt_lam, backend: vandermonde(x, dt_lam, L, backend), L, weights, dt_lam,
+                           backend, block_bytes=block_bytes)
+    return ungrouped(response) * reach[:, None]
 
 
 def diagonal_step(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, state: DiagonalState,

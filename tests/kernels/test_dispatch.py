@@ -29,7 +29,7 @@ def test_default_backend_by_device(monkeypatch):
 def without_triton(monkeypatch):
     """The kernels' registries as they are where triton is not installed."""
     for registry in (kernels.SCAN_BACKENDS, kernels.SSD_BACKENDS, kernels.CONV1D_BACKENDS, kernels.VANDERMONDE_BACKENDS,
-                     kernels.CAUCHY_BACKENDS, kernels.LINEAR_SCAN_BACKENDS):
+                     kernels.VANDERMONDE_SUMMARY_BACKENDS, kernels.CAUCHY_BACKENDS, kernels.LINEAR_SCAN_BACKENDS):
         monkeypatch.delitem(registry, "triton", raising=False)
 
 

@@ -1,5 +1,6 @@
 """The survey families' kernels (kernels.ssm_kernels). The diagonal SSMs' Vandermonde kernel: its definition
-(kernels.ref.vandermonde_ref) is the impulse response of the recurrence it stands for. The fused Triton kernels,
+(kernels.ref.vandermonde_ref) is the impulse response of the recurrence it stands for, and its transpose's
+(vandermonde_summary_ref) the state that the inputs in reverse order leave. The fused Triton kernels,
 Vandermonde and S4's Cauchy sums (run in the interpreter here), equal their definitions in values and every
 gradient at ragged shapes; the dispatch picks Triton for CUDA tensors only. The LRU's linear scan, PyTorch's
 doubling, the C kernel (the CPU default) and the Triton kernel, equals a step-by-step loop in values and
@@ -91,6 +92,78 @@ def test_the_custom_op_passes_opcheck_and_traces_on_fake_tensors():
     with FakeTensorMode() as mode:
         fake = vandermonde_triton_op(mode.from_tensor(w), mode.from_tensor(dt_lam), 70)
     assert fake.shape == (3, 70) and fake.dtype == torch.float64
+
+
+def final_state(u, dt_lam):
+    """The state x_L-1 of x_l = z x_{l-1} + u_l from zeros, z = exp(dt_lam) (H, N), inputs u (H, M, L) real:
+    one step at a time -> (H, M, N)."""
+    z = torch.exp(dt_lam)[:, None, :]
+    x = torch.zeros(*u.shape[:-1], dt_lam.shape[-1], dtype=dt_lam.dtype)
+    for step in range(u.shape[-1]):
+        x = z * x + u[..., step, None]
+    return x
+
+
+def test_the_summary_definition_is_the_state_the_reversed_inputs_leave():
+    _, dt_lam = parameters(3, 5)
+    u = torch.randn(3, 2, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(kernels.vandermonde_summary_ref(u.flip(-1), dt_lam), final_state(u, dt_lam),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_rows_per_channel_are_each_their_own_kernel():
+    """w (H, M, N): row m of channel h is the kernel of weights w[h, m] with the channel's dt_lam."""
+    w, dt_lam = parameters(3, 5)
+    rows = torch.stack([w, 2 * w.flip(-1)], 1)
+    per_row = torch.stack([vandermonde_ref(rows[:, m], dt_lam, 20) for m in range(2)], 1)
+    torch.testing.assert_close(vandermonde_ref(rows, dt_lam, 20), per_row, rtol=1e-12, atol=1e-12)
+
+
+def summary_values_and_gradients(function, v, dt_lam):
+    S = function(v, dt_lam)
+    weights = torch.randn(S.shape, generator=torch.Generator().manual_seed(1), dtype=S.dtype)
+    return (S, *torch.autograd.grad((S * weights).real.sum(), [v, dt_lam]))
+
+
+@needs_triton
+@pytest.mark.parametrize("H,M,N,length", [
+    (3, 2, 37, 200),  # modes and positions past the tiles' edges, two rows per channel
+    (2, 1, 64, 128),  # whole tiles
+    (1, 1, 1, 1),
+    (4, 3, 5, 300),
+])
+@pytest.mark.parametrize("dtype,tol", [(torch.complex128, 1e-12), (torch.complex64, 2e-5)])
+def test_the_triton_summary_and_per_row_kernel_equal_the_definitions_values_and_gradients(H, M, N, length, dtype,
+                                                                                          tol):
+    w, dt_lam = parameters(H, N, dtype)
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(H, M, length, generator=g, dtype=dt_lam.real.dtype, requires_grad=True)
+    rows = (w.detach()[:, None] * torch.randn(H, M, N, generator=g, dtype=dtype)).requires_grad_()
+    cases = {
+        "summary": (summary_values_and_gradients(lambda *a: kernels.vandermonde_summary(*a, backend="triton"), v,
+                                                 dt_lam),
+                    summary_values_and_gradients(kernels.vandermonde_summary_ref, v, dt_lam)),
+        "rows": (values_and_gradients(lambda *a: vandermonde(*a, backend="triton"), rows, dt_lam, length),
+                 values_and_gradients(vandermonde_ref, rows, dt_lam, length)),
+    }
+    for case, (got, want) in cases.items():
+        for name, a, b in zip(("values", "d(first)", "ddt_lam"), got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape, (case, name)
+            scale = b.abs().max().item()
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=f"{case} {name}")
+
+
+@needs_triton
+def test_the_summary_op_passes_opcheck_and_traces_on_fake_tensors():
+    from ssmforge.kernels.triton.vandermonde import vandermonde_summary_triton_op
+
+    _, dt_lam = parameters(6, 37)
+    lam = torch.view_as_real(dt_lam.detach()).contiguous().requires_grad_()
+    v = torch.randn(6, 70, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(vandermonde_summary_triton_op, (v, lam))
+    with FakeTensorMode() as mode:
+        fake = vandermonde_summary_triton_op(mode.from_tensor(v), mode.from_tensor(lam))
+    assert fake.shape == (6, 37, 2) and fake.dtype == torch.float64
 
 
 @pytest.mark.parametrize("kernel,on_cpu", [("vandermonde", "ref"), ("cauchy", "ref"), ("linear_scan", "cpu")])

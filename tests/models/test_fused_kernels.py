@@ -1,5 +1,5 @@
 """model.kernel_backend=triton: the survey families' mixers run the fused Triton kernels (kernels.ssm_kernels:
-the Vandermonde kernel for S4D, DSS, H3 and GSS, the Cauchy sums for S4 and Liquid-S4, the linear scan for LRU;
+the Vandermonde kernel and its state summary for S4D, DSS, H3 and GSS, the Cauchy sums for S4 and Liquid-S4, the linear scan for LRU;
 run in the interpreter here), and the LRU on CPU its C scan, and give what the PyTorch path gives, with packed
 documents and with chunks through a state, in float64, values and every parameter's gradient."""
 import pytest
@@ -31,9 +31,11 @@ CASES = [  # (family, model settings, the kernel it builds)
 def fused_against_pytorch(family, settings, kernel, fused, monkeypatch):
     """The model on the `fused` backend of `kernel` against model.kernel_backend=ref: whole rows of packed
     documents and the same rows in two chunks through a state, logits and every parameter's gradient."""
-    registry = getattr(kernels, f"{kernel.upper()}_BACKENDS")
-    calls, fused_kernel = [], registry[fused]
-    monkeypatch.setitem(registry, fused, lambda *a: calls.append(1) or fused_kernel(*a))
+    calls = []
+    # the diagonal families' state summaries and entering-state responses run on the Vandermonde backends too
+    for name in [kernel] + (["vandermonde_summary"] if kernel == "vandermonde" else []):
+        registry = getattr(kernels, f"{name.upper()}_BACKENDS")
+        monkeypatch.setitem(registry, fused, lambda *a, _name=name, _fn=registry[fused]: calls.append(_name) or _fn(*a))
     ids = torch.randint(1, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
     ids[0, [5, 22]] = ids[1, 12] = 0
     seq_idx = document_index(ids, 0)
@@ -49,8 +51,11 @@ def fused_against_pytorch(family, settings, kernel, fused, monkeypatch):
         params = [p for p in model.parameters() if p.requires_grad]
         weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
         results[backend] = (logits, *torch.autograd.grad((logits * weights).sum(), params))
-    # the whole rows and each chunk on the fused kernel; S4's kernel is built once more in backward (recomputed)
-    assert len(calls) == (6 if kernel == "cauchy" else 3)
+    # the whole rows and each chunk on the fused kernel; S4's kernel is built once more in backward (recomputed);
+    # the diagonal families' chunks each summarise their state, and the second takes the first's in (a kernel)
+    want = {"cauchy": ["cauchy"] * 6, "linear_scan": ["linear_scan"] * 3,
+            "vandermonde": ["vandermonde"] * 4 + ["vandermonde_summary"] * 2}[kernel]
+    assert sorted(calls) == want
     fast, slow = results.values()
     for a, b in zip(slow, fast):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10 * a.abs().max().item())
