@@ -83,7 +83,8 @@ def over_powers(function, length: int, x: torch.Tensor, dt_lam: torch.Tensor, ba
 
 def vandermonde_kernel(w: torch.Tensor, dt_lam: torch.Tensor, length: int, backend: str | None = None, *,
                        block_bytes: int) -> torch.Tensor:
-    """K (H, length) real: K_l = Re(sum_n w_n exp(dt_lam_n l)) (kernels.vandermonde), over_powers."""
+    """K (H, ..., length) real: K_l = Re(sum_n w_n exp(dt_lam_n l)) from w (H, ..., N) (kernels.vandermonde),
+    over_powers."""
     return over_powers(lambda w, dt_lam, backend: vandermonde(w, dt_lam, length, backend), length, w, dt_lam,
                        backend, block_bytes=block_bytes)
 
@@ -129,13 +130,11 @@ def carried(h0: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, seq_idx: to
             groups: int = 1, backend: str | None = None, *, block_bytes: int):
     """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
     Re(sum_n w_n exp(dt_lam_n (t + 1)) h0_n), a Vandermonde kernel per row (weights w exp(dt_lam) h0), once per
-    distinct channel, over_powers."""
+    distinct channel."""
     batch, H, _ = h0.shape
     reach = in_first_document(seq_idx, batch, L, h0.device).to(w.real.dtype)
     weights = grouped(h0, groups) * (w * torch.exp(dt_lam))[:, None, None]
-    response = over_powers(lambda x, dt_lam, backend: vandermonde(x, dt_lam, L, backend), L, weights, dt_lam,
-                           backend, block_bytes=block_bytes)
-    return ungrouped(response) * reach[:, None]
+    return ungrouped(vandermonde_kernel(weights, dt_lam, L, backend, block_bytes=block_bytes)) * reach[:, None]
 
 
 def diagonal_step(u: torch.Tensor, w: torch.Tensor, dt_lam: torch.Tensor, state: DiagonalState,

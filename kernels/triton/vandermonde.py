@@ -17,9 +17,9 @@ need), so `vandermonde_summary_triton` runs the backward kernel without its dt_l
 forward, and the two kernels as its backward: dL/dv_l = Re(sum_n conj(G_n) z_n^l) is the forward kernel with
 w = conj(G), and dL/d(dt_lam) is the backward kernel's dt_lam half with g = v and w = conj(G).
 Weights w (H, ..., N) and inputs v (H, ..., L) may hold several rows per channel (a batch: what an entering
-state adds, per row), the channel's dt_lam repeated for each, its gradient summed over them. Arithmetic runs in the parameters'
-precision (float32 for complex64, float64 for complex128), as the PyTorch path's. The parameters travel as
-torch.view_as_real pairs (H, N, 2), so autograd maps the real gradients to the complex ones.
+state adds, per row), the channel's dt_lam repeated for each, its gradient summed over them. Arithmetic runs in
+the parameters' precision (float32 for complex64, float64 for complex128), as the PyTorch path's. The parameters
+travel as torch.view_as_real pairs (H, N, 2), so autograd maps the real gradients to the complex ones.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """model.kernel_backend=triton: the survey families' mixers run the fused Triton kernels (kernels.ssm_kernels:
-the Vandermonde kernel and its state summary for S4D, DSS, H3 and GSS, the Cauchy sums for S4 and Liquid-S4, the linear scan for LRU;
-run in the interpreter here), and the LRU on CPU its C scan, and give what the PyTorch path gives, with packed
-documents and with chunks through a state, in float64, values and every parameter's gradient."""
+the Vandermonde kernel and its state summary for S4D, DSS, H3 and GSS, the Cauchy sums for S4 and Liquid-S4, the
+linear scan for LRU; run in the interpreter here), and the LRU on CPU its C scan, and give what the PyTorch path
+gives, with packed documents and with chunks through a state, in float64, values and every parameter's
+gradient."""
 import pytest
 import torch
 
