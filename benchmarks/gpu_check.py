@@ -167,7 +167,7 @@ def cauchy_inputs(shape: dict, dtype, device, generator) -> dict:
 
 def _s4_nodes(i):
     """S4's nodes and scales (models.s4.bilinear_nodes) for the K = L/2 + 1 nodes of an even length L."""
-    from ssmforge.models.s4 import bilinear_nodes
+    from ssmforge.models.s4_bilinear import bilinear_nodes
 
     return bilinear_nodes(i["dt"], 2 * (i["nodes"].numel() - 1))
 

@@ -3,7 +3,8 @@
 - `vandermonde(w, dt_lam, length)`: a diagonal SSM's kernel K_l = Re(sum_n w_n exp(dt_lam_n l)) (S4D, DSS, H3,
   GSS), and `vandermonde_summary(v, dt_lam)` its transpose S_n = sum_l v_l exp(dt_lam_n l), the state that
   inputs leave (a carried state, context parallelism), on the same backends;
-- `cauchy(numerators, poles, nodes, scales)`: the Cauchy sums of S4's bilinear kernel (S4, Liquid-S4);
+- `cauchy(numerators, poles, nodes, scales)`: the Cauchy sums of S4's bilinear kernel and state summaries (S4,
+  Liquid-S4);
 - `linear_scan(a, b)`: the recurrence x_t = a_t x_{t-1} + b_t from a zero state (LRU).
 
 "ref" is PyTorch's, in `ssmforge.kernels.ref`: the Vandermonde pair and cauchy_ref through an (H, N, length) tensor

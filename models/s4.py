@@ -24,18 +24,20 @@ Discretisation (`model.s4.discretization`):
         G(z) = sum_{l<L} K_l z^l = C~ (I - Abar z)^-1 Bbar,   C~ = C (I - Abar^L)
     (the parameter C stays the output matrix that decoding uses; C~ is computed as -C (Abar - I) (I + Abar + ...
     + Abar^(L-1)), the geometric sum by repeated squaring of the dense (H, N, N) Abar, and Abar - I =
-    dt (I - dt/2 A)^-1 A, so nothing cancels where Abar^L is close to I). For the bilinear transform (I - Abar z)^-1 Bbar = [(1 - z) I - (1 + z) dt/2 A]^-1 dt B,
-    and with A = Lambda - p p* Woodbury gives
+    dt (I - dt/2 A)^-1 A, so nothing cancels where Abar^L is close to I). For the bilinear transform
+    (I - Abar z)^-1 Bbar = [(1 - z) I - (1 + z) dt/2 A]^-1 dt B, and with A = Lambda - p p* Woodbury gives
         G(z) = dt [k_CB - s k_Cp k_pB / (1 + s k_pp)],   s = (1 + z) dt / 2,
         k_ab(z) = sum_n a_n b_n / ((1 - z) - (1 + z) dt/2 Lambda_n)      (Cauchy sums over all N states),
     a form without the pole at z = -1 of the paper's 2/(1 + z) form. K = irfft of G at the L/2 + 1 nodes.
+    The state summaries below come from the same generating function (models.s4_bilinear).
   zoh: Abar = exp(dt A) (matrix exponential), Bbar = A^-1 (Abar - I) B; the kernel by the Krylov powers
     C Abar^l Bbar (doubling: log2 L batched matmuls). No Cauchy trick: G(z) has no Cauchy form for zoh.
 Precision: the discretisation (O(H N^2), zoh O(H N^3)) and the bilinear kernel (the Cauchy sums, O(H L N)) run in
 float64 and are cast back to the parameters' precision (float32 in training): Abar - I is of the order of dt, and
 near z = 1 the Woodbury term cancels the diagonal Cauchy sum by a factor ~|p|^2 / |Lambda| (up to ~N^2 for LegS),
-which in float32 leaves gradient errors of 1e-5..1e-4 at the paper's dt (measured; 1e-7..1e-6 this way). The
-convolution, the state summaries and decoding run in the parameters' precision.
+which in float32 leaves gradient errors of 1e-5..1e-4 at the paper's dt (measured; 1e-7..1e-6 this way); so do
+bilinear's state summaries, for the same reason. The convolution, zoh's state summaries and decoding run in the
+parameters' precision.
 The kernel is built once per call and recomputed in backward (it materialises (H, L, N)), then applied by FFT
 convolution (kernels.fftconv, exact with document resets).
 
@@ -43,8 +45,10 @@ Decoding state: x (batch, H, N) complex, all N states (each mode and its conjuga
 Bbar u_t, y_t = Re(C x_t) + D u_t with the dense (H, N, N) Abar (O(N^2) per channel and token; (Abar, Bbar)
 cached in the state by the first step). A forward with a state, or a chunk under context parallelism, also
 computes the chunk's summary: the final state from zero, sum_s Abar^(L-1-s) Bbar u_s over the row's last
-document (Krylov powers by doubling), and the transfer Abar^L (zero where a document starts in the chunk); an
-entering state h0 adds Re(C Abar^(t+1) h0) to the outputs of the first document.
+document, and the transfer Abar^L (zero where a document starts in the chunk); an entering state h0 adds
+Re(C Abar^(t+1) h0) to the outputs of the first document. bilinear computes the final state and the entering
+state's response by Cauchy sums at the roots of unity, like its kernel (models.s4_bilinear: on the fused kernel
+no (H, N, L) tensor); zoh by the Krylov powers (doubling).
 Under context parallelism the ranks exchange only the final states (batch, H, N) and one flag per row (does a
 document start in the chunk?): Abar and the chunk length are the same on every rank, so each computes the
 transfer Abar^L itself rather than receiving (batch, H, N, N) of it.
@@ -53,7 +57,8 @@ L 2048, N 64), except on the fused Triton kernel (kernels.cauchy, the default on
 geometric sum keeps log2 L to 2 log2 L (H, N, N) matrix powers for backward (1.6 GiB there); zoh needs the Krylov
 powers (H, N, L). The kernel is built a block of channels at a time, each block recomputed in backward on its own
 (models.layers.recomputed_by_channels; model.kernel_block_mib, 256 MiB per block by default), as are the state
-summaries' Krylov powers (H, N, L) (with a carried state or under context parallelism).
+summaries (with a carried state or under context parallelism): bilinear's (H, N, L) resolvent on PyTorch's path
+(none on the fused kernel) and zoh's Krylov powers (H, N, L).
 
 Reference whose semantics were checked: state-spaces/s4, models/s4/s4.py (SSMKernelDPLR, the "nplr"/"legs"
 kernel: nplr(), the Cauchy + Woodbury kernel, _setup_C, _setup_state/step, forward_state). Differences: C is
@@ -71,7 +76,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ssmforge.kernels import cauchy, cauchy_default_backend
+from ssmforge.kernels import cauchy_default_backend
 from ssmforge.kernels.fftconv import fft_causal_conv, fft_conv_flops
 
 from .config import ModelConfig
@@ -80,6 +85,7 @@ from .diagonal import complex_of
 from .layers import (GLUOutput, cap_lr, in_first_document, in_last_document, keep_fp32, kernel_backend,
                      kernel_block_bytes, recomputed_by_channels)
 from .registry import register_mixer
+from .s4_bilinear import bilinear_entering_response, bilinear_final_state, bilinear_kernel, matrix_power
 
 
 def _legs(N: int):
@@ -118,21 +124,6 @@ def conjugate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.conj()], dim=-1)
 
 
-def matrix_power(M: torch.Tensor, n: int) -> torch.Tensor:
-    """M^n (..., N, N) by repeated squaring (n >= 0)."""
-    result = None
-    square = M
-    while n:
-        if n & 1:
-            result = square if result is None else square @ result
-        n >>= 1
-        if n:
-            square = square @ square
-    if result is None:
-        return torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)
-    return result
-
-
 def krylov(M: torch.Tensor, b: torch.Tensor, length: int) -> torch.Tensor:
     """The Krylov powers M^l b, l = 0..length-1, as (..., N, length), from M (..., N, N) and b (..., N):
     by doubling, [X, M^(2^k) X], so log2(length) batched matmuls and squarings."""
@@ -145,70 +136,25 @@ def krylov(M: torch.Tensor, b: torch.Tensor, length: int) -> torch.Tensor:
     return X[..., :length]
 
 
-def geometric_sum(M: torch.Tensor, r: torch.Tensor, n: int) -> torch.Tensor:
-    """r (I + M + ... + M^(n-1)) for row vectors r (..., N) and M (..., N, N), by doubling over the bits of n
-    (most significant first): s_2k = s_k + s_k M^k, s_(2k+1) = r + s_2k M; about 2 log2(n) matmuls."""
-    s = torch.zeros_like(r)
-    power = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)  # M^k
-    for bit in bin(n)[2:]:
-        s = s + (s[..., None, :] @ power)[..., 0, :]
-        power = power @ power
-        if bit == "1":
-            s = r + (s[..., None, :] @ M)[..., 0, :]
-            power = power @ M
-    return s
-
-
 def zoh_kernel(c: torch.Tensor, Abar: torch.Tensor, Bbar: torch.Tensor, length: int) -> torch.Tensor:
     """K (H, length) = Re(C Abar^l Bbar) from the Krylov powers: c, Bbar (H, N), Abar (H, N, N)."""
     return torch.einsum("hn,hnl->hl", c, krylov(Abar, Bbar, length)).real
 
 
-def bilinear_nodes(dt: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Cauchy sums' nodes 1 - z (K,) and scales s = (1 + z) dt / 2 (H, K) at the length-th roots of unity
-    z_k = exp(-2 pi i k / length), k < K = length // 2 + 1, from dt (H,) real."""
-    k = torch.arange(length // 2 + 1, device=dt.device, dtype=dt.dtype)
-    z = torch.exp(torch.complex(torch.zeros_like(k), -2 * math.pi * k / length))
-    return 1 - z, (1 + z) * (dt / 2)[:, None]
-
-
-def bilinear_kernel(dt: torch.Tensor, Abar: torch.Tensor, lam: torch.Tensor, p: torch.Tensor, b: torch.Tensor,
-                    c: torch.Tensor, length: int, backend: str | None = None) -> torch.Tensor:
-    """K (H, length) of the bilinear system A = diag(lam) - p p*, B = b, C = c (each (H, N); dt (H,), Abar
-    (H, N, N)) through the Cauchy sums at the length-th roots of unity and an inverse FFT (module docstring).
-    In float64 (cast back at the end): near z = 1 the Woodbury term cancels the diagonal Cauchy sum by a factor
-    ~ |p|^2 / |Lambda| (up to N^2 for LegS), which in float32 leaves gradient errors of 1e-5..1e-4 (forward
-    1e-6). Its float64 work is O(H L N) plus O(H N^2 log L). backend: the Cauchy sums' (kernels.cauchy; None:
-    the device's default, the fused Triton kernel on CUDA)."""
-    working = dt.dtype
-    dt, Abar, lam, p, b, c = dt.double(), *(x.to(torch.complex128) for x in (Abar, lam, p, b, c))
-    # C~ = C (I - Abar^L) = -C (Abar - I)(I + Abar + ... + Abar^(L-1)), with Abar - I = dt (I - dt/2 A)^-1 A
-    # and (I - dt/2 A)^-1 = (I + Abar) / 2: no cancellation where Abar^L is close to I (dt L small)
-    row = (c[:, None, :] @ (Abar + torch.eye(Abar.shape[-1], dtype=Abar.dtype, device=Abar.device)))[:, 0]
-    row = row * (dt / 2)[:, None]  # dt C (I - dt/2 A)^-1
-    c_delta = row * lam - (row * p).sum(-1, keepdim=True) * p.conj()  # C (Abar - I)
-    c_tilde = -geometric_sum(Abar, c_delta, length)
-    nodes, s = bilinear_nodes(dt, length)
-    pc = p.conj()
-    numerators = torch.stack([c_tilde * b, c_tilde * p, pc * b, pc * p], dim=1)  # (H, 4, N)
-    # sum_n numerator_n / ((1 - z) - s Lambda_n), the Cauchy sums (H, K) each
-    k_cb, k_cp, k_pb, k_pp = cauchy(numerators, lam, nodes, s, backend).unbind(1)
-    G = dt[:, None] * (k_cb - s * k_cp * k_pb / (1 + s * k_pp))
-    return torch.fft.irfft(G, n=length).to(working)
-
-
 def final_state(w: torch.Tensor, last_doc: torch.Tensor, Abar: torch.Tensor, Bbar: torch.Tensor,
                 length: int) -> torch.Tensor:
-    """The state after the last of `length` positions from a zero start, sum_s Abar^(L-1-s) Bbar w_s over the
-    positions where last_doc is 1: w and last_doc (H, batch, L), Abar (H, N, N), Bbar (H, N) -> (H, batch, N)."""
+    """zoh's state after the last of `length` positions from a zero start (bilinear's:
+    s4_bilinear.bilinear_final_state), sum_s Abar^(L-1-s) Bbar w_s over the positions where last_doc is 1: w and
+    last_doc (H, batch, L), Abar (H, N, N), Bbar (H, N) -> (H, batch, N)."""
     inputs = (w * last_doc).flip(-1).to(Bbar.dtype)  # w_{L-1-j} at j
     return torch.einsum("hbl,hnl->hbn", inputs, krylov(Abar, Bbar, length))
 
 
 def entering_response(h0: torch.Tensor, reach: torch.Tensor, Abar: torch.Tensor, c: torch.Tensor,
                       length: int) -> torch.Tensor:
-    """Re(C Abar^(t+1) h0) for t < length where reach is 1: h0 (H, batch, N), reach (H, batch, L), Abar (H, N, N),
-    c (H, N) -> (H, batch, L); the rows C Abar^j as Krylov powers of Abar^T."""
+    """zoh's Re(C Abar^(t+1) h0) (bilinear's: s4_bilinear.bilinear_entering_response) for t < length where reach
+    is 1: h0 (H, batch, N), reach (H, batch, L), Abar (H, N, N), c (H, N) -> (H, batch, L); the rows C Abar^j
+    as Krylov powers of Abar^T."""
     rows = krylov(Abar.transpose(-1, -2), c, length + 1)[..., 1:]  # (H, N, L): (C Abar^(t+1))_n
     return torch.einsum("hbn,hnl->hbl", h0, rows).real * reach
 
@@ -312,13 +258,20 @@ class S4Mixer(nn.Module):
             return recomputed_by_channels(zoh_kernel, length, self.d_state * length * c.element_size(), c, Abar, Bbar,
                                           block_bytes=self.kernel_block_bytes)
         # per channel, in complex128: geometric_sum's (N, N) matrix powers, one per bit of the length and one per
-        # 1 bit, kept for backward; and on PyTorch's path the Cauchy sums' (nodes, N) resolvent (the fused kernel
-        # holds none)
-        work = self.d_state ** 2 * (length.bit_length() + bin(length).count("1")) * 16
-        if (self.kernel_backend or cauchy_default_backend(dt.device)) == "ref":
-            work += self.d_state * (length // 2 + 1) * 16
+        # 1 bit, kept for backward; and on PyTorch's path the Cauchy sums' (nodes, N) resolvent
+        work = self._powers_bytes(length, 1) + self._resolvent_bytes(length // 2 + 1, dt.device)
         return recomputed_by_channels(partial(bilinear_kernel, backend=self.kernel_backend), length, work, dt, Abar,
                                       lam, p, b, c, block_bytes=self.kernel_block_bytes)
+
+    def _powers_bytes(self, length: int, extra: int) -> int:
+        """Per channel, the complex128 (N, N) matrix powers of a power or geometric sum up to `length` (one per bit
+        of the length, and `extra` (0 or 1) more for each 1 bit)."""
+        return self.d_state ** 2 * (length.bit_length() + extra * bin(length).count("1")) * 16
+
+    def _resolvent_bytes(self, nodes: int, device: torch.device) -> int:
+        """Per channel, the complex128 (nodes, N) resolvent of Cauchy sums at `nodes` nodes on PyTorch's path (the
+        fused kernel holds none)."""
+        return self.d_state * nodes * 16 if (self.kernel_backend or cauchy_default_backend(device)) == "ref" else 0
 
     # --- the sequence map -------------------------------------------------------------------------------------
 
@@ -364,26 +317,39 @@ class S4Mixer(nn.Module):
     def _summary(self, w, seq_idx, Abar, Bbar):
         """The state after the last position from a zero start (batch, H, N): sum_s Abar^(L-1-s) Bbar w_s over
         the row's last document; Abar^L (H, N, N), which carries an entering state to the end; and reach
-        (batch, 1, 1): 0 where a document starts in the row, so that no entering state reaches the end. The
-        (H, N, L) Krylov powers and Abar^L's squarings are built a block of channels at a time, recomputed in
-        backward."""
+        (batch, 1, 1): 0 where a document starts in the row, so that no entering state reaches the end. A block of
+        channels at a time, recomputed in backward: bilinear's Cauchy sums over the L nodes (a (L, N) resolvent
+        per channel on PyTorch's path, none on the fused kernel), zoh's (N, L) Krylov powers."""
         batch, H, L = w.shape
-        last_doc = in_last_document(seq_idx, batch, L, w.device)
-        last = recomputed_by_channels(final_state, L, self.d_state * L * Bbar.element_size(), w.transpose(0, 1),
-                                      last_doc.to(w.dtype).expand(H, batch, L), Abar, Bbar,
-                                      block_bytes=self.kernel_block_bytes).transpose(0, 1)
+        last_doc = in_last_document(seq_idx, batch, L, w.device).to(w.dtype).expand(H, batch, L)
+        if self.discretization == "zoh":
+            last = recomputed_by_channels(final_state, L, self.d_state * L * Bbar.element_size(), w.transpose(0, 1),
+                                          last_doc, Abar, Bbar, block_bytes=self.kernel_block_bytes)
+        else:
+            dt, lam, p, b, _ = self.system()
+            # the row's values at the nodes (batch, L) and the (N, N) powers of Abar^L, complex128
+            work = self._powers_bytes(L, 0) + 3 * batch * L * 16 + 2 * self._resolvent_bytes(L, w.device)
+            last = recomputed_by_channels(partial(bilinear_final_state, backend=self.kernel_backend), L, work,
+                                          w.transpose(0, 1), last_doc, dt, Abar, lam, p, b,
+                                          block_bytes=self.kernel_block_bytes)
         reach = in_first_document(seq_idx, batch, L, w.device)[:, -1]
         squarings = self.d_state ** 2 * L.bit_length() * Abar.element_size()  # per channel
         power = recomputed_by_channels(matrix_power, L, squarings, Abar, block_bytes=self.kernel_block_bytes)
-        return last, power, reach[:, None, None].to(w.dtype)
+        return last.transpose(0, 1), power, reach[:, None, None].to(w.dtype)
 
     def _carried(self, h0, seq_idx, Abar, L: int):
-        """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document."""
-        c = self.system()[-1]
+        """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
+        bilinear's by Cauchy sums at the nodes, zoh's by the (N, L) Krylov powers of Abar^T."""
+        dt, lam, p, _, c = self.system()
         batch, H, _ = h0.shape
         reach = in_first_document(seq_idx, batch, L, h0.device).to(c.real.dtype).expand(H, batch, L)
-        return recomputed_by_channels(entering_response, L, self.d_state * (L + 1) * c.element_size(),
-                                      h0.transpose(0, 1), reach, Abar, c,
+        if self.discretization == "zoh":
+            return recomputed_by_channels(entering_response, L, self.d_state * (L + 1) * c.element_size(),
+                                          h0.transpose(0, 1), reach, Abar, c,
+                                          block_bytes=self.kernel_block_bytes).transpose(0, 1)
+        work = self._powers_bytes(L, 1) + 3 * batch * L * 16 + self._resolvent_bytes(L // 2 + 1, h0.device)
+        return recomputed_by_channels(partial(bilinear_entering_response, backend=self.kernel_backend), L, work,
+                                      h0.transpose(0, 1), reach, dt, Abar, lam, p, c,
                                       block_bytes=self.kernel_block_bytes).transpose(0, 1)
 
     # --- decoding -------------------------------------------------------------------------------------------

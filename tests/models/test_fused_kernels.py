@@ -1,8 +1,8 @@
 """model.kernel_backend=triton: the survey families' mixers run the fused Triton kernels (kernels.ssm_kernels:
-the Vandermonde kernel and its state summary for S4D, DSS, H3 and GSS, the Cauchy sums for S4 and Liquid-S4, the
-linear scan for LRU; run in the interpreter here), and the LRU on CPU its C scan, and give what the PyTorch path
-gives, with packed documents and with chunks through a state, in float64, values and every parameter's
-gradient."""
+the Vandermonde kernel and its state summary for S4D, DSS, H3 and GSS, the Cauchy sums for S4's and Liquid-S4's
+kernels, state summaries and entering states, the linear scan for LRU; run in the interpreter here), and the LRU
+on CPU its C scan, and give what the PyTorch path gives, with packed documents and with chunks through a state,
+in float64, values and every parameter's gradient."""
 import pytest
 import torch
 
@@ -53,8 +53,10 @@ def fused_against_pytorch(family, settings, kernel, fused, monkeypatch):
         weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
         results[backend] = (logits, *torch.autograd.grad((logits * weights).sum(), params))
     # the whole rows and each chunk on the fused kernel; S4's kernel is built once more in backward (recomputed);
-    # the diagonal families' chunks each summarise their state, and the second takes the first's in (a kernel)
-    want = {"cauchy": ["cauchy"] * 6, "linear_scan": ["linear_scan"] * 3,
+    # the diagonal families' chunks each summarise their state, and the second takes the first's in (a kernel);
+    # S4's summary is two Cauchy sums (the Woodbury factor, then the sum over the nodes) and its response one, each
+    # recomputed in backward except the second chunk's summary, which nothing downstream uses: 6 + 4 + 2 + 2
+    want = {"cauchy": ["cauchy"] * 14, "linear_scan": ["linear_scan"] * 3,
             "vandermonde": ["vandermonde"] * 4 + ["vandermonde_summary"] * 2}[kernel]
     assert sorted(calls) == want
     fast, slow = results.values()
