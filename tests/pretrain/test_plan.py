@@ -48,6 +48,29 @@ def test_the_largest_micro_batch_is_the_last_that_fits():
     assert plan.largest_micro_batch_checkpointed >= 3  # recomputing blocks never needs more
 
 
+@pytest.mark.parametrize("memory", [10**6, 3 * 10**6, 10**7])
+def test_the_micro_batch_search_traces_log_many_steps_where_memory_outgrows_the_line(monkeypatch, memory):
+    """A step whose memory grows faster than the line through micro-batches 1 and 2 (as a layer's blocks of
+    work do): the search answers what tracing every candidate answers, in a number of traces logarithmic in the
+    candidates (it once traced them one by one downwards from the line's bound, thousands at a small model)."""
+    from types import SimpleNamespace
+
+    from ssmforge.pretrain import plan as plan_module
+
+    def peak(batch):
+        return 1000 + 100 * batch + batch ** 2
+
+    traced = []
+    monkeypatch.setattr(plan_module, "step_memory",
+                        lambda config, target, batch, checkpointing: (traced.append(batch) or
+                                                                      SimpleNamespace(peak=peak(batch)), 0))
+    candidates = list(range(1, 4097))
+    target = Target(1, "cuda", "probe", memory, 1e12, "")
+    want = max(b for b in candidates if peak(b) <= plan_module.USABLE_FRACTION * memory)
+    assert plan_module.largest_micro_batch(None, target, False, candidates) == want
+    assert len(traced) == len(set(traced)) <= 3 + 12  # 1, 2, the line's bound, then bisection of < 4096
+
+
 def test_time_follows_the_token_budget_and_the_mfu():
     config = load_config(TINY, ["run_dir=unused", "train.max_steps=1000"])
     fast = make_plan(config, gpu_target(8, "H100", None, torch.bfloat16), mfu=0.5, search=False)
