@@ -48,17 +48,19 @@ computes the chunk's summary: the final state from zero, sum_s Abar^(L-1-s) Bbar
 document, and the transfer Abar^L (zero where a document starts in the chunk); an entering state h0 adds
 Re(C Abar^(t+1) h0) to the outputs of the first document. bilinear computes the final state and the entering
 state's response by Cauchy sums at the roots of unity, like its kernel (models.s4_bilinear: on the fused kernel
-no (H, N, L) tensor); zoh by the Krylov powers (doubling).
+no (H, N, L) tensor), from C~ = C (I - Abar^L) (shared with the kernel) and B~ = (I - Abar^L) B, computed once a
+forward; zoh by the Krylov powers (doubling).
 Under context parallelism the ranks exchange only the final states (batch, H, N) and one flag per row (does a
 document start in the chunk?): Abar and the chunk length are the same on every rank, so each computes the
 transfer Abar^L itself rather than receiving (batch, H, N, N) of it.
 Memory: the bilinear kernel's Cauchy sums need a (H, L/2 + 1, N) complex128 resolvent (2.1 GiB at d_model 2048,
-L 2048, N 64), except on the fused Triton kernel (kernels.cauchy, the default on CUDA), which never holds it; its
+L 2048, N 64), except on the fused Triton kernel (kernels.cauchy, the default on CUDA), which never holds it; C~'s
 geometric sum keeps log2 L to 2 log2 L (H, N, N) matrix powers for backward (1.6 GiB there); zoh needs the Krylov
 powers (H, N, L). The kernel is built a block of channels at a time, each block recomputed in backward on its own
-(models.layers.recomputed_by_channels; model.kernel_block_mib, 256 MiB per block by default), as are the state
-summaries (with a carried state or under context parallelism): bilinear's (H, N, L) resolvent on PyTorch's path
-(none on the fused kernel) and zoh's Krylov powers (H, N, L).
+(models.layers.recomputed_by_channels; model.kernel_block_mib, 256 MiB per block by default), as are C~ and B~
+(blocks sized by their matrix powers) and the state summaries (with a carried state or under context
+parallelism; blocks sized by their per-row spectra, O(batch L) a channel): bilinear's (H, N, L) resolvent on
+PyTorch's path (none on the fused kernel) and zoh's Krylov powers (H, N, L).
 
 Reference whose semantics were checked: state-spaces/s4, models/s4/s4.py (SSMKernelDPLR, the "nplr"/"legs"
 kernel: nplr(), the Cauchy + Woodbury kernel, _setup_C, _setup_state/step, forward_state). Differences: C is
@@ -85,7 +87,8 @@ from .diagonal import complex_of
 from .layers import (GLUOutput, cap_lr, in_first_document, in_last_document, keep_fp32, kernel_backend,
                      kernel_block_bytes, recomputed_by_channels)
 from .registry import register_mixer
-from .s4_bilinear import bilinear_entering_response, bilinear_final_state, bilinear_kernel, matrix_power
+from .s4_bilinear import (bilinear_entering_response, bilinear_final_state, bilinear_kernel, half_step_inverse,
+                          matrix_power, truncated_input, truncated_output)
 
 
 def _legs(N: int):
@@ -239,34 +242,42 @@ class S4Mixer(nn.Module):
             Abar = torch.linalg.matrix_exp(dt[:, None, None] * A)
             Bbar = torch.linalg.solve(A, (Abar - eye) @ b[..., None])[..., 0]
             return Abar.to(working), Bbar.to(working)
-        # (I - dt/2 A)^-1 = diag(d) - dt/2 (d p)(p* d) / (1 + dt/2 p* d p), d = 1 / (1 - dt/2 Lambda); and
-        # I + dt/2 A = 2 I - (I - dt/2 A), so Abar = 2 (I - dt/2 A)^-1 - I
-        half_dt = (dt / 2)[:, None]
-        d = 1 / (1 - half_dt * lam)
-        dp, pd = d * p, p.conj() * d
-        scale = half_dt / (1 + half_dt * (pd * p).sum(-1, keepdim=True))  # (H, 1)
-        inverse = torch.diag_embed(d) - scale[..., None] * dp[..., :, None] * pd[..., None, :]
+        inverse = half_step_inverse(dt, lam, p)
         Abar, Bbar = 2 * inverse - eye, (inverse @ (dt[:, None] * b)[..., None])[..., 0]
         return Abar.to(working), Bbar.to(working)
 
-    def kernel(self, length: int, Abar: torch.Tensor, Bbar: torch.Tensor) -> torch.Tensor:
+    def kernel(self, length: int, Abar: torch.Tensor, Bbar: torch.Tensor,
+               c_tilde: torch.Tensor | None = None) -> torch.Tensor:
         """K (H, length): K_l = Re(C Abar^l Bbar). It materialises (H, length, N) (Cauchy nodes or Krylov powers;
         not on the fused Cauchy kernel, CUDA's default) and (H, N, N) matrix powers: a block of channels at a time,
-        each recomputed in backward rather than kept (recomputed_by_channels)."""
+        each recomputed in backward rather than kept (recomputed_by_channels). c_tilde: bilinear's C (I - Abar^L)
+        at this length where the caller has it (truncated)."""
         dt, lam, p, b, c = self.system()
         if self.discretization == "zoh":
             return recomputed_by_channels(zoh_kernel, length, self.d_state * length * c.element_size(), c, Abar, Bbar,
                                           block_bytes=self.kernel_block_bytes)
-        # per channel, in complex128: geometric_sum's (N, N) matrix powers, one per bit of the length and one per
-        # 1 bit, kept for backward; and on PyTorch's path the Cauchy sums' (nodes, N) resolvent
-        work = self._powers_bytes(length, 1) + self._resolvent_bytes(length // 2 + 1, dt.device)
-        return recomputed_by_channels(partial(bilinear_kernel, backend=self.kernel_backend), length, work, dt, Abar,
-                                      lam, p, b, c, block_bytes=self.kernel_block_bytes)
+        if c_tilde is None:
+            c_tilde = self.truncated(truncated_output, length, c)
+        # per channel, in float64: the four Cauchy sums, the spectrum and the kernel, and on PyTorch's path the
+        # sums' resolvent
+        work = 7 * (length // 2 + 1) * 16 + 8 * length + self._resolvent_bytes(length // 2 + 1, dt.device)
+        return recomputed_by_channels(partial(bilinear_kernel, backend=self.kernel_backend), length, work, dt,
+                                      c_tilde, lam, p, b, block_bytes=self.kernel_block_bytes)
 
-    def _powers_bytes(self, length: int, extra: int) -> int:
-        """Per channel, the complex128 (N, N) matrix powers of a power or geometric sum up to `length` (one per bit
-        of the length, and `extra` (0 or 1) more for each 1 bit)."""
-        return self.d_state ** 2 * (length.bit_length() + extra * bin(length).count("1")) * 16
+    def truncated(self, function, length: int, vector: torch.Tensor) -> torch.Tensor:
+        """bilinear's C~ = C (I - Abar^L) (function truncated_output, vector c) or B~ = (I - Abar^L) B
+        (truncated_input, b), (H, N) complex128: the only O(N^3 log L) work of the kernel and the summaries,
+        independent of the batch, done once per forward for all of them, a block of channels at a time (the
+        geometric sum's (N, N) powers, recomputed in backward)."""
+        dt, lam, p, _, _ = self.system()
+        # the powers, and Abar rebuilt from the parameters (its Sherman-Morrison terms: four (N, N) more)
+        work = self._powers_bytes(length) + 4 * self.d_state ** 2 * 16
+        return recomputed_by_channels(function, length, work, dt, lam, p, vector, block_bytes=self.kernel_block_bytes)
+
+    def _powers_bytes(self, length: int) -> int:
+        """Per channel, the complex128 (N, N) matrix powers of a geometric sum up to `length`, kept for backward
+        (one per bit of the length and one more for each 1 bit)."""
+        return self.d_state ** 2 * (length.bit_length() + bin(length).count("1")) * 16
 
     def _resolvent_bytes(self, nodes: int, device: torch.device) -> int:
         """Per channel, the complex128 (nodes, N) resolvent of Cauchy sums at `nodes` nodes on PyTorch's path (the
@@ -297,7 +308,10 @@ class S4Mixer(nn.Module):
         """Re(C x_t) of the system fed with w (batch, H, L): K * w, plus what the carried or entering state adds;
         leaves `state` (if any) holding x after the last position."""
         L = w.shape[-1]
-        y = fft_causal_conv(w, self.kernel(L, Abar, Bbar), seq_idx=seq_idx).to(w.dtype)
+        c_tilde = None  # bilinear's C~, shared by the kernel and an entering state's response
+        if self.discretization == "bilinear":
+            c_tilde = self.truncated(truncated_output, L, self.system()[-1])
+        y = fft_causal_conv(w, self.kernel(L, Abar, Bbar, c_tilde), seq_idx=seq_idx).to(w.dtype)
         if state is None and context is None:
             return y
         last, power, reach = self._summary(w, seq_idx, Abar, Bbar)
@@ -308,7 +322,7 @@ class S4Mixer(nn.Module):
         else:
             h0 = None if state.fresh else state.ssm
         if h0 is not None:
-            y = y + self._carried(h0, seq_idx, Abar, L)
+            y = y + self._carried(h0, seq_idx, Abar, L, c_tilde)
             last = last + carried_by(power, reach, h0)
         if state is not None:
             state.ssm, state.fresh = last, False
@@ -327,17 +341,20 @@ class S4Mixer(nn.Module):
                                           last_doc, Abar, Bbar, block_bytes=self.kernel_block_bytes)
         else:
             dt, lam, p, b, _ = self.system()
-            # the row's values at the nodes (batch, L) and the (N, N) powers of Abar^L, complex128
-            work = self._powers_bytes(L, 0) + 3 * batch * L * 16 + 2 * self._resolvent_bytes(L, w.device)
+            b_tilde = self.truncated(truncated_input, L, b)
+            # complex128 at the L/2 + 1 nodes: the Woodbury factor's sums (3), and per row the spectrum and its
+            # copies (4); per row the reversed inputs in float64 (2); PyTorch's path: two resolvents
+            nodes = L // 2 + 1
+            work = 16 * nodes * (4 * batch + 3) + 16 * L * batch + 2 * self._resolvent_bytes(nodes, w.device)
             last = recomputed_by_channels(partial(bilinear_final_state, backend=self.kernel_backend), L, work,
-                                          w.transpose(0, 1), last_doc, dt, Abar, lam, p, b,
+                                          w.transpose(0, 1), last_doc, dt, b_tilde, lam, p,
                                           block_bytes=self.kernel_block_bytes)
         reach = in_first_document(seq_idx, batch, L, w.device)[:, -1]
         squarings = self.d_state ** 2 * L.bit_length() * Abar.element_size()  # per channel
         power = recomputed_by_channels(matrix_power, L, squarings, Abar, block_bytes=self.kernel_block_bytes)
         return last.transpose(0, 1), power, reach[:, None, None].to(w.dtype)
 
-    def _carried(self, h0, seq_idx, Abar, L: int):
+    def _carried(self, h0, seq_idx, Abar, L: int, c_tilde):
         """What an entering state h0 (batch, H, N) adds to the outputs (batch, H, L) over the first document:
         bilinear's by Cauchy sums at the nodes, zoh's by the (N, L) Krylov powers of Abar^T."""
         dt, lam, p, _, c = self.system()
@@ -347,9 +364,12 @@ class S4Mixer(nn.Module):
             return recomputed_by_channels(entering_response, L, self.d_state * (L + 1) * c.element_size(),
                                           h0.transpose(0, 1), reach, Abar, c,
                                           block_bytes=self.kernel_block_bytes).transpose(0, 1)
-        work = self._powers_bytes(L, 1) + 3 * batch * L * 16 + self._resolvent_bytes(L // 2 + 1, h0.device)
+        # complex128 at the L/2 + 1 nodes: the Cauchy sums (two per row, two more) and the Woodbury terms (three per
+        # row); per row the response in float64 (2); PyTorch's path: the resolvent
+        nodes = L // 2 + 1
+        work = 16 * nodes * (5 * batch + 2) + 16 * L * batch + self._resolvent_bytes(nodes, h0.device)
         return recomputed_by_channels(partial(bilinear_entering_response, backend=self.kernel_backend), L, work,
-                                      h0.transpose(0, 1), reach, dt, Abar, lam, p, c,
+                                      h0.transpose(0, 1), reach, dt, c_tilde, lam, p,
                                       block_bytes=self.kernel_block_bytes).transpose(0, 1)
 
     # --- decoding -------------------------------------------------------------------------------------------

@@ -11,11 +11,13 @@ over all N states (each kept mode, then its conjugate). At z on the unit circle,
 with s = (1 + z) dt / 2 and D = diag(d_n), d_n(z) = (1 - z) - s Lambda_n = (1 - mu_n)(1 - abar_n z), where
 mu = dt Lambda / 2 and abar = (1 + mu) / (1 - mu) (the diagonal part's own bilinear eigenvalues, |abar| < 1). A
 sequence x_0 .. x_(L-1) and its sums at the L-th roots of unity z_k = exp(-2 pi i k / L) are a DFT pair; the sums
-of the truncated powers carry the factor (I - Abar^L) (z_k^L = 1). So:
+of the truncated powers carry the factor (I - Abar^L) (z_k^L = 1), a function of A that commutes with R. So:
   kernel   K_l = C Abar^l Bbar:        G(z) = C~ dt R(z) B,   C~ = C (I - Abar^L); K = irfft(G)
   response y_t = C Abar^(t+1) h0:      G(z) = C~ R(z) (I + dt/2 A) h0; y = irfft(G)
-  summary  S = sum_l v_l Abar^l Bbar  = (I - Abar^L) (1/L) sum_k conj(V_k) dt R(z_k) B,   V = fft(v),
-the last a Cauchy sum over the nodes for each state n: sum_k a_k / (1 - abar_n z_k).
+  summary  S = sum_l v_l Abar^l Bbar  = (1/L) sum_k conj(V_k) dt R(z_k) B~,   B~ = (I - Abar^L) B,   V = fft(v),
+the last a Cauchy sum over the nodes for each state n: sum_k a_k / (1 - abar_n z_k). C~ and B~ are the only
+O(N^3 log L) work (a geometric sum of Abar's powers), independent of the batch: computed once a forward, the rest
+is O(batch L N) per channel.
 In float64 (cast back at the end): near z = 1 the Woodbury term cancels the diagonal sum by a factor up to ~N^2
 for LegS, which float32 would leave at gradient errors of 1e-5..1e-4.
 """
@@ -26,6 +28,8 @@ import math
 import torch
 
 from ssmforge.kernels import cauchy
+
+from .diagonal import complex_of
 
 
 def matrix_power(M: torch.Tensor, n: int) -> torch.Tensor:
@@ -75,14 +79,45 @@ def _wide(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [x.to(torch.complex128 if x.is_complex() else torch.float64) for x in tensors]
 
 
-def truncated_output(dt: torch.Tensor, Abar: torch.Tensor, lam: torch.Tensor, p: torch.Tensor, c: torch.Tensor,
+def half_step_inverse(dt: torch.Tensor, lam: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """(I - dt/2 A)^-1 (H, N, N) for A = diag(lam) - p p*, by Sherman-Morrison: diag(d) - dt/2 (d p)(p* d) /
+    (1 + dt/2 p* d p), d = 1 / (1 - dt/2 lam); O(N^2) a channel. Abar = 2 (I - dt/2 A)^-1 - I, since
+    I + dt/2 A = 2 I - (I - dt/2 A)."""
+    half_dt = (dt / 2)[:, None]
+    d = 1 / (1 - half_dt * lam)
+    dp, pd = d * p, p.conj() * d
+    scale = half_dt / (1 + half_dt * (pd * p).sum(-1, keepdim=True))  # (H, 1)
+    return torch.diag_embed(d) - scale[..., None] * dp[..., :, None] * pd[..., None, :]
+
+
+def _truncated(dt: torch.Tensor, lam: torch.Tensor, p: torch.Tensor, x: torch.Tensor, length: int,
+               transposed: bool) -> torch.Tensor:
+    """(I - Abar^L) x for columns x (H, N), or x (I - Abar^L) for rows (transposed), in float64 from the
+    continuous system: -(I + Abar + ... + Abar^(L-1)) (Abar - I) x with (Abar - I) x = dt (I - dt/2 A)^-1 A x,
+    so nothing cancels where Abar^L is close to I; Abar is rebuilt in float64 (its rounding to the parameters'
+    precision, amplified over L powers, would cost float32 a 1e-5 relative error). A row's products are its
+    column's under the transposes: A^T = diag(lam) - conj(p) p^T."""
+    dt, lam, p, x = _wide(dt, lam, p, x)
+    inverse = half_step_inverse(dt, lam, p)
+    Abar = 2 * inverse - torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
+    if transposed:
+        inverse, p, Abar = inverse.mT, p.conj(), Abar.mT
+    ax = lam * x - (p.conj() * x).sum(-1, keepdim=True) * p
+    delta = (inverse @ ax[..., None])[..., 0] * dt[:, None]
+    # geometric_sum runs over row vectors: a column's sum is the row sum of the transpose
+    return -geometric_sum(Abar.mT, delta, length)
+
+
+def truncated_output(dt: torch.Tensor, lam: torch.Tensor, p: torch.Tensor, c: torch.Tensor,
                      length: int) -> torch.Tensor:
-    """C~ = C (I - Abar^L) (H, N), computed as -C (Abar - I)(I + Abar + ... + Abar^(L-1)) with Abar - I =
-    dt (I - dt/2 A)^-1 A and (I - dt/2 A)^-1 = (I + Abar) / 2: nothing cancels where Abar^L is close to I."""
-    row = (c[:, None, :] @ (Abar + torch.eye(Abar.shape[-1], dtype=Abar.dtype, device=Abar.device)))[:, 0]
-    row = row * (dt / 2)[:, None]  # dt C (I - dt/2 A)^-1
-    c_delta = row * lam - (row * p).sum(-1, keepdim=True) * p.conj()  # C (Abar - I)
-    return -geometric_sum(Abar, c_delta, length)
+    """C~ = C (I - Abar^L) (H, N), complex128: O(H N^3 log L) work, independent of the batch."""
+    return _truncated(dt, lam, p, c, length, transposed=True)
+
+
+def truncated_input(dt: torch.Tensor, lam: torch.Tensor, p: torch.Tensor, b: torch.Tensor,
+                    length: int) -> torch.Tensor:
+    """B~ = (I - Abar^L) B (H, N), complex128, as truncated_output."""
+    return _truncated(dt, lam, p, b, length, transposed=False)
 
 
 def _woodbury(k_ab: torch.Tensor, k_ap: torch.Tensor, k_pb: torch.Tensor, k_pp: torch.Tensor,
@@ -91,14 +126,21 @@ def _woodbury(k_ab: torch.Tensor, k_ap: torch.Tensor, k_pb: torch.Tensor, k_pp: 
     return k_ab - s * k_ap * k_pb / (1 + s * k_pp)
 
 
-def bilinear_kernel(dt: torch.Tensor, Abar: torch.Tensor, lam: torch.Tensor, p: torch.Tensor, b: torch.Tensor,
-                    c: torch.Tensor, length: int, backend: str | None = None) -> torch.Tensor:
-    """K (H, length) = Re(C Abar^l Bbar) of the system A = diag(lam) - p p*, B = b, C = c (each (H, N); dt (H,),
-    Abar (H, N, N)), in float64 (module docstring). Its float64 work is O(H L N) plus O(H N^2 log L). backend:
-    the Cauchy sums' (kernels.cauchy; None: the device's default, the fused Triton kernel on CUDA)."""
+def conjugate_swapped(x: torch.Tensor) -> torch.Tensor:
+    """x (..., N) with its halves (the modes, their conjugates) exchanged and conjugated: a state of the real
+    system (A, B, C conjugate-paired) equals its own conjugate-swapped."""
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., half:], x[..., :half]], -1).conj()
+
+
+def bilinear_kernel(dt: torch.Tensor, c_tilde: torch.Tensor, lam: torch.Tensor, p: torch.Tensor, b: torch.Tensor,
+                    length: int, backend: str | None = None) -> torch.Tensor:
+    """K (H, length) = Re(C Abar^l Bbar) of the system A = diag(lam) - p p*, B = b (each (H, N); dt (H,)), from
+    c_tilde = truncated_output(...) (H, N), in float64 (module docstring); its work is O(H L N), cast back to
+    dt's dtype. backend: the Cauchy sums' (kernels.cauchy; None: the device's default, the fused Triton kernel on
+    CUDA)."""
     working = dt.dtype
-    dt, Abar, lam, p, b, c = _wide(dt, Abar, lam, p, b, c)
-    c_tilde = truncated_output(dt, Abar, lam, p, c, length)
+    dt, c_tilde, lam, p, b = _wide(dt, c_tilde, lam, p, b)
     nodes, s = bilinear_nodes(dt, length)
     pc = p.conj()
     numerators = torch.stack([c_tilde * b, c_tilde * p, pc * b, pc * p], dim=1)  # (H, 4, N)
@@ -107,21 +149,19 @@ def bilinear_kernel(dt: torch.Tensor, Abar: torch.Tensor, lam: torch.Tensor, p: 
     return torch.fft.irfft(G, n=length).to(working)
 
 
-def bilinear_entering_response(h0: torch.Tensor, reach: torch.Tensor, dt: torch.Tensor, Abar: torch.Tensor,
-                               lam: torch.Tensor, p: torch.Tensor, c: torch.Tensor, length: int,
+def bilinear_entering_response(h0: torch.Tensor, reach: torch.Tensor, dt: torch.Tensor, c_tilde: torch.Tensor,
+                               lam: torch.Tensor, p: torch.Tensor, length: int,
                                backend: str | None = None) -> torch.Tensor:
     """Re(C Abar^(t+1) h0) for t < length where reach is 1: h0 (H, batch, N) complex, reach (H, batch, L) real,
     the system as bilinear_kernel's -> (H, batch, L) in reach's dtype. Re(C Abar^t h0) is the response of h0's
     conjugate-symmetric part (the system maps a state and its conjugate-swapped conjugate alike), whose
     response is real: its sums at the nodes z_k, k <= L/2, give it by an irfft."""
-    working = reach.dtype
-    batch, half = h0.shape[1], h0.shape[-1] // 2
-    h0, dt, Abar, lam, p, c = _wide(h0, dt, Abar, lam, p, c)
-    h0 = (h0 + torch.cat([h0[..., half:], h0[..., :half]], -1).conj()) / 2
+    working, batch = reach.dtype, h0.shape[1]
+    h0, dt, c_tilde, lam, p = _wide(h0, dt, c_tilde, lam, p)
+    h0 = (h0 + conjugate_swapped(h0)) / 2
     pc = p.conj()
     # (I + dt/2 A) h0 with A = diag(lam) - p p*
     x = h0 + (dt / 2)[:, None, None] * (lam[:, None] * h0 - (h0 * pc[:, None]).sum(-1, keepdim=True) * p[:, None])
-    c_tilde = truncated_output(dt, Abar, lam, p, c, length)
     nodes, s = bilinear_nodes(dt, length)
     numerators = torch.cat([c_tilde[:, None] * x, pc[:, None] * x, (c_tilde * p)[:, None], (pc * p)[:, None]], 1)
     sums = cauchy(numerators, lam, nodes, s, backend)  # (H, 2 batch + 2, K)
@@ -130,26 +170,31 @@ def bilinear_entering_response(h0: torch.Tensor, reach: torch.Tensor, dt: torch.
     return torch.fft.irfft(G, n=length).to(working) * reach
 
 
-def bilinear_final_state(w: torch.Tensor, last_doc: torch.Tensor, dt: torch.Tensor, Abar: torch.Tensor,
-                         lam: torch.Tensor, p: torch.Tensor, b: torch.Tensor, length: int,
-                         backend: str | None = None) -> torch.Tensor:
+def bilinear_final_state(w: torch.Tensor, last_doc: torch.Tensor, dt: torch.Tensor, b_tilde: torch.Tensor,
+                         lam: torch.Tensor, p: torch.Tensor, length: int, backend: str | None = None) -> torch.Tensor:
     """The state after the last of `length` positions from a zero start, sum_s Abar^(L-1-s) Bbar w_s over the
-    positions where last_doc is 1: w and last_doc (H, batch, L) real, the system as bilinear_kernel's ->
-    (H, batch, N) complex of Abar's dtype. With v_l = w_(L-1-l), S = sum_l v_l Abar^l Bbar by the module
-    docstring's DFT pair over all L nodes: two Cauchy sums at the nodes for the Woodbury factor, then a sum over
-    the nodes for each state."""
-    working, batch = Abar.dtype, w.shape[1]
+    positions where last_doc is 1: w and last_doc (H, batch, L) real, the system as bilinear_kernel's with
+    b_tilde = truncated_input(...) (H, N) -> (H, batch, N), complex of w's dtype. With v_l = w_(L-1-l),
+    S = sum_l v_l Abar^l Bbar by the module docstring's DFT pair: two Cauchy sums at the nodes for the Woodbury
+    factor, then a sum over the nodes for each state. v is real, so the terms at z_k and z_(L-k) = conj(z_k)
+    are each other's conjugate-swapped conjugates: the sum over the nodes k <= L/2 (the ends halved) and its
+    conjugate-swapped conjugate make S, from half the nodes."""
+    working, batch, count = complex_of(w.dtype), w.shape[1], length // 2 + 1
     v = (w * last_doc).flip(-1).double()
-    a = torch.fft.fft(v).conj() / length  # (H, batch, L): conj(V_k) / L
-    dt, Abar, lam, p, b = _wide(dt, Abar, lam, p, b)
-    nodes, s = bilinear_nodes(dt, length, count=length)
+    ends = torch.ones(count, dtype=torch.float64, device=w.device)
+    ends[0] = 0.5  # z = 1, and z = -1 for an even length: their own conjugates
+    if length % 2 == 0:
+        ends[-1] = 0.5
+    a = torch.fft.rfft(v).conj() * (ends / length)  # (H, batch, count): conj(V_k) / L, the ends halved
+    dt, b_tilde, lam, p = _wide(dt, b_tilde, lam, p)
+    nodes, s = bilinear_nodes(dt, length)
     pc = p.conj()
-    k_pb, k_pp = cauchy(torch.stack([pc * b, pc * p], dim=1), lam, nodes, s, backend).unbind(1)  # (H, L)
-    woodbury = s * k_pb / (1 + s * k_pp)  # R(z) B = D^-1 (B - p woodbury)
+    k_pb, k_pp = cauchy(torch.stack([pc * b_tilde, pc * p], dim=1), lam, nodes, s, backend).unbind(1)  # (H, K)
+    woodbury = s * k_pb / (1 + s * k_pp)  # R(z) B~ = D^-1 (B~ - p woodbury)
     mu = (dt / 2)[:, None] * lam
-    z = roots_of_unity(length, length, dt.dtype, dt.device).expand(dt.shape[0], length)
+    z = roots_of_unity(length, count, dt.dtype, dt.device).expand(dt.shape[0], count)
     # sum_k a_k / d_n(z_k) = sum_k a_k / (1 - abar_n z_k) / (1 - mu_n): the nodes z_k as the Cauchy sums' poles
     ones = torch.ones(lam.shape[-1], dtype=lam.dtype, device=lam.device)
     sums = cauchy(torch.cat([a, a * woodbury[:, None]], 1), z, ones, (1 + mu) / (1 - mu), backend)  # (H, 2 batch, N)
-    y = (dt[:, None] / (1 - mu))[:, None] * (b[:, None] * sums[:, :batch] - p[:, None] * sums[:, batch:])
-    return (y - torch.einsum("hnm,hbm->hbn", matrix_power(Abar, length), y)).to(working)  # (I - Abar^L) y
+    y = (dt[:, None] / (1 - mu))[:, None] * (b_tilde[:, None] * sums[:, :batch] - p[:, None] * sums[:, batch:])
+    return (y + conjugate_swapped(y)).to(working)

@@ -43,6 +43,14 @@ def mixer_of(config: ModelConfig, seed: int = 0, double: bool = True):
     return mixer.double() if double else mixer
 
 
+def with_complex_p(mixer):
+    """The mixer with random imaginary parts in P: HiPPO's P is real, so A = diag(Lambda) - p p* is complex
+    symmetric at initialisation, where a transposed Abar would go unseen."""
+    with torch.no_grad():
+        mixer.P[..., 1] = 0.3 * torch.randn(mixer.P.shape[:-1], generator=torch.Generator().manual_seed(5))
+    return mixer
+
+
 # --- the oracle --------------------------------------------------------------------------------------------------
 
 def dense_system(mixer):
@@ -176,7 +184,7 @@ def test_float32_kernel_gradients_are_accurate_at_the_paper_dt(discretization):
 
 def test_bilinear_kernel_has_no_pole_at_odd_lengths_and_z_minus_one():
     """The Cauchy kernel at lengths 1, 2, odd and even (z = -1 is a node for even L) equals C Abar^l Bbar."""
-    mixer = mixer_of(s4_config())
+    mixer = with_complex_p(mixer_of(s4_config()))
     Abar, Bbar, c = dense_system(mixer)
     with torch.no_grad():
         for L in (1, 2, 5, 16, 33):
@@ -191,11 +199,12 @@ def bilinear_summaries(mixer, w, h0):
     """The bilinear final state of w (batch, H, L) from zero and the response Re(C Abar^(t+1) h0) to h0
     (batch, H, N), by models.s4_bilinear's Cauchy sums, in the mixer's precision: (batch, H, N), (batch, H, L)."""
     dt, lam, p, b, c = mixer.system()
-    Abar, _ = mixer.discrete()
     L = w.shape[-1]
     ones = torch.ones_like(w).transpose(0, 1)
-    last = s4_bilinear.bilinear_final_state(w.transpose(0, 1), ones, dt, Abar, lam, p, b, L)
-    response = s4_bilinear.bilinear_entering_response(h0.transpose(0, 1), ones, dt, Abar, lam, p, c, L)
+    b_tilde = s4_bilinear.truncated_input(dt, lam, p, b, L)
+    c_tilde = s4_bilinear.truncated_output(dt, lam, p, c, L)
+    last = s4_bilinear.bilinear_final_state(w.transpose(0, 1), ones, dt, b_tilde, lam, p, L)
+    response = s4_bilinear.bilinear_entering_response(h0.transpose(0, 1), ones, dt, c_tilde, lam, p, L)
     return last.transpose(0, 1), response.transpose(0, 1)
 
 
@@ -203,7 +212,7 @@ def test_bilinear_state_summaries_equal_the_sequential_oracle():
     """The state a chunk leaves and an entering state's response, by Cauchy sums at the roots of unity, are the
     dense system's x_L and Re(C x_t) run step by step, at lengths 1, 2, odd and even, for an entering state that
     is not conjugate-symmetric (the response is the real part of the state's own)."""
-    mixer = mixer_of(s4_config())
+    mixer = with_complex_p(mixer_of(s4_config()))
     system = dense_system(mixer)
     g = torch.Generator().manual_seed(21)
     with torch.no_grad():
@@ -218,8 +227,9 @@ def test_bilinear_state_summaries_equal_the_sequential_oracle():
 
 def test_bilinear_state_summaries_are_accurate_in_float32_at_the_paper_dt():
     """d_state 64, dt in [0.001, 0.1], 1,000 positions: from float32 parameters, the summaries (float64 inside,
-    like the kernel) are within 1e-5 of the same system's in float64; the Krylov powers in float32, this
-    module's earlier path, were 6e-6 and 1.2e-5 off here."""
+    like the kernel, Abar rebuilt there from the parameters) are within 2e-6 of the same system's in float64
+    (5e-7 and 3e-7 here); the Krylov powers in float32 were 6e-6 and 1.2e-5 off, and the sums over the float32
+    Abar's powers 9e-7 and 3.3e-6."""
     mixer = mixer_of(s4_config(d_model=16, s4=dict(d_state=64, dt_min=0.001, dt_max=0.1)), double=False)
     wide = copy.deepcopy(mixer).double()
     g = torch.Generator().manual_seed(4)
@@ -231,7 +241,7 @@ def test_bilinear_state_summaries_are_accurate_in_float32_at_the_paper_dt():
         got = bilinear_summaries(mixer, w.float(), h0.to(torch.complex64))
     for a, b in zip(got, want):
         assert a.dtype in (torch.float32, torch.complex64)
-        assert (a.to(b.dtype) - b).abs().max() < 1e-5 * b.abs().max()
+        assert (a.to(b.dtype) - b).abs().max() < 2e-6 * b.abs().max()
 
 
 # --- states: chunks, steps ---------------------------------------------------------------------------------
