@@ -212,6 +212,9 @@ TABLE_RUNS = {
     # GSS (still more than 0.01 short at 192,000 steps at 1e-2, its loss moving 7.2%), doubled once more
     "copying-384k-gss-1e-2": ["--families", "gss", "--tasks", "copying", "--steps", "384000", "--sweep-steps",
                               "384000", "--lrs", "1e-2"],
+    # Liquid-S4 (‡ at 48,000 steps, its loss moving 2.02%), doubled once more
+    "copying-96k-liquid": ["--families", "liquid_s4", "--tasks", "copying", "--steps", "96000", "--sweep-steps",
+                           "96000", "--lrs", "3e-3"],
     # induction scored on 512 sequences at every length (2 standard errors of chance: 0.021)
     "induction": ["--tasks", "induction", "--steps", "2000", "--sweep-steps", "2000", "--lrs", "1e-3", "3e-3",
                   "--eval-min-samples", "512"],
