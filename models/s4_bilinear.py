@@ -95,7 +95,7 @@ def _truncated(dt: torch.Tensor, lam: torch.Tensor, p: torch.Tensor, x: torch.Te
     """(I - Abar^L) x for columns x (H, N), or x (I - Abar^L) for rows (transposed), in float64 from the
     continuous system: -(I + Abar + ... + Abar^(L-1)) (Abar - I) x with (Abar - I) x = dt (I - dt/2 A)^-1 A x,
     so nothing cancels where Abar^L is close to I; Abar is rebuilt in float64 (its rounding to the parameters'
-    precision, amplified over L powers, would cost float32 a 1e-5 relative error). A row's products are its
+    precision, amplified over L powers, cost float32 summaries a few 1e-6 relative error). A row's products are its
     column's under the transposes: A^T = diag(lam) - conj(p) p^T."""
     dt, lam, p, x = _wide(dt, lam, p, x)
     inverse = half_step_inverse(dt, lam, p)
