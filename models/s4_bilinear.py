@@ -67,10 +67,10 @@ def roots_of_unity(length: int, count: int, dtype: torch.dtype, device: torch.de
     return torch.exp(torch.complex(torch.zeros_like(k), -2 * math.pi * k / length))
 
 
-def bilinear_nodes(dt: torch.Tensor, length: int, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Cauchy sums' nodes 1 - z (count,) and scales s = (1 + z) dt / 2 (H, count) at the length-th roots of
-    unity z_k, k < count (by default length // 2 + 1, the nodes an irfft reads), from dt (H,) real."""
-    z = roots_of_unity(length, length // 2 + 1 if count is None else count, dt.dtype, dt.device)
+def bilinear_nodes(dt: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Cauchy sums' nodes 1 - z (K,) and scales s = (1 + z) dt / 2 (H, K) at the length-th roots of unity
+    z_k, k < K = length // 2 + 1 (the nodes an irfft reads), from dt (H,) real."""
+    z = roots_of_unity(length, length // 2 + 1, dt.dtype, dt.device)
     return 1 - z, (1 + z) * (dt / 2)[:, None]
 
 

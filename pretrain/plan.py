@@ -293,7 +293,9 @@ def make_plan(config, target: Target, mfu: float, search: bool = True) -> Plan:
     if search and target.memory_bytes is not None:
         candidates = micro_batch_candidates(config, target.ranks)
         plan.largest_micro_batch = largest_micro_batch(config, target, train.activation_checkpointing, candidates)
-        plan.largest_micro_batch_checkpointed = largest_micro_batch(config, target, True, candidates)
+        # a config that already checkpoints has just been searched with checkpointing
+        plan.largest_micro_batch_checkpointed = (plan.largest_micro_batch if train.activation_checkpointing
+                                                 else largest_micro_batch(config, target, True, candidates))
     return plan
 
 

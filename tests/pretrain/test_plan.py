@@ -71,6 +71,21 @@ def test_the_micro_batch_search_traces_log_many_steps_where_memory_outgrows_the_
     assert len(traced) == len(set(traced)) <= 3 + 12  # 1, 2, the line's bound, then bisection of < 4096
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_plan_searches_once_per_checkpointing_setting(monkeypatch, checkpointing):
+    """The plan's two answers (the config's own setting, and with activation checkpointing) come from one search
+    each, and from a single search where the config already checkpoints."""
+    from ssmforge.pretrain import plan as plan_module
+
+    searches = []
+    monkeypatch.setattr(plan_module, "largest_micro_batch",
+                        lambda config, target, use, candidates: searches.append(use) or (7 if use else 5))
+    config = load_config(TINY, ["run_dir=unused", f"train.activation_checkpointing={checkpointing}"])
+    plan = make_plan(config, gpu_target(1, "H100", None, torch.bfloat16), 0.4)
+    assert searches == ([True] if checkpointing else [False, True])
+    assert (plan.largest_micro_batch, plan.largest_micro_batch_checkpointed) == ((7, 7) if checkpointing else (5, 7))
+
+
 def test_time_follows_the_token_budget_and_the_mfu():
     config = load_config(TINY, ["run_dir=unused", "train.max_steps=1000"])
     fast = make_plan(config, gpu_target(8, "H100", None, torch.bfloat16), mfu=0.5, search=False)
