@@ -13,6 +13,7 @@ Time: FLOPs per token (3x the forward's, from the model itself) over the cluster
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -234,13 +235,19 @@ def step_memory(config, target: Target, micro_batch: int, checkpointing: bool) -
 
 
 def largest_micro_batch(config, target: Target, checkpointing: bool, candidates: list[int]) -> int | None:
-    """The largest candidate micro-batch whose traced step fits. Activations grow about linearly in it: two
-    traces give the line, which bounds the candidates; the largest within it is traced to confirm, and where the
-    line was optimistic (a step's memory grows faster), a bisection over the rest finds the largest that fits in
-    log2(n) more traces rather than one per candidate (a step's memory never shrinks as the micro-batch grows)."""
-    if target.memory_bytes is None:
+    """The largest candidate micro-batch whose traced step fits: what tracing every candidate would answer, for any
+    step memory that never shrinks as the micro-batch grows. A trace costs about its micro-batch (a minute or more
+    at thousands of sequences). Memory is about linear, but not from the first rows (a layer's blocks of work grow
+    until they reach their byte cap), so the line through micro-batches 1 and 2 can be off by half either way. The
+    search doubles from 2 while the doubled batch is cheap (under a sixteenth of where the line through the last
+    two traces crosses the budget) and follows the line from there; then it brackets the answer between the
+    largest batch known to fit and the smallest known not to, each trace where the line between those two crosses
+    the budget (regula falsi with the Illinois rule: an end kept twice in a row counts half, so the guesses cannot
+    creep up from one side). The candidate after the answer is traced to confirm it."""
+    if target.memory_bytes is None or not candidates:
         return None
     budget = USABLE_FRACTION * target.memory_bytes
+    candidates = sorted(candidates)
     peaks: dict[int, int] = {}
 
     def fits(batch: int) -> bool:
@@ -248,21 +255,46 @@ def largest_micro_batch(config, target: Target, checkpointing: bool, candidates:
             peaks[batch] = step_memory(config, target, batch, checkpointing)[0].peak
         return peaks[batch] <= budget
 
+    def crossing(a: int, b: int) -> float:
+        """Where the line through the traces at a < b reaches the budget."""
+        rise = peaks[b] - peaks[a]
+        return math.inf if rise <= 0 else a + (b - a) * (budget - peaks[a]) / rise
+
     if not fits(1):
         return None
-    fits(2)
-    per_sequence = max(peaks[2] - peaks[1], 1)
-    within = sorted(b for b in candidates if peaks[1] + (b - 1) * per_sequence <= budget)
-    if not within or fits(within[-1]):
-        return within[-1] if within else None
-    fitting, failing = -1, len(within) - 1  # indices into within: the largest known to fit, the smallest not
-    while failing - fitting > 1:
-        middle = (fitting + failing) // 2
-        if fits(within[middle]):
-            fitting = middle
+    anchor, low, high = 1, 1, None  # low fits, high (None: not yet seen) does not
+    if fits(2):
+        low = 2
+        while 2 * low <= min(crossing(anchor, low), candidates[-1]) / 16:
+            if not fits(2 * low):
+                high = 2 * low
+                break
+            anchor, low = low, 2 * low
+    else:
+        high = 2
+    low_weight, high_weight, kept = 1.0, 1.0, None
+    while True:
+        first = bisect.bisect_right(candidates, low)  # the candidates still open: first .. last - 1
+        last = len(candidates) if high is None else bisect.bisect_left(candidates, high)
+        if first >= last:
+            break
+        if high is None:
+            guess = crossing(anchor, low)
         else:
-            failing = middle
-    return within[fitting] if fitting >= 0 else None
+            below, above = (budget - peaks[low]) * low_weight, (peaks[high] - budget) * high_weight
+            guess = low + (high - low) * below / (below + above)
+        batch = candidates[min(max(bisect.bisect_right(candidates, guess) - 1, first), last - 1)]
+        if fits(batch):
+            if high is None:  # the next line starts here: a steep start (blocks still growing) is left behind
+                anchor = low
+            low, low_weight = batch, 1.0
+            if high is not None:
+                high_weight, kept = (high_weight / 2 if kept == "high" else high_weight), "high"
+        else:
+            high, high_weight = batch, 1.0
+            low_weight, kept = (low_weight / 2 if kept == "low" else low_weight), "low"
+    index = bisect.bisect_right(candidates, low) - 1
+    return candidates[index] if index >= 0 else None
 
 
 def micro_batch_candidates(config, ranks: int, limit: int = 4096) -> list[int]:

@@ -48,27 +48,95 @@ def test_the_largest_micro_batch_is_the_last_that_fits():
     assert plan.largest_micro_batch_checkpointed >= 3  # recomputing blocks never needs more
 
 
-@pytest.mark.parametrize("memory", [10**6, 3 * 10**6, 10**7])
-def test_the_micro_batch_search_traces_log_many_steps_where_memory_outgrows_the_line(monkeypatch, memory):
-    """A step whose memory grows faster than the line through micro-batches 1 and 2 (as a layer's blocks of
-    work do): the search answers what tracing every candidate answers, in a number of traces logarithmic in the
-    candidates (it once traced them one by one downwards from the line's bound, thousands at a small model)."""
+def test_the_largest_micro_batch_is_found_where_the_first_rows_cost_more():
+    """On a GPU target in bf16 the tiny model's first sequence costs more than the later ones (322 KB from 1 to 2,
+    309 KB from 40 to 41), so the line through 1 and 2 falls short: with the memory set between the traced peaks
+    of micro-batches 40 and 41 a search that trusted it answered 38."""
+    import dataclasses
+
+    config = load_config(TINY, ["run_dir=unused", "train.micro_batch_size=1", "train.max_steps=10"])
+    target = gpu_target(2, "H100", None, torch.bfloat16)
+    peaks = {b: step_memory(config, target, b, False)[0].peak for b in (1, 2, 40, 41)}
+    assert peaks[2] - peaks[1] > peaks[41] - peaks[40]
+    memory = int((peaks[40] + peaks[41]) / 2 / 0.9)
+    plan = make_plan(config, dataclasses.replace(target, memory_bytes=memory), mfu=0.5)
+    assert plan.largest_micro_batch == 40
+
+
+def _search_traces(monkeypatch, peak, memory, candidates):
+    """(the search's answer, every exhaustive answer, the micro-batches it traced) for a step whose peak memory
+    at micro-batch b is peak(b)."""
     from types import SimpleNamespace
 
     from ssmforge.pretrain import plan as plan_module
-
-    def peak(batch):
-        return 1000 + 100 * batch + batch ** 2
 
     traced = []
     monkeypatch.setattr(plan_module, "step_memory",
                         lambda config, target, batch, checkpointing: (traced.append(batch) or
                                                                       SimpleNamespace(peak=peak(batch)), 0))
-    candidates = list(range(1, 4097))
     target = Target(1, "cuda", "probe", memory, 1e12, "")
-    want = max(b for b in candidates if peak(b) <= plan_module.USABLE_FRACTION * memory)
-    assert plan_module.largest_micro_batch(None, target, False, candidates) == want
-    assert len(traced) == len(set(traced)) <= 3 + 12  # 1, 2, the line's bound, then bisection of < 4096
+    fitting = [b for b in candidates if peak(b) <= plan_module.USABLE_FRACTION * memory]
+    answer = plan_module.largest_micro_batch(None, target, False, candidates)
+    return answer, max(fitting, default=None), traced
+
+
+# The traced peak of S4 at d_model 512, N 64, 2,048 tokens, context parallelism 2 on 2 H100s in bf16 (`ssmforge plan
+# configs/s4-tiny.yaml --gpus 2 --gpu H100 model.d_model=512 model.n_layer=1 model.s4.d_state=64 data.seq_len=2048
+# train.context_parallel=2`), at the micro-batches measured, linear between them: 18.9 MB a sequence to 4, 33.6 MB
+# from 64 on, where the line through 1 and 2 put the bound at 4,075 sequences and the answer is 2,300.
+S4_PEAKS = {1: 310309952, 2: 329208904, 3: 348107856, 4: 367006808, 8: 605226264, 16: 817916336, 32: 1165737320,
+            64: 2191576840, 128: 4340746712, 256: 8639086456, 2298: 77211432936, 2300: 77278590968,
+            2301: 77312169984, 4075: 136885809008}
+H100_BYTES = 80 * 2 ** 30
+
+
+def s4_peak(batch):
+    if batch > 4075:
+        return S4_PEAKS[4075] + (batch - 4075) * 33_600_000
+    below = max(b for b in S4_PEAKS if b <= batch)
+    above = min(b for b in S4_PEAKS if b >= batch)
+    if above == below:
+        return S4_PEAKS[batch]
+    return S4_PEAKS[below] + (S4_PEAKS[above] - S4_PEAKS[below]) * (batch - below) // (above - below)
+
+
+MEMORY_SHAPES = {
+    "linear": lambda b: 1000 + 100 * b,
+    # a layer's blocks of work held at their byte cap until they hold one channel, then growing with the rows
+    "kink": lambda b: 1000 + 100 * b + 3000 * max(b - 500, 0),
+    # blocks growing with the rows until they reach their cap: the line through 1 and 2 is far too steep
+    "capped": lambda b: 1000 + 100 * b + min(3000 * b, 9000),
+    "quadratic": lambda b: 1000 + 100 * b + b ** 2,
+    "staircase": lambda b: 1000 + 100 * b + 5000 * (b // 64),
+    "exponential": lambda b: 1000 + int(1.005 ** b),  # far from linear: the search's worst case
+}
+ALL_TO_4096 = list(range(1, 4097))
+DIVISORS_OF_3000 = [b for b in range(1, 3001) if 3000 % b == 0]
+
+
+@pytest.mark.parametrize("shape", MEMORY_SHAPES)
+@pytest.mark.parametrize("memory", [10**5, 10**6, 3 * 10**6, 10**7])
+@pytest.mark.parametrize("candidates", [ALL_TO_4096, DIVISORS_OF_3000], ids=["all", "divisors"])
+def test_the_micro_batch_search_answers_what_tracing_every_candidate_answers(monkeypatch, shape, memory,
+                                                                             candidates):
+    """Whatever the shape of a step's memory in the micro-batch (it only never shrinks), the search answers what
+    tracing every candidate answers and traces no batch twice. It once trusted the line through micro-batches 1
+    and 2 where that line was too steep ("capped"), answering a hundredth of the true micro-batch, and before that
+    traced the candidates one by one downwards from the line's bound, thousands at a small model."""
+    answer, want, traced = _search_traces(monkeypatch, MEMORY_SHAPES[shape], memory, candidates)
+    assert answer == want
+    assert len(traced) == len(set(traced))
+    if shape in ("linear", "capped"):  # the answer, the candidate after it, and at most 512 in cheaper traces
+        assert sum(traced) <= want + min([b for b in candidates if b > want], default=0) + 512
+
+
+def test_the_micro_batch_search_traces_little_above_the_answer_on_s4s_measured_memory(monkeypatch):
+    """On S4's measured memory the search traces the cheap doublings, then the answer and the candidate after it:
+    a cost (the sum of the traced micro-batches, as a trace's time follows its micro-batch) within 2.2 times the
+    answer. Bisecting from the line through 1 and 2 traced 4,075, then 2,298, 2,300 and 2,301: 4.8 times."""
+    answer, want, traced = _search_traces(monkeypatch, s4_peak, H100_BYTES, ALL_TO_4096)
+    assert answer == want == 2300
+    assert [b for b in traced if b > 256] == [2300, 2301] and sum(traced) <= 2.2 * want
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
