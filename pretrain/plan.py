@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,8 @@ import torch
 from ssmforge.errors import ConfigError
 
 from .engine import deepspeed_buckets
+
+log = logging.getLogger(__name__)
 
 USABLE_FRACTION = 0.9
 """Of a GPU's memory a plan may fill: the CUDA context, NCCL's buffers and the allocator's fragmentation
@@ -252,7 +256,12 @@ def largest_micro_batch(config, target: Target, checkpointing: bool, candidates:
 
     def fits(batch: int) -> bool:
         if batch not in peaks:
+            started = time.monotonic()
             peaks[batch] = step_memory(config, target, batch, checkpointing)[0].peak
+            log.info("micro-batch %d%s: peak %s of %s MiB usable: %s (traced in %.0f s)", batch,
+                     " with activation checkpointing" if checkpointing else "", f"{peaks[batch] / 2**20:,.0f}",
+                     f"{budget / 2**20:,.0f}", "fits" if peaks[batch] <= budget else "does not fit",
+                     time.monotonic() - started)
         return peaks[batch] <= budget
 
     def crossing(a: int, b: int) -> float:

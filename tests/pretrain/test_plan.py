@@ -139,6 +139,18 @@ def test_the_micro_batch_search_traces_little_above_the_answer_on_s4s_measured_m
     assert [b for b in traced if b > 256] == [2300, 2301] and sum(traced) <= 2.2 * want
 
 
+def test_the_micro_batch_search_reports_each_trace(monkeypatch, caplog):
+    """A search can take minutes: each trace is one INFO line with its micro-batch and verdict, in trace order."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="ssmforge.pretrain.plan")
+    answer, want, traced = _search_traces(monkeypatch, MEMORY_SHAPES["linear"], 10**5, ALL_TO_4096)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ssmforge.pretrain.plan"]
+    assert [int(line.split()[1].rstrip(":")) for line in lines] == traced
+    assert lines[-1].endswith(")") and ": does not fit (" in lines[-1] and ": fits (" in lines[0]
+    assert sum(": fits (" in line for line in lines) == sum(b <= want for b in traced)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_plan_searches_once_per_checkpointing_setting(monkeypatch, checkpointing):
     """The plan's two answers (the config's own setting, and with activation checkpointing) come from one search
