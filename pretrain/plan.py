@@ -240,11 +240,11 @@ def step_memory(config, target: Target, micro_batch: int, checkpointing: bool) -
 
 def largest_micro_batch(config, target: Target, checkpointing: bool, candidates: list[int]) -> int | None:
     """The largest candidate micro-batch whose traced step fits: what tracing every candidate would answer, for any
-    step memory that never shrinks as the micro-batch grows. A trace costs about its micro-batch (a minute or more
-    at thousands of sequences). Memory is about linear, but not from the first rows (a layer's blocks of work grow
+    step memory that never shrinks as the micro-batch grows. A trace's time grows with its micro-batch (a minute or
+    more at thousands of sequences). Memory is about linear, but not from the first rows (a layer's blocks of work grow
     until they reach their byte cap), so the line through micro-batches 1 and 2 can be off by half either way. The
-    search doubles from 2 while the doubled batch is cheap (under a sixteenth of where the line through the last
-    two traces crosses the budget) and follows the line from there; then it brackets the answer between the
+    search traces two cheap batches, a 32nd and a 16th of where that line crosses the budget, and follows the line
+    through them (and then through its last two traces that fit); then it brackets the answer between the
     largest batch known to fit and the smallest known not to, each trace where the line between those two crosses
     the budget (regula falsi with the Illinois rule: an end kept twice in a row counts half, so the guesses cannot
     creep up from one side). The candidate after the answer is traced to confirm it."""
@@ -274,11 +274,13 @@ def largest_micro_batch(config, target: Target, checkpointing: bool, candidates:
     anchor, low, high = 1, 1, None  # low fits, high (None: not yet seen) does not
     if fits(2):
         low = 2
-        while 2 * low <= min(crossing(anchor, low), candidates[-1]) / 16:
-            if not fits(2 * low):
-                high = 2 * low
-                break
-            anchor, low = low, 2 * low
+        reach = min(crossing(1, 2), candidates[-1])
+        for probe in (int(reach // 32), int(reach // 16)):  # cheap, and far enough from 1 and 2 for a local slope
+            if probe > low:
+                if not fits(probe):
+                    high = probe
+                    break
+                anchor, low = low, probe
     else:
         high = 2
     low_weight, high_weight, kept = 1.0, 1.0, None

@@ -131,7 +131,7 @@ def test_the_micro_batch_search_answers_what_tracing_every_candidate_answers(mon
 
 
 def test_the_micro_batch_search_traces_little_above_the_answer_on_s4s_measured_memory(monkeypatch):
-    """On S4's measured memory the search traces the cheap doublings, then the answer and the candidate after it:
+    """On S4's measured memory the search traces two cheap probes, then the answer and the candidate after it:
     a cost (the sum of the traced micro-batches, as a trace's time follows its micro-batch) within 2.2 times the
     answer. Bisecting below the line through 1 and 2 traced 4,075 and 12 more from 2,037 to 3,056: 14 times."""
     answer, want, traced = _search_traces(monkeypatch, s4_peak, H100_BYTES, ALL_TO_4096)
