@@ -238,7 +238,8 @@ def step_memory(config, target: Target, micro_batch: int, checkpointing: bool) -
     return StepMemory(activations=activations, optimizer_temporaries=temporaries, **states), sum(sizes)
 
 
-def largest_micro_batch(config, target: Target, checkpointing: bool, candidates: list[int]) -> int | None:
+def largest_micro_batch(config, target: Target, checkpointing: bool, candidates: list[int],
+                        traced: dict[int, int] | None = None) -> int | None:
     """The largest candidate micro-batch whose traced step fits: what tracing every candidate would answer, for any
     step memory that never shrinks as the micro-batch grows. A trace's time grows with its micro-batch (a minute or
     more at thousands of sequences). Memory is about linear, but not from the first rows (a layer's blocks of work grow
@@ -247,12 +248,14 @@ def largest_micro_batch(config, target: Target, checkpointing: bool, candidates:
     through them (and then through its last two traces that fit); then it brackets the answer between the
     largest batch known to fit and the smallest known not to, each trace where the line between those two crosses
     the budget (regula falsi with the Illinois rule: an end kept twice in a row counts half, so the guesses cannot
-    creep up from one side). The candidate after the answer is traced to confirm it."""
+    creep up from one side). The candidate after the answer is traced to confirm it. `traced` holds peaks already
+    measured at this setting (micro-batch: bytes; the plan's configured one): never traced again, they narrow the
+    bracket."""
     if target.memory_bytes is None or not candidates:
         return None
     budget = USABLE_FRACTION * target.memory_bytes
     candidates = sorted(candidates)
-    peaks: dict[int, int] = {}
+    peaks = dict(traced or {})
 
     def fits(batch: int) -> bool:
         if batch not in peaks:
@@ -271,18 +274,23 @@ def largest_micro_batch(config, target: Target, checkpointing: bool, candidates:
 
     if not fits(1):
         return None
-    anchor, low, high = 1, 1, None  # low fits, high (None: not yet seen) does not
-    if fits(2):
-        low = 2
-        reach = min(crossing(1, 2), candidates[-1])
-        for probe in (int(reach // 32), int(reach // 16)):  # cheap, and far enough from 1 and 2 for a local slope
-            if probe > low:
-                if not fits(probe):
-                    high = probe
-                    break
-                anchor, low = low, probe
-    else:
-        high = 2
+    anchor, low = 1, 1  # low fits, high (None: not yet seen) does not
+    high = min((b for b in peaks if peaks[b] > budget), default=None)
+    if high is None or high > 2:
+        if fits(2):
+            low = 2
+            reach = min(crossing(1, 2), candidates[-1])
+            for probe in (int(reach // 32), int(reach // 16)):  # cheap, and far enough from 1 and 2 for a local slope
+                if low < probe and (high is None or probe < high):
+                    if not fits(probe):
+                        high = probe
+                        break
+                    anchor, low = low, probe
+        else:
+            high = 2
+    known = [b for b in peaks if low < b and peaks[b] <= budget and (high is None or b < high)]
+    if known:  # a peak measured before the search
+        anchor, low = low, max(known)
     low_weight, high_weight, kept = 1.0, 1.0, None
     while True:
         first = bisect.bisect_right(candidates, low)  # the candidates still open: first .. last - 1
@@ -335,7 +343,8 @@ def make_plan(config, target: Target, mfu: float, search: bool = True) -> Plan:
                 micro_batch=train.micro_batch_size)
     if search and target.memory_bytes is not None:
         candidates = micro_batch_candidates(config, target.ranks)
-        plan.largest_micro_batch = largest_micro_batch(config, target, train.activation_checkpointing, candidates)
+        plan.largest_micro_batch = largest_micro_batch(config, target, train.activation_checkpointing, candidates,
+                                                       traced={train.micro_batch_size: memory.peak})
         # a config that already checkpoints has just been searched with checkpointing
         plan.largest_micro_batch_checkpointed = (plan.largest_micro_batch if train.activation_checkpointing
                                                  else largest_micro_batch(config, target, True, candidates))

@@ -63,9 +63,9 @@ def test_the_largest_micro_batch_is_found_where_the_first_rows_cost_more():
     assert plan.largest_micro_batch == 40
 
 
-def _search_traces(monkeypatch, peak, memory, candidates):
+def _search_traces(monkeypatch, peak, memory, candidates, known=()):
     """(the search's answer, the answer of tracing every candidate, the micro-batches it traced) for a step whose
-    peak memory at micro-batch b is peak(b)."""
+    peak memory at micro-batch b is peak(b), given the peaks at the micro-batches `known` as traced before."""
     from types import SimpleNamespace
 
     from ssmforge.pretrain import plan as plan_module
@@ -76,7 +76,7 @@ def _search_traces(monkeypatch, peak, memory, candidates):
                                                                       SimpleNamespace(peak=peak(batch)), 0))
     target = Target(1, "cuda", "probe", memory, 1e12, "")
     fitting = [b for b in candidates if peak(b) <= plan_module.USABLE_FRACTION * memory]
-    answer = plan_module.largest_micro_batch(None, target, False, candidates)
+    answer = plan_module.largest_micro_batch(None, target, False, candidates, traced={b: peak(b) for b in known})
     return answer, max(fitting, default=None), traced
 
 
@@ -130,6 +130,17 @@ def test_the_micro_batch_search_answers_what_tracing_every_candidate_answers(mon
         assert sum(traced) <= want + min([b for b in candidates if b > want], default=0) + 512
 
 
+@pytest.mark.parametrize("shape", ["linear", "capped", "exponential"])
+@pytest.mark.parametrize("memory", [10**5, 10**6, 10**7])
+@pytest.mark.parametrize("known", [(1,), (2,), (7,), (64,), (1000,), (4096,), (64, 1000), (5000,)])
+def test_peaks_traced_before_the_search_are_not_traced_again(monkeypatch, shape, memory, known):
+    """A plan has traced its configured micro-batch before searching: given that peak (fitting or not, below or
+    above the answer, a candidate or not) the search answers the same and never traces it again."""
+    answer, want, traced = _search_traces(monkeypatch, MEMORY_SHAPES[shape], memory, ALL_TO_4096, known)
+    assert answer == want
+    assert len(traced) == len(set(traced)) and not set(traced) & set(known)
+
+
 def test_the_micro_batch_search_traces_little_above_the_answer_on_s4s_measured_memory(monkeypatch):
     """On S4's measured memory the search traces two cheap probes, then the answer and the candidate after it:
     a cost (the sum of the traced micro-batches, as a trace's time follows its micro-batch) within 2.2 times the
@@ -154,15 +165,19 @@ def test_the_micro_batch_search_reports_each_trace(monkeypatch, caplog):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_plan_searches_once_per_checkpointing_setting(monkeypatch, checkpointing):
     """The plan's two answers (the config's own setting, and with activation checkpointing) come from one search
-    each, and from a single search where the config already checkpoints."""
+    each, and from a single search where the config already checkpoints; the first is given the plan's own trace."""
     from ssmforge.pretrain import plan as plan_module
 
     searches = []
     monkeypatch.setattr(plan_module, "largest_micro_batch",
-                        lambda config, target, use, candidates: searches.append(use) or (7 if use else 5))
+                        lambda config, target, use, candidates, traced=None: searches.append((use, traced))
+                        or (7 if use else 5))
     config = load_config(TINY, ["run_dir=unused", f"train.activation_checkpointing={checkpointing}"])
     plan = make_plan(config, gpu_target(1, "H100", None, torch.bfloat16), 0.4)
-    assert searches == ([True] if checkpointing else [False, True])
+    assert [use for use, _ in searches] == ([True] if checkpointing else [False, True])
+    # the configured micro-batch, traced for the plan's memory, is handed to the search at its own setting only
+    assert searches[0][1] == {config.train.micro_batch_size: plan.memory.peak}
+    assert all(traced is None for _, traced in searches[1:])
     assert (plan.largest_micro_batch, plan.largest_micro_batch_checkpointed) == ((7, 7) if checkpointing else (5, 7))
 
 
