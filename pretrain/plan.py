@@ -276,18 +276,17 @@ def largest_micro_batch(config, target: Target, checkpointing: bool, candidates:
         return None
     anchor, low = 1, 1  # low fits, high (None: not yet seen) does not
     high = min((b for b in peaks if peaks[b] > budget), default=None)
-    if high is None or high > 2:
-        if fits(2):
-            low = 2
-            reach = min(crossing(1, 2), candidates[-1])
-            for probe in (int(reach // 32), int(reach // 16)):  # cheap, and far enough from 1 and 2 for a local slope
-                if low < probe and (high is None or probe < high):
-                    if not fits(probe):
-                        high = probe
-                        break
-                    anchor, low = low, probe
-        else:
-            high = 2
+    if fits(2):  # a known peak at 2 is read, not traced
+        low = 2
+        reach = min(crossing(1, 2), candidates[-1])
+        for probe in (int(reach // 32), int(reach // 16)):  # cheap, and far enough from 1 and 2 for a local slope
+            if low < probe and (high is None or probe < high):
+                if not fits(probe):
+                    high = probe
+                    break
+                anchor, low = low, probe
+    else:
+        high = 2
     known = [b for b in peaks if low < b and peaks[b] <= budget and (high is None or b < high)]
     if known:  # a peak measured before the search
         anchor, low = low, max(known)
