@@ -79,8 +79,9 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_c
         assert stopped_at + 2 <= frozen_at < 60, f"the requeued run was at step {frozen_at} when rank 1 froze"
         assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: (j := _job(job_id)).get("Restarts") == "2" and j.get("JobState") == "PENDING", 300,
-                 "the job to be requeued again (PENDING, Restarts 2)")
+        # Restarts 2 or more in any state: the requeued job may leave PENDING (or, on a loaded host, be requeued
+        # a third time, see below) between two polls
+        wait_for(lambda: int(_job(job_id).get("Restarts", "0")) >= 2, 300, "the job to be requeued again (Restarts 2)")
         job = _finished(job_id, 900, "the requeued job to finish")
         evaluation = _finished(eval_id, 900, "the evaluation job to finish")
     finally:
