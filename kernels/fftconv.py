@@ -1,10 +1,12 @@
 """Long causal convolution by FFT: O(L log L) for a kernel as long as the sequence (S4, DSS, GSS).
 
 A direct depthwise convolution with a length-L kernel costs O(L^2); multiplying spectra costs
-O(L log L). Zero padding to 2L turns the FFT's circular convolution into a linear one, so no output
-position sees inputs from its future. Computed in float32 for every narrower input dtype (float64 inputs stay
-float64, for oracle comparisons): half-precision FFTs
-lose the small tail of long kernels, and cuFFT takes half precision only at power-of-2 sizes.
+O(L log L). Zero padding to at least 2L - 1 turns the FFT's circular convolution into a linear one, so no output
+position sees inputs from its future; the padded size is the next 2^a 3^b 5^c (`fft_size`): a size with a large
+prime factor (2 x 4,112 = 2^5 x 257, a selective-copying row) takes a slow generic transform: on CPU, one thread,
+an rfft and irfft of (32, 64, 4,112) took 0.73 s at 8,224 and 0.26 s at 8,640. Computed in float32 for every
+narrower input dtype (float64 inputs stay float64, for oracle comparisons): half-precision FFTs lose the small tail
+of long kernels, and cuFFT takes half precision only at power-of-2 sizes.
 
 Documents (seq_idx, see kernels.documents). With resets the operator is block-diagonal Toeplitz: each
 document is convolved with the kernel's first len(document) taps, on its own. One FFT of the row cannot do
@@ -81,15 +83,30 @@ def fft_conv_flops(seq_len: int) -> float:
     return 10 * math.log2(2 * max(seq_len, 1)) + 6
 
 
+def fft_size(P: int) -> int:
+    """The smallest 2^a 3^b 5^c >= 2P - 1: the FFT size at which the first P outputs of a circular convolution of two
+    length-P sequences equal their linear convolution, with only the radices FFT libraries do fast."""
+    need = max(2 * P - 1, 1)
+    best = 1 << (need - 1).bit_length()  # the power of 2
+    fives = 1
+    while fives < best:
+        odd = fives  # 3^b 5^c
+        while odd < best:
+            best = min(best, odd << ((need - 1) // odd).bit_length())  # odd x the least 2^a reaching need
+            odd *= 3
+        fives *= 5
+    return best
+
+
 def _fft_conv(u: torch.Tensor, k: torch.Tensor, channel_dim: int = -2) -> torch.Tensor:
     """Causal convolution of every length-P row of u (float32, channels at channel_dim) with its channel's
-    k (channels, <= P), by FFTs of size 2P (zero padding: no wrap-around)."""
+    k (channels, <= P), by FFTs of fft_size(P) (zero padding: no wrap-around)."""
     P = u.shape[-1]
-    n = 2 * P
-    u_f = torch.fft.rfft(u, n=n)  # (..., P + 1) complex
-    k_f = torch.fft.rfft(k[:, :P], n=n)  # (channels, P + 1)
+    n = fft_size(P)
+    u_f = torch.fft.rfft(u, n=n)  # (..., n // 2 + 1) complex
+    k_f = torch.fft.rfft(k[:, :P], n=n)  # (channels, n // 2 + 1)
     if channel_dim != -2:
-        k_f = k_f.view(k_f.shape[0], *([1] * (-channel_dim - 2)), P + 1)
+        k_f = k_f.view(k_f.shape[0], *([1] * (-channel_dim - 2)), n // 2 + 1)
     return torch.fft.irfft(u_f * k_f, n=n)[..., :P]
 
 
@@ -177,7 +194,7 @@ class _SegmentedConv(torch.autograd.Function):
     Forward: gather the documents into slots, per bucket y = irfft(rfft(u) rfft(k))[:size], gather back.
     Backward by the adjoints, without autograd's generic FFT backward (a complex transform of the full
     spectrum each): du = irfft(rfft(dy) conj(rfft(k))) (a correlation), dk = irfft(sum over slots of
-    rfft(dy) conj(rfft(u))), truncated; zero padding to twice the slot keeps both free of wrap-around. The
+    rfft(dy) conj(rfft(u))), truncated; zero padding to fft_size(slot) keeps both free of wrap-around. The
     gathers' adjoints are gathers with the other index. Saves the kernel spectra and the slots (the
     document spectra are recomputed: half the memory of saving them, one real FFT more)."""
 
@@ -185,11 +202,12 @@ class _SegmentedConv(torch.autograd.Function):
     def forward(ctx, u, k, gather, scatter, buckets):
         batch, channels, L = u.shape
         slots = _flat_with_zero(u, k.dtype).index_select(1, gather)  # (channels, S)
-        spectra = [torch.fft.rfft(k[:, :size], n=2 * size) for size, _ in buckets]  # (channels, size + 1)
+        spectra = [torch.fft.rfft(k[:, :size], n=fft_size(size)) for size, _ in buckets]
         outs = []
         for segment, K, (size, count) in zip(_by_bucket(slots, buckets), spectra, buckets):
-            y_f = torch.fft.rfft(segment, n=2 * size) * K[:, None]
-            outs.append(torch.fft.irfft(y_f, n=2 * size)[..., :size].reshape(channels, count * size))
+            n = fft_size(size)
+            y_f = torch.fft.rfft(segment, n=n) * K[:, None]
+            outs.append(torch.fft.irfft(y_f, n=n)[..., :size].reshape(channels, count * size))
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         ctx.save_for_backward(slots, gather, scatter, *spectra)
         ctx.buckets, ctx.shape, ctx.dtype, ctx.Lk = buckets, u.shape, u.dtype, k.shape[1]
@@ -204,13 +222,14 @@ class _SegmentedConv(torch.autograd.Function):
         dus, dk = [], g.new_zeros(channels, ctx.Lk) if ctx.needs_input_grad[1] else None
         for segment, slot, K, (size, count) in zip(_by_bucket(g, ctx.buckets), _by_bucket(slots, ctx.buckets),
                                                    spectra, ctx.buckets):
-            G = torch.fft.rfft(segment, n=2 * size)  # (channels, count, size + 1)
+            n = fft_size(size)
+            G = torch.fft.rfft(segment, n=n)  # (channels, count, n // 2 + 1)
             if ctx.needs_input_grad[0]:
-                dus.append(torch.fft.irfft(G * K.conj()[:, None], n=2 * size)[..., :size].reshape(channels, -1))
+                dus.append(torch.fft.irfft(G * K.conj()[:, None], n=n)[..., :size].reshape(channels, -1))
             if dk is not None:
                 taps = min(size, ctx.Lk)
-                U = torch.fft.rfft(slot, n=2 * size)
-                dk[:, :taps] += torch.fft.irfft((G * U.conj()).sum(1), n=2 * size)[:, :taps]
+                U = torch.fft.rfft(slot, n=n)
+                dk[:, :taps] += torch.fft.irfft((G * U.conj()).sum(1), n=n)[:, :taps]
         du = None
         if dus:
             du = (torch.cat(dus, 1) if len(dus) > 1 else dus[0]).index_select(1, scatter)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ssmforge.kernels.fftconv import fft_causal_conv
+from ssmforge.kernels.fftconv import fft_causal_conv, fft_size
 
 
 def direct_causal_conv(u, k):
@@ -15,7 +15,21 @@ def direct_causal_conv(u, k):
     return y
 
 
-@pytest.mark.parametrize("L,Lk", [(1, 1), (7, 7), (16, 16), (33, 5)])
+def smooth(n: int) -> bool:
+    for q in (2, 3, 5):
+        while n % q == 0:
+            n //= q
+    return n == 1
+
+
+def test_fft_size_is_the_least_2_3_5_smooth_size_free_of_wrap_around():
+    for P in range(1, 3000):
+        assert fft_size(P) == next(n for n in range(2 * P - 1, 4 * P) if smooth(n)), P
+    assert fft_size(4112) == 8640  # not 2 x 4,112 = 2^5 x 257
+
+
+# (8, 8), (13, 13), (41, 41): FFT sizes 15, 25, 81 = 2L - 1, the least without wrap-around
+@pytest.mark.parametrize("L,Lk", [(1, 1), (7, 7), (8, 8), (13, 13), (16, 16), (33, 5), (41, 41)])
 def test_forward_equals_the_direct_sum(L, Lk):
     g = torch.Generator().manual_seed(L)
     u, k = torch.randn(2, 3, L, generator=g), torch.randn(3, Lk, generator=g)
@@ -24,11 +38,12 @@ def test_forward_equals_the_direct_sum(L, Lk):
     torch.testing.assert_close(y.double(), direct_causal_conv(u, k), rtol=1e-5, atol=1e-5)
 
 
-def test_backward_equals_the_direct_sum():
+@pytest.mark.parametrize("L", [12, 13])  # FFT sizes 24 and 25 (= 2L - 1)
+def test_backward_equals_the_direct_sum(L):
     g = torch.Generator().manual_seed(0)
-    u = torch.randn(2, 3, 12, generator=g, dtype=torch.float64).requires_grad_()
-    k = torch.randn(3, 12, generator=g, dtype=torch.float64).requires_grad_()
-    w = torch.randn(2, 3, 12, generator=g, dtype=torch.float64)
+    u = torch.randn(2, 3, L, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.randn(3, L, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(2, 3, L, generator=g, dtype=torch.float64)
     du, dk = torch.autograd.grad((fft_causal_conv(u, k) * w).sum(), (u, k))
     ru, rk = u.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
     eu, ek = torch.autograd.grad((direct_causal_conv(ru, rk) * w).sum(), (ru, rk))
