@@ -5,6 +5,14 @@ waits on a barrier, then creates "<prefix:06>_locals". Two jobs starting at once
 same free number and the second one's creation fails (FileExistsError), and a killed job's segments stay
 behind and push every later job's number up. So the node's local rank 0 removes the segments that no
 process maps and builds its datasets under a node-wide file lock that every ssmforge job takes.
+
+Every rank of a node looks for the free number on its own, and segments go without the lock: a job that
+exits unlinks its own, and a killed job's resource tracker unlinks its segments once the job's last process
+has ended. A number freed between two ranks' searches gives the later one a lower number, which its local
+rank 0 never registered ("prefix=N was not registered by local leader"). Streaming passes over a number whose
+lock file exists in the temporary folder, so local rank 0 also creates, under the lock, that lock file for
+every number that holds a segment: the number stays taken, whatever becomes of its segments, and every
+rank finds the same one.
 """
 from __future__ import annotations
 
@@ -66,15 +74,50 @@ def remove_stale_shared_memory() -> list[str]:
 
 def stale_shared_memory() -> list[Path]:
     """Streaming's segments that no live process this user can see maps."""
-    from streaming.base.constant import SHM_TO_CLEAN
-
     if not SHARED_MEMORY_DIR.is_dir():
         return []  # macOS and Windows do not list their shared memory: nothing to clean
-    pattern = re.compile(rf"\d{{6,}}_({'|'.join(SHM_TO_CLEAN)})")
     # listed before the processes are read: a segment that appears in between is not a candidate
-    candidates = [path for path in SHARED_MEMORY_DIR.iterdir() if pattern.fullmatch(path.name)]
+    candidates = _streaming_segments()
     mapped = _mapped_shared_memory()
     return [path for path in candidates if str(path) not in mapped]
+
+
+def reserve_taken_prefixes() -> list[int]:
+    """Create streaming's (empty) barrier lock file in the temporary folder for each number that holds one of
+    this user's segments and has none yet; return those numbers. Another user's numbers are left alone: a
+    lock file of ours would be one their job could not open, where their temporary folder is ours."""
+    from streaming.base.constant import BARRIER_FILELOCK
+    from streaming.base.shared.prefix import _get_path
+
+    if not SHARED_MEMORY_DIR.is_dir():
+        return []
+    taken = set()
+    for path in _streaming_segments():
+        try:
+            if path.stat().st_uid == os.getuid():
+                taken.add(int(path.name.split("_", 1)[0]))
+        except FileNotFoundError:  # gone already: every rank's search comes later and finds it free
+            pass
+    reserved = []
+    for prefix in sorted(taken):
+        lock_file = Path(tempfile.gettempdir()) / _get_path(prefix, BARRIER_FILELOCK)
+        try:
+            os.close(os.open(lock_file, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            reserved.append(prefix)
+        except FileExistsError:
+            pass
+        except OSError as error:  # streaming will fail on this folder itself, with its own message
+            log.warning("%s: cannot reserve the taken shared-memory numbers (%s)", lock_file.parent, error)
+            break
+    return reserved
+
+
+def _streaming_segments() -> list[Path]:
+    """Every segment streaming names "<prefix:06>_<name>" in SHARED_MEMORY_DIR."""
+    from streaming.base.constant import SHM_TO_CLEAN
+
+    pattern = re.compile(rf"\d{{6,}}_({'|'.join(SHM_TO_CLEAN)})")
+    return [path for path in SHARED_MEMORY_DIR.iterdir() if pattern.fullmatch(path.name)]
 
 
 def _open_lock_file(path: Path) -> int:
@@ -119,9 +162,9 @@ def _hold_node_lock() -> int | None:
 
 @contextmanager
 def registering_shared_memory():
-    """Wrap the construction of a StreamingDataset: local rank 0 takes the node lock and removes stale
-    segments while the node's other ranks wait, so every rank of the job looks for its prefix after that and
-    no other job registers one until the dataset has."""
+    """Wrap the construction of a StreamingDataset: local rank 0 takes the node lock, removes stale segments
+    and reserves the taken numbers while the node's other ranks wait, so every rank of the job looks for its
+    prefix after that, they find the same one, and no other job registers one until the dataset has."""
     import torch.distributed as dist
     from streaming.base.distributed import get_local_rank, maybe_init_dist
 
@@ -130,6 +173,7 @@ def registering_shared_memory():
     try:
         if get_local_rank() == 0:
             remove_stale_shared_memory()
+            reserve_taken_prefixes()
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         yield

@@ -228,3 +228,33 @@ def test_a_lock_held_too_long_is_named_and_the_job_goes_on_without_it(shards, mo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [f"{lock_path()}: another job has held the node's shared-memory lock for over 0.5 s; "
                         "registering without it"]
+
+
+def test_the_ranks_of_a_node_find_one_prefix_when_a_segment_goes_between_their_searches(monkeypatch, tmp_path):
+    """Each rank looks for the first free number on its own; a job that exits meanwhile unlinks its segments
+    without the node lock. The number local rank 0 found must be the one the later ranks find."""
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared.prefix import _check_and_find, _get_path
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # streaming's lock files: this test's own folder
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    def search() -> int:  # what streaming's get_shm_prefix finds, before any rank registers it
+        return max(_check_and_find([str(tmp_path / "train")], [None], name) for name in SHM_TO_CLEAN)
+
+    with registering_shared_memory():  # the node lock: no job of another test registers meanwhile
+        free = search()
+        exiting = SharedMemory(_get_path(free, LOCALS), create=True, size=64)  # a job's, mapped: not stale
+    try:
+        with registering_shared_memory():
+            by_local_rank_0 = search()
+            exiting.close()
+            exiting.unlink()  # the job exits
+            exiting = None
+            by_local_rank_1 = search()
+        assert by_local_rank_0 == by_local_rank_1 > free
+        assert (tmp_path / f"{free:06}_barrier_filelock").exists()
+    finally:
+        if exiting is not None:
+            exiting.close()
+            exiting.unlink()
