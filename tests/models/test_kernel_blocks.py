@@ -35,12 +35,13 @@ def test_ragged_blocks_equal_one_call_values_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def step_peak_bytes(config_name: str, d_state: int, seq_len: int, *overrides: str, device: str = "cpu") -> int:
-    """Activation bytes of one training step of one sequence through a 1-layer, d_model 64 version of
-    configs/<config_name>-tiny.yaml, as `ssmforge plan` traces it (fake tensors, the kernels of `device`)."""
+def step_peak_bytes(config_name: str, d_state: int, seq_len: int, *overrides: str, device: str = "cpu",
+                    d_model: int = 64) -> int:
+    """Activation bytes of one training step of one sequence through a 1-layer, d_model 64 (or `d_model`) version
+    of configs/<config_name>-tiny.yaml, as `ssmforge plan` traces it (fake tensors, the kernels of `device`)."""
     family = config_name.replace("-", "_")
     config = load_config(ROOT / "configs" / f"{config_name}-tiny.yaml", [
-        "run_dir=unused", "model.d_model=64", "model.n_layer=1", f"model.{family}.d_state={d_state}",
+        "run_dir=unused", f"model.d_model={d_model}", "model.n_layer=1", f"model.{family}.d_state={d_state}",
         f"data.seq_len={seq_len}", *overrides])
     return step_memory(config, Target(1, device, "probe", None, 1e12, ""), 1, False)[0].activations
 
@@ -54,16 +55,22 @@ def step_peak_bytes(config_name: str, d_state: int, seq_len: int, *overrides: st
     ("s4d", 32 * 1024 * 8),
 ])
 def test_step_peak_is_one_block_of_the_kernel_not_the_layer(config_name, per_channel):
-    """d_model 64, L 1024, N 64. What the kernel adds to the peak, measured against the floor of one-channel
-    blocks (model.kernel_block_mib set to 64, 8 and 1 channels' work): with blocks of 8 of the 64 channels it is
-    about an eighth of what the whole layer's kernel adds (measured: S4 195 MiB whole, 26 MiB in blocks of 8,
-    floor 13.4 MiB; S4D 65, 9.5 and 6.0 MiB)."""
+    """d_model 64 (S4: 16), L 1024, N 64. What the kernel adds to the peak, measured against the floor of
+    one-channel blocks (model.kernel_block_mib set to all, an eighth of and 1 of the channels' work): with blocks
+    of an eighth of the channels it is about an eighth of what the whole layer's kernel adds (measured: S4 48.8 MiB
+    whole, 6.5 MiB in blocks of 2, floor 3.5 MiB; S4D 65, 9.5 and 6.0 MiB). S4 runs at d_model 16 because its
+    trace costs a third of a second per block of channels (42 s for the floor at 64, 10 s at 16); its peaks are a
+    quarter of 64's (195, 26, 13.4 MiB) and its ratios the same (blocked / (whole / 8): 0.53 at 16, 0.55 at 64;
+    blocks 4 times too large give 2.7). S4D stays at 64: at 16 its block hides under the layer's other
+    activations."""
+    d_model = 16 if config_name == "s4" else 64
     peaks = {}
-    for channels in (64, 8, 1):
+    for channels in (d_model, d_model // 8, 1):
         peaks[channels] = step_peak_bytes(config_name, 64, 1024,
-                                          f"model.kernel_block_mib={channels * per_channel / 2**20!r}")
-    whole, blocked = peaks[64] - peaks[1], peaks[8] - peaks[1]
-    assert whole > 64 * per_channel  # the whole layer's kernel work was alive at the peak
+                                          f"model.kernel_block_mib={channels * per_channel / 2**20!r}",
+                                          d_model=d_model)
+    whole, blocked = peaks[d_model] - peaks[1], peaks[d_model // 8] - peaks[1]
+    assert whole > d_model * per_channel  # the whole layer's kernel work was alive at the peak
     assert 0 < blocked < 1.25 * whole / 8
 
 
