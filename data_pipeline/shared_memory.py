@@ -11,8 +11,8 @@ exits unlinks its own, and a killed job's resource tracker unlinks its segments 
 has ended. A number freed between two ranks' searches gives the later one a lower number, which its local
 rank 0 never registered ("prefix=N was not registered by local leader"). Streaming passes over a number whose
 lock file exists in the temporary folder, so local rank 0 also creates, under the lock, that lock file for
-every number that holds a segment: the number stays taken, whatever becomes of its segments, and every
-rank finds the same one.
+every number that holds one of its user's segments: the number stays taken, whatever becomes of its
+segments, and every rank finds the same one.
 """
 from __future__ import annotations
 
