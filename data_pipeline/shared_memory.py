@@ -74,8 +74,6 @@ def remove_stale_shared_memory() -> list[str]:
 
 def stale_shared_memory() -> list[Path]:
     """Streaming's segments that no live process this user can see maps."""
-    if not SHARED_MEMORY_DIR.is_dir():
-        return []  # macOS and Windows do not list their shared memory: nothing to clean
     # listed before the processes are read: a segment that appears in between is not a candidate
     candidates = _streaming_segments()
     mapped = _mapped_shared_memory()
@@ -89,8 +87,6 @@ def reserve_taken_prefixes() -> list[int]:
     from streaming.base.constant import BARRIER_FILELOCK
     from streaming.base.shared.prefix import _get_path
 
-    if not SHARED_MEMORY_DIR.is_dir():
-        return []
     taken = set()
     for path in _streaming_segments():
         try:
@@ -116,6 +112,8 @@ def _streaming_segments() -> list[Path]:
     """Every segment streaming names "<prefix:06>_<name>" in SHARED_MEMORY_DIR."""
     from streaming.base.constant import SHM_TO_CLEAN
 
+    if not SHARED_MEMORY_DIR.is_dir():
+        return []  # macOS and Windows do not list their shared memory: nothing to clean or reserve
     pattern = re.compile(rf"\d{{6,}}_({'|'.join(SHM_TO_CLEAN)})")
     return [path for path in SHARED_MEMORY_DIR.iterdir() if pattern.fullmatch(path.name)]
 
